@@ -19,6 +19,7 @@ TOOLS: dict[str, str] = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    from_sys = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in TOOLS:
         module_name, func_name = TOOLS[argv[0]].split(":")
@@ -26,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(func(argv[1:]) or 0)
     from dip_lightning.cli import cli_main
 
-    cli_main(argv)
+    # LightningCLI reads sys.argv itself; passing it too would only trigger its "both given" warning.
+    cli_main(None if from_sys else argv)
     return 0
 
 

@@ -1,0 +1,207 @@
+"""The LightningModule: a DiP network trained with flow matching (+ REPA) and sampled with an ODE sampler.
+
+What lives where:
+- the network (backbone + Patch Detailer Head): :mod:`dip_lightning.models`;
+- the diffusion math (interpolant, time sampling, samplers, CFG): :mod:`dip_lightning.diffusion`;
+- REPA (frozen encoder + trainable projector): :mod:`dip_lightning.repa`;
+- EMA, sample grids, FID: :mod:`dip_lightning.callbacks`.
+
+Progress is counted in optimizer steps and in images (``train/images_seen``), as edm2 does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from torch import nn
+
+from dip_lightning.diffusion import EulerSampler, FlowMatching, make_noise, to_uint8
+from dip_lightning.repa import REPA
+
+
+def default_optimizer(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
+    """The paper's optimizer: AdamW, lr 1e-4, betas (0.9, 0.999), weight decay 0 (Table 4)."""
+    return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0)
+
+
+class DiPModule(pl.LightningModule):
+    """Trains a DiP network with flow matching and REPA; generates images with an ODE sampler.
+
+    Args:
+        net: the denoiser, ``net(x, t, y) -> v`` (a :class:`dip_lightning.models.DiP`).
+        flow: the flow-matching objective (interpolant, time distribution, label dropout).
+        sampler: the sampler used by :meth:`generate` (grids, FID, export, predict).
+        repa: representation alignment; ``null`` turns it off.
+        optimizer: optimizer factory (YAML ``class_path: torch.optim.AdamW``); default is the paper's AdamW.
+        lr_scheduler: optional scheduler factory (the paper uses a constant lr).
+        compile: compile the network in place with ``torch.compile`` (state_dict keys stay unchanged).
+        sample_dtype: autocast dtype for sampling on GPU (``bfloat16`` as in the release; ``float32`` to disable).
+        val_seed: seed of the fixed noise/time draws that make the validation loss comparable across evaluations.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        flow: FlowMatching | None = None,
+        sampler: EulerSampler | None = None,
+        repa: REPA | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        compile: bool = False,
+        sample_dtype: str = "bfloat16",
+        val_seed: int = 1234,
+    ) -> None:
+        super().__init__()
+        # Under LightningCLI the saved hyperparameters are the parsed config (class_path dicts), which is what makes
+        # `DiPModule.load_from_checkpoint(path)` rebuild the whole network. Built by hand, the arguments are live
+        # objects: keep them out of the checkpoint (they would be pickled, weights and all).
+        under_cli = _given_hyperparameters.get() is not None
+        self.save_hyperparameters(ignore=[] if under_cli else ["net", "flow", "sampler", "repa", "optimizer", "lr_scheduler"])
+        self.net = net
+        self.flow = flow if flow is not None else FlowMatching()
+        self.sampler = sampler if sampler is not None else EulerSampler()
+        self.repa = repa
+        if repa is not None:
+            repa.bind(hidden_size=net.hidden_size, num_tokens=(net.input_size // net.patch_size) ** 2)
+        self.optimizer_factory = optimizer or default_optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.compile_net = compile
+        self.sample_dtype = sample_dtype
+        self.val_seed = val_seed
+        self._last_step_time: float | None = None
+
+    # ------------------------------------------------------------------ properties the callbacks rely on
+    @property
+    def num_classes(self) -> int:
+        return int(self.net.num_classes)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.net.in_channels, self.net.input_size, self.net.input_size)
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None:
+            self._check_data_matches_model(datamodule)
+        if stage == "fit" and self.compile_net:
+            # In place: keeps parameter names (no `_orig_mod.` in checkpoints). Runs after the EMA callback's
+            # deepcopy, so the EMA copy used for sampling stays eager.
+            self.net.compile()
+
+    def _check_data_matches_model(self, datamodule: Any) -> None:
+        image_size = getattr(datamodule, "image_size", None)
+        if image_size is not None and int(image_size) != int(self.net.input_size):
+            raise ValueError(
+                f"data.image_size={image_size} but the model was built for input_size={self.net.input_size}: "
+                "set model.init_args.net.init_args.input_size to the data's image size (or the other way round)."
+            )
+        num_classes = getattr(datamodule, "num_classes", None)
+        if num_classes is not None and int(num_classes) != self.num_classes:
+            raise ValueError(
+                f"data.num_classes={num_classes} but the model has num_classes={self.num_classes}: "
+                "set model.init_args.net.init_args.num_classes to match the dataset."
+            )
+
+    # ------------------------------------------------------------------ training
+    def _losses(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None) -> dict:
+        x_t, t, y_in, target = self.flow.training_inputs(x, y, null_class=self.net.null_class, generator=generator)
+        if self.repa is not None:
+            v, hidden = self.net(x_t, t, y_in, return_block=self.repa.block)
+        else:
+            v, hidden = self.net(x_t, t, y_in), None
+        flow_loss = self.flow.loss(v, target)
+        losses = {"flow_loss": flow_loss, "loss": flow_loss}
+        if self.repa is not None:
+            repa_loss = self.repa.loss(hidden, x)
+            losses["repa_loss"] = repa_loss
+            losses["loss"] = flow_loss + self.repa.weight * repa_loss
+        return losses
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        losses = self._losses(x, y)
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=False)
+        self.log("train/loss", losses["loss"], prog_bar=True)
+        return losses["loss"]
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            if grads:
+                norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+                self.log("train/grad_norm", norm)
+            self.log("train/lr", optimizer.param_groups[0]["lr"])
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        batch_size = batch[0].shape[0] * self.trainer.world_size
+        images_seen = self.trainer.global_step * batch_size
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            # Wall time between consecutive steps; on GPU this is asynchronous-dispatch time, which over a logging
+            # interval averages to the true step time without forcing a host sync.
+            self.log("train/images_per_sec", batch_size / max(now - self._last_step_time, 1e-9))
+        self._last_step_time = now
+        self.log("train/images_seen", float(images_seen))
+
+    # ------------------------------------------------------------------ validation: a comparable loss
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        generator = torch.Generator(device=x.device).manual_seed(self.val_seed + batch_idx)
+        losses = self._losses(x, y, generator=generator)
+        self.log_dict({f"val/{k}": v for k, v in losses.items()}, sync_dist=True, batch_size=x.shape[0])
+        return losses["loss"]
+
+    # ------------------------------------------------------------------ sampling
+    def make_sampler(self, **overrides: Any) -> EulerSampler:
+        """The configured sampler, or a copy with some fields replaced (``num_steps``, ``cfg_scale`` ...)."""
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if not overrides:
+            return self.sampler
+        return dataclasses.replace(self.sampler, **overrides)
+
+    @torch.no_grad()
+    def generate(
+        self, labels: torch.Tensor, seeds: torch.Tensor, sampler: EulerSampler | None = None, **overrides: Any
+    ) -> torch.Tensor:
+        """Images in [-1, 1], shape (B, C, H, W), one per (label, seed).
+
+        The initial noise of image i depends only on ``seeds[i]``, so an image is the same whatever batch it is
+        generated in.
+        """
+        sampler = sampler if sampler is not None else self.make_sampler(**overrides)
+        device = self.device
+        labels = labels.to(device=device, dtype=torch.long)
+        noise = make_noise(seeds, self.image_shape, device=device)
+        was_training = self.net.training
+        self.net.eval()
+        use_autocast = device.type == "cuda" and self.sample_dtype != "float32"
+        try:
+            with torch.autocast(device.type, dtype=getattr(torch, self.sample_dtype), enabled=use_autocast):
+                x = sampler.sample(self.net, noise, labels, null_class=self.net.null_class)
+        finally:
+            self.net.train(was_training)
+        return x.float()
+
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Batches of ``{"labels", "seeds"}`` (see :class:`dip_lightning.sample.LabelSeedDataModule`) -> uint8."""
+        labels, seeds = batch["labels"], batch["seeds"]
+        images = self.generate(labels, seeds)
+        return {"images": to_uint8(images), "labels": labels, "seeds": seeds, "index": batch.get("index", seeds)}
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> Any:
+        # The frozen REPA encoder has requires_grad=False; only trainable tensors go to the optimizer.
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
