@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jsonargparse import set_parsing_settings
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -26,7 +27,11 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info
 
+from dip_lightning.diffusion import ODESampler
 from dip_lightning.module import DiPModule
+
+# Samplers are dataclasses; let YAML pick any subclass (`class_path: dip_lightning.diffusion.HeunSampler`).
+set_parsing_settings(subclasses_enabled=[ODESampler])
 
 DEFAULT_RUN_DIR = "runs/default"
 

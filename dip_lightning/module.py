@@ -22,7 +22,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import nn
 
-from dip_lightning.diffusion import EulerSampler, FlowMatching, make_noise, to_uint8
+from dip_lightning.diffusion import EulerSampler, FlowMatching, ODESampler, make_noise, to_uint8
 from dip_lightning.repa import REPA
 
 
@@ -50,7 +50,7 @@ class DiPModule(pl.LightningModule):
         self,
         net: nn.Module,
         flow: FlowMatching | None = None,
-        sampler: EulerSampler | None = None,
+        sampler: ODESampler | None = None,
         repa: REPA | None = None,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -160,7 +160,7 @@ class DiPModule(pl.LightningModule):
         return losses["loss"]
 
     # ------------------------------------------------------------------ sampling
-    def make_sampler(self, **overrides: Any) -> EulerSampler:
+    def make_sampler(self, **overrides: Any) -> ODESampler:
         """The configured sampler, or a copy with some fields replaced (``num_steps``, ``cfg_scale`` ...)."""
         overrides = {k: v for k, v in overrides.items() if v is not None}
         if not overrides:
@@ -169,7 +169,7 @@ class DiPModule(pl.LightningModule):
 
     @torch.no_grad()
     def generate(
-        self, labels: torch.Tensor, seeds: torch.Tensor, sampler: EulerSampler | None = None, **overrides: Any
+        self, labels: torch.Tensor, seeds: torch.Tensor, sampler: ODESampler | None = None, **overrides: Any
     ) -> torch.Tensor:
         """Images in [-1, 1], shape (B, C, H, W), one per (label, seed).
 

@@ -1,0 +1,285 @@
+"""Sample export for the standard ADM evaluator, and the label/seed data used by ``predict``.
+
+``python -m dip_lightning sample --ckpt_path run/checkpoints/last.ckpt --num_samples 50000 --out samples.npz``
+
+* Output: ``samples.npz`` with ``arr_0`` uint8 (N, H, W, 3) images and ``arr_1`` int64 labels, the layout that
+  openai/guided-diffusion's ``evaluations/evaluator.py`` reads (with ``VIRTUAL_imagenet256_labeled.npz``).
+* Sample i has label ``i % num_classes`` (class-balanced, 50 per class for 50k at 1000 classes; ``--no-balanced``
+  draws labels from a seeded generator instead) and noise seed ``seed + i``: the same index always gives the same
+  image, whatever the batch size, number of processes or interruption.
+* Work is cut in chunks of ``--chunk_size`` indices, written atomically as ``<out>.parts/chunk_NNNNNN.npz``; a killed
+  export run again skips finished chunks, so indices are never duplicated or dropped. Processes started by torchrun
+  (RANK/WORLD_SIZE) or srun (SLURM_PROCID/SLURM_NTASKS) take chunks round-robin; the last one to finish assembles
+  ``--out`` (also atomically).
+* Weights: the checkpoint's ``state_dict``, i.e. the EMA weights when training used the EMA callback;
+  ``--raw_weights`` takes ``current_model_state`` instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+
+# ---------------------------------------------------------------------------------------------- labels and seeds
+def sample_labels(indices: np.ndarray, num_classes: int, balanced: bool = True, seed: int = 0) -> np.ndarray:
+    """Class label of each global sample index: ``i % num_classes``, or a seeded draw when not balanced."""
+    indices = np.asarray(indices, dtype=np.int64)
+    if balanced:
+        return indices % num_classes
+    # A counter-based draw: label of index i depends only on (seed, i), never on which chunk computes it.
+    return np.array(
+        [np.random.default_rng([seed, int(i)]).integers(num_classes) for i in indices], dtype=np.int64
+    )
+
+
+class LabelSeedDataset(Dataset):
+    """Items ``{"labels", "seeds", "index"}`` for global sample indices [start, start + num_samples)."""
+
+    def __init__(self, num_samples: int, num_classes: int, seed: int = 0, balanced: bool = True, start: int = 0):
+        self.indices = np.arange(start, start + num_samples, dtype=np.int64)
+        self.labels = sample_labels(self.indices, num_classes, balanced, seed)
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        index = int(self.indices[i])
+        return {
+            "labels": torch.tensor(self.labels[i]),
+            "seeds": torch.tensor(self.seed + index),
+            "index": torch.tensor(index),
+        }
+
+
+class LabelSeedDataModule(pl.LightningDataModule):
+    """Data for ``python -m dip_lightning predict``: class-balanced labels with one noise seed per sample.
+
+    Args:
+        num_samples: how many images to generate.
+        num_classes: number of classes (must match the model).
+        batch_size: per-device batch size.
+        seed: base noise seed; sample i uses seed + i.
+        balanced: labels i % num_classes (else a seeded draw).
+        image_size: the model's input size (checked against the model).
+    """
+
+    def __init__(
+        self,
+        num_samples: int = 64,
+        num_classes: int = 1000,
+        batch_size: int = 16,
+        seed: int = 0,
+        balanced: bool = True,
+        image_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_samples = num_samples
+        self.num_classes = num_classes
+        self.batch_size = batch_size
+        self.seed = seed
+        self.balanced = balanced
+        self.image_size = image_size
+
+    def predict_dataloader(self) -> DataLoader:
+        dataset = LabelSeedDataset(self.num_samples, self.num_classes, self.seed, self.balanced)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False)
+
+
+# ---------------------------------------------------------------------------------------------- model loading
+def load_module(ckpt_path: str | os.PathLike, configs: list[str] | None = None, raw_weights: bool = False) -> Any:
+    """A :class:`DiPModule` with a checkpoint's weights (EMA by default).
+
+    Without ``configs`` the network is rebuilt from the hyperparameters LightningCLI stored in the checkpoint; with
+    ``configs`` (YAML files as for ``fit``) it is built from them, for checkpoints that carry no config (converted
+    ones).
+    """
+    from dip_lightning.module import DiPModule
+
+    ckpt_path = Path(ckpt_path)
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {ckpt_path} (pass --ckpt_path <run>/checkpoints/last.ckpt)")
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    if configs:
+        from dip_lightning.cli import DiPCLI
+
+        args: list[str] = []
+        for cfg in configs:
+            args += ["--config", cfg]
+        module = DiPCLI(args=args, run=False).model
+    elif checkpoint.get("hyper_parameters"):
+        module = DiPModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=False)
+    else:
+        raise ValueError(
+            f"{ckpt_path} holds no model config (hyper_parameters): pass --config with the experiment YAML."
+        )
+    key = "current_model_state" if raw_weights else "state_dict"
+    if key not in checkpoint:
+        raise KeyError(f"{ckpt_path} has no '{key}' (raw weights exist only in checkpoints written with EMA).")
+    state = {k: v for k, v in checkpoint[key].items()}
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    # The frozen REPA encoder is not saved with the model; anything else missing is an error.
+    missing = [k for k in missing if not k.startswith("repa.encoder")]
+    if missing or unexpected:
+        raise RuntimeError(
+            f"checkpoint {ckpt_path} does not match the model: missing {missing[:10]}, unexpected {unexpected[:10]}"
+        )
+    return module
+
+
+# ---------------------------------------------------------------------------------------------- export
+def _dist_info() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun or SLURM env variables, else single process."""
+    for rank_key, world_key, local_key in (
+        ("RANK", "WORLD_SIZE", "LOCAL_RANK"),
+        ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+    ):
+        if rank_key in os.environ and world_key in os.environ:
+            return int(os.environ[rank_key]), int(os.environ[world_key]), int(os.environ.get(local_key, 0))
+    return 0, 1, 0
+
+
+def chunk_path(parts_dir: Path, chunk: int) -> Path:
+    return parts_dir / f"chunk_{chunk:06d}.npz"
+
+
+def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def export_samples(
+    module: Any,
+    out: str | os.PathLike,
+    num_samples: int,
+    batch_size: int = 64,
+    chunk_size: int = 1000,
+    seed: int = 0,
+    balanced: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+    device: str | torch.device = "cpu",
+    overwrite: bool = False,
+    max_chunks: int | None = None,
+    wait_timeout: float = 3600.0,
+    **sampler_overrides: Any,
+) -> Path | None:
+    """Generate ``num_samples`` images into ``out`` (ADM npz). Returns the path once complete, else None.
+
+    ``max_chunks`` stops after that many new chunks (used by tests to simulate a killed export).
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it (nothing was changed).")
+    parts = out.with_name(out.name + ".parts")
+    parts.mkdir(parents=True, exist_ok=True)
+    num_chunks = -(-num_samples // chunk_size)
+    module = module.to(device).eval()
+    num_classes = module.num_classes
+    done_now = 0
+    for chunk in range(rank, num_chunks, world_size):
+        path = chunk_path(parts, chunk)
+        if path.exists():
+            continue
+        if max_chunks is not None and done_now >= max_chunks:
+            return None
+        start, stop = chunk * chunk_size, min((chunk + 1) * chunk_size, num_samples)
+        indices = np.arange(start, stop, dtype=np.int64)
+        labels = sample_labels(indices, num_classes, balanced, seed)
+        images = []
+        for b in range(0, len(indices), batch_size):
+            y = torch.from_numpy(labels[b : b + batch_size])
+            seeds = torch.from_numpy(indices[b : b + batch_size] + seed)
+            x = module.generate(y, seeds, **sampler_overrides)
+            images.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+        _save_npz_atomic(path, images=np.concatenate(images), labels=labels, indices=indices)
+        done_now += 1
+    # Whoever sees every chunk assembles the result; others are done.
+    deadline = time.monotonic() + (wait_timeout if rank == 0 else 0.0)
+    while True:
+        missing = [c for c in range(num_chunks) if not chunk_path(parts, c).exists()]
+        if not missing:
+            break
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(2.0)
+    if out.exists() and not overwrite:
+        return out  # another process assembled it
+    arrays = [np.load(chunk_path(parts, c)) for c in range(num_chunks)]
+    images = np.concatenate([a["images"] for a in arrays])
+    labels = np.concatenate([a["labels"] for a in arrays])
+    indices = np.concatenate([a["indices"] for a in arrays])
+    if not np.array_equal(indices, np.arange(num_samples)):
+        raise RuntimeError(f"chunks in {parts} do not cover 0..{num_samples - 1} exactly; remove the folder and rerun")
+    _save_npz_atomic(out, arr_0=images, arr_1=labels)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dip_lightning sample", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt_path", required=True, help="checkpoint (Lightning .ckpt) to sample from")
+    p.add_argument("--config", action="append", default=None, help="experiment YAML(s), for configless checkpoints")
+    p.add_argument("--out", required=True, help="output .npz (ADM evaluator format)")
+    p.add_argument("--num_samples", type=int, default=50_000)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--chunk_size", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-balanced", dest="balanced", action="store_false", help="random labels instead of i % C")
+    p.add_argument("--sampler", choices=["euler", "heun"], default=None)
+    p.add_argument("--num_steps", type=int, default=None)
+    p.add_argument("--cfg_scale", type=float, default=None)
+    p.add_argument("--cfg_interval", type=float, nargs=2, default=None, metavar=("T_MIN", "T_MAX"))
+    p.add_argument("--raw_weights", action="store_true", help="use the raw (non-EMA) weights")
+    p.add_argument("--device", default=None, help="default: cuda:<local rank> when available, else cpu")
+    p.add_argument("--overwrite", action="store_true")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    rank, world_size, local_rank = _dist_info()
+    device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    module = load_module(args.ckpt_path, args.config, raw_weights=args.raw_weights)
+    overrides: dict[str, Any] = {"num_steps": args.num_steps, "cfg_scale": args.cfg_scale}
+    if args.cfg_interval is not None:
+        overrides["cfg_interval"] = tuple(args.cfg_interval)
+    sampler = None
+    if args.sampler is not None:
+        from dip_lightning.diffusion import EulerSampler, HeunSampler
+
+        cls = {"euler": EulerSampler, "heun": HeunSampler}[args.sampler]
+        base = module.make_sampler(**overrides)
+        fields = {k: getattr(base, k) for k in ("num_steps", "cfg_scale", "cfg_interval") if hasattr(base, k)}
+        sampler = cls(**fields)
+        module.sampler = sampler
+    t0 = time.time()
+    result = export_samples(
+        module,
+        args.out,
+        args.num_samples,
+        batch_size=args.batch_size,
+        chunk_size=args.chunk_size,
+        seed=args.seed,
+        balanced=args.balanced,
+        rank=rank,
+        world_size=world_size,
+        device=device,
+        overwrite=args.overwrite,
+        **({} if sampler is not None else overrides),
+    )
+    if result is not None:
+        print(f"wrote {result} ({args.num_samples} samples, {time.time() - t0:.1f} s on rank {rank})")
+    else:
+        print(f"rank {rank}: my chunks are done; another process assembles {args.out}")
+    return 0
