@@ -128,8 +128,8 @@ class DiPModule(pl.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         losses = self._losses(x, y)
-        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=False)
         self.log("train/loss", losses["loss"], prog_bar=True)
+        self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"})
         return losses["loss"]
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

@@ -1,0 +1,7 @@
+"""Callbacks: EMA of the weights, periodic sample grids, periodic FID."""
+
+from dip_lightning.callbacks.ema import EMA, sampling_module
+from dip_lightning.callbacks.fid import FIDCallback
+from dip_lightning.callbacks.sample_grid import SampleGrid
+
+__all__ = ["EMA", "FIDCallback", "SampleGrid", "sampling_module"]
