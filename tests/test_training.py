@@ -1,0 +1,182 @@
+"""Training through the real CLI on the embedded real-image dataset: losses, determinism, every head, REPA, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dip_lightning.cli import DiPCLI
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = str(REPO / "experiments" / "tiny_cpu.yaml")
+
+# A smaller network than the demo's, so each CLI run costs seconds.
+SMALL_NET = [
+    "--model.net.init_args.hidden_size=64",
+    "--model.net.init_args.depth=2",
+    "--model.net.init_args.num_heads=2",
+    "--model.net.init_args.head.init_args.base_channels=8",
+]
+NO_CALLBACKS = ["--trainer.callbacks=null", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+def cli_args(tmp_path: Path, data: dict, *extra: str, steps: int = 2, batch_size: int = 8) -> list[str]:
+    return [
+        "--config", TINY_CONFIG,
+        f"--trainer.default_root_dir={tmp_path / 'run'}",
+        f"--trainer.max_steps={steps}",
+        "--trainer.limit_val_batches=0",
+        "--trainer.log_every_n_steps=1",
+        f"--data.init_args.train_shards={data['train_shards']}",
+        f"--data.init_args.val_shards={data['val_shards']}",
+        f"--data.init_args.batch_size={batch_size}",
+        *SMALL_NET,
+        *NO_CALLBACKS,
+        *extra,
+    ]
+
+
+def fit(tmp_path: Path, data: dict, *extra: str, steps: int = 2, batch_size: int = 8) -> tuple[DiPCLI, list[float]]:
+    """Run `fit` through the CLI in-process; return the CLI and the per-step flow losses."""
+    from lightning.pytorch.callbacks import Callback
+
+    losses: list[float] = []
+
+    class Record(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001
+            losses.append(float(outputs["loss"]))
+
+    cli = DiPCLI(args=cli_args(tmp_path, data, *extra, steps=steps, batch_size=batch_size), run=False)
+    cli.trainer.callbacks.append(Record())
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return cli, losses
+
+
+def test_same_seed_same_losses(tmp_path: Path, demo_data: dict) -> None:
+    _, first = fit(tmp_path / "a", demo_data, steps=4)
+    _, second = fit(tmp_path / "b", demo_data, steps=4)
+    assert len(first) == 4
+    assert first == second
+    _, other_seed = fit(tmp_path / "c", demo_data, "--seed_everything=1", steps=4)
+    assert other_seed != first
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        "dip_lightning.models.heads.PatchDetailerHead",
+        "dip_lightning.models.heads.LinearHead",
+        "dip_lightning.models.heads.MLPHead",
+        "dip_lightning.models.heads.CoordMLPHead",
+        "dip_lightning.models.heads.AttentionHead",
+    ],
+)
+def test_every_head_trains_through_cli(tmp_path: Path, demo_data: dict, head: str) -> None:
+    # Replace the whole head entry (the tiny config's PDH options do not apply to the other heads).
+    cli, losses = fit(
+        tmp_path, demo_data, f'--model.net.init_args.head={{"class_path": "{head}"}}', steps=2
+    )
+    assert type(cli.model.net.head).__name__ == head.rsplit(".", 1)[1]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+
+
+@pytest.mark.parametrize("placement", ["intermediate", "hybrid"])
+def test_every_placement_trains_through_cli(tmp_path: Path, demo_data: dict, placement: str) -> None:
+    small_head = '{"class_path": "dip_lightning.models.heads.PatchDetailerHead", "init_args": {"depth": 2, "base_channels": 8}}'
+    cli, losses = fit(
+        tmp_path,
+        demo_data,
+        f"--model.net.init_args.placement={placement}",
+        f"--model.net.init_args.intermediate_head={small_head}",
+        steps=2,
+    )
+    assert cli.model.net.placement == placement
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_repa_on_and_off(tmp_path: Path, demo_data: dict) -> None:
+    repa = [
+        '--model.repa={"encoder": {"class_path": "dip_lightning.encoders.TinyViTEncoder", '
+        '"init_args": {"dit_patch_size": 4, "grid_size": 8}}, "block": 1, "weight": 0.5, "projector_dim": 32}',
+    ]
+    cli, losses = fit(tmp_path / "on", demo_data, *repa, steps=3)
+    metrics = cli.trainer.callback_metrics
+    assert "train/repa_loss" in metrics and 0.0 <= float(metrics["train/repa_loss"]) <= 2.0
+    # The projector trains; the frozen encoder neither trains nor lands in the checkpoint.
+    assert any(p.requires_grad for p in cli.model.repa.parameters())
+    ckpt = torch.load(tmp_path / "on" / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert any(k.startswith("repa.projector") for k in ckpt["state_dict"])
+    assert not any(k.startswith("repa.encoder") for k in ckpt["state_dict"])
+    cli_off, _ = fit(tmp_path / "off", demo_data, steps=1)
+    assert cli_off.model.repa is None
+    assert "train/repa_loss" not in cli_off.trainer.callback_metrics
+
+
+def test_misspelled_key_fails_before_any_work(tmp_path: Path, demo_data: dict, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        DiPCLI(args=cli_args(tmp_path, demo_data, "--model.net.init_args.hiden_size=64"), run=False)
+    err = capsys.readouterr().err
+    assert "hiden_size" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_print_config(tmp_path: Path, demo_data: dict, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        DiPCLI(args=[*cli_args(tmp_path, demo_data), "--print_config"], run=False)
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "dip_lightning.models.DiP" in out and "PatchDetailerHead" in out
+    assert not (tmp_path / "run").exists()
+
+
+def test_data_model_mismatch_is_a_clear_error(tmp_path: Path, demo_data: dict) -> None:
+    with pytest.raises(ValueError, match="input_size"):
+        fit(tmp_path, demo_data, "--model.net.init_args.input_size=64", steps=1)
+
+
+@pytest.mark.slow
+def test_tiny_model_learns_on_real_images(tmp_path: Path, demo_data: dict) -> None:
+    """A few hundred steps lower the flow loss clearly.
+
+    Threshold from a measured curve (tests/README-style note in the issue): at this size the mean flow loss of
+    the first 20 steps is ~1.0 and of steps 280-300 ~0.45 on 1 CPU thread; we require at least a 35% drop.
+    """
+    _, losses = fit(tmp_path, demo_data, "--model.optimizer.init_args.lr=2e-3", steps=300, batch_size=16)
+    start = sum(losses[:20]) / 20
+    end = sum(losses[-20:]) / 20
+    (tmp_path / "curve.json").write_text(json.dumps(losses))
+    assert end < 0.65 * start, f"flow loss went from {start:.3f} to {end:.3f}"
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_identical_weights(tmp_path: Path, demo_data: dict) -> None:
+    """Two gloo processes launched by Lightning through the CLI; both ranks end with the same weights."""
+    args = ["fit", *cli_args(tmp_path, demo_data, steps=3)]
+    args += [
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp",
+        "--trainer.callbacks+=weights_dump.DumpWeights",
+        f"--trainer.callbacks.init_args.out_dir={tmp_path / 'weights'}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO / 'tests'}:{REPO}"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "dip_lightning", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rank0 = torch.load(tmp_path / "weights" / "rank0.pt")
+    rank1 = torch.load(tmp_path / "weights" / "rank1.pt")
+    assert rank0.keys() == rank1.keys()
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    # The ranks saw different data (DistributedSampler-free: the stream is split per rank).
+    assert json.loads((tmp_path / "weights" / "rank0.json").read_text()) != json.loads(
+        (tmp_path / "weights" / "rank1.json").read_text()
+    )
