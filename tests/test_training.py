@@ -145,14 +145,15 @@ def test_data_model_mismatch_is_a_clear_error(tmp_path: Path, demo_data: dict) -
 def test_tiny_model_learns_on_real_images(tmp_path: Path, demo_data: dict) -> None:
     """A few hundred steps lower the flow loss clearly.
 
-    Threshold from a measured curve (tests/README-style note in the issue): at this size the mean flow loss of
-    the first 20 steps is ~1.0 and of steps 280-300 ~0.45 on 1 CPU thread; we require at least a 35% drop.
+    Threshold from a measured curve (2026-11-26, this config, 1 CPU thread): mean flow loss over 20-step windows
+    1.32 (steps 0-19), 1.01 (40-59), 0.50 (100-119), 0.41 (200-219), 0.36 (280-299): a 73% drop. We require the
+    last window under 45% of the first and under 0.55 absolute, which leaves room for platform differences.
     """
     _, losses = fit(tmp_path, demo_data, "--model.optimizer.init_args.lr=2e-3", steps=300, batch_size=16)
     start = sum(losses[:20]) / 20
     end = sum(losses[-20:]) / 20
     (tmp_path / "curve.json").write_text(json.dumps(losses))
-    assert end < 0.65 * start, f"flow loss went from {start:.3f} to {end:.3f}"
+    assert end < 0.45 * start and end < 0.55, f"flow loss went from {start:.3f} to {end:.3f}"
 
 
 @pytest.mark.slow
