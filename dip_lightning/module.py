@@ -7,23 +7,45 @@ What lives where:
 - EMA, sample grids, FID: :mod:`dip_lightning.callbacks`.
 
 Progress is counted in optimizer steps and in images (``train/images_seen``), as edm2 does.
+
+Exact resume: the training noise is drawn from a generator keyed by (seed, rank, step, micro-batch), the data
+position is kept by the data module, so a run resumed from a checkpoint continues bit for bit (see
+:mod:`dip_lightning.callbacks.preemption`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Iterable
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import nn
 
 from dip_lightning.diffusion import EulerSampler, FlowMatching, ODESampler, make_noise, to_uint8
 from dip_lightning.repa import REPA
+
+# Samplers are dataclasses; let YAML (and load_from_checkpoint, which re-parses the stored config) pick any
+# subclass: `class_path: dip_lightning.diffusion.HeunSampler`.
+set_parsing_settings(subclasses_enabled=[ODESampler])
+
+
+def _mix_seed(*values: int) -> int:
+    """A 63-bit seed from several integers (splitmix64 steps), so nearby steps/ranks get unrelated streams."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) & 0xFFFFFFFFFFFFFFFF
+        h = (h + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h >> 1
 
 
 def default_optimizer(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
@@ -76,6 +98,8 @@ class DiPModule(pl.LightningModule):
         self.sample_dtype = sample_dtype
         self.val_seed = val_seed
         self._last_step_time: float | None = None
+        self._noise_step: int | None = None  # see _training_generator
+        self._noise_micro = 0
 
     # ------------------------------------------------------------------ properties the callbacks rely on
     @property
@@ -125,9 +149,27 @@ class DiPModule(pl.LightningModule):
             losses["loss"] = flow_loss + self.repa.weight * repa_loss
         return losses
 
+    def _training_generator(self, device: torch.device) -> torch.Generator:
+        """The generator of this micro-batch's noise, time and label-dropout draws.
+
+        Seeded from (global seed, rank, optimizer step, micro-batch within the step), not the global RNG: a
+        run resumed from any checkpoint draws exactly what the uninterrupted run drew, with nothing to restore
+        but the step counter (and whatever other code consumed global random numbers meanwhile does not
+        matter). The global seed is Lightning's ``PL_GLOBAL_SEED`` (``seed_everything``; 0 by default in the
+        CLI).
+        """
+        step = self.trainer.global_step if self._trainer is not None else 0
+        if step != self._noise_step:
+            self._noise_step, self._noise_micro = step, 0
+        else:
+            self._noise_micro += 1
+        rank = self.global_rank if self._trainer is not None else 0
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        return torch.Generator(device=device).manual_seed(_mix_seed(seed, rank, step, self._noise_micro))
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        losses = self._losses(x, y)
+        losses = self._losses(x, y, generator=self._training_generator(x.device))
         self.log("train/loss", losses["loss"], prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"})
         return losses["loss"]
