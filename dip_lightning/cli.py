@@ -2,12 +2,20 @@
 
 A thin :class:`LightningCLI` subclass. What it adds, and why:
 
-* one fixed run folder per experiment (``trainer.default_root_dir``): TensorBoard logs under ``<run>/tensorboard``
-  (pinned version, so a requeued job appends instead of opening ``version_N+1``), checkpoints under
-  ``<run>/checkpoints``, the parsed config written (and overwritten on requeue) next to the logs;
-* automatic resume for ``fit``: explicit ``--ckpt_path`` > newest SLURM preemption checkpoint > ``last.ckpt`` >
-  fresh start, said in one log line;
+* one fixed run folder per experiment (``trainer.default_root_dir``): TensorBoard logs under
+  ``<run>/tensorboard`` (pinned version, so a requeued job appends instead of opening ``version_N+1``),
+  checkpoints under ``<run>/checkpoints``, preemption checkpoints ``<run>/hpc_ckpt_N.ckpt``, the parsed config
+  written (and overwritten on requeue) next to the logs;
+* automatic resume for ``fit``: explicit ``--ckpt_path`` > newest preemption checkpoint > ``last.ckpt`` >
+  fresh start, said in one log line; a checkpoint of another model configuration is an error before anything
+  is written (:mod:`dip_lightning.checkpointing`);
+* atomic checkpoint files (:class:`~dip_lightning.checkpointing.AtomicCheckpointIO`);
+* a preemption guard (``preemption.*``, :class:`~dip_lightning.callbacks.preemption.PreemptionGuard`): SIGTERM
+  and Ctrl-C save a preemption checkpoint at the next step boundary and stop; under SLURM the requeue signal
+  does the same and requeues the job;
 * SLURM auto-requeue only when SLURM is detected (never on a laptop), with a configurable signal;
+* ``trainer.max_time`` counts per job (:class:`~dip_lightning.callbacks.preemption.PerJobTimer`), so a
+  requeued job does not stop at once;
 * a fixed default seed, so a requeued job does not draw a new one.
 """
 
@@ -20,13 +28,22 @@ from typing import Any
 
 import torch
 from jsonargparse import set_parsing_settings
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info
 
+from dip_lightning.callbacks.preemption import PerJobTimer, PreemptionGuard
+from dip_lightning.checkpointing import (
+    AtomicCheckpointIO,
+    check_compatible,
+    clean_partial_files,
+    peek_checkpoint,
+    resolve_resume,
+)
 from dip_lightning.diffusion import ODESampler
 from dip_lightning.module import DiPModule
 
@@ -36,14 +53,25 @@ set_parsing_settings(subclasses_enabled=[ODESampler])
 DEFAULT_RUN_DIR = "runs/default"
 
 
-def find_resume_checkpoint(run_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike | None = None) -> Path | None:
-    """Newest preemption checkpoint (``hpc_ckpt_N.ckpt`` in the run folder), else ``last.ckpt``, else None."""
-    run_dir = Path(run_dir)
-    hpc = sorted(run_dir.glob("hpc_ckpt_*.ckpt"), key=lambda p: int(p.stem.rsplit("_", 1)[-1]))
-    if hpc:
-        return hpc[-1]
-    last = Path(checkpoint_dir or run_dir / "checkpoints") / "last.ckpt"
-    return last if last.exists() else None
+def find_resume_checkpoint(
+    run_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike | None = None
+) -> Path | None:
+    """The checkpoint a resume continues from (:func:`dip_lightning.checkpointing.resolve_resume`)."""
+    return resolve_resume(run_dir, checkpoint_dir).path
+
+
+def _launch_rank() -> int:
+    """This process's global rank as the launcher set it (0 for the process that launches the others)."""
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
+def _as_list(value: Any) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 class DiPCLI(LightningCLI):
@@ -65,8 +93,10 @@ class DiPCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # A checkpoint callback that is always there (and configurable as `checkpoint.*`), writing into the run folder.
+        # A checkpoint callback that is always there (`checkpoint.*`), writing into the run folder.
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # Always there too: signals become a checkpoint at a step boundary (`preemption.*`).
+        parser.add_lightning_class_args(PreemptionGuard, "preemption")
         parser.set_defaults(
             {
                 "checkpoint.save_last": True,
@@ -101,27 +131,52 @@ class DiPCLI(LightningCLI):
             }
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """The Trainer, with atomic checkpoint IO, SLURM auto-requeue (under SLURM only), a per-job timer."""
         config = self._subconfig()
-        if SLURMEnvironment.detect():
-            plugins = list(kwargs.get("plugins") or [])
+        trainer_init = (
+            self.config_init[self.subcommand]["trainer"] if self.subcommand else self.config_init["trainer"]
+        )
+        plugins = _as_list(kwargs.get("plugins", trainer_init.get("plugins")))
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        if SLURMEnvironment.detect() and not any(isinstance(p, ClusterEnvironment) for p in plugins):
             sig = getattr(signal, config.requeue_signal)
             plugins.append(SLURMEnvironment(auto_requeue=True, requeue_signal=sig))
-            kwargs["plugins"] = plugins
             rank_zero_info(f"SLURM detected: auto-requeue on {config.requeue_signal}.")
+        kwargs["plugins"] = plugins
+        max_time = kwargs.get("max_time", trainer_init.get("max_time"))
+        callbacks = _as_list(kwargs.get("callbacks", trainer_init.get("callbacks")))
+        if max_time is not None and not any(isinstance(c, Timer) for c in callbacks):
+            # Lightning's own Timer would add the time of earlier jobs back on resume (see PerJobTimer).
+            kwargs["max_time"] = None
+            kwargs["callbacks"] = [*callbacks, PerJobTimer(duration=max_time, interval="step")]
         return super().instantiate_trainer(**kwargs)
 
     # ------------------------------------------------------------------ resume
     def before_fit(self) -> None:
+        """Pick the checkpoint to continue from and check it fits this model, before anything is written."""
         config = self.config_init["fit"]
-        if config.get("ckpt_path"):
-            rank_zero_info(f"Resume: from --ckpt_path {config['ckpt_path']}.")
+        explicit = config.get("ckpt_path")
+        if explicit in ("last", "hpc", "best"):  # Lightning's own keywords: its rules apply
+            rank_zero_info(f"Resume: --ckpt_path {explicit} (resolved by Lightning).")
             return
-        found = find_resume_checkpoint(self.trainer.default_root_dir, self.trainer.checkpoint_callback.dirpath)
-        if found is None:
-            rank_zero_info(f"Resume: no checkpoint in {self.trainer.default_root_dir}; starting fresh.")
-            return
-        rank_zero_info(f"Resume: from {found}.")
-        config["ckpt_path"] = str(found)
+        if explicit and not Path(explicit).is_file():
+            raise FileNotFoundError(f"--ckpt_path {explicit}: no such checkpoint file")
+        run_dir = Path(self.trainer.default_root_dir)
+        checkpoint_dir = getattr(self.trainer.checkpoint_callback, "dirpath", None)
+        if _launch_rank() == 0:
+            # Leftovers of saves that were killed midway; no save can be running yet.
+            removed = clean_partial_files({run_dir, Path(checkpoint_dir or run_dir / "checkpoints")})
+            if removed:
+                rank_zero_info(
+                    f"Removed {len(removed)} unfinished checkpoint file(s) of an interrupted save."
+                )
+        weights_only = config.get("weights_only") is not False  # torch's default, as Lightning's load
+        decision = resolve_resume(run_dir, checkpoint_dir, explicit=explicit, weights_only=weights_only)
+        if decision.path is not None:
+            check_compatible(peek_checkpoint(decision.path, weights_only), self.model, decision.path)
+            config["ckpt_path"] = str(decision.path)
+        rank_zero_info(decision.message())
 
 
 def logger_dir(trainer: Any) -> Path:

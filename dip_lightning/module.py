@@ -48,6 +48,25 @@ def _mix_seed(*values: int) -> int:
     return h >> 1
 
 
+class _SharedOnCopy:
+    """A callable that ``copy.deepcopy`` shares instead of copying.
+
+    The EMA callback deep-copies the whole LightningModule. Under LightningCLI the optimizer and scheduler
+    factories hold jsonargparse instantiators that reference the CLI itself (trainer, datamodule, parser): the
+    copy would duplicate all of it and, in DDP started by Lightning's launcher, fails on rank 0 (the launcher
+    process's ``Popen`` holds a lock). The factories are stateless, so the copy can share them.
+    """
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> _SharedOnCopy:
+        return self
+
+
 def default_optimizer(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
     """The paper's optimizer: AdamW, lr 1e-4, betas (0.9, 0.999), weight decay 0 (Table 4)."""
     return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0)
@@ -92,8 +111,8 @@ class DiPModule(pl.LightningModule):
         self.repa = repa
         if repa is not None:
             repa.bind(hidden_size=net.hidden_size, num_tokens=(net.input_size // net.patch_size) ** 2)
-        self.optimizer_factory = optimizer or default_optimizer
-        self.lr_scheduler_factory = lr_scheduler
+        self.optimizer_factory = _SharedOnCopy(optimizer or default_optimizer)
+        self.lr_scheduler_factory = _SharedOnCopy(lr_scheduler) if lr_scheduler is not None else None
         self.compile_net = compile
         self.sample_dtype = sample_dtype
         self.val_seed = val_seed

@@ -1,0 +1,386 @@
+"""Checkpoint files for exact resume: atomic saves, clear load errors, resume resolution, config checks.
+
+Lightning provides the pieces (``TorchCheckpointIO``, ``hpc_ckpt_N.ckpt`` preemption checkpoints,
+``last.ckpt``); this module closes the gaps that matter when jobs are killed and requeued all the time:
+
+* :class:`AtomicCheckpointIO`: a save writes a temporary file next to the target, fsyncs it and renames it
+  over the target. A process killed during a save leaves the previous checkpoint intact and loadable.
+* :func:`resolve_resume`: which checkpoint a (re)started ``fit`` continues from: explicit ``--ckpt_path`` >
+  newest preemption checkpoint > ``last.ckpt`` > fresh start, with preemption checkpoints from an older job
+  (behind ``last.ckpt``) recognised as stale and ignored.
+* :func:`check_compatible`: a checkpoint written for another model (other shapes or another ``net`` config) is
+  an error that names the mismatch, raised before anything is written.
+* preemption checkpoint naming and pruning (:func:`next_preemption_path`,
+  :func:`prune_preemption_checkpoints`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+__all__ = [
+    "AtomicCheckpointIO",
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "ResumeDecision",
+    "check_compatible",
+    "clean_partial_files",
+    "next_preemption_path",
+    "peek_checkpoint",
+    "preemption_checkpoints",
+    "prune_preemption_checkpoints",
+    "resolve_resume",
+]
+
+# Lightning's name for preemption ("hpc") checkpoints in trainer.default_root_dir; kept so that plain
+# Lightning (`fit(ckpt_path="hpc")`) still finds them.
+_HPC_RE = re.compile(r"^hpc_ckpt_(\d+)\.ckpt$")
+_LAST_RE = re.compile(r"^last(-v\d+)?\.ckpt$")
+# Temporary files of unfinished saves live in this hidden sub-folder of the target's folder (same filesystem,
+# so the final rename is atomic). Not `<name>.tmp-<pid>` next to the target: Lightning numbers preemption
+# checkpoints by the digits of *every* file name containing "ckpt_" in the run folder (`hpc_save_path`,
+# `_hpc_resume_path`), so a leftover `hpc_ckpt_3.ckpt.tmp-4711` would make it look for `hpc_ckpt_34711.ckpt`.
+PARTIAL_DIR = ".partial"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used: unreadable (truncated, corrupt) or written for another model."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint was written for another model (other tensors, shapes or ``net`` config)."""
+
+
+def _is_local(path: _PATH) -> bool:
+    text = str(path)
+    return "://" not in text or text.startswith("file://")
+
+
+def _local_path(path: _PATH) -> Path:
+    text = str(path)
+    return Path(text[len("file://") :] if text.startswith("file://") else text)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Persist a rename: fsync the folder entry (not supported everywhere, e.g. some network filesystems)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _describe_load_error(path: _PATH, err: BaseException) -> str:
+    if isinstance(err, pickle.UnpicklingError) and "weights_only" in str(err).lower():
+        return (
+            f"cannot load checkpoint {path}: it holds objects that torch.load(weights_only=True) refuses "
+            f"({str(err).splitlines()[0]}). Load it with weights_only=False only if you trust its origin."
+        )
+    first = str(err).splitlines()[0] if str(err) else ""
+    return (
+        f"cannot load checkpoint {path}: the file is truncated or corrupt ({type(err).__name__}: {first}). "
+        "A save interrupted by this kit never leaves such a file under its final name, so it was damaged or "
+        "copied incompletely: delete it (the resume then falls back to the next checkpoint) or pass "
+        "--ckpt_path with another one."
+    )
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` whose saves are atomic and durable, and whose load errors say what is wrong.
+
+    Why not the stock plugin: Lightning 2.6 serialises the whole checkpoint into memory, then writes it
+    through an fsspec transaction whose temporary file lives in the system temp folder
+    (``tempfile.mkstemp()``). When that is another filesystem than the run folder (local ``/tmp`` vs. a shared
+    cluster filesystem, the usual case) the final move is a copy: a job killed during it leaves a truncated
+    checkpoint under the final name, and nothing is fsynced. Here a local save streams ``torch.save`` into
+    ``<folder>/.partial/<name>.<pid>``, fsyncs it, ``os.replace``\\ s it over the target (atomic on POSIX) and
+    fsyncs the folder. Killed at any point, the target is either the complete old file or the complete new
+    one. Remote URLs (``s3://`` ...) keep the stock behaviour.
+
+    Loading wraps unreadable files in a :class:`CheckpointError` naming the file and the likely cause, instead
+    of ``PytorchStreamReader failed reading zip archive``.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
+    ) -> None:
+        if not _is_local(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        if storage_options is not None:
+            raise TypeError(
+                f"{type(self).__name__} does not support `storage_options`; got {storage_options!r}"
+            )
+        target = _local_path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial_dir = target.parent / PARTIAL_DIR
+        partial_dir.mkdir(exist_ok=True)
+        tmp = partial_dir / f"{target.name}.{os.getpid()}"
+        try:
+            with open(tmp, "wb") as fh:
+                self._write(checkpoint, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        _fsync_dir(target.parent)
+        with contextlib.suppress(OSError):  # only succeeds when no other save is in flight
+            partial_dir.rmdir()
+
+    def _write(self, checkpoint: dict[str, Any], fh: Any) -> None:
+        """Serialise into the open temporary file (a separate method so tests can slow a save down)."""
+        torch.save(checkpoint, fh)
+
+    def load_checkpoint(
+        self,
+        path: _PATH,
+        map_location: Callable | None = lambda storage, loc: storage,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        except FileNotFoundError:
+            raise
+        except Exception as err:
+            raise CheckpointError(_describe_load_error(path, err)) from err
+
+
+def clean_partial_files(folders: Iterable[_PATH]) -> list[Path]:
+    """Delete leftovers of interrupted saves (``<folder>/.partial/*``); returns what was removed.
+
+    Call only when no save can be in flight (before training starts, on one process).
+    """
+    removed = []
+    for folder in folders:
+        partial_dir = Path(folder) / PARTIAL_DIR
+        if not partial_dir.is_dir():
+            continue
+        for leftover in partial_dir.iterdir():
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+                removed.append(leftover)
+        with contextlib.suppress(OSError):
+            partial_dir.rmdir()
+    return removed
+
+
+# ------------------------------------------------------------------------------------ preemption files
+def preemption_checkpoints(run_dir: _PATH) -> list[Path]:
+    """``hpc_ckpt_N.ckpt`` files in the run folder, oldest (lowest N) first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _HPC_RE.match(p.name)) and p.is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def next_preemption_path(run_dir: _PATH) -> Path:
+    """``hpc_ckpt_{N+1}.ckpt`` after the highest existing N (Lightning's naming, strict file-name match)."""
+    existing = preemption_checkpoints(run_dir)
+    n = int(_HPC_RE.match(existing[-1].name).group(1)) if existing else 0  # type: ignore[union-attr]
+    return Path(run_dir) / f"hpc_ckpt_{n + 1}.ckpt"
+
+
+def prune_preemption_checkpoints(run_dir: _PATH, keep: _PATH) -> list[Path]:
+    """Delete every preemption checkpoint in ``run_dir`` but ``keep``; call once ``keep`` is fully written."""
+    keep = Path(keep).resolve()
+    removed = []
+    for path in preemption_checkpoints(run_dir):
+        if path.resolve() != keep:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
+def last_checkpoints(checkpoint_dir: _PATH) -> list[Path]:
+    """``last.ckpt`` (and ``last-vN.ckpt``) in the checkpoint folder."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        return []
+    return sorted(p for p in checkpoint_dir.iterdir() if _LAST_RE.match(p.name) and p.exists())
+
+
+# --------------------------------------------------------------------------------------------- reading
+def peek_checkpoint(path: _PATH, weights_only: bool = True) -> dict[str, Any]:
+    """Load a checkpoint lazily (memory-mapped, tensors on CPU) to read its step, config and tensor shapes.
+
+    Costs little even for multi-GB files: tensor data is only read when touched. ``weights_only`` as in
+    ``torch.load`` (and ``fit(weights_only=...)``). Raises :class:`CheckpointError` for unreadable files.
+    """
+    try:
+        return torch.load(str(path), map_location="cpu", mmap=True, weights_only=weights_only)
+    except FileNotFoundError:
+        raise
+    except Exception as err:
+        raise CheckpointError(_describe_load_error(path, err)) from err
+
+
+def _step(path: Path, weights_only: bool = True) -> int:
+    return int(peek_checkpoint(path, weights_only).get("global_step", 0))
+
+
+@dataclass
+class ResumeDecision:
+    """Where ``fit`` continues from and why (:func:`resolve_resume`)."""
+
+    path: Path | None
+    source: str  # "explicit", "preemption", "last" or "fresh"
+    step: int | None = None
+    ignored: list[tuple[Path, str]] = field(default_factory=list)
+
+    def message(self) -> str:
+        """One log line."""
+        if self.path is None:
+            text = "Resume: no checkpoint found; starting fresh."
+        elif self.source == "explicit":
+            text = f"Resume: from --ckpt_path {self.path} (step {self.step})."
+        else:
+            kind = "preemption checkpoint" if self.source == "preemption" else "last checkpoint"
+            text = f"Resume: from {kind} {self.path} (step {self.step})."
+        if self.ignored:
+            text += " Ignored: " + "; ".join(f"{p.name} ({why})" for p, why in self.ignored) + "."
+        return text
+
+
+def resolve_resume(
+    run_dir: _PATH,
+    checkpoint_dir: _PATH | None = None,
+    explicit: _PATH | None = None,
+    weights_only: bool = True,
+) -> ResumeDecision:
+    """Pick the checkpoint a (re)started ``fit`` continues from.
+
+    Order: ``explicit`` > the newest preemption checkpoint (``<run_dir>/hpc_ckpt_N.ckpt``, highest N) > the
+    newest ``last.ckpt`` in ``checkpoint_dir`` (default ``<run_dir>/checkpoints``) > fresh start.
+
+    Stale rule: a preemption checkpoint whose ``global_step`` is *below* that of ``last.ckpt`` comes from an
+    older job of this run (the run was resumed and trained past it since), so it is ignored and reported in
+    :attr:`ResumeDecision.ignored`; the next preemption save prunes it. At equal steps the preemption
+    checkpoint wins (it is the later save of the same state). Older preemption checkpoints than the newest are
+    ignored as well (they are normally pruned already). Unreadable candidates raise :class:`CheckpointError`.
+    Steps are read lazily (:func:`peek_checkpoint`, ``weights_only`` as there).
+    """
+    if explicit:
+        path = Path(explicit)
+        step = _step(path, weights_only) if path.exists() else None
+        return ResumeDecision(path, "explicit", step)
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else Path(run_dir) / "checkpoints"
+    hpc = preemption_checkpoints(run_dir)
+    ignored = [(p, "older preemption checkpoint") for p in hpc[:-1]]
+    lasts = last_checkpoints(checkpoint_dir)
+    last_step, last = None, None
+    for path in lasts:  # normally just last.ckpt
+        step = _step(path, weights_only)
+        if last_step is None or step > last_step:
+            last_step, last = step, path
+    if hpc:
+        newest = hpc[-1]
+        hpc_step = _step(newest, weights_only)
+        if last_step is None or hpc_step >= last_step:
+            return ResumeDecision(newest, "preemption", hpc_step, ignored)
+        ignored.append((newest, f"stale: step {hpc_step} is behind {last.name} at step {last_step}"))  # type: ignore[union-attr]
+    if last is not None:
+        return ResumeDecision(last, "last", last_step, ignored)
+    return ResumeDecision(None, "fresh", None, ignored)
+
+
+# --------------------------------------------------------------------------------------- compatibility
+def _plain(value: Any) -> Any:
+    """Config values (dicts, jsonargparse Namespaces, lists) as plain nested dicts/lists."""
+    if hasattr(value, "as_dict") and callable(value.as_dict):
+        value = value.as_dict()
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            _flatten(sub, f"{prefix}.{key}" if prefix else key, out)
+    else:
+        out[prefix] = value
+    return out
+
+
+def config_differences(saved: Any, current: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(key, saved value, current value)`` for every leaf that differs between two nested configs."""
+    a = _flatten(_plain(saved), prefix, {})
+    b = _flatten(_plain(current), prefix, {})
+    missing = object()
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key, missing), b.get(key, missing)
+        if va != vb:
+            diffs.append((key, None if va is missing else va, None if vb is missing else vb))
+    return diffs
+
+
+def check_compatible(
+    checkpoint: Mapping[str, Any],
+    model: torch.nn.Module,
+    path: _PATH,
+    config_keys: Iterable[str] = ("net",),
+    max_listed: int = 5,
+) -> None:
+    """Raise :class:`CheckpointMismatchError` if ``checkpoint`` was written for another model.
+
+    Compares the tensors (names and shapes of ``state_dict``) with ``model``'s, and the hyper-parameters named
+    in ``config_keys`` (the network architecture; changes of e.g. the learning rate are legitimate on resume).
+    The message names the differing config values and the first mismatching tensors.
+    """
+    problems = []
+    hparams = getattr(model, "hparams", {}) or {}
+    saved_hparams = checkpoint.get("hyper_parameters") or {}
+    for key in config_keys:
+        if key in saved_hparams and key in hparams:
+            for name, old, new in config_differences(saved_hparams[key], hparams[key], prefix=key):
+                problems.append(f"config {name}: checkpoint {old!r}, this run {new!r}")
+    saved = checkpoint.get("state_dict")
+    if not isinstance(saved, Mapping):
+        problems.append("no state_dict in the checkpoint")
+    else:
+        current = model.state_dict()
+        missing = sorted(set(current) - set(saved))
+        unexpected = sorted(set(saved) - set(current))
+        shapes = [
+            (k, tuple(saved[k].shape), tuple(current[k].shape))
+            for k in current
+            if k in saved and hasattr(saved[k], "shape") and tuple(saved[k].shape) != tuple(current[k].shape)
+        ]
+        for label, keys in (
+            ("tensors missing from the checkpoint", missing),
+            ("unexpected tensors", unexpected),
+        ):
+            if keys:
+                more = f" (+{len(keys) - max_listed} more)" if len(keys) > max_listed else ""
+                problems.append(f"{label}: {', '.join(keys[:max_listed])}{more}")
+        if shapes:
+            listed = ", ".join(f"{k} {list(a)} vs {list(b)}" for k, a, b in shapes[:max_listed])
+            more = f" (+{len(shapes) - max_listed} more)" if len(shapes) > max_listed else ""
+            problems.append(f"{len(shapes)} tensors differ in shape (checkpoint vs this run): {listed}{more}")
+    if problems:
+        raise CheckpointMismatchError(
+            f"checkpoint {path} was written for another model configuration:\n  - "
+            + "\n  - ".join(problems)
+            + "\nNothing was loaded or written. To start a new experiment, use another "
+            "trainer.default_root_dir; to continue this one, run it with the configuration it started with."
+        )
