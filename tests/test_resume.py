@@ -206,12 +206,6 @@ def test_ctrl_c_then_resume_with_other_num_workers_is_bit_exact(
     assert_same_final(load_final(out), reference["final"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ShardDataModule race (dip_lightning/data): each worker reads the shared start cursor when it "
-    "first iterates, and the main process advances that cursor with every batch it consumes; a worker that "
-    "starts after the first batch was consumed begins at the wrong batch. Remove this marker once fixed.",
-)
 def test_resume_with_two_workers_one_starting_late_is_bit_exact(
     tmp_path: Path, demo_data: dict, reference: dict
 ) -> None:

@@ -101,6 +101,14 @@ class PositionedDataLoader(DataLoader):
         if self.datamodule is not None and "train_batches" in state_dict:
             self.datamodule.set_start_batch(int(state_dict["train_batches"]))
 
+    def __iter__(self) -> Any:
+        # Snapshot the start of this pass before any worker iterates: the main process keeps advancing
+        # the cursor as batches are consumed, and a worker that starts late must not see those updates.
+        stream = self.dataset
+        if hasattr(stream, "pass_start"):
+            stream.pass_start[0] = stream.cursor[0]
+        return super().__iter__()
+
 
 def _dist_info() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -317,8 +317,11 @@ class TrainShardStream(_ShardBatchDataset):
         self.plan = TrainPlan(self.sizes, seed, rank, mix)
         self.batches_per_epoch = int(batches_per_epoch)
         self.random_flip = bool(random_flip)
-        # Where the next pass starts; shared memory so that persistent workers see updates.
+        # Where the next pass starts; shared memory so that persistent workers see updates. The main
+        # process advances `cursor` batch by batch; workers read `pass_start`, the snapshot taken when
+        # the pass begins (PositionedDataLoader.__iter__), so a worker that starts late does not skip.
         self.cursor = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self.pass_start = torch.zeros(1, dtype=torch.int64).share_memory_()
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -363,7 +366,10 @@ class TrainShardStream(_ShardBatchDataset):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         worker, num_workers, row = self._worker()
-        start = int(self.cursor[0])
+        # In the main process (num_workers=0) the cursor is read once, before any batch of this pass is
+        # consumed; in a worker, the snapshot taken at the start of the pass.
+        in_worker = torch.utils.data.get_worker_info() is not None
+        start = int(self.pass_start[0] if in_worker else self.cursor[0])
         ids = range(start + worker, start + self.batches_per_epoch, num_workers)
         depth = self._lookahead_batches()
         for b, nxt in self._with_lookahead(ids, depth):
