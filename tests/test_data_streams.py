@@ -120,7 +120,7 @@ def test_same_seed_same_stream_other_seed_other_stream(shards):
 def test_cursor_resumes_exactly_with_other_worker_count(shards):
     full = [ids_of(x) for x, _ in collect(train_stream(shards, epoch=9), 0)]
     resumed = train_stream(shards, epoch=9)
-    resumed.cursor[0] = 4  # e.g. restored from a checkpoint at batch 4
+    resumed.seek(4)  # e.g. restored from a checkpoint at batch 4
     got = [ids_of(x) for x, _ in collect(resumed, 2)]
     assert got[:5] == full[4:]  # a pass still yields batches_per_epoch batches from the cursor
     assert len(got) == 9

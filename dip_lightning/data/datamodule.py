@@ -283,7 +283,7 @@ class ShardDataModule(pl.LightningDataModule):
         rank, world = self._rank_world
         if self.train_shards is not None and stage in (None, "fit") and self._train is None:
             self._train = self.train_stream(rank, world)
-            self._train.cursor[0] = self._train_batches
+            self._train.seek(self._train_batches)
             size = manifest_image_size(self._train.urls)
             if size is not None and size != self.image_size and rank == 0:
                 warnings.warn(
@@ -307,7 +307,7 @@ class ShardDataModule(pl.LightningDataModule):
             self.setup("fit")
         if self._train is None:
             raise ValueError("ShardDataModule: train_shards is not set")
-        self._train.cursor[0] = self._train_batches
+        self._train.seek(self._train_batches)
         loader = self._loader(self._train, PositionedDataLoader)
         loader.datamodule = self
         return loader
@@ -325,7 +325,8 @@ class ShardDataModule(pl.LightningDataModule):
         trainer = self.trainer
         if trainer is not None and trainer.training and self._train is not None:
             self._train_batches += 1
-            # The next pass of the loader (next epoch) starts after the last batch the model saw.
+            # The next pass of the loader (next epoch) starts after the last batch the model saw; the
+            # workers of the running pass keep their own snapshot (`pass_start`).
             self._train.cursor[0] = self._train_batches
             self._log_counts(trainer)
         return to_model_range(images), labels
@@ -380,7 +381,7 @@ class ShardDataModule(pl.LightningDataModule):
             raise ValueError(f"start batch must be >= 0, got {batch}")
         self._train_batches = int(batch)
         if self._train is not None:
-            self._train.cursor[0] = self._train_batches
+            self._train.seek(self._train_batches)
 
     def state_dict(self) -> dict[str, Any]:
         _, world = self._rank_world or self._dist()

@@ -326,6 +326,11 @@ class TrainShardStream(_ShardBatchDataset):
     def __len__(self) -> int:
         return self.batches_per_epoch
 
+    def seek(self, batch: int) -> None:
+        """Start the next pass at global batch ``batch`` (restoring a position, or before a new pass)."""
+        self.cursor[0] = batch
+        self.pass_start[0] = batch
+
     def batch_refs(self, b: int) -> list[Ref]:
         """The ``(shard, ordinal)`` of every sample of batch ``b`` (a pure function)."""
         return self.plan.refs(b * self.batch_size, (b + 1) * self.batch_size)
