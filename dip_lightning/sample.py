@@ -8,9 +8,13 @@
   draws labels from a seeded generator instead) and noise seed ``seed + i``: the same index always gives the same
   image, whatever the batch size, number of processes or interruption.
 * Work is cut in chunks of ``--chunk_size`` indices, written atomically as ``<out>.parts/chunk_NNNNNN.npz``; a killed
-  export run again skips finished chunks, so indices are never duplicated or dropped. Processes started by torchrun
-  (RANK/WORLD_SIZE) or srun (SLURM_PROCID/SLURM_NTASKS) take chunks round-robin; the last one to finish assembles
-  ``--out`` (also atomically).
+  export run again skips finished chunks, so indices are never duplicated or dropped.
+  ``<out>.parts/job.json`` records what the chunks were made with (weights fingerprint, sampler, seed,
+  sizes): a run with other settings stops with an error instead of mixing its images with stale chunks.
+  Processes started by torchrun (RANK/WORLD_SIZE) or srun (SLURM_PROCID/SLURM_NTASKS) take chunks
+  round-robin; rank 0 waits for all chunks, and whoever finds them all assembles ``--out`` (atomically, the
+  same bytes whoever writes it).
+* Files are written with fixed zip timestamps, so the same settings give the same file, byte for byte.
 * Weights: the checkpoint's ``state_dict``, i.e. the EMA weights when training used the EMA callback;
   ``--raw_weights`` takes ``current_model_state`` instead.
 """
@@ -18,8 +22,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
+import json
 import os
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +35,8 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from dip_lightning.diffusion import to_uint8
 
 
 # ---------------------------------------------------------------------------------------------- labels and seeds
@@ -153,10 +163,42 @@ def chunk_path(parts_dir: Path, chunk: int) -> Path:
 
 
 def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
+    """``np.savez`` layout (uncompressed ``<name>.npy`` members) with fixed member timestamps, so equal arrays
+    give equal files; written to a temporary name and renamed, so a reader never sees a partial file."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, array in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with zf.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
     os.replace(tmp, path)
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """SHA-256 of the module's state (names, dtypes, shapes and bytes): tells two sets of weights apart."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _check_job(parts: Path, job: dict[str, Any]) -> None:
+    """Record the export's settings in ``parts/job.json``, or check that existing chunks share them."""
+    path = parts / "job.json"
+    if path.exists():
+        found = json.loads(path.read_text())
+        differ = sorted(k for k in set(found) | set(job) if found.get(k) != job.get(k))
+        if differ:
+            raise RuntimeError(
+                f"{parts} holds chunks of another export (different {', '.join(differ)}); remove that folder "
+                "or choose another --out (nothing was changed)."
+            )
+        return
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(job, indent=1, sort_keys=True))
+    os.replace(tmp, path)  # ranks starting together write the same content
 
 
 def export_samples(
@@ -187,6 +229,18 @@ def export_samples(
     num_chunks = -(-num_samples // chunk_size)
     module = module.to(device).eval()
     num_classes = module.num_classes
+    make_sampler = getattr(module, "make_sampler", None)
+    job = {
+        "num_samples": num_samples,
+        "chunk_size": chunk_size,
+        "seed": seed,
+        "balanced": balanced,
+        "num_classes": num_classes,
+        "sampler": repr(make_sampler(**sampler_overrides)) if make_sampler else repr(sampler_overrides),
+        "sample_dtype": str(getattr(module, "sample_dtype", "")),
+        "weights_sha256": weights_fingerprint(module),
+    }
+    _check_job(parts, job)
     done_now = 0
     for chunk in range(rank, num_chunks, world_size):
         path = chunk_path(parts, chunk)
@@ -202,7 +256,8 @@ def export_samples(
             y = torch.from_numpy(labels[b : b + batch_size])
             seeds = torch.from_numpy(indices[b : b + batch_size] + seed)
             x = module.generate(y, seeds, **sampler_overrides)
-            images.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+            # The project's uint8 convention (as grids, FID, predict): an index gives the same pixels.
+            images.append(to_uint8(x).permute(0, 2, 3, 1).cpu().numpy())
         _save_npz_atomic(path, images=np.concatenate(images), labels=labels, indices=indices)
         done_now += 1
     # Whoever sees every chunk assembles the result; others are done.
@@ -235,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--chunk_size", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-balanced", dest="balanced", action="store_false", help="random labels instead of i % C")
+    p.add_argument("--no-balanced", dest="balanced", action="store_false", help="random labels instead of i %% C")
     p.add_argument("--sampler", choices=["euler", "heun"], default=None)
     p.add_argument("--num_steps", type=int, default=None)
     p.add_argument("--cfg_scale", type=float, default=None)
@@ -260,8 +315,8 @@ def main(argv: list[str]) -> int:
 
         cls = {"euler": EulerSampler, "heun": HeunSampler}[args.sampler]
         base = module.make_sampler(**overrides)
-        fields = {k: getattr(base, k) for k in ("num_steps", "cfg_scale", "cfg_interval") if hasattr(base, k)}
-        sampler = cls(**fields)
+        # All fields of the configured sampler (time grid, shift, last step); only the integrator changes.
+        sampler = cls(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})
         module.sampler = sampler
     t0 = time.time()
     result = export_samples(

@@ -53,6 +53,11 @@ class EMA(EMAWeightAveraging):
         # One foreach update over all tensors instead of a Python loop of per-tensor kernels.
         self._kwargs = {"multi_avg_fn": get_ema_multi_avg_fn(decay)}
         self._swapped = False
+        self._raw_state_at_end: dict[str, torch.Tensor] | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._raw_state_at_end = None
 
     @property
     def num_updates(self) -> int:
@@ -93,6 +98,10 @@ class EMA(EMAWeightAveraging):
                 checkpoint["current_model_state"],
                 checkpoint["state_dict"],
             )
+        if self._raw_state_at_end is not None:
+            # Written after on_train_end (ModelCheckpoint's final last.ckpt): the live module already holds the
+            # EMA weights, so the raw ones come from the copy taken before they were overwritten.
+            checkpoint["current_model_state"] = self._raw_state_at_end
         if self.num_updates == 0:
             # No average yet: the EMA slot gets the raw weights, not the stale initial copy (the first update of an
             # AveragedModel copies the weights anyway, so resuming from here is unchanged).
@@ -100,8 +109,10 @@ class EMA(EMAWeightAveraging):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The stock callback copies the average into the live model here; without a single update that would
-        # replace trained weights by the initial ones.
+        # replace trained weights by the initial ones. ModelCheckpoint.on_train_end (always last) may still write
+        # last.ckpt afterwards: keep the raw weights for it.
         if self.averaged_module is not None:
+            self._raw_state_at_end = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
             super().on_train_end(trainer, pl_module)
 
 

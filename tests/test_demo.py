@@ -1,0 +1,87 @@
+"""`make demo`, shortened: the same ``run_demo`` (dataset, FID reference, CLI fit with EMA, grids and FID)
+for 20 steps, the FID callback's extractor switched to the cheap pixel projection by the extra CLI args."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dip_lightning.demo import run_demo
+from dip_lightning.fid import load_stats
+
+CALLBACKS = [
+    {"class_path": "dip_lightning.callbacks.EMA", "init_args": {"decay": 0.9}},
+    {
+        "class_path": "dip_lightning.callbacks.SampleGrid",
+        "init_args": {"every_n_steps": 10, "rows": 2, "cols": 4, "num_steps": 5, "upscale": 2},
+    },
+    {
+        "class_path": "dip_lightning.callbacks.FIDCallback",
+        "init_args": {
+            "every_n_steps": 10,
+            "num_samples": 16,
+            "batch_size": 16,
+            "num_steps": 5,
+            "reference": "data/demo/fid_ref_val.npz",  # replaced by run_demo
+            "extractor": {"class_path": "dip_lightning.fid.PixelProjection"},
+        },
+    },
+]
+
+
+def test_demo_end_to_end_shortened(tmp_path: Path, demo_data: dict) -> None:
+    data_dir = tmp_path / "data"
+    shutil.copytree(demo_data["root"], data_dir)  # run_demo writes its FID reference next to the data
+    result = run_demo(
+        data_dir=data_dir,
+        run_root=tmp_path / "runs",
+        extra_args=[
+            "--trainer.max_steps=20",
+            "--trainer.val_check_interval=10",
+            "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false",
+            "--checkpoint.every_n_train_steps=10",
+            "--data.init_args.batch_size=16",
+            f"--trainer.callbacks={json.dumps(CALLBACKS)}",
+        ],
+    )
+    run_dir = Path(result["run_dir"])
+    assert run_dir.parent == tmp_path / "runs"
+
+    # The grid of the last step, and the one before.
+    grid = Path(result["grid"])
+    assert grid.name == "step_00000020.png" and grid.is_file()
+    assert sorted(p.name for p in grid.parent.glob("*.png")) == ["step_00000010.png", "step_00000020.png"]
+    assert json.loads(grid.with_suffix(".json").read_text())["row_classes"] == [0, 4]
+
+    # TensorBoard event files with the grid images and the FID curve.
+    tensorboard = Path(result["tensorboard"])
+    assert list(tensorboard.glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tensorboard), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Images("samples/grid")] == [10, 20]
+    assert [e.step for e in events.Scalars("val/fid")] == [10, 20]
+    assert "train/loss" in events.Tags()["scalars"] and "val/loss" in events.Tags()["scalars"]
+
+    # The checkpoint, with EMA and raw weights.
+    ckpt = torch.load(result["checkpoint"], map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 20 and "current_model_state" in ckpt
+    assert int(ckpt["averaging_state"]["n_averaged"]) == 20
+
+    # Two FID values, at steps 10 and 20, against statistics of the pixel projection computed by the demo.
+    history = result["fid_history"]
+    assert [step for step, _ in history] == [10, 20]
+    assert all(np.isfinite(value) and value > 0 for _, value in history)
+    with open(tensorboard / "fid.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [10, 20]
+    reference = data_dir / "fid_ref_val-pixel-projection-64x8-seed0.npz"
+    assert load_stats(reference).num_samples == demo_data["num_val"]
+    assert not (data_dir / "fid_ref_val.npz").exists()  # the Inception reference was not needed

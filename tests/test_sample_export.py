@@ -1,0 +1,338 @@
+"""Sample export (``python -m dip_lightning sample``), ``predict`` and the ``fid`` command, from a checkpoint
+trained through the CLI.
+
+The checkpoint: the tiny config with a 64-wide DiP, 8 steps with EMA (decay 0.5), a 4-step Euler sampler with
+``time_shift=2`` (so that a sampler switch has a field to lose). Exports are a few images of 32 px; the
+interrupted exports are compared with uninterrupted ones byte for byte (the npz files, not only the arrays).
+A subprocess costs seconds of imports (torch + Lightning): only the SIGKILL and multi-process tests start one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dip_lightning.__main__ import main as dip_main
+from dip_lightning.cli import DiPCLI
+from dip_lightning.diffusion import HeunSampler, to_uint8
+from dip_lightning.sample import export_samples, load_module
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = str(REPO / "experiments" / "tiny_cpu.yaml")
+SMALL_NET = [
+    "--model.net.init_args.hidden_size=64",
+    "--model.net.init_args.depth=2",
+    "--model.net.init_args.num_heads=2",
+    "--model.net.init_args.head.init_args.base_channels=8",
+]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory, demo_data: dict) -> Path:
+    """last.ckpt of an 8-step CLI run with EMA; the last step is a checkpoint step."""
+    run_dir = tmp_path_factory.mktemp("export_run") / "run"
+    ema = [{"class_path": "dip_lightning.callbacks.EMA", "init_args": {"decay": 0.5}}]
+    args = [
+        "--config",
+        TINY_CONFIG,
+        f"--trainer.default_root_dir={run_dir}",
+        "--trainer.max_steps=8",
+        "--trainer.limit_val_batches=0",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        f"--trainer.callbacks={json.dumps(ema)}",
+        "--checkpoint.every_n_train_steps=8",
+        f"--data.init_args.train_shards={demo_data['train_shards']}",
+        f"--data.init_args.val_shards={demo_data['val_shards']}",
+        "--data.init_args.batch_size=8",
+        *SMALL_NET,
+        "--model.optimizer.init_args.lr=1e-2",
+        "--model.sampler.init_args.num_steps=4",
+        "--model.sampler.init_args.time_shift=2.0",
+    ]
+    cli = DiPCLI(args=args, run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def chunk_files(out: Path) -> list[Path]:
+    return sorted(out.with_name(out.name + ".parts").glob("chunk_*.npz"))
+
+
+def subprocess_env() -> dict[str, str]:
+    """This environment without launcher variables (the export must see exactly what a test gives it)."""
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def sample_cmd(ckpt: Path, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "dip_lightning", "sample", "--ckpt_path", str(ckpt), *flags]
+
+
+# ------------------------------------------------------------------------------------------------ library
+def test_export_killed_after_some_chunks_resumes_to_the_same_file(ckpt: Path, tmp_path: Path) -> None:
+    module = load_module(ckpt)
+    settings = {"num_samples": 10, "batch_size": 2, "chunk_size": 3, "seed": 11}
+    whole = export_samples(module, tmp_path / "whole.npz", **settings)
+    assert whole == tmp_path / "whole.npz"
+
+    out = tmp_path / "resumed.npz"
+    assert export_samples(module, out, **settings, max_chunks=1) is None  # "killed" after one chunk
+    assert not out.exists() and len(chunk_files(out)) == 1
+    first_chunk = chunk_files(out)[0].read_bytes()
+    assert export_samples(module, out, **settings, max_chunks=2) is None
+    assert not out.exists() and len(chunk_files(out)) == 3
+    assert export_samples(module, out, **settings) == out
+    assert chunk_files(out)[0].read_bytes() == first_chunk  # finished chunks are kept, not redone
+    assert out.read_bytes() == whole.read_bytes()
+
+    data = load_npz(out)
+    assert sorted(data) == ["arr_0", "arr_1"]
+    assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (10, 32, 32, 3)
+    assert np.array_equal(data["arr_1"], np.arange(10) % 8)
+    # Same seed, same images; another seed, other images.
+    other = export_samples(module, tmp_path / "other.npz", **{**settings, "seed": 12})
+    assert other is not None and not np.array_equal(load_npz(other)["arr_0"], data["arr_0"])
+
+
+def test_export_refuses_chunks_of_other_settings(ckpt: Path, tmp_path: Path) -> None:
+    module = load_module(ckpt)
+    out = tmp_path / "samples.npz"
+    settings = {"num_samples": 6, "batch_size": 3, "chunk_size": 3}
+    assert export_samples(module, out, **settings, max_chunks=1) is None
+    before = [p.read_bytes() for p in chunk_files(out)]
+    with pytest.raises(RuntimeError, match="another export.*seed"):
+        export_samples(module, out, **settings, seed=1)
+    with pytest.raises(RuntimeError, match="another export.*sampler"):
+        export_samples(module, out, **settings, cfg_scale=2.0)
+    with pytest.raises(RuntimeError, match="another export.*weights_sha256"):
+        export_samples(load_module(ckpt, raw_weights=True), out, **settings)
+    assert [p.read_bytes() for p in chunk_files(out)] == before
+    assert export_samples(module, out, **settings) == out
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        export_samples(module, out, **settings)
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def test_sample_command_killed_with_sigkill_resumes_byte_identical(ckpt: Path, tmp_path: Path) -> None:
+    flags = [
+        "--num_samples",
+        "8",
+        "--chunk_size",
+        "1",
+        "--batch_size",
+        "1",
+        "--num_steps",
+        "40",
+        "--seed",
+        "3",
+    ]
+    reference = export_samples(
+        load_module(ckpt), tmp_path / "reference.npz", 8, batch_size=1, chunk_size=1, seed=3, num_steps=40
+    )
+    assert reference is not None
+
+    out = tmp_path / "killed.npz"
+    proc = subprocess.Popen(
+        sample_cmd(ckpt, "--out", str(out), *flags),
+        cwd=REPO,
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while len(chunk_files(out)) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert proc.poll() is None, f"export ended before the kill: {proc.stderr.read().decode()[-3000:]}"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    done = {p.name: p.read_bytes() for p in chunk_files(out)}
+    assert not out.exists() and 2 <= len(done) < 8
+
+    # Run again (in-process: the same command, without paying the imports a second time).
+    assert dip_main(["sample", "--ckpt_path", str(ckpt), "--out", str(out), *flags]) == 0
+    assert {p.name: p.read_bytes() for p in chunk_files(out) if p.name in done} == done
+    assert len(chunk_files(out)) == 8
+    assert out.read_bytes() == reference.read_bytes()
+
+
+def test_sample_command_spreads_chunks_over_processes(
+    ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rank 1 is a process with srun's variables, rank 0 this one with torchrun's; rank 0 waits for rank 1's
+    chunks; the result is the file a single process writes."""
+    reference = export_samples(load_module(ckpt), tmp_path / "reference.npz", 8, batch_size=2, chunk_size=2)
+    assert reference is not None
+    out = tmp_path / "two.npz"
+    flags = ["--out", str(out), "--num_samples", "8", "--chunk_size", "2", "--batch_size", "2"]
+    srun = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0"}
+    rank1 = subprocess.Popen(
+        sample_cmd(ckpt, *flags),
+        cwd=REPO,
+        env={**subprocess_env(), **srun},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for key in [k for k in os.environ if k.startswith("SLURM_")]:
+            monkeypatch.delenv(key)
+        for key, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}.items():
+            monkeypatch.setenv(key, value)
+        assert dip_main(["sample", "--ckpt_path", str(ckpt), *flags]) == 0
+    finally:
+        stdout, stderr = rank1.communicate(timeout=300)
+    assert rank1.returncode == 0, stderr[-3000:]
+    # Rank 1 made chunks 1 and 3; it assembles too when it is the last to finish (the same bytes, atomically).
+    assert "rank 1: my chunks are done" in stdout or "on rank 1" in stdout
+    assert out.read_bytes() == reference.read_bytes()
+    assert len(chunk_files(out)) == 4
+
+
+def test_sample_command_flags(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    base = [
+        "sample",
+        "--ckpt_path",
+        str(ckpt),
+        "--num_samples",
+        "8",
+        "--chunk_size",
+        "4",
+        "--batch_size",
+        "4",
+    ]
+
+    def sample(name: str, *flags: str) -> tuple[dict[str, np.ndarray], dict]:
+        out = tmp_path / f"{name}.npz"
+        assert dip_main([*base, "--out", str(out), *flags]) == 0
+        job = json.loads((out.with_name(out.name + ".parts") / "job.json").read_text())
+        return load_npz(out), job
+
+    ema, ema_job = sample("ema")
+    raw, raw_job = sample("raw", "--raw_weights")
+    heun, heun_job = sample("heun", "--sampler", "heun")
+    # An 8-step model barely depends on its label: a large scale makes guidance visible in uint8.
+    cfg, cfg_job = sample("cfg", "--cfg_scale", "30", "--cfg_interval", "0.2", "0.9")
+    cfg_all, _ = sample("cfg_all", "--cfg_scale", "30", "--cfg_interval", "-1", "2")
+    unbalanced, _ = sample("unbalanced", "--no-balanced")
+    assert "wrote" in capsys.readouterr().out
+
+    for data in (ema, raw, heun, cfg, cfg_all, unbalanced):
+        assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (8, 32, 32, 3)
+    for data in (ema, raw, heun, cfg):
+        assert np.array_equal(data["arr_1"], np.arange(8))
+    labels = unbalanced["arr_1"]
+    assert labels.min() >= 0 and labels.max() < 8 and not np.array_equal(labels, np.arange(8))
+
+    # EMA by default; --raw_weights gives the raw weights' images, and they differ.
+    module = load_module(ckpt)
+    seeds = torch.arange(8)
+    expected = module.generate(torch.arange(8), seeds)
+    assert np.array_equal(ema["arr_0"], to_uint8(expected).permute(0, 2, 3, 1).numpy())
+    assert not np.array_equal(raw["arr_0"], ema["arr_0"])
+    assert raw_job["weights_sha256"] != ema_job["weights_sha256"]
+
+    # Heun keeps every other field of the configured sampler (4 steps, time_shift 2).
+    assert ema_job["sampler"].startswith("EulerSampler(") and "time_shift=2.0" in ema_job["sampler"]
+    assert heun_job["sampler"] == repr(HeunSampler(num_steps=4, time_shift=2.0))
+    assert not np.array_equal(heun["arr_0"], ema["arr_0"])
+    heun_images = module.generate(torch.arange(8), seeds, sampler=HeunSampler(num_steps=4, time_shift=2.0))
+    assert np.array_equal(heun["arr_0"], to_uint8(heun_images).permute(0, 2, 3, 1).numpy())
+
+    assert "cfg_scale=30.0" in cfg_job["sampler"] and "cfg_interval=(0.2, 0.9)" in cfg_job["sampler"]
+    assert not np.array_equal(cfg["arr_0"], ema["arr_0"])
+    assert not np.array_equal(cfg["arr_0"], cfg_all["arr_0"])
+    guided = module.generate(torch.arange(8), seeds, cfg_scale=30.0, cfg_interval=(0.2, 0.9))
+    assert np.array_equal(cfg["arr_0"], to_uint8(guided).permute(0, 2, 3, 1).numpy())
+
+
+def test_sample_command_help(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        dip_main(["sample", "--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    for flag in (
+        "--raw_weights",
+        "--sampler",
+        "--cfg_scale",
+        "--cfg_interval",
+        "--num_steps",
+        "--no-balanced",
+    ):
+        assert flag in help_text
+
+
+def test_predict_command_returns_uint8_images_of_the_ema_weights(ckpt: Path, tmp_path: Path) -> None:
+    """``python -m dip_lightning predict --config experiments/tiny_cpu.yaml --ckpt_path ... --data
+    dip_lightning.sample.LabelSeedDataModule``: the network comes from the checkpoint's hyperparameters."""
+    cli = DiPCLI(
+        args=[
+            "predict",
+            "--config",
+            TINY_CONFIG,
+            "--ckpt_path",
+            str(ckpt),
+            "--data",
+            "dip_lightning.sample.LabelSeedDataModule",
+            "--data.num_samples=6",
+            "--data.batch_size=4",
+            f"--trainer.default_root_dir={tmp_path / 'predict'}",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+    batches = cli.trainer.predict_loop.predictions
+    assert len(batches) == 2
+    images = torch.cat([b["images"] for b in batches])
+    assert images.dtype == torch.uint8 and images.shape == (6, 3, 32, 32)
+    assert torch.equal(torch.cat([b["labels"] for b in batches]), torch.arange(6))
+    assert torch.equal(torch.cat([b["index"] for b in batches]), torch.arange(6))
+    # The same pixels as the export of the same indices (EMA weights, same uint8 conversion).
+    exported = export_samples(load_module(ckpt), tmp_path / "export.npz", 6, batch_size=6, chunk_size=6)
+    assert exported is not None
+    assert torch.equal(images.permute(0, 2, 3, 1), torch.from_numpy(load_npz(exported)["arr_0"]))
+
+
+def test_fid_command_on_an_export(
+    ckpt: Path, tmp_path: Path, demo_data: dict, capsys: pytest.CaptureFixture
+) -> None:
+    samples = export_samples(load_module(ckpt), tmp_path / "samples.npz", 16, batch_size=16, chunk_size=16)
+    assert samples is not None
+    ref = tmp_path / "ref.npz"
+    stats = ["fid-stats", "--shards", demo_data["val_shards"], "--image-size", "32", "--device", "cpu"]
+    assert dip_main([*stats, "--out", str(ref), "--extractor", "pixel-projection"]) == 0
+    assert (
+        dip_main(["fid", str(samples), str(ref), "--extractor", "pixel-projection", "--device", "cpu"]) == 0
+    )
+    out = capsys.readouterr().out
+    fid = float(out.split("FID:")[1].split()[0])
+    assert np.isfinite(fid) and fid > 0
+    assert "samples: 16" in out
+
+    # Once with the default (Inception) extractor, on a handful of images.
+    ref_inception = tmp_path / "ref_inception.npz"
+    assert dip_main([*stats, "--out", str(ref_inception), "--limit", "6"]) == 0
+    assert dip_main(["fid", str(samples), str(ref_inception), "--limit", "6", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert np.isfinite(float(out.split("FID:")[1].split()[0]))
+    assert "extractor: fid-helper" in out and "IS:" in out
