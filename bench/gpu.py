@@ -96,7 +96,6 @@ def train_bench(model, batch: int, steps: int, device: torch.device, dtype: torc
     warm = time.time() - t0
     sec = timed(step, steps, device)
     mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    del opt
     return {"img_per_s": batch / sec, "step_s": sec, "peak_mem_gib": mem, "warmup_s": warm, "batch": batch}
 
 

@@ -53,12 +53,15 @@ def run_demo(
     t0 = time.time()
     data_dir = Path(data_dir)
     dataset = build_demo_dataset(data_dir, size=32)
-    print(f"[demo] dataset: {dataset['num_train']} train / {dataset['num_val']} val crops, "
-          f"{dataset['num_classes']} classes ({', '.join(dataset['class_names'])}) in {data_dir}")
+    print(
+        f"[demo] dataset: {dataset['num_train']} train / {dataset['num_val']} val crops, "
+        f"{dataset['num_classes']} classes ({', '.join(dataset['class_names'])}) in {data_dir}"
+    )
 
     run_dir = Path(run_root) / time.strftime("%Y%m%d-%H%M%S")
     args = [
-        "--config", str(config),
+        "--config",
+        str(config),
         f"--trainer.default_root_dir={run_dir}",
         f"--data.init_args.train_shards={dataset['train_shards']}",
         f"--data.init_args.val_shards={dataset['val_shards']}",

@@ -104,7 +104,9 @@ class DiPModule(pl.LightningModule):
         # `DiPModule.load_from_checkpoint(path)` rebuild the whole network. Built by hand, the arguments are live
         # objects: keep them out of the checkpoint (they would be pickled, weights and all).
         under_cli = _given_hyperparameters.get() is not None
-        self.save_hyperparameters(ignore=[] if under_cli else ["net", "flow", "sampler", "repa", "optimizer", "lr_scheduler"])
+        self.save_hyperparameters(
+            ignore=[] if under_cli else ["net", "flow", "sampler", "repa", "optimizer", "lr_scheduler"]
+        )
         self.net = net
         self.flow = flow if flow is not None else FlowMatching()
         self.sampler = sampler if sampler is not None else EulerSampler()
@@ -155,7 +157,9 @@ class DiPModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
     def _losses(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None) -> dict:
-        x_t, t, y_in, target = self.flow.training_inputs(x, y, null_class=self.net.null_class, generator=generator)
+        x_t, t, y_in, target = self.flow.training_inputs(
+            x, y, null_class=self.net.null_class, generator=generator
+        )
         if self.repa is not None:
             v, hidden = self.net(x_t, t, y_in, return_block=self.repa.block)
         else:
@@ -255,7 +259,12 @@ class DiPModule(pl.LightningModule):
         """Batches of ``{"labels", "seeds"}`` (see :class:`dip_lightning.sample.LabelSeedDataModule`) -> uint8."""
         labels, seeds = batch["labels"], batch["seeds"]
         images = self.generate(labels, seeds)
-        return {"images": to_uint8(images), "labels": labels, "seeds": seeds, "index": batch.get("index", seeds)}
+        return {
+            "images": to_uint8(images),
+            "labels": labels,
+            "seeds": seeds,
+            "index": batch.get("index", seeds),
+        }
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:

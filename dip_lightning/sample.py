@@ -54,7 +54,9 @@ def sample_labels(indices: np.ndarray, num_classes: int, balanced: bool = True, 
 class LabelSeedDataset(Dataset):
     """Items ``{"labels", "seeds", "index"}`` for global sample indices [start, start + num_samples)."""
 
-    def __init__(self, num_samples: int, num_classes: int, seed: int = 0, balanced: bool = True, start: int = 0):
+    def __init__(
+        self, num_samples: int, num_classes: int, seed: int = 0, balanced: bool = True, start: int = 0
+    ):
         self.indices = np.arange(start, start + num_samples, dtype=np.int64)
         self.labels = sample_labels(self.indices, num_classes, balanced, seed)
         self.seed = seed
@@ -106,7 +108,9 @@ class LabelSeedDataModule(pl.LightningDataModule):
 
 
 # ---------------------------------------------------------------------------------------------- model loading
-def load_module(ckpt_path: str | os.PathLike, configs: list[str] | None = None, raw_weights: bool = False) -> Any:
+def load_module(
+    ckpt_path: str | os.PathLike, configs: list[str] | None = None, raw_weights: bool = False
+) -> Any:
     """A :class:`DiPModule` with a checkpoint's weights (EMA by default).
 
     Without ``configs`` the network is rebuilt from the hyperparameters LightningCLI stored in the checkpoint; with
@@ -117,7 +121,9 @@ def load_module(ckpt_path: str | os.PathLike, configs: list[str] | None = None, 
 
     ckpt_path = Path(ckpt_path)
     if not ckpt_path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {ckpt_path} (pass --ckpt_path <run>/checkpoints/last.ckpt)")
+        raise FileNotFoundError(
+            f"checkpoint not found: {ckpt_path} (pass --ckpt_path <run>/checkpoints/last.ckpt)"
+        )
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     if configs:
         from dip_lightning.cli import DiPCLI
@@ -134,7 +140,9 @@ def load_module(ckpt_path: str | os.PathLike, configs: list[str] | None = None, 
         )
     key = "current_model_state" if raw_weights else "state_dict"
     if key not in checkpoint:
-        raise KeyError(f"{ckpt_path} has no '{key}' (raw weights exist only in checkpoints written with EMA).")
+        raise KeyError(
+            f"{ckpt_path} has no '{key}' (raw weights exist only in checkpoints written with EMA)."
+        )
     state = {k: v for k, v in checkpoint[key].items()}
     missing, unexpected = module.load_state_dict(state, strict=False)
     # The frozen REPA encoder is not saved with the model; anything else missing is an error.
@@ -276,7 +284,9 @@ def export_samples(
     labels = np.concatenate([a["labels"] for a in arrays])
     indices = np.concatenate([a["indices"] for a in arrays])
     if not np.array_equal(indices, np.arange(num_samples)):
-        raise RuntimeError(f"chunks in {parts} do not cover 0..{num_samples - 1} exactly; remove the folder and rerun")
+        raise RuntimeError(
+            f"chunks in {parts} do not cover 0..{num_samples - 1} exactly; remove the folder and rerun"
+        )
     _save_npz_atomic(out, arr_0=images, arr_1=labels)
     return out
 
@@ -284,13 +294,17 @@ def export_samples(
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dip_lightning sample", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt_path", required=True, help="checkpoint (Lightning .ckpt) to sample from")
-    p.add_argument("--config", action="append", default=None, help="experiment YAML(s), for configless checkpoints")
+    p.add_argument(
+        "--config", action="append", default=None, help="experiment YAML(s), for configless checkpoints"
+    )
     p.add_argument("--out", required=True, help="output .npz (ADM evaluator format)")
     p.add_argument("--num_samples", type=int, default=50_000)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--chunk_size", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-balanced", dest="balanced", action="store_false", help="random labels instead of i %% C")
+    p.add_argument(
+        "--no-balanced", dest="balanced", action="store_false", help="random labels instead of i %% C"
+    )
     p.add_argument("--sampler", choices=["euler", "heun"], default=None)
     p.add_argument("--num_steps", type=int, default=None)
     p.add_argument("--cfg_scale", type=float, default=None)

@@ -89,7 +89,10 @@ def test_ablation_overlay_instantiates(tmp_path: Path, overlay: Path) -> None:
     if "repa" in merged_yaml(overlay).get("model", {}):
         assert cli.model.repa is None
     # Every overlay writes to its own run folder (the test overrides it, so read the YAML).
-    assert merged_yaml(overlay)["trainer"]["default_root_dir"] != merged_yaml(BASE)["trainer"]["default_root_dir"]
+    assert (
+        merged_yaml(overlay)["trainer"]["default_root_dir"]
+        != merged_yaml(BASE)["trainer"]["default_root_dir"]
+    )
 
 
 def test_run_folders_are_unique() -> None:

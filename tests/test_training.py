@@ -23,12 +23,17 @@ SMALL_NET = [
     "--model.net.init_args.num_heads=2",
     "--model.net.init_args.head.init_args.base_channels=8",
 ]
-NO_CALLBACKS = ["--trainer.callbacks=null", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+NO_CALLBACKS = [
+    "--trainer.callbacks=null",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
 
 
 def cli_args(tmp_path: Path, data: dict, *extra: str, steps: int = 2, batch_size: int = 8) -> list[str]:
     return [
-        "--config", TINY_CONFIG,
+        "--config",
+        TINY_CONFIG,
         f"--trainer.default_root_dir={tmp_path / 'run'}",
         f"--trainer.max_steps={steps}",
         "--trainer.limit_val_batches=0",
@@ -42,7 +47,9 @@ def cli_args(tmp_path: Path, data: dict, *extra: str, steps: int = 2, batch_size
     ]
 
 
-def fit(tmp_path: Path, data: dict, *extra: str, steps: int = 2, batch_size: int = 8) -> tuple[DiPCLI, list[float]]:
+def fit(
+    tmp_path: Path, data: dict, *extra: str, steps: int = 2, batch_size: int = 8
+) -> tuple[DiPCLI, list[float]]:
     """Run `fit` through the CLI in-process; return the CLI and the per-step flow losses."""
     from lightning.pytorch.callbacks import Callback
 
@@ -79,9 +86,7 @@ def test_same_seed_same_losses(tmp_path: Path, demo_data: dict) -> None:
 )
 def test_every_head_trains_through_cli(tmp_path: Path, demo_data: dict, head: str) -> None:
     # Replace the whole head entry (the tiny config's PDH options do not apply to the other heads).
-    cli, losses = fit(
-        tmp_path, demo_data, f'--model.net.init_args.head={{"class_path": "{head}"}}', steps=2
-    )
+    cli, losses = fit(tmp_path, demo_data, f'--model.net.init_args.head={{"class_path": "{head}"}}', steps=2)
     assert type(cli.model.net.head).__name__ == head.rsplit(".", 1)[1]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
@@ -89,7 +94,10 @@ def test_every_head_trains_through_cli(tmp_path: Path, demo_data: dict, head: st
 
 @pytest.mark.parametrize("placement", ["intermediate", "hybrid"])
 def test_every_placement_trains_through_cli(tmp_path: Path, demo_data: dict, placement: str) -> None:
-    small_head = '{"class_path": "dip_lightning.models.heads.PatchDetailerHead", "init_args": {"depth": 2, "base_channels": 8}}'
+    small_head = (
+        '{"class_path": "dip_lightning.models.heads.PatchDetailerHead", '
+        '"init_args": {"depth": 2, "base_channels": 8}}'
+    )
     cli, losses = fit(
         tmp_path,
         demo_data,
@@ -111,7 +119,9 @@ def test_repa_on_and_off(tmp_path: Path, demo_data: dict) -> None:
     assert "train/repa_loss" in metrics and 0.0 <= float(metrics["train/repa_loss"]) <= 2.0
     # The projector trains; the frozen encoder neither trains nor lands in the checkpoint.
     assert any(p.requires_grad for p in cli.model.repa.parameters())
-    ckpt = torch.load(tmp_path / "on" / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(
+        tmp_path / "on" / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+    )
     assert any(k.startswith("repa.projector") for k in ckpt["state_dict"])
     assert not any(k.startswith("repa.encoder") for k in ckpt["state_dict"])
     cli_off, _ = fit(tmp_path / "off", demo_data, steps=1)
@@ -119,7 +129,9 @@ def test_repa_on_and_off(tmp_path: Path, demo_data: dict) -> None:
     assert "train/repa_loss" not in cli_off.trainer.callback_metrics
 
 
-def test_misspelled_key_fails_before_any_work(tmp_path: Path, demo_data: dict, capsys: pytest.CaptureFixture) -> None:
+def test_misspelled_key_fails_before_any_work(
+    tmp_path: Path, demo_data: dict, capsys: pytest.CaptureFixture
+) -> None:
     with pytest.raises(SystemExit):
         DiPCLI(args=cli_args(tmp_path, demo_data, "--model.net.init_args.hiden_size=64"), run=False)
     err = capsys.readouterr().err
@@ -170,7 +182,12 @@ def test_ddp_two_processes_identical_weights(tmp_path: Path, demo_data: dict) ->
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO / 'tests'}:{REPO}"}
     proc = subprocess.run(
-        [sys.executable, "-m", "dip_lightning", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "dip_lightning", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     rank0 = torch.load(tmp_path / "weights" / "rank0.pt")

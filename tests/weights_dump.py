@@ -16,11 +16,15 @@ class DumpWeights(pl.Callback):
         self.out_dir = Path(out_dir)
         self.labels: list[list[int]] = []
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx
+    ) -> None:  # noqa: ANN001
         self.labels.append(batch[1].tolist())
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         rank = trainer.global_rank
-        torch.save({k: v.detach().cpu() for k, v in pl_module.state_dict().items()}, self.out_dir / f"rank{rank}.pt")
+        torch.save(
+            {k: v.detach().cpu() for k, v in pl_module.state_dict().items()}, self.out_dir / f"rank{rank}.pt"
+        )
         (self.out_dir / f"rank{rank}.json").write_text(json.dumps(self.labels))

@@ -112,7 +112,9 @@ class EMA(EMAWeightAveraging):
         # replace trained weights by the initial ones. ModelCheckpoint.on_train_end (always last) may still write
         # last.ckpt afterwards: keep the raw weights for it.
         if self.averaged_module is not None:
-            self._raw_state_at_end = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
+            self._raw_state_at_end = {
+                k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()
+            }
             super().on_train_end(trainer, pl_module)
 
 
@@ -137,4 +139,3 @@ def sampling_module(trainer: pl.Trainer | None, pl_module: pl.LightningModule, u
         if ema is not None and ema.averaged_module is not None:
             return ema.averaged_module
     return pl_module
-

@@ -25,7 +25,9 @@ def make_grid(images: torch.Tensor, cols: int, padding: int = 2, pad_value: int 
     """Tile uint8 images (N, C, H, W) into one (C, rows*(H+p)+p, cols*(W+p)+p) image, row-major."""
     n, c, h, w = images.shape
     rows = -(-n // cols)
-    grid = torch.full((c, rows * (h + padding) + padding, cols * (w + padding) + padding), pad_value, dtype=images.dtype)
+    grid = torch.full(
+        (c, rows * (h + padding) + padding, cols * (w + padding) + padding), pad_value, dtype=images.dtype
+    )
     for i in range(n):
         r, col = divmod(i, cols)
         top, left = padding + r * (h + padding), padding + col * (w + padding)
@@ -86,7 +88,9 @@ class SampleGrid(pl.Callback):
         return [int(r * num_classes / self.rows) for r in range(self.rows)]
 
     @torch.no_grad()
-    def generate_grid(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[torch.Tensor, list[int]]:
+    def generate_grid(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> tuple[torch.Tensor, list[int]]:
         """The grid as uint8 (C, H, W) and the class of each row."""
         module = sampling_module(trainer, pl_module, self.use_ema)
         classes = self.row_classes(module.num_classes)
@@ -113,7 +117,13 @@ class SampleGrid(pl.Callback):
         if self.upscale > 1:
             array = np.repeat(np.repeat(array, self.upscale, axis=0), self.upscale, axis=1)
         Image.fromarray(array).save(path)
-        meta = {"step": step, "row_classes": classes, "cols": self.cols, "seed": self.seed, "use_ema": self.use_ema}
+        meta = {
+            "step": step,
+            "row_classes": classes,
+            "cols": self.cols,
+            "seed": self.seed,
+            "use_ema": self.use_ema,
+        }
         path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
