@@ -62,14 +62,15 @@ def main() -> None:
         s = model_summary(net)
         rows.append(
             f"| {name} | {s['params_total'] / 1e6:.2f} | {s['params_backbone'] / 1e6:.2f} "
-            f"| {s['params_head'] / 1e6:.3f} | {s['gmacs_total']:.2f} | {s['gmacs_backbone']:.2f} | {s['gmacs_head']:.2f} |"
+            f"| {s['params_head'] / 1e6:.3f} | {s['gmacs_total']:.2f} | {s['gmacs_backbone']:.2f} "
+            f"| {s['gmacs_head']:.2f} |"
         )
         print(rows[-1], flush=True)
     header = (
         f"# Parameters and forward GMACs of every experiments/ config\n\n"
         f"`python bench/configs.py`, {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, counted on the meta "
-        f"device with torch's FlopCounterMode (MACs = FLOPs / 2) at each config's resolution, batch 1. Ablations are overlays "
-        f"on dip_xl16.yaml. 'head' is every head module (intermediate ones included); the REPA projector is not part "
+        f"device with torch's FlopCounterMode (MACs = FLOPs / 2) at each config's resolution, batch 1. "
+        f"Ablations are overlays on dip_xl16.yaml. 'head' is every head module (intermediate ones included); the REPA projector is not part "
         f"of the sampling model and not counted.\n\n"
         f"| config | params (M) | backbone (M) | head (M) | GMACs | backbone GMACs | head GMACs |\n"
         f"| --- | --- | --- | --- | --- | --- | --- |\n"
