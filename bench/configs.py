@@ -70,8 +70,8 @@ def main() -> None:
         f"# Parameters and forward GMACs of every experiments/ config\n\n"
         f"`python bench/configs.py`, {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, counted on the meta "
         f"device with torch's FlopCounterMode (MACs = FLOPs / 2) at each config's resolution, batch 1. "
-        f"Ablations are overlays on dip_xl16.yaml. 'head' is every head module (intermediate ones included); the REPA projector is not part "
-        f"of the sampling model and not counted.\n\n"
+        f"Ablations are overlays on dip_xl16.yaml. 'head' is every head module (intermediate ones included); "
+        f"the REPA projector is not part of the sampling model and not counted.\n\n"
         f"| config | params (M) | backbone (M) | head (M) | GMACs | backbone GMACs | head GMACs |\n"
         f"| --- | --- | --- | --- | --- | --- | --- |\n"
     )
