@@ -115,7 +115,8 @@ def load_module(
 
     Without ``configs`` the network is rebuilt from the hyperparameters LightningCLI stored in the checkpoint; with
     ``configs`` (YAML files as for ``fit``) it is built from them, for checkpoints that carry no config (converted
-    ones).
+    ones). REPA is never built: sampling does not use it, and its frozen encoder's weights file need not exist on
+    the sampling machine. The YAML's trainer settings (GPUs, callbacks, logger) are replaced by a bare CPU trainer.
     """
     from dip_lightning.module import DiPModule
 
@@ -131,9 +132,21 @@ def load_module(
         args: list[str] = []
         for cfg in configs:
             args += ["--config", cfg]
+        args += [
+            "--model.repa=null",
+            "--model.compile=false",
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=1",
+            "--trainer.num_nodes=1",
+            "--trainer.strategy=auto",
+            "--trainer.callbacks=null",
+            "--trainer.logger=false",
+        ]
         module = DiPCLI(args=args, run=False).model
     elif checkpoint.get("hyper_parameters"):
-        module = DiPModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=False)
+        module = DiPModule.load_from_checkpoint(
+            ckpt_path, map_location="cpu", weights_only=False, strict=False, repa=None, compile=False
+        )
     else:
         raise ValueError(
             f"{ckpt_path} holds no model config (hyper_parameters): pass --config with the experiment YAML."
@@ -143,10 +156,9 @@ def load_module(
         raise KeyError(
             f"{ckpt_path} has no '{key}' (raw weights exist only in checkpoints written with EMA)."
         )
-    state = {k: v for k, v in checkpoint[key].items()}
+    # REPA (projector) weights are training-only; everything else must match exactly.
+    state = {k: v for k, v in checkpoint[key].items() if not k.startswith("repa.")}
     missing, unexpected = module.load_state_dict(state, strict=False)
-    # The frozen REPA encoder is not saved with the model; anything else missing is an error.
-    missing = [k for k in missing if not k.startswith("repa.encoder")]
     if missing or unexpected:
         raise RuntimeError(
             f"checkpoint {ckpt_path} does not match the model: missing {missing[:10]}, unexpected {unexpected[:10]}"

@@ -336,3 +336,37 @@ def test_fid_command_on_an_export(
     out = capsys.readouterr().out
     assert np.isfinite(float(out.split("FID:")[1].split()[0]))
     assert "extractor: fid-helper" in out and "IS:" in out
+
+
+def test_checkpoint_trained_with_repa_samples_without_building_repa(tmp_path: Path, demo_data: dict) -> None:
+    """Sampling never builds REPA (its encoder's weights file may not exist where samples are drawn)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_training import TINY_CONFIG, fit
+
+    from dip_lightning.sample import load_module
+
+    repa = (
+        '--model.repa={"encoder": {"class_path": "dip_lightning.encoders.TinyViTEncoder", '
+        '"init_args": {"dit_patch_size": 8, "grid_size": 4}}, "block": 1, "projector_dim": 32}'
+    )
+    cli, _ = fit(tmp_path, demo_data, repa, steps=2)
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert any(k.startswith("repa.projector") for k in torch.load(ckpt, weights_only=False)["state_dict"])
+    from_hparams = load_module(ckpt)
+    assert from_hparams.repa is None
+    overlay = tmp_path / "small.yaml"
+    overlay.write_text(
+        "model:\n  net:\n    init_args:\n      hidden_size: 64\n      depth: 2\n      num_heads: 2\n"
+        "      head:\n        init_args:\n          base_channels: 8\n"
+    )
+    from_yaml = load_module(ckpt, configs=[TINY_CONFIG, str(overlay)])
+    assert from_yaml.repa is None
+    labels, seeds = torch.tensor([0, 3]), torch.tensor([5, 6])
+    assert torch.equal(
+        from_hparams.generate(labels, seeds, num_steps=2), from_yaml.generate(labels, seeds, num_steps=2)
+    )
+    assert torch.equal(
+        cli.model.net.state_dict()["x_embedder.proj.weight"], cli.model.net.x_embedder.proj.weight
+    )
