@@ -626,6 +626,10 @@ class SlurmCluster:
         while True:
             state = self.job_state(job_id)
             if state == "PENDING":
+                # slurmd revokes the old run's credential at the requeue and compares credential times in whole
+                # seconds: a restart within the same second was refused ("Job credential revoked", job FAILED;
+                # seen once in CI). Let the clock pass the revocation second first.
+                time.sleep(2.0)
                 result = self._run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=False)
                 if result.returncode == 0 or self.job_state(job_id) != "PENDING":
                     return
