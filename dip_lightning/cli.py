@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jsonargparse import set_parsing_settings
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import ModelCheckpoint, Timer
@@ -44,11 +43,9 @@ from dip_lightning.checkpointing import (
     peek_checkpoint,
     resolve_resume,
 )
-from dip_lightning.diffusion import ODESampler
-from dip_lightning.module import DiPModule
 
-# Samplers are dataclasses; let YAML pick any subclass (`class_path: dip_lightning.diffusion.HeunSampler`).
-set_parsing_settings(subclasses_enabled=[ODESampler])
+# Importing the module also enables sampler subclasses in YAML (see dip_lightning.module).
+from dip_lightning.module import DiPModule
 
 DEFAULT_RUN_DIR = "runs/default"
 
