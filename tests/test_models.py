@@ -162,12 +162,15 @@ def test_patch_detailer_layer_shapes_follow_paper_table():
 
 
 def test_channels_last_is_numerically_the_same():
+    # unet() runs either layout; forward() uses the head's `channels_last` setting (True by default).
     torch.manual_seed(0)
     head = SMALL_PDH(64, 16, 3)
-    patches, tokens, cond = torch.randn(4, 3, 16, 16), torch.randn(4, 64), torch.randn(1, 64)
-    ref = head(patches, tokens, cond)
-    head.channels_last = False
-    torch.testing.assert_close(head(patches, tokens, cond), ref, rtol=1e-5, atol=1e-5)
+    patches, tokens = torch.randn(4, 3, 16, 16), torch.randn(4, 64)
+    ref = head.unet(patches, tokens, channels_last=False)
+    out = head.unet(patches, tokens, channels_last=True)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(head(patches, tokens, None), out, rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dip_lightning.models.backbone import RMSNorm, modulate
+from dip_lightning.models.dense_conv import conv3x3_taps, dense_conv3x3
 
 TokenInput = Literal["silu_temb", "raw"]
 
@@ -82,9 +83,14 @@ class PatchDetailerHead(PatchHead):
     base_channels: width of the first stage; stage i has min(base_channels * 2**i, max_channels) channels.
     max_channels: cap on the doubling (512 by default, the paper's deepest width), so that deeper heads
         (paper Fig 10a) do not grow quadratically in parameters; it does not bind at the defaults.
-    channels_last: run the convolutions in NHWC on GPU, which roughly halves the head's cost there (see
-        performance-anchors.md); numerically the same. Ignored on CPU, where NCHW measured faster (tiny
-        config, one core: 2.5 s vs 3.4 s per training step).
+    channels_last: run the convolutions in NHWC (numerically the same function). On an H200 this roughly
+        halves the head's cost (performance-anchors.md); on the 2-core CPU it measured 21% faster for the
+        XL head (forward + backward, 512 patches) and 17% for the tiny config's head (bench/results/cpu.md).
+    dense_conv_side: 3x3 convolutions on maps of side <= this many pixels run as one dense matrix multiply
+        (:mod:`dip_lightning.models.dense_conv`): the same function and parameters, computed without the
+        multiplications by zero padding. 0 (default, the released computation) turns it off; 2 does the 2x2
+        stages of a 16x16 patch with 16/36 of their convolution MACs; 4 also the 4x4 stages (16/9 of theirs,
+        but as large GEMMs). A speed option only: checkpoints are interchangeable between settings.
     """
 
     def __init__(
@@ -96,9 +102,12 @@ class PatchDetailerHead(PatchHead):
         base_channels: int = 64,
         max_channels: int = 512,
         channels_last: bool = True,
+        dense_conv_side: int = 0,
         token_input: TokenInput = "silu_temb",
     ) -> None:
         super().__init__(hidden_size, patch_size, in_channels, token_input)
+        if dense_conv_side < 0:
+            raise ValueError(f"dense_conv_side must be >= 0, got {dense_conv_side}")
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
         if patch_size % (2**depth):
@@ -121,21 +130,41 @@ class PatchDetailerHead(PatchHead):
         self.up = nn.ModuleList(nn.ConvTranspose2d(w, w, kernel_size=2, stride=2) for w in widths)
         self.dec = nn.ModuleList(_conv3x3_silu(2 * w, a) for w, a in zip(widths, above))
         self.out = nn.Conv2d(widths[0], in_channels, kernel_size=1)
+        # One-hot tap tables of the stages run densely; not persistent, so checkpoints do not depend on them.
+        self.dense_conv_side = dense_conv_side
+        self.dense_sides = [patch_size >> i for i in range(depth) if (patch_size >> i) <= dense_conv_side]
+        for side in self.dense_sides:
+            self.register_buffer(f"taps_{side}", conv3x3_taps(side), persistent=False)
 
     def forward(self, patches: Tensor, tokens: Tensor, cond: Tensor) -> Tensor:
+        return self.unet(patches, tokens, channels_last=self.channels_last)
+
+    def unet(self, patches: Tensor, tokens: Tensor, channels_last: bool = False) -> Tensor:
+        """The U-Net itself, in the memory layout ``channels_last`` picks."""
         x = patches
-        if self.channels_last and x.is_cuda:
+        if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         skips = []
         for enc in self.enc:
-            x = enc(x)
+            x = self._conv3x3_silu(enc, x)
             skips.append(x)
             x = self.pool(x)
         s = tokens.to(x.dtype)[:, :, None, None].expand(-1, -1, x.shape[-2], x.shape[-1])
         x = self.bottleneck(torch.cat([x, s], dim=1))
         for up, dec, skip in zip(self.up[::-1], self.dec[::-1], skips[::-1]):
-            x = dec(torch.cat([up(x), skip], dim=1))
+            x = up(x)
+            if channels_last:
+                # A (N, C, 1, 1) bottleneck is both NCHW- and NHWC-contiguous, and convolutions then pick NCHW:
+                # without this the whole up path (3/4 of the head's MACs) silently ran NCHW.
+                x = x.contiguous(memory_format=torch.channels_last)
+            x = self._conv3x3_silu(dec, torch.cat([x, skip], dim=1))
         return self.out(x)
+
+    def _conv3x3_silu(self, block: nn.Sequential, x: Tensor) -> Tensor:
+        side = x.shape[-1]
+        if side in self.dense_sides:
+            return F.silu(dense_conv3x3(x, block[0], getattr(self, f"taps_{side}")))
+        return block(x)
 
 
 class LinearHead(PatchHead):
