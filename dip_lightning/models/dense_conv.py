@@ -52,7 +52,12 @@ def dense_conv3x3(x: Tensor, conv: nn.Conv2d, taps: Tensor) -> Tensor:
     """
     n, c_in, h, w = x.shape
     side = int(round(taps.shape[0] ** 0.5))
-    if (h, w) != (side, side) or conv.kernel_size != (3, 3) or conv.padding != (1, 1) or conv.stride != (1, 1):
+    if (
+        (h, w) != (side, side)
+        or conv.kernel_size != (3, 3)
+        or conv.padding != (1, 1)
+        or conv.stride != (1, 1)
+    ):
         raise ValueError(
             f"dense_conv3x3 needs a 3x3/stride 1/padding 1 conv on a {side}x{side} map, got "
             f"kernel {conv.kernel_size}, padding {conv.padding}, stride {conv.stride} on {h}x{w}"
