@@ -16,7 +16,9 @@ A thin :class:`LightningCLI` subclass. What it adds, and why:
 * SLURM auto-requeue only when SLURM is detected (never on a laptop), with a configurable signal;
 * ``trainer.max_time`` counts per job (:class:`~dip_lightning.callbacks.preemption.PerJobTimer`), so a
   requeued job does not stop at once;
-* a fixed default seed, so a requeued job does not draw a new one.
+* a fixed default seed, so a requeued job does not draw a new one;
+* a rich progress bar that does not synchronise with the GPU every step
+  (:class:`~dip_lightning.callbacks.progress.RichProgress`).
 """
 
 from __future__ import annotations
@@ -29,13 +31,14 @@ from typing import Any
 import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.callbacks import ModelCheckpoint, Timer
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, Timer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info
 
 from dip_lightning.callbacks.preemption import PerJobTimer, PreemptionGuard
+from dip_lightning.callbacks.progress import RichProgress
 from dip_lightning.checkpointing import (
     AtomicCheckpointIO,
     check_compatible,
@@ -146,7 +149,12 @@ class DiPCLI(LightningCLI):
         if max_time is not None and not any(isinstance(c, Timer) for c in callbacks):
             # Lightning's own Timer would add the time of earlier jobs back on resume (see PerJobTimer).
             kwargs["max_time"] = None
-            kwargs["callbacks"] = [*callbacks, PerJobTimer(duration=max_time, interval="step")]
+            callbacks.append(PerJobTimer(duration=max_time, interval="step"))
+        enable_bar = kwargs.get("enable_progress_bar", trainer_init.get("enable_progress_bar"))
+        if enable_bar is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            # Rich bars by default (a YAML `trainer.callbacks` entry of any ProgressBar replaces it).
+            callbacks.append(RichProgress())
+        kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
     # ------------------------------------------------------------------ resume

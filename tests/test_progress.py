@@ -1,0 +1,87 @@
+"""The default progress bar: rich, and without a host-device sync (a metrics read) on every training step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
+
+from dip_lightning.callbacks import RichProgress
+from dip_lightning.cli import DiPCLI
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class LinearRegression(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):  # noqa: ANN001
+        x = batch[0]
+        loss = self.layer(x).pow(2).mean()
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):  # noqa: ANN201
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def train_dataloader(self):  # noqa: ANN201
+        data = torch.utils.data.TensorDataset(torch.randn(64, 4))
+        return torch.utils.data.DataLoader(data, batch_size=2)
+
+
+def metric_reads(bar: ProgressBar, monkeypatch: pytest.MonkeyPatch, steps: int = 20) -> tuple[int, dict]:
+    """Train `steps` steps with `bar`; count reads of the logged metrics (each one a sync on GPU)."""
+    reads = []
+    original = ProgressBar.get_metrics
+
+    def counting(self, trainer, pl_module):  # noqa: ANN001, ANN202
+        reads.append(trainer.global_step)
+        return original(self, trainer, pl_module)
+
+    monkeypatch.setattr(ProgressBar, "get_metrics", counting)
+    trainer = pl.Trainer(
+        max_steps=steps,
+        callbacks=[bar],
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    trainer.fit(LinearRegression())
+    return len(reads), bar.get_metrics(trainer, trainer.lightning_module)
+
+
+def test_rich_progress_reads_metrics_every_n_steps(monkeypatch):
+    stock, _ = metric_reads(RichProgressBar(), monkeypatch)
+    ours, shown = metric_reads(RichProgress(metrics_every_n_steps=5), monkeypatch)
+    assert stock >= 20  # Lightning's bar: one read (one sync) per step
+    assert ours <= 6  # steps 1, 6, 11, 16 and the epoch end
+    assert "train/loss" in shown and "v_num" not in shown
+
+
+def test_rich_progress_validates_its_argument():
+    with pytest.raises(ValueError, match="metrics_every_n_steps"):
+        RichProgress(metrics_every_n_steps=0)
+
+
+def _trainer(tmp_path: Path, *extra: str) -> pl.Trainer:
+    args = [
+        "--config",
+        str(REPO / "experiments" / "tiny_cpu.yaml"),
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.callbacks=null",
+        *extra,
+    ]
+    return DiPCLI(args=args, run=False).trainer
+
+
+def test_cli_uses_rich_progress_by_default_and_respects_choices(tmp_path):
+    assert isinstance(_trainer(tmp_path).progress_bar_callback, RichProgress)
+    assert _trainer(tmp_path, "--trainer.enable_progress_bar=false").progress_bar_callback is None
+    tqdm = ["--trainer.callbacks+=lightning.pytorch.callbacks.TQDMProgressBar"]
+    assert isinstance(_trainer(tmp_path, *tqdm).progress_bar_callback, TQDMProgressBar)
