@@ -258,6 +258,8 @@ def export_samples(
         "num_classes": num_classes,
         "sampler": repr(make_sampler(**sampler_overrides)) if make_sampler else repr(sampler_overrides),
         "sample_dtype": str(getattr(module, "sample_dtype", "")),
+        # Compiled kernels round differently from eager ones: one export uses one of them throughout.
+        "compile": str(getattr(module, "compiled_mode", None)),
         "weights_sha256": weights_fingerprint(module),
     }
     _check_job(parts, job)
@@ -324,6 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw_weights", action="store_true", help="use the raw (non-EMA) weights")
     p.add_argument("--device", default=None, help="default: cuda:<local rank> when available, else cpu")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        default=None,
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        help="torch.compile the network (static shapes; 'reduce-overhead' adds CUDA graphs); a GPU option",
+    )
     return p
 
 
@@ -332,6 +342,8 @@ def main(argv: list[str]) -> int:
     rank, world_size, local_rank = _dist_info()
     device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     module = load_module(args.ckpt_path, args.config, raw_weights=args.raw_weights)
+    if args.compile:
+        module.compile_network(args.compile, dynamic=False)
     overrides: dict[str, Any] = {"num_steps": args.num_steps, "cfg_scale": args.cfg_scale}
     if args.cfg_interval is not None:
         overrides["cfg_interval"] = tuple(args.cfg_interval)

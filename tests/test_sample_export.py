@@ -370,3 +370,28 @@ def test_checkpoint_trained_with_repa_samples_without_building_repa(tmp_path: Pa
     assert torch.equal(
         cli.model.net.state_dict()["x_embedder.proj.weight"], cli.model.net.x_embedder.proj.weight
     )
+
+
+def test_compiled_sampling_gives_the_eager_images(ckpt: Path, tmp_path: Path) -> None:
+    # `sample --compile`: inductor kernels (on CPU here, ~1 minute of compiling) for both the unguided (B) and
+    # the CFG (2B) batch shapes; the images must be the eager ones up to float rounding.
+    flags = ["--num_samples", "4", "--chunk_size", "4", "--batch_size", "4", "--cfg_scale", "3"]
+    flags += ["--cfg_interval", "0.2", "0.9"]
+    eager_out, compiled_out = tmp_path / "eager.npz", tmp_path / "compiled.npz"
+    assert dip_main(["sample", "--ckpt_path", str(ckpt), "--out", str(eager_out), *flags]) == 0
+    assert (
+        dip_main(["sample", "--ckpt_path", str(ckpt), "--out", str(compiled_out), *flags, "--compile"]) == 0
+    )
+    eager, compiled = load_npz(eager_out)["arr_0"], load_npz(compiled_out)["arr_0"]
+    diff = np.abs(eager.astype(np.int16) - compiled.astype(np.int16))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+    job = json.loads((compiled_out.with_name(compiled_out.name + ".parts") / "job.json").read_text())
+    assert job["compile"] == "default"
+    # An export started eager is not finished compiled (or the other way round).
+    partial = tmp_path / "mixed.npz"
+    module = load_module(ckpt)
+    settings = {"num_samples": 8, "chunk_size": 4, "batch_size": 4}
+    assert export_samples(module, partial, **settings, max_chunks=1) is None
+    same = ["--num_samples", "8", "--chunk_size", "4", "--batch_size", "4"]
+    with pytest.raises(RuntimeError, match="another export.*compile"):
+        dip_main(["sample", "--ckpt_path", str(ckpt), "--out", str(partial), *same, "--compile"])

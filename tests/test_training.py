@@ -139,6 +139,20 @@ def test_misspelled_key_fails_before_any_work(
     assert not (tmp_path / "run").exists()
 
 
+def test_compile_mode_is_checked_and_passed_to_torch_compile(
+    tmp_path: Path, demo_data: dict, capsys: pytest.CaptureFixture
+) -> None:
+    with pytest.raises(SystemExit):
+        DiPCLI(args=cli_args(tmp_path, demo_data, "--model.compile_mode=fastest"), run=False)
+    assert "compile_mode" in capsys.readouterr().err
+    args = cli_args(tmp_path, demo_data, "--model.compile=true", "--model.compile_mode=max-autotune")
+    module = DiPCLI(args=args, run=False).model
+    module.setup("fit")  # what Trainer.fit calls: compiles in place, lazily (nothing runs here)
+    assert module.compiled_mode == "max-autotune"
+    assert module.net._compiled_call_impl is not None
+    assert not any("_orig_mod" in k for k in module.state_dict())
+
+
 def test_print_config(tmp_path: Path, demo_data: dict, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:
         DiPCLI(args=[*cli_args(tmp_path, demo_data), "--print_config"], run=False)
