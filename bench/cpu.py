@@ -1,6 +1,7 @@
-"""CPU benchmark: the tiny config's training step time and memory, and the demo's wall time.
+"""CPU benchmark: the tiny config's training step time and memory, the head's layouts and dense stages, and the
+demo's wall time.
 
-    python bench/cpu.py                 # step time + peak RSS of experiments/tiny_cpu.yaml (~1 minute)
+    python bench/cpu.py                 # step times of experiments/tiny_cpu.yaml + head variants (~3 minutes)
     python bench/cpu.py --demo          # also times `python -m dip_lightning.demo` end to end (a few minutes)
 
 Writes bench/results/cpu.md. Timings depend on what else runs on the machine: the load average is recorded.
@@ -22,7 +23,57 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def step_times(threads: int, steps: int) -> dict:
+HEAD_OVERRIDES = {
+    "config (NHWC, dense_conv_side 4)": [],
+    "NHWC, dense_conv_side 0": ["--model.net.init_args.head.init_args.dense_conv_side=0"],
+    "NCHW, dense_conv_side 0 (the computation before 2026-11-26)": [
+        "--model.net.init_args.head.init_args.dense_conv_side=0",
+        "--model.net.init_args.head.init_args.channels_last=false",
+    ],
+}
+
+
+def head_variants(threads: int, reps: int = 6) -> list[dict]:
+    """Forward + backward of the Patch Detailer Head alone, fp32, per layout and dense_conv_side."""
+    import torch
+
+    from dip_lightning.models import PatchDetailerHead
+
+    torch.set_num_threads(threads)
+    shapes = {
+        "XL head (D 1152, P 16, 6.97M), 512 patches": dict(hidden_size=1152, patch_size=16),
+        "tiny_cpu head (D 192, P 8, depth 3, base 16), 512 patches": dict(
+            hidden_size=192, patch_size=8, depth=3, base_channels=16
+        ),
+    }
+    rows = []
+    for label, kw in shapes.items():
+        torch.manual_seed(0)
+        x = torch.randn(512, 3, kw["patch_size"], kw["patch_size"])
+        tokens = torch.randn(512, kw["hidden_size"])
+        for channels_last in (False, True):
+            for side in (0, 2, 4):
+                head = PatchDetailerHead(
+                    in_channels=3, channels_last=channels_last, dense_conv_side=side, **kw
+                )
+                times = []
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    head(x, tokens, None).square().mean().backward()
+                    times.append(time.perf_counter() - t0)
+                rows.append(
+                    {
+                        "head": label,
+                        "layout": "NHWC" if channels_last else "NCHW",
+                        "dense_conv_side": side,
+                        "median_ms": 1e3 * statistics.median(times[1:]),
+                    }
+                )
+                print(rows[-1], flush=True)
+    return rows
+
+
+def step_times(threads: int, steps: int, *overrides: str) -> dict:
     import torch
     from lightning.pytorch.callbacks import Callback
 
@@ -51,6 +102,7 @@ def step_times(threads: int, steps: int) -> dict:
                 "--trainer.enable_progress_bar=false",
                 f"--data.init_args.train_shards={data['train_shards']}",
                 f"--data.init_args.val_shards={data['val_shards']}",
+                *overrides,
             ],
             run=False,
         )  # fmt: skip
@@ -89,8 +141,14 @@ def main() -> None:
     p.add_argument("--demo", action="store_true")
     args = p.parse_args()
     load_before = os.getloadavg()[0]
-    train = step_times(args.threads, args.steps)
-    print(train, flush=True)
+    # Two interleaved rounds: the machine's speed drifts by ~10% over minutes, which would otherwise land on
+    # whichever variant ran during a slow spell.
+    rounds: dict[str, list[dict]] = {label: [] for label in HEAD_OVERRIDES}
+    for _ in range(2):
+        for label, overrides in HEAD_OVERRIDES.items():
+            rounds[label].append(step_times(args.threads, args.steps, *overrides))
+            print(label, rounds[label][-1], flush=True)
+    heads = head_variants(args.threads)
     demo = demo_wall(args.threads) if args.demo else None
     load_after = os.getloadavg()[0]
     lines = [
@@ -102,10 +160,20 @@ def main() -> None:
         "",
         "## experiments/tiny_cpu.yaml training step (callbacks off)",
         "",
-        "| threads | batch | median s/step | p90 s/step | peak RSS (GiB) |",
-        "| --- | --- | --- | --- | --- |",
-        f"| {train['threads']} | {train['batch']} | {train['median_step_s']:.3f} | {train['p90_step_s']:.3f} "
-        f"| {train['peak_rss_gib']:.2f} |",
+        "| head computation | threads | batch | median s/step, round 1 / round 2 | p90 s/step | peak RSS (GiB) |",
+        "| --- | --- | --- | --- | --- | --- |",
+        *(
+            f"| {label} | {r[0]['threads']} | {r[0]['batch']} | {r[0]['median_step_s']:.3f} / "
+            f"{r[1]['median_step_s']:.3f} | {max(t['p90_step_s'] for t in r):.3f} "
+            f"| {max(t['peak_rss_gib'] for t in r):.2f} |"
+            for label, r in rounds.items()
+        ),
+        "",
+        "## Patch Detailer Head alone, forward + backward, fp32 (same function in every row)",
+        "",
+        "| head | layout | dense_conv_side | median ms |",
+        "| --- | --- | --- | --- |",
+        *(f"| {r['head']} | {r['layout']} | {r['dense_conv_side']} | {r['median_ms']:.0f} |" for r in heads),
     ]
     if demo is not None:
         lines += ["", "## `python -m dip_lightning.demo` end to end", "", f"wall time {demo['wall_s']:.0f} s "

@@ -1,25 +1,35 @@
-"""GPU benchmark of the project's own model code: DiP-XL/16 vs the DiT-only baseline, in one run.
+"""GPU benchmark of the project's own model code: DiP-XL/16 variants against the DiT-only baseline, in one run.
 
-    python bench/gpu.py --out results.json              # on a CUDA machine (fits a ~7-minute run)
-    python bench/gpu.py --smoke                          # tiny models on CPU: checks the script itself
+    python bench/gpu.py --out gpu.json        # on a CUDA machine; sections in priority order, 480 s budget
+    python bench/gpu.py --sections head,train_compiled --models DiT-XL/16,DiP-XL/16+dense2 --out gpu.json
+    python bench/gpu.py --smoke                             # tiny models on CPU: checks the script itself
 
-Measures, in priority order and under a wall-clock budget (later sections are skipped, never half-run):
-  1. bf16 matmul peak (8192^3, random data) -> the MFU denominator measured in the same run;
-  2. training img/s, MFU and peak memory: DiP-XL/16 and DiT-XL/16 (LinearHead), eager, bf16 autocast, fused AdamW;
-  3. sampling: 100 Euler steps with CFG 2.9 on (0.11, 0.97) at batch 256, from timed guided (2B forward) and
-     unguided (B forward) steps: total = 85 guided + 15 unguided (the grid's composition, see EulerSampler);
-  4. single-image latency, 100 steps with CFG (batch 1, doubled inside the interval), eager;
-  5. the same training step with `torch.compile` (model compiled in place);
-  6. single-image latency with CUDA graphs (`torch.compile(mode="reduce-overhead")`).
-MFU = 3 x forward FLOPs x img/s / measured peak (forward FLOPs from torch's flop counter, batch 1).
+Sections (run in the order given, each skipped whole when the wall-clock budget cannot cover its estimate):
+  peak            bf16 matmul peak (8192^3, random data): the MFU denominator, measured in the same run.
+  head            the Patch Detailer Head alone on 128 x 256 patches, forward + backward, bf16 autocast: NCHW vs
+                  channels_last, dense_conv_side 0/2/4, eager and torch.compile; ms and TFLOP/s (nominal FLOPs).
+  train_eager     training img/s, MFU and peak memory per model, batch 128, bf16 autocast, fused AdamW.
+  train_compiled  the same with the model compiled in place (`torch.compile`, default mode).
+  sample_eager    sampling ms/img at batch 256: 100 Euler steps with CFG 2.9 on (0.11, 0.97), from timed guided
+                  (2B forward) and unguided (B forward) steps: 85 guided + 15 unguided, the grid's composition.
+  sample_compiled the same with the model compiled (static shapes, as `sample --compile`).
+  latency_eager   one image, 100 steps with CFG (batch 1, doubled inside the interval).
+  latency_graphs  the same with `torch.compile(mode="reduce-overhead")` (CUDA graphs), as `sample --compile
+                  reduce-overhead`.
+Models: DiT-XL/16 (same backbone, LinearHead), DiP-XL/16 (the released computation), DiP-XL/16+denseN (the head's
+3x3 convs on maps of side <= N as dense matmuls, `PatchDetailerHead(dense_conv_side=N)`, the same function).
+MFU = 3 x nominal forward FLOPs x img/s / measured peak; nominal = torch's flop counter on the plain (convolution)
+model, batch 1, so a dense variant gets credit for its speed, not for skipping padding work.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,16 +37,29 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dip_lightning.diffusion import EulerSampler, FlowMatching  # noqa: E402
-from dip_lightning.models import create_model, model_summary  # noqa: E402
+from dip_lightning.models import PatchDetailerHead, create_model, model_summary  # noqa: E402
 
 START = time.time()
+DEFAULT_SECTIONS = "peak,head,train_compiled,sample_compiled,latency_graphs,train_eager,sample_eager"
+DEFAULT_MODELS = "DiT-XL/16,DiP-XL/16,DiP-XL/16+dense2"
+# Rough seconds per model (XL, H200), so that a section is skipped whole rather than cut off midway.
+COST = {
+    "peak": 5,
+    "head": 90,
+    "train_eager": 15,
+    "train_compiled": 110,
+    "sample_eager": 10,
+    "sample_compiled": 90,
+    "latency_eager": 10,
+    "latency_graphs": 80,
+}
 
 
 def left(budget: float) -> float:
     return budget - (time.time() - START)
 
 
-def timed(fn, reps: int, device: torch.device) -> float:  # noqa: ANN001
+def timed(fn: Callable[[], object], reps: int, device: torch.device) -> float:
     """Median seconds per call, CUDA events on GPU."""
     times = []
     for _ in range(reps):
@@ -55,195 +78,315 @@ def timed(fn, reps: int, device: torch.device) -> float:  # noqa: ANN001
     return times[len(times) // 2]
 
 
-def matmul_peak(device: torch.device, n: int) -> float:
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    sec = timed(lambda: a @ b, 10, device)
-    return 2 * n**3 / sec
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.smoke = args.smoke
+        self.device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+        self.cuda = self.device.type == "cuda"
+        self.dtype = torch.bfloat16
+        self.batch = 4 if self.smoke else args.batch
+        self.sample_batch = 4 if self.smoke else args.sample_batch
+        self.steps = 3 if self.smoke else 10
+        self.nominal_gflops: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ helpers
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.cuda)
+
+    def compile(self, module: torch.nn.Module, mode: str | None = None) -> None:
+        # Smoke runs check the plumbing with the eager backend (inductor on CPU takes minutes).
+        if self.smoke:
+            module.compile(backend="eager", dynamic=False)
+        else:
+            module.compile(mode=mode, dynamic=False)
+
+    def build(self, name: str) -> torch.nn.Module:
+        base, _, variant = name.partition("+")
+        kw: dict = {}
+        if self.smoke:
+            kw = dict(input_size=32, hidden_size=64, depth=2, num_heads=2, num_classes=10)
+        if variant:
+            if not variant.startswith("dense"):
+                raise ValueError(f"unknown variant {variant!r} (known: denseN)")
+            kw["head"] = functools.partial(PatchDetailerHead, dense_conv_side=int(variant[5:]))
+        model = create_model(base, **kw)
+        if base not in self.nominal_gflops:
+            self.nominal_gflops[base] = 2 * model_summary(model)["gmacs_total"]
+        return model.to(self.device)
+
+    def free(self) -> None:
+        # Compiled code is cached per code object and guarded on the module instance: without a reset, every
+        # model built later counts as a recompilation of the same forward (and hits dynamo's limit).
+        torch._dynamo.reset()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ sections
+    def peak(self) -> dict:
+        n = 512 if self.smoke else 8192
+        a = torch.randn(n, n, device=self.device, dtype=torch.bfloat16)
+        b = torch.randn(n, n, device=self.device, dtype=torch.bfloat16)
+        for _ in range(3):
+            a @ b
+        return {"tflops": 2 * n**3 / timed(lambda: a @ b, 10, self.device) / 1e12, "n": n}
+
+    def head(self) -> dict:
+        """The head alone, forward + backward (into its parameters and the tokens), as in training."""
+        hidden, patch = (64, 16) if self.smoke else (1152, 16)
+        patches_n = self.batch * (16 if self.smoke else 256)
+        width = {"base_channels": 8} if self.smoke else {}
+        ref = PatchDetailerHead(hidden, patch, 3, **width)
+        gflop_fwd = 2 * _conv_macs(hidden, patch, **width) * patches_n / 1e9  # nominal, convolution form
+        x = torch.randn(patches_n, 3, patch, patch, device=self.device)
+        tokens = torch.randn(patches_n, hidden, device=self.device, requires_grad=True)
+        out: dict = {"patches": patches_n, "gflop_fwd_nominal": gflop_fwd}
+        variants = [(cl, side, False) for cl in (False, True) for side in (0, 2, 4)]
+        variants += [(True, side, True) for side in (0, 2, 4)]
+        for channels_last, side, compiled in variants:
+            key = f"{'nhwc' if channels_last else 'nchw'}_dense{side}_{'compiled' if compiled else 'eager'}"
+            head = PatchDetailerHead(
+                hidden, patch, 3, channels_last=channels_last, dense_conv_side=side, **width
+            )
+            head.load_state_dict(ref.state_dict())
+            head = head.to(self.device)
+            if compiled:
+                self.compile(head)
+
+            def step(head: torch.nn.Module = head) -> None:
+                with self.autocast():
+                    y = head(x, tokens, None)
+                y.float().square().mean().backward()
+
+            try:
+                for _ in range(3):
+                    step()
+                sec = timed(step, self.steps, self.device)
+                out[key] = {"ms": 1e3 * sec, "tflops": 3 * gflop_fwd / sec / 1e3}
+            except Exception as err:  # noqa: BLE001 - one failed variant must not lose the others
+                out[key] = f"error: {type(err).__name__}: {err}"[:300]
+            print("head", key, out[key], flush=True)
+            del head
+            self.free()
+        if self.args.profile and self.cuda:
+            out["profile_nhwc_dense0_eager"] = self.profile_head(hidden, patch, x, tokens)
+        return out
+
+    def profile_head(self, hidden: int, patch: int, x: torch.Tensor, tokens: torch.Tensor) -> list:
+        head = PatchDetailerHead(hidden, patch, 3).to(self.device)
+        acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=acts) as prof:
+            for _ in range(3):
+                with self.autocast():
+                    y = head(x, tokens, None)
+                y.float().square().mean().backward()
+            torch.cuda.synchronize()
+        events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)
+        return [{"name": e.key[:120], "cuda_ms": e.device_time_total / 1e3 / 3} for e in events[:20]]
+
+    def train(self, name: str, compiled: bool) -> dict:
+        model = self.build(name).train()
+        if compiled:
+            self.compile(model)
+        flow = FlowMatching()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=self.cuda)
+        size = model.input_size
+        x = torch.rand(self.batch, 3, size, size, device=self.device) * 2 - 1
+        y = torch.randint(0, model.num_classes, (self.batch,), device=self.device)
+
+        def step() -> None:
+            x_t, t, y_in, target = flow.training_inputs(x, y, null_class=model.null_class)
+            with self.autocast():
+                v = model(x_t, t, y_in)
+            flow.loss(v, target).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        t0 = time.time()
+        for _ in range(3):
+            step()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        warm = time.time() - t0
+        sec = timed(step, self.steps, self.device)
+        mem = torch.cuda.max_memory_allocated() / 2**30 if self.cuda else float("nan")
+        return {"img_per_s": self.batch / sec, "step_s": sec, "peak_mem_gib": mem, "warmup_s": warm}
+
+    @torch.no_grad()
+    def sample(self, name: str, compiled: bool) -> dict:
+        model = self.build(name).eval()
+        if compiled:
+            self.compile(model)
+        size, batch = model.input_size, self.sample_batch
+        x = torch.randn(batch, 3, size, size, device=self.device)
+        y = torch.randint(0, model.num_classes, (batch,), device=self.device)
+        sampler = EulerSampler(num_steps=100, cfg_scale=2.9, cfg_interval=(0.11, 0.97))
+        times = sampler.timesteps()
+        guided_t = next(float(t) for t in times[:-1] if sampler.guided(float(t)))
+        plain_t = float(times[0])
+
+        def one(t: float) -> None:
+            with self.autocast():
+                sampler.velocity(model, x, t, y, model.null_class)
+
+        t0 = time.time()
+        for t in (guided_t, plain_t, guided_t, plain_t):
+            one(t)
+        warm = time.time() - t0
+        guided = timed(lambda: one(guided_t), 5, self.device)
+        plain = timed(lambda: one(plain_t), 5, self.device)
+        n_guided = sum(sampler.guided(float(t)) for t in times[:-1])
+        n_plain = len(times) - 1 - n_guided
+        total = n_guided * guided + n_plain * plain
+        return {
+            "batch": batch,
+            "guided_step_s": guided,
+            "plain_step_s": plain,
+            "steps_guided": n_guided,
+            "steps_plain": n_plain,
+            "ms_per_image": 1e3 * total / batch,
+            "nfe": sampler.nfe(),
+            "warmup_s": warm,
+        }
+
+    @torch.no_grad()
+    def latency(self, name: str, graphs: bool) -> dict:
+        model = self.build(name).eval()
+        if graphs:
+            self.compile(model, mode="reduce-overhead")
+        size = model.input_size
+        noise = torch.randn(1, 3, size, size, device=self.device)
+        y = torch.tensor([207], device=self.device) % model.num_classes
+        sampler = EulerSampler(num_steps=10 if self.smoke else 100, cfg_scale=2.9, cfg_interval=(0.11, 0.97))
+
+        def run() -> None:
+            with self.autocast():
+                sampler.sample(model, noise, y, null_class=model.null_class)
+
+        t0 = time.time()
+        run()
+        run()
+        warm = time.time() - t0
+        sec = timed(run, 3, self.device)
+        return {"s": sec, "warmup_s": warm}
 
 
-def build(name: str, smoke: bool, device: torch.device) -> torch.nn.Module:
-    kw = dict(input_size=32, hidden_size=64, depth=2, num_heads=2, num_classes=10) if smoke else {}
-    return create_model(name, **kw).to(device)
+def _conv_macs(hidden: int, patch: int, **head_kwargs: int) -> int:
+    """Nominal MACs of the plain head on one patch (convolutions, padding included), by the flop counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        head = PatchDetailerHead(hidden, patch, 3, **head_kwargs)
+        x, tokens = torch.zeros(1, 3, patch, patch), torch.zeros(1, hidden)
+    with FlopCounterMode(display=False) as counter:
+        head(x, tokens, None)
+    return counter.get_total_flops() // 2
 
 
-def train_bench(model, batch: int, steps: int, device: torch.device, dtype: torch.dtype) -> dict:  # noqa: ANN001
-    model.train()
-    flow = FlowMatching()
-    fused = device.type == "cuda"
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=fused)
-    size = model.input_size
-    x = torch.rand(batch, 3, size, size, device=device) * 2 - 1
-    y = torch.randint(0, model.num_classes, (batch,), device=device)
-
-    def step() -> None:
-        x_t, t, y_in, target = flow.training_inputs(x, y, null_class=model.null_class)
-        with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
-            v = model(x_t, t, y_in)
-        loss = flow.loss(v, target)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    t0 = time.time()
-    for _ in range(3):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    warm = time.time() - t0
-    sec = timed(step, steps, device)
-    mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return {"img_per_s": batch / sec, "step_s": sec, "peak_mem_gib": mem, "warmup_s": warm, "batch": batch}
-
-
-@torch.no_grad()
-def sample_step_bench(model, batch: int, device: torch.device, dtype: torch.dtype) -> dict:  # noqa: ANN001
-    model.eval()
-    size = model.input_size
-    x = torch.randn(batch, 3, size, size, device=device)
-    y = torch.randint(0, model.num_classes, (batch,), device=device)
-    sampler = EulerSampler(num_steps=100, cfg_scale=2.9, cfg_interval=(0.11, 0.97))
-    times = sampler.timesteps()
-    guided_t = next(float(t) for t in times[:-1] if sampler.guided(float(t)))
-    plain_t = float(times[0])
-
-    def one(t: float) -> None:
-        with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
-            sampler.velocity(model, x, t, y, model.null_class)
-
-    for t in (guided_t, plain_t):
-        one(t)
-    guided = timed(lambda: one(guided_t), 5, device)
-    plain = timed(lambda: one(plain_t), 5, device)
-    n_guided = sum(sampler.guided(float(t)) for t in times[:-1])
-    n_plain = len(times) - 1 - n_guided
-    total = n_guided * guided + n_plain * plain
-    return {
-        "batch": batch,
-        "guided_step_s": guided,
-        "plain_step_s": plain,
-        "steps_guided": n_guided,
-        "steps_plain": n_plain,
-        "ms_per_image": 1e3 * total / batch,
-        "nfe": sampler.nfe(),
-    }
-
-
-@torch.no_grad()
-def latency_bench(model, device: torch.device, dtype: torch.dtype, reps: int = 3) -> float:  # noqa: ANN001
-    model.eval()
-    size = model.input_size
-    noise = torch.randn(1, 3, size, size, device=device)
-    y = torch.tensor([207], device=device) % model.num_classes
-    sampler = EulerSampler(num_steps=100, cfg_scale=2.9, cfg_interval=(0.11, 0.97))
-
-    def run() -> None:
-        with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
-            sampler.sample(model, noise, y, null_class=model.null_class)
-
-    run()
-    return timed(run, reps, device)
+def summarise(res: dict) -> None:
+    """MFU per training row and each DiP variant's head overhead against DiT-XL/16 in the same section."""
+    peak = res.get("peak", {}).get("tflops")
+    nominal = res.get("nominal_fwd_gflops", {})
+    for section in ("train_eager", "train_compiled"):
+        for name, row in res.get(section, {}).items():
+            if isinstance(row, dict) and peak:
+                gflops = nominal[name.partition("+")[0]]
+                row["mfu"] = 3 * gflops * 1e9 * row["img_per_s"] / (peak * 1e12)
+    overhead: dict = {}
+    for section, rows in res.items():
+        if not isinstance(rows, dict) or not isinstance(rows.get("DiT-XL/16"), dict):
+            continue
+        base = rows["DiT-XL/16"]
+        for name, row in rows.items():
+            if name == "DiT-XL/16" or not isinstance(row, dict):
+                continue
+            if "img_per_s" in row:
+                overhead[f"{section} {name}"] = 1 - row["img_per_s"] / base["img_per_s"]
+            elif "ms_per_image" in row:
+                overhead[f"{section} {name}"] = 1 - base["ms_per_image"] / row["ms_per_image"]
+            elif "s" in row:
+                overhead[f"{section} {name}"] = 1 - base["s"] / row["s"]
+    res["head_overhead"] = overhead
+    if "DiP-XL/16" in nominal and "DiT-XL/16" in nominal:
+        res["head_flop_share"] = 1 - nominal["DiT-XL/16"] / nominal["DiP-XL/16"]
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny models on CPU, to check the script")
-    p.add_argument("--budget", type=float, default=420.0, help="seconds; later sections are skipped")
+    p.add_argument(
+        "--budget", type=float, default=480.0, help="seconds; sections that would overrun are skipped"
+    )
+    p.add_argument(
+        "--sections", default=DEFAULT_SECTIONS, help=f"comma-separated, in order ({DEFAULT_SECTIONS})"
+    )
+    p.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated: DiT-XL/16, DiP-XL/16[+denseN]")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--sample-batch", type=int, default=256)
+    p.add_argument("--profile", action="store_true", help="head section: top CUDA kernels of the eager head")
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    sections = [s for s in args.sections.split(",") if s]
+    unknown = sorted(set(sections) - set(COST))
+    if unknown:
+        p.error(f"unknown section(s) {unknown}; known: {sorted(COST)}")
+    models = [m for m in args.models.split(",") if m]
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    dtype = torch.bfloat16
+    bench = Bench(args)
     res: dict = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "device": torch.cuda.get_device_name() if bench.cuda else "cpu",
         "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": " ".join(sys.argv),
         "smoke": args.smoke,
+        "batch": bench.batch,
+        "sample_batch": bench.sample_batch,
     }
 
     def save() -> None:
+        res["nominal_fwd_gflops"] = bench.nominal_gflops
+        res["wall_s"] = time.time() - START
+        summarise(res)
         if args.out:
             Path(args.out).write_text(json.dumps(res, indent=1))
 
-    res["peak_tflops"] = matmul_peak(device, 512 if args.smoke else 8192) / 1e12
-    print(f"bf16 matmul peak: {res['peak_tflops']:.0f} TFLOP/s", flush=True)
-    batch = 4 if args.smoke else args.batch
-    sbatch = 4 if args.smoke else args.sample_batch
-    steps = 3 if args.smoke else 10
-    names = ("DiP-XL/16", "DiT-XL/16")
-    models = {}
-    for name in names:
-        m = build(name, args.smoke, device)
-        s = model_summary(m)
-        res[name] = {"params_m": s["params_total"] / 1e6, "fwd_gflops": 2 * s["gmacs_total"]}
-        models[name] = m
-    sections = [
-        ("train_eager", lambda n: train_bench(models[n], batch, steps, device, dtype)),
-        ("sample_eager", lambda n: sample_step_bench(models[n], sbatch, device, dtype)),
-        ("latency_eager_s", lambda n: latency_bench(models[n], device, dtype)),
-    ]
-    for key, fn in sections:
-        for name in names:
-            if left(args.budget) < 30:
-                print(f"skip {key} {name}: budget", flush=True)
+    per_model = {
+        "train_eager": lambda n: bench.train(n, compiled=False),
+        "train_compiled": lambda n: bench.train(n, compiled=True),
+        "sample_eager": lambda n: bench.sample(n, compiled=False),
+        "sample_compiled": lambda n: bench.sample(n, compiled=True),
+        "latency_eager": lambda n: bench.latency(n, graphs=False),
+        "latency_graphs": lambda n: bench.latency(n, graphs=True),
+    }
+    for section in sections:
+        if section in ("peak", "head"):
+            if left(args.budget) < COST[section] and not args.smoke:
+                res[section] = "skipped: budget"
+            else:
+                res[section] = getattr(bench, section)()
+            print(section, res[section] if section == "peak" else "done", flush=True)
+            save()
+            continue
+        res[section] = {}
+        for name in models:
+            if left(args.budget) < COST[section] and not args.smoke:
+                res[section][name] = "skipped: budget"
                 continue
             try:
-                res[name][key] = fn(name)
-            except Exception as err:  # noqa: BLE001 - a failed section must not lose the others
-                res[name][key] = f"error: {type(err).__name__}: {err}"[:300]
-            print(name, key, res[name][key], flush=True)
+                res[section][name] = per_model[section](name)
+            except Exception as err:  # noqa: BLE001 - a failed row must not lose the others
+                res[section][name] = f"error: {type(err).__name__}: {err}"[:300]
+            bench.free()  # the row's model and optimizer are gone with its frame
+            print(section, name, res[section][name], flush=True)
             save()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    # Compiled: only with enough budget left (compiling XL costs ~1 minute each).
-    for name in names:
-        if left(args.budget) < 120:
-            print(f"skip compiled {name}: budget", flush=True)
-            continue
-        try:
-            models[name].compile()
-            res[name]["train_compiled"] = train_bench(models[name], batch, steps, device, dtype)
-        except Exception as err:  # noqa: BLE001
-            res[name]["train_compiled"] = f"error: {type(err).__name__}: {err}"[:300]
-        print(name, "train_compiled", res[name]["train_compiled"], flush=True)
-        save()
-    if left(args.budget) > 90:
-        name = names[0]
-        try:
-            graphed = torch.compile(build(name, args.smoke, device), mode="reduce-overhead")
-            graphed.input_size, graphed.num_classes, graphed.null_class = (
-                models[name].input_size,
-                models[name].num_classes,
-                models[name].null_class,
-            )
-            res[name]["latency_cudagraph_s"] = latency_bench(graphed, device, dtype)
-        except Exception as err:  # noqa: BLE001
-            res[name]["latency_cudagraph_s"] = f"error: {type(err).__name__}: {err}"[:300]
-        print(name, "latency_cudagraph_s", res[name]["latency_cudagraph_s"], flush=True)
-    # Summary: MFU and the head's overhead (same run, same card).
-    peak = res["peak_tflops"] * 1e12
-    for name in names:
-        r = res[name]
-        for key in ("train_eager", "train_compiled"):
-            if isinstance(r.get(key), dict):
-                r[key]["mfu"] = 3 * r["fwd_gflops"] * 1e9 * r[key]["img_per_s"] / peak
-    dip, dit = res[names[0]], res[names[1]]
-    for key in ("train_eager", "train_compiled", "sample_eager"):
-        if isinstance(dip.get(key), dict) and isinstance(dit.get(key), dict):
-            if key.startswith("train"):
-                res[f"head_overhead_{key}"] = 1 - dip[key]["img_per_s"] / dit[key]["img_per_s"]
-            else:
-                res[f"head_overhead_{key}"] = 1 - dit[key]["ms_per_image"] / dip[key]["ms_per_image"]
-    res["head_flop_share"] = 1 - dit["fwd_gflops"] / dip["fwd_gflops"]
-    res["wall_s"] = time.time() - START
     save()
-    print(json.dumps(res, indent=1))
+    print(
+        json.dumps({k: res[k] for k in ("head_overhead", "head_flop_share", "wall_s") if k in res}, indent=1)
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,31 @@
+"""The GPU benchmark script runs end to end (tiny models, CPU, eager compile backend), so it cannot rot between
+the rare sessions that have a GPU to run it on. It measures nothing here: speed is never asserted in tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_benchmark_smoke_run_fills_every_section(tmp_path: Path) -> None:
+    out = tmp_path / "gpu.json"
+    sections = "peak,head,train_eager,train_compiled,sample_compiled,latency_graphs"
+    cmd = [sys.executable, str(REPO / "bench" / "gpu.py"), "--smoke", "--sections", sections]
+    cmd += ["--models", "DiT-XL/16,DiP-XL/16+dense2", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["smoke"] and res["device"] == "cpu"
+    assert not [k for k, v in res["head"].items() if isinstance(v, str)], res["head"]
+    assert {"nchw_dense0_eager", "nhwc_dense2_eager", "nhwc_dense2_compiled"} <= res["head"].keys()
+    for section in sections.split(",")[2:]:
+        for model in ("DiT-XL/16", "DiP-XL/16+dense2"):
+            assert isinstance(res[section][model], dict), (section, model, res[section][model])
+    assert res["train_eager"]["DiP-XL/16+dense2"]["mfu"] > 0
+    assert "train_compiled DiP-XL/16+dense2" in res["head_overhead"]
