@@ -8,6 +8,8 @@ Sections (run in the order given, each skipped whole when the wall-clock budget 
   peak            bf16 matmul peak (8192^3, random data): the MFU denominator, measured in the same run.
   head            the Patch Detailer Head alone on 128 x 256 patches, forward + backward, bf16 autocast: NCHW vs
                   channels_last, dense_conv_side 0/2/4, eager and torch.compile; ms and TFLOP/s (nominal FLOPs).
+  syncs           host-device syncs per step of a real Lightning fit (DiP-S/16, EMA, progress bar, preemption
+                  guard), located by CUDA's sync debug mode: the step should have none.
   train_eager     training img/s, MFU and peak memory per model, batch 128, bf16 autocast, fused AdamW.
   train_compiled  the same with the model compiled in place (`torch.compile`, default mode).
   sample_eager    sampling ms/img at batch 256: 100 Euler steps with CFG 2.9 on (0.11, 0.97), from timed guided
@@ -40,12 +42,13 @@ from dip_lightning.diffusion import EulerSampler, FlowMatching  # noqa: E402
 from dip_lightning.models import PatchDetailerHead, create_model, model_summary  # noqa: E402
 
 START = time.time()
-DEFAULT_SECTIONS = "peak,head,train_compiled,sample_compiled,latency_graphs,train_eager,sample_eager"
+DEFAULT_SECTIONS = "peak,head,syncs,train_compiled,sample_compiled,latency_graphs,train_eager,sample_eager"
 DEFAULT_MODELS = "DiT-XL/16,DiP-XL/16,DiP-XL/16+dense2"
 # Rough seconds per model (XL, H200), so that a section is skipped whole rather than cut off midway.
 COST = {
     "peak": 5,
     "head": 90,
+    "syncs": 30,
     "train_eager": 15,
     "train_compiled": 110,
     "sample_eager": 10,
@@ -184,6 +187,63 @@ class Bench:
             torch.cuda.synchronize()
         events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)
         return [{"name": e.key[:120], "cuda_ms": e.device_time_total / 1e3 / 3} for e in events[:20]]
+
+    def syncs(self) -> dict:
+        """Host-device synchronisations per training step of a real Lightning fit (DiPModule, EMA, the CLI's
+        progress bar and preemption guard, bf16-mixed), counted by CUDA's sync debug mode after warm-up."""
+        import warnings
+
+        import lightning.pytorch as pl
+
+        from dip_lightning.callbacks import EMA, RichProgress
+        from dip_lightning.callbacks.preemption import PreemptionGuard
+        from dip_lightning.module import DiPModule
+
+        kw = dict(input_size=32, hidden_size=64, depth=2, num_heads=2, num_classes=10) if self.smoke else {}
+        module = DiPModule(create_model("DiP-S/16", **kw))
+        size, n = module.net.input_size, 32 * 40
+        data = torch.utils.data.TensorDataset(
+            torch.rand(n, 3, size, size) * 2 - 1, torch.randint(0, module.num_classes, (n,))
+        )
+        loader = torch.utils.data.DataLoader(data, batch_size=32, pin_memory=self.cuda, drop_last=True)
+        warmup, steps = 10, 30
+        cuda = self.cuda
+
+        class Watch(pl.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001
+                if trainer.global_step == warmup and cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.set_sync_debug_mode("warn")
+
+            def on_train_end(self, trainer, pl_module):  # noqa: ANN001
+                if cuda:
+                    torch.cuda.set_sync_debug_mode(0)
+
+        trainer = pl.Trainer(
+            accelerator="gpu" if cuda else "cpu",
+            devices=1,
+            precision="bf16-mixed" if cuda else "32-true",
+            max_steps=steps,
+            log_every_n_steps=50,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            callbacks=[EMA(decay=0.999), RichProgress(), PreemptionGuard(check_every_n_steps=10), Watch()],
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(module, train_dataloaders=loader)
+        found = [w for w in caught if "synchroniz" in str(w.message)]
+        places: dict[str, int] = {}
+        for w in found:
+            key = f"{Path(w.filename).name}:{w.lineno}"
+            places[key] = places.get(key, 0) + 1
+        return {
+            "steps_watched": steps - warmup,
+            "syncs": len(found) if cuda else "n/a (cpu)",
+            "syncs_per_step": len(found) / (steps - warmup) if cuda else None,
+            "where": dict(sorted(places.items(), key=lambda kv: -kv[1])[:15]),
+        }
 
     def train(self, name: str, compiled: bool) -> dict:
         model = self.build(name).train()
@@ -363,7 +423,7 @@ def main() -> None:
         "latency_graphs": lambda n: bench.latency(n, graphs=True),
     }
     for section in sections:
-        if section in ("peak", "head"):
+        if section in ("peak", "head", "syncs"):
             if left(args.budget) < COST[section] and not args.smoke:
                 res[section] = "skipped: budget"
             else:

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_gpu_benchmark_smoke_run_fills_every_section(tmp_path: Path) -> None:
     out = tmp_path / "gpu.json"
-    sections = "peak,head,train_eager,train_compiled,sample_compiled,latency_graphs"
+    sections = "peak,head,syncs,train_eager,train_compiled,sample_compiled,latency_graphs"
     cmd = [sys.executable, str(REPO / "bench" / "gpu.py"), "--smoke", "--sections", sections]
     cmd += ["--models", "DiT-XL/16,DiP-XL/16+dense2", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -24,7 +24,8 @@ def test_gpu_benchmark_smoke_run_fills_every_section(tmp_path: Path) -> None:
     assert res["smoke"] and res["device"] == "cpu"
     assert not [k for k, v in res["head"].items() if isinstance(v, str)], res["head"]
     assert {"nchw_dense0_eager", "nhwc_dense2_eager", "nhwc_dense2_compiled"} <= res["head"].keys()
-    for section in sections.split(",")[2:]:
+    assert res["syncs"]["steps_watched"] == 20  # a real Lightning fit ran (syncs are counted on CUDA only)
+    for section in sections.split(",")[3:]:
         for model in ("DiT-XL/16", "DiP-XL/16+dense2"):
             assert isinstance(res[section][model], dict), (section, model, res[section][model])
     assert res["train_eager"]["DiP-XL/16+dense2"]["mfu"] > 0
