@@ -64,9 +64,28 @@ def test_rich_progress_reads_metrics_every_n_steps(monkeypatch):
     assert "train/loss" in shown and "v_num" not in shown
 
 
-def test_rich_progress_validates_its_argument():
+def test_plain_lines_when_output_is_not_a_terminal(capsys):
+    # Under pytest stdout is a capture buffer, as it is a log file under SLURM: rich would stay silent until the
+    # bar stops, so a plain line comes every log_every_n_steps.
+    trainer = pl.Trainer(
+        max_steps=20,
+        callbacks=[RichProgress(metrics_every_n_steps=5, log_every_n_steps=5)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    trainer.fit(LinearRegression())
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("step ")]
+    assert [ln.split(" | ")[0] for ln in lines] == ["step 5/20", "step 10/20", "step 15/20", "step 20/20"]
+    assert all("img/s" in ln and "train/loss" in ln for ln in lines), lines
+
+
+def test_rich_progress_validates_its_arguments():
     with pytest.raises(ValueError, match="metrics_every_n_steps"):
         RichProgress(metrics_every_n_steps=0)
+    with pytest.raises(ValueError, match="log_every_n_steps"):
+        RichProgress(log_every_n_steps=-1)
 
 
 def _trainer(tmp_path: Path, *extra: str) -> pl.Trainer:

@@ -1,7 +1,10 @@
-"""The training progress bar: Lightning's RichProgressBar, without a host-device sync on every step."""
+"""The training progress bar: Lightning's RichProgressBar, without a host-device sync on every step, and with
+plain progress lines where the output is a file (SLURM logs)."""
 
 from __future__ import annotations
 
+import sys
+import time
 from typing import Any
 
 import lightning.pytorch as pl
@@ -17,9 +20,14 @@ class RichProgress(RichProgressBar):
     its refresh rate.) Here the bar still advances every ``refresh_rate`` batches; the numbers shown are at
     most ``metrics_every_n_steps`` steps old during training and fresh at validation and epoch ends.
 
+    Where standard output is not a terminal (a SLURM log file, CI), rich draws the bar only when it stops, so a
+    long epoch would leave the log silent for hours; there a plain line is printed every ``log_every_n_steps``
+    instead: step, epoch, images/s since the previous line and the bar's metrics.
+
     Args:
-        refresh_rate, leave, theme, console_kwargs: as for Lightning's RichProgressBar.
+        refresh_rate, leave, console_kwargs: as for Lightning's RichProgressBar.
         metrics_every_n_steps: optimizer steps between two reads of the logged metrics while training.
+        log_every_n_steps: steps between plain progress lines when standard output is not a terminal; 0 never.
     """
 
     def __init__(
@@ -27,14 +35,45 @@ class RichProgress(RichProgressBar):
         refresh_rate: int = 1,
         leave: bool = False,
         metrics_every_n_steps: int = 25,
+        log_every_n_steps: int = 500,
         console_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(refresh_rate=refresh_rate, leave=leave, console_kwargs=console_kwargs)
         if metrics_every_n_steps < 1:
             raise ValueError(f"metrics_every_n_steps must be >= 1, got {metrics_every_n_steps}")
+        if log_every_n_steps < 0:
+            raise ValueError(f"log_every_n_steps must be >= 0, got {log_every_n_steps}")
         self.metrics_every_n_steps = metrics_every_n_steps
+        self.log_every_n_steps = log_every_n_steps
         self._metrics: dict[str, int | str | float | dict[str, float]] | None = None
         self._metrics_step = -1
+        self._line_clock: tuple[int, float] | None = None  # (step, time) of the previous plain line
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        step = trainer.global_step
+        if self.is_disabled or not self.log_every_n_steps or sys.stdout.isatty():
+            return
+        now = time.perf_counter()
+        if self._line_clock is None:
+            self._line_clock = (step, now)
+        if step % self.log_every_n_steps or step == self._line_clock[0]:
+            return
+        last_step, last_time = self._line_clock
+        self._line_clock = (step, now)
+        batch_size = (
+            batch[0].shape[0] if isinstance(batch, (list, tuple)) and hasattr(batch[0], "shape") else 0
+        )
+        rate = (step - last_step) * batch_size * trainer.world_size / max(now - last_time, 1e-9)
+        max_steps = f"/{trainer.max_steps}" if trainer.max_steps and trainer.max_steps > 0 else ""
+        parts = [f"step {step}{max_steps}", f"epoch {trainer.current_epoch}"]
+        if batch_size:
+            parts.append(f"{rate:.1f} img/s")
+        for key, value in self.get_metrics(trainer, pl_module).items():
+            parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+        print(" | ".join(parts), flush=True)
 
     def get_metrics(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
