@@ -8,7 +8,10 @@ Why a subclass and not the stock callback:
 * Swap-safe checkpoints: if a checkpoint is written while the weights are swapped (a SLURM signal arriving during
   validation), the stock callback would store the raw weights as EMA and vice versa. We un-swap the pair in the
   checkpoint dictionary.
-* Speed: the update uses ``get_ema_multi_avg_fn`` (foreach over all tensors) instead of one kernel per tensor.
+* Speed: the update uses ``get_ema_multi_avg_fn`` (foreach over all tensors) instead of one kernel per tensor,
+  and never reads the update count back from the GPU (:class:`HostCountedAveragedModel`): torch's
+  ``AveragedModel.update_parameters`` turns ``n_averaged`` into Python bools twice per update, two host-device
+  synchronisations in every training step.
 
 Checkpoint semantics are Lightning's: ``checkpoint["state_dict"]`` holds the EMA weights (so ``validate``,
 ``predict`` and ``load_from_checkpoint`` use EMA by default) and ``checkpoint["current_model_state"]`` the raw ones.
@@ -16,13 +19,58 @@ Checkpoint semantics are Lightning's: ``checkpoint["state_dict"]`` holds the EMA
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.optim.swa_utils import get_ema_multi_avg_fn
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+
+class HostCountedAveragedModel(AveragedModel):
+    """torch's :class:`AveragedModel` with a host-side mirror of ``n_averaged``, so that updates do not sync.
+
+    ``AveragedModel.update_parameters`` decides between "copy" and "average" with ``bool(n_averaged == 0)`` and
+    ``if n_averaged > 0``; with the average on the GPU each is a device-to-host read that waits for the whole
+    training step. Here the count is read from the device once (after construction or a checkpoint load) and then
+    kept on the host; the first update is torch's own, later ones do exactly what torch does after its checks
+    (``multi_avg_fn`` per device and dtype, then ``n_averaged += 1`` on the device).
+    """
+
+    host_count: int | None = None  # None: not read from the device yet
+
+    def update_parameters(self, model: nn.Module) -> None:
+        if self.host_count is None:
+            self.host_count = int(self.n_averaged.item())
+        if self.host_count == 0 or self.multi_avg_fn is None:
+            super().update_parameters(model)
+        else:
+            if self.use_buffers:
+                averaged = itertools.chain(self.module.parameters(), self.module.buffers())
+                current = itertools.chain(model.parameters(), model.buffers())
+            else:
+                averaged, current = self.parameters(), model.parameters()
+            groups: dict[tuple[torch.device, torch.dtype], tuple[list, list]] = {}
+            for p_avg, p_model in zip(averaged, current, strict=True):
+                group = groups.setdefault((p_avg.device, p_avg.dtype), ([], []))
+                group[0].append(p_avg.detach())
+                group[1].append(p_model.detach().to(p_avg.device))
+            for (device, _), (avg_list, model_list) in groups.items():
+                self.multi_avg_fn(avg_list, model_list, self.n_averaged.to(device))
+            if not self.use_buffers:
+                for b_avg, b_model in zip(self.module.buffers(), model.buffers(), strict=True):
+                    b_avg.detach().copy_(b_model.detach().to(b_avg.device))
+            self.n_averaged += 1
+        self.host_count += 1
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.host_count = None  # n_averaged came from a checkpoint: read it again at the next update
 
 
 class EMA(EMAWeightAveraging):
@@ -58,12 +106,18 @@ class EMA(EMAWeightAveraging):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._raw_state_at_end = None
+        if type(self._average_model) is AveragedModel:
+            # Lightning builds a plain AveragedModel; only update_parameters differs (see the class above).
+            self._average_model.__class__ = HostCountedAveragedModel
 
     @property
     def num_updates(self) -> int:
         """How many times the average has been updated (0 before the first update or outside fit)."""
         if self._average_model is None:
             return 0
+        host_count = getattr(self._average_model, "host_count", None)
+        if host_count is not None:
+            return host_count
         return int(self._average_model.n_averaged.item())
 
     @property

@@ -1,0 +1,115 @@
+"""The EMA update never reads its count back from the device, and computes exactly torch's average."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from dip_lightning.callbacks import EMA
+from dip_lightning.callbacks.ema import HostCountedAveragedModel
+
+
+def small_net() -> nn.Module:
+    torch.manual_seed(0)
+    # BatchNorm brings float buffers and an integer one (num_batches_tracked): both dtype paths of the update.
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+
+
+def perturb(net: nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=g))
+        net.train()(torch.randn(16, 4, generator=g))  # updates the BatchNorm buffers
+
+
+def averaged(cls: type, net: nn.Module) -> AveragedModel:
+    return cls(net, use_buffers=True, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+
+
+def assert_same(a: AveragedModel, b: AveragedModel) -> None:
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
+
+
+def test_host_counted_average_equals_torchs_and_survives_a_reload():
+    net = small_net()
+    ref, ours = averaged(AveragedModel, net), averaged(HostCountedAveragedModel, net)
+    for step in range(4):
+        perturb(net, step)
+        ref.update_parameters(net)
+        ours.update_parameters(net)
+        assert_same(ref, ours)
+    assert ours.host_count == 4 == int(ours.n_averaged)
+    resumed = averaged(HostCountedAveragedModel, small_net())
+    resumed.load_state_dict(ours.state_dict())  # as EMA.on_load_checkpoint does
+    assert resumed.host_count is None
+    for step in range(4, 7):
+        perturb(net, step)
+        ref.update_parameters(net)
+        resumed.update_parameters(net)
+        assert_same(ref, resumed)
+    assert resumed.host_count == 7
+
+
+def test_updates_after_the_first_make_no_tensor_to_python_reads(monkeypatch):
+    # On a GPU each such read (bool(tensor), tensor.item()) is a host-device synchronisation.
+    reads = []
+    real_bool, real_item = torch.Tensor.__bool__, torch.Tensor.item
+
+    def counting_bool(self):  # noqa: ANN001, ANN202
+        reads.append("bool")
+        return real_bool(self)
+
+    def counting_item(self):  # noqa: ANN001, ANN202
+        reads.append("item")
+        return real_item(self)
+
+    net = small_net()
+    ref, ours = averaged(AveragedModel, net), averaged(HostCountedAveragedModel, net)
+    ours.update_parameters(net)  # the first update copies (torch's own code, reads allowed once)
+    ref.update_parameters(net)
+    monkeypatch.setattr(torch.Tensor, "__bool__", counting_bool)
+    monkeypatch.setattr(torch.Tensor, "item", counting_item)
+    for step in range(3):
+        perturb(net, step)
+        ours.update_parameters(net)
+    ours_reads = len(reads)
+    ref.update_parameters(net)
+    assert ours_reads == 0
+    assert len(reads) >= 2  # torch's update: bool(n_averaged == 0) and `if n_averaged > 0`
+
+
+class Regression(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = small_net()
+
+    def training_step(self, batch, batch_idx):  # noqa: ANN001
+        return self.net(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):  # noqa: ANN201
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):  # noqa: ANN201
+        data = torch.utils.data.TensorDataset(torch.randn(40, 4))
+        return torch.utils.data.DataLoader(data, batch_size=4)
+
+
+def test_ema_callback_uses_the_host_counted_average():
+    steps = 7
+    ema = EMA(decay=0.9)
+    trainer = pl.Trainer(
+        max_steps=steps,
+        callbacks=[ema],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    trainer.fit(Regression())
+    assert type(ema._average_model) is HostCountedAveragedModel
+    assert ema.num_updates == steps == int(ema._average_model.n_averaged)
