@@ -501,3 +501,42 @@ def test_ddp_two_processes_sigterm_on_one_rank_resumes_bit_exact(tmp_path: Path,
         assert_same_final(got, want)
         assert load_records(out, rank) == load_records(tmp_path / "ref_out", rank)
     assert load_records(out, 0) != load_records(out, 1)  # the ranks saw different data
+
+
+def test_guard_skips_lightnings_per_step_sigterm_broadcast_while_it_owns_sigterm() -> None:
+    # Lightning broadcasts its SIGTERM flag before every DDP step (a collective + `.item()`); with the guard's
+    # handler in place that flag cannot be set, so the guard swaps the broadcast out for the fit and back after.
+    import lightning.pytorch as pl
+
+    from dip_lightning.callbacks.preemption import _skip_sigterm_broadcast
+
+    seen = []
+
+    class Probe(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001
+            seen.append(trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor)
+
+    class Tiny(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):  # noqa: ANN001
+            return self.layer(batch[0]).square().mean()
+
+        def configure_optimizers(self):  # noqa: ANN201
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 2)), batch_size=2)
+    trainer = pl.Trainer(
+        max_steps=3,
+        callbacks=[PreemptionGuard(), Probe()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    trainer.fit(Tiny(), train_dataloaders=data)
+    assert seen == [_skip_sigterm_broadcast] * 3
+    assert "_broadcast_sigterm_tensor" not in trainer.fit_loop.epoch_loop.__dict__

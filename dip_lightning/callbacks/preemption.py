@@ -31,7 +31,8 @@ Outside a CLI, ``trainer.fit`` raises it; the next ``fit`` resumes from the pree
 Lightning's handlers stay out of the way: its SLURM handler is installed only when no handler is set for the
 signal (ours is installed in ``setup``, before ``Trainer`` registers its handlers), and its SIGTERM handler,
 which it always installs, is replaced by ours again in ``on_train_start`` (the first hook after the
-registration).
+registration). Lightning's per-step SIGTERM broadcast in DDP (a collective plus a GPU sync before every step)
+is skipped while the guard owns SIGTERM, since the flag it broadcasts can no longer be set.
 
 A signal that arrives during validation or a FID evaluation is acted on after it, at the next step boundary:
 the SLURM lead time (``--signal=USR1@N``) must cover that plus one checkpoint save. A second Ctrl-C while the
@@ -134,6 +135,16 @@ def _distributed() -> bool:
 
 
 # -------------------------------------------------------------------------------------------- the guard
+def _skip_sigterm_broadcast() -> None:
+    """Stands in for Lightning's per-step SIGTERM broadcast while a :class:`PreemptionGuard` owns SIGTERM."""
+
+
+def _restore_sigterm_broadcast(trainer: pl.Trainer) -> None:
+    epoch_loop = trainer.fit_loop.epoch_loop
+    if epoch_loop.__dict__.get("_broadcast_sigterm_tensor") is _skip_sigterm_broadcast:
+        del epoch_loop._broadcast_sigterm_tensor  # the class's method again
+
+
 class PreemptionGuard(Callback):
     """Turn SIGUSR1 (SLURM requeue) / SIGTERM / SIGINT into a checkpoint at the next step boundary, then stop.
 
@@ -248,6 +259,12 @@ class PreemptionGuard(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning has registered its SIGTERM handler (always) in between; take SIGTERM back.
         self._install(force=True)
+        epoch_loop = trainer.fit_loop.epoch_loop
+        if signal.SIGTERM in self.signals and hasattr(epoch_loop, "_broadcast_sigterm_tensor"):
+            # In DDP Lightning (2.6) broadcasts its SIGTERM flag and reads it back (`.item()`) before every
+            # training step: a collective and a host-device sync per step. With SIGTERM ours that flag is never
+            # set (the ranks agree on signals in on_train_batch_end instead), so the broadcast is skipped.
+            epoch_loop._broadcast_sigterm_tensor = _skip_sigterm_broadcast
         if self._pending_rng is not None:
             rng, self._pending_rng = self._pending_rng, None
             if len(rng) == trainer.world_size:
@@ -284,10 +301,12 @@ class PreemptionGuard(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         self._uninstall()
+        _restore_sigterm_broadcast(trainer)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._uninstall()
+            _restore_sigterm_broadcast(trainer)
 
     # ------------------------------------------------------------------ the preemption
     def _agree(self, trainer: pl.Trainer) -> signal.Signals | None:
