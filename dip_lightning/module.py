@@ -128,7 +128,7 @@ class DiPModule(pl.LightningModule):
         self.compile_mode = compile_mode
         self.sample_dtype = sample_dtype
         self.val_seed = val_seed
-        self._last_step_time: float | None = None
+        self._last_step_time: tuple[int, float] | None = None  # (step, time) of the last logging step
         self._noise_step: int | None = None  # see _training_generator
         self._noise_micro = 0
 
@@ -217,8 +217,19 @@ class DiPModule(pl.LightningModule):
         self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"})
         return losses["loss"]
 
+    def on_train_start(self) -> None:
+        self._last_step_time = (self.trainer.global_step, time.perf_counter())
+
+    def _logs_at(self, step: int) -> bool:
+        """Whether Lightning writes the step metrics to the loggers at the end of optimizer step ``step``
+        (1-based). Values logged at other steps are either overwritten or, worse, written later as if fresh;
+        and logging a Python number creates a GPU tensor from host memory, a host-device sync. So the values
+        that cost something are logged only at these steps."""
+        every = self.trainer.log_every_n_steps
+        return every > 0 and step % every == 0
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+        if self._logs_at(self.trainer.global_step + 1):  # global_step counts this step only after the update
             grads = [p.grad for p in self.parameters() if p.grad is not None]
             if grads:
                 norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
@@ -226,15 +237,18 @@ class DiPModule(pl.LightningModule):
             self.log("train/lr", optimizer.param_groups[0]["lr"])
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = self.trainer.global_step
+        if not self._logs_at(step):
+            return
         batch_size = batch[0].shape[0] * self.trainer.world_size
-        images_seen = self.trainer.global_step * batch_size
         now = time.perf_counter()
-        if self._last_step_time is not None:
-            # Wall time between consecutive steps; on GPU this is asynchronous-dispatch time, which over a logging
-            # interval averages to the true step time without forcing a host sync.
-            self.log("train/images_per_sec", batch_size / max(now - self._last_step_time, 1e-9))
-        self._last_step_time = now
-        self.log("train/images_seen", float(images_seen))
+        if self._last_step_time is not None and step > self._last_step_time[0]:  # None outside Trainer.fit
+            # Wall time over the logging interval; on GPU that is asynchronous-dispatch time, which over many
+            # steps averages to the true step time without forcing a host sync.
+            last_step, last_time = self._last_step_time
+            self.log("train/images_per_sec", (step - last_step) * batch_size / max(now - last_time, 1e-9))
+        self._last_step_time = (step, now)
+        self.log("train/images_seen", float(step * batch_size))
 
     # ------------------------------------------------------------------ validation: a comparable loss
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:

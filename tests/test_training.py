@@ -139,6 +139,39 @@ def test_misspelled_key_fails_before_any_work(
     assert not (tmp_path / "run").exists()
 
 
+def test_step_metrics_are_logged_fresh_and_only_at_logging_steps(
+    tmp_path: Path, demo_data: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Values logged between Lightning's logging steps would be written later as if fresh (Lightning keeps the
+    # last on_step value), and logging a Python number is a host-device sync on GPU: log only at those steps.
+    import csv
+
+    import lightning.pytorch as pl
+
+    calls: list[tuple[str, int]] = []
+    original = pl.LightningModule.log
+
+    def spy(self, name, value, *args, **kwargs):  # noqa: ANN001, ANN202
+        calls.append((name, self.trainer.global_step))
+        return original(self, name, value, *args, **kwargs)
+
+    monkeypatch.setattr(pl.LightningModule, "log", spy)
+    csv_logger = [
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.save_dir={tmp_path}",
+    ]
+    fit(tmp_path, demo_data, *csv_logger, "--trainer.log_every_n_steps=5", steps=10, batch_size=4)
+    logged = {name: [step for n, step in calls if n == name] for name in {n for n, _ in calls}}
+    # grad_norm/lr are logged before the update (global_step 4 and 9), the others after it (5 and 10).
+    assert logged["train/grad_norm"] == [4, 9] and logged["train/lr"] == [4, 9]
+    assert logged["train/images_seen"] == [5, 10] and logged["train/images_per_sec"] == [5, 10]
+    assert len(logged["train/loss"]) == 10  # a tensor: logging it costs no sync
+    rows = list(csv.DictReader((tmp_path / "lightning_logs" / "version_0" / "metrics.csv").open()))
+    written = [r for r in rows if r.get("train/grad_norm")]
+    assert [float(r["train/images_seen"]) for r in written] == [20.0, 40.0]
+    assert all(float(r["train/images_per_sec"]) > 0 for r in written)
+
+
 def test_compile_mode_is_checked_and_passed_to_torch_compile(
     tmp_path: Path, demo_data: dict, capsys: pytest.CaptureFixture
 ) -> None:
