@@ -555,7 +555,13 @@ def kit_hyperparameters(arch: OfficialArch, input_size: int | None = None) -> di
         "repa": None,
         "optimizer": {
             "class_path": "torch.optim.AdamW",
-            "init_args": {"lr": 1.0e-4, "betas": [0.9, 0.999], "eps": 1.0e-8, "weight_decay": 0.0},
+            "init_args": {
+                "lr": 1.0e-4,
+                "betas": [0.9, 0.999],
+                "eps": 1.0e-8,
+                "weight_decay": 0.0,
+                "fused": True,
+            },
         },
         "compile": False,
     }
