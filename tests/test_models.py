@@ -381,3 +381,43 @@ def test_placement_validation():
         tiny(placement="intermediate", intermediate_block=3)
     with pytest.raises(ValueError, match="placement"):
         tiny(placement="middle")
+
+
+def _saved_activation_bytes(model: DiP, *inputs) -> int:
+    """Bytes of the tensors autograd keeps for backward, parameters excluded."""
+    seen = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    total = 0
+
+    def pack(tensor):  # noqa: ANN001, ANN202
+        nonlocal total
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            total += tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(*inputs)
+    return total
+
+
+def test_activation_checkpointing_same_gradients_less_memory():
+    x, t, y = inputs()
+    plain = tiny().double()
+    ckpt = tiny(checkpoint_blocks=3, checkpoint_head=True).double()
+    ckpt.load_state_dict(plain.state_dict())
+    args = (x.double(), t.double(), y)
+    plain(*args).square().mean().backward()
+    ckpt(*args).square().mean().backward()
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-12, atol=1e-15, msg=name)
+    full, blocks_only = (
+        _saved_activation_bytes(plain, *args),
+        _saved_activation_bytes(tiny(checkpoint_blocks=3).double(), *args),
+    )
+    assert _saved_activation_bytes(ckpt, *args) < blocks_only < full
+    ckpt.eval()  # no recomputation outside training: nothing to save anyway, and no checkpoint overhead
+    with torch.no_grad():
+        torch.testing.assert_close(ckpt(*args), plain.eval()(*args), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="checkpoint_blocks"):
+        tiny(checkpoint_blocks=4)
