@@ -20,7 +20,8 @@ Sections (run in the order given, each skipped whole when the wall-clock budget 
   latency_graphs  the same with `torch.compile(mode="reduce-overhead")` (CUDA graphs), as `sample --compile
                   reduce-overhead`.
 Models: DiT-XL/16 (same backbone, LinearHead), DiP-XL/16 (the released computation), DiP-XL/16+denseN (the head's
-3x3 convs on maps of side <= N as dense matmuls, `PatchDetailerHead(dense_conv_side=N)`, the same function).
+3x3 convs on maps of side <= N as dense matmuls, `PatchDetailerHead(dense_conv_side=N)`, the same function),
++ckpt (activation checkpointing of every block and the head: memory against speed); variants combine.
 MFU = 3 x nominal forward FLOPs x img/s / measured peak; nominal = torch's flop counter on the plain (convolution)
 model, batch 1, so a dense variant gets credit for its speed, not for skipping padding work.
 """
@@ -41,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dip_lightning.diffusion import EulerSampler, FlowMatching  # noqa: E402
 from dip_lightning.models import PatchDetailerHead, create_model, model_summary  # noqa: E402
+from dip_lightning.models.registry import MODEL_CONFIGS  # noqa: E402
 
 START = time.time()
 DEFAULT_SECTIONS = "peak,head,syncs,train_compiled,sample_compiled,latency_graphs,train_eager,sample_eager"
@@ -106,14 +108,18 @@ class Bench:
             module.compile(mode=mode, dynamic=False)
 
     def build(self, name: str) -> torch.nn.Module:
-        base, _, variant = name.partition("+")
+        base, *variants = name.split("+")
         kw: dict = {}
         if self.smoke:
             kw = dict(input_size=32, hidden_size=64, depth=2, num_heads=2, num_classes=10)
-        if variant:
-            if not variant.startswith("dense"):
-                raise ValueError(f"unknown variant {variant!r} (known: denseN)")
-            kw["head"] = functools.partial(PatchDetailerHead, dense_conv_side=int(variant[5:]))
+        for variant in variants:
+            if variant.startswith("dense"):
+                kw["head"] = functools.partial(PatchDetailerHead, dense_conv_side=int(variant[5:]))
+            elif variant == "ckpt":  # activation checkpointing of every block and the head
+                kw["checkpoint_blocks"] = kw.get("depth", MODEL_CONFIGS[base]["depth"])
+                kw["checkpoint_head"] = True
+            else:
+                raise ValueError(f"unknown variant {variant!r} (known: denseN, ckpt)")
         model = create_model(base, **kw)
         if base not in self.nominal_gflops:
             self.nominal_gflops[base] = 2 * model_summary(model)["gmacs_total"]
