@@ -8,6 +8,8 @@ Sections (run in the order given, each skipped whole when the wall-clock budget 
   peak            bf16 matmul peak (8192^3, random data): the MFU denominator, measured in the same run.
   head            the Patch Detailer Head alone on 128 x 256 patches, forward + backward, bf16 autocast: NCHW vs
                   channels_last, dense_conv_side 0/2/4 eager, NHWC 0/2 compiled; ms and TFLOP/s (nominal FLOPs).
+  sdpa            which SDPA backends (flash, efficient, cudnn, math) run DiP's attention (head_dim 72) under
+                  bf16 autocast, and their forward + backward time for one XL attention layer.
   syncs           host-device syncs per step of a real Lightning fit (DiP-S/16, EMA, progress bar, preemption
                   guard), located by CUDA's sync debug mode: the step should have none. Needs jsonargparse
                   (DiPModule imports it), which the device image lacks: carry its wheel (BENCHMARKS.md).
@@ -45,13 +47,14 @@ from dip_lightning.models import PatchDetailerHead, create_model, model_summary 
 from dip_lightning.models.registry import MODEL_CONFIGS  # noqa: E402
 
 START = time.time()
-DEFAULT_SECTIONS = "peak,head,syncs,train_compiled,sample_compiled,latency_graphs,train_eager,sample_eager"
+DEFAULT_SECTIONS = "peak,head,syncs,sdpa,train_compiled,sample_compiled,latency_graphs,train_eager,sample_eager"
 DEFAULT_MODELS = "DiT-XL/16,DiP-XL/16,DiP-XL/16+dense2"
 # Rough seconds per model (XL, H200), so that a section is skipped whole rather than cut off midway.
 COST = {
     "peak": 5,
     "head": 70,
     "syncs": 30,
+    "sdpa": 10,
     "train_eager": 15,
     "train_compiled": 110,
     "sample_eager": 10,
@@ -197,6 +200,38 @@ class Bench:
             torch.cuda.synchronize()
         events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)
         return [{"name": e.key[:120], "cuda_ms": e.device_time_total / 1e3 / 3} for e in events[:20]]
+
+    def sdpa(self) -> dict:
+        """Whether DiP's attention (head_dim 72, QK-RMSNorm and RoPE in fp32, bf16 autocast) can run on each SDPA
+        backend: forward + backward of one XL attention layer with only that backend allowed."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        from dip_lightning.models.backbone import Attention, rope_2d_grid
+
+        dim, heads = (64, 2) if self.smoke else (1152, 16)
+        attn = Attention(dim, heads).to(self.device)
+        x = torch.randn(self.batch, 256, dim, device=self.device, requires_grad=True)
+        rope = rope_2d_grid(16, 16, dim // heads, device=self.device)
+        out: dict = {"head_dim": dim // heads}
+        backends = {
+            "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION,
+            "math": SDPBackend.MATH,
+        }
+        for name, backend in backends.items():
+
+            def step(backend: SDPBackend = backend) -> None:
+                with sdpa_kernel([backend]), self.autocast():
+                    y = attn(x, rope)
+                y.float().sum().backward()
+
+            try:
+                step()
+                out[name] = {"ms_fwd_bwd": 1e3 * timed(step, 5, self.device)}
+            except Exception as err:  # noqa: BLE001 - "not available" is the answer for that backend
+                out[name] = f"unavailable: {type(err).__name__}: {str(err)[:200]}"
+        return out
 
     def syncs(self) -> dict:
         """Host-device synchronisations per training step of a real Lightning fit (DiPModule, EMA, the CLI's
@@ -433,7 +468,7 @@ def main() -> None:
         "latency_graphs": lambda n: bench.latency(n, graphs=True),
     }
     for section in sections:
-        if section in ("peak", "head", "syncs"):
+        if section in ("peak", "head", "syncs", "sdpa"):
             if left(args.budget) < COST[section] and not args.smoke:
                 res[section] = "skipped: budget"
             else:

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_gpu_benchmark_smoke_run_fills_every_section(tmp_path: Path) -> None:
     out = tmp_path / "gpu.json"
-    sections = "peak,head,syncs,train_eager,train_compiled,sample_compiled,latency_graphs"
+    sections = "peak,head,syncs,sdpa,train_eager,train_compiled,sample_compiled,latency_graphs"
     cmd = [sys.executable, str(REPO / "bench" / "gpu.py"), "--smoke", "--sections", sections]
     cmd += ["--models", "DiT-XL/16,DiP-XL/16+dense2", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -25,7 +25,8 @@ def test_gpu_benchmark_smoke_run_fills_every_section(tmp_path: Path) -> None:
     assert not [k for k, v in res["head"].items() if isinstance(v, str)], res["head"]
     assert {"nchw_dense0_eager", "nhwc_dense2_eager", "nhwc_dense2_compiled"} <= res["head"].keys()
     assert res["syncs"]["steps_watched"] == 20  # a real Lightning fit ran (syncs are counted on CUDA only)
-    for section in sections.split(",")[3:]:
+    assert isinstance(res["sdpa"]["math"], dict)  # the math backend always runs
+    for section in sections.split(",")[4:]:
         for model in ("DiT-XL/16", "DiP-XL/16+dense2"):
             assert isinstance(res[section][model], dict), (section, model, res[section][model])
     assert res["train_eager"]["DiP-XL/16+dense2"]["mfu"] > 0
