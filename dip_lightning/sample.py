@@ -270,6 +270,7 @@ def export_samples(
             continue
         if max_chunks is not None and done_now >= max_chunks:
             return None
+        chunk_start = time.perf_counter()
         start, stop = chunk * chunk_size, min((chunk + 1) * chunk_size, num_samples)
         indices = np.arange(start, stop, dtype=np.int64)
         labels = sample_labels(indices, num_classes, balanced, seed)
@@ -282,6 +283,12 @@ def export_samples(
             images.append(to_uint8(x).permute(0, 2, 3, 1).cpu().numpy())
         _save_npz_atomic(path, images=np.concatenate(images), labels=labels, indices=indices)
         done_now += 1
+        seconds = time.perf_counter() - chunk_start
+        print(
+            f"chunk {chunk + 1}/{num_chunks} (rank {rank}): {len(indices)} images in {seconds:.1f} s "
+            f"({len(indices) / max(seconds, 1e-9):.1f} img/s)",
+            flush=True,
+        )
     # Whoever sees every chunk assembles the result; others are done.
     deadline = time.monotonic() + (wait_timeout if rank == 0 else 0.0)
     while True:
