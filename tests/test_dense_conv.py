@@ -72,7 +72,7 @@ def _head_grads(head: PatchDetailerHead, patches, tokens, channels_last: bool = 
     return out.detach(), {n: p.grad.clone() for n, p in head.named_parameters()}
 
 
-@pytest.mark.parametrize("dense_conv_side", [2, 4, 16])
+@pytest.mark.parametrize("dense_conv_side", [2, 4])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_head_with_dense_stages_is_the_same_function(dense_conv_side, channels_last):
     # Paper-width head (6.97M parameters) at P=16: output and every parameter's gradient must agree. The
@@ -128,6 +128,7 @@ def test_dense_head_trains_inside_dip_and_loads_plain_checkpoints():
     assert not torch.equal(before, fast.head.enc[2][0].weight)
 
 
-def test_negative_dense_side_is_rejected():
-    with pytest.raises(ValueError, match="dense_conv_side"):
-        PatchDetailerHead(64, 16, 3, dense_conv_side=-1)
+@pytest.mark.parametrize("side", [-1, 8])
+def test_dense_side_out_of_range_is_rejected(side):
+    with pytest.raises(ValueError, match="dense_conv_side must be 0..4"):
+        PatchDetailerHead(64, 16, 3, dense_conv_side=side)

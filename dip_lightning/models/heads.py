@@ -31,6 +31,7 @@ from dip_lightning.models.backbone import RMSNorm, modulate
 from dip_lightning.models.dense_conv import conv3x3_taps, dense_conv3x3
 
 TokenInput = Literal["silu_temb", "raw"]
+MAX_DENSE_CONV_SIDE = 4  # PatchDetailerHead(dense_conv_side=...): beyond 4x4 maps the dense form only loses
 
 
 class PatchHead(nn.Module):
@@ -84,13 +85,13 @@ class PatchDetailerHead(PatchHead):
     max_channels: cap on the doubling (512 by default, the paper's deepest width), so that deeper heads
         (paper Fig 10a) do not grow quadratically in parameters; it does not bind at the defaults.
     channels_last: run the convolutions in NHWC (numerically the same function). On an H200 this roughly
-        halves the head's cost (performance-anchors.md); on the 2-core CPU it measured 21% faster for the
-        XL head (forward + backward, 512 patches) and 17% for the tiny config's head (bench/results/cpu.md).
+        halves the head's cost (performance-anchors.md); on the 2-core CPU it measured 21-46% faster for the
+        XL head (forward + backward, 512 patches) and 6-17% for the tiny config's head (BENCHMARKS.md).
     dense_conv_side: 3x3 convolutions on maps of side <= this many pixels run as one dense matrix multiply
         (:mod:`dip_lightning.models.dense_conv`): the same function and parameters, computed without the
         multiplications by zero padding. 0 (default, the released computation) turns it off; 2 does the 2x2
-        stages of a 16x16 patch with 16/36 of their convolution MACs; 4 also the 4x4 stages (16/9 of theirs,
-        but as large GEMMs). A speed option only: checkpoints are interchangeable between settings.
+        stages of a 16x16 patch with 16/36 of their convolution MACs; 4 (the most allowed) also the 4x4 stages
+        (16/9 of theirs, but as large GEMMs). A speed option only: checkpoints are interchangeable.
     """
 
     def __init__(
@@ -106,8 +107,13 @@ class PatchDetailerHead(PatchHead):
         token_input: TokenInput = "silu_temb",
     ) -> None:
         super().__init__(hidden_size, patch_size, in_channels, token_input)
-        if dense_conv_side < 0:
-            raise ValueError(f"dense_conv_side must be >= 0, got {dense_conv_side}")
+        if not 0 <= dense_conv_side <= MAX_DENSE_CONV_SIDE:
+            raise ValueError(
+                f"dense_conv_side must be 0..{MAX_DENSE_CONV_SIDE}, got {dense_conv_side}: the dense matrix of a "
+                "side x side map has side**4 x C_in x C_out entries (256 MiB for the paper head's 8x8 decoder stage, "
+                "2 GiB for its 16x16 one) "
+                "and does side**2/9 times the convolution's work"
+            )
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
         if patch_size % (2**depth):
