@@ -37,6 +37,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dip_lightning.diffusion import to_uint8
+from dip_lightning.module import COMPILE_MODES
 
 
 # ---------------------------------------------------------------------------------------------- labels and seeds
@@ -338,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         const="default",
         default=None,
-        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        choices=COMPILE_MODES,
         help="torch.compile the network (static shapes; 'reduce-overhead' adds CUDA graphs); a GPU option",
     )
     return p
