@@ -49,6 +49,11 @@ class RichProgress(RichProgressBar):
         self._metrics_step = -1
         self._line_clock: tuple[int, float] | None = None  # (step, time) of the previous plain line
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        # A bar reused by another fit must not show (or time against) the previous fit's numbers.
+        self._metrics, self._metrics_step, self._line_clock = None, -1, None
+
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
