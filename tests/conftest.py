@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from slurm_cluster import SlurmCluster, SlurmUnavailable
+
+from tests.helpers.slurm_cluster import SlurmCluster, SlurmUnavailable
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""EMA and sample grids in real ``fit`` runs through the CLI (callbacks configured as YAML/JSON, as in a run).
+"""EMA in real ``fit`` runs through the CLI (callbacks configured as YAML/JSON, as in a run).
 
 The network is a 64-wide DiP on the embedded real-image dataset, so a run of a few steps costs about a second.
 What is checked, with exact tensor equality:
@@ -9,65 +9,27 @@ What is checked, with exact tensor equality:
 * before the first EMA update (``update_starting_at_step`` past the first validation) validation uses the raw
   weights and warns, and a checkpoint stores the raw weights as its ``state_dict``, not the stale initial copy
   (Lightning's stock callback is run alongside to show the gap this closes);
-* the sample grid is the same image for the same step and seed, logged to TensorBoard and as a PNG, with the
-  class of each row recorded.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from PIL import Image
 
 from dip_lightning.callbacks import EMA, SampleGrid
 from dip_lightning.callbacks.ema import find_ema, sampling_module
 from dip_lightning.callbacks.sample_grid import make_grid
-from dip_lightning.cli import DiPCLI
 from dip_lightning.diffusion import to_uint8
 from dip_lightning.sample import load_module
+from tests.helpers.tiny import HIGH_LR, ema_callback, fit_with, grid_callback, read_png, tiny_args
 
-REPO = Path(__file__).resolve().parents[1]
-TINY_CONFIG = str(REPO / "experiments" / "tiny_cpu.yaml")
 STATE = dict[str, torch.Tensor]
-
-
-def run_args(run_dir: Path, data: dict, callbacks: list[dict], *extra: str, steps: int) -> list[str]:
-    return [
-        "--config",
-        TINY_CONFIG,
-        f"--trainer.default_root_dir={run_dir}",
-        f"--trainer.max_steps={steps}",
-        "--trainer.limit_val_batches=0",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        f"--trainer.callbacks={json.dumps(callbacks)}",
-        f"--data.init_args.train_shards={data['train_shards']}",
-        f"--data.init_args.val_shards={data['val_shards']}",
-        "--data.init_args.batch_size=8",
-        "--model.net.init_args.hidden_size=64",
-        "--model.net.init_args.depth=2",
-        "--model.net.init_args.num_heads=2",
-        "--model.net.init_args.head.init_args.base_channels=8",
-        # A high learning rate and a short EMA memory: EMA and raw weights differ clearly after 3 steps.
-        "--model.optimizer.init_args.lr=1e-2",
-        *extra,
-    ]
-
-
-def fit(args: list[str], *probes: Callback, ckpt_path: str | None = None) -> DiPCLI:
-    cli = DiPCLI(args=args, run=False)
-    cli.trainer.callbacks.extend(probes)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
-    return cli
 
 
 def state(module: torch.nn.Module) -> STATE:
@@ -84,23 +46,10 @@ def differing(a: STATE, b: STATE) -> list[str]:
     return [k for k in a if not torch.equal(a[k], b[k])]
 
 
-def ema_callback(**init_args: Any) -> dict:
-    return {"class_path": "dip_lightning.callbacks.EMA", "init_args": {"decay": 0.5, **init_args}}
-
-
-def grid_callback(**init_args: Any) -> dict:
-    return {"class_path": "dip_lightning.callbacks.SampleGrid", "init_args": init_args}
-
-
 def load_ckpt(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def read_png(path: Path) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(Image.open(path))).permute(2, 0, 1)
-
-
-# ------------------------------------------------------------------------------------------------ EMA
 class EMAProbe(Callback):
     """Records, after the last optimizer step, the raw and EMA weights and a raw-weight grid; during
     validation, the live weights and a checkpoint written while they are swapped."""
@@ -138,16 +87,17 @@ def ema_run(tmp_path_factory: pytest.TempPathFactory, demo_data: dict) -> dict:
     tmp = tmp_path_factory.mktemp("ema_run")
     grid_args = {"every_n_steps": 3, "classes": [2, 5], "cols": 3, "num_steps": 4, "seed": 7}
     probe = EMAProbe(3, SampleGrid(**grid_args, use_ema=False), tmp / "mid_val.ckpt")
-    args = run_args(
+    args = tiny_args(
         tmp / "run",
         demo_data,
-        [ema_callback(), grid_callback(**grid_args)],
+        HIGH_LR,
         "--trainer.val_check_interval=3",
         "--trainer.limit_val_batches=1",
         "--checkpoint.every_n_train_steps=3",
         steps=3,
+        callbacks=[ema_callback(), grid_callback(**grid_args)],
     )
-    cli = fit(args, probe)
+    cli = fit_with(args, probe)
     return {"tmp": tmp, "args": args, "cli": cli, "probe": probe, "grid_args": grid_args}
 
 
@@ -222,13 +172,12 @@ def test_resume_restores_raw_and_ema_weights(ema_run: dict, tmp_path: Path) -> N
         a for a in ema_run["args"] if not a.startswith(("--trainer.default_root_dir", "--trainer.max_steps"))
     ]
     args += [f"--trainer.default_root_dir={tmp_path / 'resumed'}", "--trainer.max_steps=4"]
-    fit(args, restore, ckpt_path=str(ema_run["tmp"] / "run" / "checkpoints" / "last.ckpt"))
+    fit_with(args, restore, ckpt_path=str(ema_run["tmp"] / "run" / "checkpoints" / "last.ckpt"))
     assert_same(restore.live, probe.raw)
     assert_same(restore.ema, probe.ema)
     assert restore.updates_at_start == 3 and restore.updates_at_end == 4
 
 
-# ------------------------------------------------------------------------------------------------ guard
 class GuardProbe(Callback):
     """Records the stale initial copy, the raw weights after the last step and the weights validation uses."""
 
@@ -256,17 +205,18 @@ class GuardProbe(Callback):
 def test_validation_before_the_first_ema_update(tmp_path: Path, demo_data: dict, callback: str) -> None:
     probe = GuardProbe()
     averaging = {"class_path": callback, "init_args": {"decay": 0.5, "update_starting_at_step": 100}}
-    args = run_args(
+    args = tiny_args(
         tmp_path / "run",
         demo_data,
-        [averaging],
+        HIGH_LR,
         "--trainer.val_check_interval=2",
         "--trainer.limit_val_batches=1",
         steps=2,
+        callbacks=[averaging],
     )
     with warnings.catch_warnings(record=True) as warned:
         warnings.simplefilter("always")
-        fit(args, probe)
+        fit_with(args, probe)
     guard_warned = any("EMA has not been updated yet" in str(w.message) for w in warned)
     ckpt = load_ckpt(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert differing(probe.raw, probe.initial_copy), "the weights should have moved in 2 steps"
@@ -288,70 +238,10 @@ def test_validation_before_the_first_ema_update(tmp_path: Path, demo_data: dict,
 def test_last_checkpoint_written_at_train_end_keeps_the_raw_weights(tmp_path: Path, demo_data: dict) -> None:
     probe = GuardProbe()
     # checkpoint.every_n_train_steps stays at the config's 150: ModelCheckpoint.on_train_end writes last.ckpt.
-    fit(run_args(tmp_path / "run", demo_data, [ema_callback()], steps=3), probe)
+    fit_with(tiny_args(tmp_path / "run", demo_data, HIGH_LR, callbacks=[ema_callback()], steps=3), probe)
     ckpt = load_ckpt(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert differing(ckpt["state_dict"], probe.raw)
     assert_same(ckpt["current_model_state"], probe.raw)
-
-
-# ------------------------------------------------------------------------------------------------ grids
-def grid_run(run_dir: Path, data: dict) -> DiPCLI:
-    grid = grid_callback(every_n_steps=2, classes=[3, 0, 7], cols=2, num_steps=3, seed=5)
-    return fit(run_args(run_dir, data, [ema_callback(), grid], "--checkpoint.every_n_train_steps=4", steps=4))
-
-
-def tensorboard_images(log_dir: Path, tag: str) -> dict[int, torch.Tensor]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(log_dir), size_guidance={"images": 0})
-    events.Reload()
-    return {
-        e.step: torch.from_numpy(np.asarray(Image.open(io.BytesIO(e.encoded_image_string))))
-        .permute(2, 0, 1)
-        .contiguous()
-        for e in events.Images(tag)
-    }
-
-
-def test_sample_grid_same_step_and_seed_give_the_same_image(tmp_path: Path, demo_data: dict) -> None:
-    first = grid_run(tmp_path / "a", demo_data)
-    grid_run(tmp_path / "b", demo_data)
-    grids_a = tmp_path / "a" / "tensorboard" / "grids"
-    grids_b = tmp_path / "b" / "tensorboard" / "grids"
-    # Every 2 steps: 2 and 4; the end of training (step 4) is not written twice.
-    assert sorted(p.name for p in grids_a.glob("*.png")) == ["step_00000002.png", "step_00000004.png"]
-    for name in ("step_00000002.png", "step_00000004.png"):
-        assert (grids_a / name).read_bytes() == (grids_b / name).read_bytes()
-        meta = json.loads((grids_a / name).with_suffix(".json").read_text())
-        assert meta["row_classes"] == [3, 0, 7] and meta["cols"] == 2 and meta["seed"] == 5
-        assert meta["step"] == int(name[5:13])
-    # Rows of 2 images of 32 px with 2 px padding.
-    step4 = read_png(grids_a / "step_00000004.png")
-    assert step4.shape == (3, 3 * 34 + 2, 2 * 34 + 2)
-    assert not torch.equal(read_png(grids_a / "step_00000002.png"), step4)  # the model moved between grids
-
-    # TensorBoard holds the same images, at their steps.
-    logged = tensorboard_images(tmp_path / "a" / "tensorboard", "samples/grid")
-    assert sorted(logged) == [2, 4]
-    assert torch.equal(logged[4], step4)
-
-    # Regenerated from the same weights: the same seed gives the same image, another seed another one.
-    trainer, module = first.trainer, first.model
-    same, classes = SampleGrid(classes=[3, 0, 7], cols=2, num_steps=3, seed=5).generate_grid(trainer, module)
-    other, _ = SampleGrid(classes=[3, 0, 7], cols=2, num_steps=3, seed=6).generate_grid(trainer, module)
-    assert classes == [3, 0, 7]
-    assert torch.equal(same, step4)
-    assert not torch.equal(other, step4)
-
-
-def test_sample_grid_default_classes_and_bad_classes() -> None:
-    grid = SampleGrid(rows=4)
-    assert grid.row_classes(1000) == [0, 250, 500, 750]
-    assert SampleGrid(rows=8).row_classes(8) == list(range(8))
-    with pytest.raises(ValueError, match="outside"):
-        SampleGrid(classes=[0, 8]).row_classes(8)
-    with pytest.raises(ValueError, match="every_n_steps"):
-        SampleGrid(every_n_steps=0)
 
 
 def test_ema_outside_fit_has_no_average() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,65 +11,15 @@ import pytest
 import torch
 
 from dip_lightning.cli import DiPCLI
-
-REPO = Path(__file__).resolve().parents[1]
-TINY_CONFIG = str(REPO / "experiments" / "tiny_cpu.yaml")
-
-# A smaller network than the demo's, so each CLI run costs seconds.
-SMALL_NET = [
-    "--model.net.init_args.hidden_size=64",
-    "--model.net.init_args.depth=2",
-    "--model.net.init_args.num_heads=2",
-    "--model.net.init_args.head.init_args.base_channels=8",
-]
-NO_CALLBACKS = [
-    "--trainer.callbacks=null",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-]
-
-
-def cli_args(tmp_path: Path, data: dict, *extra: str, steps: int = 2, batch_size: int = 8) -> list[str]:
-    return [
-        "--config",
-        TINY_CONFIG,
-        f"--trainer.default_root_dir={tmp_path / 'run'}",
-        f"--trainer.max_steps={steps}",
-        "--trainer.limit_val_batches=0",
-        "--trainer.log_every_n_steps=1",
-        f"--data.init_args.train_shards={data['train_shards']}",
-        f"--data.init_args.val_shards={data['val_shards']}",
-        f"--data.init_args.batch_size={batch_size}",
-        *SMALL_NET,
-        *NO_CALLBACKS,
-        *extra,
-    ]
-
-
-def fit(
-    tmp_path: Path, data: dict, *extra: str, steps: int = 2, batch_size: int = 8
-) -> tuple[DiPCLI, list[float]]:
-    """Run `fit` through the CLI in-process; return the CLI and the per-step flow losses."""
-    from lightning.pytorch.callbacks import Callback
-
-    losses: list[float] = []
-
-    class Record(Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001
-            losses.append(float(outputs["loss"]))
-
-    cli = DiPCLI(args=cli_args(tmp_path, data, *extra, steps=steps, batch_size=batch_size), run=False)
-    cli.trainer.callbacks.append(Record())
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    return cli, losses
+from tests.helpers.tiny import REPO, fit_tiny, subprocess_env, tiny_args
 
 
 def test_same_seed_same_losses(tmp_path: Path, demo_data: dict) -> None:
-    _, first = fit(tmp_path / "a", demo_data, steps=4)
-    _, second = fit(tmp_path / "b", demo_data, steps=4)
+    _, first = fit_tiny(tmp_path / "a", demo_data, steps=4)
+    _, second = fit_tiny(tmp_path / "b", demo_data, steps=4)
     assert len(first) == 4
     assert first == second
-    _, other_seed = fit(tmp_path / "c", demo_data, "--seed_everything=1", steps=4)
+    _, other_seed = fit_tiny(tmp_path / "c", demo_data, "--seed_everything=1", steps=4)
     assert other_seed != first
 
 
@@ -86,7 +35,9 @@ def test_same_seed_same_losses(tmp_path: Path, demo_data: dict) -> None:
 )
 def test_every_head_trains_through_cli(tmp_path: Path, demo_data: dict, head: str) -> None:
     # Replace the whole head entry (the tiny config's PDH options do not apply to the other heads).
-    cli, losses = fit(tmp_path, demo_data, f'--model.net.init_args.head={{"class_path": "{head}"}}', steps=2)
+    cli, losses = fit_tiny(
+        tmp_path, demo_data, f'--model.net.init_args.head={{"class_path": "{head}"}}', steps=2
+    )
     assert type(cli.model.net.head).__name__ == head.rsplit(".", 1)[1]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
@@ -98,7 +49,7 @@ def test_every_placement_trains_through_cli(tmp_path: Path, demo_data: dict, pla
         '{"class_path": "dip_lightning.models.heads.PatchDetailerHead", '
         '"init_args": {"depth": 2, "base_channels": 8}}'
     )
-    cli, losses = fit(
+    cli, losses = fit_tiny(
         tmp_path,
         demo_data,
         f"--model.net.init_args.placement={placement}",
@@ -114,7 +65,7 @@ def test_repa_on_and_off(tmp_path: Path, demo_data: dict) -> None:
         '--model.repa={"encoder": {"class_path": "dip_lightning.encoders.TinyViTEncoder", '
         '"init_args": {"dit_patch_size": 8, "grid_size": 4}}, "block": 1, "weight": 0.5, "projector_dim": 32}',
     ]
-    cli, losses = fit(tmp_path / "on", demo_data, *repa, steps=3)
+    cli, losses = fit_tiny(tmp_path / "on", demo_data, *repa, steps=3)
     metrics = cli.trainer.callback_metrics
     assert "train/repa_loss" in metrics and 0.0 <= float(metrics["train/repa_loss"]) <= 2.0
     # The projector trains; the frozen encoder neither trains nor lands in the checkpoint.
@@ -124,7 +75,7 @@ def test_repa_on_and_off(tmp_path: Path, demo_data: dict) -> None:
     )
     assert any(k.startswith("repa.projector") for k in ckpt["state_dict"])
     assert not any(k.startswith("repa.encoder") for k in ckpt["state_dict"])
-    cli_off, _ = fit(tmp_path / "off", demo_data, steps=1)
+    cli_off, _ = fit_tiny(tmp_path / "off", demo_data, steps=1)
     assert cli_off.model.repa is None
     assert "train/repa_loss" not in cli_off.trainer.callback_metrics
 
@@ -133,7 +84,7 @@ def test_misspelled_key_fails_before_any_work(
     tmp_path: Path, demo_data: dict, capsys: pytest.CaptureFixture
 ) -> None:
     with pytest.raises(SystemExit):
-        DiPCLI(args=cli_args(tmp_path, demo_data, "--model.net.init_args.hiden_size=64"), run=False)
+        DiPCLI(args=tiny_args(tmp_path / "run", demo_data, "--model.net.init_args.hiden_size=64"), run=False)
     err = capsys.readouterr().err
     assert "hiden_size" in err
     assert not (tmp_path / "run").exists()
@@ -160,7 +111,7 @@ def test_step_metrics_are_logged_fresh_and_only_at_logging_steps(
         "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
         f"--trainer.logger.save_dir={tmp_path}",
     ]
-    fit(tmp_path, demo_data, *csv_logger, "--trainer.log_every_n_steps=5", steps=10, batch_size=4)
+    fit_tiny(tmp_path, demo_data, *csv_logger, "--trainer.log_every_n_steps=5", steps=10, batch_size=4)
     logged = {name: [step for n, step in calls if n == name] for name in {n for n, _ in calls}}
     # grad_norm/lr are logged before the update (global_step 4 and 9), the others after it (5 and 10).
     assert logged["train/grad_norm"] == [4, 9] and logged["train/lr"] == [4, 9]
@@ -176,9 +127,9 @@ def test_compile_mode_is_checked_and_passed_to_torch_compile(
     tmp_path: Path, demo_data: dict, capsys: pytest.CaptureFixture
 ) -> None:
     with pytest.raises(SystemExit):
-        DiPCLI(args=cli_args(tmp_path, demo_data, "--model.compile_mode=fastest"), run=False)
+        DiPCLI(args=tiny_args(tmp_path / "run", demo_data, "--model.compile_mode=fastest"), run=False)
     assert "compile_mode" in capsys.readouterr().err
-    args = cli_args(tmp_path, demo_data, "--model.compile=true", "--model.compile_mode=max-autotune")
+    args = tiny_args(tmp_path / "run", demo_data, "--model.compile=true", "--model.compile_mode=max-autotune")
     module = DiPCLI(args=args, run=False).model
     module.setup("fit")  # what Trainer.fit calls: compiles in place, lazily (nothing runs here)
     assert module.compiled_mode == "max-autotune"
@@ -188,7 +139,7 @@ def test_compile_mode_is_checked_and_passed_to_torch_compile(
 
 def test_print_config(tmp_path: Path, demo_data: dict, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        DiPCLI(args=[*cli_args(tmp_path, demo_data), "--print_config"], run=False)
+        DiPCLI(args=[*tiny_args(tmp_path / "run", demo_data), "--print_config"], run=False)
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "dip_lightning.models.DiP" in out and "PatchDetailerHead" in out
@@ -197,7 +148,7 @@ def test_print_config(tmp_path: Path, demo_data: dict, capsys: pytest.CaptureFix
 
 def test_data_model_mismatch_is_a_clear_error(tmp_path: Path, demo_data: dict) -> None:
     with pytest.raises(ValueError, match="input_size"):
-        fit(tmp_path, demo_data, "--model.net.init_args.input_size=64", steps=1)
+        fit_tiny(tmp_path, demo_data, "--model.net.init_args.input_size=64", steps=1)
 
 
 @pytest.mark.slow
@@ -209,7 +160,7 @@ def test_tiny_model_learns_on_real_images(tmp_path: Path, demo_data: dict) -> No
     (280-299): a 69% drop. We require the last window under 45% of the first and under 0.55 absolute, which
     leaves room for platform differences.
     """
-    _, losses = fit(tmp_path, demo_data, "--model.optimizer.init_args.lr=2e-3", steps=300, batch_size=16)
+    _, losses = fit_tiny(tmp_path, demo_data, "--model.optimizer.init_args.lr=2e-3", steps=300, batch_size=16)
     start = sum(losses[:20]) / 20
     end = sum(losses[-20:]) / 20
     (tmp_path / "curve.json").write_text(json.dumps(losses))
@@ -219,15 +170,15 @@ def test_tiny_model_learns_on_real_images(tmp_path: Path, demo_data: dict) -> No
 @pytest.mark.slow
 def test_ddp_two_processes_identical_weights(tmp_path: Path, demo_data: dict) -> None:
     """Two gloo processes launched by Lightning through the CLI; both ranks end with the same weights."""
-    args = ["fit", *cli_args(tmp_path, demo_data, steps=3)]
+    args = ["fit", *tiny_args(tmp_path / "run", demo_data, steps=3)]
     args += [
         "--trainer.accelerator=cpu",
         "--trainer.devices=2",
         "--trainer.strategy=ddp",
-        "--trainer.callbacks+=weights_dump.DumpWeights",
+        "--trainer.callbacks+=tests.helpers.weights_dump.DumpWeights",
         f"--trainer.callbacks.init_args.out_dir={tmp_path / 'weights'}",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO / 'tests'}:{REPO}"}
+    env = subprocess_env(threads=1)
     proc = subprocess.run(
         [sys.executable, "-m", "dip_lightning", *args],
         cwd=REPO,

@@ -7,9 +7,9 @@ import warnings
 
 import pytest
 import torch
-from test_data_helpers import make_recorder, write_id_shards
 
 from dip_lightning.data import ShardDataModule, build_demo_dataset
+from tests.helpers.data import make_recorder, write_id_shards
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings(

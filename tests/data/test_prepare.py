@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_data_helpers import REPO
 
 from dip_lightning.data.prepare import prepare_split
 from dip_lightning.data.preprocess import center_crop_arr, to_rgb
 from dip_lightning.data.shards import expand_shards, iter_shard_samples
 from dip_lightning.data.streams import iter_image_batches
+from tests.helpers.data import REPO
 
 SIZE = 16
 BAD = {"b_dog/empty.jpg", "b_dog/truncated.jpg", "c_fish/notes.txt"}

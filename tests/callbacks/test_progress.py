@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgre
 from dip_lightning.callbacks import RichProgress
 from dip_lightning.cli import DiPCLI
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 class LinearRegression(pl.LightningModule):

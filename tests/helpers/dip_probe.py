@@ -1,5 +1,5 @@
 """Test-only instruments for DiP resume tests, for in-process tests and CLI runs
-(``--trainer.callbacks+=dip_probe.ResumeProbe`` with ``tests/slurm_assets`` on PYTHONPATH).
+(``--trainer.callbacks+=tests.helpers.dip_probe.ResumeProbe`` with the repository on PYTHONPATH).
 
 * :class:`ResumeProbe` prints the lines the SLURM tests wait for, records what every step saw, dumps the final
   state (raw weights, EMA weights, optimizer state) and can send itself a signal or hold at a step until one

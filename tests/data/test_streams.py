@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_data_helpers import ids_of, write_id_shards
 from torch.utils.data import DataLoader
 
 from dip_lightning.data.preprocess import center_crop_arr, decode_image, to_model_range, to_uint8
@@ -21,6 +20,7 @@ from dip_lightning.data.streams import (
     count_samples,
     iter_image_batches,
 )
+from tests.helpers.data import ids_of, write_id_shards
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")

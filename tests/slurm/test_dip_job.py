@@ -1,6 +1,6 @@
 """DiP training on a real SLURM cluster: preempted (USR1), requeued, resumed, bit-identical to no preemption.
 
-The job is ``tests/slurm_assets/dip_fit.sbatch`` running ``srun python -m dip_lightning fit --config
+The job is ``tests/helpers/slurm_assets/dip_fit.sbatch`` running ``srun python -m dip_lightning fit --config
 experiments/tiny_cpu.yaml`` (small overrides, the embedded demo dataset), as a user would submit it. The test
 waits until training runs, sends ``scancel -s USR1`` (what ``--signal=USR1@N`` does before a time limit), and
 checks: the job saved a preemption checkpoint and requeued itself (``SLURM_RESTART_COUNT=1``), the requeued
@@ -20,10 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from slurm_cluster import TERMINAL_STATES, SlurmCluster
-from test_resume import (
-    ASSETS,
-    REPO,
+
+from tests.helpers.resume import (
     STEPS,
     assert_same_final,
     load_final,
@@ -31,10 +29,12 @@ from test_resume import (
     probe_args,
     resume_args,
 )
+from tests.helpers.slurm_cluster import TERMINAL_STATES, SlurmCluster
+from tests.helpers.tiny import REPO, subprocess_env
 
 pytestmark = pytest.mark.slurm
 
-SBATCH = ASSETS / "dip_fit.sbatch"
+SBATCH = REPO / "tests" / "helpers" / "slurm_assets" / "dip_fit.sbatch"
 
 
 def _free_port() -> int:
@@ -49,13 +49,6 @@ def _fit_args(run: Path, out: Path, data: dict, devices: int, **probe: object) -
     return args + probe_args(out, **probe)
 
 
-def _env(devices: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join([str(ASSETS), str(REPO), env.get("PYTHONPATH", "")])
-    return env
-
-
 def _start_reference(tmp_path: Path, data: dict, devices: int) -> tuple[subprocess.Popen[bytes], Path]:
     """The same training, uninterrupted and outside SLURM (Lightning launches the DDP ranks itself)."""
     out = tmp_path / "reference_out"
@@ -67,7 +60,9 @@ def _start_reference(tmp_path: Path, data: dict, devices: int) -> tuple[subproce
         "fit",
         *_fit_args(tmp_path / "reference_run", out, data, devices),
     ]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(devices), stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=subprocess_env(threads=1), stdout=log, stderr=subprocess.STDOUT
+    )
     log.close()
     return proc, out
 
@@ -83,7 +78,7 @@ def _preempt_and_resume(cluster: SlurmCluster, tmp_path: Path, data: dict, devic
         "DIP_PYTHON": sys.executable,
         "DIP_ARGS_FILE": str(args_file),
         "MASTER_PORT": str(_free_port()),
-        "PYTHONPATH": _env(devices)["PYTHONPATH"],
+        "PYTHONPATH": subprocess_env()["PYTHONPATH"],
     }
 
     t0 = time.monotonic()

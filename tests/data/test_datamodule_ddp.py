@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_data_helpers import REPO, make_recorder, write_id_shards
+from tests.helpers.data import REPO, make_recorder, write_id_shards
 
 BATCH, STEPS, WORKERS, SEED = 4, 7, 2, 5
 
@@ -101,7 +101,7 @@ def test_ddp_ranks_get_different_samples_and_equal_batch_counts(tmp_path):
 
     # each rank's stream is the pure function of (seed, rank, world_size, batch index): computing it here
     # in one process without workers gives the same batches, across the two epoch boundaries
-    from test_data_helpers import ids_of
+    from tests.helpers.data import ids_of
 
     dm = _datamodule(str(shard_dir), 0)
     for rank in range(2):

@@ -1,7 +1,7 @@
 """The SLURM harness drives a real Lightning job through preemption, requeue and resume.
 
 Real daemons and commands (sbatch, srun, scancel -s USR1, scontrol requeue from inside Lightning). The trained
-module is a tiny regression in ``slurm_assets/boring_fit.py``, so this test does not depend on the rest of
+module is a tiny regression in ``tests/helpers/slurm_assets/boring_fit.py``, so this test does not depend on the rest of
 the package. The preempted-and-resumed run must end with exactly the weights of an uninterrupted run: the
 data is a pure function of the step and signals are taken at step boundaries (see that script's docstring).
 """
@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from slurm_cluster import TERMINAL_STATES, SlurmCluster
+
+from tests.helpers.slurm_cluster import TERMINAL_STATES, SlurmCluster
 
 pytestmark = pytest.mark.slurm
 
-ASSET = Path(__file__).parent / "slurm_assets" / "boring_fit.py"
+ASSET = Path(__file__).resolve().parents[1] / "helpers" / "slurm_assets" / "boring_fit.py"
 
 
 def _free_port() -> int:

@@ -25,15 +25,7 @@ from dip_lightning.__main__ import main as dip_main
 from dip_lightning.cli import DiPCLI
 from dip_lightning.diffusion import HeunSampler, to_uint8
 from dip_lightning.sample import export_samples, load_module
-
-REPO = Path(__file__).resolve().parents[1]
-TINY_CONFIG = str(REPO / "experiments" / "tiny_cpu.yaml")
-SMALL_NET = [
-    "--model.net.init_args.hidden_size=64",
-    "--model.net.init_args.depth=2",
-    "--model.net.init_args.num_heads=2",
-    "--model.net.init_args.head.init_args.base_channels=8",
-]
+from tests.helpers.tiny import HIGH_LR, REPO, TINY_CONFIG, fit_tiny, subprocess_env, tiny_args
 
 
 @pytest.fixture(scope="module")
@@ -41,24 +33,16 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory, demo_data: dict) -> Path:
     """last.ckpt of an 8-step CLI run with EMA; the last step is a checkpoint step."""
     run_dir = tmp_path_factory.mktemp("export_run") / "run"
     ema = [{"class_path": "dip_lightning.callbacks.EMA", "init_args": {"decay": 0.5}}]
-    args = [
-        "--config",
-        TINY_CONFIG,
-        f"--trainer.default_root_dir={run_dir}",
-        "--trainer.max_steps=8",
-        "--trainer.limit_val_batches=0",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        f"--trainer.callbacks={json.dumps(ema)}",
+    args = tiny_args(
+        run_dir,
+        demo_data,
         "--checkpoint.every_n_train_steps=8",
-        f"--data.init_args.train_shards={demo_data['train_shards']}",
-        f"--data.init_args.val_shards={demo_data['val_shards']}",
-        "--data.init_args.batch_size=8",
-        *SMALL_NET,
-        "--model.optimizer.init_args.lr=1e-2",
+        HIGH_LR,
         "--model.sampler.init_args.num_steps=4",
         "--model.sampler.init_args.time_shift=2.0",
-    ]
+        steps=8,
+        callbacks=ema,
+    )
     cli = DiPCLI(args=args, run=False)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return run_dir / "checkpoints" / "last.ckpt"
@@ -71,13 +55,6 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
 
 def chunk_files(out: Path) -> list[Path]:
     return sorted(out.with_name(out.name + ".parts").glob("chunk_*.npz"))
-
-
-def subprocess_env() -> dict[str, str]:
-    """This environment without launcher variables (the export must see exactly what a test gives it)."""
-    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
 def sample_cmd(ckpt: Path, *flags: str) -> list[str]:
@@ -151,7 +128,7 @@ def test_sample_command_killed_with_sigkill_resumes_byte_identical(ckpt: Path, t
     proc = subprocess.Popen(
         sample_cmd(ckpt, "--out", str(out), *flags),
         cwd=REPO,
-        env=subprocess_env(),
+        env=subprocess_env(threads=1),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -190,7 +167,7 @@ def test_sample_command_spreads_chunks_over_processes(
     rank1 = subprocess.Popen(
         sample_cmd(ckpt, *flags),
         cwd=REPO,
-        env={**subprocess_env(), **srun},
+        env={**subprocess_env(threads=1), **srun},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -340,18 +317,13 @@ def test_fid_command_on_an_export(
 
 def test_checkpoint_trained_with_repa_samples_without_building_repa(tmp_path: Path, demo_data: dict) -> None:
     """Sampling never builds REPA (its encoder's weights file may not exist where samples are drawn)."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_training import TINY_CONFIG, fit
-
     from dip_lightning.sample import load_module
 
     repa = (
         '--model.repa={"encoder": {"class_path": "dip_lightning.encoders.TinyViTEncoder", '
         '"init_args": {"dit_patch_size": 8, "grid_size": 4}}, "block": 1, "projector_dim": 32}'
     )
-    cli, _ = fit(tmp_path, demo_data, repa, steps=2)
+    cli, _ = fit_tiny(tmp_path, demo_data, repa, steps=2)
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert any(k.startswith("repa.projector") for k in torch.load(ckpt, weights_only=False)["state_dict"])
     from_hparams = load_module(ckpt)

@@ -9,7 +9,7 @@ import yaml
 
 from dip_lightning.cli import DiPCLI
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXPERIMENTS = REPO / "experiments"
 RECIPES = sorted(p for p in EXPERIMENTS.glob("*.yaml"))
 ABLATIONS = sorted(EXPERIMENTS.glob("ablations/*.yaml"))
