@@ -121,7 +121,7 @@ def end_to_end(
     import torch
 
     from dip_lightning.data import ShardDataModule
-    from dip_lightning.data.preprocess import to_model_range
+    from dip_lightning.images import to_model_range
 
     dm = ShardDataModule(
         train_shards=pattern, image_size=256, batch_size=batch, num_workers=workers, epoch_length=10**7

@@ -47,7 +47,9 @@ from dip_lightning.models import PatchDetailerHead, create_model, model_summary 
 from dip_lightning.models.registry import MODEL_CONFIGS  # noqa: E402
 
 START = time.time()
-DEFAULT_SECTIONS = "peak,head,syncs,sdpa,train_compiled,sample_compiled,latency_graphs,train_eager,sample_eager"
+DEFAULT_SECTIONS = (
+    "peak,head,syncs,sdpa,train_compiled,sample_compiled,latency_graphs,train_eager,sample_eager"
+)
 DEFAULT_MODELS = "DiT-XL/16,DiP-XL/16,DiP-XL/16+dense2"
 # Rough seconds per model (XL, H200), so that a section is skipped whole rather than cut off midway.
 COST = {

@@ -35,9 +35,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 try:
+    from dip_lightning.images import to_uint8
     from dip_lightning.models import DiP, LinearHead, PatchDetailerHead
 except ModuleNotFoundError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from dip_lightning.images import to_uint8
     from dip_lightning.models import DiP, LinearHead, PatchDetailerHead
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -155,9 +157,11 @@ def train(model: DiP, x: torch.Tensor, args: argparse.Namespace, probe) -> dict:
     return {"train_seconds": time.perf_counter() - start, "curve": curve}
 
 
-def to_uint8(img: torch.Tensor, scale: int) -> np.ndarray:
-    img = F.interpolate(img.clamp(-1, 1), scale_factor=scale, mode="nearest")
-    return ((img[0].permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
+def upscaled_uint8(img: torch.Tensor, scale: int) -> np.ndarray:
+    """The first image as uint8 HWC (the kit's convention), upscaled ``scale`` times (nearest)."""
+    return (
+        to_uint8(F.interpolate(img.float(), scale_factor=scale, mode="nearest"))[0].permute(1, 2, 0).numpy()
+    )
 
 
 def render_report(args: argparse.Namespace, results: dict, command: str, wall: float) -> str:
@@ -257,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         return {f"xpred_t0.5_{k}": v for k, v in metrics(preds[0.5], x, args.cutoff).items()}
 
     results = {}
-    images = [to_uint8(x, 4)]
+    images = [upscaled_uint8(x, 4)]
     for name, model in make_models(args).items():
         n_params = sum(q.numel() for q in model.parameters())
         print(f"== {name}: {n_params:,} parameters, training {args.steps} steps", flush=True)
@@ -271,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         final["euler"] = metrics(samples, x, args.cutoff)
         final["euler_seconds"] = time.perf_counter() - sample_start
         results[name] = {"params": n_params, **run, "final": final}
-        images.append(to_uint8(samples[:1], 4))
+        images.append(upscaled_uint8(samples[:1], 4))
         for row in run["curve"]:
             psnr = row["xpred_t0.5_psnr"]
             print(f"  step {row['step']:5d} loss {row['loss']:.4f} x-pred(t=0.5) PSNR {psnr:.2f}")

@@ -17,7 +17,6 @@ Lightning provides the pieces (``TorchCheckpointIO``, ``hpc_ckpt_N.ckpt`` preemp
 from __future__ import annotations
 
 import contextlib
-import os
 import pickle
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -28,6 +27,8 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from dip_lightning.atomic import atomic_write
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -72,16 +73,6 @@ def _local_path(path: _PATH) -> Path:
     return Path(text[len("file://") :] if text.startswith("file://") else text)
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Persist a rename: fsync the folder entry (not supported everywhere, e.g. some network filesystems)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _describe_load_error(path: _PATH, err: BaseException) -> str:
     if isinstance(err, pickle.UnpicklingError) and "weights_only" in str(err).lower():
         return (
@@ -104,10 +95,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     through an fsspec transaction whose temporary file lives in the system temp folder
     (``tempfile.mkstemp()``). When that is another filesystem than the run folder (local ``/tmp`` vs. a shared
     cluster filesystem, the usual case) the final move is a copy: a job killed during it leaves a truncated
-    checkpoint under the final name, and nothing is fsynced. Here a local save streams ``torch.save`` into
-    ``<folder>/.partial/<name>.<pid>``, fsyncs it, ``os.replace``\\ s it over the target (atomic on POSIX) and
-    fsyncs the folder. Killed at any point, the target is either the complete old file or the complete new
-    one. Remote URLs (``s3://`` ...) keep the stock behaviour.
+    checkpoint under the final name, and nothing is fsynced. Here a local save streams ``torch.save`` through
+    :func:`dip_lightning.atomic.atomic_write` with its temporary file in ``<folder>/.partial/``: killed at any
+    point, the target is either the complete old file or the complete new one. Remote URLs (``s3://`` ...)
+    keep the stock behaviour.
 
     Loading wraps unreadable files in a :class:`CheckpointError` naming the file and the likely cause, instead
     of ``PytorchStreamReader failed reading zip archive``.
@@ -124,21 +115,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"{type(self).__name__} does not support `storage_options`; got {storage_options!r}"
             )
         target = _local_path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
         partial_dir = target.parent / PARTIAL_DIR
-        partial_dir.mkdir(exist_ok=True)
-        tmp = partial_dir / f"{target.name}.{os.getpid()}"
-        try:
-            with open(tmp, "wb") as fh:
-                self._write(checkpoint, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-        _fsync_dir(target.parent)
+        with atomic_write(target, temp_dir=partial_dir) as fh:
+            self._write(checkpoint, fh)
         with contextlib.suppress(OSError):  # only succeeds when no other save is in flight
             partial_dir.rmdir()
 

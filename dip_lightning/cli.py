@@ -23,7 +23,6 @@ A thin :class:`LightningCLI` subclass. What it adds, and why:
 
 from __future__ import annotations
 
-import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,6 @@ from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, Timer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -48,24 +46,9 @@ from dip_lightning.checkpointing import (
 )
 
 # Importing the module also enables sampler subclasses in YAML (see dip_lightning.module).
+from dip_lightning.distributed import launch_place
 from dip_lightning.module import DiPModule
-
-DEFAULT_RUN_DIR = "runs/default"
-
-
-def find_resume_checkpoint(
-    run_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike | None = None
-) -> Path | None:
-    """The checkpoint a resume continues from (:func:`dip_lightning.checkpointing.resolve_resume`)."""
-    return resolve_resume(run_dir, checkpoint_dir).path
-
-
-def _launch_rank() -> int:
-    """This process's global rank as the launcher set it (0 for the process that launches the others)."""
-    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        if os.environ.get(key, "").isdigit():
-            return int(os.environ[key])
-    return 0
+from dip_lightning.run_folder import DEFAULT_RUN_DIR, LOG_VERSION
 
 
 def _as_list(value: Any) -> list:
@@ -127,7 +110,7 @@ class DiPCLI(LightningCLI):
             # Pinned version: every (re)started job of this run logs to the same folder.
             config.trainer.logger = {
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": str(run_dir), "name": "", "version": "tensorboard"},
+                "init_args": {"save_dir": str(run_dir), "name": "", "version": LOG_VERSION},
             }
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
@@ -169,7 +152,7 @@ class DiPCLI(LightningCLI):
             raise FileNotFoundError(f"--ckpt_path {explicit}: no such checkpoint file")
         run_dir = Path(self.trainer.default_root_dir)
         checkpoint_dir = getattr(self.trainer.checkpoint_callback, "dirpath", None)
-        if _launch_rank() == 0:
+        if launch_place().rank == 0:
             # Leftovers of saves that were killed midway; no save can be running yet.
             removed = clean_partial_files({run_dir, Path(checkpoint_dir or run_dir / "checkpoints")})
             if removed:
@@ -182,14 +165,6 @@ class DiPCLI(LightningCLI):
             check_compatible(peek_checkpoint(decision.path, weights_only), self.model, decision.path)
             config["ckpt_path"] = str(decision.path)
         rank_zero_info(decision.message())
-
-
-def logger_dir(trainer: Any) -> Path:
-    """The folder where this run's logs and artefacts (grids, FID csv) go."""
-    logger = trainer.logger
-    if isinstance(logger, TensorBoardLogger):
-        return Path(logger.log_dir)
-    return Path(trainer.default_root_dir)
 
 
 def cli_main(args: list[str] | None = None) -> DiPCLI:

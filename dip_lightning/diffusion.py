@@ -35,7 +35,7 @@ __all__ = [
     "ModelFn",
     "make_noise",
     "shift_time",
-    "to_uint8",
+    "guided_velocity",
 ]
 
 #: ``model_fn(x, t, y) -> v``: x (B, C, H, W), t (B,) in [0, 1], y (B,) long -> velocity (B, C, H, W).
@@ -85,8 +85,8 @@ def _expand_t(t: Tensor, like: Tensor) -> Tensor:
 class FlowMatching:
     """The DiP training objective: linear flow matching with v-prediction, logit-normal times, label dropout.
 
-    A plain object (no parameters), built by LightningCLI from YAML. ``state_dict()`` returns its
-    configuration, k-diffusion style, so a checkpoint records which objective trained the weights.
+    A plain object (no parameters), built by LightningCLI from YAML; :meth:`config` gives its settings. A
+    checkpoint records the objective through the config LightningCLI stores (``hyper_parameters["flow"]``).
 
     Args:
         t_mean: mean of the normal whose sigmoid is the training time (0 in the release).
@@ -112,20 +112,17 @@ class FlowMatching:
         self.label_dropout = float(label_dropout)
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v}" for k, v in self.state_dict().items())
+        args = ", ".join(f"{k}={v}" for k, v in self.config().items())
         return f"{type(self).__name__}({args})"
 
-    # -- configuration as state ------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, float]:
+    def config(self) -> dict[str, float]:
+        """The constructor arguments that rebuild this objective: ``FlowMatching(**fm.config())``."""
         return {
             "t_mean": self.t_mean,
             "t_std": self.t_std,
             "time_shift": self.time_shift,
             "label_dropout": self.label_dropout,
         }
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.__init__(**state)  # re-validates
 
     # -- pieces ----------------------------------------------------------------------------------------------
     def sample_t(
@@ -213,14 +210,21 @@ def make_noise(
     return torch.stack(noise).to(device=device, dtype=dtype)
 
 
-def to_uint8(x: Tensor) -> Tensor:
-    """Images in [-1, 1] (B, C, H, W) -> uint8 (B, C, H, W), the DiT/ADM convention.
+def guided_velocity(
+    model_fn: ModelFn, x: Tensor, t: Tensor, y: Tensor, null_class: int, cfg_scale: float
+) -> Tensor:
+    """Classifier-free guidance, the kit's only implementation: ``v_u + w (v_c - v_u)``, in ``x``'s dtype.
 
-    ``clamp(127.5 * x + 128, 0, 255)`` then truncation, which is round-half-up of ``127.5 * (x + 1)``: -1 ->
-    0, 1 -> 255, 0 -> 128. Values outside [-1, 1] are clipped (the sampler returns the raw ODE endpoint).
+    ``w = 1`` is one forward on the conditional batch (the unconditional branch is not computed). Otherwise one
+    forward on the doubled batch ``[x; x]`` with labels ``[y; null]`` (the paper's "100x2" evaluations).
+    ``t`` is (B,).
     """
-    x = x.to(torch.promote_types(x.dtype, torch.float32))
-    return torch.clamp(127.5 * x + 128.0, 0.0, 255.0).to(torch.uint8)
+    if cfg_scale == 1.0:
+        return model_fn(x, t, y).to(x.dtype)
+    batch = x.shape[0]
+    out = model_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_class)]))
+    v_cond, v_uncond = out.to(x.dtype)[:batch], out.to(x.dtype)[batch:]
+    return v_uncond + cfg_scale * (v_cond - v_uncond)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -308,20 +312,10 @@ class ODESampler:
         return t_min + _INTERVAL_TOL < t < t_max - _INTERVAL_TOL
 
     def velocity(self, model_fn: ModelFn, x: Tensor, t: float, y: Tensor, null_class: int) -> Tensor:
-        """The (possibly guided) velocity at time ``t``, in ``x``'s dtype.
-
-        Unguided: one forward on the conditional batch. Guided: one forward on ``[x; x]`` with labels
-        ``[y; null]``, then ``v_u + w (v_c - v_u)``.
-        """
-        batch = x.shape[0]
-        if not self.guided(t):
-            t_vec = torch.full((batch,), t, device=x.device, dtype=x.dtype)
-            return model_fn(x, t_vec, y).to(x.dtype)
-        t_vec = torch.full((2 * batch,), t, device=x.device, dtype=x.dtype)
-        y_null = torch.full_like(y, null_class)
-        out = model_fn(torch.cat([x, x]), t_vec, torch.cat([y, y_null])).to(x.dtype)
-        v_cond, v_uncond = out[:batch], out[batch:]
-        return v_uncond + self.cfg_scale * (v_cond - v_uncond)
+        """The velocity at time ``t``, guided (:func:`guided_velocity`) where :meth:`guided` says so."""
+        scale = self.cfg_scale if self.guided(t) else 1.0
+        t_vec = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
+        return guided_velocity(model_fn, x, t_vec, y, null_class, scale)
 
     def evaluation_times(self) -> list[float]:
         """Times at which the network is evaluated, in order."""

@@ -47,6 +47,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from dip_lightning.atomic import atomic_write
+
 if TYPE_CHECKING:
     from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -162,7 +164,7 @@ class FeatureExtractor(nn.Module):
         if images.dtype != torch.uint8:
             raise TypeError(
                 f"FID extractors take uint8 images in [0, 255], got {images.dtype}; convert with "
-                "dip_lightning.diffusion.to_uint8 (and keep FrechetInceptionDistance(normalize=False))."
+                "dip_lightning.images.to_uint8 (and keep FrechetInceptionDistance(normalize=False))."
             )
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape (N, 3, H, W), got {tuple(images.shape)}")
@@ -430,29 +432,20 @@ class StatsAccumulator:
 
 
 def save_stats(path: str | os.PathLike[str], stats: FIDStats, overwrite: bool = False) -> None:
-    """Write statistics as npz atomically (temporary file + rename), refusing to replace a file by default.
+    """Write statistics as npz atomically (:func:`dip_lightning.atomic.atomic_write`), refusing to replace a
+    file by default.
 
     Reference statistics are expensive (hours over ImageNet) and silently overwriting them with a run over the
     wrong shards would make every later FID wrong, hence the explicit ``overwrite``.
     """
-    out = Path(path)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite (overwrite=True) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:  # a file object stops np.savez from appending ".npz" to the name
-            np.savez(
-                f,
-                mu=np.asarray(stats.mu, dtype=np.float64),
-                sigma=np.asarray(stats.sigma, dtype=np.float64),
-                num_samples=np.int64(stats.num_samples),
-                extractor=np.str_(stats.extractor),
-            )
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_write(path, overwrite=overwrite) as f:  # a file object stops np.savez from adding ".npz"
+        np.savez(
+            f,
+            mu=np.asarray(stats.mu, dtype=np.float64),
+            sigma=np.asarray(stats.sigma, dtype=np.float64),
+            num_samples=np.int64(stats.num_samples),
+            extractor=np.str_(stats.extractor),
+        )
 
 
 def _has_stats(npz: Any) -> bool:

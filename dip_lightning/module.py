@@ -28,8 +28,10 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import nn
 
-from dip_lightning.diffusion import EulerSampler, FlowMatching, ODESampler, make_noise, to_uint8
+from dip_lightning.diffusion import EulerSampler, FlowMatching, ODESampler, make_noise
+from dip_lightning.images import to_uint8
 from dip_lightning.repa import REPA
+from dip_lightning.seeding import mix_seed
 
 # Samplers are dataclasses; let YAML (and load_from_checkpoint, which re-parses the stored config) pick any
 # subclass: `class_path: dip_lightning.diffusion.HeunSampler`.
@@ -37,18 +39,6 @@ set_parsing_settings(subclasses_enabled=[ODESampler])
 
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
-
-
-def _mix_seed(*values: int) -> int:
-    """A 63-bit seed from several integers (splitmix64 steps), so nearby steps/ranks get unrelated streams."""
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = (h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) & 0xFFFFFFFFFFFFFFFF
-        h = (h + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
-        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h >> 1
 
 
 class _SharedOnCopy:
@@ -208,7 +198,7 @@ class DiPModule(pl.LightningModule):
             self._noise_micro += 1
         rank = self.global_rank if self._trainer is not None else 0
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        return torch.Generator(device=device).manual_seed(_mix_seed(seed, rank, step, self._noise_micro))
+        return torch.Generator(device=device).manual_seed(mix_seed(seed, rank, step, self._noise_micro))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch

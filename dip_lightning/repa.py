@@ -15,9 +15,6 @@ Deviations, on purpose:
 
 from __future__ import annotations
 
-import contextlib
-import inspect
-from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -26,7 +23,7 @@ from torch import Tensor, nn
 
 from dip_lightning.encoders import FeatureEncoder
 
-__all__ = ["REPA", "capture_block_output"]
+__all__ = ["REPA"]
 
 
 class REPA(nn.Module):
@@ -141,44 +138,6 @@ class REPA(nn.Module):
 
     def forward(self, hidden_tokens: Tensor, clean_images: Tensor) -> Tensor:
         return self.loss(hidden_tokens, clean_images)
-
-    # -- plumbing --------------------------------------------------------------------------------------------
-    def forward_net(self, net: nn.Module, x_t: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Run ``net`` and return ``(v, hidden)`` with hidden the output of block :attr:`block`.
-
-        Uses the model contract ``net(x, t, y, return_block=k) -> (v, hidden)`` when ``net.forward`` accepts
-        ``return_block``; otherwise a forward hook on ``net.blocks[k - 1]`` (the released mechanism).
-        """
-        params = inspect.signature(net.forward).parameters
-        if "return_block" in params:
-            return net(x_t, t, y, return_block=self.block)
-        blocks = getattr(net, "blocks", None)
-        if blocks is None:
-            raise TypeError(f"{type(net).__name__} has neither a return_block argument nor a .blocks list")
-        with capture_block_output(blocks, self.block) as captured:
-            v = net(x_t, t, y)
-        return v, captured[0]
-
-
-@contextlib.contextmanager
-def capture_block_output(blocks: Sequence[nn.Module], block: int) -> Iterator[list[Tensor]]:
-    """Context manager: record the output of ``blocks[block - 1]`` (1-indexed) during forwards run inside it.
-
-    Yields a list that receives one tensor per forward of that block (the first element when the block returns
-    a tuple). The hook is removed on exit, also on error.
-    """
-    if not 1 <= block <= len(blocks):
-        raise ValueError(f"block {block} is outside 1..{len(blocks)}")
-    captured: list[Tensor] = []
-
-    def hook(module: nn.Module, args: Any, output: Any) -> None:
-        captured.append(output[0] if isinstance(output, tuple) else output)
-
-    handle = blocks[block - 1].register_forward_hook(hook)
-    try:
-        yield captured
-    finally:
-        handle.remove()
 
 
 def _drop_encoder_state(module: REPA, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:

@@ -36,22 +36,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dip_lightning.diffusion import to_uint8
+from dip_lightning.atomic import atomic_write, atomic_write_json
+from dip_lightning.distributed import launch_place
+from dip_lightning.images import to_uint8
 from dip_lightning.module import COMPILE_MODES
+from dip_lightning.seeding import sample_labels_and_seeds
 
 
 # ---------------------------------------------------------------------------------------------- labels and seeds
-def sample_labels(indices: np.ndarray, num_classes: int, balanced: bool = True, seed: int = 0) -> np.ndarray:
-    """Class label of each global sample index: ``i % num_classes``, or a seeded draw when not balanced."""
-    indices = np.asarray(indices, dtype=np.int64)
-    if balanced:
-        return indices % num_classes
-    # A counter-based draw: label of index i depends only on (seed, i), never on which chunk computes it.
-    return np.array(
-        [np.random.default_rng([seed, int(i)]).integers(num_classes) for i in indices], dtype=np.int64
-    )
-
-
 class LabelSeedDataset(Dataset):
     """Items ``{"labels", "seeds", "index"}`` for global sample indices [start, start + num_samples)."""
 
@@ -59,18 +51,16 @@ class LabelSeedDataset(Dataset):
         self, num_samples: int, num_classes: int, seed: int = 0, balanced: bool = True, start: int = 0
     ):
         self.indices = np.arange(start, start + num_samples, dtype=np.int64)
-        self.labels = sample_labels(self.indices, num_classes, balanced, seed)
-        self.seed = seed
+        self.labels, self.seeds = sample_labels_and_seeds(self.indices, num_classes, seed, balanced)
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        index = int(self.indices[i])
         return {
             "labels": torch.tensor(self.labels[i]),
-            "seeds": torch.tensor(self.seed + index),
-            "index": torch.tensor(index),
+            "seeds": torch.tensor(self.seeds[i]),
+            "index": torch.tensor(self.indices[i]),
         }
 
 
@@ -168,31 +158,21 @@ def load_module(
 
 
 # ---------------------------------------------------------------------------------------------- export
-def _dist_info() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun or SLURM env variables, else single process."""
-    for rank_key, world_key, local_key in (
-        ("RANK", "WORLD_SIZE", "LOCAL_RANK"),
-        ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
-    ):
-        if rank_key in os.environ and world_key in os.environ:
-            return int(os.environ[rank_key]), int(os.environ[world_key]), int(os.environ.get(local_key, 0))
-    return 0, 1, 0
-
-
 def chunk_path(parts_dir: Path, chunk: int) -> Path:
     return parts_dir / f"chunk_{chunk:06d}.npz"
 
 
-def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
     """``np.savez`` layout (uncompressed ``<name>.npy`` members) with fixed member timestamps, so equal arrays
-    give equal files; written to a temporary name and renamed, so a reader never sees a partial file."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+    give equal files; written atomically, so a reader never sees a partial file."""
+    with (
+        atomic_write(path) as fh,
+        zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf,
+    ):
         for name, array in arrays.items():
             info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             with zf.open(info, "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
-    os.replace(tmp, path)
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:
@@ -217,9 +197,7 @@ def _check_job(parts: Path, job: dict[str, Any]) -> None:
                 "or choose another --out (nothing was changed)."
             )
         return
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(job, indent=1, sort_keys=True))
-    os.replace(tmp, path)  # ranks starting together write the same content
+    atomic_write_json(path, job)  # ranks starting together write the same content
 
 
 def export_samples(
@@ -274,15 +252,14 @@ def export_samples(
         chunk_start = time.perf_counter()
         start, stop = chunk * chunk_size, min((chunk + 1) * chunk_size, num_samples)
         indices = np.arange(start, stop, dtype=np.int64)
-        labels = sample_labels(indices, num_classes, balanced, seed)
+        labels, seeds = sample_labels_and_seeds(indices, num_classes, seed, balanced)
         images = []
         for b in range(0, len(indices), batch_size):
             y = torch.from_numpy(labels[b : b + batch_size])
-            seeds = torch.from_numpy(indices[b : b + batch_size] + seed)
-            x = module.generate(y, seeds, **sampler_overrides)
+            x = module.generate(y, torch.from_numpy(seeds[b : b + batch_size]), **sampler_overrides)
             # The project's uint8 convention (as grids, FID, predict): an index gives the same pixels.
             images.append(to_uint8(x).permute(0, 2, 3, 1).cpu().numpy())
-        _save_npz_atomic(path, images=np.concatenate(images), labels=labels, indices=indices)
+        _save_npz(path, images=np.concatenate(images), labels=labels, indices=indices)
         done_now += 1
         seconds = time.perf_counter() - chunk_start
         print(
@@ -309,7 +286,7 @@ def export_samples(
         raise RuntimeError(
             f"chunks in {parts} do not cover 0..{num_samples - 1} exactly; remove the folder and rerun"
         )
-    _save_npz_atomic(out, arr_0=images, arr_1=labels)
+    _save_npz(out, arr_0=images, arr_1=labels)
     return out
 
 
@@ -347,8 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    rank, world_size, local_rank = _dist_info()
-    device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    place = launch_place()
+    rank, world_size = place.rank, place.world_size
+    device = args.device or (f"cuda:{place.local_rank}" if torch.cuda.is_available() else "cpu")
     module = load_module(args.ckpt_path, args.config, raw_weights=args.raw_weights)
     if args.compile:
         module.compile_network(args.compile, dynamic=False)

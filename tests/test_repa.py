@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dip_lightning.encoders import DINOv2Encoder, DINOv2ViT, FeatureEncoder, TinyViTEncoder
-from dip_lightning.repa import REPA, capture_block_output
+from dip_lightning.repa import REPA
 
 torch.set_num_threads(1)
 
@@ -228,49 +228,6 @@ def test_repa_state_dict_excludes_encoder_and_loads_strictly() -> None:
     enc_before = {k: v.clone() for k, v in other.repa.encoder.state_dict().items()}
     full = {**parent.state_dict(), **{f"repa.encoder.{k}": v for k, v in enc_before.items()}}
     other.load_state_dict(full, strict=True)  # an old checkpoint with the encoder still loads
-
-
-class ToyNet(nn.Module):
-    def __init__(self, width: int = 24, depth: int = 3) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return x
-
-
-class ToyNetWithReturnBlock(ToyNet):
-    def forward(self, x, t, y, return_block: int | None = None):  # noqa: ANN001, ANN201
-        hidden = None
-        for i, block in enumerate(self.blocks, start=1):
-            x = block(x)
-            if i == return_block:
-                hidden = x
-        return (x, hidden) if return_block is not None else x
-
-
-def test_block_output_plumbing() -> None:
-    torch.manual_seed(0)
-    x = torch.randn(2, 16, 24)
-    t, y = torch.zeros(2), torch.zeros(2, dtype=torch.long)
-    net = ToyNet()
-    expected = net.blocks[1](net.blocks[0](x))
-    with capture_block_output(net.blocks, 2) as captured:
-        out = net(x, t, y)
-    assert len(captured) == 1 and torch.equal(captured[0], expected)
-    net(x, t, y)
-    assert len(captured) == 1  # hook removed on exit
-    repa = small_repa(block=2)
-    v, hidden = repa.forward_net(net, x, t, y)
-    assert torch.equal(v, out) and torch.equal(hidden, expected)
-    net2 = ToyNetWithReturnBlock()
-    net2.load_state_dict(net.state_dict())
-    v2, hidden2 = repa.forward_net(net2, x, t, y)
-    assert torch.equal(v2, out) and torch.equal(hidden2, expected)
-    with pytest.raises(ValueError), capture_block_output(net.blocks, 4):
-        pass
 
 
 def test_repa_built_from_yaml_by_jsonargparse() -> None:

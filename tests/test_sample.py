@@ -23,7 +23,8 @@ import torch
 
 from dip_lightning.__main__ import main as dip_main
 from dip_lightning.cli import DiPCLI
-from dip_lightning.diffusion import HeunSampler, to_uint8
+from dip_lightning.diffusion import HeunSampler
+from dip_lightning.images import to_uint8
 from dip_lightning.sample import export_samples, load_module
 from tests.helpers.tiny import HIGH_LR, REPO, TINY_CONFIG, fit_tiny, subprocess_env, tiny_args
 

@@ -31,6 +31,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from dip_lightning.callbacks.ema import sampling_module
 from dip_lightning.fid import (
     FIDHelperInception,
     FIDStats,
@@ -40,22 +41,11 @@ from dip_lightning.fid import (
     save_stats,
     set_reference_stats,
 )
+from dip_lightning.images import to_uint8
+from dip_lightning.run_folder import artefact_dir
+from dip_lightning.seeding import sample_labels_and_seeds
 
 METRIC_NAME = "val/fid"
-
-
-def _to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] floats -> uint8 with the project's convention (dip_lightning.diffusion.to_uint8)."""
-    from dip_lightning.diffusion import to_uint8
-
-    return to_uint8(x)
-
-
-def _sampling_module(trainer: pl.Trainer, pl_module: pl.LightningModule, use_ema: bool) -> Any:
-    """The generating module: the EMA copy when an EMA callback has one and ``use_ema``, else pl_module."""
-    from dip_lightning.callbacks.ema import sampling_module
-
-    return sampling_module(trainer, pl_module, use_ema)
 
 
 class FIDCallback(pl.Callback):
@@ -78,7 +68,8 @@ class FIDCallback(pl.Callback):
         seed: seed of global sample 0; sample ``i`` uses ``seed + i``.
         on_train_end: also evaluate at the end of training (unless the last step was just evaluated).
         num_steps, cfg_scale, cfg_interval: sampler overrides for ``generate`` (None keeps the module's).
-        csv_name: file (under ``trainer.log_dir``) that gets one ``step,fid,...`` row per evaluation.
+        csv_name: file in the run's artefact folder (:func:`dip_lightning.run_folder.artefact_dir`) that gets
+            one ``step,fid,...`` row per evaluation.
         metric_name: key for the loggers and ``callback_metrics``; give each FID callback its own when
             several run side by side (e.g. ``val/fid_cfg``).
     """
@@ -229,17 +220,18 @@ class FIDCallback(pl.Callback):
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
         """Generate this rank's samples, reduce over ranks and return the FID (call on every rank)."""
         start = time.perf_counter()
-        module = _sampling_module(trainer, pl_module, self.use_ema)
+        module = sampling_module(trainer, pl_module, self.use_ema)
         device = pl_module.device
         metric = self._get_metric(device)
         self._load_real(trainer, pl_module, metric)
         num_classes = int(module.num_classes)
         for chunk in self._indices(trainer.global_rank, trainer.world_size).split(self.batch_size):
-            labels = (chunk % num_classes).to(device)
-            seeds = (chunk + self.seed).to(device)
-            images = module.generate(labels, seeds, **self.sampler_overrides)
+            labels, seeds = sample_labels_and_seeds(chunk.numpy(), num_classes, self.seed)
+            images = module.generate(
+                torch.from_numpy(labels), torch.from_numpy(seeds), **self.sampler_overrides
+            )
             # .to(device): an EMA copy kept on another device (EMA(device="cpu")) returns images there.
-            metric.update(_to_uint8(images).to(device), real=False)
+            metric.update(to_uint8(images).to(device), real=False)
         fid = float(metric.compute())  # collective: every rank
         metric.reset()  # fake states only (reset_real_features=False)
         step = trainer.global_step
@@ -249,13 +241,12 @@ class FIDCallback(pl.Callback):
         return fid
 
     def _report(self, trainer: pl.Trainer, step: int, fid: float, seconds: float) -> None:
-        log_dir = trainer.log_dir or trainer.default_root_dir  # log_dir broadcasts: call on every rank
         trainer.callback_metrics[self.metric_name] = torch.tensor(fid, dtype=torch.float64)
         if trainer.global_rank != 0:
             return
         for logger in trainer.loggers:
             logger.log_metrics({self.metric_name: fid}, step=step)
-        path = Path(log_dir) / self.csv_name
+        path = artefact_dir(trainer) / self.csv_name
         path.parent.mkdir(parents=True, exist_ok=True)
         new = not path.exists()
         with open(path, "a", newline="") as f:

@@ -68,6 +68,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from dip_lightning.checkpointing import next_preemption_path, prune_preemption_checkpoints
+from dip_lightning.distributed import is_distributed
 
 __all__ = ["PerJobTimer", "PreemptionGuard", "TrainingInterrupted"]
 
@@ -128,10 +129,6 @@ def restore_rng_states(states: dict[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state(states["cuda"])
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 # -------------------------------------------------------------------------------------------- the guard
@@ -350,7 +347,7 @@ class PreemptionGuard(Callback):
     def state_dict(self) -> dict[str, Any]:
         # Called on every rank inside Trainer.save_checkpoint (every rank calls it): a collective is safe.
         mine = capture_rng_states()
-        if _distributed():
+        if is_distributed():
             gathered: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, mine)
         else:

@@ -4,11 +4,12 @@ plain progress lines where the output is a file (SLURM logs)."""
 from __future__ import annotations
 
 import sys
-import time
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import RichProgressBar
+
+IMAGES_PER_SEC = "train/images_per_sec"
 
 
 class RichProgress(RichProgressBar):
@@ -22,7 +23,7 @@ class RichProgress(RichProgressBar):
 
     Where standard output is not a terminal (a SLURM log file, CI), rich draws the bar only when it stops, so a
     long epoch would leave the log silent for hours; there a plain line is printed every ``log_every_n_steps``
-    instead: step, epoch, images/s since the previous line and the bar's metrics.
+    instead: step, epoch, the images/s the module logged (``train/images_per_sec``) and the bar's metrics.
 
     Args:
         refresh_rate, leave, console_kwargs: as for Lightning's RichProgressBar.
@@ -47,12 +48,12 @@ class RichProgress(RichProgressBar):
         self.log_every_n_steps = log_every_n_steps
         self._metrics: dict[str, int | str | float | dict[str, float]] | None = None
         self._metrics_step = -1
-        self._line_clock: tuple[int, float] | None = None  # (step, time) of the previous plain line
+        self._last_line_step = -1
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         # A bar reused by another fit must not show (or time against) the previous fit's numbers.
-        self._metrics, self._metrics_step, self._line_clock = None, -1, None
+        self._metrics, self._metrics_step, self._last_line_step = None, -1, -1
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -61,21 +62,14 @@ class RichProgress(RichProgressBar):
         step = trainer.global_step
         if self.is_disabled or not self.log_every_n_steps or sys.stdout.isatty():
             return
-        now = time.perf_counter()
-        if self._line_clock is None:
-            self._line_clock = (step, now)
-        if step % self.log_every_n_steps or step == self._line_clock[0]:
+        if step % self.log_every_n_steps or step == self._last_line_step:
             return
-        last_step, last_time = self._line_clock
-        self._line_clock = (step, now)
-        batch_size = (
-            batch[0].shape[0] if isinstance(batch, (list, tuple)) and hasattr(batch[0], "shape") else 0
-        )
-        rate = (step - last_step) * batch_size * trainer.world_size / max(now - last_time, 1e-9)
+        self._last_line_step = step
         max_steps = f"/{trainer.max_steps}" if trainer.max_steps and trainer.max_steps > 0 else ""
         parts = [f"step {step}{max_steps}", f"epoch {trainer.current_epoch}"]
-        if batch_size:
-            parts.append(f"{rate:.1f} img/s")
+        rate = trainer.callback_metrics.get(IMAGES_PER_SEC)  # what the module logged (DiPModule does)
+        if rate is not None:
+            parts.append(f"{float(rate):.1f} img/s")
         for key, value in self.get_metrics(trainer, pl_module).items():
             parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
         print(" | ".join(parts), flush=True)

@@ -18,7 +18,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 
 from dip_lightning.callbacks.ema import sampling_module
-from dip_lightning.diffusion import to_uint8
+from dip_lightning.images import to_uint8
+from dip_lightning.run_folder import artefact_dir
 
 
 def make_grid(images: torch.Tensor, cols: int, padding: int = 2, pad_value: int = 255) -> torch.Tensor:
@@ -108,9 +109,7 @@ class SampleGrid(pl.Callback):
         if not trainer.is_global_zero:
             return None
         grid, classes = self.generate_grid(trainer, pl_module)
-        from dip_lightning.cli import logger_dir
-
-        out_dir = logger_dir(trainer) / "grids"
+        out_dir = artefact_dir(trainer) / "grids"
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"step_{step:08d}.png"
         array = grid.permute(1, 2, 0).numpy()

@@ -19,8 +19,6 @@ _EXPORTS: dict[str, str] = {
     "count_samples": "dip_lightning.data.streams",
     "center_crop_arr": "dip_lightning.data.preprocess",
     "decode_image": "dip_lightning.data.preprocess",
-    "to_model_range": "dip_lightning.data.preprocess",
-    "to_uint8": "dip_lightning.data.preprocess",
     "expand_shards": "dip_lightning.data.shards",
     "read_class_names": "dip_lightning.data.shards",
     "prepare_split": "dip_lightning.data.prepare",
@@ -40,15 +38,13 @@ __all__ = [
     "iter_image_batches",
     "prepare_split",
     "read_class_names",
-    "to_model_range",
-    "to_uint8",
 ]
 
 if TYPE_CHECKING:
     from dip_lightning.data.datamodule import ShardDataModule
     from dip_lightning.data.demo import build_demo_dataset
     from dip_lightning.data.prepare import prepare_split
-    from dip_lightning.data.preprocess import center_crop_arr, decode_image, to_model_range, to_uint8
+    from dip_lightning.data.preprocess import center_crop_arr, decode_image
     from dip_lightning.data.shards import expand_shards, read_class_names
     from dip_lightning.data.streams import (
         TrainPlan,

@@ -56,7 +56,6 @@ Bad data
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -65,7 +64,6 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from dip_lightning.data.preprocess import to_model_range
 from dip_lightning.data.shards import expand_shards, read_class_names, shard_sample_counts
 from dip_lightning.data.streams import (
     TrainShardStream,
@@ -74,6 +72,8 @@ from dip_lightning.data.streams import (
     iter_image_batches,
     manifest_image_size,
 )
+from dip_lightning.distributed import rank_and_world
+from dip_lightning.images import to_model_range
 
 __all__ = ["ShardDataModule", "count_samples", "iter_image_batches", "IMAGENET_TRAIN_SIZE"]
 
@@ -108,12 +108,6 @@ class PositionedDataLoader(DataLoader):
         if hasattr(stream, "pass_start"):
             stream.pass_start[0] = stream.cursor[0]
         return super().__iter__()
-
-
-def _dist_info() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 # ------------------------------------------------------------------------------------------ module
@@ -210,7 +204,7 @@ class ShardDataModule(pl.LightningDataModule):
     def _dist(self) -> tuple[int, int]:
         if self.trainer is not None:
             return self.trainer.global_rank, self.trainer.world_size
-        return _dist_info()
+        return rank_and_world()
 
     # -- streams (public so tools and tests can build any rank's stream)
     def train_stream(self, rank: int | None = None, world_size: int | None = None) -> TrainShardStream:

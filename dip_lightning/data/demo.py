@@ -17,6 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from dip_lightning.atomic import leftover_temp_files
+
 # Sorted, so that the position here is the class index the prepare tool assigns (sorted folder names).
 DEMO_CLASSES: tuple[str, ...] = (
     "astronaut",
@@ -116,8 +118,8 @@ def _is_demo_manifest(path: Path) -> bool:
 
 def _remove_demo_files(out: Path) -> None:
     # Only what an earlier demo build wrote: never a whole folder the user may have pointed us at.
-    for pattern in ("train-*.tar", "train-*.tar.tmp", "val-*.tar", "val-*.tar.tmp", "*-manifest.json"):
-        for path in out.glob(pattern):
+    for pattern in ("train-*.tar", "val-*.tar", "*-manifest.json"):
+        for path in [*out.glob(pattern), *leftover_temp_files(out, pattern)]:
             path.unlink()
     (out / "classes.txt").unlink(missing_ok=True)
     for name in (".train-progress", ".val-progress"):

@@ -17,7 +17,7 @@ layout ``webdataset.TarWriter`` writes (fixed mtime, so reruns give byte-identic
 shuffled globally and deterministically (``--seed``) before they are cut into shards of ``--shard-size``
 samples, so a reader that shuffles within a few shards sees a well mixed stream.
 
-Robustness: shards are written as ``<name>.tar.tmp`` and renamed when complete, with a small record per
+Robustness: shards are written atomically (:mod:`dip_lightning.atomic`), each with a small record per
 shard in ``.<split>-progress/``; a rerun skips complete shards, so an interrupted run resumes to the same
 bytes and never leaves a truncated shard that looks complete. An unreadable input (zero bytes,
 truncated, not an image) is skipped, counted and listed in the manifest; it never stops the run.
@@ -41,6 +41,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from dip_lightning.atomic import atomic_write, atomic_write_json, leftover_temp_files
 
 FORMAT_VERSION = 1
 _TAR_MTIME = 946684800  # 2000-01-01: fixed so that reruns produce identical tar bytes
@@ -172,15 +174,6 @@ def _safe_stem(rel: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", stem)[:60] or "x"
 
 
-def _write_json(path: Path, obj: object) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class ShardTarWriter:
     """Writes samples in the tar layout of ``webdataset.TarWriter``: ustar members ``<key>.<ext>``, a
     sample's members in sorted extension order, fixed mtime / owner / mode (reproducible bytes).
@@ -208,12 +201,10 @@ def write_shard(task: dict) -> dict:
     """Write one shard (runs in a pool worker). Returns its record; bad inputs are listed, never raised."""
     cfg = ShardConfig(**task["config"])
     out = Path(task["out"])
-    final = out / task["name"]
-    tmp = out / (task["name"] + ".tmp")
     bad: list[dict[str, str]] = []
     counts: dict[int, int] = {}
     written = 0
-    with open(tmp, "wb") as f:
+    with atomic_write(out / task["name"]) as f:
         writer = ShardTarWriter(f)
         for key, rel, label in task["items"]:
             try:
@@ -227,20 +218,17 @@ def write_shard(task: dict) -> dict:
             counts[label] = counts.get(label, 0) + 1
             written += 1
         writer.close()
-        f.flush()
-        os.fsync(f.fileno())
-    record = {
-        "name": task["name"],
-        "samples": written,
-        "bytes": tmp.stat().st_size,
-        "class_counts": {str(k): v for k, v in sorted(counts.items())},
-        "bad": bad,
-        "planned": len(task["items"]),
-        "plan_hash": task["plan_hash"],
-    }
-    # Record first, rename last: the final name appears only once the shard and its record are complete.
-    _write_json(Path(task["progress"]) / (task["name"] + ".json"), record)
-    os.replace(tmp, final)
+        record = {
+            "name": task["name"],
+            "samples": written,
+            "bytes": f.tell(),
+            "class_counts": {str(k): v for k, v in sorted(counts.items())},
+            "bad": bad,
+            "planned": len(task["items"]),
+            "plan_hash": task["plan_hash"],
+        }
+        # Record first, shard last: the shard's name appears only once the shard and its record are complete.
+        atomic_write_json(Path(task["progress"]) / (task["name"] + ".json"), record)
     return record
 
 
@@ -344,9 +332,11 @@ def prepare_split(
 
     progress_dir = out / f".{split}-progress"
     plan_file = progress_dir / "plan.json"
+    for leftover in leftover_temp_files(out, f"{split}-*.tar"):  # shards of a killed run, never complete
+        leftover.unlink(missing_ok=True)
     existing = sorted(out.glob(f"{split}-*.tar"))
     if overwrite:
-        for path in [*existing, *out.glob(f"{split}-*.tar.tmp"), out / f"{split}-manifest.json"]:
+        for path in [*existing, out / f"{split}-manifest.json"]:
             path.unlink(missing_ok=True)
         shutil.rmtree(progress_dir, ignore_errors=True)
     elif plan_file.is_file():
@@ -361,7 +351,7 @@ def prepare_split(
             f"{out} already holds {len(existing)} {split}-*.tar files not written by this tool"
         )
     progress_dir.mkdir(exist_ok=True)
-    _write_json(plan_file, {"plan_hash": plan_hash, "config": asdict(cfg), "src": str(src.resolve())})
+    atomic_write_json(plan_file, {"plan_hash": plan_hash, "config": asdict(cfg), "src": str(src.resolve())})
 
     records: dict[int, dict] = {}
     tasks: list[tuple[int, dict]] = []
@@ -431,7 +421,7 @@ def prepare_split(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "elapsed_s": round(time.time() - t0, 2),
     }
-    _write_json(out / f"{split}-manifest.json", manifest)
+    atomic_write_json(out / f"{split}-manifest.json", manifest)
     return manifest
 
 

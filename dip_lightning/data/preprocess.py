@@ -7,21 +7,17 @@
 * :func:`decode_image` turns encoded bytes (any format Pillow reads, any mode: CMYK, greyscale, palette,
   RGBA) into an ``(H, W, 3)`` uint8 RGB array; images that are not already ``size x size`` get the ADM
   crop, so shards holding original bytes (``orig``) or other tools' full-size JPEGs are cropped at load.
-* :func:`to_model_range` / :func:`to_uint8` map between the uint8 batches the loaders yield and the
-  float ``[-1, 1]`` range the model trains on. The conversion belongs on the device: done per image in
-  the loader workers it costs ~0.75 ms per 256 px image (environment.md).
+
+The uint8 <-> ``[-1, 1]`` conversion of loaded batches is :mod:`dip_lightning.images`; it runs batched in the
+main process (or on the device), not per image in the loader workers.
 """
 
 from __future__ import annotations
 
 import io
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
-
-if TYPE_CHECKING:
-    import torch
 
 # ImageNet holds a few huge images; a decompression bomb check would turn them into "bad" samples.
 Image.MAX_IMAGE_PIXELS = None
@@ -96,19 +92,3 @@ def encode_image(img: Image.Image, fmt: str, quality: int = 95, png_level: int =
         img.save(buf, format="JPEG", quality=quality)
         return "jpg", buf.getvalue()
     raise ValueError(f"unknown storage format {fmt!r}; choose one of {STORAGE_FORMATS}")
-
-
-def to_model_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 ``(B, 3, H, W)`` (any memory layout) -> contiguous float32 in ``[-1, 1]`` (``x / 127.5 - 1``)."""
-    import torch
-
-    if images.dtype != torch.uint8:
-        raise TypeError(f"expected a uint8 image batch, got {images.dtype}")
-    return images.contiguous().to(torch.float32).div_(127.5).sub_(1.0)
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Float images in ``[-1, 1]`` -> uint8 ``[0, 255]`` (rounded, clamped); inverse of to_model_range."""
-    import torch
-
-    return ((images.detach().float() + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)

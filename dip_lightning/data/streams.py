@@ -24,6 +24,7 @@ from dip_lightning.data.shards import (
     shard_sample_counts,
     stream_samples,
 )
+from dip_lightning.seeding import hash64
 
 _MAX_WORKER_ROWS = 257  # counters: row 0 = main process, row w + 1 = DataLoader worker w
 _MIN_SAMPLES_FOR_BAD_CHECK = 256
@@ -31,31 +32,8 @@ _WARN_FIRST = 10
 
 Ref = tuple[int, int]  # (shard index, sample ordinal inside the shard)
 
-# ------------------------------------------------------------------------------------------ hashing
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
+# Tags that keep the stream's hashed draws (dip_lightning.seeding.hash64) apart.
 _TAG_CHOICE, _TAG_FLIP, _TAG_PERM = 0x51, 0xF1, 0x9E
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser, vectorised (uint64 wraps silently in numpy arrays)."""
-    x = x + _GOLDEN
-    x = (x ^ (x >> np.uint64(30))) * _M1
-    x = (x ^ (x >> np.uint64(27))) * _M2
-    return x ^ (x >> np.uint64(31))
-
-
-def _hash(*parts: int | np.ndarray) -> np.ndarray:
-    """Counter-based hash of integers / broadcastable arrays: the same inputs give the same bits."""
-    with np.errstate(over="ignore"):
-        h = np.zeros(1, dtype=np.uint64)
-        for part in parts:
-            arr = np.asarray(part)
-            if arr.dtype != np.uint64:
-                arr = (arr.astype(np.int64) if arr.dtype.kind in "iub" else arr).astype(np.uint64)
-            h = _mix64(h ^ arr)
-    return h
 
 
 # ------------------------------------------------------------------------------------------ plan
@@ -71,7 +49,7 @@ class TrainPlan:
         self._segments: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
 
     def _choices(self, js: np.ndarray) -> np.ndarray:
-        h = _hash(self.seed, _TAG_CHOICE, self.rank, js[:, None], np.arange(self.mix)[None, :])
+        h = hash64(self.seed, _TAG_CHOICE, self.rank, js[:, None], np.arange(self.mix)[None, :])
         return (h % np.uint64(self.sizes.size)).astype(np.int64)
 
     def _extend(self, pos: int) -> None:
@@ -117,7 +95,7 @@ class TrainPlan:
         return int(self._ends[int(np.searchsorted(self._ends, pos, side="right"))])
 
     def flips(self, start: int, stop: int) -> np.ndarray:
-        return (_hash(self.seed, _TAG_FLIP, self.rank, np.arange(start, stop)) & np.uint64(1)).astype(bool)
+        return (hash64(self.seed, _TAG_FLIP, self.rank, np.arange(start, stop)) & np.uint64(1)).astype(bool)
 
     def segment_span(self) -> int:
         """An upper bound on a segment's length (for remote look-ahead)."""

@@ -217,16 +217,6 @@ class DiP(nn.Module):
         v = unpatchify(out, p, c, hgt, wid)
         return v if return_block is None else (v, hidden)
 
-    def forward_with_cfg(self, x: Tensor, t: Tensor, y: Tensor, cfg_scale: float) -> Tensor:
-        """Classifier-free guided velocity v_u + w (v_c - v_u), with the batch doubled as [cond; uncond]."""
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        v = self.forward(
-            torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, self.null_class)])
-        )
-        v_cond, v_uncond = v.chunk(2)
-        return v_uncond + cfg_scale * (v_cond - v_uncond)
-
     def head_modules(self) -> dict[str, nn.Module]:
         """Head submodules by attribute name (parameter/FLOP breakdowns, per-group optimiser settings)."""
         heads = {"head": self.head}

@@ -274,7 +274,8 @@ def test_fid_callback_with_the_real_dip_module_and_ema(tmp_path: Path) -> None:
     import functools
 
     from dip_lightning.callbacks.ema import sampling_module
-    from dip_lightning.diffusion import EulerSampler, to_uint8
+    from dip_lightning.diffusion import EulerSampler
+    from dip_lightning.images import to_uint8
     from dip_lightning.models.dip import DiP
     from dip_lightning.models.heads import PatchDetailerHead
     from dip_lightning.module import DiPModule

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from dip_lightning.data.preprocess import center_crop_arr, decode_image, to_model_range, to_uint8
+from dip_lightning.data.preprocess import center_crop_arr, decode_image
 from dip_lightning.data.shards import expand_shards, index_tar, shard_sample_counts
 from dip_lightning.data.streams import (
     TrainPlan,
@@ -20,6 +20,7 @@ from dip_lightning.data.streams import (
     count_samples,
     iter_image_batches,
 )
+from dip_lightning.images import to_model_range, to_uint8
 from tests.helpers.data import ids_of, write_id_shards
 
 torch.set_num_threads(1)

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dip_lightning.diffusion import guided_velocity
 from dip_lightning.models import (
     AttentionHead,
     CoordMLPHead,
@@ -245,13 +246,14 @@ def test_null_class_is_a_separate_label():
         model(x, t, torch.full((2,), NUM_CLASSES + 1))
 
 
-def test_forward_with_cfg():
+def test_guidance_of_the_model_in_one_doubled_batch():
     torch.manual_seed(0)
     model = tiny()
     x, t, y = inputs()
-    torch.testing.assert_close(model.forward_with_cfg(x, t, y, 1.0), model(x, t, y), rtol=1e-4, atol=1e-5)
-    v_u = model(x, t, torch.full_like(y, model.null_class))
-    torch.testing.assert_close(model.forward_with_cfg(x, t, y, 0.0), v_u, rtol=1e-4, atol=1e-5)
+    v_c, v_u = model(x, t, y), model(x, t, torch.full_like(y, model.null_class))
+    for scale in (0.0, 1.0, 2.9):
+        guided = guided_velocity(model, x, t, y, model.null_class, scale)
+        torch.testing.assert_close(guided, v_u + scale * (v_c - v_u), rtol=1e-4, atol=1e-5)
 
 
 def test_scalar_time_broadcasts():

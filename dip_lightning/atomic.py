@@ -1,0 +1,89 @@
+"""Atomic, durable file writes: the one way this kit writes a file that must never be seen half-written.
+
+A write goes to a temporary file in the target's folder (or a given folder on the same filesystem), is flushed
+and fsynced, then renamed over the target with ``os.replace`` (atomic on POSIX), and the folder entry is
+fsynced. Killed at any point, the target is either the complete old file or the complete new one; a failed
+write removes its temporary file and leaves the target untouched. Checkpoints, converted weights, reference
+statistics, sample exports, shards and their records all go through :func:`atomic_write`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["atomic_write", "atomic_write_json", "fsync_dir", "leftover_temp_files"]
+
+
+def fsync_dir(folder: str | os.PathLike[str]) -> None:
+    """Persist a rename: fsync the folder entry (not supported everywhere, e.g. some network filesystems)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _temp_path(folder: Path, name: str) -> Path:
+    # Hidden, and tagged with the pid so that concurrent writers of the same target never share a file.
+    return folder / f".{name}.{os.getpid()}.tmp"
+
+
+def leftover_temp_files(folder: str | os.PathLike[str], name_pattern: str = "*") -> list[Path]:
+    """Temporary files that writes of targets matching ``name_pattern`` (a glob) left in ``folder`` when
+    their process was killed. Remove them only while no such write can be running."""
+    return sorted(Path(folder).glob(f".{name_pattern}.*.tmp"))
+
+
+@contextlib.contextmanager
+def atomic_write(
+    path: str | os.PathLike[str],
+    mode: str = "wb",
+    *,
+    overwrite: bool = True,
+    temp_dir: str | os.PathLike[str] | None = None,
+) -> Iterator[IO[Any]]:
+    """Open ``path`` for writing so that it appears only complete: ``with atomic_write(p) as f: f.write(...)``.
+
+    Args:
+        path: the target; its folder is created.
+        mode: ``"wb"`` or ``"w"`` (text, UTF-8).
+        overwrite: ``False`` refuses an existing target (``FileExistsError``, nothing written). The check is
+            made before and again just before the rename.
+        temp_dir: folder of the temporary file (default: the target's folder). It must be on the target's
+            filesystem, or the rename is a copy.
+    """
+    if mode not in ("wb", "w"):
+        raise ValueError(f"atomic_write writes new files only ('wb' or 'w'), got mode {mode!r}")
+    target = Path(path)
+    if not overwrite and target.exists():
+        raise FileExistsError(f"{target} exists; pass overwrite to replace it (nothing was written)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(temp_dir) if temp_dir is not None else target.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(folder, target.name)
+    try:
+        with open(tmp, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        if not overwrite and target.exists():
+            raise FileExistsError(f"{target} appeared while it was being written; left unchanged")
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(target.parent)
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any, overwrite: bool = True) -> None:
+    """Write ``obj`` as indented, key-sorted JSON with :func:`atomic_write`."""
+    with atomic_write(path, "w", overwrite=overwrite) as handle:
+        json.dump(obj, handle, indent=1, sort_keys=True)
+        handle.write("\n")

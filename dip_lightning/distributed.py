@@ -1,0 +1,70 @@
+"""Which process this is: rank, world size and local rank, from the process group or the launcher.
+
+The one place that knows the launchers' environment variables:
+
+* torchrun / ``torch.distributed.run``: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``;
+* SLURM ``srun``: ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``;
+* Lightning's own launcher (``devices=N`` without torchrun/srun) starts the other processes of a node with
+  ``LOCAL_RANK``, ``NODE_RANK`` and ``WORLD_SIZE`` but no ``RANK``.
+
+Before ``Trainer.fit`` has set up the process group only the launcher's variables tell the ranks apart (e.g.
+which process may clean up a run folder); afterwards :func:`rank_and_world` reads the process group.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+__all__ = ["ProcessPlace", "is_distributed", "launch_place", "rank_and_world"]
+
+
+@dataclass(frozen=True)
+class ProcessPlace:
+    """This process's global rank, the number of processes, and its rank on its node."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+
+def _int(name: str) -> int | None:
+    value = os.environ.get(name, "")
+    return int(value) if value.isdigit() else None
+
+
+def launch_place() -> ProcessPlace:
+    """Rank, world size and local rank as the launcher set them; a process no launcher started is rank 0 of 1.
+
+    A child of Lightning's launcher on node ``NODE_RANK > 0`` does not learn its exact global rank from the
+    environment (the per-node process count is not exported); it gets ``NODE_RANK * WORLD_SIZE + LOCAL_RANK``,
+    which is never 0 there, so "am I rank 0" is always answered right.
+    """
+    for rank_key, world_key, local_key in (
+        ("RANK", "WORLD_SIZE", "LOCAL_RANK"),
+        ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+    ):
+        rank, world = _int(rank_key), _int(world_key)
+        if rank is not None and world is not None:
+            return ProcessPlace(rank, world, _int(local_key) or 0)
+    local = _int("LOCAL_RANK")
+    if local is not None:
+        world = _int("WORLD_SIZE") or 1
+        node = _int("NODE_RANK") or 0
+        return ProcessPlace(node * world + local, world, local)
+    return ProcessPlace()
+
+
+def is_distributed() -> bool:
+    """Whether a process group with more than one process is running."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the process group when there is one, else as the launcher set them."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    place = launch_place()
+    return place.rank, place.world_size
