@@ -12,7 +12,7 @@ DataModule with N DataLoader workers. Not a test; ``make bench-data`` or
 3. End to end: ``ShardDataModule.train_dataloader()`` with 1 and 2 workers on the jpg shards, plus the
    float conversion ``on_after_batch_transfer`` does (here on the CPU, in the main process).
 
-The target (performance-anchors.md): >= 900 decoded img/s per core for 256 px jpg shards.
+The target (BENCHMARKS.md, "Anchors and targets"): >= 900 decoded img/s per core for 256 px jpg shards.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """All diffusion math for DiP in one module: the flow-matching objective, time sampling, ODE samplers and CFG.
 
-Conventions (those of the released DiP/PixNerd code, see ``dip-paper.md`` section 2):
+Conventions (those of the released DiP/PixNerd code, see ``docs/paper.md`` §2.2 and §3):
 
 - **Time runs from noise to data**: ``x_t = t * x + (1 - t) * eps`` with ``t = 0`` pure noise and
   ``t = 1`` clean data. The network predicts the velocity ``v = dx_t/dt = x - eps``. The paper's appendix
@@ -248,7 +248,7 @@ class ODESampler:
             released Euler sampler), ``t`` being the time at which the network is evaluated (t = 0 noise).
             Outside, the velocity is the conditional one and the unconditional branch is **not computed**
             (batch not doubled). The paper's "normalized t in [0.11, 0.97]" is read in this same code
-            convention (``dip-paper.md`` section 4): no guidance for the noisiest 11% and the last 3% of the
+            convention (``docs/paper.md §3.2``): no guidance for the noisiest 11% and the last 3% of the
             trajectory, which is what interval guidance is for (guidance at high noise costs diversity). On
             the 100-step grid ``(0.11, 0.97)`` guides the 85 steps t = 0.12, ..., 0.96, and the steps t =
             0.00, ..., 0.11 and 0.97, 0.98, 0.99 run unguided, the same steps the released float32 code

@@ -144,10 +144,9 @@ class FeatureExtractor(nn.Module):
     and a ``.train()`` on a parent must not turn Inception's batch-norm statistics into batch statistics).
 
     On GPUs, torch runs fp32 convolutions as TF32 by default (``torch.backends.cudnn.conv.fp32_precision``).
-    Measured on an H200 with the default Inception: features within 2.7e-3 (relative) of CPU fp32, FID of 96
-    vs 96 photo crops 64.783 against 64.794, and ~5000 img/s against ~200 img/s with IEEE fp32. We keep
-    torch's setting; compute reference and sample statistics on the same kind of device when agreement
-    beyond ~1e-3 relative matters.
+    With the default Inception that moves features and FID only slightly and is many times faster than IEEE
+    fp32 (BENCHMARKS.md, FID). We keep torch's setting; compute reference and sample statistics on the same
+    kind of device when agreement at that level matters.
     """
 
     num_features: int = 2048
@@ -341,7 +340,7 @@ class TorchmetricsInception(FeatureExtractor):
 class PixelProjection(FeatureExtractor):
     """Fixed random projection of area-downsampled pixels: a cheap, non-perceptual extractor.
 
-    For tests and smoke runs of the FID plumbing on CPU (Inception costs ~0.3 s per image per core). Numbers
+    For tests and smoke runs of the FID plumbing on CPU, where Inception is slow (BENCHMARKS.md, FID). Numbers
     are only comparable with other numbers from the same (num_features, size, seed).
     """
 
@@ -481,8 +480,8 @@ def frechet_distance(
     """Fréchet distance between two Gaussians, in float64: ``|mu1-mu2|² + tr(S1 + S2 - 2 (S1 S2)^½)``.
 
     ``tr((S1 S2)^½)`` is computed as the sum of square roots of the eigenvalues of the symmetric PSD matrix
-    ``S1^½ S2 S1^½`` (same spectrum as ``S1 S2``). Two symmetric eigendecompositions are faster (~6 s at
-    2048 dims on one core, against ~23 s for scipy's ``sqrtm``) and better conditioned than ``sqrtm`` or a
+    ``S1^½ S2 S1^½`` (same spectrum as ``S1 S2``). Two symmetric eigendecompositions are several times faster
+    than scipy's ``sqrtm`` at 2048 dims (BENCHMARKS.md, FID) and better conditioned than ``sqrtm`` or a
     general ``eigvals`` of the non-symmetric product, and tiny negative eigenvalues from round-off are clipped
     instead of producing complex numbers.
     """

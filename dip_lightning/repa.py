@@ -1,6 +1,6 @@
 """REPA (representation alignment) as used by DiP: align a DiT block's tokens with frozen encoder features.
 
-Released recipe (``dip-paper.md`` section 2.1, PixNerd ``REPATrainer``): the output of DiT block 8 (1-indexed)
+Released recipe (``docs/paper.md §2.3``, PixNerd ``REPATrainer``): the output of DiT block 8 (1-indexed)
 goes through a trainable projector ``Linear(D, H) - SiLU - Linear(H, H) - SiLU - Linear(H, E)`` (H = 1152 for
 DiP-XL) and is compared token by token with frozen DINOv2 ViT-B/14 patch features of the clean image:
 ``L_REPA = mean_{batch, tokens}(1 - cos)``, total loss ``L_FM + 0.5 * L_REPA``. The projector trains with the

@@ -178,8 +178,8 @@ class ShardTarWriter:
     """Writes samples in the tar layout of ``webdataset.TarWriter``: ustar members ``<key>.<ext>``, a
     sample's members in sorted extension order, fixed mtime / owner / mode (reproducible bytes).
 
-    Written with :mod:`tarfile` directly because ``import webdataset`` pulls in torch (~3 s per pool
-    worker); the readers (``wds.WebDataset``, ``tar``, this package) see the same thing.
+    Written with :mod:`tarfile` directly because ``import webdataset`` pulls in torch (seconds per pool
+    worker; BENCHMARKS.md, Data); the readers (``wds.WebDataset``, ``tar``, this package) see the same thing.
     """
 
     def __init__(self, fileobj: io.BufferedIOBase) -> None:

@@ -1,6 +1,6 @@
 """DiT backbone pieces of DiP: RMSNorm, 2D RoPE, attention, SwiGLU, adaLN blocks, embedders, patchify.
 
-Everything here follows the released DiP code (dip-paper.md section 1.2), which is PixNerd's `FlattenDiTBlock`
+Everything here follows the released DiP code (docs/paper.md §1.2), which is PixNerd's `FlattenDiTBlock`
 stack: pre-norm RMSNorm, adaLN modulation without a SiLU inside the block (the conditioning vector arrives
 already SiLU-ed), gated residuals, QK-RMSNorm, 2D RoPE and no absolute position embedding.
 """

@@ -1,4 +1,4 @@
-"""DiP: a DiT backbone on large pixel patches plus a per-patch head (dip-paper.md sections 1.1-1.6).
+"""DiP: a DiT backbone on large pixel patches plus a per-patch head (docs/paper.md §1.1-§1.6).
 
 Conventions: x in [-1, 1], t in [0, 1] with t=0 noise and t=1 data, output is the flow velocity v = x - eps,
 and label index `num_classes` is the null class used for classifier-free guidance.
@@ -69,9 +69,8 @@ class DiP(nn.Module):
         checkpoint_blocks: recompute the activations of the first this-many blocks in the backward pass instead
             of keeping them (``torch.utils.checkpoint``, non-reentrant): less activation memory for one more
             forward of those blocks. 0 (default) keeps everything. A memory option: same function and gradients.
-        checkpoint_head: the same for the final head. Measured for DiP-XL/16 (fp32, per image, tensors saved
-            for backward): 1063 MiB in all, 32 MiB per block, 190 MiB for the head (as much as 6 blocks);
-            checkpointing all blocks and the head leaves 32 MiB.
+        checkpoint_head: the same for the final head, which keeps more activations than several blocks
+            together (DiP-XL/16 sizes: BENCHMARKS.md, "Changes since the H200 run", item 5).
     """
 
     def __init__(

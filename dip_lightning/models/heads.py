@@ -14,7 +14,7 @@ Patches are flattened into the batch because every DiP-style head treats patches
 in_channels)` so that a head can be injected from YAML as a `Callable[[int, int, int], PatchHead]` (class_path
 + init_args), the same mechanism Lightning uses for OptimizerCallable.
 
-Sizes the paper does not give (MLP, coordinate-MLP and attention heads, dip-paper.md 1.5) are chosen here and
+Sizes the paper does not give (MLP, coordinate-MLP and attention heads, docs/paper.md §1.5) are chosen here and
 documented per class, aiming at the paper's Table 2 totals where that is cheap.
 """
 
@@ -38,7 +38,7 @@ class PatchHead(nn.Module):
     """Base class of all heads: stores the geometry and which backbone token the head wants.
 
     token_input:
-        "silu_temb": s = silu(t_emb + h_last), what the released DiP hands its head (dip-paper.md 1.2).
+        "silu_temb": s = silu(t_emb + h_last), what the released DiP hands its head (docs/paper.md §1.2).
         "raw": the last block's tokens h_last unchanged, what DiT's FinalLayer receives.
     Subclasses name their last layer `out`; :meth:`zero_init_output_` zeroes it for the `adaln_zero` init.
     """
@@ -72,7 +72,7 @@ def _conv3x3_silu(c_in: int, c_out: int) -> nn.Sequential:
 class PatchDetailerHead(PatchHead):
     """DiP's Patch Detailer Head: a per-patch conv U-Net with the backbone token injected at the bottleneck.
 
-    Layer table of dip-paper.md 1.3 (defaults depth=4, base_channels=64 give exactly 6,968,067 parameters at
+    Layer table of docs/paper.md §1.3 (defaults depth=4, base_channels=64 give exactly 6,968,067 parameters at
     D=1152, independent of P): per stage Conv3x3+SiLU then MaxPool2d(2), channels 3->64->128->256->512;
     bottleneck concat[pooled, token] -> Conv1x1(512+D -> 512)+SiLU; up path ConvTranspose2d(k2, s2, channels
     kept), concat the skip, Conv3x3+SiLU down to the next stage's width (64 at the top); output Conv1x1(64 ->
@@ -84,9 +84,8 @@ class PatchDetailerHead(PatchHead):
     base_channels: width of the first stage; stage i has min(base_channels * 2**i, max_channels) channels.
     max_channels: cap on the doubling (512 by default, the paper's deepest width), so that deeper heads
         (paper Fig 10a) do not grow quadratically in parameters; it does not bind at the defaults.
-    channels_last: run the convolutions in NHWC (numerically the same function). On an H200 this roughly
-        halves the head's cost (performance-anchors.md); on the 2-core CPU it measured 21-46% faster for the
-        XL head (forward + backward, 512 patches) and 6-17% for the tiny config's head (BENCHMARKS.md).
+    channels_last: run the convolutions in NHWC (numerically the same function): much cheaper for this head on
+        GPU and faster on CPU too (BENCHMARKS.md, "Anchors and targets" and the CPU figures).
     dense_conv_side: 3x3 convolutions on maps of side <= this many pixels run as one dense matrix multiply
         (:mod:`dip_lightning.models.dense_conv`): the same function and parameters, computed without the
         multiplications by zero padding. 0 (default, the released computation) turns it off; 2 does the 2x2

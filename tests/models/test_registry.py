@@ -1,4 +1,4 @@
-"""Parameter counts and forward MACs against dip-paper.md (sections 1.2, 1.3, 3.2).
+"""Parameter counts and forward MACs against docs/paper.md (§1.2, §1.3, §4.2).
 
 Full-size models are built on the meta device: no weights are allocated and FlopCounterMode runs on meta
 tensors, so XL counts take well under a second each.
@@ -32,7 +32,7 @@ def meta_model(name: str, **overrides):
 
 @pytest.mark.parametrize("patch_size", [16, 32])
 def test_patch_detailer_head_has_paper_parameter_count(patch_size):
-    # dip-paper.md 1.3 layer table: 6,968,067 at D=1152, independent of P (the token is tiled at P=32).
+    # docs/paper.md §1.3 layer table: 6,968,067 at D=1152, independent of P (the token is tiled at P=32).
     with torch.device("meta"):
         head = PatchDetailerHead(1152, patch_size, 3)
     assert n_params(head) == 6_968_067
@@ -41,7 +41,7 @@ def test_patch_detailer_head_has_paper_parameter_count(patch_size):
 def test_dip_xl16_parameters_match_paper():
     s = model_summary(meta_model("DiP-XL/16"))
     assert s["params_head"] == 6_968_067
-    assert s["params_backbone"] == 625_021_344  # 625.0M [D] in dip-paper.md 1.2
+    assert s["params_backbone"] == 625_021_344  # 625.0M [D] in docs/paper.md §1.2
     assert abs(s["params_total"] - 632.0e6) <= 1e6
 
 
@@ -71,7 +71,7 @@ def test_alternative_heads_are_near_table2_totals(head, paper):
 
 
 def test_dip_xl16_forward_macs_match_paper():
-    # dip-paper.md 1.3: ~110 GMACs backbone + ~17.1 GMACs head = ~127 GMACs per 256px image.
+    # docs/paper.md §1.3: ~110 GMACs backbone + ~17.1 GMACs head = ~127 GMACs per 256px image.
     s = model_summary(meta_model("DiP-XL/16"))
     assert s["gmacs_total"] == pytest.approx(127, rel=0.03)
     assert s["gmacs_backbone"] == pytest.approx(110, rel=0.03)
