@@ -9,7 +9,10 @@ Lightning provides the pieces (``TorchCheckpointIO``, ``hpc_ckpt_N.ckpt`` preemp
   newest preemption checkpoint > ``last.ckpt`` > fresh start, with preemption checkpoints from an older job
   (behind ``last.ckpt``) recognised as stale and ignored.
 * :func:`check_compatible`: a checkpoint written for another model (other shapes or another ``net`` config) is
-  an error that names the mismatch, raised before anything is written.
+  an error that names the mismatch, raised before anything is written; execution-only options (activation
+  checkpointing, memory layout, compilation: each class's ``EXECUTION_OPTIONS``) may change on resume.
+* :func:`optimizer_setting_changes` / :func:`apply_optimizer_setting_changes`: a resume trains with the
+  configured optimizer settings (a new learning rate for a later phase), not the ones the checkpoint saved.
 * preemption checkpoint naming and pruning (:func:`next_preemption_path`,
   :func:`prune_preemption_checkpoints`).
 """
@@ -17,9 +20,10 @@ Lightning provides the pieces (``TorchCheckpointIO``, ``hpc_ckpt_N.ckpt`` preemp
 from __future__ import annotations
 
 import contextlib
+import importlib
 import pickle
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,10 +36,14 @@ from dip_lightning.atomic import atomic_write
 
 __all__ = [
     "AtomicCheckpointIO",
+    "OptimizerSettingChange",
+    "apply_optimizer_setting_changes",
+    "optimizer_setting_changes",
     "CheckpointError",
     "CheckpointMismatchError",
     "ResumeDecision",
     "check_compatible",
+    "execution_option_keys",
     "clean_partial_files",
     "next_preemption_path",
     "peek_checkpoint",
@@ -222,6 +230,8 @@ class ResumeDecision:
     source: str  # "explicit", "preemption", "last" or "fresh"
     step: int | None = None
     ignored: list[tuple[Path, str]] = field(default_factory=list)
+    #: Settings this run changes against the checkpoint (execution options, optimizer settings).
+    changed: list[str] = field(default_factory=list)
 
     def message(self) -> str:
         """One log line."""
@@ -234,6 +244,8 @@ class ResumeDecision:
             text = f"Resume: from {kind} {self.path} (step {self.step})."
         if self.ignored:
             text += " Ignored: " + "; ".join(f"{p.name} ({why})" for p, why in self.ignored) + "."
+        if self.changed:
+            text += " Changed by this run: " + "; ".join(self.changed) + "."
         return text
 
 
@@ -313,26 +325,66 @@ def config_differences(saved: Any, current: Any, prefix: str = "") -> list[tuple
     return diffs
 
 
+def _class_of(class_path: Any) -> type | None:
+    """The class a config's ``class_path`` names, or None when it cannot be imported."""
+    if not isinstance(class_path, str) or "." not in class_path:
+        return None
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), name, None)
+    except ImportError:
+        return None
+
+
+def execution_option_keys(config: Any, prefix: str = "") -> set[str]:
+    """Flattened keys (as :func:`config_differences` names them) of the execution-only options in a config.
+
+    An execution option changes how a component computes, not what (activation checkpointing, memory layout,
+    dense small convolutions, compilation). Each class declares its own in a class attribute
+    ``EXECUTION_OPTIONS``; here every ``{"class_path": ..., "init_args": {...}}`` of the config is looked up.
+    """
+    keys: set[str] = set()
+    config = _plain(config)
+    if isinstance(config, dict):
+        for name in getattr(_class_of(config.get("class_path")), "EXECUTION_OPTIONS", ()):
+            keys.add(f"{prefix}.init_args.{name}" if prefix else f"init_args.{name}")
+        for key, sub in config.items():
+            keys |= execution_option_keys(sub, f"{prefix}.{key}" if prefix else str(key))
+    return keys
+
+
 def check_compatible(
     checkpoint: Mapping[str, Any],
     model: torch.nn.Module,
     path: _PATH,
     config_keys: Iterable[str] = ("net",),
     max_listed: int = 5,
-) -> None:
+) -> list[str]:
     """Raise :class:`CheckpointMismatchError` if ``checkpoint`` was written for another model.
 
     Compares the tensors (names and shapes of ``state_dict``) with ``model``'s, and the hyper-parameters named
     in ``config_keys`` (the network architecture; changes of e.g. the learning rate are legitimate on resume).
     The message names the differing config values and the first mismatching tensors.
+
+    Execution-only options (:func:`execution_option_keys`, and the model class's own ``EXECUTION_OPTIONS``
+    such as ``compile``) may differ: they are returned as ``"key: old -> new"`` lines for the resume log.
     """
-    problems = []
+    problems, changed = [], []
     hparams = getattr(model, "hparams", {}) or {}
     saved_hparams = checkpoint.get("hyper_parameters") or {}
     for key in config_keys:
         if key in saved_hparams and key in hparams:
+            execution = execution_option_keys(hparams[key], key) | execution_option_keys(
+                saved_hparams[key], key
+            )
             for name, old, new in config_differences(saved_hparams[key], hparams[key], prefix=key):
-                problems.append(f"config {name}: checkpoint {old!r}, this run {new!r}")
+                if name in execution:
+                    changed.append(f"{name}: {old!r} -> {new!r}")
+                else:
+                    problems.append(f"config {name}: checkpoint {old!r}, this run {new!r}")
+    for name in getattr(type(model), "EXECUTION_OPTIONS", ()):
+        if name in saved_hparams and name in hparams and saved_hparams[name] != hparams[name]:
+            changed.append(f"{name}: {saved_hparams[name]!r} -> {hparams[name]!r}")
     saved = checkpoint.get("state_dict")
     if not isinstance(saved, Mapping):
         problems.append("no state_dict in the checkpoint")
@@ -363,3 +415,81 @@ def check_compatible(
             + "\nNothing was loaded or written. To start a new experiment, use another "
             "trainer.default_root_dir; to continue this one, run it with the configuration it started with."
         )
+    return changed
+
+
+# ------------------------------------------------------------------------------------------ optimizer settings
+@dataclass
+class OptimizerSettingChange:
+    """A hyperparameter of a restored param group that the run's configured optimizer sets differently."""
+
+    group: int
+    key: str
+    saved: Any
+    configured: Any
+
+    def __str__(self) -> str:
+        where = f"optimizer group {self.group} " if self.group else "optimizer "
+        return f"{where}{self.key}: {self.saved!r} -> {self.configured!r}"
+
+
+def _base_lr(group: Mapping[str, Any]) -> Any:
+    # A scheduler keeps the configured lr as `initial_lr` and moves `lr`; without one `lr` is the setting.
+    return group.get("initial_lr", group.get("lr"))
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return torch.equal(torch.as_tensor(a).cpu(), torch.as_tensor(b).cpu())
+    return a == b
+
+
+def optimizer_setting_changes(
+    checkpoint: Mapping[str, Any], optimizer: torch.optim.Optimizer
+) -> list[OptimizerSettingChange]:
+    """Where the checkpoint's optimizer settings (lr, betas, weight decay, ...) differ from ``optimizer``'s.
+
+    ``optimizer`` is the one the run's configuration builds (before any state is loaded). The learning rate is
+    compared as the configured base value (``initial_lr`` under a scheduler).
+    """
+    states = checkpoint.get("optimizer_states") or []
+    if not states:
+        return []
+    saved_groups = states[0].get("param_groups", [])
+    changes = []
+    for i, (saved, configured) in enumerate(zip(saved_groups, optimizer.param_groups)):
+        for key in sorted(set(configured) - {"params", "initial_lr"}):
+            if key not in saved:
+                continue
+            old, new = (
+                (_base_lr(saved), _base_lr(configured)) if key == "lr" else (saved[key], configured[key])
+            )
+            if not _same(old, new):
+                changes.append(OptimizerSettingChange(i, key, old, new))
+    return changes
+
+
+def apply_optimizer_setting_changes(
+    checkpoint: MutableMapping[str, Any], changes: Iterable[OptimizerSettingChange]
+) -> None:
+    """Write configured settings into the checkpoint's optimizer (and scheduler) state before Lightning loads it.
+
+    A new base learning rate under a scheduler rescales the scheduled lr by new/old and replaces the
+    scheduler's ``base_lrs`` entry, so the schedule continues from the same point with the new peak.
+    """
+    groups = checkpoint["optimizer_states"][0]["param_groups"]
+    schedulers = checkpoint.get("lr_schedulers") or []
+    for change in changes:
+        group = groups[change.group]
+        if change.key != "lr":
+            group[change.key] = change.configured
+            continue
+        if "initial_lr" in group:
+            group["lr"] = group["lr"] * (change.configured / change.saved)
+            group["initial_lr"] = change.configured
+            for scheduler in schedulers:
+                base_lrs = scheduler.get("base_lrs")
+                if base_lrs is not None and change.group < len(base_lrs):
+                    base_lrs[change.group] = change.configured
+        else:
+            group["lr"] = change.configured

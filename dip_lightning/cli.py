@@ -41,6 +41,7 @@ from dip_lightning.checkpointing import (
     AtomicCheckpointIO,
     check_compatible,
     clean_partial_files,
+    optimizer_setting_changes,
     peek_checkpoint,
     resolve_resume,
 )
@@ -162,7 +163,12 @@ class DiPCLI(LightningCLI):
         weights_only = config.get("weights_only") is not False  # torch's default, as Lightning's load
         decision = resolve_resume(run_dir, checkpoint_dir, explicit=explicit, weights_only=weights_only)
         if decision.path is not None:
-            check_compatible(peek_checkpoint(decision.path, weights_only), self.model, decision.path)
+            checkpoint = peek_checkpoint(decision.path, weights_only)
+            decision.changed = check_compatible(checkpoint, self.model, decision.path)
+            # What DiPModule.on_load_checkpoint will apply to the restored optimizer.
+            configured = getattr(self.model, "configured_optimizer", None)
+            if configured is not None:
+                decision.changed += [str(c) for c in optimizer_setting_changes(checkpoint, configured())]
             config["ckpt_path"] = str(decision.path)
         rank_zero_info(decision.message())
 

@@ -26,8 +26,10 @@ import torch
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
+from dip_lightning.checkpointing import apply_optimizer_setting_changes, optimizer_setting_changes
 from dip_lightning.diffusion import EulerSampler, FlowMatching, ODESampler, make_noise
 from dip_lightning.images import to_uint8
 from dip_lightning.repa import REPA
@@ -68,6 +70,9 @@ def default_optimizer(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
 class DiPModule(pl.LightningModule):
     """Trains a DiP network with flow matching and REPA; generates images with an ODE sampler.
 
+    On resume the configured optimizer settings apply (lr, betas, weight decay ...; a new lr continues a
+    schedule from the same point), not the ones the checkpoint saved; the resume log line lists what changed.
+
     Args:
         net: the denoiser, ``net(x, t, y) -> v`` (a :class:`dip_lightning.models.DiP`).
         flow: the flow-matching objective (interpolant, time distribution, label dropout).
@@ -82,6 +87,9 @@ class DiPModule(pl.LightningModule):
         sample_dtype: autocast dtype for sampling on GPU (``bfloat16`` as in the release; ``float32`` to disable).
         val_seed: seed of the fixed noise/time draws that make the validation loss comparable across evaluations.
     """
+
+    #: Options that change how the module computes, not what: a resume may change them.
+    EXECUTION_OPTIONS = ("compile", "compile_mode")
 
     def __init__(
         self,
@@ -291,6 +299,18 @@ class DiPModule(pl.LightningModule):
         }
 
     # ------------------------------------------------------------------ optimisation
+    def configured_optimizer(self) -> torch.optim.Optimizer:
+        """A fresh optimizer as this run's configuration builds it (for comparing settings on resume)."""
+        built = self.configure_optimizers()
+        return built["optimizer"] if isinstance(built, dict) else built
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Runs before Lightning loads the optimizer from this same dict: the configured settings win.
+        fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+        if fitting and checkpoint.get("optimizer_states"):
+            changes = optimizer_setting_changes(checkpoint, self.configured_optimizer())
+            apply_optimizer_setting_changes(checkpoint, changes)
+
     def configure_optimizers(self) -> Any:
         # The frozen REPA encoder has requires_grad=False; only trainable tensors go to the optimizer.
         params = [p for p in self.parameters() if p.requires_grad]

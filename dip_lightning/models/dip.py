@@ -73,6 +73,10 @@ class DiP(nn.Module):
             together (DiP-XL/16 sizes: BENCHMARKS.md, "Changes since the H200 run", item 5).
     """
 
+    #: Options that change how the network is computed, not what: a resume may change them (turning on
+    #: activation checkpointing after an out-of-memory). See :func:`dip_lightning.checkpointing.check_compatible`.
+    EXECUTION_OPTIONS = ("checkpoint_blocks", "checkpoint_head")
+
     def __init__(
         self,
         input_size: int = 256,

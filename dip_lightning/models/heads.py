@@ -93,6 +93,10 @@ class PatchDetailerHead(PatchHead):
         (16/9 of theirs, but as large GEMMs). A speed option only: checkpoints are interchangeable.
     """
 
+    #: Options that change how the head is computed, not what: a resume may change them (see
+    #: :func:`dip_lightning.checkpointing.check_compatible`).
+    EXECUTION_OPTIONS = ("channels_last", "dense_conv_side")
+
     def __init__(
         self,
         hidden_size: int,
