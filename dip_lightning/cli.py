@@ -58,6 +58,13 @@ def _as_list(value: Any) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
+#: Values that data and model share, set once in the model's config and linked into the data's.
+MODEL_TO_DATA = {
+    "model.net.init_args.num_classes": "data.init_args.num_classes",
+    "model.net.init_args.input_size": "data.init_args.image_size",
+}
+
+
 class DiPCLI(LightningCLI):
     """LightningCLI for DiP: model = :class:`DiPModule`, data = any LightningDataModule (``class_path``)."""
 
@@ -91,12 +98,24 @@ class DiPCLI(LightningCLI):
                 "trainer.default_root_dir": DEFAULT_RUN_DIR,
             }
         )
+        # The class count and the image size are the model's; the data follows them (set them once, in
+        # model.net). Checkpoint-driven commands (predict/validate --ckpt_path) thereby get matching data too.
+        for model_key, data_key in MODEL_TO_DATA.items():
+            parser.link_arguments(model_key, data_key)
         parser.add_argument(
             "--requeue_signal",
             type=str,
             default="SIGUSR1",
             help="Signal on which a SLURM job saves and requeues itself (SIGUSR2 where NCCL takes SIGUSR1).",
         )
+
+    def _parse_ckpt_path(self) -> None:
+        # A private LightningCLI hook (dip_lightning.compat): with --ckpt_path it replaces the model config by the
+        # checkpoint's hyperparameters. Right for predict/validate/test (the checkpoint defines the model), but a
+        # fit would silently drop this run's settings (a new lr, activation checkpointing); there the kit
+        # compares the two configs instead (before_fit: check_compatible).
+        if self.config.get("subcommand") != "fit":
+            super()._parse_ckpt_path()
 
     # ------------------------------------------------------------------ run folder, logger, SLURM
     def _subconfig(self) -> Any:

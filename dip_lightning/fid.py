@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from dip_lightning.atomic import atomic_write
+from dip_lightning.compat import metric_real_states, set_metric_real_states, torch_fidelity_forward
 
 if TYPE_CHECKING:
     from torchmetrics.image.fid import FrechetInceptionDistance
@@ -326,13 +327,13 @@ class TorchmetricsInception(FeatureExtractor):
         self.eval()
 
     def extract(self, images: Tensor) -> Tensor:
-        features, _ = self.net._torch_fidelity_forward(images)
+        features, _ = torch_fidelity_forward(self.net, images)
         return features
 
     def class_probabilities(self, images: Tensor) -> Tensor:
         self._check_images(images)
         with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
-            _, logits = self.net._torch_fidelity_forward(images)
+            _, logits = torch_fidelity_forward(self.net, images)
         # torchmetrics' InceptionScore uses the same unbiased logits.
         return logits.double().softmax(dim=1)
 
@@ -529,31 +530,27 @@ def set_reference_stats(metric: FrechetInceptionDistance, stats: FIDStats, globa
     files) uses n = 2: mu and sigma come back the same for any n. Fake states are reset.
     """
     n = stats.num_samples if stats.num_samples >= 2 else 2
-    device = metric.real_features_sum.device
+    real_sum, _, _ = metric_real_states(metric)
+    device = real_sum.device
     mu = torch.as_tensor(stats.mu, dtype=torch.float64, device=device)
     sigma = torch.as_tensor(stats.sigma, dtype=torch.float64, device=device)
-    if mu.shape != metric.real_features_sum.shape:
+    if mu.shape != real_sum.shape:
         raise ValueError(
-            f"reference statistics have {mu.shape[0]} features, "
-            f"the metric's extractor {metric.real_features_sum.shape[0]}"
+            f"reference statistics have {mu.shape[0]} features, the metric's extractor {real_sum.shape[0]}"
         )
     metric.reset()
     if global_rank == 0:
-        metric.real_features_sum = n * mu
-        metric.real_features_cov_sum = (n - 1) * sigma + n * torch.outer(mu, mu)
-        metric.real_features_num_samples = torch.tensor(n, dtype=torch.long, device=device)
+        states = (n * mu, (n - 1) * sigma + n * torch.outer(mu, mu), torch.tensor(n, device=device))
     else:
-        metric.real_features_sum = torch.zeros_like(mu)
-        metric.real_features_cov_sum = torch.zeros_like(sigma)
-        metric.real_features_num_samples = torch.tensor(0, dtype=torch.long, device=device)
+        states = (torch.zeros_like(mu), torch.zeros_like(sigma), torch.tensor(0, device=device))
+    set_metric_real_states(metric, *states)
 
 
 def metric_real_stats(metric: FrechetInceptionDistance, extractor: str = "") -> FIDStats:
     """Real statistics summed over all ranks (collective under DDP: call it on every rank)."""
     with metric.sync_context():
-        n = int(metric.real_features_num_samples)
-        total = metric.real_features_sum.detach().double().cpu()
-        outer = metric.real_features_cov_sum.detach().double().cpu()
+        total, outer, count = (s.detach().double().cpu() for s in metric_real_states(metric))
+        n = int(count)
     if n < 2:  # checked after the context, so the metric is un-synced again
         raise ValueError(f"need at least 2 real samples, the metric holds {n}")
     mu = total / n

@@ -25,11 +25,11 @@ import lightning.pytorch as pl
 import torch
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from dip_lightning.checkpointing import apply_optimizer_setting_changes, optimizer_setting_changes
+from dip_lightning.compat import given_hyperparameters
 from dip_lightning.diffusion import EulerSampler, FlowMatching, ODESampler, make_noise
 from dip_lightning.images import to_uint8
 from dip_lightning.repa import REPA
@@ -108,7 +108,7 @@ class DiPModule(pl.LightningModule):
         # Under LightningCLI the saved hyperparameters are the parsed config (class_path dicts), which is what makes
         # `DiPModule.load_from_checkpoint(path)` rebuild the whole network. Built by hand, the arguments are live
         # objects: keep them out of the checkpoint (they would be pickled, weights and all).
-        under_cli = _given_hyperparameters.get() is not None
+        under_cli = given_hyperparameters() is not None
         self.save_hyperparameters(
             ignore=[] if under_cli else ["net", "flow", "sampler", "repa", "optimizer", "lr_scheduler"]
         )
@@ -163,14 +163,16 @@ class DiPModule(pl.LightningModule):
         image_size = getattr(datamodule, "image_size", None)
         if image_size is not None and int(image_size) != int(self.net.input_size):
             raise ValueError(
-                f"data.image_size={image_size} but the model was built for input_size={self.net.input_size}: "
-                "set model.init_args.net.init_args.input_size to the data's image size (or the other way round)."
+                f"the datamodule's image_size={image_size} but the model was built for input_size="
+                f"{self.net.input_size}: set model.net.init_args.input_size (the CLI links the data's image_size "
+                "to it), or build the datamodule with the model's size."
             )
         num_classes = getattr(datamodule, "num_classes", None)
         if num_classes is not None and int(num_classes) != self.num_classes:
             raise ValueError(
-                f"data.num_classes={num_classes} but the model has num_classes={self.num_classes}: "
-                "set model.init_args.net.init_args.num_classes to match the dataset."
+                f"the datamodule's num_classes={num_classes} but the model has num_classes={self.num_classes}: "
+                "set model.net.init_args.num_classes (the CLI links the data's num_classes to it), or build the "
+                "datamodule with the model's class count."
             )
 
     # ------------------------------------------------------------------ training

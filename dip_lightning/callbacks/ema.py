@@ -29,6 +29,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from dip_lightning.compat import average_model, swap_averaged_models
+
 
 class HostCountedAveragedModel(AveragedModel):
     """torch's :class:`AveragedModel` with a host-side mirror of ``n_averaged``, so that updates do not sync.
@@ -106,45 +108,47 @@ class EMA(EMAWeightAveraging):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._raw_state_at_end = None
-        if type(self._average_model) is AveragedModel:
-            # Lightning builds a plain AveragedModel; only update_parameters differs (see the class above).
-            self._average_model.__class__ = HostCountedAveragedModel
+        averaged = average_model(self)
+        if type(averaged) is AveragedModel:
+            # Lightning builds a plain AveragedModel; only update_parameters differs (see the class above), so
+            # the instance changes class in place (a subclass adding no state).
+            averaged.__class__ = HostCountedAveragedModel
 
     @property
     def num_updates(self) -> int:
         """How many times the average has been updated (0 before the first update or outside fit)."""
-        if self._average_model is None:
+        if average_model(self) is None:
             return 0
-        host_count = getattr(self._average_model, "host_count", None)
+        host_count = getattr(average_model(self), "host_count", None)
         if host_count is not None:
             return host_count
-        return int(self._average_model.n_averaged.item())
+        return int(average_model(self).n_averaged.item())
 
     @property
     def averaged_module(self) -> pl.LightningModule | None:
         """The EMA copy of the LightningModule, or None when there is no usable average yet."""
-        if self._average_model is None or self.num_updates == 0:
+        if average_model(self) is None or self.num_updates == 0:
             return None
-        return self._average_model.module
+        return average_model(self).module
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.averaged_module is None:
-            if self._average_model is not None:
+            if average_model(self) is not None:
                 rank_zero_warn("EMA has not been updated yet: validating with the raw weights.")
             return
-        self._swap_models(pl_module)
+        swap_averaged_models(self, pl_module)
         self._swapped = True
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._swapped:
-            self._swap_models(pl_module)
+            swap_averaged_models(self, pl_module)
             self._swapped = False
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
-        if self._average_model is None:
+        if average_model(self) is None:
             return
         if self._swapped:
             # Saved mid-validation: the live module holds the EMA weights and the average holds the raw ones.

@@ -68,6 +68,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from dip_lightning.checkpointing import next_preemption_path, prune_preemption_checkpoints
+from dip_lightning.compat import cluster_environment, restore_sigterm_broadcast, skip_sigterm_broadcast
 from dip_lightning.distributed import is_distributed
 
 __all__ = ["PerJobTimer", "PreemptionGuard", "TrainingInterrupted"]
@@ -132,16 +133,6 @@ def restore_rng_states(states: dict[str, Any]) -> None:
 
 
 # -------------------------------------------------------------------------------------------- the guard
-def _skip_sigterm_broadcast() -> None:
-    """Stands in for Lightning's per-step SIGTERM broadcast while a :class:`PreemptionGuard` owns SIGTERM."""
-
-
-def _restore_sigterm_broadcast(trainer: pl.Trainer) -> None:
-    epoch_loop = trainer.fit_loop.epoch_loop
-    if epoch_loop.__dict__.get("_broadcast_sigterm_tensor") is _skip_sigterm_broadcast:
-        del epoch_loop._broadcast_sigterm_tensor  # the class's method again
-
-
 class PreemptionGuard(Callback):
     """Turn SIGUSR1 (SLURM requeue) / SIGTERM / SIGINT into a checkpoint at the next step boundary, then stop.
 
@@ -242,7 +233,7 @@ class PreemptionGuard(Callback):
         if stage != "fit":
             return
         if self.requeue_signal_setting == "auto":
-            env = getattr(getattr(trainer, "_accelerator_connector", None), "cluster_environment", None)
+            env = cluster_environment(trainer)
             if isinstance(env, SLURMEnvironment) and env.auto_requeue:
                 self.requeue_signal = _signum(env.requeue_signal or signal.SIGUSR1)
         elif self.requeue_signal_setting is not None:
@@ -256,12 +247,11 @@ class PreemptionGuard(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning has registered its SIGTERM handler (always) in between; take SIGTERM back.
         self._install(force=True)
-        epoch_loop = trainer.fit_loop.epoch_loop
-        if signal.SIGTERM in self.signals and hasattr(epoch_loop, "_broadcast_sigterm_tensor"):
+        if signal.SIGTERM in self.signals:
             # In DDP Lightning (2.6) broadcasts its SIGTERM flag and reads it back (`.item()`) before every
             # training step: a collective and a host-device sync per step. With SIGTERM ours that flag is never
             # set (the ranks agree on signals in on_train_batch_end instead), so the broadcast is skipped.
-            epoch_loop._broadcast_sigterm_tensor = _skip_sigterm_broadcast
+            skip_sigterm_broadcast(trainer)
         if self._pending_rng is not None:
             rng, self._pending_rng = self._pending_rng, None
             if len(rng) == trainer.world_size:
@@ -298,12 +288,12 @@ class PreemptionGuard(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         self._uninstall()
-        _restore_sigterm_broadcast(trainer)
+        restore_sigterm_broadcast(trainer)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._uninstall()
-            _restore_sigterm_broadcast(trainer)
+            restore_sigterm_broadcast(trainer)
 
     # ------------------------------------------------------------------ the preemption
     def _agree(self, trainer: pl.Trainer) -> signal.Signals | None:

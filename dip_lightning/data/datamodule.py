@@ -64,6 +64,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from dip_lightning.compat import batches_in_flight
 from dip_lightning.data.shards import expand_shards, read_class_names, shard_sample_counts
 from dip_lightning.data.streams import (
     TrainShardStream,
@@ -266,8 +267,9 @@ class ShardDataModule(pl.LightningDataModule):
         if names is not None:
             if len(names) > self.num_classes:
                 raise ValueError(
-                    f"ShardDataModule: the shards have {len(names)} classes (classes.txt next to "
-                    f"{urls[0]}) but num_classes={self.num_classes}"
+                    f"the shards have {len(names)} classes (classes.txt next to {urls[0]}) but num_classes="
+                    f"{self.num_classes}: set model.net.init_args.num_classes={len(names)} (the data's class "
+                    "count follows the model's)"
                 )
             self.class_names = names
 
@@ -365,8 +367,7 @@ class ShardDataModule(pl.LightningDataModule):
         in_flight = 0
         trainer = self.trainer
         if trainer is not None and trainer.training:
-            progress = trainer.fit_loop.epoch_loop.batch_progress.current
-            in_flight = max(0, progress.ready - progress.processed)
+            in_flight = batches_in_flight(trainer)
         return self._train_batches - in_flight
 
     def set_start_batch(self, batch: int) -> None:

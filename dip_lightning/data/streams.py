@@ -230,7 +230,8 @@ class _ShardBatchDataset(IterableDataset):
             if self.num_classes is not None and not 0 <= label < self.num_classes:
                 raise ValueError(
                     f"label {label} of sample {ref[1]} in {self.urls[ref[0]]} is outside "
-                    f"[0, num_classes={self.num_classes}): the config does not match the data"
+                    f"[0, num_classes={self.num_classes}): the shards hold more classes than the model; set "
+                    "model.net.init_args.num_classes (the data's class count follows the model's)"
                 )
             images.append(arr)
             labels.append(label)

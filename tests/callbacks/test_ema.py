@@ -20,11 +20,12 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, WeightAveraging
 
 from dip_lightning.callbacks import EMA, SampleGrid
 from dip_lightning.callbacks.ema import find_ema, sampling_module
 from dip_lightning.callbacks.sample_grid import make_grid
+from dip_lightning.compat import average_model
 from dip_lightning.images import to_uint8
 from dip_lightning.sample import load_module
 from tests.helpers.tiny import HIGH_LR, ema_callback, fit_with, grid_callback, read_png, tiny_args
@@ -187,8 +188,8 @@ class GuardProbe(Callback):
         self.val: STATE = {}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        averaging = next(c for c in trainer.callbacks if hasattr(c, "_average_model"))
-        self.initial_copy = state(averaging._average_model.module)
+        averaging = next(c for c in trainer.callbacks if isinstance(c, WeightAveraging))
+        self.initial_copy = state(average_model(averaging).module)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         self.raw = state(pl_module)

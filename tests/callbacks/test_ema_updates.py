@@ -9,6 +9,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from dip_lightning.callbacks import EMA
 from dip_lightning.callbacks.ema import HostCountedAveragedModel
+from dip_lightning.compat import average_model
 
 
 def small_net() -> nn.Module:
@@ -111,5 +112,5 @@ def test_ema_callback_uses_the_host_counted_average():
         accelerator="cpu",
     )
     trainer.fit(Regression())
-    assert type(ema._average_model) is HostCountedAveragedModel
-    assert ema.num_updates == steps == int(ema._average_model.n_averaged)
+    assert type(average_model(ema)) is HostCountedAveragedModel
+    assert ema.num_updates == steps == int(average_model(ema).n_averaged)

@@ -13,6 +13,7 @@ import torch
 from dip_lightning.callbacks.preemption import PerJobTimer, PreemptionGuard
 from dip_lightning.checkpointing import AtomicCheckpointIO
 from dip_lightning.cli import DiPCLI
+from dip_lightning.compat import cluster_environment
 from tests.helpers.resume import probe_args, resume_args, run_fit
 
 
@@ -42,7 +43,7 @@ def test_cli_adds_slurm_requeue_only_under_slurm(
     for key in [k for k in os.environ if k.startswith("SLURM_")]:
         monkeypatch.delenv(key)
     cli = DiPCLI(args=resume_args(tmp_path / "laptop", demo_data), run=False)
-    env = cli.trainer._accelerator_connector.cluster_environment
+    env = cluster_environment(cli.trainer)
     assert not isinstance(env, SLURMEnvironment)
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
     guards = [c for c in cli.trainer.callbacks if isinstance(c, PreemptionGuard)]
@@ -61,7 +62,7 @@ def test_cli_adds_slurm_requeue_only_under_slurm(
     for key, value in slurm.items():
         monkeypatch.setenv(key, value)
     cli = DiPCLI(args=[*resume_args(tmp_path / "cluster", demo_data), "--requeue_signal=SIGUSR2"], run=False)
-    env = cli.trainer._accelerator_connector.cluster_environment
+    env = cluster_environment(cli.trainer)
     assert isinstance(env, SLURMEnvironment) and env.auto_requeue and env.requeue_signal == signal.SIGUSR2
     guard = next(c for c in cli.trainer.callbacks if isinstance(c, PreemptionGuard))
     previous = {s: signal.getsignal(s) for s in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)}
@@ -80,13 +81,13 @@ def test_guard_skips_lightnings_per_step_sigterm_broadcast_while_it_owns_sigterm
     # handler in place that flag cannot be set, so the guard swaps the broadcast out for the fit and back after.
     import lightning.pytorch as pl
 
-    from dip_lightning.callbacks.preemption import _skip_sigterm_broadcast
+    from dip_lightning.compat import sigterm_broadcast_skipped
 
     seen = []
 
     class Probe(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001
-            seen.append(trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor)
+            seen.append(sigterm_broadcast_skipped(trainer))
 
     class Tiny(pl.LightningModule):
         def __init__(self) -> None:
@@ -110,5 +111,5 @@ def test_guard_skips_lightnings_per_step_sigterm_broadcast_while_it_owns_sigterm
         accelerator="cpu",
     )
     trainer.fit(Tiny(), train_dataloaders=data)
-    assert seen == [_skip_sigterm_broadcast] * 3
-    assert "_broadcast_sigterm_tensor" not in trainer.fit_loop.epoch_loop.__dict__
+    assert seen == [True] * 3
+    assert not sigterm_broadcast_skipped(trainer)

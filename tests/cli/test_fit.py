@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from dip_lightning.cli import DiPCLI
-from tests.helpers.tiny import REPO, fit_tiny, subprocess_env, tiny_args
+from tests.helpers.tiny import REPO, fit_tiny, fit_with, subprocess_env, tiny_args
 
 
 def test_same_seed_same_losses(tmp_path: Path, demo_data: dict) -> None:
@@ -146,9 +149,45 @@ def test_print_config(tmp_path: Path, demo_data: dict, capsys: pytest.CaptureFix
     assert not (tmp_path / "run").exists()
 
 
-def test_data_model_mismatch_is_a_clear_error(tmp_path: Path, demo_data: dict) -> None:
-    with pytest.raises(ValueError, match="input_size"):
-        fit_tiny(tmp_path, demo_data, "--model.net.init_args.input_size=64", steps=1)
+def test_class_count_and_image_size_are_set_once_in_the_model(tmp_path: Path, demo_data: dict) -> None:
+    """The data's num_classes and image_size follow the model's (a LightningCLI link): one place to set them."""
+    seen: list[tuple[int, ...]] = []
+
+    class Shapes(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001
+            seen.append(tuple(batch[0].shape))
+
+    args = tiny_args(
+        tmp_path / "run",
+        demo_data,
+        "--model.net.init_args.num_classes=10",
+        "--model.net.init_args.input_size=16",
+    )
+    cli = fit_with(args, Shapes())
+    assert cli.model.num_classes == cli.datamodule.num_classes == 10
+    assert cli.datamodule.image_size == 16 and seen[0] == (8, 3, 16, 16)  # the 32 px crops loaded at 16 px
+
+
+def test_too_few_classes_for_the_shards_names_the_key_that_fixes_it(tmp_path: Path, demo_data: dict) -> None:
+    with pytest.raises(ValueError, match="the shards have 8 classes") as err:
+        fit_tiny(tmp_path / "a", demo_data, "--model.net.init_args.num_classes=4", steps=1)
+    fix = re.search(r"set (model\.\S+=\d+)", str(err.value)).group(1)
+    cli, _ = fit_tiny(tmp_path / "b", demo_data, f"--{fix}", steps=1)  # the key the message names exists
+    assert cli.model.num_classes == 8
+
+
+def test_a_datamodule_built_by_hand_that_does_not_match_names_existing_keys(
+    tmp_path: Path, demo_data: dict
+) -> None:
+    cli = DiPCLI(args=tiny_args(tmp_path / "run", demo_data), run=False)
+    for attribute, value in (("num_classes", 5), ("image_size", 64)):
+        data = SimpleNamespace(num_classes=cli.model.num_classes, image_size=cli.model.image_shape[-1])
+        setattr(data, attribute, value)
+        with pytest.raises(ValueError) as err:
+            cli.model._check_data_matches_model(data)
+        key = re.search(r"set (model\.\S+) ", str(err.value)).group(1)
+        assert key in ("model.net.init_args.num_classes", "model.net.init_args.input_size")
+        DiPCLI(args=[*tiny_args(tmp_path / "run", demo_data), f"--{key}=32"], run=False)  # accepted
 
 
 @pytest.mark.slow

@@ -124,3 +124,26 @@ def test_new_learning_rate_under_a_scheduler_keeps_the_schedule_position(
     assert last["lr_schedulers"][0]["base_lrs"] == [4e-3]
     # LinearLR after 8 steps: factor 0.5 + 0.5 * 8 / 12 of the (new) base lr.
     assert group["lr"] == pytest.approx(4e-3 * (0.5 + 0.5 * 8 / 12), rel=1e-6)
+
+
+def test_explicit_ckpt_path_keeps_this_runs_settings(tmp_path: Path, demo_data: dict) -> None:
+    """``fit --ckpt_path`` continues with this run's configuration, like the automatic resume (LightningCLI
+    would otherwise replace the model config by the checkpoint's hyperparameters, dropping the new settings)."""
+    first = tmp_path / "first"
+    stop, _ = run_fit(resume_args(first, demo_data, "--model.optimizer.init_args.lr=2e-3", steps=5))
+    assert stop is None
+    ckpt = first / "checkpoints" / "last.ckpt"
+    args = [
+        "--model.optimizer.init_args.lr=1e-4",
+        "--model.net.init_args.checkpoint_blocks=1",
+        f"--ckpt_path={ckpt}",
+    ]
+    stop, lines = run_fit(resume_args(tmp_path / "second", demo_data, *args, steps=8))
+    assert stop is None
+    line = _resume_line(lines)
+    assert "optimizer lr: 0.002 -> 0.0001" in line and "checkpoint_blocks: 0 -> 1" in line, line
+    last = torch.load(
+        tmp_path / "second" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
+    )
+    assert last["optimizer_states"][0]["param_groups"][0]["lr"] == 1e-4
+    assert last["hyper_parameters"]["net"]["init_args"]["checkpoint_blocks"] == 1

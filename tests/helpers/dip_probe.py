@@ -25,6 +25,7 @@ import torch
 from dip_lightning.callbacks.ema import find_ema
 from dip_lightning.callbacks.preemption import PreemptionGuard
 from dip_lightning.checkpointing import AtomicCheckpointIO
+from dip_lightning.compat import average_model
 
 
 def _guard(trainer: pl.Trainer) -> PreemptionGuard | None:
@@ -153,8 +154,8 @@ class ResumeProbe(pl.Callback):
             "ema": None,
             "optimizer": trainer.optimizers[0].state_dict(),
         }
-        if ema is not None and ema._average_model is not None:
-            state["ema"] = {k: v.detach().cpu().clone() for k, v in ema._average_model.state_dict().items()}
+        if ema is not None and average_model(ema) is not None:
+            state["ema"] = {k: v.detach().cpu().clone() for k, v in average_model(ema).state_dict().items()}
         self.out_dir.mkdir(parents=True, exist_ok=True)
         torch.save(state, self.out_dir / f"final_rank{trainer.global_rank}.pt")
         print(f"FINAL STATE SAVED rank={trainer.global_rank} global_step={trainer.global_step}", flush=True)

@@ -1,0 +1,124 @@
+"""Every use of a library internal (a private name, or a structure the library does not document), in one place.
+
+Lightning and torchmetrics do not promise these across releases; ``pyproject.toml`` bounds both below their
+next minor release, and ``tests/test_compat.py`` has one test per entry here that fails loudly when an
+upgrade removes or reshapes it. Code elsewhere calls the functions below instead of touching the internals.
+
+==========================================  ================================================================
+internal                                    why the kit needs it
+==========================================  ================================================================
+``hparams_mixin._given_hyperparameters``    tell a LightningCLI-built module (config hparams) from one built
+                                            by hand (live objects that must not be pickled)
+``Trainer._accelerator_connector``          the cluster environment (SLURM requeue signal) at ``setup``
+``epoch_loop._broadcast_sigterm_tensor``    skip Lightning's per-step SIGTERM broadcast (a collective and a
+                                            GPU sync) while the preemption guard owns SIGTERM
+``epoch_loop.batch_progress.current``       batches of an unfinished step, for the data position on save
+``WeightAveraging._average_model`` /        Lightning's EMA callback keeps its averaged copy and swaps it
+``._swap_models``                           in for validation through these
+``LightningCLI._parse_ckpt_path``           (overridden) ``fit --ckpt_path`` must keep this run's settings
+``RichProgressBar._get_train_description``  (overridden) the epoch label of step-limited runs
+``NoTrainInceptionV3._torch_fidelity_forward``  features and logits in one pass (torchmetrics' Inception)
+``FrechetInceptionDistance.real_features_*``    load reference statistics into the metric's real states
+==========================================  ================================================================
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+__all__ = [
+    "OVERRIDDEN_PRIVATE_METHODS",
+    "average_model",
+    "batches_in_flight",
+    "cluster_environment",
+    "given_hyperparameters",
+    "metric_real_states",
+    "set_metric_real_states",
+    "skip_sigterm_broadcast",
+    "sigterm_broadcast_skipped",
+    "restore_sigterm_broadcast",
+    "swap_averaged_models",
+    "torch_fidelity_forward",
+]
+
+#: Private methods the kit overrides in subclasses: ``(module, class name, method name)``.
+OVERRIDDEN_PRIVATE_METHODS: tuple[tuple[str, str, str], ...] = (
+    ("lightning.pytorch.cli", "LightningCLI", "_parse_ckpt_path"),
+    ("lightning.pytorch.callbacks.progress.rich_progress", "RichProgressBar", "_get_train_description"),
+)
+
+
+# ---------------------------------------------------------------------------------------------- lightning
+def given_hyperparameters() -> Any:
+    """The hyperparameters LightningCLI is instantiating the current module with (None outside the CLI)."""
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+
+    return _given_hyperparameters.get()
+
+
+def cluster_environment(trainer: Any) -> Any:
+    """The trainer's cluster environment (e.g. ``SLURMEnvironment``), or None."""
+    return getattr(getattr(trainer, "_accelerator_connector", None), "cluster_environment", None)
+
+
+def _no_sigterm_broadcast() -> None:
+    """Stands in for Lightning's per-step SIGTERM broadcast."""
+
+
+def skip_sigterm_broadcast(trainer: Any) -> bool:
+    """Replace Lightning's per-step SIGTERM broadcast of this fit by a no-op; False if there is none."""
+    epoch_loop = trainer.fit_loop.epoch_loop
+    if not hasattr(epoch_loop, "_broadcast_sigterm_tensor"):
+        return False
+    epoch_loop._broadcast_sigterm_tensor = _no_sigterm_broadcast
+    return True
+
+
+def sigterm_broadcast_skipped(trainer: Any) -> bool:
+    return trainer.fit_loop.epoch_loop.__dict__.get("_broadcast_sigterm_tensor") is _no_sigterm_broadcast
+
+
+def restore_sigterm_broadcast(trainer: Any) -> None:
+    """Undo :func:`skip_sigterm_broadcast` (the class's method again)."""
+    if sigterm_broadcast_skipped(trainer):
+        del trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor
+
+
+def batches_in_flight(trainer: Any) -> int:
+    """Training batches fetched whose step has not finished (0 or 1)."""
+    progress = trainer.fit_loop.epoch_loop.batch_progress.current
+    return max(0, progress.ready - progress.processed)
+
+
+def average_model(callback: Any) -> Any:
+    """The ``AveragedModel`` of Lightning's weight-averaging callback (None before ``setup``)."""
+    return getattr(callback, "_average_model", None)
+
+
+def swap_averaged_models(callback: Any, pl_module: Any) -> None:
+    """Swap the live and the averaged weights (Lightning's own swap, used around validation)."""
+    callback._swap_models(pl_module)
+
+
+# ---------------------------------------------------------------------------------------------- torchmetrics
+def torch_fidelity_forward(net: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
+    """``(pool features, unbiased logits)`` of torchmetrics' ``NoTrainInceptionV3`` in one forward."""
+    features, logits = net._torch_fidelity_forward(images)
+    return features, logits
+
+
+_REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
+
+
+def metric_real_states(metric: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """``(sum, sum of outer products, count)`` of a ``FrechetInceptionDistance``'s real features."""
+    sum_, outer, count = (getattr(metric, name) for name in _REAL_STATES)
+    return sum_, outer, count
+
+
+def set_metric_real_states(metric: Any, total: Tensor, outer: Tensor, count: Tensor) -> None:
+    """Overwrite the real-feature states of a ``FrechetInceptionDistance``."""
+    for name, value in zip(_REAL_STATES, (total, outer, count)):
+        setattr(metric, name, value)

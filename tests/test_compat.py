@@ -1,0 +1,105 @@
+"""One test per library internal the kit relies on (dip_lightning.compat): an upgrade that removes or reshapes
+one fails here, by name, instead of somewhere deep in a training run."""
+
+from __future__ import annotations
+
+import importlib
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging
+from torch.optim.swa_utils import AveragedModel
+
+from dip_lightning import compat
+
+
+class Tiny(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):  # noqa: ANN001
+        return self.layer(batch[0]).square().mean()
+
+    def configure_optimizers(self):  # noqa: ANN201
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _trainer(**kwargs) -> pl.Trainer:  # noqa: ANN003
+    return pl.Trainer(
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        **kwargs,
+    )
+
+
+def _data() -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 2)), batch_size=2)
+
+
+@pytest.mark.parametrize(("module", "cls", "method"), compat.OVERRIDDEN_PRIVATE_METHODS)
+def test_overridden_private_methods_still_exist(module: str, cls: str, method: str) -> None:
+    assert callable(getattr(getattr(importlib.import_module(module), cls), method, None)), f"{cls}.{method}"
+
+
+def test_given_hyperparameters_is_none_outside_the_cli() -> None:
+    assert compat.given_hyperparameters() is None
+
+
+def test_cluster_environment_sigterm_broadcast_and_batch_progress_in_a_fit() -> None:
+    from lightning.fabric.plugins import ClusterEnvironment
+
+    seen: dict[str, object] = {}
+
+    class Probe(pl.Callback):
+        def on_train_start(self, trainer, pl_module):  # noqa: ANN001
+            seen["env"] = compat.cluster_environment(trainer)
+            seen["skipped"] = compat.skip_sigterm_broadcast(trainer)
+            seen["now_skipped"] = compat.sigterm_broadcast_skipped(trainer)
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001
+            seen.setdefault("in_flight", compat.batches_in_flight(trainer))
+
+        def on_train_end(self, trainer, pl_module):  # noqa: ANN001
+            compat.restore_sigterm_broadcast(trainer)
+            seen["restored"] = not compat.sigterm_broadcast_skipped(trainer)
+
+    trainer = _trainer(callbacks=[Probe()])
+    trainer.fit(Tiny(), train_dataloaders=_data())
+    assert isinstance(seen["env"], ClusterEnvironment)
+    assert seen["skipped"] and seen["now_skipped"] and seen["restored"]
+    assert seen["in_flight"] == 1  # the batch whose step is running
+
+
+def test_average_model_and_swap_of_lightnings_ema() -> None:
+    ema = EMAWeightAveraging(decay=0.5)
+    model = Tiny()
+    _trainer(callbacks=[ema]).fit(model, train_dataloaders=_data())
+    averaged = compat.average_model(ema)
+    assert isinstance(averaged, AveragedModel)
+    live = model.layer.weight.detach().clone()
+    compat.swap_averaged_models(ema, model)
+    assert torch.equal(averaged.module.layer.weight, live)
+
+
+def test_fid_metric_real_states() -> None:
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from dip_lightning.fid import PixelProjection
+
+    metric = FrechetInceptionDistance(feature=PixelProjection(), reset_real_features=False, normalize=False)
+    total, outer, count = compat.metric_real_states(metric)
+    assert total.ndim == 1 and outer.ndim == 2 and count.ndim == 0
+    compat.set_metric_real_states(metric, total + 1, outer, torch.tensor(3))
+    assert compat.metric_real_states(metric)[0].sum() == total.numel() and int(metric.real_features_num_samples) == 3
+
+
+def test_torch_fidelity_forward_exists() -> None:
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    assert callable(getattr(NoTrainInceptionV3, "_torch_fidelity_forward", None))
