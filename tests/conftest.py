@@ -3,28 +3,49 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TypeVar
 
 import pytest
 
 from tests.helpers.slurm_cluster import SlurmCluster, SlurmUnavailable
+from tests.helpers.slurm_two_nodes import TwoNodeSlurmCluster
+
+ClusterT = TypeVar("ClusterT", bound=SlurmCluster)
+
+
+def _running(cluster: ClusterT, what: str) -> Iterator[ClusterT]:
+    """Start ``cluster``, skip (saying why) where SLURM cannot be provided, stop it by pid afterwards.
+
+    An installed cluster that does not come up is a failure, not a skip.
+    """
+    try:
+        cluster.start()
+    except SlurmUnavailable as err:
+        pytest.skip(f"no {what}: {err}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture(scope="session")
 def slurm_cluster() -> Iterator[SlurmCluster]:
     """One real single-node SLURM cluster for the session (started on first use: ~1 s, ~20 s if it installs).
 
-    Skips when SLURM cannot be provided (not root, no apt, install failed); an installed cluster that does not
-    come up is a failure, not a skip. The daemons are stopped by pid at session end, also after failures.
+    Skips when SLURM cannot be provided (not root, no apt, install failed). The daemons are stopped by pid at
+    session end, also after failures.
     """
-    cluster = SlurmCluster()
-    try:
-        cluster.start()
-    except SlurmUnavailable as err:
-        pytest.skip(f"no SLURM test cluster: {err}")
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+    yield from _running(SlurmCluster(), "SLURM test cluster")
+
+
+@pytest.fixture(scope="session")
+def two_node_cluster() -> Iterator[TwoNodeSlurmCluster]:
+    """A real two-node SLURM cluster for the session: nodes n1 and n2 in two network namespaces on this machine.
+
+    Skips when SLURM cannot be provided or the namespaces cannot be made (the reason is in the skip message).
+    Daemons, leftover processes and the namespaces (with their veth link) are removed at session end.
+    """
+    yield from _running(TwoNodeSlurmCluster(), "two-node SLURM test cluster")
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,8 @@
 * :class:`ResumeProbe` prints the lines the SLURM tests wait for, records what every step saw, dumps the final
   state (raw weights, EMA weights, optimizer state) and can send itself a signal or hold at a step until one
   arrives. None of it changes the training computation.
+* :class:`LaunchReport` writes down, per rank and job, what Lightning derived from the launcher's environment
+  (ranks, world size, node rank, rendezvous address and port) next to that environment, for the SLURM tests.
 * :class:`SlowSaveCheckpointIO` is the kit's :class:`~dip_lightning.checkpointing.AtomicCheckpointIO` with one
   save stalled halfway through writing, so a test can ``kill -9`` the process in the middle of a real save.
 """
@@ -14,6 +16,7 @@ import io
 import json
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -21,6 +24,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from dip_lightning.callbacks.ema import find_ema
 from dip_lightning.callbacks.preemption import PreemptionGuard
@@ -159,6 +163,74 @@ class ResumeProbe(pl.Callback):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         torch.save(state, self.out_dir / f"final_rank{trainer.global_rank}.pt")
         print(f"FINAL STATE SAVED rank={trainer.global_rank} global_step={trainer.global_step}", flush=True)
+
+
+# The launcher's variables a LaunchReport records (SLURM's, and those the batch template sets).
+LAUNCH_VARIABLES = (
+    "SLURM_JOB_ID",
+    "SLURM_RESTART_COUNT",
+    "SLURM_JOB_NODELIST",
+    "SLURM_NODELIST",
+    "SLURM_NNODES",
+    "SLURM_NTASKS",
+    "SLURM_NTASKS_PER_NODE",
+    "SLURM_CPUS_PER_TASK",
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
+    "SLURM_NODEID",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "OMP_NUM_THREADS",
+)
+
+
+class LaunchReport(pl.Callback):
+    """At fit setup (process group up, before any step) write ``launch_rank{R}_restart{C}.json`` to ``out_dir``.
+
+    The report holds what Lightning made of the launch (cluster environment, ranks, world size, node rank,
+    rendezvous address and port, the address that name resolves to on this node), what torch.distributed
+    agreed on, and the raw launcher variables, so a test can check one against the other. Observes only.
+    """
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        env = getattr(trainer.strategy, "cluster_environment", None)
+        nodelist = os.environ.get("SLURM_NODELIST", "")
+        report: dict[str, Any] = {
+            "hostname": socket.gethostname(),
+            "hostname_address": socket.gethostbyname(socket.gethostname()),
+            "cluster_environment": type(env).__name__,
+            "strategy": type(trainer.strategy).__name__,
+            "global_rank": trainer.global_rank,
+            "local_rank": trainer.local_rank,
+            "node_rank": trainer.node_rank,
+            "world_size": trainer.world_size,
+            "num_nodes": trainer.num_nodes,
+            "num_devices": trainer.num_devices,
+            "root_device": str(trainer.strategy.root_device),
+            "main_address": env.main_address if env is not None else None,
+            "main_port": env.main_port if env is not None else None,
+            # What Lightning takes from the node list when MASTER_ADDR is not set.
+            "nodelist_root": SLURMEnvironment.resolve_root_node_address(nodelist) if nodelist else None,
+            "torch_threads": torch.get_num_threads(),
+            "env": {key: os.environ.get(key) for key in LAUNCH_VARIABLES},
+        }
+        if env is not None:
+            report["main_address_resolved"] = socket.gethostbyname(env.main_address)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            report["dist"] = {
+                "rank": torch.distributed.get_rank(),
+                "world_size": torch.distributed.get_world_size(),
+                "backend": torch.distributed.get_backend(),
+            }
+        restarts = os.environ.get("SLURM_RESTART_COUNT") or "0"
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"launch_rank{trainer.global_rank}_restart{restarts}.json"
+        path.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
 
 
 class _LateWorker:

@@ -15,6 +15,9 @@ Isolation, because other people run tests on the same machine at the same time:
   checking that the pid still runs what we started), leftover job processes by ``SLURM_CONF=<our conf>`` in
   their environment.
 
+Several nodes on one machine: :class:`tests.helpers.slurm_two_nodes.TwoNodeSlurmCluster` subclasses this one
+through the topology hooks (``_setup_network``, ``_topology_conf``, ``_start_slurm_daemons``, ``_client_prefix``).
+
 Typical use::
 
     with SlurmCluster() as cluster:
@@ -35,7 +38,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -256,14 +259,10 @@ class SlurmCluster:
         atexit.register(self.stop)
         try:
             self._prepare_folders()
+            self._setup_network()
             self._start_munged()
             self._write_conf()
-            self._start_daemon(
-                "slurmctld", [_which("slurmctld") or "slurmctld", "-c", "-f", str(self.conf_path)]
-            )
-            self._start_daemon(
-                "slurmd", [_which("slurmd") or "slurmd", "-f", str(self.conf_path), "-N", self.hostname]
-            )
+            self._start_slurm_daemons()
             self._wait_idle()
         except BaseException:
             self.stop()
@@ -282,13 +281,56 @@ class SlurmCluster:
             with contextlib.suppress(Exception):
                 self._cancel_all_jobs(timeout=30.0)
         # slurmd first (it would otherwise try to reach the controller), then the controller, then munge.
-        for name in ("slurmd", "slurmctld", "munged"):
+        for name in (*self._slurmd_labels(), "slurmctld", "munged"):
             self._stop_daemon(name)
         self._kill_leftover_job_processes()
+        self._teardown_network()
         if self._own_root and not self.keep_files:
             shutil.rmtree(self.root, ignore_errors=True)
         if self.munge_dir is not None:
             shutil.rmtree(self.munge_dir, ignore_errors=True)
+
+    # ------------------------------------------------------------------ topology (overridden for more nodes)
+    @property
+    def node_names(self) -> tuple[str, ...]:
+        """The SLURM names of the cluster's nodes (here: one node named after this machine)."""
+        return (self.hostname,)
+
+    def _setup_network(self) -> None:
+        """Before any daemon starts: nothing to do for a node on loopback."""
+
+    def _teardown_network(self) -> None:
+        """After every daemon stopped: undo :meth:`_setup_network`."""
+
+    def _client_prefix(self) -> list[str]:
+        """What client commands (sbatch, scontrol, ...) run under to reach the controller: nothing here."""
+        return []
+
+    def _slurmd_labels(self) -> tuple[str, ...]:
+        """Keys of the slurmd daemons in the pid table, in stop order."""
+        return ("slurmd",)
+
+    def _start_slurm_daemons(self) -> None:
+        self._start_daemon("slurmctld", [_which("slurmctld") or "slurmctld", "-c", "-f", str(self.conf_path)])
+        self._start_daemon(
+            "slurmd", [_which("slurmd") or "slurmd", "-f", str(self.conf_path), "-N", self.hostname]
+        )
+
+    def _topology_conf(self) -> list[str]:
+        """slurm.conf lines that depend on where the daemons run: controller, slurmd files, nodes, partition."""
+        return [
+            f"SlurmctldHost={self.hostname}(127.0.0.1)",
+            f"SlurmdSpoolDir={self.root / 'spool'}",
+            f"SlurmdPidFile={self.run_dir / 'slurmd.pid'}",
+            f"SlurmdLogFile={self.log_dir / 'slurmd.log'}",
+            "SlurmdTimeout=300",
+            self._node_line(),
+            f"PartitionName=debug Nodes={self.hostname} Default=YES MaxTime=INFINITE State=UP",
+        ]
+
+    def _log_names(self) -> tuple[str, ...]:
+        """Daemon logs (under ``log_dir``, without ``.log``) that :meth:`diagnostics` shows."""
+        return ("slurmctld", "slurmd")
 
     # ------------------------------------------------------------------ setup helpers
     def _prepare_folders(self) -> None:
@@ -342,16 +384,19 @@ class SlurmCluster:
         if cred.returncode != 0 or check.returncode != 0:
             raise SlurmError(f"munge round trip failed: {cred.stderr!r} {check.stderr!r}")
 
-    def _node_line(self) -> str:
-        """``slurmd -C`` describes this machine; the node runs on loopback so it never depends on DNS."""
+    def _hardware_fields(self) -> str:
+        """``slurmd -C``'s description of this machine (CPUs, sockets, memory) for a node line."""
         result = subprocess.run(
             [_which("slurmd") or "slurmd", "-C"], capture_output=True, text=True, timeout=30, env=self.env
         )
         line = next((ln for ln in result.stdout.splitlines() if ln.startswith("NodeName=")), None)
         if line is None:
             raise SlurmError(f"slurmd -C printed no node line: {result.stdout!r} {result.stderr!r}")
-        fields = [f for f in line.split() if not f.startswith("NodeName=")]
-        return f"NodeName={self.hostname} NodeAddr=127.0.0.1 {' '.join(fields)} State=UNKNOWN"
+        return " ".join(f for f in line.split() if not f.startswith("NodeName="))
+
+    def _node_line(self) -> str:
+        """The node runs on loopback so it never depends on DNS."""
+        return f"NodeName={self.hostname} NodeAddr=127.0.0.1 {self._hardware_fields()} State=UNKNOWN"
 
     def _write_conf(self) -> None:
         self.ctld_port = _free_port()
@@ -361,7 +406,6 @@ class SlurmCluster:
         root = self.root
         lines = [
             f"ClusterName={self.cluster_name}",
-            f"SlurmctldHost={self.hostname}(127.0.0.1)",
             f"SlurmctldPort={self.ctld_port}",
             f"SlurmdPort={self.slurmd_port}",
             "SlurmUser=root",
@@ -371,11 +415,8 @@ class SlurmCluster:
             # cred_expire=10: a requeued job may start again after 10 s instead of 120 s.
             f"AuthInfo=socket={self.munge_socket},cred_expire=10",
             f"StateSaveLocation={root / 'state'}",
-            f"SlurmdSpoolDir={root / 'spool'}",
             f"SlurmctldPidFile={self.run_dir / 'slurmctld.pid'}",
-            f"SlurmdPidFile={self.run_dir / 'slurmd.pid'}",
             f"SlurmctldLogFile={self.log_dir / 'slurmctld.log'}",
-            f"SlurmdLogFile={self.log_dir / 'slurmd.log'}",
             "SlurmctldDebug=info",
             "SlurmdDebug=info",
             "ProctrackType=proctrack/linuxproc",
@@ -399,14 +440,14 @@ class SlurmCluster:
             # SIGTERM -> SIGKILL grace on cancel/requeue; Lightning exits well within it.
             "KillWait=10",
             "InactiveLimit=0",
-            "SlurmdTimeout=300",
             "SlurmctldTimeout=300",
-            self._node_line(),
-            f"PartitionName=debug Nodes={self.hostname} Default=YES MaxTime=INFINITE State=UP",
+            *self._topology_conf(),
         ]
         self.conf_path.write_text("\n".join(lines) + "\n")
 
     def _start_daemon(self, name: str, cmd: list[str]) -> None:
+        """Start a daemon that forks into the background; ``name`` is ``slurmctld``/``slurmd[-NODE]``, and its
+        pid and log files are ``<name>.pid`` and ``<name>.log`` (see :meth:`_topology_conf`)."""
         env = self.env
         log = self.log_dir / f"{name}.log"
         result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=self.start_timeout)
@@ -414,7 +455,9 @@ class SlurmCluster:
             raise SlurmError(
                 f"{name} failed to start (rc={result.returncode}): {result.stderr}\n{_tail(log)}"
             )
-        self._pids[name] = self._read_pid(self.run_dir / f"{name}.pid", name)
+        pid_file = self._daemon_pid_file(name)
+        assert pid_file is not None
+        self._pids[name] = self._read_pid(pid_file, name)
 
     def _read_pid(self, pid_file: Path, name: str) -> int:
         deadline = time.monotonic() + self.start_timeout
@@ -427,19 +470,28 @@ class SlurmCluster:
         raise SlurmError(f"{name} wrote no live pid to {pid_file}\n{_tail(self.log_dir / f'{name}.log')}")
 
     def _wait_idle(self) -> None:
-        deadline = time.monotonic() + self.start_timeout
-        state = ""
-        while time.monotonic() < deadline:
-            result = self._run(["sinfo", "-h", "-o", "%T"], check=False)
-            state = result.stdout.strip()
-            if state == "idle":
+        self.wait_for_nodes("idle", timeout=self.start_timeout)
+
+    def node_states(self) -> dict[str, str]:
+        """Each node's state as ``sinfo`` names it: ``idle``, ``allocated``, ``down*`` (``*``: not responding)."""
+        out = self._run(["sinfo", "-h", "-N", "-o", "%N %T"], check=False).stdout
+        return dict(line.split() for line in out.splitlines() if len(line.split()) == 2)
+
+    def wait_for_nodes(self, state: str, nodes: Iterable[str] | None = None, *, timeout: float) -> None:
+        """Wait until every node in ``nodes`` (default: all) is in ``state``, e.g. ``idle``."""
+        wanted = tuple(nodes) if nodes is not None else self.node_names
+        deadline = time.monotonic() + timeout
+        states: dict[str, str] = {}
+        while True:
+            states = self.node_states()
+            if all(states.get(node) == state for node in wanted):
                 return
+            if time.monotonic() >= deadline:
+                raise SlurmError(
+                    f"nodes {list(wanted)} not {state} after {timeout:.0f} s (sinfo: {states})\n"
+                    f"{self.diagnostics()}"
+                )
             time.sleep(0.2)
-        ctld, slurmd = _tail(self.log_dir / "slurmctld.log"), _tail(self.log_dir / "slurmd.log")
-        raise SlurmError(
-            f"node not idle after {self.start_timeout:.0f} s (sinfo: {state!r})\n"
-            f"slurmctld.log:\n{ctld}\nslurmd.log:\n{slurmd}"
-        )
 
     # ------------------------------------------------------------------ teardown helpers
     def _cancel_all_jobs(self, timeout: float) -> None:
@@ -468,7 +520,8 @@ class SlurmCluster:
             return
         # Only signal the pid if it still runs what we started (pids get reused).
         marker = str(self.munge_socket if name == "munged" else self.conf_path)
-        if name not in _cmdline(pid) or marker not in _cmdline(pid):
+        binary = name.split("-")[0]  # slurmd-n1 runs slurmd
+        if binary not in _cmdline(pid) or marker not in _cmdline(pid):
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal_module.SIGTERM)
@@ -500,7 +553,11 @@ class SlurmCluster:
     ) -> subprocess.CompletedProcess[str]:
         exe = _which(args[0]) or args[0]
         result = subprocess.run(
-            [exe, *args[1:]], capture_output=True, text=True, env=self.env, timeout=timeout
+            [*self._client_prefix(), exe, *args[1:]],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=timeout,
         )
         if check and result.returncode != 0:
             raise SlurmError(f"{' '.join(args)} failed (rc={result.returncode}): {result.stderr.strip()}")
@@ -511,7 +568,8 @@ class SlurmCluster:
         script: str | os.PathLike[str],
         cwd: str | os.PathLike[str],
         *args: str,
-        env: Mapping[str, str] | None = None,
+        env: Mapping[str, str | None] | None = None,
+        script_args: Sequence[str] = (),
     ) -> int:
         """Submit a batch script and return its job id.
 
@@ -521,7 +579,9 @@ class SlurmCluster:
                 unless the script sets ``--job-name``.
             cwd: the job's working directory (relative ``--output`` paths resolve there).
             args: extra ``sbatch`` options, placed before the script.
-            env: extra environment variables for the submission; ``sbatch`` exports them into the job.
+            env: extra environment variables for the submission; ``sbatch`` exports them into the job. A value
+                of None removes that variable (e.g. one this process inherited).
+            script_args: arguments of the script itself (after its path); a requeued job gets them again.
         """
         if isinstance(script, str) and script.startswith("#!"):
             self._script_counter += 1
@@ -529,9 +589,18 @@ class SlurmCluster:
             path.write_text(script)
         else:
             path = Path(script)
-        full_env = {**self.env, **(env or {})}
+        merged = {**self.env, **(env or {})}
+        full_env = {key: value for key, value in merged.items() if value is not None}
         result = subprocess.run(
-            [_which("sbatch") or "sbatch", "--parsable", f"--chdir={cwd}", *args, str(path)],
+            [
+                *self._client_prefix(),
+                _which("sbatch") or "sbatch",
+                "--parsable",
+                f"--chdir={cwd}",
+                *args,
+                str(path),
+                *script_args,
+            ],
             capture_output=True,
             text=True,
             env=full_env,
@@ -654,7 +723,7 @@ class SlurmCluster:
         if job_id is not None:
             result = self._run(["scontrol", "show", "job", str(job_id)], check=False)
             parts.append(result.stdout or result.stderr)
-        for name in ("slurmctld", "slurmd"):
+        for name in self._log_names():
             parts.append(f"--- {name}.log ---\n{_tail(self.log_dir / f'{name}.log', 25)}")
         return "\n".join(parts)
 
