@@ -38,7 +38,7 @@ bench-data: $(VENV)/.installed
 	$(PY) bench/data.py
 
 demo: $(VENV)/.installed
-	$(PY) -m dip_lightning.demo
+	$(PY) -m dip_lightning demo
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

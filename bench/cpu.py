@@ -2,7 +2,7 @@
 demo's wall time.
 
     python bench/cpu.py                 # step times of experiments/tiny_cpu.yaml + head variants (~3 minutes)
-    python bench/cpu.py --demo          # also times `python -m dip_lightning.demo` end to end (a few minutes)
+    python bench/cpu.py --demo          # also times `python -m dip_lightning demo` end to end (a few minutes)
 
 Writes bench/results/cpu.md. Timings depend on what else runs on the machine: the load average is recorded.
 """
@@ -123,7 +123,7 @@ def demo_wall(threads: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
         proc = subprocess.run(
-            [sys.executable, "-m", "dip_lightning.demo", "--run-root", tmp, "--threads", str(threads)],
+            [sys.executable, "-m", "dip_lightning", "demo", "--run_root", tmp, "--threads", str(threads)],
             cwd=REPO,
             capture_output=True,
             text=True,
@@ -176,7 +176,7 @@ def main() -> None:
         *(f"| {r['head']} | {r['layout']} | {r['dense_conv_side']} | {r['median_ms']:.0f} |" for r in heads),
     ]
     if demo is not None:
-        lines += ["", "## `python -m dip_lightning.demo` end to end", "", f"wall time {demo['wall_s']:.0f} s "
+        lines += ["", "## `python -m dip_lightning demo` end to end", "", f"wall time {demo['wall_s']:.0f} s "
                   f"(exit {demo['returncode']}), dataset and FID reference statistics already built:", "", "```",
                   *demo["lines"], "```"]  # fmt: skip
     out = REPO / "bench" / "results" / "cpu.md"

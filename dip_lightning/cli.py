@@ -77,7 +77,7 @@ class DiPCLI(LightningCLI):
             save_config_kwargs={"overwrite": True},
             seed_everything_default=0,
             auto_configure_optimizers=False,
-            parser_kwargs={"parser_mode": "yaml"},
+            parser_kwargs={"parser_mode": "yaml", "prog": "python -m dip_lightning"},
             args=args,
             run=run,
             **kwargs,

@@ -11,13 +11,14 @@ Each run writes to a new folder ``runs/demo/<timestamp>``; nothing earlier is ov
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from dip_lightning.commands import CommandParser
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "experiments" / "tiny_cpu.yaml"
@@ -110,9 +111,9 @@ def run_demo(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dip_lightning.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-dir", default="data/demo")
-    p.add_argument("--run-root", default="runs/demo")
+    p = CommandParser("demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data_dir", default="data/demo")
+    p.add_argument("--run_root", default="runs/demo")
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     args, extra = p.parse_known_args(argv)

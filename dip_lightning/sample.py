@@ -4,7 +4,7 @@
 
 * Output: ``samples.npz`` with ``arr_0`` uint8 (N, H, W, 3) images and ``arr_1`` int64 labels, the layout that
   openai/guided-diffusion's ``evaluations/evaluator.py`` reads (with ``VIRTUAL_imagenet256_labeled.npz``).
-* Sample i has label ``i % num_classes`` (class-balanced, 50 per class for 50k at 1000 classes; ``--no-balanced``
+* Sample i has label ``i % num_classes`` (class-balanced, 50 per class for 50k at 1000 classes; ``--no_balanced``
   draws labels from a seeded generator instead) and noise seed ``seed + i``: the same index always gives the same
   image, whatever the batch size, number of processes or interruption.
 * Work is cut in chunks of ``--chunk_size`` indices, written atomically as ``<out>.parts/chunk_NNNNNN.npz``; a killed
@@ -21,7 +21,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -37,6 +36,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dip_lightning.atomic import atomic_write, atomic_write_json
+from dip_lightning.commands import CommandParser
 from dip_lightning.distributed import launch_place
 from dip_lightning.images import to_uint8
 from dip_lightning.module import COMPILE_MODES
@@ -290,8 +290,8 @@ def export_samples(
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dip_lightning sample", description=__doc__.split("\n\n")[0])
+def build_parser() -> CommandParser:
+    p = CommandParser("sample", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt_path", required=True, help="checkpoint (Lightning .ckpt) to sample from")
     p.add_argument(
         "--config", action="append", default=None, help="experiment YAML(s), for configless checkpoints"
@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk_size", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--no-balanced", dest="balanced", action="store_false", help="random labels instead of i %% C"
+        "--no_balanced", dest="balanced", action="store_false", help="random labels instead of i %% C"
     )
     p.add_argument("--sampler", choices=["euler", "heun"], default=None)
     p.add_argument("--num_steps", type=int, default=None)

@@ -96,7 +96,10 @@ def test_fid_metric_real_states() -> None:
     total, outer, count = compat.metric_real_states(metric)
     assert total.ndim == 1 and outer.ndim == 2 and count.ndim == 0
     compat.set_metric_real_states(metric, total + 1, outer, torch.tensor(3))
-    assert compat.metric_real_states(metric)[0].sum() == total.numel() and int(metric.real_features_num_samples) == 3
+    assert (
+        compat.metric_real_states(metric)[0].sum() == total.numel()
+        and int(metric.real_features_num_samples) == 3
+    )
 
 
 def test_torch_fidelity_forward_exists() -> None:

@@ -256,7 +256,7 @@ def test_sample_command_help(capsys: pytest.CaptureFixture) -> None:
         "--cfg_scale",
         "--cfg_interval",
         "--num_steps",
-        "--no-balanced",
+        "--no_balanced",
     ):
         assert flag in help_text
 

@@ -10,7 +10,6 @@ a few hundred CPU steps. Idempotent: a complete dataset with the same parameters
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -18,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from dip_lightning.atomic import leftover_temp_files
+from dip_lightning.commands import CommandParser
 
 # Sorted, so that the position here is the class index the prepare tool assigns (sorted folder names).
 DEMO_CLASSES: tuple[str, ...] = (
@@ -192,14 +192,14 @@ def build_demo_dataset(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m dip_lightning.data.demo",
+    p = CommandParser(
+        "demo-data",
         description="Build the small class-conditional demo dataset from scikit-image's bundled photos.",
     )
     p.add_argument("--out", default="data/demo", help="output folder (default data/demo)")
     p.add_argument("--size", type=int, default=32, help="image size (default 32)")
-    p.add_argument("--train-per-class", type=int, default=96, help="training crops per class (default 96)")
-    p.add_argument("--val-per-class", type=int, default=16, help="validation crops per class (default 16)")
+    p.add_argument("--train_per_class", type=int, default=96, help="training crops per class (default 96)")
+    p.add_argument("--val_per_class", type=int, default=16, help="validation crops per class (default 16)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1)
     args = p.parse_args(argv)

@@ -14,7 +14,7 @@ Input layouts:
 
 Each sample is ``{"__key__", "png" | "jpg" | original extension, "cls": ASCII integer}``, in the tar
 layout ``webdataset.TarWriter`` writes (fixed mtime, so reruns give byte-identical shards). Samples are
-shuffled globally and deterministically (``--seed``) before they are cut into shards of ``--shard-size``
+shuffled globally and deterministically (``--seed``) before they are cut into shards of ``--shard_size``
 samples, so a reader that shuffles within a few shards sees a well mixed stream.
 
 Robustness: shards are written atomically (:mod:`dip_lightning.atomic`), each with a small record per
@@ -26,7 +26,6 @@ truncated, not an image) is skipped, counted and listed in the manifest; it neve
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures as cf
 import hashlib
 import io
@@ -43,6 +42,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dip_lightning.atomic import atomic_write, atomic_write_json, leftover_temp_files
+from dip_lightning.commands import CommandParser
 
 FORMAT_VERSION = 1
 _TAR_MTIME = 946684800  # 2000-01-01: fixed so that reruns produce identical tar bytes
@@ -482,9 +482,9 @@ def _run_tasks(
 
 
 # ------------------------------------------------------------------------------------------ CLI
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m dip_lightning.data.prepare",
+def build_parser() -> CommandParser:
+    p = CommandParser(
+        "prepare",
         description="Turn an ImageFolder (or a flat folder + label file) into WebDataset tar shards.",
     )
     p.add_argument("--src", required=True, help="ImageFolder root (one folder per class) or a flat folder")
@@ -493,9 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=256, help="output resolution (default 256)")
     p.add_argument("--format", choices=("png", "jpg", "orig"), default="png", help="storage (default png)")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality for --format jpg (default 95)")
-    p.add_argument("--png-level", type=int, default=1, help="PNG compression level 0-9 (default 1)")
+    p.add_argument("--png_level", type=int, default=1, help="PNG compression level 0-9 (default 1)")
     p.add_argument("--preprocess", choices=("adm", "none"), default="adm", help="adm crop (default) or none")
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--shard_size", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the global shuffle (default 0)")
     p.add_argument("--labels", default=None, help="label file for a flat --src ('<file> <label>' per line)")
     p.add_argument("--classes", default=None, help="class list (one name per line) fixing the label indices")

@@ -1,24 +1,22 @@
-"""`python -m dip_lightning.models NAME [--input-size N]`: parameters and forward GMACs of a named model.
+"""`python -m dip_lightning models NAME [--input_size N]`: parameters and forward GMACs of a named model.
 
 The model is built on the meta device, so even XL sizes print in about a second without allocating weights.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 
+from dip_lightning.commands import CommandParser
 from dip_lightning.models.registry import create_model, list_models, model_summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m dip_lightning.models", description="Parameters and forward GMACs of a named model."
-    )
+    parser = CommandParser("models", description="Parameters and forward GMACs of a named model.")
     parser.add_argument("name", help=f"one of: {', '.join(list_models())}")
-    parser.add_argument("--input-size", type=int, default=None, help="resolution (default: the model's)")
+    parser.add_argument("--input_size", type=int, default=None, help="resolution (default: the model's)")
     args = parser.parse_args(argv)
     try:
         with torch.device("meta"):

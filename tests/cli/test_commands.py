@@ -1,0 +1,52 @@
+"""`python -m dip_lightning`: one help that lists every command, one flag style (underscores, the hyphenated
+spelling accepted), and every command's own --help working."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from dip_lightning.commands import COMMANDS, CommandParser, run_command
+from tests.helpers.tiny import REPO, subprocess_env
+
+
+def test_top_level_help_lists_every_command() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "dip_lightning", "--help"], cwd=REPO, env=subprocess_env(1), capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    listed = {line.split()[0] for line in proc.stdout.splitlines() if line.startswith("  ")}
+    assert (
+        listed
+        >= set(COMMANDS)
+        >= {"fit", "sample", "fid", "fid-stats", "convert", "prepare", "demo", "models"}
+    )
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_command_has_its_help(name: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run_command([name, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "python -m dip_lightning" in out and "usage:" in out
+
+
+def test_unknown_command_lists_the_commands(capsys: pytest.CaptureFixture) -> None:
+    assert run_command(["smaple"]) == 2
+    out = capsys.readouterr().out
+    assert "unknown command 'smaple'" in out and "sample" in out
+
+
+def test_flags_use_underscores_and_accept_the_hyphenated_spelling(capsys: pytest.CaptureFixture) -> None:
+    parser = CommandParser("demo")
+    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--no_is", action="store_true")
+    assert parser.parse_args(["--batch-size", "3", "--no-is"]).batch_size == 3
+    assert parser.parse_args(["--batch_size=4"]).batch_size == 4 and not parser.parse_args([]).no_is
+    assert "--batch-size" not in parser.format_help()  # the alias is accepted, not advertised
+    with pytest.raises(ValueError, match="underscores"):
+        parser.add_argument("--image-size")
