@@ -23,6 +23,7 @@ import contextlib
 import importlib
 import pickle
 import re
+import zipfile
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,17 +83,19 @@ def _local_path(path: _PATH) -> Path:
 
 
 def _describe_load_error(path: _PATH, err: BaseException) -> str:
+    """One line for every command that reads checkpoints (fit, sample, convert): the file, the problem, the fix."""
     if isinstance(err, pickle.UnpicklingError) and "weights_only" in str(err).lower():
         return (
             f"cannot load checkpoint {path}: it holds objects that torch.load(weights_only=True) refuses "
-            f"({str(err).splitlines()[0]}). Load it with weights_only=False only if you trust its origin."
+            f"({str(err).splitlines()[0]}). Only if you trust its origin, load it without that restriction "
+            "(fit: --weights_only=false; sample, convert: --trust_pickle)."
         )
     first = str(err).splitlines()[0] if str(err) else ""
     return (
-        f"cannot load checkpoint {path}: the file is truncated or corrupt ({type(err).__name__}: {first}). "
-        "A save interrupted by this kit never leaves such a file under its final name, so it was damaged or "
-        "copied incompletely: delete it (the resume then falls back to the next checkpoint) or pass "
-        "--ckpt_path with another one."
+        f"cannot load checkpoint {path}: the file is truncated or corrupt, or not a PyTorch checkpoint "
+        f"({type(err).__name__}: {first}). A save interrupted by this kit never leaves such a file under its "
+        "final name, so it was damaged or copied incompletely: copy it again, or delete it and use another "
+        "checkpoint (a resume then falls back to the next one)."
     )
 
 
@@ -211,7 +214,10 @@ def peek_checkpoint(path: _PATH, weights_only: bool = True) -> dict[str, Any]:
     ``torch.load`` (and ``fit(weights_only=...)``). Raises :class:`CheckpointError` for unreadable files.
     """
     try:
-        return torch.load(str(path), map_location="cpu", mmap=True, weights_only=weights_only)
+        # Only zip-format files can be memory-mapped; the legacy format (and a file that is no checkpoint at
+        # all) then reaches torch's own reader, whose error names the problem.
+        mmap = zipfile.is_zipfile(path)
+        return torch.load(str(path), map_location="cpu", mmap=mmap, weights_only=weights_only)
     except FileNotFoundError:
         raise
     except Exception as err:
@@ -325,6 +331,12 @@ def config_differences(saved: Any, current: Any, prefix: str = "") -> list[tuple
     return diffs
 
 
+RESUME_ADVICE = (
+    "To start a new experiment, use another trainer.default_root_dir; to continue this one, run it with the "
+    "configuration it started with."
+)
+
+
 def _class_of(class_path: Any) -> type | None:
     """The class a config's ``class_path`` names, or None when it cannot be imported."""
     if not isinstance(class_path, str) or "." not in class_path:
@@ -359,12 +371,14 @@ def check_compatible(
     path: _PATH,
     config_keys: Iterable[str] = ("net",),
     max_listed: int = 5,
+    advice: str = RESUME_ADVICE,
 ) -> list[str]:
     """Raise :class:`CheckpointMismatchError` if ``checkpoint`` was written for another model.
 
     Compares the tensors (names and shapes of ``state_dict``) with ``model``'s, and the hyper-parameters named
     in ``config_keys`` (the network architecture; changes of e.g. the learning rate are legitimate on resume).
-    The message names the differing config values and the first mismatching tensors.
+    The message names the differing config values and the first mismatching tensors, then ``advice`` (what the
+    command that loads it should be given instead).
 
     Execution-only options (:func:`execution_option_keys`, and the model class's own ``EXECUTION_OPTIONS``
     such as ``compile``) may differ: they are returned as ``"key: old -> new"`` lines for the resume log.
@@ -412,8 +426,7 @@ def check_compatible(
         raise CheckpointMismatchError(
             f"checkpoint {path} was written for another model configuration:\n  - "
             + "\n  - ".join(problems)
-            + "\nNothing was loaded or written. To start a new experiment, use another "
-            "trainer.default_root_dir; to continue this one, run it with the configuration it started with."
+            + f"\nNothing was loaded or written. {advice}"
         )
     return changed
 

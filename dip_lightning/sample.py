@@ -16,7 +16,9 @@
   same bytes whoever writes it).
 * Files are written with fixed zip timestamps, so the same settings give the same file, byte for byte.
 * Weights: the checkpoint's ``state_dict``, i.e. the EMA weights when training used the EMA callback;
-  ``--raw_weights`` takes ``current_model_state`` instead.
+  ``--raw_weights`` takes ``current_model_state`` instead (:mod:`dip_lightning.loading`). An unreadable
+  checkpoint, or one that ``--config`` builds another network for, is an ``error: ...`` line naming the file
+  and the fix (exit code 2).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -36,9 +39,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dip_lightning.atomic import atomic_write, atomic_write_json
+from dip_lightning.checkpointing import CheckpointError
 from dip_lightning.commands import CommandParser
 from dip_lightning.distributed import launch_place
 from dip_lightning.images import to_uint8
+from dip_lightning.loading import load_module
 from dip_lightning.module import COMPILE_MODES
 from dip_lightning.seeding import sample_labels_and_seeds
 
@@ -96,65 +101,6 @@ class LabelSeedDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         dataset = LabelSeedDataset(self.num_samples, self.num_classes, self.seed, self.balanced)
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=False)
-
-
-# ---------------------------------------------------------------------------------------------- model loading
-def load_module(
-    ckpt_path: str | os.PathLike, configs: list[str] | None = None, raw_weights: bool = False
-) -> Any:
-    """A :class:`DiPModule` with a checkpoint's weights (EMA by default).
-
-    Without ``configs`` the network is rebuilt from the hyperparameters LightningCLI stored in the checkpoint; with
-    ``configs`` (YAML files as for ``fit``) it is built from them, for checkpoints that carry no config (converted
-    ones). REPA is never built: sampling does not use it, and its frozen encoder's weights file need not exist on
-    the sampling machine. The YAML's trainer settings (GPUs, callbacks, logger) are replaced by a bare CPU trainer.
-    """
-    from dip_lightning.module import DiPModule
-
-    ckpt_path = Path(ckpt_path)
-    if not ckpt_path.is_file():
-        raise FileNotFoundError(
-            f"checkpoint not found: {ckpt_path} (pass --ckpt_path <run>/checkpoints/last.ckpt)"
-        )
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    if configs:
-        from dip_lightning.cli import DiPCLI
-
-        args: list[str] = []
-        for cfg in configs:
-            args += ["--config", cfg]
-        args += [
-            "--model.repa=null",
-            "--model.compile=false",
-            "--trainer.accelerator=cpu",
-            "--trainer.devices=1",
-            "--trainer.num_nodes=1",
-            "--trainer.strategy=auto",
-            "--trainer.callbacks=null",
-            "--trainer.logger=false",
-        ]
-        module = DiPCLI(args=args, run=False).model
-    elif checkpoint.get("hyper_parameters"):
-        module = DiPModule.load_from_checkpoint(
-            ckpt_path, map_location="cpu", weights_only=False, strict=False, repa=None, compile=False
-        )
-    else:
-        raise ValueError(
-            f"{ckpt_path} holds no model config (hyper_parameters): pass --config with the experiment YAML."
-        )
-    key = "current_model_state" if raw_weights else "state_dict"
-    if key not in checkpoint:
-        raise KeyError(
-            f"{ckpt_path} has no '{key}' (raw weights exist only in checkpoints written with EMA)."
-        )
-    # REPA (projector) weights are training-only; everything else must match exactly.
-    state = {k: v for k, v in checkpoint[key].items() if not k.startswith("repa.")}
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(
-            f"checkpoint {ckpt_path} does not match the model: missing {missing[:10]}, unexpected {unexpected[:10]}"
-        )
-    return module
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -309,6 +255,11 @@ def build_parser() -> CommandParser:
     p.add_argument("--cfg_scale", type=float, default=None)
     p.add_argument("--cfg_interval", type=float, nargs=2, default=None, metavar=("T_MIN", "T_MAX"))
     p.add_argument("--raw_weights", action="store_true", help="use the raw (non-EMA) weights")
+    p.add_argument(
+        "--trust_pickle",
+        action="store_true",
+        help="allow a checkpoint with pickled Python objects besides tensors (trusted files only)",
+    )
     p.add_argument("--device", default=None, help="default: cuda:<local rank> when available, else cpu")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument(
@@ -327,7 +278,11 @@ def main(argv: list[str]) -> int:
     place = launch_place()
     rank, world_size = place.rank, place.world_size
     device = args.device or (f"cuda:{place.local_rank}" if torch.cuda.is_available() else "cpu")
-    module = load_module(args.ckpt_path, args.config, raw_weights=args.raw_weights)
+    try:
+        module = load_module(args.ckpt_path, args.config, args.raw_weights, args.trust_pickle)
+    except (CheckpointError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.compile:
         module.compile_network(args.compile, dynamic=False)
     overrides: dict[str, Any] = {"num_steps": args.num_steps, "cfg_scale": args.cfg_scale}

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor
 
+from dip_lightning.checkpointing import CheckpointMismatchError
 from dip_lightning.convert import (
     ConversionError,
     convert_checkpoint,
@@ -30,12 +31,13 @@ from dip_lightning.convert import (
     infer_official_arch,
     kit_hyperparameters,
     kit_to_official,
-    load_pretrained,
     main,
     official_layout,
     official_to_kit,
 )
 from dip_lightning.models import DiP, PatchDetailerHead, create_model
+from tests.helpers.commands import run_command, user_error
+from tests.helpers.tiny import fit_tiny
 
 torch.set_num_threads(1)
 
@@ -44,6 +46,14 @@ XL_YAML = REPO / "experiments" / "dip_xl16.yaml"
 
 # Tiny released configuration: 32 px images on 16 px patches (2x2 tokens), the released head at full width.
 TINY = {"hidden_size": 64, "depth": 2, "num_heads": 2, "patch_size": 16, "in_channels": 3, "num_classes": 8}
+XL = {
+    "hidden_size": 1152,
+    "depth": 26,
+    "num_heads": 16,
+    "patch_size": 16,
+    "in_channels": 3,
+    "num_classes": 1000,
+}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -100,6 +110,11 @@ def released_layout(
         shapes[f"local_decoder.{name}.weight"] = shape
         shapes[f"local_decoder.{name}.bias"] = (out_ch,)
     return shapes
+
+
+def meta_released_state_dict(**arch: int) -> dict[str, Tensor]:
+    """A released-layout state dict of meta tensors (shapes only, no memory)."""
+    return {k: torch.empty(s, device="meta") for k, s in released_layout(**arch).items()}
 
 
 def random_released_state_dict(seed: int = 0, **arch: int) -> dict[str, Tensor]:
@@ -242,18 +257,8 @@ def lightning_released_checkpoint(sd: dict[str, Tensor], live_offset: float = 0.
 # ------------------------------------------------------------------------------------------------------------
 def test_reference_layout_is_the_converters_layout_at_xl():
     """The converter's idea of the released layout equals this file's independent reading, at DiP-XL/16."""
-    xl = {
-        "hidden_size": 1152,
-        "depth": 26,
-        "num_heads": 16,
-        "patch_size": 16,
-        "in_channels": 3,
-        "num_classes": 1000,
-    }
-    ours = official_layout(
-        infer_official_arch({k: torch.empty(s, device="meta") for k, s in released_layout(**xl).items()})
-    )
-    assert ours == released_layout(**xl)
+    ours = official_layout(infer_official_arch(meta_released_state_dict(**XL)))
+    assert ours == released_layout(**XL)
     assert sum(math.prod(s) for s in ours.values()) == 631_989_411  # paper: 631M
 
 
@@ -277,15 +282,7 @@ def test_converted_model_computes_the_released_function(released_sd, size):
 
 def test_xl_key_set_and_shapes_match_the_kit_model_exactly():
     """Every released DiP-XL/16 tensor lands on a kit tensor of the same shape and back (meta: no memory)."""
-    xl = {
-        "hidden_size": 1152,
-        "depth": 26,
-        "num_heads": 16,
-        "patch_size": 16,
-        "in_channels": 3,
-        "num_classes": 1000,
-    }
-    official = {k: torch.empty(s, device="meta") for k, s in released_layout(**xl).items()}
+    official = meta_released_state_dict(**XL)
     kit = official_to_kit(official)
     with torch.device("meta"):
         model = create_model("DiP-XL/16")
@@ -409,6 +406,9 @@ def test_not_a_dip_state_dict_and_kit_models_the_release_cannot_compute():
     small_head = tiny_kit_model(head=functools.partial(PatchDetailerHead, base_channels=8))
     with pytest.raises(ConversionError, match=r"head\.enc\.0\.0\.weight \(8, 3, 3, 3\)"):
         kit_to_official(small_head.state_dict())
+    small_patches = tiny_kit_model(patch_size=8, head=functools.partial(PatchDetailerHead, depth=3))
+    with pytest.raises(ConversionError, match="no released DiP has .*patch_size=8.*not divisible"):
+        kit_to_official(small_patches.state_dict())
 
 
 def test_kit_options_without_a_released_equivalent_refuse_to_convert(tmp_path):
@@ -433,6 +433,41 @@ def test_cli_error_exit_code_and_nothing_written(tmp_path, released_sd, capsys):
     err = capsys.readouterr().err
     assert "blocks.0.attn.qkv.weight" in err and "blocks.0.attn.qkv_proj.weight" in err
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_kit_run(tmp_path_factory, demo_data) -> Path:
+    """last.ckpt of a 1-step tiny run on the released 16 px patches: its small head (3 stages of 8-32 channels)
+    has no released equivalent."""
+    folder = tmp_path_factory.mktemp("tiny_kit_run")
+    fit_tiny(folder, demo_data, "--model.net.init_args.patch_size=16", steps=1)
+    return folder / "run" / "checkpoints" / "last.ckpt"
+
+
+@pytest.mark.parametrize("case", ["truncated", "not_a_checkpoint", "kit_network_the_release_cannot_run"])
+def test_convert_command_errors_name_the_file_the_problem_and_the_fix(
+    case, tmp_path, released_sd, tiny_kit_run
+):
+    """One message on stderr (no traceback), exit code 2, nothing written."""
+    if case == "truncated":
+        source, layout = tmp_path / "released.ckpt", "official"
+        torch.save(lightning_released_checkpoint(released_sd), source)
+        source.write_bytes(source.read_bytes()[:20_000])
+        expected = [f"{source}: the file is truncated or corrupt"]
+    elif case == "not_a_checkpoint":
+        source, layout = tmp_path / "notes.ckpt", "official"
+        source.write_text("a text file, not a checkpoint\n")
+        expected = [f"{source}: the file is truncated or corrupt, or not a PyTorch checkpoint"]
+    else:
+        source, layout = tiny_kit_run, "kit"
+        expected = [f"cannot convert {source}", "head.enc.0.0.weight (8, 3, 3, 3) (expected (64, 3, 3, 3))"]
+    out = tmp_path / "out" / "converted.ckpt"
+    error = user_error(run_command("convert", str(source), "--from", layout, "--out", str(out)))
+    for text in expected:
+        assert text in error
+    if case != "kit_network_the_release_cannot_run":  # that one lists the keys, one per kind
+        assert len(error.splitlines()) == 1
+    assert not out.parent.exists() or not list(out.parent.iterdir())
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -468,7 +503,7 @@ def _no_key_warnings(records: list[warnings.WarningMessage], text: str) -> None:
 
 
 def test_converted_checkpoint_has_the_paper_recipe_and_loads_without_config(converted, released_sd):
-    from dip_lightning.sample import load_module
+    from dip_lightning.loading import load_module
 
     ckpt = torch.load(
         converted, weights_only=True
@@ -507,7 +542,7 @@ def test_converted_checkpoint_has_the_paper_recipe_and_loads_without_config(conv
 
 def test_euler_sampler_of_the_converted_checkpoint_is_the_released_loop(converted):
     """The released EulerSampler._impl_sampling (float32 grid, [uncond; cond], interval CFG), 10 steps."""
-    from dip_lightning.sample import load_module
+    from dip_lightning.loading import load_module
 
     module = load_module(converted)
     sampler = module.make_sampler(num_steps=10)
@@ -572,32 +607,45 @@ def test_predict_and_validate_through_the_cli(converted, tmp_path, demo_data, ca
     assert "val/flow_loss" in cli.trainer.callback_metrics
 
 
-def test_hyperparameters_equal_the_xl_experiment_without_repa_and_compile():
-    """The converter stores for DiP-XL/16 LightningCLI's parse of experiments/dip_xl16.yaml (REPA off)."""
+def _contains(big: object, small: object) -> bool:
+    """Every key of ``small`` (nested) is in ``big`` with the same value."""
+    if isinstance(small, dict):
+        return isinstance(big, dict) and all(k in big and _contains(big[k], v) for k, v in small.items())
+    return big == small
+
+
+def test_hyperparameters_are_the_xl_experiment_at_the_files_sizes():
+    """What the converter stores is LightningCLI's parse of experiments/dip_xl16.yaml with REPA and compile off,
+    at the network sizes read off the file: the DiP-XL/16 file gets the YAML's own network, another its sizes."""
     from jsonargparse import ArgumentParser
 
     from dip_lightning.module import DiPModule
 
-    xl = {
-        "hidden_size": 1152,
-        "depth": 26,
-        "num_heads": 16,
-        "patch_size": 16,
-        "in_channels": 3,
-        "num_classes": 1000,
-    }
-    arch = infer_official_arch({k: torch.empty(s, device="meta") for k, s in released_layout(**xl).items()})
-    ours = kit_hyperparameters(arch)
-    raw = yaml.safe_load(XL_YAML.read_text())["model"] | {"repa": None, "compile": False}
+    experiment = yaml.safe_load(XL_YAML.read_text())["model"]
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(DiPModule, "model", fail_untyped=False)
-    expected = yaml.safe_load(parser.dump(parser.parse_object({"model": raw}), skip_none=False))["model"]
-    assert {k: v for k, v in ours.items() if k != "_instantiator"} == expected
-    assert ours["_instantiator"] == "lightning.pytorch.cli.instantiate_module"
+    parsed = parser.parse_object({"model": experiment | {"repa": None, "compile": False}})
+    expected = yaml.safe_load(parser.dump(parsed, skip_none=False))["model"]
+    xl = kit_hyperparameters(infer_official_arch(meta_released_state_dict(**XL)))
+    assert xl == expected | {"_instantiator": "lightning.pytorch.cli.instantiate_module"}
+    assert xl["sampler"]["init_args"]["time_grid"] == "released"  # the kit's default, the released grid
+
+    tiny = kit_hyperparameters(infer_official_arch(meta_released_state_dict(**TINY)), input_size=32)
+    assert {k: tiny["net"]["init_args"][k] for k in TINY} == TINY and tiny["net"]["init_args"][
+        "input_size"
+    ] == 32
+    sizes = (*TINY, "input_size")
+    assert {k: v for k, v in tiny["net"]["init_args"].items() if k not in sizes} == {
+        k: v for k, v in xl["net"]["init_args"].items() if k not in sizes
+    }
+    assert {k: v for k, v in tiny.items() if k != "net"} == {k: v for k, v in xl.items() if k != "net"}
+    default = kit_hyperparameters(infer_official_arch(meta_released_state_dict(**{**TINY, "patch_size": 32})))
+    assert default["net"]["init_args"]["input_size"] == 512  # the experiment's 16 patches per side
 
 
 def test_load_pretrained_for_fine_tuning_loads_net_and_projector(converted, tmp_path, released_sd):
     from dip_lightning.encoders import TinyViTEncoder
+    from dip_lightning.loading import load_pretrained
     from dip_lightning.module import DiPModule
     from dip_lightning.repa import REPA
 
@@ -615,5 +663,5 @@ def test_load_pretrained_for_fine_tuning_loads_net_and_projector(converted, tmp_
     torch.save(lightning_released_checkpoint(released_sd), tmp_path / "official.ckpt")
     load_pretrained(module.net, tmp_path / "official.ckpt", weights="live")
     assert torch.equal(module.net.x_embedder.proj.bias, released_sd["s_embedder.proj.bias"] + 0.5)
-    with pytest.raises(ConversionError, match="does not fit this network"):
+    with pytest.raises(CheckpointMismatchError, match="blocks.2.adaLN_modulation.bias"):
         load_pretrained(tiny_kit_model(depth=3), converted)

@@ -25,8 +25,17 @@ from dip_lightning.__main__ import main as dip_main
 from dip_lightning.cli import DiPCLI
 from dip_lightning.diffusion import HeunSampler
 from dip_lightning.images import to_uint8
-from dip_lightning.sample import export_samples, load_module
-from tests.helpers.tiny import HIGH_LR, REPO, TINY_CONFIG, fit_tiny, subprocess_env, tiny_args
+from dip_lightning.loading import load_module
+from dip_lightning.sample import export_samples
+from tests.helpers.tiny import (
+    HIGH_LR,
+    REPO,
+    TINY_CONFIG,
+    fit_tiny,
+    small_net_config,
+    subprocess_env,
+    tiny_args,
+)
 
 
 @pytest.fixture(scope="module")
@@ -318,8 +327,6 @@ def test_fid_command_on_an_export(
 
 def test_checkpoint_trained_with_repa_samples_without_building_repa(tmp_path: Path, demo_data: dict) -> None:
     """Sampling never builds REPA (its encoder's weights file may not exist where samples are drawn)."""
-    from dip_lightning.sample import load_module
-
     repa = (
         '--model.repa={"encoder": {"class_path": "dip_lightning.encoders.TinyViTEncoder", '
         '"init_args": {"dit_patch_size": 8, "grid_size": 4}}, "block": 1, "projector_dim": 32}'
@@ -329,12 +336,7 @@ def test_checkpoint_trained_with_repa_samples_without_building_repa(tmp_path: Pa
     assert any(k.startswith("repa.projector") for k in torch.load(ckpt, weights_only=False)["state_dict"])
     from_hparams = load_module(ckpt)
     assert from_hparams.repa is None
-    overlay = tmp_path / "small.yaml"
-    overlay.write_text(
-        "model:\n  net:\n    init_args:\n      hidden_size: 64\n      depth: 2\n      num_heads: 2\n"
-        "      head:\n        init_args:\n          base_channels: 8\n"
-    )
-    from_yaml = load_module(ckpt, configs=[TINY_CONFIG, str(overlay)])
+    from_yaml = load_module(ckpt, configs=[TINY_CONFIG, str(small_net_config(tmp_path))])
     assert from_yaml.repa is None
     labels, seeds = torch.tensor([0, 3]), torch.tensor([5, 6])
     assert torch.equal(

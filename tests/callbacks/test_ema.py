@@ -27,7 +27,7 @@ from dip_lightning.callbacks.ema import find_ema, sampling_module
 from dip_lightning.callbacks.sample_grid import make_grid
 from dip_lightning.compat import average_model
 from dip_lightning.images import to_uint8
-from dip_lightning.sample import load_module
+from dip_lightning.loading import load_module
 from tests.helpers.tiny import HIGH_LR, ema_callback, fit_with, grid_callback, read_png, tiny_args
 
 STATE = dict[str, torch.Tensor]

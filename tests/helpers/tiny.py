@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_CONFIG = str(REPO / "experiments" / "tiny_cpu.yaml")
@@ -22,6 +23,22 @@ SMALL_NET = [
     "--model.net.init_args.num_heads=2",
     "--model.net.init_args.head.init_args.base_channels=8",
 ]
+
+
+def small_net_config(folder: Path) -> Path:
+    """:data:`SMALL_NET` as a YAML file in ``folder``, for commands that take ``--config`` files but no dotted
+    overrides (``sample``)."""
+    config: dict[str, Any] = {}
+    for arg in SMALL_NET:
+        dotted, value = arg.removeprefix("--").split("=", 1)
+        *parents, leaf = dotted.split(".")
+        node = config
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = yaml.safe_load(value)
+    path = folder / "small_net.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 def tiny_args(
