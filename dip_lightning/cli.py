@@ -23,7 +23,9 @@ A thin :class:`LightningCLI` subclass. What it adds, and why:
 
 from __future__ import annotations
 
+import re
 import signal
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +191,11 @@ class DiPCLI(LightningCLI):
             if configured is not None:
                 decision.changed += [str(c) for c in optimizer_setting_changes(checkpoint, configured())]
             config["ckpt_path"] = str(decision.path)
+            if checkpoint_dir is not None:
+                # A resumed run's checkpoint folder is not empty by design; Lightning's warning would only alarm.
+                warnings.filterwarnings(
+                    "ignore", message=re.escape(f"Checkpoint directory {checkpoint_dir} exists and is not empty")
+                )
         rank_zero_info(decision.message())
 
 
