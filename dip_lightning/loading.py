@@ -2,8 +2,9 @@
 
 * :func:`read_checkpoint`: the file, read once (memory-mapped, tensors on CPU, ``weights_only`` unless the user
   trusts it); an unreadable file is a :class:`~dip_lightning.checkpointing.CheckpointError` naming the file.
-* :func:`select_weights`: which weights of a kit checkpoint to use: ``state_dict`` (the EMA weights when training
-  used the EMA callback) or ``current_model_state`` (the raw ones).
+* :func:`select_weights`: which weights of a kit checkpoint to use: ``state_dict`` (the first EMA decay's weights
+  when training used the EMA callback), another tracked decay's (``ema=``, from the ``ema`` record) or
+  ``current_model_state`` (the raw ones). :func:`ema_weights` lists every decay a checkpoint holds.
 * :func:`load_module`: a :class:`~dip_lightning.module.DiPModule` for ``sample``, built from the config the
   checkpoint carries or from ``--config`` files; a checkpoint of another network is a
   :class:`~dip_lightning.checkpointing.CheckpointMismatchError` listing the config and tensor differences
@@ -18,6 +19,7 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -28,7 +30,18 @@ from dip_lightning.checkpointing import CheckpointError, check_compatible, peek_
 if TYPE_CHECKING:
     from dip_lightning.module import DiPModule
 
-__all__ = ["load_module", "load_pretrained", "module_from_hparams", "read_checkpoint", "select_weights"]
+__all__ = [
+    "EMA_RECORD",
+    "WeightChoice",
+    "decay_key",
+    "ema_weights",
+    "load_module",
+    "load_pretrained",
+    "module_from_hparams",
+    "read_checkpoint",
+    "select_weights",
+    "weights_label",
+]
 
 RAW_WEIGHTS = "current_model_state"
 """Where the EMA callback keeps the raw weights (it puts the EMA ones in ``state_dict``)."""
@@ -48,15 +61,96 @@ def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
     return peek_checkpoint(path, weights_only=not trust_pickle)
 
 
-def select_weights(checkpoint: Any, path: str | os.PathLike, raw: bool = False) -> dict[str, Tensor]:
-    """The module weights a kit checkpoint holds: ``state_dict`` (the EMA weights when training used the EMA
-    callback), or with ``raw`` the raw weights ``current_model_state``. The one place that makes this choice."""
+EMA_RECORD = "ema"
+"""The checkpoint entry listing the EMA decays (``decays``, the first one's weights being ``state_dict``) and the
+weights of the others (``weights``, keyed by :func:`decay_key`); written by :class:`dip_lightning.callbacks.EMA`."""
+
+
+def decay_key(decay: float) -> str:
+    """The key of a decay in ``checkpoint["ema"]["weights"]``: its shortest round-tripping text (``"0.9996"``)."""
+    return repr(float(decay))
+
+
+def ema_weights(checkpoint: Any) -> dict[float, Mapping[str, Tensor]] | None:
+    """Every EMA a kit checkpoint records, by decay, in the order trained (the first is ``state_dict``).
+
+    None for a checkpoint without the record: trained without the EMA callback, or by a kit version that tracked
+    one unrecorded decay (its ``state_dict`` is that EMA). A record that lists a decay without weights is a
+    :class:`CheckpointError`.
+    """
+    record = checkpoint.get(EMA_RECORD) if isinstance(checkpoint, Mapping) else None
+    if not isinstance(record, Mapping):
+        return None
+    others = record.get("weights") or {}
+    found: dict[float, Mapping[str, Tensor]] = {}
+    for i, decay in enumerate(record.get("decays") or ()):
+        weights = checkpoint.get("state_dict") if i == 0 else others.get(decay_key(decay))
+        if not isinstance(weights, Mapping):
+            raise CheckpointError(
+                f"the checkpoint's '{EMA_RECORD}' record lists decay {decay} without weights"
+            )
+        found[float(decay)] = weights
+    return found
+
+
+@dataclass(frozen=True)
+class WeightChoice:
+    """Which weights of the checkpoint at ``path`` to load (the arguments of :func:`select_weights`)."""
+
+    path: str
+    ema: float | None = None
+    raw: bool = False
+
+
+def select_weights(
+    checkpoint: Any, path: str | os.PathLike, ema: float | None = None, raw: bool = False
+) -> dict[str, Tensor]:
+    """The module weights of a kit checkpoint: ``state_dict`` (the first EMA decay's weights when training used
+    the EMA callback); with ``ema`` the weights of that tracked decay; with ``raw`` the raw weights
+    ``current_model_state``. The one place that makes this choice.
+
+    Raises ``ValueError`` for ``ema`` and ``raw`` together, :class:`CheckpointError` (naming ``path`` and, for an
+    untracked decay, the tracked ones) when the checkpoint lacks the weights asked for.
+    """
+    if raw and ema is not None:
+        raise ValueError("choose the raw weights or one EMA decay, not both (--raw_weights / --ema)")
+    if ema is not None:
+        tracked = ema_weights(checkpoint)
+        if tracked is None:
+            why = (
+                "its state_dict is the EMA of the one decay it was trained with (written before the kit recorded "
+                "decays): drop --ema"
+                if isinstance(checkpoint, Mapping) and RAW_WEIGHTS in checkpoint
+                else "it was trained without the EMA callback"
+            )
+            raise CheckpointError(f"{path} records no EMA decays; {why}.")
+        if float(ema) not in tracked:
+            listed = ", ".join(str(d) for d in tracked)
+            raise CheckpointError(
+                f"{path} has no EMA of decay {ema}; it tracks {listed} (--ema takes one of them)."
+            )
+        return dict(tracked[float(ema)])
     key = RAW_WEIGHTS if raw else "state_dict"
     weights = checkpoint.get(key) if isinstance(checkpoint, Mapping) else None
     if not isinstance(weights, Mapping):
         why = " (raw weights exist only in checkpoints written with the EMA callback)" if raw else ""
         raise CheckpointError(f"{path} has no '{key}'{why}.")
     return dict(weights)
+
+
+def weights_label(checkpoint: Any, ema: float | None = None, raw: bool = False) -> str:
+    """What :func:`select_weights` picks with these arguments, in words for records such as an export's
+    ``job.json``: ``"raw"``, ``"ema 0.9999"``, ``"ema (decay not recorded)"`` or ``"state_dict"`` (no EMA)."""
+    if raw:
+        return "raw"
+    if ema is not None:
+        return f"ema {float(ema)}"
+    tracked = ema_weights(checkpoint)
+    if tracked:
+        return f"ema {next(iter(tracked))}"
+    if isinstance(checkpoint, Mapping) and RAW_WEIGHTS in checkpoint:
+        return "ema (decay not recorded)"
+    return "state_dict"
 
 
 def module_from_hparams(hparams: Mapping[str, Any], **overrides: Any) -> DiPModule:
@@ -98,8 +192,11 @@ def load_module(
     configs: list[str] | None = None,
     raw_weights: bool = False,
     trust_pickle: bool = False,
+    ema: float | None = None,
 ) -> DiPModule:
-    """A :class:`DiPModule` with a checkpoint's weights (EMA by default, :func:`select_weights`).
+    """A :class:`DiPModule` with a checkpoint's weights (:func:`select_weights`: the first EMA decay by default,
+    ``ema`` another tracked one, ``raw_weights`` the raw ones); ``module.loaded_weights`` says which
+    (:func:`weights_label`).
 
     Without ``configs`` the network is rebuilt from the hyperparameters LightningCLI stored in the checkpoint;
     with ``configs`` (YAML files as for ``fit``) it is built from them. REPA is never built: sampling does not
@@ -110,7 +207,7 @@ def load_module(
     # The REPA projector is a training-only part.
     weights = {
         k: v
-        for k, v in select_weights(checkpoint, ckpt_path, raw_weights).items()
+        for k, v in select_weights(checkpoint, ckpt_path, ema, raw_weights).items()
         if not k.startswith("repa.")
     }
     if configs:
@@ -126,6 +223,7 @@ def load_module(
         )
     check_compatible({"state_dict": weights, "hyper_parameters": hparams}, module, ckpt_path, advice=advice)
     module.load_state_dict(weights, strict=True)
+    module.loaded_weights = weights_label(checkpoint, ema, raw_weights)
     return module
 
 

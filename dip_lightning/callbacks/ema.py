@@ -13,23 +13,62 @@ Why a subclass and not the stock callback:
   ``AveragedModel.update_parameters`` turns ``n_averaged`` into Python bools twice per update, two host-device
   synchronisations in every training step.
 
-Checkpoint semantics are Lightning's: ``checkpoint["state_dict"]`` holds the EMA weights (so ``validate``,
-``predict`` and ``load_from_checkpoint`` use EMA by default) and ``checkpoint["current_model_state"]`` the raw ones.
+* Several decays (``decays: [0.9999, 0.9996]``; ``decay: x`` is the one-decay shorthand): the first is Lightning's
+  averaged model (validation, grids, FID and checkpoints' ``state_dict`` use it); each further one is a flat
+  copy of the tensors a ``state_dict`` holds (parameters and persistent buffers: one fp32 copy of the weights
+  each), updated right after the first with the same foreach function and the same host-side count, so no
+  update adds a host-device sync. Every rank computes the same updates from the same weights (DDP).
+
+Checkpoint semantics are Lightning's: ``checkpoint["state_dict"]`` holds the first decay's EMA weights (so
+``validate``, ``predict`` and ``load_from_checkpoint`` use it by default) and ``checkpoint["current_model_state"]``
+the raw ones. The further decays are a top-level entry::
+
+    checkpoint["ema"] = {
+        "decays": [0.9999, 0.9996],                  # every tracked decay, in order; the first is state_dict
+        "weights": {"0.9996": {name: tensor, ...}},  # the others, keyed by dip_lightning.loading.decay_key
+    }
+
+(``weights`` is empty with one decay). Before the first update every slot holds the raw weights. Resuming
+restores each tracked decay from its entry; a decay the checkpoint lacks (added on resume) starts from the
+checkpoint's ``state_dict`` (with a warning, as Lightning starts an average from a checkpoint written without
+one); a checkpoint without the record (an older kit) is taken to hold the first decay in ``state_dict``.
+:func:`dip_lightning.loading.select_weights` reads them back (``sample --ema``, ``validate --ema``,
+``DiPModule.load_from_checkpoint(path, ema=...)``).
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging
-from lightning.pytorch.utilities import rank_zero_warn
-from torch import nn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from dip_lightning.checkpointing import CheckpointError
 from dip_lightning.compat import average_model, swap_averaged_models
+from dip_lightning.loading import EMA_RECORD, decay_key, ema_weights
+
+MultiAvgFn = Callable[[list[Tensor], list[Tensor], Any], None]
+
+
+def average_in_groups(
+    multi_avg_fn: MultiAvgFn, averaged: Iterable[Tensor], current: Iterable[Tensor], n_averaged: Tensor | int
+) -> None:
+    """``multi_avg_fn`` over pairs of tensors, one call per (device, dtype) of the averages, as torch's
+    ``AveragedModel`` groups them (foreach kernels take one device and dtype; integer buffers take another path)."""
+    groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+    for p_avg, p_model in zip(averaged, current, strict=True):
+        group = groups.setdefault((p_avg.device, p_avg.dtype), ([], []))
+        group[0].append(p_avg.detach())
+        group[1].append(p_model.detach().to(p_avg.device))
+    for (device, _), (avg_list, model_list) in groups.items():
+        count = n_averaged.to(device) if isinstance(n_averaged, Tensor) else n_averaged
+        multi_avg_fn(avg_list, model_list, count)
 
 
 class HostCountedAveragedModel(AveragedModel):
@@ -55,13 +94,7 @@ class HostCountedAveragedModel(AveragedModel):
                 current = itertools.chain(model.parameters(), model.buffers())
             else:
                 averaged, current = self.parameters(), model.parameters()
-            groups: dict[tuple[torch.device, torch.dtype], tuple[list, list]] = {}
-            for p_avg, p_model in zip(averaged, current, strict=True):
-                group = groups.setdefault((p_avg.device, p_avg.dtype), ([], []))
-                group[0].append(p_avg.detach())
-                group[1].append(p_model.detach().to(p_avg.device))
-            for (device, _), (avg_list, model_list) in groups.items():
-                self.multi_avg_fn(avg_list, model_list, self.n_averaged.to(device))
+            average_in_groups(self.multi_avg_fn, averaged, current, self.n_averaged)
             if not self.use_buffers:
                 for b_avg, b_model in zip(self.module.buffers(), model.buffers(), strict=True):
                     b_avg.detach().copy_(b_model.detach().to(b_avg.device))
@@ -72,36 +105,49 @@ class HostCountedAveragedModel(AveragedModel):
         self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
     ) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self.host_count = None  # n_averaged came from a checkpoint: read it again at the next update
+        # The count a checkpoint brings is a CPU tensor there: reading it costs no device sync. Else it is read
+        # from the device at the next update.
+        loaded = state_dict.get(prefix + "n_averaged")
+        on_cpu = isinstance(loaded, Tensor) and loaded.device.type == "cpu"
+        self.host_count = int(loaded) if on_cpu else None
 
 
 class EMA(EMAWeightAveraging):
-    """Exponential moving average of the LightningModule's weights (decay 0.9999 in the paper recipe).
+    """Exponential moving averages of the LightningModule's weights (decay 0.9999 in the paper recipe).
 
     Args:
-        decay: EMA decay per update.
-        update_every_n_steps: update the average every N optimizer steps.
-        update_starting_at_step: first optimizer step (0-based) that updates the average.
-        device: where the averaged copy lives (default: the module's device).
+        decay: EMA decay per update: the one-decay shorthand of ``decays``.
+        decays: several decays tracked in one run; the first is the one validation, grids, FID and a
+            checkpoint's ``state_dict`` use, the others are stored in ``checkpoint["ema"]`` (module docstring).
+            Each further decay costs one more copy of the weights (fp32: 4 bytes per parameter).
+        update_every_n_steps: update the averages every N optimizer steps.
+        update_starting_at_step: first optimizer step (0-based) that updates the averages.
+        device: where the averaged copies live (default: the training device).
     """
 
     def __init__(
         self,
-        decay: float = 0.9999,
+        decay: float | None = None,
+        decays: Sequence[float] | None = None,
         update_every_n_steps: int = 1,
         update_starting_at_step: int | None = None,
         device: str | None = None,
     ) -> None:
+        self.decays = _tracked_decays(decay, decays)
         super().__init__(
             device=device,
             use_buffers=True,
-            decay=decay,
+            decay=self.decays[0],
             update_every_n_steps=update_every_n_steps,
             update_starting_at_step=update_starting_at_step,
         )
-        self.decay = decay
+        self.decay = self.decays[0]
+        self.device_option = device
         # One foreach update over all tensors instead of a Python loop of per-tensor kernels.
-        self._kwargs = {"multi_avg_fn": get_ema_multi_avg_fn(decay)}
+        self._kwargs = {"multi_avg_fn": get_ema_multi_avg_fn(self.decay)}
+        self._extra_fns: dict[float, MultiAvgFn] = {d: get_ema_multi_avg_fn(d) for d in self.decays[1:]}
+        # Decay -> {state_dict key: average}, for every decay after the first (built at setup of a fit).
+        self._extra_averages: dict[float, dict[str, Tensor]] = {}
         self._swapped = False
         self._raw_state_at_end: dict[str, torch.Tensor] | None = None
 
@@ -109,20 +155,40 @@ class EMA(EMAWeightAveraging):
         super().setup(trainer, pl_module, stage)
         self._raw_state_at_end = None
         averaged = average_model(self)
+        if stage != "fit" or averaged is None:
+            return
         if type(averaged) is AveragedModel:
             # Lightning builds a plain AveragedModel; only update_parameters differs (see the class above), so
-            # the instance changes class in place (a subclass adding no state).
+            # the instance changes class in place (a subclass adding no state but the host count).
             averaged.__class__ = HostCountedAveragedModel
+            averaged.host_count = int(averaged.n_averaged)  # 0: once here, not per step
+        if self.device_option is None:
+            # Lightning copies the module at callback setup, before the strategy moves it to its device; the
+            # average belongs on the training device (where Lightning's docs put it), not on the CPU.
+            averaged.to(trainer.strategy.root_device)
+        copy = averaged.module.state_dict()
+        self._extra_averages = {d: {k: v.detach().clone() for k, v in copy.items()} for d in self.decays[1:]}
+        if self._extra_averages:
+            live = _named_tensors(pl_module)
+            untracked = [k for k in copy if k not in live]
+            if untracked:
+                raise RuntimeError(
+                    f"EMA decays {list(self.decays[1:])}: state_dict entries that are no parameter or buffer of "
+                    f"the module cannot be averaged: {untracked[:5]}"
+                )
 
     @property
     def num_updates(self) -> int:
-        """How many times the average has been updated (0 before the first update or outside fit)."""
-        if average_model(self) is None:
+        """How many times the averages have been updated (0 before the first update or outside fit); read from the
+        device at most once after a setup or load, then kept on the host."""
+        averaged = average_model(self)
+        if averaged is None:
             return 0
-        host_count = getattr(average_model(self), "host_count", None)
-        if host_count is not None:
-            return host_count
-        return int(average_model(self).n_averaged.item())
+        if isinstance(averaged, HostCountedAveragedModel):
+            if averaged.host_count is None:
+                averaged.host_count = int(averaged.n_averaged.item())
+            return averaged.host_count
+        return int(averaged.n_averaged.item())
 
     @property
     def averaged_module(self) -> pl.LightningModule | None:
@@ -130,6 +196,41 @@ class EMA(EMAWeightAveraging):
         if average_model(self) is None or self.num_updates == 0:
             return None
         return average_model(self).module
+
+    def averages(self) -> dict[float, dict[str, Tensor]]:
+        """Every tracked decay's current averaged weights (the live tensors, state_dict keys), first decay first;
+        empty outside fit. Outside validation (where the first decay's copy holds the raw weights)."""
+        if average_model(self) is None:
+            return {}
+        return {self.decays[0]: average_model(self).module.state_dict(), **self._extra_averages}
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        updates = self.num_updates
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._follow_first_average(pl_module, updates)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        updates = self.num_updates
+        super().on_train_epoch_end(trainer, pl_module)
+        self._follow_first_average(pl_module, updates)
+
+    def _follow_first_average(self, pl_module: pl.LightningModule, updates_before: int) -> None:
+        """Update the further decays whenever Lightning's schedule has just updated the first one, as the first
+        one is updated: a copy at the first update, ``multi_avg_fn`` after it (the count is the host's)."""
+        updates = self.num_updates
+        if updates == updates_before or not self._extra_averages:
+            return
+        live = _named_tensors(pl_module)
+        names = next(iter(self._extra_averages.values())).keys()
+        current = [live[k].detach() for k in names]
+        for decay, average in self._extra_averages.items():
+            if updates == 1:
+                for avg, now in zip(average.values(), current, strict=True):
+                    avg.copy_(now)
+            else:
+                average_in_groups(self._extra_fns[decay], average.values(), current, updates - 1)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.averaged_module is None:
@@ -164,6 +265,49 @@ class EMA(EMAWeightAveraging):
             # No average yet: the EMA slot gets the raw weights, not the stale initial copy (the first update of an
             # AveragedModel copies the weights anyway, so resuming from here is unchanged).
             checkpoint["state_dict"] = checkpoint["current_model_state"]
+        raw = checkpoint["current_model_state"]
+        checkpoint[EMA_RECORD] = {
+            "decays": list(self.decays),
+            "weights": {
+                decay_key(d): raw if self.num_updates == 0 else dict(average)
+                for d, average in self._extra_averages.items()
+            },
+        }
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if average_model(self) is None:
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
+            return
+        fallback = checkpoint.get("state_dict")
+        recorded = ema_weights(checkpoint)
+        if recorded is None:
+            # An older kit's checkpoint: one unrecorded decay, taken to be this run's first.
+            recorded = {self.decays[0]: fallback} if fallback is not None else {}
+        missing = [d for d in self.decays if d not in recorded]
+        if missing and "current_model_state" in checkpoint:
+            rank_zero_warn(
+                f"The checkpoint has no EMA of decay(s) {missing} (it tracks {list(recorded)}): they start from "
+                "its state_dict."
+            )
+        dropped = [d for d in recorded if d not in self.decays]
+        if dropped:
+            rank_zero_info(f"EMA decay(s) {dropped} of the checkpoint are not tracked any more.")
+        # Lightning restores the first average from "state_dict": hand it this run's first decay.
+        first = recorded.get(self.decays[0], fallback)
+        super().on_load_checkpoint(trainer, pl_module, {**checkpoint, "state_dict": first})
+        for decay, average in self._extra_averages.items():
+            source = recorded.get(decay, fallback)
+            if source is None:
+                continue
+            if source.keys() != average.keys():
+                raise CheckpointError(
+                    f"the checkpoint's EMA of decay {decay} has other tensors than the module: "
+                    f"{sorted(set(source) ^ set(average))[:5]}"
+                )
+            for name, tensor in average.items():
+                tensor.copy_(source[name])
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The stock callback copies the average into the live model here; without a single update that would
@@ -174,6 +318,33 @@ class EMA(EMAWeightAveraging):
                 k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()
             }
             super().on_train_end(trainer, pl_module)
+
+
+def _tracked_decays(decay: float | None, decays: Sequence[float] | None) -> tuple[float, ...]:
+    if decay is not None and decays is not None:
+        raise ValueError(f"EMA: give decay ({decay}) or decays ({list(decays)}), not both")
+    tracked = (
+        tuple(float(d) for d in decays)
+        if decays is not None
+        else (0.9999 if decay is None else float(decay),)
+    )
+    if not tracked:
+        raise ValueError("EMA: decays must list at least one decay")
+    if len(set(tracked)) != len(tracked):
+        raise ValueError(f"EMA: decays must differ, got {list(tracked)}")
+    bad = [d for d in tracked if not 0.0 <= d <= 1.0]
+    if bad:
+        raise ValueError(f"EMA: decays must lie in [0, 1], got {bad}")
+    return tracked
+
+
+def _named_tensors(module: nn.Module) -> dict[str, Tensor]:
+    """Parameters and buffers by state_dict key (tied ones under every name), without building a state_dict."""
+    return dict(
+        itertools.chain(
+            module.named_parameters(remove_duplicate=False), module.named_buffers(remove_duplicate=False)
+        )
+    )
 
 
 def find_ema(trainer: pl.Trainer | None) -> EMA | None:

@@ -138,6 +138,7 @@ def test_ema_checkpoints_hold_both_sets(ema_run: dict) -> None:
         assert_same(ckpt["state_dict"], probe.ema)
         assert_same(ckpt["current_model_state"], probe.raw)
         assert int(ckpt["averaging_state"]["n_averaged"]) == 3
+        assert ckpt["ema"] == {"decays": [0.5], "weights": {}}  # the one-decay shorthand: nothing else stored
     # DiPModule.load_from_checkpoint (what validate/predict with a checkpoint use) gets the EMA weights.
     from dip_lightning.module import DiPModule
 

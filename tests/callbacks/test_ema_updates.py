@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import lightning.pytorch as pl
 import torch
 from torch import nn
@@ -46,7 +48,7 @@ def test_host_counted_average_equals_torchs_and_survives_a_reload():
     assert ours.host_count == 4 == int(ours.n_averaged)
     resumed = averaged(HostCountedAveragedModel, small_net())
     resumed.load_state_dict(ours.state_dict())  # as EMA.on_load_checkpoint does
-    assert resumed.host_count is None
+    assert resumed.host_count == 4  # the loaded count is a CPU tensor: read without a device sync
     for step in range(4, 7):
         perturb(net, step)
         ref.update_parameters(net)
@@ -114,3 +116,67 @@ def test_ema_callback_uses_the_host_counted_average():
     trainer.fit(Regression())
     assert type(average_model(ema)) is HostCountedAveragedModel
     assert ema.num_updates == steps == int(average_model(ema).n_averaged)
+
+
+def count_tensor_reads(monkeypatch, reads: list[str]) -> None:  # noqa: ANN001
+    """Record every tensor-to-Python read (on a GPU each is a host-device synchronisation)."""
+    real_bool, real_item = torch.Tensor.__bool__, torch.Tensor.item
+
+    def counting_bool(self):  # noqa: ANN001, ANN202
+        reads.append("bool")
+        return real_bool(self)
+
+    def counting_item(self):  # noqa: ANN001, ANN202
+        reads.append("item")
+        return real_item(self)
+
+    monkeypatch.setattr(torch.Tensor, "__bool__", counting_bool)
+    monkeypatch.setattr(torch.Tensor, "item", counting_item)
+
+
+def test_several_decays_update_without_tensor_reads(monkeypatch):
+    """A real fit with three decays: after the first update, the callback's per-step work (the first average
+    and the two further ones) reads no tensor back to Python."""
+    ema = EMA(decays=[0.9, 0.5, 0.2])
+    reads: list[str] = []
+    hook = ema.on_train_batch_end
+
+    def watched(trainer, *args):  # noqa: ANN001, ANN002, ANN202
+        if trainer.global_step < 2:  # the step of the first update runs torch's own copy
+            return hook(trainer, *args)
+        with monkeypatch.context() as patch:
+            count_tensor_reads(patch, reads)
+            return hook(trainer, *args)
+
+    monkeypatch.setattr(ema, "on_train_batch_end", watched)
+    trainer = pl.Trainer(
+        max_steps=6,
+        callbacks=[ema],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    trainer.fit(Regression())
+    assert ema.num_updates == 6 and reads == []
+    averages = ema.averages()
+    assert list(averages) == [0.9, 0.5, 0.2]
+    for slow, fast in ((0.9, 0.5), (0.5, 0.2)):
+        assert not torch.equal(averages[slow]["net.0.weight"], averages[fast]["net.0.weight"])
+
+
+def test_averages_live_on_the_training_device():
+    """Lightning copies the module at callback setup, before the strategy moves it to its device (the module is
+    still on the CPU there when training on a GPU); the averages must still end up on the training device.
+    ``meta`` stands in for the GPU on a CPU-only machine."""
+    module = Regression()
+    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("meta")))
+    ema = EMA(decays=[0.9, 0.5])
+    ema.setup(trainer, module, "fit")
+    assert {p.device.type for p in average_model(ema).parameters()} == {"meta"}
+    assert {t.device.type for t in ema.averages()[0.5].values()} == {"meta"}
+    assert ema.num_updates == 0
+    pinned = EMA(decay=0.9, device="cpu")  # an explicit device stays where it was asked to be
+    pinned.setup(trainer, module, "fit")
+    assert {p.device.type for p in average_model(pinned).parameters()} == {"cpu"}
