@@ -18,7 +18,10 @@ A thin :class:`LightningCLI` subclass. What it adds, and why:
   requeued job does not stop at once;
 * a fixed default seed, so a requeued job does not draw a new one;
 * a rich progress bar that does not synchronise with the GPU every step
-  (:class:`~dip_lightning.callbacks.progress.RichProgress`).
+  (:class:`~dip_lightning.callbacks.progress.RichProgress`);
+* ``validate``/``test``/``predict --ckpt_path ... --ema DECAY`` (one of the checkpoint's tracked EMA decays) or
+  ``--raw_weights``: which weights of the checkpoint run (default: its first EMA decay;
+  :func:`dip_lightning.loading.select_weights`).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from dip_lightning.checkpointing import (
 
 # Importing the module also enables sampler subclasses in YAML (see dip_lightning.module).
 from dip_lightning.distributed import launch_place
+from dip_lightning.loading import WeightChoice
 from dip_lightning.module import DiPModule
 from dip_lightning.run_folder import DEFAULT_RUN_DIR, LOG_VERSION
 
@@ -110,6 +114,19 @@ class DiPCLI(LightningCLI):
             default="SIGUSR1",
             help="Signal on which a SLURM job saves and requeues itself (SIGUSR2 where NCCL takes SIGUSR1).",
         )
+        parser.add_argument(
+            "--ema",
+            type=float | None,
+            default=None,
+            help="validate/test/predict: the weights of this EMA decay of --ckpt_path (one it tracked; default: "
+            "its first).",
+        )
+        parser.add_argument(
+            "--raw_weights",
+            type=bool,
+            default=False,
+            help="validate/test/predict: the raw (non-EMA) weights of --ckpt_path.",
+        )
 
     def _parse_ckpt_path(self) -> None:
         # A private LightningCLI hook (dip_lightning.compat): with --ckpt_path it replaces the model config by the
@@ -162,10 +179,30 @@ class DiPCLI(LightningCLI):
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
+    # ------------------------------------------------------------------ which weights of a checkpoint
+    def _request_weights(self) -> None:
+        """``--ema`` / ``--raw_weights``: tell the model which weights of ``--ckpt_path`` to load."""
+        config = self.config_init[self.subcommand]
+        ema, raw = config.get("ema"), bool(config.get("raw_weights"))
+        if ema is None and not raw:
+            return
+        if ema is not None and raw:
+            raise ValueError("--ema and --raw_weights exclude each other: choose one set of weights.")
+        if not config.get("ckpt_path"):
+            raise ValueError("--ema / --raw_weights choose weights of a checkpoint: pass --ckpt_path too.")
+        self.model.requested_weights = WeightChoice(str(config["ckpt_path"]), ema, raw)
+
+    before_validate = before_test = before_predict = _request_weights
+
     # ------------------------------------------------------------------ resume
     def before_fit(self) -> None:
         """Pick the checkpoint to continue from and check it fits this model, before anything is written."""
         config = self.config_init["fit"]
+        if config.get("ema") is not None or config.get("raw_weights"):
+            raise ValueError(
+                "--ema / --raw_weights choose the weights validate, test and predict load; fit resumes every "
+                "EMA (configure them with the EMA callback's decays)."
+            )
         explicit = config.get("ckpt_path")
         if explicit in ("last", "hpc", "best"):  # Lightning's own keywords: its rules apply
             rank_zero_info(f"Resume: --ckpt_path {explicit} (resolved by Lightning).")
@@ -194,7 +231,8 @@ class DiPCLI(LightningCLI):
             if checkpoint_dir is not None:
                 # A resumed run's checkpoint folder is not empty by design; Lightning's warning would only alarm.
                 warnings.filterwarnings(
-                    "ignore", message=re.escape(f"Checkpoint directory {checkpoint_dir} exists and is not empty")
+                    "ignore",
+                    message=re.escape(f"Checkpoint directory {checkpoint_dir} exists and is not empty"),
                 )
         rank_zero_info(decision.message())
 

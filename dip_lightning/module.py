@@ -19,6 +19,7 @@ import dataclasses
 import os
 import time
 from collections.abc import Iterable
+from contextvars import ContextVar
 from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
@@ -32,6 +33,7 @@ from dip_lightning.checkpointing import apply_optimizer_setting_changes, optimiz
 from dip_lightning.compat import given_hyperparameters
 from dip_lightning.diffusion import EulerSampler, FlowMatching, ODESampler, make_noise
 from dip_lightning.images import to_uint8
+from dip_lightning.loading import WeightChoice, select_weights, weights_label
 from dip_lightning.repa import REPA
 from dip_lightning.seeding import mix_seed
 
@@ -62,6 +64,10 @@ class _SharedOnCopy:
         return self
 
 
+# The weights DiPModule.load_from_checkpoint(..., ema=/raw_weights=) asked for, while it runs.
+_REQUESTED_WEIGHTS: ContextVar[WeightChoice | None] = ContextVar("requested_weights", default=None)
+
+
 def default_optimizer(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
     """The paper's optimizer: AdamW, lr 1e-4, betas (0.9, 0.999), weight decay 0 (Table 4)."""
     return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0)
@@ -72,6 +78,10 @@ class DiPModule(pl.LightningModule):
 
     On resume the configured optimizer settings apply (lr, betas, weight decay ...; a new lr continues a
     schedule from the same point), not the ones the checkpoint saved; the resume log line lists what changed.
+
+    Loaded outside ``fit`` (``validate``/``test``/``predict --ckpt_path``, :meth:`load_from_checkpoint`), the
+    weights are the checkpoint's first EMA decay by default, another tracked decay with ``ema``, the raw ones
+    with ``raw_weights`` (:func:`dip_lightning.loading.select_weights`); :attr:`loaded_weights` says which.
 
     Args:
         net: the denoiser, ``net(x, t, y) -> v`` (a :class:`dip_lightning.models.DiP`).
@@ -90,6 +100,11 @@ class DiPModule(pl.LightningModule):
 
     #: Options that change how the module computes, not what: a resume may change them.
     EXECUTION_OPTIONS = ("compile", "compile_mode")
+
+    #: Which weights of a checkpoint were loaded (:func:`dip_lightning.loading.weights_label`), None if none.
+    loaded_weights: str | None = None
+    #: The weights the next checkpoint load outside ``fit`` takes (set by DiPCLI for ``--ema``/``--raw_weights``).
+    requested_weights: WeightChoice | None = None
 
     def __init__(
         self,
@@ -306,12 +321,35 @@ class DiPModule(pl.LightningModule):
         built = self.configure_optimizers()
         return built["optimizer"] if isinstance(built, dict) else built
 
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: Any,
+        *args: Any,
+        ema: float | None = None,
+        raw_weights: bool = False,
+        **kwargs: Any,
+    ) -> DiPModule:
+        """Lightning's ``load_from_checkpoint``, with the weights chosen as ``sample`` chooses them: the first EMA
+        decay by default, ``ema=DECAY`` another tracked one, ``raw_weights=True`` the raw ones."""
+        token = _REQUESTED_WEIGHTS.set(WeightChoice(str(checkpoint_path), ema, raw_weights))
+        try:
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        finally:
+            _REQUESTED_WEIGHTS.reset(token)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Runs before Lightning loads the optimizer from this same dict: the configured settings win.
+        # Runs before Lightning loads the weights and the optimizer from this same dict.
         fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
-        if fitting and checkpoint.get("optimizer_states"):
-            changes = optimizer_setting_changes(checkpoint, self.configured_optimizer())
-            apply_optimizer_setting_changes(checkpoint, changes)
+        if fitting:
+            # Resume: the EMA callback restores its averages; the configured optimizer settings win.
+            if checkpoint.get("optimizer_states"):
+                changes = optimizer_setting_changes(checkpoint, self.configured_optimizer())
+                apply_optimizer_setting_changes(checkpoint, changes)
+            return
+        choice = self.requested_weights or _REQUESTED_WEIGHTS.get() or WeightChoice("the checkpoint")
+        self.loaded_weights = weights_label(checkpoint, choice.ema, choice.raw)
+        checkpoint["state_dict"] = select_weights(checkpoint, choice.path, choice.ema, choice.raw)
 
     def configure_optimizers(self) -> Any:
         # The frozen REPA encoder has requires_grad=False; only trainable tensors go to the optimizer.

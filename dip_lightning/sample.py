@@ -15,8 +15,9 @@
   round-robin; rank 0 waits for all chunks, and whoever finds them all assembles ``--out`` (atomically, the
   same bytes whoever writes it).
 * Files are written with fixed zip timestamps, so the same settings give the same file, byte for byte.
-* Weights: the checkpoint's ``state_dict``, i.e. the EMA weights when training used the EMA callback;
-  ``--raw_weights`` takes ``current_model_state`` instead (:mod:`dip_lightning.loading`). An unreadable
+* Weights: the checkpoint's ``state_dict``, i.e. the (first decay's) EMA weights when training used the EMA
+  callback; ``--ema DECAY`` takes another decay the run tracked, ``--raw_weights`` the raw ``current_model_state``
+  (:mod:`dip_lightning.loading`); ``job.json`` records which (``weights``). An unreadable
   checkpoint, or one that ``--config`` builds another network for, is an ``error: ...`` line naming the file
   and the fix (exit code 2).
 """
@@ -185,6 +186,8 @@ def export_samples(
         "sample_dtype": str(getattr(module, "sample_dtype", "")),
         # Compiled kernels round differently from eager ones: one export uses one of them throughout.
         "compile": str(getattr(module, "compiled_mode", None)),
+        # Which weights of the checkpoint (raw, which EMA decay): chunks of two EMAs never mix.
+        "weights": getattr(module, "loaded_weights", None),
         "weights_sha256": weights_fingerprint(module),
     }
     _check_job(parts, job)
@@ -256,6 +259,13 @@ def build_parser() -> CommandParser:
     p.add_argument("--cfg_interval", type=float, nargs=2, default=None, metavar=("T_MIN", "T_MAX"))
     p.add_argument("--raw_weights", action="store_true", help="use the raw (non-EMA) weights")
     p.add_argument(
+        "--ema",
+        type=float,
+        default=None,
+        metavar="DECAY",
+        help="use the weights of this EMA decay (one the run tracked; default: its first)",
+    )
+    p.add_argument(
         "--trust_pickle",
         action="store_true",
         help="allow a checkpoint with pickled Python objects besides tensors (trusted files only)",
@@ -274,12 +284,15 @@ def build_parser() -> CommandParser:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.raw_weights and args.ema is not None:
+        parser.error("--raw_weights and --ema exclude each other: choose one set of weights")
     place = launch_place()
     rank, world_size = place.rank, place.world_size
     device = args.device or (f"cuda:{place.local_rank}" if torch.cuda.is_available() else "cpu")
     try:
-        module = load_module(args.ckpt_path, args.config, args.raw_weights, args.trust_pickle)
+        module = load_module(args.ckpt_path, args.config, args.raw_weights, args.trust_pickle, ema=args.ema)
     except (CheckpointError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
