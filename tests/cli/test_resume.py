@@ -1,8 +1,8 @@
 """Exact resume through the real CLI: interrupt, ``fit`` again, and end with the uninterrupted run's bits.
 
 Runs are in-process where possible (fast), in subprocesses where a real kill is needed. What is compared: raw
-weights, EMA weights (and its update count), optimizer state, and what every step saw (step, epoch, batch
-index, labels), with ``torch.equal`` / exact equality (:mod:`tests.helpers.resume`).
+weights, every EMA decay's weights (the first with its update count), optimizer state, and what every step saw
+(step, epoch, batch index, labels), with ``torch.equal`` / exact equality (:mod:`tests.helpers.resume`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from dip_lightning.callbacks.preemption import PreemptionGuard
 from dip_lightning.checkpointing import PARTIAL_DIR, resolve_resume
 from tests.helpers.resume import (
     STEPS,
+    assert_equal_nested,
     assert_same_final,
     assert_same_steps,
     load_final,
@@ -228,4 +229,8 @@ def test_ddp_two_processes_sigterm_on_one_rank_resumes_bit_exact(tmp_path: Path,
         got, want = load_final(out, rank), load_final(tmp_path / "ref_out", rank)
         assert_same_final(got, want)
         assert load_records(out, rank) == load_records(tmp_path / "ref_out", rank)
+    # Every rank holds the same averages (each computes them from the same all-reduced weights).
+    rank0, rank1 = load_final(out, 0), load_final(out, 1)
+    for key in ("raw", "ema", "further_emas"):
+        assert_equal_nested(rank0[key], rank1[key], key)
     assert load_records(out, 0) != load_records(out, 1)  # the ranks saw different data

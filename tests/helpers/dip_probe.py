@@ -41,7 +41,8 @@ class ResumeProbe(pl.Callback):
 
     Args:
         out_dir: where ``steps_rank{R}.jsonl`` (one line per optimizer step: step, epoch, labels) and, at
-            ``max_steps``, ``final_rank{R}.pt`` (raw + EMA state_dict, optimizer state, step) are written.
+            ``max_steps``, ``final_rank{R}.pt`` (raw weights, the first EMA's state_dict, every further EMA
+            decay's weights, optimizer state, step) are written.
         progress_every: rank 0 prints ``PROGRESS global_step=N`` every N steps (0: never).
         signal_at_step: send ``signal_name`` to this process while the step that starts at this
             ``global_step`` runs (from a thread, ``signal_delay`` s after the batch start: it lands mid-step).
@@ -160,6 +161,11 @@ class ResumeProbe(pl.Callback):
         }
         if ema is not None and average_model(ema) is not None:
             state["ema"] = {k: v.detach().cpu().clone() for k, v in average_model(ema).state_dict().items()}
+            # Every further decay's average, by decay.
+            state["further_emas"] = {
+                decay: {k: v.detach().cpu().clone() for k, v in weights.items()}
+                for decay, weights in list(ema.averages().items())[1:]
+            }
         self.out_dir.mkdir(parents=True, exist_ok=True)
         torch.save(state, self.out_dir / f"final_rank{trainer.global_rank}.pt")
         print(f"FINAL STATE SAVED rank={trainer.global_rank} global_step={trainer.global_step}", flush=True)

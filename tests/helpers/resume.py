@@ -1,7 +1,7 @@
 """Exact-resume machinery: the resume tests' run arguments, the in-process ``fit``, the bit-for-bit comparisons.
 
 Every exact-resume test compares against one uninterrupted ``STEPS``-step run of the same tiny config (64-wide
-DiP, EMA decay 0.9, checkpoints every 5 steps, 12 batches per epoch so resumes land mid-epoch and cross
+DiP, EMA decays 0.9 and 0.6, checkpoints every 5 steps, 12 batches per epoch so resumes land mid-epoch and cross
 epochs). The probe callback (:mod:`tests.helpers.dip_probe`) records what every step saw and the final state.
 """
 
@@ -20,7 +20,8 @@ from tests.helpers.tiny import tiny_args
 
 STEPS = 30
 PROBE = "tests.helpers.dip_probe.ResumeProbe"
-EMA_ONLY = [{"class_path": "dip_lightning.callbacks.EMA", "init_args": {"decay": 0.9}}]
+# Two decays: resume must restore the first (Lightning's averaged model) and the further one (checkpoint["ema"]).
+EMA_ONLY = [{"class_path": "dip_lightning.callbacks.EMA", "init_args": {"decays": [0.9, 0.6]}}]
 
 
 def resume_args(run_dir: Path, data: dict, *extra: str, steps: int = STEPS, hidden: int = 64) -> list[str]:
@@ -93,14 +94,20 @@ def assert_equal_nested(a: Any, b: Any, where: str) -> None:
 
 
 def assert_same_final(got: dict, want: dict, steps: int = STEPS) -> None:
-    """Raw weights, EMA weights (with n_averaged) and optimizer state identical, bit for bit."""
+    """Raw weights, every EMA decay's weights (the first with n_averaged) and optimizer state identical, bit for
+    bit."""
     assert got["global_step"] == want["global_step"] == steps
     assert want["ema"] is not None and int(want["ema"]["n_averaged"]) == steps
     assert_equal_nested(got["raw"], want["raw"], "raw")
     assert_equal_nested(got["ema"], want["ema"], "ema")
+    assert list(want["further_emas"]) == [0.6]
+    assert_equal_nested(got["further_emas"], want["further_emas"], "further_emas")
     assert_equal_nested(got["optimizer"], want["optimizer"], "optimizer")
-    # Not vacuous: EMA and raw weights differ, so both were compared.
-    assert any(not torch.equal(got["raw"][k], got["ema"][f"module.{k}"]) for k in got["raw"])
+    # Not vacuous: the EMAs differ from the raw weights and from each other, so each was compared.
+    first = {k: got["ema"][f"module.{k}"] for k in got["raw"]}
+    for name, weights in {"raw": got["raw"], "ema 0.6": got["further_emas"][0.6]}.items():
+        assert any(not torch.equal(weights[k], first[k]) for k in first), f"{name} equals the first EMA"
+    assert any(not torch.equal(got["raw"][k], got["further_emas"][0.6][k]) for k in first)
 
 
 def assert_same_steps(got: list[dict], want: list[dict], steps: int = STEPS) -> None:
