@@ -48,6 +48,11 @@ COMMANDS: dict[str, Command] = {
         ),
         Command("convert", "released DiP weights <-> kit checkpoints", "dip_lightning.convert:main"),
         Command(
+            "ema-reconstruct",
+            "post-hoc EMA: any power-function EMA std from a run's snapshots",
+            "dip_lightning.phema:main",
+        ),
+        Command(
             "prepare", "WebDataset shards from an image folder (ImageNet)", "dip_lightning.data.prepare:main"
         ),
         Command(

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from torch import Tensor, nn
 
 from dip_lightning.checkpointing import CheckpointError, check_compatible, peek_checkpoint
+from dip_lightning.phema import RECONSTRUCTION_RECORD
 
 if TYPE_CHECKING:
     from dip_lightning.module import DiPModule
@@ -140,7 +141,8 @@ def select_weights(
 
 def weights_label(checkpoint: Any, ema: float | None = None, raw: bool = False) -> str:
     """What :func:`select_weights` picks with these arguments, in words for records such as an export's
-    ``job.json``: ``"raw"``, ``"ema 0.9999"``, ``"ema (decay not recorded)"`` or ``"state_dict"`` (no EMA)."""
+    ``job.json``: ``"raw"``, ``"ema 0.9999"``, ``"ema (decay not recorded)"``, ``"phema std 0.05 at step N"``
+    (an ``ema-reconstruct`` output) or ``"state_dict"`` (no EMA)."""
     if raw:
         return "raw"
     if ema is not None:
@@ -148,6 +150,9 @@ def weights_label(checkpoint: Any, ema: float | None = None, raw: bool = False) 
     tracked = ema_weights(checkpoint)
     if tracked:
         return f"ema {next(iter(tracked))}"
+    reconstruction = checkpoint.get(RECONSTRUCTION_RECORD) if isinstance(checkpoint, Mapping) else None
+    if isinstance(reconstruction, Mapping):  # written by ema-reconstruct (dip_lightning.phema)
+        return f"phema std {reconstruction.get('std')} at step {reconstruction.get('step')}"
     if isinstance(checkpoint, Mapping) and RAW_WEIGHTS in checkpoint:
         return "ema (decay not recorded)"
     return "state_dict"

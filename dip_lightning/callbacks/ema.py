@@ -167,15 +167,7 @@ class EMA(EMAWeightAveraging):
             # average belongs on the training device (where Lightning's docs put it), not on the CPU.
             averaged.to(trainer.strategy.root_device)
         copy = averaged.module.state_dict()
-        self._extra_averages = {d: {k: v.detach().clone() for k, v in copy.items()} for d in self.decays[1:]}
-        if self._extra_averages:
-            live = _named_tensors(pl_module)
-            untracked = [k for k in copy if k not in live]
-            if untracked:
-                raise RuntimeError(
-                    f"EMA decays {list(self.decays[1:])}: state_dict entries that are no parameter or buffer of "
-                    f"the module cannot be averaged: {untracked[:5]}"
-                )
+        self._extra_averages = {d: averageable_copy(copy, pl_module) for d in self.decays[1:]}
 
     @property
     def num_updates(self) -> int:
@@ -222,9 +214,7 @@ class EMA(EMAWeightAveraging):
         updates = self.num_updates
         if updates == updates_before or not self._extra_averages:
             return
-        live = _named_tensors(pl_module)
-        names = next(iter(self._extra_averages.values())).keys()
-        current = [live[k].detach() for k in names]
+        current = live_tensors(pl_module, next(iter(self._extra_averages.values())))
         for decay, average in self._extra_averages.items():
             if updates == 1:
                 for avg, now in zip(average.values(), current, strict=True):
@@ -338,13 +328,33 @@ def _tracked_decays(decay: float | None, decays: Sequence[float] | None) -> tupl
     return tracked
 
 
-def _named_tensors(module: nn.Module) -> dict[str, Tensor]:
+def named_tensors(module: nn.Module) -> dict[str, Tensor]:
     """Parameters and buffers by state_dict key (tied ones under every name), without building a state_dict."""
     return dict(
         itertools.chain(
             module.named_parameters(remove_duplicate=False), module.named_buffers(remove_duplicate=False)
         )
     )
+
+
+def averageable_copy(
+    state: dict[str, Tensor], module: nn.Module, device: torch.device | None = None
+) -> dict[str, Tensor]:
+    """A flat copy of ``state`` (``module``'s state_dict, or a copy of it) to average into, on ``device`` (default:
+    where each tensor is); every key must be a parameter or buffer of ``module`` (:func:`live_tensors`)."""
+    untracked = [k for k in state if k not in named_tensors(module)]
+    if untracked:
+        raise RuntimeError(
+            f"state_dict entries that are no parameter or buffer cannot be averaged: {untracked[:5]}"
+        )
+    return {k: v.detach().to(device if device is not None else v.device, copy=True) for k, v in state.items()}
+
+
+def live_tensors(module: nn.Module, average: dict[str, Tensor]) -> list[Tensor]:
+    """The module's current tensors in the order of the keys of ``average`` (a copy made by
+    :func:`averageable_copy`), looked up by name each time (``module.to`` replaces buffer objects)."""
+    live = named_tensors(module)
+    return [live[k].detach() for k in average]
 
 
 def find_ema(trainer: pl.Trainer | None) -> EMA | None:
