@@ -1,17 +1,21 @@
-"""CPU benchmark: the tiny config's training step time and memory, the head's layouts and dense stages, and the
-demo's wall time.
+"""CPU benchmark: the tiny config's training step time and memory, the head's layouts and dense stages, the
+per-step overhead of what the demo adds to the bare step, and the demo's wall time.
 
     python bench/cpu.py                 # step times of experiments/tiny_cpu.yaml + head variants (~3 minutes)
     python bench/cpu.py --demo          # also times `python -m dip_lightning demo` end to end (a few minutes)
+    python bench/cpu.py --overhead      # only the overhead section: bare step vs + logger, bar, EMA, ... (~12 min)
 
-Writes bench/results/cpu.md. Timings depend on what else runs on the machine: the load average is recorded.
+Writes bench/results/cpu.md (``--overhead``: only its own section of it). Timings depend on what else runs on
+the machine: the load average is recorded.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -119,6 +123,163 @@ def step_times(threads: int, steps: int, *overrides: str) -> dict:
     }
 
 
+# ---------------------------------------------------------------------------------------------- overhead
+# What the demo adds to the bare training step, one piece at a time. Each variant runs in its own process, so the
+# rich bar can be given a terminal (`script`) or a file, exactly as a user's shell or a log file would; the
+# variants are interleaved over rounds (the machine's speed drifts between minutes).
+BARE = ["--trainer.callbacks=null", "--trainer.enable_progress_bar=false", "--trainer.logger=false"]
+EMA_CALLBACK = {"class_path": "dip_lightning.callbacks.EMA", "init_args": {"decay": 0.99}}
+
+
+def demo_callbacks_without_evaluations() -> list[dict]:
+    """The config's callbacks with their evaluations pushed past the end: what they cost on the other steps."""
+    import yaml
+
+    callbacks = yaml.safe_load((REPO / "experiments" / "tiny_cpu.yaml").read_text())["trainer"]["callbacks"]
+    for callback in callbacks:
+        args = callback.get("init_args", {})
+        if "every_n_steps" in args:  # SampleGrid, FIDCallback
+            args.update(every_n_steps=10**9, on_train_end=False)
+    return callbacks
+
+
+def overhead_variants() -> dict[str, tuple[bool, list[str]]]:
+    """label -> (stdout is a terminal, CLI overrides on top of the tiny config)."""
+    callbacks = demo_callbacks_without_evaluations()
+    logger_bar = ["--trainer.callbacks=null"]
+    foreach = ["--model.optimizer.init_args.foreach=true"]
+    return {
+        "bare (no callbacks, bar, logger)": (False, BARE),
+        "bare, AdamW foreach": (False, [*BARE, *foreach]),
+        "+ TensorBoard logger": (False, BARE[:2]),
+        "+ logger + bar, stdout a file": (False, logger_bar),
+        "+ logger + bar, stdout a terminal": (True, logger_bar),
+        "+ logger + bar + EMA, terminal": (True, [f"--trainer.callbacks={json.dumps([EMA_CALLBACK])}"]),
+        "demo config between evaluations, terminal": (True, [f"--trainer.callbacks={json.dumps(callbacks)}"]),
+        "demo config between evaluations, terminal, foreach": (
+            True,
+            [f"--trainer.callbacks={json.dumps(callbacks)}", *foreach],
+        ),
+    }
+
+
+def overhead_variant(label: str, threads: int, steps: int, data_dir: Path) -> dict:
+    """One variant in this process: mean and median wall time between consecutive training-batch ends, which
+    covers everything a step costs (data, hooks, bar, logging), after a warm-up of 20 steps."""
+    import torch
+    from lightning.pytorch.callbacks import Callback
+
+    from dip_lightning.cli import DiPCLI
+
+    torch.set_num_threads(threads)
+    _, overrides = overhead_variants()[label]
+    ends: list[float] = []
+
+    class Clock(Callback):
+        def on_train_batch_end(self, *args: object) -> None:
+            ends.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cli = DiPCLI(
+            args=[
+                "--config", str(REPO / "experiments" / "tiny_cpu.yaml"),
+                f"--trainer.default_root_dir={tmp}",
+                f"--trainer.max_steps={steps}",
+                "--trainer.limit_val_batches=0",
+                "--checkpoint.every_n_train_steps=1000000",
+                f"--data.init_args.train_shards={data_dir / 'train-*.tar'}",
+                f"--data.init_args.val_shards={data_dir / 'val-*.tar'}",
+                *overrides,
+            ],
+            run=False,
+        )  # fmt: skip
+        for callback in cli.trainer.callbacks:
+            if hasattr(callback, "reference") and callback.reference is not None:
+                callback.reference = str(data_dir / "fid_ref_val.npz")
+        cli.trainer.callbacks.append(Clock())
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    gaps = [b - a for a, b in zip(ends[20:], ends[21:])]
+    return {
+        "mean_step_s": statistics.fmean(gaps),
+        "median_step_s": statistics.median(gaps),
+        "steps": len(gaps),
+    }
+
+
+def overhead(threads: int, steps: int, rounds: int, labels: list[str] | None) -> dict[str, list[dict]]:
+    from dip_lightning.data.demo import build_demo_dataset
+    from dip_lightning.demo import reference_stats
+
+    data_dir = Path(tempfile.gettempdir()) / "dip_bench_demo_data"
+    dataset = build_demo_dataset(data_dir, size=32)
+    reference_stats(dataset["val_shards"], data_dir / "fid_ref_val.npz", dataset["image_size"])
+    variants = overhead_variants()
+    labels = labels or list(variants)
+    results: dict[str, list[dict]] = {label: [] for label in labels}
+    for _ in range(rounds):
+        for label in labels:
+            tty, _ = variants[label]
+            with tempfile.NamedTemporaryFile(suffix=".json") as out:
+                cmd = [sys.executable, __file__, "--variant", label, "--threads", str(threads)]
+                cmd += ["--steps", str(steps), "--data_dir", str(data_dir), "--result", out.name]
+                if tty:  # a pseudo-terminal as standard output, as in a user's shell
+                    cmd = ["script", "-qec", shlex.join(cmd), "/dev/null"]
+                env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+                subprocess.run(cmd, check=True, stdin=subprocess.DEVNULL, capture_output=True, env=env)
+                results[label].append(json.loads(Path(out.name).read_text()))
+            print(f"{label}: {results[label][-1]} (load {os.getloadavg()[0]:.1f})", flush=True)
+    return results
+
+
+OVERHEAD_HEADING = "## Per-step overhead of the demo's training loop (`--overhead`)"
+
+
+def overhead_report(
+    results: dict[str, list[dict]], threads: int, steps: int, load: tuple[float, float]
+) -> str:
+    first = statistics.median(r["mean_step_s"] for r in next(iter(results.values())))
+    # The best round: another process sharing the cores only ever adds time, so the minimum is the least
+    # disturbed estimate; the median says how typical it is.
+    first_best = min(r["mean_step_s"] for r in next(iter(results.values())))
+    lines = [
+        OVERHEAD_HEADING,
+        "",
+        f"- command: `python bench/cpu.py --overhead --steps {steps}`, {time.strftime('%Y-%m-%d %H:%M')} UTC",
+        f"- machine: {os.cpu_count()} cores, {threads} threads, Python {sys.version.split()[0]}, load average "
+        f"before/after {load[0]:.1f}/{load[1]:.1f}",
+        "- each row: experiments/tiny_cpu.yaml, batch 32, validation and checkpoints off, one process per run,",
+        "  variants interleaved; s/step = mean wall time between consecutive batch ends after 20 warm-up steps",
+        "  (the mean, not the median, because periodic costs such as logging every 10 steps count); the median",
+        "  and the best of the rounds are shown, then every round.",
+        "",
+        "| variant | s/step, median of rounds | vs first row | s/step, best round | vs first row "
+        "| rounds (mean s/step) | median step of the rounds |",
+        "| --- | ---: | ---: | ---: | ---: | --- | --- |",
+    ]
+    for label, runs in results.items():
+        means = " ".join(f"{r['mean_step_s']:.4f}" for r in runs)
+        medians = " ".join(f"{r['median_step_s']:.4f}" for r in runs)
+        mid = statistics.median(r["mean_step_s"] for r in runs)
+        best = min(r["mean_step_s"] for r in runs)
+        vs_mid, vs_best = 100 * (mid / first - 1), 100 * (best / first_best - 1)
+        lines.append(
+            f"| {label} | {mid:.4f} | {vs_mid:+.1f}% | {best:.4f} | {vs_best:+.1f}% | {means} | {medians} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def replace_section(text: str, heading: str, section: str) -> str:
+    """``text`` with the section that starts at the line ``heading`` (up to the next "## " line) replaced by
+    ``section``, or ``section`` appended."""
+    lines = text.splitlines(keepends=True)
+    if heading + "\n" not in lines:
+        return text.rstrip("\n") + "\n\n" + section
+    start = lines.index(heading + "\n")
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    tail = "".join(lines[end:])
+    return "".join(lines[:start]) + section + ("\n" + tail if tail else "")
+
+
 def demo_wall(threads: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
@@ -139,7 +300,27 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--demo", action="store_true")
+    p.add_argument("--overhead", action="store_true", help="only the per-step overhead section")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --overhead")
+    p.add_argument("--variants", default="", help="semicolon-separated subset of the --overhead variants")
+    # Internal: one --overhead variant in a child process.
+    p.add_argument("--variant", help=argparse.SUPPRESS)
+    p.add_argument("--data_dir", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.variant:
+        result = overhead_variant(args.variant, args.threads, args.steps, args.data_dir)
+        Path(args.result).write_text(json.dumps(result))
+        return
+    if args.overhead:
+        load_before = os.getloadavg()[0]
+        labels = [v for v in args.variants.split(";") if v] or None
+        results = overhead(args.threads, args.steps, args.rounds, labels)
+        report = overhead_report(results, args.threads, args.steps, (load_before, os.getloadavg()[0]))
+        out = REPO / "bench" / "results" / "cpu.md"
+        out.write_text(replace_section(out.read_text() if out.exists() else "", OVERHEAD_HEADING, report))
+        print(report + f"wrote its section into {out}")
+        return
     load_before = os.getloadavg()[0]
     # Two interleaved rounds: the machine's speed drifts by ~10% over minutes, which would otherwise land on
     # whichever variant ran during a slow spell.
@@ -180,7 +361,15 @@ def main() -> None:
                   f"(exit {demo['returncode']}), dataset and FID reference statistics already built:", "", "```",
                   *demo["lines"], "```"]  # fmt: skip
     out = REPO / "bench" / "results" / "cpu.md"
-    out.write_text("\n".join(lines) + "\n")
+    text = "\n".join(lines) + "\n"
+    if out.exists() and OVERHEAD_HEADING + "\n" in out.read_text():  # measured separately: keep it
+        previous = out.read_text().splitlines(keepends=True)
+        start = previous.index(OVERHEAD_HEADING + "\n")
+        end = next(
+            (i for i in range(start + 1, len(previous)) if previous[i].startswith("## ")), len(previous)
+        )
+        text = replace_section(text, OVERHEAD_HEADING, "".join(previous[start:end]))
+    out.write_text(text)
     print(f"wrote {out}")
 
 
