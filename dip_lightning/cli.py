@@ -19,6 +19,9 @@ A thin :class:`LightningCLI` subclass. What it adds, and why:
 * a fixed default seed, so a requeued job does not draw a new one;
 * a rich progress bar that does not synchronise with the GPU every step
   (:class:`~dip_lightning.callbacks.progress.RichProgress`);
+* the experiment's own words kept with the run: ``experiment.json`` next to ``config.yaml`` records the
+  ``--config`` files (path and text, so the comments that say which paper row a config reproduces travel with
+  the run) and the command line (:class:`RecordingSaveConfig`, read by ``python -m dip_lightning report``);
 * ``validate``/``test``/``predict --ckpt_path ... --ema DECAY`` (one of the checkpoint's tracked EMA decays) or
   ``--raw_weights``: which weights of the checkpoint run (default: its first EMA decay;
   :func:`dip_lightning.loading.select_weights`).
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import re
 import signal
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -36,10 +40,11 @@ import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, Timer
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info
 
+from dip_lightning.atomic import atomic_write_json
 from dip_lightning.callbacks.preemption import PerJobTimer, PreemptionGuard
 from dip_lightning.callbacks.progress import RichProgress
 from dip_lightning.checkpointing import (
@@ -55,7 +60,7 @@ from dip_lightning.checkpointing import (
 from dip_lightning.distributed import launch_place
 from dip_lightning.loading import WeightChoice
 from dip_lightning.module import DiPModule
-from dip_lightning.run_folder import DEFAULT_RUN_DIR, LOG_VERSION
+from dip_lightning.run_folder import DEFAULT_RUN_DIR, EXPERIMENT_RECORD, LOG_VERSION, artefact_dir
 
 
 def _as_list(value: Any) -> list:
@@ -71,16 +76,56 @@ MODEL_TO_DATA = {
 }
 
 
+def config_sources(config: Any) -> list[dict[str, str]]:
+    """The ``--config`` files of a parsed config, in order: ``{"path": as given, "absolute": where it was found,
+    "text": its text}`` each.
+
+    A ``--config`` given as an inline YAML string, or a file that can no longer be read, is left out.
+    """
+    sources = []
+    for entry in _as_list(config.get("config") if hasattr(config, "get") else None):
+        if entry is None:
+            continue
+        # jsonargparse's Path: `relative` is the path as given, `absolute` where it was found.
+        given = str(getattr(entry, "relative", entry))
+        found = str(getattr(entry, "absolute", entry))
+        try:
+            text = Path(found).read_text(encoding="utf-8")
+        except (OSError, TypeError, ValueError):
+            continue
+        sources.append({"path": given, "absolute": found, "text": text})
+    return sources
+
+
+class RecordingSaveConfig(SaveConfigCallback):
+    """LightningCLI's ``config.yaml`` writer, plus ``experiment.json`` beside it (rank 0, atomic, rewritten by
+    each job as ``config.yaml`` is): the ``--config`` files with their text and the command line.
+
+    The parsed ``config.yaml`` holds every value but not which experiment file and overlays produced them, nor
+    their comments (a ``# Reproduces:`` line); reports need both.
+    """
+
+    def __init__(self, *args: Any, argv: list[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.argv = list(argv) if argv is not None else None
+
+    def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        record = {"configs": config_sources(self.config), "argv": self.argv}
+        atomic_write_json(artefact_dir(trainer) / EXPERIMENT_RECORD, record)
+
+
 class DiPCLI(LightningCLI):
     """LightningCLI for DiP: model = :class:`DiPModule`, data = any LightningDataModule (``class_path``)."""
 
     def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
         torch.set_float32_matmul_precision("high")
+        argv = [str(a) for a in args] if isinstance(args, (list, tuple)) else sys.argv[1:]
         super().__init__(
             model_class=DiPModule,
             datamodule_class=LightningDataModule,
             subclass_mode_data=True,
-            save_config_kwargs={"overwrite": True},
+            save_config_callback=RecordingSaveConfig,
+            save_config_kwargs={"overwrite": True, "argv": argv},
             seed_everything_default=0,
             auto_configure_optimizers=False,
             parser_kwargs={"parser_mode": "yaml", "prog": "python -m dip_lightning"},

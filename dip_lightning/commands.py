@@ -46,6 +46,16 @@ COMMANDS: dict[str, Command] = {
             "FID reference statistics of real shards or images",
             "dip_lightning.fid:main_fid_stats",
         ),
+        Command(
+            "report",
+            "compare runs: one table row per run, each metric against training step",
+            "dip_lightning.report:main",
+        ),
+        Command(
+            "sweep",
+            "evaluate a checkpoint over EMA decays x guidance settings (resumable)",
+            "dip_lightning.sweep:main",
+        ),
         Command("convert", "released DiP weights <-> kit checkpoints", "dip_lightning.convert:main"),
         Command(
             "ema-reconstruct",

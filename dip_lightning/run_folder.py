@@ -3,7 +3,8 @@
 ::
 
     <run>/                      trainer.default_root_dir
-      tensorboard/              logs, config.yaml, grids/step_XXXXXXXX.png, fid.csv (artefact_dir)
+      tensorboard/              logs, config.yaml, experiment.json, grids/step_XXXXXXXX.png, fid.csv,
+                                eval_metrics.csv (artefact_dir)
       checkpoints/              step########.ckpt, last.ckpt
       hpc_ckpt_N.ckpt           preemption checkpoints (Lightning's name, so plain Lightning finds them too)
 
@@ -16,10 +17,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_RUN_DIR", "LOG_VERSION", "artefact_dir", "checkpoint_dir"]
+__all__ = ["DEFAULT_RUN_DIR", "EXPERIMENT_RECORD", "LOG_VERSION", "artefact_dir", "checkpoint_dir"]
 
 DEFAULT_RUN_DIR = "runs/default"
 LOG_VERSION = "tensorboard"
+#: In the artefact folder: the ``--config`` files (path and text) and the command line of the latest ``fit`` job.
+EXPERIMENT_RECORD = "experiment.json"
 
 
 def artefact_dir(trainer: Any) -> Path:
