@@ -39,12 +39,19 @@ COMMANDS: dict[str, Command] = {
         Command("predict", "generate uint8 images with Lightning's predict loop"),
         Command("sample", "export N samples in the ADM evaluator's npz format", "dip_lightning.sample:main"),
         Command(
-            "fid", "FID (and IS) of a sample npz against reference statistics", "dip_lightning.fid:main_fid"
+            "evaluate",
+            "FID, sFID, IS, precision, recall, patch seam, FD-DINOv2 of a sample npz",
+            "dip_lightning.evaluate:main",
+        ),
+        Command(
+            "fid",
+            "evaluate --metrics fid inception_score (older spelling)",
+            "dip_lightning.evaluate:main_fid",
         ),
         Command(
             "fid-stats",
-            "FID reference statistics of real shards or images",
-            "dip_lightning.fid:main_fid_stats",
+            "reference file (statistics, features, seam profile) of real shards or images",
+            "dip_lightning.evaluate:main_fid_stats",
         ),
         Command(
             "report",

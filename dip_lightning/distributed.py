@@ -16,9 +16,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 
-__all__ = ["ProcessPlace", "is_distributed", "launch_place", "rank_and_world"]
+__all__ = ["ProcessPlace", "all_gather_rows", "is_distributed", "launch_place", "rank_and_world"]
 
 
 @dataclass(frozen=True)
@@ -68,3 +69,30 @@ def rank_and_world() -> tuple[int, int]:
         return dist.get_rank(), dist.get_world_size()
     place = launch_place()
     return place.rank, place.world_size
+
+
+def _collective_device(tensor: torch.Tensor) -> torch.device:
+    """NCCL moves only CUDA tensors; gloo takes CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's ``(n_r, ...)`` tensor in rank order (ranks may hold different ``n_r``).
+
+    Collective: call it on every rank. Without a process group it returns ``tensor`` unchanged. Rows are padded
+    to the largest count for the gather and trimmed after it; the result is on ``tensor``'s device.
+    """
+    if not is_distributed():
+        return tensor
+    device = _collective_device(tensor)
+    local = tensor.to(device).contiguous()
+    counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, torch.tensor([local.shape[0]], device=device))
+    sizes = [int(c) for c in counts]
+    padded = torch.zeros((max(sizes), *local.shape[1:]), dtype=local.dtype, device=device)
+    padded[: local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)]).to(tensor.device)
