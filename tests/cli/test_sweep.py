@@ -1,0 +1,180 @@
+"""`python -m dip_lightning sweep`: a real checkpoint with two EMA decays, swept over 2 EMAs x 2 guidance scales
+with the real metrics engine; each cell's samples are those `sample --ema ... --cfg_scale ...` exports, its
+metrics those `compute_metrics` gives them; a rerun keeps finished cells, other weights are refused."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dip_lightning.commands import run_command
+from dip_lightning.metrics import compute_metrics
+from dip_lightning.sample import _save_npz
+from dip_lightning.sweep import grid_cells
+from tests.helpers.tiny import HIGH_LR, REPO, fit_with, subprocess_env, tiny_args
+
+NUM_SAMPLES = 6
+METRICS = ["fid", "precision", "recall", "patch_seam"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory, demo_data: dict) -> dict:
+    root = tmp_path_factory.mktemp("sweep")
+    run_dir = root / "run"
+    ema = {"class_path": "dip_lightning.callbacks.EMA", "init_args": {"decays": [0.9, 0.5]}}
+    fit_with(
+        tiny_args(run_dir, demo_data, HIGH_LR, "--checkpoint.every_n_train_steps=2", steps=4, callbacks=[ema])
+    )
+    from dip_lightning.fid import iter_shard_images
+
+    images = [
+        b.permute(0, 2, 3, 1).numpy() for b in iter_shard_images(demo_data["val_shards"], 16, 32, limit=16)
+    ]
+    reference = root / "reference.npz"
+    _save_npz(reference, arr_0=np.concatenate(images))
+    return {"ckpt": run_dir / "checkpoints" / "last.ckpt", "reference": reference, "root": root}
+
+
+@pytest.fixture(autouse=True)
+def metrics_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    # One reference feature cache for the module's sweeps (features are cached by the file's content hash).
+    monkeypatch.setenv("DIP_METRICS_CACHE", str(tmp_path_factory.getbasetemp() / "metrics_cache"))
+
+
+def sweep_args(setup: dict, out: Path, *extra: str, ema: tuple[str, ...] = ("0.9", "0.5")) -> list[str]:
+    return [
+        "sweep", "--ckpt_path", str(setup["ckpt"]), "--reference", str(setup["reference"]),
+        "--num_samples", str(NUM_SAMPLES), "--ema", *ema, "--cfg_scale", "1.0", "2.0", "--num_steps", "2",
+        "--chunk_size", "4", "--batch_size", "4", "--metrics", *METRICS, "--out", str(out), *extra,
+    ]  # fmt: skip
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_grid_order_and_names() -> None:
+    cells = grid_cells([0.9, "raw"], [1.0, 2.0], [(0.1, 1.0)], [25])
+    assert [(c.ema, c.cfg_scale) for c in cells] == [(0.9, 1.0), (0.9, 2.0), ("raw", 1.0), ("raw", 2.0)]
+    assert cells[0].name == "ema0.9_cfg1.0_interval0.1-1.0_steps25"
+    assert grid_cells()[0].name == "emadefault_cfgdefault_intervaldefault_stepsdefault"
+
+
+def test_sweep_two_emas_by_two_guidance_scales(setup: dict, tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    # First a part of the grid, as a killed sweep leaves it; then the whole grid continues it.
+    assert run_command(sweep_args(setup, out, "--keep_samples", ema=("0.9",))) == 0
+    first = {p.parent.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*/result.json")}
+    assert len(first) == 2
+    assert run_command(sweep_args(setup, out, "--keep_samples")) == 0
+    kept = {p.parent.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*/result.json")}
+    assert len(kept) == 4 and all(kept[name] == mtime for name, mtime in first.items())  # not redone
+
+    rows = read_csv(out / "sweep.csv")
+    assert list(rows[0]) == [
+        "ema",
+        "cfg_scale",
+        "cfg_interval",
+        "num_steps",
+        *METRICS,
+        "num_samples",
+        "weights",
+    ]
+    assert [(r["ema"], r["cfg_scale"]) for r in rows] == [
+        ("0.9", "1.0"),
+        ("0.9", "2.0"),
+        ("0.5", "1.0"),
+        ("0.5", "2.0"),
+    ]
+    assert {r["num_steps"] for r in rows} == {"2"} and {r["cfg_interval"] for r in rows} == {
+        "0.0-1.0"
+    }  # the default
+    assert [r["weights"] for r in rows] == ["ema 0.9", "ema 0.9", "ema 0.5", "ema 0.5"]
+
+    # A cell's samples are what `sample` exports with the same weights and settings, its metrics the engine's.
+    cell = out / "cells" / "ema0.5_cfg2.0_intervaldefault_steps2"
+    exported = tmp_path / "sample.npz"
+    sample = [
+        "sample",
+        "--ckpt_path",
+        str(setup["ckpt"]),
+        "--out",
+        str(exported),
+        "--num_samples",
+        str(NUM_SAMPLES),
+    ]
+    assert (
+        run_command([*sample, "--ema", "0.5", "--cfg_scale", "2.0", "--num_steps", "2", "--batch_size", "4"])
+        == 0
+    )
+    with np.load(exported) as a, np.load(cell / "samples.npz") as b:
+        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+        expected = compute_metrics(b["arr_0"], setup["reference"], metrics=METRICS, patch_size=8)
+    for metric in METRICS:
+        assert float(rows[3][metric]) == pytest.approx(expected[metric], rel=1e-6), metric
+    with np.load(out / "cells" / "ema0.9_cfg2.0_intervaldefault_steps2" / "samples.npz") as other:
+        assert not np.array_equal(other["arr_0"], np.load(exported)["arr_0"])  # the other decay's weights
+
+    md = (out / "sweep.md").read_text()
+    assert "| ema | cfg_scale | cfg_interval | num_steps | fid |" in md and "best fid:" in md
+    png = out / "sweep_fid.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "](sweep_fid.png)" in md
+
+
+def test_other_weights_at_the_same_path_are_refused(
+    setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "sweep"
+    ckpt = tmp_path / "model.ckpt"
+    shutil.copy(setup["ckpt"], ckpt)
+    args = sweep_args({**setup, "ckpt": ckpt}, out, "--no_plots", ema=("0.9",))
+    assert run_command(args) == 0
+    before = (out / "sweep.csv").read_bytes()
+    step2 = setup["ckpt"].parent / "step00000002.ckpt"
+    shutil.copy(step2, ckpt)  # the checkpoint was overwritten (training went on)
+    assert run_command(args) == 2
+    err = capsys.readouterr().err
+    assert "cell.json" in err and "weights_sha256" in err
+    assert (out / "sweep.csv").read_bytes() == before  # nothing changed
+
+
+def test_untracked_decay_and_missing_reference_are_clear_errors(
+    setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert run_command(sweep_args(setup, tmp_path / "a", ema=("0.7",))) == 2
+    err = capsys.readouterr().err
+    assert "0.7" in err and "0.9" in err and "0.5" in err  # names the tracked decays
+    missing = {**setup, "reference": tmp_path / "nope.npz"}
+    assert run_command(sweep_args(missing, tmp_path / "b")) == 2
+    assert "nope.npz: no such file" in capsys.readouterr().err
+
+
+def test_two_processes_spread_the_samples(setup: dict, tmp_path: Path) -> None:
+    """torchrun-style launch (RANK / WORLD_SIZE): each process makes its chunks, rank 0 scores; same results as
+    one process."""
+    single, double = tmp_path / "single", tmp_path / "double"
+    assert run_command(sweep_args(setup, single, "--no_plots", ema=("0.5",))) == 0
+    cmd = [sys.executable, "-m", "dip_lightning", *sweep_args(setup, double, "--no_plots", ema=("0.5",))]
+    procs = []
+    for rank in (0, 1):
+        env = {**subprocess_env(1), "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)}
+        env["DIP_METRICS_CACHE"] = os.environ["DIP_METRICS_CACHE"]
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert "rank 1" in outputs[1] and "(rank 1)" in outputs[1]  # rank 1 generated chunks of its own
+    assert read_csv(double / "sweep.csv") == read_csv(single / "sweep.csv")
+    assert json.loads((double / "sweep.json").read_text())["num_samples"] == NUM_SAMPLES
