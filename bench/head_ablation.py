@@ -50,6 +50,7 @@ HEAD = "--model.net.init_args.head.init_args."
 
 #: variant -> (overlay YAML or None for the tiny config's own conv head, head-size overrides, paper Table 2 FID)
 VARIANTS: dict[str, tuple[str | None, list[str], float]] = {
+    "conv_unet": (None, [], 2.16),
     "dit_only": ("dit_only.yaml", [], 5.28),
     "mlp": ("head_mlp.yaml", [f"{HEAD}num_layers=3"], 6.92),
     "coord_mlp": ("head_coord_mlp.yaml", [f"{HEAD}width=16", f"{HEAD}depth=2", f"{HEAD}mlp_ratio=2"], 2.20),
@@ -58,7 +59,6 @@ VARIANTS: dict[str, tuple[str | None, list[str], float]] = {
         [f"{HEAD}width=16", f"{HEAD}depth=2", f"{HEAD}num_heads=2", f"{HEAD}context_tokens=4"],
         2.98,
     ),
-    "conv_unet": (None, [], 2.16),
 }
 HEAD_SIZES = {name: overrides for name, (_, overrides, _) in VARIANTS.items()}
 PAPER_ROWS = {
@@ -230,16 +230,18 @@ def spread_table(
 
 
 def plot_finals(values: dict[str, dict[str, list[float]]], metrics: list[str], path: Path) -> None:
-    """One panel per metric: each variant's seeds as points and their mean as a bar."""
+    """One panel per metric: each variant's seeds as points, their mean as a short line."""
     plt = require_matplotlib()
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.2), dpi=100)
     names = list(values)
     for ax, metric in zip(np.atleast_1d(axes), metrics):
         for i, name in enumerate(names):
             v = values[name][metric]
-            if v:
-                ax.bar(i, float(np.mean(v)), color="#9ecae1", width=0.6)
-                ax.plot([i] * len(v), v, "o", color="#08519c", markersize=4)
+            if v:  # seeds as points, their mean as a bar across them (the y axis is not cut at 0)
+                ax.plot([i] * len(v), v, "o", color="#08519c", markersize=4, alpha=0.8)
+                ax.plot([i - 0.25, i + 0.25], [float(np.mean(v))] * 2, color="#e6550d", linewidth=2)
+        if metric == "patch_seam":
+            ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
         ax.set_title(metric + (" (1.0 = like the data)" if metric == "patch_seam" else ""), fontsize=9)
         ax.grid(axis="y", alpha=0.3)

@@ -221,6 +221,7 @@ def read_tensorboard_scalars(
 # ------------------------------------------------------------------------------------------------ configs
 _REPRODUCES = re.compile(r"^#\s*Reproduces:\s*(.+?)\s*$", re.IGNORECASE)
 _PAPER_MENTION = re.compile(r"\bPaper\s+(Table|Fig\.?)\s+\w+")
+_PAPER_ROW = re.compile(r'\bPaper\s+Table\s+\w+,?\s+row\s+"[^"]+"(\s+\([^)]*\))?')
 
 
 def paper_row(config_text: str) -> str | None:
@@ -242,6 +243,9 @@ def paper_row(config_text: str) -> str | None:
             text = match.group(1).rstrip(".")
             return None if text.lower().startswith("no paper row") else text
     for line in header:
+        match = _PAPER_ROW.search(line)  # 'Paper Table 2 row "..." (size, FID)': up to its parenthesis
+        if match:
+            return match.group(0)
         match = _PAPER_MENTION.search(line)
         if match:
             text = line[match.start() :]

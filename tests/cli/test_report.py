@@ -152,7 +152,8 @@ def test_paper_row_of_every_experiment_yaml() -> None:
         rows["head_attention.yaml"]
         == 'Paper Table 2 row "+ Intra-patch attention" (630M, FID 2.98 at 160 epochs)'
     )
-    assert rows["dit_only.yaml"].startswith('Paper Table 2 row "DiT-only 26L, 1152"')
+    assert rows["dit_only.yaml"] == 'Paper Table 2 row "DiT-only 26L, 1152" (629M, FID 5.28 at 160 epochs)'
+    assert rows["placement_hybrid.yaml"] == 'Paper Fig 5(c) / Fig 8 "hybrid" (FID 3.53 at 160 epochs)'
     assert rows["head_depth1.yaml"].startswith("Paper Fig 10a, head depth")
     assert rows["no_repa.yaml"] is None  # "not a paper row"
 
