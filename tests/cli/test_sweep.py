@@ -49,10 +49,16 @@ def metrics_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.
     monkeypatch.setenv("DIP_METRICS_CACHE", str(tmp_path_factory.getbasetemp() / "metrics_cache"))
 
 
-def sweep_args(setup: dict, out: Path, *extra: str, ema: tuple[str, ...] = ("0.9", "0.5")) -> list[str]:
+def sweep_args(
+    setup: dict,
+    out: Path,
+    *extra: str,
+    ema: tuple[str, ...] = ("0.9", "0.5"),
+    cfg: tuple[str, ...] = ("1.0", "2.0"),
+) -> list[str]:
     return [
         "sweep", "--ckpt_path", str(setup["ckpt"]), "--reference", str(setup["reference"]),
-        "--num_samples", str(NUM_SAMPLES), "--ema", *ema, "--cfg_scale", "1.0", "2.0", "--num_steps", "2",
+        "--num_samples", str(NUM_SAMPLES), "--ema", *ema, "--cfg_scale", *cfg, "--num_steps", "2",
         "--chunk_size", "4", "--batch_size", "4", "--metrics", *METRICS, "--out", str(out), *extra,
     ]  # fmt: skip
 
@@ -69,6 +75,7 @@ def test_grid_order_and_names() -> None:
     assert grid_cells()[0].name == "emadefault_cfgdefault_intervaldefault_stepsdefault"
 
 
+@pytest.mark.slow
 def test_sweep_two_emas_by_two_guidance_scales(setup: dict, tmp_path: Path) -> None:
     out = tmp_path / "sweep"
     # First a part of the grid, as a killed sweep leaves it; then the whole grid continues it.
@@ -136,7 +143,7 @@ def test_other_weights_at_the_same_path_are_refused(
     out = tmp_path / "sweep"
     ckpt = tmp_path / "model.ckpt"
     shutil.copy(setup["ckpt"], ckpt)
-    args = sweep_args({**setup, "ckpt": ckpt}, out, "--no_plots", ema=("0.9",))
+    args = sweep_args({**setup, "ckpt": ckpt}, out, "--no_plots", ema=("0.9",), cfg=("1.0",))
     assert run_command(args) == 0
     before = (out / "sweep.csv").read_bytes()
     step2 = setup["ckpt"].parent / "step00000002.ckpt"
@@ -158,12 +165,18 @@ def test_untracked_decay_and_missing_reference_are_clear_errors(
     assert "nope.npz: no such file" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_two_processes_spread_the_samples(setup: dict, tmp_path: Path) -> None:
     """torchrun-style launch (RANK / WORLD_SIZE): each process makes its chunks, rank 0 scores; same results as
     one process."""
     single, double = tmp_path / "single", tmp_path / "double"
-    assert run_command(sweep_args(setup, single, "--no_plots", ema=("0.5",))) == 0
-    cmd = [sys.executable, "-m", "dip_lightning", *sweep_args(setup, double, "--no_plots", ema=("0.5",))]
+    assert run_command(sweep_args(setup, single, "--no_plots", ema=("0.5",), cfg=("2.0",))) == 0
+    cmd = [
+        sys.executable,
+        "-m",
+        "dip_lightning",
+        *sweep_args(setup, double, "--no_plots", ema=("0.5",), cfg=("2.0",)),
+    ]
     procs = []
     for rank in (0, 1):
         env = {**subprocess_env(1), "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)}
