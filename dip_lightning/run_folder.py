@@ -3,7 +3,7 @@
 ::
 
     <run>/                      trainer.default_root_dir
-      tensorboard/              logs, config.yaml, grids/step_XXXXXXXX.png, fid.csv (artefact_dir)
+      tensorboard/              logs, config.yaml, grids/step_XXXXXXXX.png, eval_metrics.csv (artefact_dir)
       checkpoints/              step########.ckpt, last.ckpt
       hpc_ckpt_N.ckpt           preemption checkpoints (Lightning's name, so plain Lightning finds them too)
 
