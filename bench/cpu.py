@@ -195,7 +195,7 @@ def overhead_variant(label: str, threads: int, steps: int, data_dir: Path) -> di
         )  # fmt: skip
         for callback in cli.trainer.callbacks:
             if hasattr(callback, "reference") and callback.reference is not None:
-                callback.reference = str(data_dir / "fid_ref_val.npz")
+                callback.reference = str(data_dir / "ref_val.npz")
         cli.trainer.callbacks.append(Clock())
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     gaps = [b - a for a, b in zip(ends[20:], ends[21:])]
@@ -212,7 +212,7 @@ def overhead(threads: int, steps: int, rounds: int, labels: list[str] | None) ->
 
     data_dir = Path(tempfile.gettempdir()) / "dip_bench_demo_data"
     dataset = build_demo_dataset(data_dir, size=32)
-    reference_stats(dataset["val_shards"], data_dir / "fid_ref_val.npz", dataset["image_size"])
+    reference_stats(dataset["val_shards"], data_dir / "ref_val.npz", dataset["image_size"])
     variants = overhead_variants()
     labels = labels or list(variants)
     results: dict[str, list[dict]] = {label: [] for label in labels}

@@ -18,7 +18,6 @@ internal                                    why the kit needs it
 ``LightningCLI._parse_ckpt_path``           (overridden) ``fit --ckpt_path`` must keep this run's settings
 ``RichProgressBar._get_train_description``  (overridden) the epoch label of step-limited runs
 ``NoTrainInceptionV3._torch_fidelity_forward``  features and logits in one pass (torchmetrics' Inception)
-``FrechetInceptionDistance.real_features_*``    load reference statistics into the metric's real states
 ==========================================  ================================================================
 """
 
@@ -34,8 +33,6 @@ __all__ = [
     "batches_in_flight",
     "cluster_environment",
     "given_hyperparameters",
-    "metric_real_states",
-    "set_metric_real_states",
     "skip_sigterm_broadcast",
     "sigterm_broadcast_skipped",
     "restore_sigterm_broadcast",
@@ -107,18 +104,3 @@ def torch_fidelity_forward(net: nn.Module, images: Tensor) -> tuple[Tensor, Tens
     """``(pool features, unbiased logits)`` of torchmetrics' ``NoTrainInceptionV3`` in one forward."""
     features, logits = net._torch_fidelity_forward(images)
     return features, logits
-
-
-_REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
-
-
-def metric_real_states(metric: Any) -> tuple[Tensor, Tensor, Tensor]:
-    """``(sum, sum of outer products, count)`` of a ``FrechetInceptionDistance``'s real features."""
-    sum_, outer, count = (getattr(metric, name) for name in _REAL_STATES)
-    return sum_, outer, count
-
-
-def set_metric_real_states(metric: Any, total: Tensor, outer: Tensor, count: Tensor) -> None:
-    """Overwrite the real-feature states of a ``FrechetInceptionDistance``."""
-    for name, value in zip(_REAL_STATES, (total, outer, count)):
-        setattr(metric, name, value)

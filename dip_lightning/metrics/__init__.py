@@ -42,6 +42,7 @@ __all__ = [
     "METRIC_NAMES",
     "MetricEngine",
     "MetricUnavailableWarning",
+    "check_metric_names",
     "compute_metrics",
     "metrics_from_features",
     "sample_kinds",
@@ -105,7 +106,7 @@ class MetricEngine:
     @classmethod
     def create(
         cls,
-        reference: str | os.PathLike[str],
+        reference: str | os.PathLike[str] | Reference,
         metrics: Sequence[str] | None = None,
         patch_size: int | None = None,
         device: str | torch.device | None = None,
@@ -147,14 +148,24 @@ class MetricEngine:
         if "patch_seam" in names and patch_size is None:
             unusable["patch_seam"] = "no patch size (--patch_size, or a checkpoint that records it)"
         usable = [m for m in names if m not in unusable]
-        ref = load_reference(
-            reference, usable, extractor, dev, batch_size, dinov2, cache_dir=cache_dir, use_cache=use_cache
-        )
+        if isinstance(reference, Reference):
+            ref = reference
+        else:
+            ref = load_reference(
+                reference,
+                usable,
+                extractor,
+                dev,
+                batch_size,
+                dinov2,
+                cache_dir=cache_dir,
+                use_cache=use_cache,
+            )
         for m in usable:
             missing = [n for n in _reference_needs(m) if not ref.has(n)]
             if missing:
                 unusable[m] = (
-                    f"the reference {reference} holds no {', '.join(missing)} (an older FID-only reference "
+                    f"the reference {ref.path} holds no {', '.join(missing)} (an older FID-only reference "
                     "file? recompute it with `python -m dip_lightning fid-stats`, or pass an image npz)"
                 )
         for m, why in unusable.items():

@@ -504,6 +504,12 @@ class DINOv2Features(nn.Module):
                     f"FD-DINOv2 needs the DINOv2 {variant} weights file dinov2_{variant}_pretrain.pth; pass "
                     f"--dinov2_weights PATH (or set ${DINOV2_WEIGHTS_ENV}). Nothing is downloaded here."
                 )
+            if not Path(path).is_file():
+                raise FileNotFoundError(
+                    f"DINOv2 weights file not found: {path!r}. FD-DINOv2 needs the official "
+                    f"dinov2_{variant}_pretrain.pth (facebookresearch/dinov2 release); copy it to this machine and "
+                    f"pass --dinov2_weights PATH (or set ${DINOV2_WEIGHTS_ENV}). Nothing is downloaded here."
+                )
             model = DINOv2ViT.from_variant(variant)
             model.load_state_dict(DINOv2Encoder._read_weights(path, variant), strict=True)
             self.name = f"dinov2-{variant}:{Path(path).name}"

@@ -52,6 +52,7 @@ __all__ = [
     "file_digest",
     "gather_feature_set",
     "load_reference",
+    "reference_from_features",
     "save_reference",
 ]
 
@@ -223,6 +224,12 @@ def _cached_features(
                 found.features[kind] = value
         else:
             missing.append(kind)
+    if is_distributed():
+        # Every rank must take the same branch (the extraction is collective): a cache file that appeared
+        # between the ranks' checks (another job) must not split them.
+        anyone = all_gather_rows(torch.tensor([[len(missing)]]))
+        if int(anyone.sum()) > 0:
+            missing = list(kinds)
     if missing:
         fresh = npz_feature_set(path, missing, extractor, device, batch_size, dinov2)
         found.features.update(fresh.features)
@@ -421,6 +428,21 @@ def load_reference(
             ref.seam = extracted.seam
         if ref.layout == "images":
             ref.extractor = extracted.extractor
+    return ref
+
+
+def reference_from_features(features: FeatureSet, name: str = "", dinov2_name: str = "") -> Reference:
+    """The `Reference` of an in-memory feature set (real images read from shards), as `save_reference` would
+    store it and `load_reference` read it back."""
+    ref = Reference(name, extractor=features.extractor, num_images=features.num_images, layout="images")
+    for kind in ("pool", "spatial", "dinov2"):
+        if kind in features.features:
+            ref.stats[kind] = features.stats(kind)
+            if kind == "dinov2":
+                ref.stats[kind].extractor = dinov2_name
+    if "pool" in features.features:
+        ref.pool_features = features.features["pool"][:PR_REFERENCE_SIZE]
+    ref.seam = features.seam
     return ref
 
 

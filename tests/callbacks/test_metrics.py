@@ -1,14 +1,16 @@
-"""FIDCallback inside real Lightning runs: schedule, logging, reproducibility, EMA, real shards, DDP.
+"""MetricsCallback (and its FID-only spelling FIDCallback) inside real Lightning runs: schedule, logging,
+eval_metrics.csv, reproducibility, EMA, real shards, exact resume state, DDP, and agreement with `evaluate`.
 
 The LightningModule here is a tiny generator with the project's sampling API (``generate(labels, seeds,
 **overrides)``, ``num_classes``, ``image_shape``); the feature network is `PixelProjection`, so a whole fit
-with several FID evaluations takes seconds on one core.
+with several evaluations takes seconds on one core.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dip_lightning.callbacks.ema import EMA
 from dip_lightning.callbacks.fid import FIDCallback
-from dip_lightning.fid import FIDStats, PixelProjection, frechet_distance, load_stats, save_stats
+from dip_lightning.callbacks.metrics import MetricsCallback
+from dip_lightning.metrics import compute_metrics
+from dip_lightning.metrics.features import PixelProjection
+from dip_lightning.metrics.frechet import FIDStats, frechet_distance
+from dip_lightning.metrics.patch_seam import SeamProfile
+from dip_lightning.metrics.reference import FeatureSet, Reference, _npz_keys, _read_stats_file, save_reference
 
 torch.set_num_threads(1)
 SIZE = 16
@@ -73,9 +80,16 @@ def reference_images(n: int = 40, seed: int = 100) -> torch.Tensor:
 
 
 def make_reference(path: Path, extractor: PixelProjection) -> FIDStats:
-    stats = FIDStats.from_features(extractor(reference_images()), extractor.name)
-    save_stats(path, stats)
-    return stats
+    """A kit reference file of `reference_images` (what fid-stats writes); returns its pool statistics."""
+    images = reference_images()
+    feats = {k: v.float().numpy() for k, v in extractor.features(images, ("pool", "spatial")).items()}
+    features = FeatureSet(feats, SeamProfile.of_images(images), len(images), extractor.name)
+    save_reference(path, features)
+    return features.stats("pool")
+
+
+def load_stats(path: Path) -> Reference:
+    return _read_stats_file(path, _npz_keys(path))
 
 
 def offline_fid(module: Any, callback: FIDCallback, ref: FIDStats) -> float:
@@ -83,7 +97,7 @@ def offline_fid(module: Any, callback: FIDCallback, ref: FIDStats) -> float:
     index = torch.arange(callback.num_samples)
     images = module.generate(index % module.num_classes, index + callback.seed)
     uint8 = torch.clamp(127.5 * images + 128.0, 0, 255).to(torch.uint8)
-    stats = FIDStats.from_features(callback.extractor(uint8))
+    stats = FIDStats.from_features(callback.extractor(uint8).float())
     return frechet_distance(stats.mu, stats.sigma, ref.mu, ref.sigma)
 
 
@@ -139,10 +153,12 @@ def test_fid_callback_schedule_logging_and_reproducibility(tmp_path: Path) -> No
     assert values[1] == pytest.approx(offline_fid(module, callback, ref), rel=1e-9)
     assert {"num_steps": 7, "cfg_scale": 2.0} in module.overrides_seen
 
-    rows = read_csv(Path(logger.log_dir) / "fid.csv")
+    rows = read_csv(Path(logger.log_dir) / "eval_metrics.csv")
+    assert list(rows[0]) == ["step", "images_seen", "fid", "num_samples", "seconds", "unix_time"]
     assert [int(r["step"]) for r in rows] == [2, 4]
-    assert [float(r["fid"]) for r in rows] == pytest.approx(values, rel=1e-6)
-    assert rows[0]["extractor"] == extractor.name and rows[0]["num_samples"] == "14"
+    assert [int(r["images_seen"]) for r in rows] == [8, 16]  # batch 4, one process
+    assert [float(r["fid"]) for r in rows] == pytest.approx(values, rel=1e-12)
+    assert rows[0]["num_samples"] == "14"
     # Reached the logger although 2 and 4 are not multiples of log_every_n_steps.
     logged = [r for r in read_csv(Path(logger.log_dir) / "metrics.csv") if r.get("val/fid")]
     assert [int(r["step"]) for r in logged] == [2, 4]
@@ -155,7 +171,17 @@ def test_fid_callback_schedule_logging_and_reproducibility(tmp_path: Path) -> No
     # The metric is not part of the model or of its checkpoint; the callback saves only bookkeeping.
     assert not any(isinstance(m, PixelProjection) for m in module.modules())
     assert set(module.state_dict()) == {"scale", "class_colour"}
-    assert callback.state_dict() == {"history": [[2, values[0]], [4, values[1]]], "last_eval_step": 4}
+    assert callback.state_dict() == {
+        "results": [[2, {"fid": values[0]}], [4, {"fid": values[1]}]],
+        "last_eval_step": 4,
+    }
+    # Exact resume: the state round-trips, and a checkpoint of the FID-only callback before the engine loads.
+    again = FIDCallback(reference=str(tmp_path / "ref.npz"), every_n_steps=2, num_samples=14)
+    again.load_state_dict(callback.state_dict())
+    assert again.history == callback.history and again.state_dict() == callback.state_dict()
+    again.load_state_dict({"history": [[2, values[0]]], "last_eval_step": 2})
+    assert again.history == [(2, values[0])] and again._last_eval_step == 2
+    assert "'csv_name': 'fid.csv'" in again.state_key  # the key of the pre-engine FIDCallback
 
 
 def test_fid_callback_samples_with_ema_weights(tmp_path: Path) -> None:
@@ -209,9 +235,9 @@ def test_fid_callback_real_shards_cache_and_missing_reference(tmp_path: Path) ->
     images = reference_images(36)
     write_shard(tmp_path / "val-000000.tar", images)
     callback, _ = run_real_shards(tmp_path, str(tmp_path / "val-000000.tar"))
-    cache = load_stats(tmp_path / "real_cache.npz")
+    cache = load_stats(tmp_path / "real_cache.npz").stats["pool"]
     assert cache.num_samples == 30  # real_num_samples of the 36 images
-    expected = FIDStats.from_features(callback.extractor(images[:30]))
+    expected = FIDStats.from_features(callback.extractor(images[:30]).float())
     np.testing.assert_allclose(cache.sigma, expected.sigma, atol=1e-12)
     # A second run loads the cache instead of reading shards (the shard is gone) and gets the same FID.
     (tmp_path / "val-000000.tar").unlink()
@@ -220,12 +246,20 @@ def test_fid_callback_real_shards_cache_and_missing_reference(tmp_path: Path) ->
 
     with pytest.raises(ValueError, match="exactly one"):
         FIDCallback(reference=None, real_shards=None)
+    with pytest.raises(ValueError, match="unknown metric"):
+        MetricsCallback(reference="ref.npz", metrics=["fid", "kid"])
     missing = FIDCallback(reference=str(tmp_path / "nope.npz"), extractor=PixelProjection())
     with pytest.raises(FileNotFoundError, match="fid-stats"):
         trainer(tmp_path, [missing], max_steps=1, logger=False).fit(ToyGenerator(), loader())
     # Statistics from another extractor are refused rather than mixed.
     other = tmp_path / "other.npz"
-    save_stats(other, FIDStats(cache.mu, cache.sigma, 30, "another-extractor"))
+    np.savez(
+        other,
+        mu=cache.mu,
+        sigma=cache.sigma,
+        num_samples=np.int64(30),
+        extractor=np.str_("another-extractor"),
+    )
     wrong = FIDCallback(
         every_n_steps=1, num_samples=4, reference=str(other), extractor=PixelProjection(12, 4)
     )
@@ -267,7 +301,7 @@ def test_fid_callback_two_process_ddp_equals_single_process(tmp_path: Path) -> N
     assert len(single) == 4  # steps 2 and 3 (train end) for both callbacks
     assert ddp == pytest.approx(single, rel=1e-7)
     # Real statistics gathered over both ranks: all 25 images, once.
-    assert load_stats(tmp_path / "ddp" / "cache.npz").num_samples == 25
+    assert load_stats(tmp_path / "ddp" / "cache.npz").stats["pool"].num_samples == 25
 
 
 def test_fid_callback_with_the_real_dip_module_and_ema(tmp_path: Path) -> None:
@@ -312,7 +346,7 @@ def test_fid_callback_with_the_real_dip_module_and_ema(tmp_path: Path) -> None:
     assert generator is ema.averaged_module
     index = torch.arange(10)
     images = generator.generate(index % 3, index, num_steps=3, cfg_scale=1.5)
-    stats = FIDStats.from_features(extractor(to_uint8(images)))
+    stats = FIDStats.from_features(extractor(to_uint8(images)).float())
     expected = frechet_distance(stats.mu, stats.sigma, ref.mu, ref.sigma)
     assert callback.history[0][1] == pytest.approx(expected, rel=1e-6)
     assert not any("extractor" in key or "inception" in key for key in module.state_dict())
@@ -333,7 +367,7 @@ callbacks:
       cfg_scale: 2.9
       cfg_interval: [0.11, 0.97]
       extractor:
-        class_path: dip_lightning.fid.PixelProjection
+        class_path: dip_lightning.metrics.features.PixelProjection
         init_args: {num_features: 8}
 """
     )
@@ -341,3 +375,118 @@ callbacks:
     assert isinstance(callback, FIDCallback) and isinstance(callback.extractor, PixelProjection)
     assert callback.extractor.num_features == 8
     assert callback.sampler_overrides == {"cfg_scale": 2.9, "cfg_interval": (0.11, 0.97)}
+
+
+# ------------------------------------------------------------------------------------------ the full suite
+ALL = ["fid", "sfid", "inception_score", "precision", "recall", "patch_seam"]
+
+
+def suite_callback(ref: Path, **kwargs: Any) -> MetricsCallback:
+    return MetricsCallback(
+        every_n_steps=2,
+        num_samples=kwargs.pop("num_samples", 13),  # not divisible by the world size
+        batch_size=4,
+        reference=str(ref),
+        metrics=ALL,
+        extractor=PixelProjection(num_features=12, size=4),
+        patch_size=4,
+        cache_dir=str(ref.parent / "cache"),
+        **kwargs,
+    )
+
+
+def to_uint8_images(images: torch.Tensor) -> np.ndarray:
+    from dip_lightning.images import to_uint8
+
+    return to_uint8(images).permute(0, 2, 3, 1).numpy()
+
+
+def test_metrics_callback_logs_every_metric_and_equals_the_evaluate_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    np.savez(tmp_path / "real.npz", arr_0=reference_images().permute(0, 2, 3, 1).numpy())
+    callback = suite_callback(tmp_path / "real.npz", num_samples=24)
+    module = ToyGenerator()
+    logger = CSVLogger(tmp_path, name="logs")
+    fit = trainer(tmp_path, [callback], max_steps=3, logger=logger, log_every_n_steps=50)
+    fit.fit(module, loader())
+
+    assert [step for step, _ in callback.results] == [2, 3]
+    last = callback.results[-1][1]
+    assert set(last) == set(ALL) and all(v is not None for v in last.values())
+    rows = read_csv(Path(logger.log_dir) / "eval_metrics.csv")
+    assert list(rows[0]) == ["step", "images_seen", *ALL, "num_samples", "seconds", "unix_time"]
+    assert [float(rows[-1][m]) for m in ALL] == [last[m] for m in ALL]  # written with repr: exact
+    logged = [r for r in read_csv(Path(logger.log_dir) / "metrics.csv") if r.get("val/fid")]
+    assert [int(r["step"]) for r in logged] == [2, 3]
+    assert {m: float(logged[-1][f"val/{m}"]) for m in ALL} == pytest.approx(last, rel=1e-12)
+    assert float(fit.callback_metrics["val/patch_seam"]) == last["patch_seam"]
+
+    # The command on the same images (written as an ADM sample npz) gives the same numbers.
+    import dip_lightning.evaluate as evaluate_module
+
+    index = torch.arange(24)
+    images = to_uint8_images(module.generate(index % module.num_classes, index))
+    np.savez(tmp_path / "samples.npz", arr_0=images)
+    out = tmp_path / "metrics.json"
+    argv = [
+        str(tmp_path / "samples.npz"),
+        str(tmp_path / "real.npz"),
+        "--patch_size",
+        "4",
+        "--json",
+        str(out),
+    ]
+    argv += ["--metrics", *ALL, "--cache_dir", str(tmp_path / "cache"), "--device", "cpu"]
+    monkeypatch.setattr(
+        evaluate_module, "make_extractor", lambda *a: PixelProjection(num_features=12, size=4)
+    )
+    assert evaluate_module.main(argv) == 0
+    record = json.loads(out.read_text())
+    assert {m: record[m] for m in ALL} == pytest.approx(last, rel=1e-9)
+    again = compute_metrics(
+        images, tmp_path / "real.npz", ALL, 4, extractor=PixelProjection(12, 4), cache_dir=None
+    )
+    assert again == pytest.approx(last, rel=1e-9)
+
+
+def test_metrics_callback_two_process_ddp_equals_single_process(tmp_path: Path) -> None:
+    """Precision/recall need every sample's features: the gathered set must equal the single-process one."""
+    np.savez(tmp_path / "real.npz", arr_0=reference_images().permute(0, 2, 3, 1).numpy())
+
+    def run(root: Path, devices: int, **kwargs: Any) -> list[dict[str, str]]:
+        callback = suite_callback(tmp_path / "real.npz")
+        fit = trainer(root, [callback], max_steps=2, logger=False, devices=devices, **kwargs)
+        fit.fit(ToyGenerator(), loader())
+        return read_csv(root / "eval_metrics.csv")
+
+    single = run(tmp_path / "single", devices=1)
+    ddp = run(tmp_path / "ddp", devices=2, strategy="ddp_fork")
+    assert len(single) == len(ddp) == 1
+    assert {m: float(ddp[0][m]) for m in ALL} == pytest.approx(
+        {m: float(single[0][m]) for m in ALL}, rel=1e-9
+    )
+    assert int(ddp[0]["images_seen"]) == 2 * 2 * 4  # 2 steps x 2 ranks x batch 4
+
+
+def test_metrics_callback_patch_size_from_the_module_and_unavailable_metrics(tmp_path: Path) -> None:
+    np.savez(tmp_path / "real.npz", arr_0=reference_images().permute(0, 2, 3, 1).numpy())
+    module = ToyGenerator()
+    module.net = nn.Module()
+    module.net.patch_size = 8
+    callback = MetricsCallback(
+        every_n_steps=2,
+        num_samples=8,
+        batch_size=4,
+        reference=str(tmp_path / "real.npz"),
+        metrics=["fid", "patch_seam", "fd_dinov2"],
+        extractor=PixelProjection(12, 4),
+        cache_dir=str(tmp_path / "cache"),
+    )
+    with pytest.warns(UserWarning, match="fd_dinov2: not computed"):
+        trainer(tmp_path, [callback], max_steps=2, logger=False).fit(module, loader())
+    result = callback.results[0][1]
+    assert result["fd_dinov2"] is None and result["patch_seam"] is not None
+    assert callback._engine is not None and callback._engine.patch_size == 8
+    row = read_csv(tmp_path / "eval_metrics.csv")[0]
+    assert row["fd_dinov2"] == "" and float(row["patch_seam"]) == result["patch_seam"]

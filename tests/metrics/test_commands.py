@@ -1,0 +1,131 @@
+"""``python -m dip_lightning evaluate`` / ``fid`` / ``fid-stats``: table, JSON, reference files, shards, ranks."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dip_lightning.evaluate import main, main_fid, main_fid_stats
+from dip_lightning.metrics import METRIC_NAMES, compute_metrics
+from dip_lightning.metrics.features import PixelProjection
+from dip_lightning.metrics.frechet import StatsAccumulator
+from dip_lightning.metrics.sources import iter_shard_images
+from tests.metrics.test_engine import smooth_images
+from tests.metrics.test_formulas import scipy_fid
+
+torch.set_num_threads(1)
+FLAGS = ["--extractor", "pixel-projection", "--batch-size", "16", "--device", "cpu"]
+
+
+def test_evaluate_prints_a_table_and_writes_the_contract_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    real, fake = smooth_images(60, seed=0), smooth_images(50, seed=1, shift=0.15)
+    np.savez(tmp_path / "real.npz", arr_0=real)
+    np.savez(tmp_path / "fake.npz", arr_0=fake)
+    out = tmp_path / "metrics.json"
+    cache = ["--cache_dir", str(tmp_path / "cache")]
+    argv = [str(tmp_path / "fake.npz"), str(tmp_path / "real.npz"), "--patch_size", "4", "--json", str(out)]
+    assert main([*argv, *FLAGS, *cache]) == 0
+    printed = capsys.readouterr()
+    record = json.loads(out.read_text())
+    assert set(METRIC_NAMES) <= set(record) and record["fd_dinov2"] is None
+    assert "DINOv2" in record["unavailable"]["fd_dinov2"]
+    # The same numbers as the library call on the same images.
+    expected = compute_metrics(
+        fake, tmp_path / "real.npz", patch_size=4, extractor=PixelProjection(), cache_dir=None
+    )
+    assert {k: record[k] for k in METRIC_NAMES} == pytest.approx(expected)
+    assert record["num_samples"] == 50 and record["patch_size"] == 4
+    for label in ("FID", "sFID", "Inception Score", "Precision", "Recall", "Patch seam", "FD-DINOv2"):
+        assert label in printed.out
+    assert f"{record['fid']:.3f}" in printed.out and "reference: 60 images" in printed.out
+
+    # --metrics picks; --limit cuts the samples; a missing file is a clear error.
+    assert main([*argv, "--metrics", "fid", "recall", "--limit", "20", *FLAGS, *cache]) == 0
+    record = json.loads(out.read_text())
+    assert record["num_samples"] == 20 and record["fid"] is not None and "sfid" not in record
+    capsys.readouterr()
+    assert main([str(tmp_path / "nope.npz"), str(tmp_path / "real.npz"), *FLAGS]) == 2
+    assert "nope.npz not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*argv, "--metrics", "kid"])
+
+
+def test_fid_stats_writes_the_full_reference_and_fid_is_evaluate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    real, fake = smooth_images(60, seed=0), smooth_images(50, seed=1, shift=0.15)
+    np.savez(tmp_path / "real.npz", arr_0=real)
+    np.savez(tmp_path / "fake.npz", arr_0=fake)
+    ref = tmp_path / "ref.npz"
+    assert main_fid_stats(["--images", str(tmp_path / "real.npz"), "--out", str(ref), *FLAGS]) == 0
+    assert main_fid_stats(["--images", str(tmp_path / "real.npz"), "--out", str(ref), *FLAGS]) == 2
+    assert "--overwrite" in capsys.readouterr().err  # refuses to replace a reference
+    with np.load(ref) as npz:
+        assert {"mu", "sigma", "mu_s", "sigma_s", "pool_features", "seam_cols", "seam_rows"} <= set(npz.files)
+        assert int(npz["num_samples"]) == 60 and str(npz["extractor"]) == PixelProjection().name
+    # Every metric from the reference file equals the metric from the images themselves.
+    out_file, out_images = tmp_path / "a.json", tmp_path / "b.json"
+    common = [str(tmp_path / "fake.npz"), "--patch_size", "4", "--no_cache", *FLAGS]
+    assert main([common[0], str(ref), *common[1:], "--json", str(out_file)]) == 0
+    assert main([common[0], str(tmp_path / "real.npz"), *common[1:], "--json", str(out_images)]) == 0
+    a, b = json.loads(out_file.read_text()), json.loads(out_images.read_text())
+    assert {k: a[k] for k in METRIC_NAMES if a[k] is not None} == pytest.approx(
+        {k: b[k] for k in METRIC_NAMES if b[k] is not None}, rel=1e-9
+    )
+    # `fid` is `evaluate --metrics fid inception_score`.
+    assert main_fid([str(tmp_path / "fake.npz"), str(ref), *FLAGS, "--json", str(out_file)]) == 0
+    record = json.loads(out_file.read_text())
+    assert record["fid"] == pytest.approx(a["fid"]) and record["inception_score"] == pytest.approx(
+        a["inception_score"]
+    )
+    extractor = PixelProjection()
+    pool = lambda x: extractor(torch.from_numpy(x).permute(0, 3, 1, 2)).float().double().numpy()  # noqa: E731
+    assert record["fid"] == pytest.approx(scipy_fid(pool(fake), pool(real)), rel=1e-6)
+
+
+def _write_shard(path: Path, images: torch.Tensor) -> None:
+    with tarfile.open(path, "w") as tar:
+        for i, img in enumerate(images.permute(0, 2, 3, 1).numpy()):
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format="PNG")
+            for name, payload in ((f"{i:06d}.png", buf.getvalue()), (f"{i:06d}.cls", str(i % 3).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+
+
+def test_fid_stats_from_shards_and_rank_split(tmp_path: Path) -> None:
+    images = torch.from_numpy(smooth_images(11, seed=4, size=24)).permute(0, 3, 1, 2).contiguous()
+    _write_shard(tmp_path / "val-000000.tar", images[:6])
+    _write_shard(tmp_path / "val-000001.tar", images[6:])
+    pattern = str(tmp_path / "val-{000000..000001}.tar")
+
+    streamed = torch.cat(list(iter_shard_images(pattern, batch_size=4, image_size=24)))
+    assert torch.equal(streamed, images)  # order kept, lossless PNG round trip
+    parts = [
+        torch.cat(list(iter_shard_images(pattern, 4, 24, limit=9, rank=r, world_size=2))) for r in range(2)
+    ]
+    assert parts[0].shape[0] == 5 and parts[1].shape[0] == 4
+    assert torch.equal(torch.stack([parts[i % 2][i // 2] for i in range(9)]), images[:9])
+    cropped = next(iter_shard_images(pattern, batch_size=2, image_size=16))
+    assert cropped.shape == (2, 3, 16, 16)  # other sizes get the ADM centre crop
+
+    out = tmp_path / "ref.npz"
+    argv = ["--shards", pattern, "--out", str(out), "--image-size", "24", "--extractor", "pixel-projection"]
+    assert main_fid_stats([*argv, "--limit", "10", "--device", "cpu"]) == 0
+    acc = StatsAccumulator()
+    acc.update(PixelProjection()(images[:10]).float())
+    with np.load(out) as npz:
+        assert int(npz["num_samples"]) == 10 and int(npz["seam_count"]) == 10
+        np.testing.assert_allclose(npz["sigma"], acc.stats().sigma, atol=1e-12)
+    assert not any(name.startswith(".") for name in os.listdir(tmp_path))  # no temporary left behind
