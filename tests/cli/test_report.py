@@ -15,6 +15,7 @@ from dip_lightning.commands import run_command
 from dip_lightning.report import (
     MetricSeries,
     best_point,
+    format_number,
     paper_row,
     read_metric_csv,
     summarize_run,
@@ -27,17 +28,18 @@ BATCH = 8
 HEAD_MLP = str(REPO / "experiments" / "ablations" / "head_mlp.yaml")
 
 
-def _fid_callback(data: dict) -> dict:
-    # The cheap pixel-projection features: a real FID of real samples, in a fraction of a second.
+def _metrics_callback(data: dict) -> dict:
+    # The cheap pixel-projection features: real metrics of real samples, in a fraction of a second.
     return {
-        "class_path": "dip_lightning.callbacks.FIDCallback",
+        "class_path": "dip_lightning.callbacks.MetricsCallback",
         "init_args": {
             "every_n_steps": 2,
             "num_samples": 8,
             "batch_size": 8,
             "num_steps": 2,
             "real_shards": data["val_shards"],
-            "extractor": {"class_path": "dip_lightning.fid.PixelProjection"},
+            "metrics": ["fid", "precision", "recall", "patch_seam"],
+            "extractor": {"class_path": "dip_lightning.metrics.features.PixelProjection"},
         },
     }
 
@@ -52,28 +54,21 @@ def _fit(run_dir: Path, data: dict, *extra: str, callbacks: list[dict] | None = 
 def runs(tmp_path_factory: pytest.TempPathFactory, demo_data: dict) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("report_runs")
     validation = ["--trainer.limit_val_batches=1", "--trainer.val_check_interval=2"]
-    fid_run = _fit(
-        root / "dip_fid", demo_data, *validation, callbacks=[ema_callback(), _fid_callback(demo_data)]
+    metrics_run = _fit(
+        root / "dip_metrics", demo_data, *validation, callbacks=[ema_callback(), _metrics_callback(demo_data)]
     )
     # An overlay, as an ablation is run: the experiment YAML, then the overlay (whose run folder is replaced).
     overlay = _fit(
         root / "mlp_head", demo_data, "--config", HEAD_MLP, f"--trainer.default_root_dir={root / 'mlp_head'}"
     )
-    plain = _fit(root / "suite", demo_data)
-    # The metrics callback's file (header of the metrics contract), as a run with the full suite writes it.
-    with open(plain / "tensorboard" / "eval_metrics.csv", "w", newline="") as f:
+    legacy = _fit(root / "legacy", demo_data)
+    # What the FID callback of kit versions before the metrics engine wrote (header of the metrics contract),
+    # with step 4 written twice, as a run resumed from before an evaluation leaves it.
+    with open(legacy / "tensorboard" / "fid.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(
-            ["step", "images_seen", "fid", "precision", "patch_seam", "num_samples", "seconds", "unix_time"]
-        )
-        writer.writerows(
-            [
-                [2, 16, 300.0, 0.1, 1.5, 8, 1.0, 0],
-                [4, 32, 250.0, "", 0.9, 8, 1.0, 0],
-                [4, 32, 240.0, 0.2, 1.2, 8, 1.0, 0],
-            ]
-        )
-    return {"fid": fid_run, "overlay": overlay, "suite": plain}
+        writer.writerow(["step", "fid", "num_samples", "extractor", "seconds", "unix_time"])
+        writer.writerows([[2, 300.0, 8, "x", 1.0, 0], [4, 250.0, 8, "x", 1.0, 0], [4, 240.0, 8, "x", 1.0, 0]])
+    return {"metrics": metrics_run, "overlay": overlay, "legacy": legacy}
 
 
 def _rows(report: Path) -> dict[str, dict[str, str]]:
@@ -92,48 +87,63 @@ def test_fit_records_its_config_files_with_their_text(runs: dict[str, Path]) -> 
 
 def test_report_over_three_real_runs(runs: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "report"
-    assert (
-        run_command(["report", str(runs["fid"]), str(runs["overlay"]), str(runs["suite"]), "--out", str(out)])
-        == 0
-    )
+    folders = [str(runs[k]) for k in ("metrics", "overlay", "legacy")]
+    assert run_command(["report", *folders, "--out", str(out)]) == 0
     rows = _rows(out / "report.md")
-    assert set(rows) == {"dip_fid", "mlp_head", "suite"}
+    assert set(rows) == {"dip_metrics", "mlp_head", "legacy"}
     for row in rows.values():  # steps from the newest checkpoint; images seen = steps x batch (1 device)
         assert row["steps"] == str(STEPS) and row["images seen"] == str(STEPS * BATCH)
     assert rows["mlp_head"]["experiment"] == "tiny_cpu.yaml + head_mlp.yaml"
-    assert rows["mlp_head"]["paper row"].startswith('Paper Table 2 row "+ Standard MLP head" (630M, FID 6.92')
-    assert rows["dip_fid"]["paper row"] == "—"  # tiny_cpu.yaml: "Reproduces: no paper row"
+    assert (
+        rows["mlp_head"]["paper row"]
+        == 'Paper Table 2 row "+ Standard MLP head" (630M, FID 6.92 at 160 epochs)'
+    )
+    assert rows["dip_metrics"]["paper row"] == "—"  # tiny_cpu.yaml: "Reproduces: no paper row"
 
-    # FID as fid.csv has it: final value, best value and its step.
-    with open(runs["fid"] / "tensorboard" / "fid.csv") as f:
-        written = [(int(r["step"]), float(r["fid"])) for r in csv.DictReader(f)]
-    assert [s for s, _ in written] == [2, 4]
-    best = min(written, key=lambda p: p[1])
-    assert rows["dip_fid"]["fid"] == f"{written[-1][1]:.2f} ({best[1]:.2f} @ {best[0]})"
-    assert rows["dip_fid"]["loss"] != "—"  # val/loss from the TensorBoard event file
-    # eval_metrics.csv: the later row of a step logged twice wins; an empty cell is skipped; patch_seam's best is
-    # the value nearest 1.0, precision's the highest.
-    assert rows["suite"]["fid"] == "240.0 (240.0 @ 4)"
-    assert rows["suite"]["patch_seam"] == "1.200 (1.200 @ 4)"
-    assert rows["suite"]["precision"] == "0.2000 (0.2000 @ 4)"
+    # Every metric as the metrics callback wrote it: final value, best value and its step.
+    with open(runs["metrics"] / "tensorboard" / "eval_metrics.csv") as f:
+        written = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in written] == [2, 4]
+    for metric, pick in (("fid", min), ("precision", max), ("recall", max)):
+        points = [(int(r["step"]), float(r[metric])) for r in written]
+        best = pick(points, key=lambda p: (p[1], -p[0]) if pick is max else (p[1], p[0]))
+        assert (
+            rows["dip_metrics"][metric]
+            == f"{format_number(points[-1][1])} ({format_number(best[1])} @ {best[0]})"
+        )
+    seams = [(int(r["step"]), float(r["patch_seam"])) for r in written]
+    best = min(seams, key=lambda p: abs(p[1] - 1.0))  # nearest 1.0: seams like the reference's
+    assert (
+        rows["dip_metrics"]["patch_seam"]
+        == f"{format_number(seams[-1][1])} ({format_number(best[1])} @ {best[0]})"
+    )
+    assert rows["dip_metrics"]["loss"] != "—"  # val/loss from the TensorBoard event file
+    # fid.csv of older runs: the later row of a step written twice wins.
+    assert rows["legacy"]["fid"] == "240.0 (240.0 @ 4)"
     assert rows["mlp_head"]["fid"] == "—"
 
-    for metric, runs_in_plot in (("fid", 2), ("loss", 1), ("patch_seam", 1)):
-        png = out / f"{metric}.png"
-        assert f"]({metric}.png)" in (out / "report.md").read_text()
-        with Image.open(png) as image:
+    text = (out / "report.md").read_text()
+    for metric in ("fid", "loss", "patch_seam"):
+        assert f"]({metric}.png)" in text
+        with Image.open(out / f"{metric}.png") as image:
             assert image.format == "PNG" and image.size == (640, 400)
             colours = len(image.convert("RGB").getcolors(maxcolors=1 << 20) or [])
-        assert colours > 10, (metric, runs_in_plot)  # axes, text and curves, not a blank canvas
+        assert colours > 10, metric  # axes, text and curves, not a blank canvas
 
 
-def test_a_resumed_runs_repeated_step_keeps_the_later_row(runs: dict[str, Path]) -> None:
-    series, seen = read_metric_csv(runs["suite"] / "tensorboard" / "eval_metrics.csv")
-    assert series["fid"].steps == [2, 4] and series["fid"].values == [300.0, 240.0]
-    assert series["precision"].values == [0.1, 0.2] and seen == {2: 16, 4: 32}
-    assert (
-        summarize_run(runs["suite"] / "tensorboard").run_dir == runs["suite"]
-    )  # the artefact folder works too
+def test_a_repeated_step_keeps_the_later_row_and_empty_cells_are_skipped(tmp_path: Path) -> None:
+    path = tmp_path / "eval_metrics.csv"
+    path.write_text(
+        "step,images_seen,fid,precision,num_samples,seconds,unix_time\n"
+        "2,16,300.0,0.1,8,1.0,0\n4,32,250.0,,8,1.0,0\n4,32,240.0,0.2,8,1.0,0\n5,40,230\n6"
+    )  # the last line cut short by a killed writer
+    series, seen = read_metric_csv(path)
+    assert series["fid"].steps == [2, 4, 5] and series["fid"].values == [300.0, 240.0, 230.0]
+    assert series["precision"].values == [0.1, 0.2] and seen == {2: 16, 4: 32, 5: 40}
+
+
+def test_the_artefact_folder_names_the_run_too(runs: dict[str, Path]) -> None:
+    assert summarize_run(runs["legacy"] / "tensorboard").run_dir == runs["legacy"]
 
 
 def test_best_point_follows_each_metrics_direction() -> None:
@@ -163,10 +173,10 @@ def test_missing_matplotlib_names_the_extra_and_writes_nothing(
 ) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     out = tmp_path / "report"
-    assert run_command(["report", str(runs["fid"]), "--out", str(out)]) == 2
+    assert run_command(["report", str(runs["metrics"]), "--out", str(out)]) == 2
     assert "pip install 'dip-lightning[report]'" in capsys.readouterr().err
     assert not out.exists()
-    report, _ = write_report([runs["fid"]], out, plots=False)  # --no_plots needs no matplotlib
+    report, _ = write_report([runs["metrics"]], out, plots=False)  # --no_plots needs no matplotlib
     assert report.is_file() and not list(out.glob("*.png"))
 
 
