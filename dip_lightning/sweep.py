@@ -44,7 +44,7 @@ from dip_lightning.atomic import atomic_write, atomic_write_json
 from dip_lightning.checkpointing import CheckpointError
 from dip_lightning.commands import CommandParser
 from dip_lightning.distributed import launch_place
-from dip_lightning.loading import load_module
+from dip_lightning.loading import load_module, read_checkpoint, select_weights
 from dip_lightning.report import format_number, markdown_table, metric_goal, ordered_metrics, plot_series
 from dip_lightning.sample import export_samples, weights_fingerprint
 
@@ -353,6 +353,12 @@ def run_sweep(args: Any) -> list[dict[str, Any]] | None:
         "patch_size": args.patch_size,
     }
     _check_or_write(out / "sweep.json", job, "a sweep", "choose another --out for these settings")
+    # Every requested set of weights must exist before the first cell's sampling starts, not hours into it.
+    checkpoint = read_checkpoint(args.ckpt_path, args.trust_pickle)
+    for ema in dict.fromkeys(c.ema for c in cells):
+        ema_decay, raw = Cell(ema=ema).weights()
+        select_weights(checkpoint, args.ckpt_path, ema_decay, raw)
+    del checkpoint
     results = []
     for ema, group in itertools.groupby(cells, key=lambda c: c.ema):
         ema_decay, raw = Cell(ema=ema).weights()

@@ -157,9 +157,10 @@ def test_other_weights_at_the_same_path_are_refused(
 def test_untracked_decay_and_missing_reference_are_clear_errors(
     setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    assert run_command(sweep_args(setup, tmp_path / "a", ema=("0.7",))) == 2
+    assert run_command(sweep_args(setup, tmp_path / "a", ema=("0.9", "0.7"))) == 2
     err = capsys.readouterr().err
     assert "0.7" in err and "0.9" in err and "0.5" in err  # names the tracked decays
+    assert not list((tmp_path / "a").glob("cells/*"))  # refused before the first cell, not after it
     missing = {**setup, "reference": tmp_path / "nope.npz"}
     assert run_command(sweep_args(missing, tmp_path / "b")) == 2
     assert "nope.npz: no such file" in capsys.readouterr().err
