@@ -97,11 +97,36 @@ def run_steps(run_dir: Path) -> int:
     return int(step or 0)
 
 
-def train(name: str, seed: int, run_dir: Path, data: dict, args: argparse.Namespace) -> float:
-    """``fit`` one variant (continues an interrupted run); returns the seconds it took."""
+def claim(run_dir: Path) -> bool:
+    """Take ``run_dir`` for this process (a lock file with its pid), so that invocations running side by side
+    (e.g. one per variant) never train the same run twice; False while a live process holds it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / ".bench.lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text() or 0)
+                os.kill(pid, 0)
+                return pid == os.getpid()
+            except (ProcessLookupError, ValueError):
+                lock.unlink(missing_ok=True)  # left by a process that died
+                continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+    return False
+
+
+def train(name: str, seed: int, run_dir: Path, data: dict, args: argparse.Namespace) -> float | None:
+    """``fit`` one variant (continues an interrupted run); returns the seconds it took, None when another
+    invocation is training it or ``--no_train``."""
     overlay, sizes, _ = VARIANTS[name]
     if run_steps(run_dir) >= args.steps:
         return 0.0
+    if args.no_train or not claim(run_dir):
+        return None
     callbacks = [{"class_path": "dip_lightning.callbacks.EMA", "init_args": {"decays": [0.99, 0.9]}}]
     cmd = [sys.executable, "-m", "dip_lightning", "fit", "--config", str(TINY)]
     if overlay is not None:
@@ -286,6 +311,11 @@ def main() -> int:
         "--results", type=Path, default=None, help=f"default {RESULTS} ({{work}}/results with --smoke)"
     )
     p.add_argument("--smoke", action="store_true", help="smaller network and batch, results under --work")
+    p.add_argument(
+        "--no_train",
+        action="store_true",
+        help="evaluate and report the runs that are finished, train nothing",
+    )
     args = p.parse_args()
     work = args.work.resolve()
     if REPO in work.parents or work == REPO:
@@ -299,6 +329,11 @@ def main() -> int:
         for name in args.variants:
             run_dir = work / "runs" / f"{name}_seed{seed}"
             seconds = train(name, seed, run_dir, data, args)
+            if seconds is None:
+                log(
+                    f"{run_dir.name}: not trained here (--no_train, or another invocation trains it); left out"
+                )
+                continue
             if seconds:
                 timings[name].append(seconds)
                 log(f"trained {run_dir.name}: {args.steps} steps in {seconds:.0f} s")
@@ -310,6 +345,7 @@ def main() -> int:
                 )
                 log(f"evaluated {run_dir.name} at step {row['step']}: {shown} ({row['seconds']} s)")
             runs[name][seed] = run_dir
+    runs = {name: by_seed for name, by_seed in runs.items() if by_seed}
     results.mkdir(parents=True, exist_ok=True)
     all_runs = [p for by_seed in runs.values() for p in by_seed.values()]
     report, _ = write_report(all_runs, results / "head_ablation", title="Head ablation runs (toy scale)")
