@@ -117,7 +117,10 @@ def test_a_skipped_step_leaves_weights_optimizer_ema_and_schedule_as_they_were(
     extra = ["--model.optimizer.init_args.lr=1e-3"]
     if mode == "device":
         extra += ["--model.optimizer.init_args.fused=true"]
-        callbacks = [ema_callback(decay=None, decays=[0.9, 0.6]), guard(max_consecutive=3, check_every_n_steps=2)]
+        callbacks = [
+            ema_callback(decay=None, decays=[0.9, 0.6]),
+            guard(max_consecutive=3, check_every_n_steps=2),
+        ]
     else:
         extra += [
             "--model.lr_scheduler=torch.optim.lr_scheduler.StepLR",
