@@ -42,6 +42,8 @@ __all__ = [
     "optimizer_setting_changes",
     "CheckpointError",
     "CheckpointMismatchError",
+    "NonFiniteCheckpointError",
+    "nonfinite_tensors",
     "ResumeDecision",
     "check_compatible",
     "execution_option_keys",
@@ -66,6 +68,43 @@ PARTIAL_DIR = ".partial"
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be used: unreadable (truncated, corrupt) or written for another model."""
+
+
+class NonFiniteCheckpointError(CheckpointError):
+    """A checkpoint about to be written holds NaN or infinite values; it was not written."""
+
+
+def nonfinite_tensors(checkpoint: Any, prefix: str = "") -> list[str]:
+    """Where ``checkpoint`` (nested dicts, lists, tuples) holds floating-point tensors with a NaN or inf entry.
+
+    One reduction per tensor and one device-to-host read per device at the end (a save is a sync point anyway).
+    Scalars in ``ModelCheckpoint``'s state are left out: it stores ``inf`` as the initial best score by design.
+    """
+    found: list[tuple[str, torch.Tensor]] = []
+
+    def walk(value: Any, where: str) -> None:
+        if isinstance(value, torch.Tensor):
+            bookkeeping = value.ndim == 0 and where.startswith("callbacks.ModelCheckpoint")
+            if (value.is_floating_point() or value.is_complex()) and value.numel() and not bookkeeping:
+                found.append((where, torch.isfinite(value.detach()).all()))
+        elif isinstance(value, Mapping):
+            for key, sub in value.items():
+                walk(sub, f"{where}.{key}" if where else str(key))
+        elif isinstance(value, (list, tuple)):
+            for i, sub in enumerate(value):
+                walk(sub, f"{where}[{i}]")
+
+    walk(checkpoint, prefix)
+    if not found:
+        return []
+    by_device: dict[torch.device, list[int]] = {}
+    for i, (_, flag) in enumerate(found):
+        by_device.setdefault(flag.device, []).append(i)
+    bad: list[str] = []
+    for indices in by_device.values():
+        flags = torch.stack([found[i][1] for i in indices]).tolist()
+        bad += [found[i][0] for i, ok in zip(indices, flags) if not ok]
+    return sorted(bad)
 
 
 class CheckpointMismatchError(CheckpointError):
@@ -113,13 +152,35 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     Loading wraps unreadable files in a :class:`CheckpointError` naming the file and the likely cause, instead
     of ``PytorchStreamReader failed reading zip archive``.
+
+    A checkpoint holding a NaN or infinite floating-point tensor (weights, EMA, optimizer state: anything in
+    the dictionary) is not written: :class:`NonFiniteCheckpointError`, and the previous file under that name
+    stays as it was (``check_finite=False`` turns the check off). :attr:`last_written` is the last file this
+    plugin wrote.
     """
+
+    def __init__(self, check_finite: bool = True) -> None:
+        super().__init__()
+        self.check_finite = check_finite
+        self.last_written: Path | str | None = None
+        self.last_written_step: int | None = None
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
     ) -> None:
+        if self.check_finite:
+            bad = nonfinite_tensors(checkpoint)
+            if bad:
+                shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+                raise NonFiniteCheckpointError(
+                    f"refusing to write checkpoint {path}: {len(bad)} tensor(s) hold NaN or inf ({shown}); the "
+                    "previous file under that name (if any) is kept. Training diverged: add the "
+                    "dip_lightning.callbacks.NonFiniteGuard callback, which skips such steps, and resume from the "
+                    "last good checkpoint."
+                )
         if not _is_local(path):
             super().save_checkpoint(checkpoint, path, storage_options)
+            self.last_written, self.last_written_step = str(path), checkpoint.get("global_step")
             return
         if storage_options is not None:
             raise TypeError(
@@ -129,6 +190,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         partial_dir = target.parent / PARTIAL_DIR
         with atomic_write(target, temp_dir=partial_dir) as fh:
             self._write(checkpoint, fh)
+        self.last_written, self.last_written_step = target, checkpoint.get("global_step")
         with contextlib.suppress(OSError):  # only succeeds when no other save is in flight
             partial_dir.rmdir()
 

@@ -29,6 +29,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
+from dip_lightning.callbacks.nonfinite import step_skipped
 from dip_lightning.checkpointing import apply_optimizer_setting_changes, optimizer_setting_changes
 from dip_lightning.compat import given_hyperparameters
 from dip_lightning.diffusion import EulerSampler, FlowMatching, ODESampler, make_noise
@@ -144,6 +145,7 @@ class DiPModule(pl.LightningModule):
         self._last_step_time: tuple[int, float] | None = None  # (step, time) of the last logging step
         self._noise_step: int | None = None  # see _training_generator
         self._noise_micro = 0
+        self.last_loss: torch.Tensor | None = None  # the last training step's loss (NonFiniteGuard)
 
     # ------------------------------------------------------------------ properties the callbacks rely on
     @property
@@ -228,6 +230,8 @@ class DiPModule(pl.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         losses = self._losses(x, y, generator=self._training_generator(x.device))
+        # Read by NonFiniteGuard before the update (on the device: no sync here).
+        self.last_loss = losses["loss"].detach()
         self.log("train/loss", losses["loss"], prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"})
         return losses["loss"]
@@ -350,6 +354,12 @@ class DiPModule(pl.LightningModule):
         choice = self.requested_weights or _REQUESTED_WEIGHTS.get() or WeightChoice("the checkpoint")
         self.loaded_weights = weights_label(checkpoint, choice.ema, choice.raw)
         checkpoint["state_dict"] = select_weights(checkpoint, choice.path, choice.ema, choice.raw)
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any | None) -> None:
+        # A step whose update NonFiniteGuard skipped leaves the schedule where it was too.
+        if step_skipped(self._trainer):
+            return
+        super().lr_scheduler_step(scheduler, metric)
 
     def configure_optimizers(self) -> Any:
         # The frozen REPA encoder has requires_grad=False; only trainable tensors go to the optimizer.
