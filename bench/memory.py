@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import gc
+import json
 import platform
 import sys
 import time
@@ -96,7 +98,10 @@ def measure(name: str, overrides: dict, size: int, dtype: str) -> dict:
     overrides = {k: depth if v == "all" else v for k, v in overrides.items()}
     model = create_model(name, **overrides).train()
     one = saved_bytes(model, 1, size, dtype)
+    gc.collect()
     two = saved_bytes(model, 2, size, dtype)
+    del model
+    gc.collect()  # two XL models at once do not fit a small machine
     return {"per_image": two - one, "per_step": max(0, 2 * one - two)}
 
 
@@ -116,6 +121,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="write the Markdown table here")
     parser.add_argument("--smoke", action="store_true", help="tiny models (checks the script)")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="JSON of finished measurements: reused, and extended as they finish",
+    )
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.smoke:
@@ -130,7 +141,14 @@ def main() -> None:
             summary = model_summary(create_model(name, input_size=size, **base))
         for dtype in ("fp32", "bf16"):
             for setting, extra in SETTINGS.items():
-                result = measure(name, {"input_size": size, **base, **dict(extra)}, size, dtype)
+                key = f"{name}@{size} {dtype} {setting}"
+                done = json.loads(args.cache.read_text()) if args.cache and args.cache.exists() else {}
+                if key in done:
+                    result = done[key]
+                else:
+                    result = measure(name, {"input_size": size, **base, **dict(extra)}, size, dtype)
+                    if args.cache:
+                        args.cache.write_text(json.dumps({**done, key: result}, indent=1))
                 free = BUDGET_BYTES - static - result["per_step"]
                 batch = int(free // result["per_image"]) if result["per_image"] > 0 else 0
                 rows.append((name, size, dtype, setting, result, batch, trainable, static, summary))
