@@ -86,14 +86,15 @@ class PowerFunctionEMA(Callback):
         if trainer.global_step == self.step:  # no optimizer step in this batch (gradient accumulation)
             return
         self.step = trainer.global_step
-        if step_skipped(trainer):
-            return  # NonFiniteGuard skipped this step's update (a due snapshot is skipped too)
-        keep = update_keep(trainer)
-        current = live_tensors(pl_module, next(iter(self.averages.values())))
-        for std, average in self.averages.items():
-            decay = power_ema_decay(std, self.step)  # a host-side number; 0 at step 1: the update copies
-            update = get_ema_multi_avg_fn(decay) if keep is None else guarded_ema_fn(decay, lambda: keep)
-            average_in_groups(update, average.values(), current, self.step - 1)
+        if not step_skipped(
+            trainer
+        ):  # NonFiniteGuard skipped this step's update: the profiles stay as they are
+            keep = update_keep(trainer)
+            current = live_tensors(pl_module, next(iter(self.averages.values())))
+            for std, average in self.averages.items():
+                decay = power_ema_decay(std, self.step)  # a host-side number; 0 at step 1: the update copies
+                update = get_ema_multi_avg_fn(decay) if keep is None else guarded_ema_fn(decay, lambda: keep)
+                average_in_groups(update, average.values(), current, self.step - 1)
         if self.step % self.snapshot_every_n_steps == 0 and trainer.is_global_zero:
             self._write_snapshot(pl_module)
 

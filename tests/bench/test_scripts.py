@@ -31,3 +31,13 @@ def test_gpu_benchmark_smoke_run_fills_every_section(tmp_path: Path) -> None:
             assert isinstance(res[section][model], dict), (section, model, res[section][model])
     assert res["train_eager"]["DiP-XL/16+dense2"]["mfu"] > 0
     assert "train_compiled DiP-XL/16+dense2" in res["head_overhead"]
+
+
+def test_memory_benchmark_smoke_run_writes_its_table(tmp_path: Path) -> None:
+    out = tmp_path / "memory.md"
+    cmd = [sys.executable, str(REPO / "bench" / "memory.py"), "--smoke", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = out.read_text()
+    assert table.count("| DiP-S/16 @ 64 |") == 6 and table.count("| DiP-S/32 @ 64 |") == 6

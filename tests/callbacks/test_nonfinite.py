@@ -18,6 +18,10 @@ from tests.helpers.resume import assert_equal_nested
 from tests.helpers.tiny import ema_callback, fit_with, subprocess_env, tiny_args
 
 DIVERGE = "--model.optimizer.init_args.lr=1000"
+PHEMA = {
+    "class_path": "dip_lightning.callbacks.PowerFunctionEMA",
+    "init_args": {"stds": [0.1], "snapshot_every_n_steps": 100},
+}
 
 
 def guard(**init_args) -> dict:  # noqa: ANN003
@@ -119,6 +123,7 @@ def test_a_skipped_step_leaves_weights_optimizer_ema_and_schedule_as_they_were(
         extra += ["--model.optimizer.init_args.fused=true"]
         callbacks = [
             ema_callback(decay=None, decays=[0.9, 0.6]),
+            PHEMA,
             guard(max_consecutive=3, check_every_n_steps=2),
         ]
     else:
@@ -127,13 +132,15 @@ def test_a_skipped_step_leaves_weights_optimizer_ema_and_schedule_as_they_were(
             "--model.lr_scheduler.init_args.step_size=1",
             "--model.lr_scheduler.init_args.gamma=0.9",
         ]
-        callbacks = [ema_callback(decay=None, decays=[0.9, 0.6]), guard(max_consecutive=3)]
+        callbacks = [ema_callback(decay=None, decays=[0.9, 0.6]), PHEMA, guard(max_consecutive=3)]
     poison = Poison(steps=[3])
     cli = fit_with(tiny_args(tmp_path / "run", demo_data, *extra, steps=5, callbacks=callbacks), poison)
     records = {r["step"]: r for r in poison.records}
     assert sorted(records) == [1, 2, 3, 4, 5]
     # Device mode: the EMA update runs with weight 0 (its host count moves) and a scheduler would step.
-    for key in ("weights", "optimizer", "ema") + (("ema_updates", "schedulers") if mode == "host" else ()):
+    for key in ("weights", "optimizer", "ema", "phema") + (
+        ("ema_updates", "schedulers") if mode == "host" else ()
+    ):
         assert_equal_nested(records[3][key], records[2][key], f"step 3 vs 2: {key}")
     # Not vacuous: the steps around it did change everything.
     for a, b in ((1, 2), (3, 4)):
@@ -142,6 +149,8 @@ def test_a_skipped_step_leaves_weights_optimizer_ema_and_schedule_as_they_were(
         )
         first = records[a]["ema"][0.9]
         assert any(not torch.equal(first[k], records[b]["ema"][0.9][k]) for k in first)
+        profile = records[a]["phema"][0][0.1]
+        assert any(not torch.equal(profile[k], records[b]["phema"][0][0.1][k]) for k in profile)
     guard_cb = next(c for c in cli.trainer.callbacks if type(c).__name__ == "NonFiniteGuard")
     assert guard_cb.skipped_total == 1
     if mode == "host":

@@ -15,6 +15,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from dip_lightning.callbacks import PowerFunctionEMA
 from dip_lightning.callbacks.ema import find_ema
 from dip_lightning.callbacks.nonfinite import find_nonfinite_guard
 
@@ -62,6 +63,7 @@ class Poison(pl.Callback):
             "ema": _copy(ema.averages()) if ema is not None else None,
             "ema_updates": ema.num_updates if ema is not None else None,
             "schedulers": [_copy(c.scheduler.state_dict()) for c in trainer.lr_scheduler_configs],
+            "phema": [_copy(c.averages) for c in trainer.callbacks if isinstance(c, PowerFunctionEMA)],
         }
         self.records.append(record)
 
