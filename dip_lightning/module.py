@@ -31,7 +31,7 @@ from torch import nn
 
 from dip_lightning.checkpointing import apply_optimizer_setting_changes, optimizer_setting_changes
 from dip_lightning.compat import given_hyperparameters
-from dip_lightning.diffusion import EulerSampler, FlowMatching, ODESampler, make_noise
+from dip_lightning.diffusion import EulerSampler, FlowMatching, ODESampler, make_noise, seeded_noise_sampler
 from dip_lightning.images import to_uint8
 from dip_lightning.loading import WeightChoice, select_weights, weights_label
 from dip_lightning.repa import REPA
@@ -305,7 +305,13 @@ class DiPModule(pl.LightningModule):
         use_autocast = device.type == "cuda" and self.sample_dtype != "float32"
         try:
             with torch.autocast(device.type, dtype=getattr(torch, self.sample_dtype), enabled=use_autocast):
-                x = sampler.sample(model_fn, noise, labels, null_class=self.net.null_class)
+                x = sampler.sample(
+                    model_fn,
+                    noise,
+                    labels,
+                    null_class=self.net.null_class,
+                    noise_sampler=seeded_noise_sampler(seeds),
+                )
         finally:
             self.net.train(was_training)
         return x.float()
