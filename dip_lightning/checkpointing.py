@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import pickle
 import re
 import zipfile
@@ -427,6 +428,26 @@ def execution_option_keys(config: Any, prefix: str = "") -> set[str]:
     return keys
 
 
+def objective_settings(config: Any) -> dict[str, Any] | None:
+    """The ``OBJECTIVE_FIELDS`` of the class a ``{"class_path", "init_args"}`` config names, with the
+    constructor's defaults for fields the config lacks (a checkpoint of an older kit), or None when the class
+    declares none (or cannot be imported)."""
+    config = _plain(config)
+    if not isinstance(config, dict):
+        return None
+    cls = _class_of(config.get("class_path"))
+    fields = getattr(cls, "OBJECTIVE_FIELDS", None)
+    if cls is None or not fields:
+        return None
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(cls.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    init_args = config.get("init_args") or {}
+    return {name: init_args.get(name, defaults.get(name)) for name in fields}
+
+
 def check_compatible(
     checkpoint: Mapping[str, Any],
     model: torch.nn.Module,
@@ -434,6 +455,7 @@ def check_compatible(
     config_keys: Iterable[str] = ("net",),
     max_listed: int = 5,
     advice: str = RESUME_ADVICE,
+    objective_keys: Iterable[str] = ("flow",),
 ) -> list[str]:
     """Raise :class:`CheckpointMismatchError` if ``checkpoint`` was written for another model.
 
@@ -441,6 +463,11 @@ def check_compatible(
     in ``config_keys`` (the network architecture; changes of e.g. the learning rate are legitimate on resume).
     The message names the differing config values and the first mismatching tensors, then ``advice`` (what the
     command that loads it should be given instead).
+
+    The hyper-parameters named in ``objective_keys`` (the training objective, ``model.flow``) are compared on the
+    fields their class lists in ``OBJECTIVE_FIELDS`` (:func:`objective_settings`): another prediction target,
+    loss space, loss weight, time distribution or noise scale is a different experiment, like another
+    architecture. Its other settings (time shift, label dropout) may change on resume, as before.
 
     Execution-only options (:func:`execution_option_keys`, and the model class's own ``EXECUTION_OPTIONS``
     such as ``compile``) may differ: they are returned as ``"key: old -> new"`` lines for the resume log.
@@ -458,6 +485,17 @@ def check_compatible(
                     changed.append(f"{name}: {old!r} -> {new!r}")
                 else:
                     problems.append(f"config {name}: checkpoint {old!r}, this run {new!r}")
+    for key in objective_keys:
+        if key in saved_hparams and key in hparams:
+            saved_fields = objective_settings(saved_hparams[key])
+            fields = objective_settings(hparams[key])
+            if saved_fields is not None and fields is not None:
+                for name in fields:
+                    if saved_fields.get(name) != fields[name]:
+                        problems.append(
+                            f"config {key}.init_args.{name}: checkpoint {saved_fields.get(name)!r}, "
+                            f"this run {fields[name]!r}"
+                        )
     for name in getattr(type(model), "EXECUTION_OPTIONS", ()):
         if name in saved_hparams and name in hparams and saved_hparams[name] != hparams[name]:
             changed.append(f"{name}: {saved_hparams[name]!r} -> {hparams[name]!r}")

@@ -32,7 +32,7 @@ from torch import nn
 from dip_lightning.callbacks.nonfinite import step_skipped
 from dip_lightning.checkpointing import apply_optimizer_setting_changes, optimizer_setting_changes
 from dip_lightning.compat import given_hyperparameters
-from dip_lightning.diffusion import EulerSampler, FlowMatching, ODESampler, make_noise
+from dip_lightning.diffusion import EulerSampler, FlowMatching, ODESampler, make_noise, seeded_noise_sampler
 from dip_lightning.images import to_uint8
 from dip_lightning.loading import WeightChoice, select_weights, weights_label
 from dip_lightning.repa import REPA
@@ -85,8 +85,10 @@ class DiPModule(pl.LightningModule):
     with ``raw_weights`` (:func:`dip_lightning.loading.select_weights`); :attr:`loaded_weights` says which.
 
     Args:
-        net: the denoiser, ``net(x, t, y) -> v`` (a :class:`dip_lightning.models.DiP`).
-        flow: the flow-matching objective (interpolant, time distribution, label dropout).
+        net: the denoiser, ``net(x, t, y)`` -> the prediction ``flow.prediction`` names (the velocity by
+            default; a :class:`dip_lightning.models.DiP`).
+        flow: the flow-matching objective (prediction and loss space, loss weight, time distribution, noise
+            scale, label dropout).
         sampler: the sampler used by :meth:`generate` (grids, FID, export, predict).
         repa: representation alignment; ``null`` turns it off.
         optimizer: optimizer factory (YAML ``class_path: torch.optim.AdamW``); default is the paper's AdamW.
@@ -198,10 +200,10 @@ class DiPModule(pl.LightningModule):
             x, y, null_class=self.net.null_class, generator=generator
         )
         if self.repa is not None:
-            v, hidden = self.net(x_t, t, y_in, return_block=self.repa.block)
+            out, hidden = self.net(x_t, t, y_in, return_block=self.repa.block)
         else:
-            v, hidden = self.net(x_t, t, y_in), None
-        flow_loss = self.flow.loss(v, target)
+            out, hidden = self.net(x_t, t, y_in), None
+        flow_loss = self.flow.prediction_loss(out, x_t, t, target)
         losses = {"flow_loss": flow_loss, "loss": flow_loss}
         if self.repa is not None:
             repa_loss = self.repa.loss(hidden, x)
@@ -298,12 +300,22 @@ class DiPModule(pl.LightningModule):
         device = self.device
         labels = labels.to(device=device, dtype=torch.long)
         noise = make_noise(seeds, self.image_shape, device=device)
+        if self.flow.noise_scale != 1.0:
+            noise = noise * self.flow.noise_scale  # the scale the network was trained with
+        # Every prediction (v, x, eps) reaches the sampler as a velocity: the one conversion point.
+        model_fn = self.flow.velocity_model(self.net)
         was_training = self.net.training
         self.net.eval()
         use_autocast = device.type == "cuda" and self.sample_dtype != "float32"
         try:
             with torch.autocast(device.type, dtype=getattr(torch, self.sample_dtype), enabled=use_autocast):
-                x = sampler.sample(self.net, noise, labels, null_class=self.net.null_class)
+                x = sampler.sample(
+                    model_fn,
+                    noise,
+                    labels,
+                    null_class=self.net.null_class,
+                    noise_sampler=seeded_noise_sampler(seeds),
+                )
         finally:
             self.net.train(was_training)
         return x.float()
