@@ -91,7 +91,9 @@ def saved_bytes(model: torch.nn.Module, batch: int, size: int, dtype: str) -> in
     return total
 
 
-def measure(name: str, overrides: dict, size: int, dtype: str) -> dict:
+def measure(name: str, overrides: dict, size: int, dtype: str, per_step: int | None = None) -> dict:
+    """Saved bytes per image and per step; with ``per_step`` given, only batch 1 runs (half the memory) and the
+    per-step part is taken as given."""
     torch.manual_seed(0)
     with torch.device("meta"):
         depth = create_model(name, **{k: v for k, v in overrides.items() if v != "all"}).depth
@@ -99,10 +101,28 @@ def measure(name: str, overrides: dict, size: int, dtype: str) -> dict:
     model = create_model(name, **overrides).train()
     one = saved_bytes(model, 1, size, dtype)
     gc.collect()
+    if per_step is not None:
+        del model
+        gc.collect()
+        return {"per_image": one - per_step, "per_step": per_step, "batch1_only": True}
     two = saved_bytes(model, 2, size, dtype)
     del model
     gc.collect()  # two XL models at once do not fit a small machine
     return {"per_image": two - one, "per_step": max(0, 2 * one - two)}
+
+
+def recompute_peak(kept: dict, setting: str, depth: int) -> int:
+    """Bytes per image re-materialised at once in the backward under ``setting``: one block's saved activations
+    (``(none - blocks) / depth``) when blocks are checkpointed, the head's (``blocks - blocks+head``) when it is;
+    0 without checkpointing or when the rows needed are not measured yet."""
+    none, blocks, both = (kept.get(s) for s in ("none", "blocks", "blocks+head"))
+    if setting == "none" or none is None or blocks is None:
+        return 0
+    block = max(0, none["per_image"] - blocks["per_image"]) // depth
+    if setting == "blocks":
+        return block
+    head = max(0, blocks["per_image"] - both["per_image"]) if both is not None else 0
+    return max(block, head)
 
 
 def static_bytes(name: str, size: int) -> tuple[int, int]:
@@ -122,6 +142,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the Markdown table here")
     parser.add_argument("--smoke", action="store_true", help="tiny models (checks the script)")
     parser.add_argument(
+        "--batch1_only",
+        action="store_true",
+        help="measure DiP-XL/32 at batch 1 only (for machines that cannot hold batch 2); its per-step part is then "
+        "DiP-XL/16's of the same setting plus the larger patch embedding's bf16 copy (marked * in the table)",
+    )
+    parser.add_argument(
         "--cache",
         type=Path,
         default=None,
@@ -134,6 +160,7 @@ def main() -> None:
     else:
         models = [("DiP-XL/16", 256, {}), ("DiP-XL/32", 512, {})]
     rows = []
+    measured: dict[str, dict] = {}
     started = time.time()
     for name, size, base in models:
         trainable, static = static_bytes(name, size) if not args.smoke else (0, 0)
@@ -146,11 +173,22 @@ def main() -> None:
                 if key in done:
                     result = done[key]
                 else:
-                    result = measure(name, {"input_size": size, **base, **dict(extra)}, size, dtype)
+                    per_step = None
+                    if args.batch1_only and "/32" in name:
+                        ref = done[f"DiP-XL/16@256 {dtype} {setting}"]["per_step"]
+                        per_step = ref + (2 * (3072 - 768) * 1152 if dtype == "bf16" else 0)
+                    result = measure(name, {"input_size": size, **base, **dict(extra)}, size, dtype, per_step)
                     if args.cache:
                         args.cache.write_text(json.dumps({**done, key: result}, indent=1))
+                # Under checkpointing the backward re-materialises one checkpointed call at a time for the whole
+                # batch: the largest of them (a block, or the head) is added per image.
+                measured[key] = result
+                kept = {s: measured.get(f"{name}@{size} {dtype} {s}") for s in SETTINGS}
+                transient = recompute_peak(kept, setting, depth=26 if not args.smoke else base["depth"])
                 free = BUDGET_BYTES - static - result["per_step"]
-                batch = int(free // result["per_image"]) if result["per_image"] > 0 else 0
+                need = result["per_image"] + transient
+                batch = int(free // need) if need > 0 else 0
+                result = {**result, "recompute_peak": transient}
                 rows.append((name, size, dtype, setting, result, batch, trainable, static, summary))
                 print(
                     f"{name}@{size} {dtype:4s} {setting:12s} {result['per_image'] / MIB:8.0f} MiB/image "
@@ -168,7 +206,7 @@ def render(rows: list) -> str:
         "# Activation memory per image and the per-GPU batch that fits 80 GB",
         "",
         f"Measured {today} on a 2-core CPU ({platform.processor() or platform.machine()}), torch {torch.__version__},"
-        " by `python bench/memory.py --out bench/results/memory.md`: bytes autograd keeps for the backward of one",
+        f" by `python bench/memory.py {' '.join(sys.argv[1:])}`: bytes autograd keeps for the backward of one",
         "training forward (saved-tensor hooks, parameters excluded), batch 2 minus batch 1. Assumptions in the",
         "script's docstring: static memory 20 B per trainable parameter (fp32 weights, gradients, AdamW, one EMA) +",
         "the frozen DINOv2-B encoder in fp32; budget 90% of 80 GiB; attention saves what a flash kernel saves.",
@@ -189,20 +227,26 @@ def render(rows: list) -> str:
     lines += [
         "",
         "| model | precision | activation checkpointing | saved per image (MiB) | per step (MiB) "
-        "| per-GPU batch in 80 GB |",
-        "| --- | --- | --- | ---: | ---: | ---: |",
+        "| recomputed at once per image (MiB) | per-GPU batch in 80 GB |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for name, size, dtype, setting, result, batch, *_ in rows:
+        mark = "*" if result.get("batch1_only") else ""
         lines.append(
-            f"| {name} @ {size} | {dtype} | {setting} | {result['per_image'] / MIB:.0f} | "
-            f"{result['per_step'] / MIB:.0f} | {batch} |"
+            f"| {name} @ {size} | {dtype} | {setting} | {result['per_image'] / MIB:.0f}{mark} | "
+            f"{result['per_step'] / MIB:.0f}{mark} | {result['recompute_peak'] / MIB:.0f} | {batch}{mark} |"
         )
     lines += [
         "",
+        "\\* measured at batch 1 only (`--batch1_only`: the shared 2-core machine ran out of memory at batch 2); the",
+        "per-step part is then DiP-XL/16's of the same setting plus the bf16 copy of the larger patch embedding.",
+        "",
         "`blocks` = `checkpoint_blocks: 26` (every transformer block recomputed in the backward), `blocks+head` adds",
         "`checkpoint_head: true`. bf16 = `precision: bf16-mixed` (autocast; the fp32 master weights are in the static",
-        "part). The batch is an upper bound: the backward's transient peak (one block recomputed, the largest",
-        "activation gradient) and the CUDA caching allocator's fragmentation are only covered by the 10% margin.",
+        "part). Batch = (budget - static - per step) / (saved per image + recomputed at once per image): under",
+        "checkpointing the backward re-materialises one checkpointed call (a block, or the head) for the whole batch.",
+        "Activation gradients and the allocator's fragmentation are left to the 10% margin, so the batch is an upper",
+        "bound; on the GPU, `torch.cuda.max_memory_allocated` of a real step is the check (`bench/gpu.py`).",
         "",
     ]
     return "\n".join(lines)
