@@ -80,10 +80,11 @@ def _checkpoint_step(path: Path) -> int:
 
 
 def train(prediction: str, data: dict, runs: Path, steps: int, threads: int) -> Path:
-    """The tiny config with ``model.flow.prediction=prediction``; returns its ``last.ckpt``."""
+    """The tiny config with ``model.flow.prediction=prediction``; returns its checkpoint of step ``steps``."""
     run = runs / f"pred_{prediction}"
-    last = run / "checkpoints" / "last.ckpt"
-    if _checkpoint_step(last) >= steps:
+    # The step's own file, not last.ckpt: a continued run (other every_n_train_steps) gets Lightning's last-v1.ckpt.
+    last = run / "checkpoints" / f"step{steps:08d}.ckpt"
+    if _checkpoint_step(last) == steps:
         print(f"[train] {prediction}: {last} holds step {steps} already", flush=True)
         return last
     callbacks = [{"class_path": "dip_lightning.callbacks.EMA", "init_args": {"decay": 0.99}}]
@@ -207,6 +208,18 @@ def evaluate(part: str, checkpoints: dict[str, Path], ref: Path, args: argparse.
     return {"samplers": rows}
 
 
+def final_train_loss(run: Path, last_n: int = 5) -> float | None:
+    """Mean of the last ``last_n`` logged ``train/loss`` values (v-space for both targets), from TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    if "train/loss" not in events.Tags().get("scalars", []):
+        return None
+    values = [e.value for e in events.Scalars("train/loss")][-last_n:]
+    return sum(values) / len(values)
+
+
 def write_markdown(result: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
     lines = [
         "# Objectives and samplers on the demo data (`bench/objectives.py`)",
@@ -223,12 +236,14 @@ def write_markdown(result: dict[str, Any], args: argparse.Namespace, path: Path)
         "",
         "## x-prediction vs v-prediction (Euler, 25 steps)",
         "",
-        "| `model.flow.prediction` | loss | FID |",
-        "| --- | --- | ---: |",
+        "| `model.flow.prediction` | loss | train/loss, last 50 steps | FID |",
+        "| --- | --- | ---: | ---: |",
     ]
     for prediction, row in result["objectives"].items():
         loss = "v (release)" if prediction == "v" else "v, JiT's clamp 1 - t >= 0.05"
-        lines.append(f"| `{prediction}` | {loss} | {row['fid']:.2f} |")
+        train_loss = final_train_loss(Path(args.runs) / f"pred_{prediction}")
+        shown = f"{train_loss:.3f}" if train_loss is not None else "-"
+        lines.append(f"| `{prediction}` | {loss} | {shown} | {row['fid']:.2f} |")
     lines += [
         "",
         f"Grids (left v, right x; one class per column, same seeds): `{result.get('grid')}`.",
