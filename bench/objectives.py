@@ -12,8 +12,12 @@ validation statistics, ``dip_lightning.demo.reference_stats``). These are demo-s
 samples against 128 validation crops, an ImageNet Inception on 32 px photos): they rank settings on this data, not
 the paper's protocol.
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/objectives.py --data data/demo --runs runs/bench_objectives
-    OMP_NUM_THREADS=1 .venv/bin/python bench/objectives.py --smoke  # a minute: 4 steps, 32 samples, no md
+    OMP_NUM_THREADS=1 .venv/bin/python bench/objectives.py                  # all phases, 400 steps, 128 samples
+    .venv/bin/python bench/objectives.py --phase train --predictions x    # one training (run two side by side)
+    .venv/bin/python bench/objectives.py --phase evaluate --parts sde     # one evaluation part; then --phase report
+    OMP_NUM_THREADS=1 .venv/bin/python bench/objectives.py --smoke          # 4 steps, 32 samples, writes no md
+
+Each FID of 128 samples costs minutes of CPU Inception (32 px upscaled to 299); that, not training, dominates.
 """
 
 from __future__ import annotations
