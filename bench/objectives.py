@@ -7,13 +7,17 @@
    25 steps); then, on the v-prediction checkpoint, Euler, Heun, SDE (Euler-Maruyama, the release's
    ``sde_step_fn`` with its linear w-scheduler) and the multistep solver at equal network evaluations.
 
-FID: :func:`fid_of` is the one place that computes it (the kit's ``dip_lightning.fid`` against the demo's
+FID: :func:`fid_of` is the one place that computes it (the metrics engine's FID against the demo's
 validation statistics, ``dip_lightning.demo.reference_stats``). These are demo-scale proxy numbers (a few hundred
 samples against 128 validation crops, an ImageNet Inception on 32 px photos): they rank settings on this data, not
 the paper's protocol.
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/objectives.py --data data/demo --runs runs/bench_objectives
-    OMP_NUM_THREADS=1 .venv/bin/python bench/objectives.py --smoke  # a minute: 4 steps, 32 samples, no md
+    OMP_NUM_THREADS=1 .venv/bin/python bench/objectives.py                  # all phases, 400 steps, 128 samples
+    .venv/bin/python bench/objectives.py --phase train --predictions x    # one training (run two side by side)
+    .venv/bin/python bench/objectives.py --phase evaluate --parts sde     # one evaluation part; then --phase report
+    OMP_NUM_THREADS=1 .venv/bin/python bench/objectives.py --smoke          # 4 steps, 32 samples, writes no md
+
+Each FID of 128 samples costs minutes of CPU Inception (32 px upscaled to 299); that, not training, dominates.
 """
 
 from __future__ import annotations
@@ -47,20 +51,13 @@ PREDICTIONS = ("v", "x")
 
 # ------------------------------------------------------------------------------------------------ FID, one place
 def fid_of(samples_uint8_nhwc: np.ndarray, reference_path: str | os.PathLike) -> float:
-    """FID of uint8 (N, H, W, 3) samples against reference statistics: the bench's only FID computation.
+    """FID of uint8 (N, H, W, 3) samples against a reference file: the bench's only FID computation, through the
+    kit's metrics engine (`dip_lightning.metrics.compute_metrics`) with the offline fid-helper Inception."""
+    from dip_lightning.metrics import compute_metrics
+    from dip_lightning.metrics.features import FIDHelperInception
 
-    Today the kit's ``dip_lightning.fid`` (fid-helper Inception, TF1 resize). The metrics engine's
-    ``dip_lightning.metrics.compute_metrics(samples_uint8_nhwc, reference_path, metrics=["fid"])["fid"]`` is
-    meant to replace the body of this function, one line.
-    """
-    from dip_lightning.fid import FIDHelperInception, StatsAccumulator, frechet_distance, load_stats
-
-    extractor, acc = _extractor(FIDHelperInception), StatsAccumulator()
-    images = torch.from_numpy(samples_uint8_nhwc).permute(0, 3, 1, 2).contiguous()
-    for start in range(0, len(images), 50):
-        acc.update(extractor(images[start : start + 50]))
-    ref, own = load_stats(reference_path), acc.stats(extractor.name)
-    return frechet_distance(own.mu, own.sigma, ref.mu, ref.sigma)
+    extractor = _extractor(FIDHelperInception)
+    return compute_metrics(samples_uint8_nhwc, reference_path, metrics=["fid"], extractor=extractor)["fid"]
 
 
 _EXTRACTORS: dict[type, Any] = {}
@@ -80,10 +77,11 @@ def _checkpoint_step(path: Path) -> int:
 
 
 def train(prediction: str, data: dict, runs: Path, steps: int, threads: int) -> Path:
-    """The tiny config with ``model.flow.prediction=prediction``; returns its ``last.ckpt``."""
+    """The tiny config with ``model.flow.prediction=prediction``; returns its checkpoint of step ``steps``."""
     run = runs / f"pred_{prediction}"
-    last = run / "checkpoints" / "last.ckpt"
-    if _checkpoint_step(last) >= steps:
+    # The step's own file, not last.ckpt: a continued run (other every_n_train_steps) gets Lightning's last-v1.ckpt.
+    last = run / "checkpoints" / f"step{steps:08d}.ckpt"
+    if _checkpoint_step(last) == steps:
         print(f"[train] {prediction}: {last} holds step {steps} already", flush=True)
         return last
     callbacks = [{"class_path": "dip_lightning.callbacks.EMA", "init_args": {"decay": 0.99}}]
@@ -207,6 +205,18 @@ def evaluate(part: str, checkpoints: dict[str, Path], ref: Path, args: argparse.
     return {"samplers": rows}
 
 
+def final_train_loss(run: Path, last_n: int = 5) -> float | None:
+    """Mean of the last ``last_n`` logged ``train/loss`` values (v-space for both targets), from TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    if "train/loss" not in events.Tags().get("scalars", []):
+        return None
+    values = [e.value for e in events.Scalars("train/loss")][-last_n:]
+    return sum(values) / len(values)
+
+
 def write_markdown(result: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
     lines = [
         "# Objectives and samplers on the demo data (`bench/objectives.py`)",
@@ -218,17 +228,19 @@ def write_markdown(result: dict[str, Any], args: argparse.Namespace, path: Path)
         f"The tiny config (`experiments/tiny_cpu.yaml`, 2.9M parameters, 8x8 patches of 32 px demo crops), "
         f"{args.steps} steps of batch 32, seed 0, EMA 0.99 weights, once per prediction target. FID: "
         f"{args.num_samples} samples (label i % 8, seed i) against the 128 validation crops' statistics "
-        "(`data/demo/fid_ref_val.npz`, fid-helper Inception): a demo-scale proxy that ranks settings on this "
+        "(`data/demo/ref_val.npz`, fid-helper Inception): a demo-scale proxy that ranks settings on this "
         "data; differences of a few points are within its noise (128 reference images).",
         "",
         "## x-prediction vs v-prediction (Euler, 25 steps)",
         "",
-        "| `model.flow.prediction` | loss | FID |",
-        "| --- | --- | ---: |",
+        "| `model.flow.prediction` | loss | train/loss, last 50 steps | FID |",
+        "| --- | --- | ---: | ---: |",
     ]
     for prediction, row in result["objectives"].items():
         loss = "v (release)" if prediction == "v" else "v, JiT's clamp 1 - t >= 0.05"
-        lines.append(f"| `{prediction}` | {loss} | {row['fid']:.2f} |")
+        train_loss = final_train_loss(Path(args.runs) / f"pred_{prediction}")
+        shown = f"{train_loss:.3f}" if train_loss is not None else "-"
+        lines.append(f"| `{prediction}` | {loss} | {shown} | {row['fid']:.2f} |")
     lines += [
         "",
         f"Grids (left v, right x; one class per column, same seeds): `{result.get('grid')}`.",
@@ -280,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.phase in ("evaluate", "all"):
         from dip_lightning.demo import reference_stats
 
-        ref = reference_stats(data["val_shards"], Path(args.data) / "fid_ref_val.npz", data["image_size"])
+        ref = reference_stats(data["val_shards"], Path(args.data) / "ref_val.npz", data["image_size"])
         for part in args.parts:
             (runs / f"eval_{part}.json").write_text(
                 json.dumps(evaluate(part, checkpoints, ref, args), indent=2)
