@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import pickle
 import re
 import zipfile
@@ -42,6 +43,8 @@ __all__ = [
     "optimizer_setting_changes",
     "CheckpointError",
     "CheckpointMismatchError",
+    "NonFiniteCheckpointError",
+    "nonfinite_tensors",
     "ResumeDecision",
     "check_compatible",
     "execution_option_keys",
@@ -66,6 +69,43 @@ PARTIAL_DIR = ".partial"
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be used: unreadable (truncated, corrupt) or written for another model."""
+
+
+class NonFiniteCheckpointError(CheckpointError):
+    """A checkpoint about to be written holds NaN or infinite values; it was not written."""
+
+
+def nonfinite_tensors(checkpoint: Any, prefix: str = "") -> list[str]:
+    """Where ``checkpoint`` (nested dicts, lists, tuples) holds floating-point tensors with a NaN or inf entry.
+
+    One reduction per tensor and one device-to-host read per device at the end (a save is a sync point anyway).
+    Scalars in ``ModelCheckpoint``'s state are left out: it stores ``inf`` as the initial best score by design.
+    """
+    found: list[tuple[str, torch.Tensor]] = []
+
+    def walk(value: Any, where: str) -> None:
+        if isinstance(value, torch.Tensor):
+            bookkeeping = value.ndim == 0 and where.startswith("callbacks.ModelCheckpoint")
+            if (value.is_floating_point() or value.is_complex()) and value.numel() and not bookkeeping:
+                found.append((where, torch.isfinite(value.detach()).all()))
+        elif isinstance(value, Mapping):
+            for key, sub in value.items():
+                walk(sub, f"{where}.{key}" if where else str(key))
+        elif isinstance(value, (list, tuple)):
+            for i, sub in enumerate(value):
+                walk(sub, f"{where}[{i}]")
+
+    walk(checkpoint, prefix)
+    if not found:
+        return []
+    by_device: dict[torch.device, list[int]] = {}
+    for i, (_, flag) in enumerate(found):
+        by_device.setdefault(flag.device, []).append(i)
+    bad: list[str] = []
+    for indices in by_device.values():
+        flags = torch.stack([found[i][1] for i in indices]).tolist()
+        bad += [found[i][0] for i, ok in zip(indices, flags) if not ok]
+    return sorted(bad)
 
 
 class CheckpointMismatchError(CheckpointError):
@@ -113,13 +153,35 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     Loading wraps unreadable files in a :class:`CheckpointError` naming the file and the likely cause, instead
     of ``PytorchStreamReader failed reading zip archive``.
+
+    A checkpoint holding a NaN or infinite floating-point tensor (weights, EMA, optimizer state: anything in
+    the dictionary) is not written: :class:`NonFiniteCheckpointError`, and the previous file under that name
+    stays as it was (``check_finite=False`` turns the check off). :attr:`last_written` is the last file this
+    plugin wrote.
     """
+
+    def __init__(self, check_finite: bool = True) -> None:
+        super().__init__()
+        self.check_finite = check_finite
+        self.last_written: Path | str | None = None
+        self.last_written_step: int | None = None
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
     ) -> None:
+        if self.check_finite:
+            bad = nonfinite_tensors(checkpoint)
+            if bad:
+                shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+                raise NonFiniteCheckpointError(
+                    f"refusing to write checkpoint {path}: {len(bad)} tensor(s) hold NaN or inf ({shown}); the "
+                    "previous file under that name (if any) is kept. Training diverged: add the "
+                    "dip_lightning.callbacks.NonFiniteGuard callback, which skips such steps, and resume from the "
+                    "last good checkpoint."
+                )
         if not _is_local(path):
             super().save_checkpoint(checkpoint, path, storage_options)
+            self.last_written, self.last_written_step = str(path), checkpoint.get("global_step")
             return
         if storage_options is not None:
             raise TypeError(
@@ -129,6 +191,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         partial_dir = target.parent / PARTIAL_DIR
         with atomic_write(target, temp_dir=partial_dir) as fh:
             self._write(checkpoint, fh)
+        self.last_written, self.last_written_step = target, checkpoint.get("global_step")
         with contextlib.suppress(OSError):  # only succeeds when no other save is in flight
             partial_dir.rmdir()
 
@@ -365,6 +428,26 @@ def execution_option_keys(config: Any, prefix: str = "") -> set[str]:
     return keys
 
 
+def objective_settings(config: Any) -> dict[str, Any] | None:
+    """The ``OBJECTIVE_FIELDS`` of the class a ``{"class_path", "init_args"}`` config names, with the
+    constructor's defaults for fields the config lacks (a checkpoint of an older kit), or None when the class
+    declares none (or cannot be imported)."""
+    config = _plain(config)
+    if not isinstance(config, dict):
+        return None
+    cls = _class_of(config.get("class_path"))
+    fields = getattr(cls, "OBJECTIVE_FIELDS", None)
+    if cls is None or not fields:
+        return None
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(cls.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    init_args = config.get("init_args") or {}
+    return {name: init_args.get(name, defaults.get(name)) for name in fields}
+
+
 def check_compatible(
     checkpoint: Mapping[str, Any],
     model: torch.nn.Module,
@@ -372,6 +455,7 @@ def check_compatible(
     config_keys: Iterable[str] = ("net",),
     max_listed: int = 5,
     advice: str = RESUME_ADVICE,
+    objective_keys: Iterable[str] = ("flow",),
 ) -> list[str]:
     """Raise :class:`CheckpointMismatchError` if ``checkpoint`` was written for another model.
 
@@ -379,6 +463,11 @@ def check_compatible(
     in ``config_keys`` (the network architecture; changes of e.g. the learning rate are legitimate on resume).
     The message names the differing config values and the first mismatching tensors, then ``advice`` (what the
     command that loads it should be given instead).
+
+    The hyper-parameters named in ``objective_keys`` (the training objective, ``model.flow``) are compared on the
+    fields their class lists in ``OBJECTIVE_FIELDS`` (:func:`objective_settings`): another prediction target,
+    loss space, loss weight, time distribution or noise scale is a different experiment, like another
+    architecture. Its other settings (time shift, label dropout) may change on resume, as before.
 
     Execution-only options (:func:`execution_option_keys`, and the model class's own ``EXECUTION_OPTIONS``
     such as ``compile``) may differ: they are returned as ``"key: old -> new"`` lines for the resume log.
@@ -396,6 +485,17 @@ def check_compatible(
                     changed.append(f"{name}: {old!r} -> {new!r}")
                 else:
                     problems.append(f"config {name}: checkpoint {old!r}, this run {new!r}")
+    for key in objective_keys:
+        if key in saved_hparams and key in hparams:
+            saved_fields = objective_settings(saved_hparams[key])
+            fields = objective_settings(hparams[key])
+            if saved_fields is not None and fields is not None:
+                for name in fields:
+                    if saved_fields.get(name) != fields[name]:
+                        problems.append(
+                            f"config {key}.init_args.{name}: checkpoint {saved_fields.get(name)!r}, "
+                            f"this run {fields[name]!r}"
+                        )
     for name in getattr(type(model), "EXECUTION_OPTIONS", ()):
         if name in saved_hparams and name in hparams and saved_hparams[name] != hparams[name]:
             changed.append(f"{name}: {saved_hparams[name]!r} -> {hparams[name]!r}")

@@ -58,6 +58,7 @@ from dip_lightning.checkpointing import (
 
 # Importing the module also enables sampler subclasses in YAML (see dip_lightning.module).
 from dip_lightning.distributed import launch_place
+from dip_lightning.init_from import init_from_checkpoint
 from dip_lightning.loading import WeightChoice
 from dip_lightning.module import DiPModule
 from dip_lightning.run_folder import DEFAULT_RUN_DIR, EXPERIMENT_RECORD, LOG_VERSION, artefact_dir
@@ -165,6 +166,34 @@ class DiPCLI(LightningCLI):
             default=None,
             help="validate/test/predict: the weights of this EMA decay of --ckpt_path (one it tracked; default: "
             "its first).",
+        )
+        parser.add_argument(
+            "--init_from",
+            type=str | None,
+            default=None,
+            help="fit: start from this checkpoint's weights (EMA unless --init_from_raw), with a fresh trainer state "
+            "(step 0, new optimizer); e.g. a 256 px run for a 512 px one. Ignored once the run has its own "
+            "checkpoint (a resume wins). docs/design.md §9.",
+        )
+        parser.add_argument(
+            "--init_patch_embed",
+            type=str,
+            default="reinit",
+            help="fit --init_from: the patch embedding when the patch size changed: reinit (new initialisation) or "
+            "upsample (each kernel weight spread over the pixels it covers at the new size, divided by their count).",
+        )
+        parser.add_argument(
+            "--init_from_strict",
+            type=bool,
+            default=True,
+            help="fit --init_from: any other tensor that does not match is an error (false: it keeps this model's "
+            "initialisation, listed in the log).",
+        )
+        parser.add_argument(
+            "--init_from_raw",
+            type=bool,
+            default=False,
+            help="fit --init_from: take the checkpoint's raw weights instead of its EMA weights.",
         )
         parser.add_argument(
             "--raw_weights",
@@ -280,6 +309,27 @@ class DiPCLI(LightningCLI):
                     message=re.escape(f"Checkpoint directory {checkpoint_dir} exists and is not empty"),
                 )
         rank_zero_info(decision.message())
+        init_from = config.get("init_from")
+        if init_from:
+            if explicit:
+                raise ValueError(
+                    "--init_from (weights only, fresh trainer state) and --ckpt_path (continue a run) exclude each "
+                    "other: choose one."
+                )
+            if decision.path is not None:
+                rank_zero_info(f"--init_from {init_from} ignored: the run continues from its own checkpoint.")
+            else:
+                if not Path(init_from).is_file():
+                    raise FileNotFoundError(f"--init_from {init_from}: no such checkpoint file")
+                report = init_from_checkpoint(
+                    self.model,
+                    init_from,
+                    patch_embed=config.get("init_patch_embed") or "reinit",
+                    strict=config.get("init_from_strict") is not False,
+                    raw=bool(config.get("init_from_raw")),
+                    weights_only=weights_only,
+                )
+                rank_zero_info(report.message())
 
 
 def cli_main(args: list[str] | None = None) -> DiPCLI:

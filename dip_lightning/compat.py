@@ -18,6 +18,8 @@ internal                                    why the kit needs it
 ``LightningCLI._parse_ckpt_path``           (overridden) ``fit --ckpt_path`` must keep this run's settings
 ``RichProgressBar._get_train_description``  (overridden) the epoch label of step-limited runs
 ``NoTrainInceptionV3._torch_fidelity_forward``  features and logits in one pass (torchmetrics' Inception)
+``Optimizer._step_supports_amp_scaling`` /      the non-finite guard skips an update on the device through
+``.found_inf`` / ``.grad_scale``                torch's fused kernels (GradScaler's protocol)
 ==========================================  ================================================================
 """
 
@@ -37,6 +39,9 @@ __all__ = [
     "sigterm_broadcast_skipped",
     "restore_sigterm_broadcast",
     "swap_averaged_models",
+    "clear_device_skip",
+    "set_device_skip",
+    "supports_device_skip",
     "torch_fidelity_forward",
 ]
 
@@ -97,6 +102,29 @@ def average_model(callback: Any) -> Any:
 def swap_averaged_models(callback: Any, pl_module: Any) -> None:
     """Swap the live and the averaged weights (Lightning's own swap, used around validation)."""
     callback._swap_models(pl_module)
+
+
+# ---------------------------------------------------------------------------------------------- torch.optim
+# torch's fused Adam/AdamW/SGD kernels skip their update (and undo their step-count increment) where a `found_inf`
+# tensor attribute of the optimizer is 1; `torch.amp.GradScaler` sets it (with `grad_scale`) for optimizers whose
+# `_step_supports_amp_scaling` is True. The non-finite guard uses the same protocol to skip on the device.
+def supports_device_skip(optimizer: Any) -> bool:
+    """Whether ``optimizer.step`` honours a ``found_inf`` flag on the device (torch's fused optimizers)."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and bool(
+        getattr(optimizer, "defaults", {}).get("fused")
+    )
+
+
+def set_device_skip(optimizer: Any, found_inf: Tensor) -> None:
+    """Make the next ``optimizer.step`` a no-op where ``found_inf`` (a 0-d float tensor on the device) is 1."""
+    optimizer.found_inf = found_inf
+    optimizer.grad_scale = None
+
+
+def clear_device_skip(optimizer: Any) -> None:
+    """Undo :func:`set_device_skip`."""
+    for name in ("found_inf", "grad_scale"):
+        optimizer.__dict__.pop(name, None)
 
 
 # ---------------------------------------------------------------------------------------------- torchmetrics

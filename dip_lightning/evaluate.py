@@ -256,18 +256,32 @@ def run_evaluate(argv: list[str], command: str, default_metrics: tuple[str, ...]
     return 0
 
 
+def _in_process_group(func: Any, *args: Any) -> int:
+    """Run a command; leave the process group it joined (torchrun/srun) when it returns."""
+    joined_before = dist.is_available() and dist.is_initialized()
+    try:
+        return int(func(*args))
+    finally:
+        if not joined_before and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def main(argv: list[str]) -> int:
     """``python -m dip_lightning evaluate``."""
-    return run_evaluate(argv, "evaluate", METRIC_NAMES)
+    return _in_process_group(run_evaluate, argv, "evaluate", METRIC_NAMES)
 
 
 def main_fid(argv: list[str]) -> int:
     """``python -m dip_lightning fid``: ``evaluate`` with ``--metrics fid inception_score`` by default."""
-    return run_evaluate(argv, "fid", ("fid", "inception_score"))
+    return _in_process_group(run_evaluate, argv, "fid", ("fid", "inception_score"))
 
 
 def main_fid_stats(argv: list[str]) -> int:
     """``python -m dip_lightning fid-stats``: the kit's reference file from real images (shards or an npz)."""
+    return _in_process_group(_fid_stats, argv)
+
+
+def _fid_stats(argv: list[str]) -> int:
     parser = CommandParser(
         "fid-stats",
         description="Reference file for evaluate and the metrics callback: Inception statistics (FID, sFID), "

@@ -29,9 +29,10 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
+from dip_lightning.callbacks.nonfinite import step_skipped
 from dip_lightning.checkpointing import apply_optimizer_setting_changes, optimizer_setting_changes
 from dip_lightning.compat import given_hyperparameters
-from dip_lightning.diffusion import EulerSampler, FlowMatching, ODESampler, make_noise
+from dip_lightning.diffusion import EulerSampler, FlowMatching, ODESampler, make_noise, seeded_noise_sampler
 from dip_lightning.images import to_uint8
 from dip_lightning.loading import WeightChoice, select_weights, weights_label
 from dip_lightning.repa import REPA
@@ -84,8 +85,10 @@ class DiPModule(pl.LightningModule):
     with ``raw_weights`` (:func:`dip_lightning.loading.select_weights`); :attr:`loaded_weights` says which.
 
     Args:
-        net: the denoiser, ``net(x, t, y) -> v`` (a :class:`dip_lightning.models.DiP`).
-        flow: the flow-matching objective (interpolant, time distribution, label dropout).
+        net: the denoiser, ``net(x, t, y)`` -> the prediction ``flow.prediction`` names (the velocity by
+            default; a :class:`dip_lightning.models.DiP`).
+        flow: the flow-matching objective (prediction and loss space, loss weight, time distribution, noise
+            scale, label dropout).
         sampler: the sampler used by :meth:`generate` (grids, FID, export, predict).
         repa: representation alignment; ``null`` turns it off.
         optimizer: optimizer factory (YAML ``class_path: torch.optim.AdamW``); default is the paper's AdamW.
@@ -144,6 +147,7 @@ class DiPModule(pl.LightningModule):
         self._last_step_time: tuple[int, float] | None = None  # (step, time) of the last logging step
         self._noise_step: int | None = None  # see _training_generator
         self._noise_micro = 0
+        self.last_loss: torch.Tensor | None = None  # the last training step's loss (NonFiniteGuard)
 
     # ------------------------------------------------------------------ properties the callbacks rely on
     @property
@@ -196,10 +200,10 @@ class DiPModule(pl.LightningModule):
             x, y, null_class=self.net.null_class, generator=generator
         )
         if self.repa is not None:
-            v, hidden = self.net(x_t, t, y_in, return_block=self.repa.block)
+            out, hidden = self.net(x_t, t, y_in, return_block=self.repa.block)
         else:
-            v, hidden = self.net(x_t, t, y_in), None
-        flow_loss = self.flow.loss(v, target)
+            out, hidden = self.net(x_t, t, y_in), None
+        flow_loss = self.flow.prediction_loss(out, x_t, t, target)
         losses = {"flow_loss": flow_loss, "loss": flow_loss}
         if self.repa is not None:
             repa_loss = self.repa.loss(hidden, x)
@@ -228,6 +232,8 @@ class DiPModule(pl.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         losses = self._losses(x, y, generator=self._training_generator(x.device))
+        # Read by NonFiniteGuard before the update (on the device: no sync here).
+        self.last_loss = losses["loss"].detach()
         self.log("train/loss", losses["loss"], prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"})
         return losses["loss"]
@@ -294,12 +300,22 @@ class DiPModule(pl.LightningModule):
         device = self.device
         labels = labels.to(device=device, dtype=torch.long)
         noise = make_noise(seeds, self.image_shape, device=device)
+        if self.flow.noise_scale != 1.0:
+            noise = noise * self.flow.noise_scale  # the scale the network was trained with
+        # Every prediction (v, x, eps) reaches the sampler as a velocity: the one conversion point.
+        model_fn = self.flow.velocity_model(self.net)
         was_training = self.net.training
         self.net.eval()
         use_autocast = device.type == "cuda" and self.sample_dtype != "float32"
         try:
             with torch.autocast(device.type, dtype=getattr(torch, self.sample_dtype), enabled=use_autocast):
-                x = sampler.sample(self.net, noise, labels, null_class=self.net.null_class)
+                x = sampler.sample(
+                    model_fn,
+                    noise,
+                    labels,
+                    null_class=self.net.null_class,
+                    noise_sampler=seeded_noise_sampler(seeds),
+                )
         finally:
             self.net.train(was_training)
         return x.float()
@@ -350,6 +366,12 @@ class DiPModule(pl.LightningModule):
         choice = self.requested_weights or _REQUESTED_WEIGHTS.get() or WeightChoice("the checkpoint")
         self.loaded_weights = weights_label(checkpoint, choice.ema, choice.raw)
         checkpoint["state_dict"] = select_weights(checkpoint, choice.path, choice.ema, choice.raw)
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any | None) -> None:
+        # A step whose update NonFiniteGuard skipped leaves the schedule where it was too.
+        if step_skipped(self._trainer):
+            return
+        super().lr_scheduler_step(scheduler, metric)
 
     def configure_optimizers(self) -> Any:
         # The frozen REPA encoder has requires_grad=False; only trainable tensors go to the optimizer.

@@ -253,7 +253,17 @@ def build_parser() -> CommandParser:
     p.add_argument(
         "--no_balanced", dest="balanced", action="store_false", help="random labels instead of i %% C"
     )
-    p.add_argument("--sampler", choices=["euler", "heun"], default=None)
+    from dip_lightning.diffusion import SAMPLERS
+
+    listed = "; ".join(f"{name} = {cls.__module__}.{cls.__name__}" for name, cls in SAMPLERS.items())
+    p.add_argument(
+        "--sampler",
+        choices=list(SAMPLERS),
+        default=None,
+        help=f"integrator (default: the checkpoint's model.sampler), keeping its grid and guidance: {listed}. "
+        "Their own options (SDE w_schedule, Heun guidance_rule ...) come from YAML: --config with "
+        "model.sampler.class_path / init_args",
+    )
     p.add_argument("--num_steps", type=int, default=None)
     p.add_argument("--cfg_scale", type=float, default=None)
     p.add_argument("--cfg_interval", type=float, nargs=2, default=None, metavar=("T_MIN", "T_MAX"))
@@ -303,12 +313,12 @@ def main(argv: list[str]) -> int:
         overrides["cfg_interval"] = tuple(args.cfg_interval)
     sampler = None
     if args.sampler is not None:
-        from dip_lightning.diffusion import EulerSampler, HeunSampler
+        from dip_lightning.diffusion import SAMPLERS, ODESampler
 
-        cls = {"euler": EulerSampler, "heun": HeunSampler}[args.sampler]
+        cls = SAMPLERS[args.sampler]
         base = module.make_sampler(**overrides)
-        # All fields of the configured sampler (time grid, shift, last step); only the integrator changes.
-        sampler = cls(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})
+        # The fields every sampler shares (time grid, shift, last step, guidance); only the integrator changes.
+        sampler = cls(**{f.name: getattr(base, f.name) for f in dataclasses.fields(ODESampler)})
         module.sampler = sampler
     t0 = time.time()
     result = export_samples(

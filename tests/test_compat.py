@@ -91,3 +91,33 @@ def test_torch_fidelity_forward_exists() -> None:
     from torchmetrics.image.fid import NoTrainInceptionV3
 
     assert callable(getattr(NoTrainInceptionV3, "_torch_fidelity_forward", None))
+
+
+@pytest.mark.parametrize("make", [torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD])
+def test_fused_optimizers_skip_on_device_when_found_inf_is_set(make) -> None:  # noqa: ANN001
+    """found_inf = 1: the fused step changes neither the weights nor any optimizer state (step counts
+    included); found_inf = 0: the same update as without the flag (a twin that never saw the flag)."""
+    kwargs = {"lr": 0.1, "momentum": 0.9} if make is torch.optim.SGD else {"lr": 0.1}
+    assert not compat.supports_device_skip(make([torch.nn.Parameter(torch.zeros(1))], **kwargs))
+    flagged, twin = (torch.nn.Parameter(torch.linspace(-1, 1, 5)) for _ in range(2))
+    optimizers = [make([p], fused=True, **kwargs) for p in (flagged, twin)]
+    assert compat.supports_device_skip(optimizers[0])
+    for p, opt in zip((flagged, twin), optimizers):
+        p.grad = torch.ones(5)
+        opt.step()  # a first real step, so there is state to keep
+    state = optimizers[0].state[flagged]
+    before = flagged.detach().clone(), {k: v.clone() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    flagged.grad = torch.full((5,), float("nan"))
+    compat.set_device_skip(optimizers[0], torch.ones(()))
+    optimizers[0].step()
+    assert torch.equal(flagged.detach(), before[0])
+    for key, value in before[1].items():
+        assert torch.equal(state[key], value), key
+    for p in (flagged, twin):
+        p.grad = torch.full((5,), 3.0)
+    compat.set_device_skip(optimizers[0], torch.zeros(()))
+    optimizers[0].step()
+    optimizers[1].step()
+    assert torch.equal(flagged.detach(), twin.detach())
+    compat.clear_device_skip(optimizers[0])
+    assert "found_inf" not in optimizers[0].__dict__

@@ -105,7 +105,15 @@ def test_training_inputs_are_consistent_and_seeded() -> None:
 
 
 def test_flow_matching_config_roundtrip() -> None:
-    fm = FlowMatching(t_mean=-0.2, t_std=0.8, time_shift=2.0, label_dropout=0.2)
+    fm = FlowMatching(
+        t_mean=-0.2,
+        t_std=0.8,
+        time_shift=2.0,
+        label_dropout=0.2,
+        prediction="x",
+        loss_weight="snr",
+        noise_scale=2.0,
+    )
     other = FlowMatching(**fm.config())
     assert (
         other.config()
@@ -115,6 +123,13 @@ def test_flow_matching_config_roundtrip() -> None:
             "t_std": 0.8,
             "time_shift": 2.0,
             "label_dropout": 0.2,
+            "prediction": "x",
+            "loss_space": "v",
+            "t_eps": 0.05,
+            "loss_weight": "snr",
+            "snr_threshold": 5.0,
+            "time_sampling": "logit_normal",
+            "noise_scale": 2.0,
         }
     )
 
@@ -324,9 +339,13 @@ def test_built_from_yaml_by_jsonargparse() -> None:
     parser.add_class_arguments(FlowMatching, "flow")
     parser.add_class_arguments(EulerSampler, "sampler")
     cfg = parser.parse_string(
-        "flow: {t_mean: -0.5, time_shift: 2.0}\n"
+        "flow: {t_mean: -0.5, time_shift: 2.0, prediction: x, time_sampling: uniform}\n"
         "sampler: {num_steps: 50, cfg_scale: 2.9, cfg_interval: [0.11, 0.97], time_grid: uniform}\n"
     )
     built = parser.instantiate(cfg)
-    assert built.flow.config() == {"t_mean": -0.5, "t_std": 1.0, "time_shift": 2.0, "label_dropout": 0.1}
+    assert (
+        built.flow.config()
+        == FlowMatching(t_mean=-0.5, time_shift=2.0, prediction="x", time_sampling="uniform").config()
+    )
+    assert built.flow.prediction == "x" and built.flow.t_std == 1.0
     assert built.sampler == EulerSampler(50, 2.9, (0.11, 0.97), "uniform")

@@ -23,7 +23,7 @@ import torch
 
 from dip_lightning.__main__ import main as dip_main
 from dip_lightning.cli import DiPCLI
-from dip_lightning.diffusion import HeunSampler
+from dip_lightning.diffusion import HeunSampler, make_noise
 from dip_lightning.images import to_uint8
 from dip_lightning.loading import load_module
 from dip_lightning.sample import export_samples
@@ -378,3 +378,52 @@ def test_compiled_sampling_gives_the_eager_images(ckpt: Path, tmp_path: Path) ->
     same = ["--num_samples", "8", "--chunk_size", "4", "--batch_size", "4"]
     with pytest.raises(RuntimeError, match="another export.*compile"):
         dip_main(["sample", "--ckpt_path", str(ckpt), "--out", str(partial), *same, "--compile"])
+
+
+def test_x_prediction_checkpoint_exports_with_every_sampler(tmp_path: Path, demo_data: dict) -> None:
+    """An x-prediction run samples through the same commands: the module converts its output to the velocity
+    (one place), whichever ``--sampler``; the SDE's images depend only on (label, seed)."""
+    from dip_lightning.diffusion import SAMPLERS
+
+    fit_tiny(
+        tmp_path, demo_data, "--model.flow.prediction=x", "--model.sampler.init_args.num_steps=3", steps=2
+    )
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    module = load_module(ckpt)
+    assert module.flow.prediction == "x"
+    labels, seeds = torch.tensor([0, 1, 2]), torch.tensor([7, 8, 9])
+    for name in SAMPLERS:
+        out = tmp_path / f"{name}.npz"
+        assert (
+            dip_main(
+                ["sample", "--ckpt_path", str(ckpt), "--out", str(out), "--num_samples", "3"]
+                + ["--sampler", name, "--batch_size", "2"]
+            )
+            == 0
+        )
+        images = load_npz(out)["arr_0"]
+        assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8
+        sampler = SAMPLERS[name](num_steps=3)
+        direct = to_uint8(module.generate(labels, seeds, sampler)).permute(0, 2, 3, 1).numpy()
+        alone = to_uint8(module.generate(labels[1:2], seeds[1:2], sampler)).permute(0, 2, 3, 1).numpy()
+        assert np.array_equal(direct[1:2], alone)  # an image does not depend on its batch, SDE included
+    # The conversion is applied: generate equals the sampler run on the converted network, not on the raw one.
+    sampler = SAMPLERS["euler"](num_steps=3)
+    noise = make_noise(seeds, module.image_shape)
+    with torch.no_grad():
+        converted = sampler.sample(
+            module.flow.velocity_model(module.net), noise, labels, module.net.null_class
+        )
+        assert torch.equal(module.generate(labels, seeds, sampler), converted.float())
+        raw = sampler.sample(module.net, noise, labels, module.net.null_class)
+    assert not torch.allclose(raw, converted)
+
+
+def test_sample_help_lists_every_sampler(capsys: pytest.CaptureFixture) -> None:
+    from dip_lightning.diffusion import SAMPLERS
+
+    with pytest.raises(SystemExit):
+        dip_main(["sample", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for name, cls in SAMPLERS.items():
+        assert name in help_text and f"dip_lightning.diffusion.{cls.__name__}" in help_text

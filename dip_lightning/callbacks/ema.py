@@ -49,6 +49,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from dip_lightning.callbacks.nonfinite import step_skipped, update_keep
 from dip_lightning.checkpointing import CheckpointError
 from dip_lightning.compat import average_model, swap_averaged_models
 from dip_lightning.loading import EMA_RECORD, decay_key, ema_weights
@@ -144,8 +145,10 @@ class EMA(EMAWeightAveraging):
         self.decay = self.decays[0]
         self.device_option = device
         # One foreach update over all tensors instead of a Python loop of per-tensor kernels.
-        self._kwargs = {"multi_avg_fn": get_ema_multi_avg_fn(self.decay)}
-        self._extra_fns: dict[float, MultiAvgFn] = {d: get_ema_multi_avg_fn(d) for d in self.decays[1:]}
+        self._kwargs = {"multi_avg_fn": self._guarded_fn(self.decay)}
+        self._extra_fns: dict[float, MultiAvgFn] = {d: self._guarded_fn(d) for d in self.decays[1:]}
+        # NonFiniteGuard in device mode: 1.0 / 0.0 on the device, the weight of this step's update.
+        self._keep: Tensor | None = None
         # Decay -> {state_dict key: average}, for every decay after the first (built at setup of a fit).
         self._extra_averages: dict[float, dict[str, Tensor]] = {}
         self._swapped = False
@@ -196,12 +199,21 @@ class EMA(EMAWeightAveraging):
             return {}
         return {self.decays[0]: average_model(self).module.state_dict(), **self._extra_averages}
 
+    def _guarded_fn(self, decay: float) -> MultiAvgFn:
+        return guarded_ema_fn(decay, lambda: self._keep)
+
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if step_skipped(trainer):
+            return  # NonFiniteGuard skipped this step's update: the averages stay as they are
+        self._keep = update_keep(trainer)
         updates = self.num_updates
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        self._follow_first_average(pl_module, updates)
+        try:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            self._follow_first_average(pl_module, updates)
+        finally:
+            self._keep = None
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         updates = self.num_updates
@@ -308,6 +320,24 @@ class EMA(EMAWeightAveraging):
                 k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()
             }
             super().on_train_end(trainer, pl_module)
+
+
+def guarded_ema_fn(decay: float, keep: Callable[[], Tensor | None]) -> MultiAvgFn:
+    """``get_ema_multi_avg_fn(decay)``; while ``keep()`` is a device tensor (NonFiniteGuard's device mode, 0 for a
+    skipped step) the update's weight ``1 - decay`` is multiplied by it on the device, so a skipped step leaves
+    the floating-point averages unchanged without a host read."""
+    plain = get_ema_multi_avg_fn(decay)
+
+    def update(averaged: list[Tensor], current: list[Tensor], n_averaged: Any) -> None:
+        factor = keep()
+        if factor is None or not torch.is_floating_point(averaged[0]):
+            plain(averaged, current, n_averaged)
+            return
+        torch._foreach_lerp_(
+            averaged, current, (1.0 - decay) * factor.to(averaged[0].device, averaged[0].dtype)
+        )
+
+    return update
 
 
 def _tracked_decays(decay: float | None, decays: Sequence[float] | None) -> tuple[float, ...]:

@@ -152,6 +152,7 @@ class MetricsCallback(pl.Callback):
         self.results: list[tuple[int, dict[str, float | None]]] = []
         self._engine: MetricEngine | None = None
         self._last_eval_step = -1
+        self._batch_size: int | None = None  # this rank's micro-batch, seen in on_train_batch_end
 
     # ------------------------------------------------------------------------------------------ names
     def log_key(self, metric: str) -> str:
@@ -292,12 +293,11 @@ class MetricsCallback(pl.Callback):
         return results
 
     def _images_seen(self, trainer: pl.Trainer) -> int | None:
-        loader = getattr(trainer, "train_dataloader", None)
-        batch_size = getattr(loader, "batch_size", None)
-        if not isinstance(batch_size, int):
+        """Training images seen over all ranks: steps x micro-batch x accumulation x world size."""
+        if self._batch_size is None:
             return None
         accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
-        return trainer.global_step * batch_size * accumulate * trainer.world_size
+        return trainer.global_step * self._batch_size * accumulate * trainer.world_size
 
     def _report(
         self, trainer: pl.Trainer, step: int, results: dict[str, float | None], seconds: float
@@ -338,6 +338,9 @@ class MetricsCallback(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        first = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+        if isinstance(first, torch.Tensor) and first.ndim > 0:
+            self._batch_size = int(first.shape[0])
         step = trainer.global_step
         # With gradient accumulation this hook runs several times per optimizer step: evaluate once.
         if step > 0 and step % self.every_n_steps == 0 and step != self._last_eval_step:

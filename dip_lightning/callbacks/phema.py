@@ -30,7 +30,8 @@ from torch import Tensor
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from dip_lightning.atomic import atomic_write
-from dip_lightning.callbacks.ema import average_in_groups, averageable_copy, live_tensors
+from dip_lightning.callbacks.ema import average_in_groups, averageable_copy, guarded_ema_fn, live_tensors
+from dip_lightning.callbacks.nonfinite import step_skipped, update_keep
 from dip_lightning.phema import power_ema_decay, snapshot_path, std_key, std_to_exponent
 
 PHEMA_RECORD = "phema"
@@ -85,10 +86,15 @@ class PowerFunctionEMA(Callback):
         if trainer.global_step == self.step:  # no optimizer step in this batch (gradient accumulation)
             return
         self.step = trainer.global_step
-        current = live_tensors(pl_module, next(iter(self.averages.values())))
-        for std, average in self.averages.items():
-            decay = power_ema_decay(std, self.step)  # a host-side number; 0 at step 1: the update copies
-            average_in_groups(get_ema_multi_avg_fn(decay), average.values(), current, self.step - 1)
+        if not step_skipped(
+            trainer
+        ):  # NonFiniteGuard skipped this step's update: the profiles stay as they are
+            keep = update_keep(trainer)
+            current = live_tensors(pl_module, next(iter(self.averages.values())))
+            for std, average in self.averages.items():
+                decay = power_ema_decay(std, self.step)  # a host-side number; 0 at step 1: the update copies
+                update = get_ema_multi_avg_fn(decay) if keep is None else guarded_ema_fn(decay, lambda: keep)
+                average_in_groups(update, average.values(), current, self.step - 1)
         if self.step % self.snapshot_every_n_steps == 0 and trainer.is_global_zero:
             self._write_snapshot(pl_module)
 

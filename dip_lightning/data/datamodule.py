@@ -127,6 +127,11 @@ class ShardDataModule(pl.LightningDataModule):
             shard size)`` shards (at least one) and shuffle their union. 0 = one shard at a time.
         seed: stream seed; same config + same seed = same batches on every run.
         random_flip: horizontal flips (hashed from the sample position); the paper trains without.
+        random_crop: the released code's ``random_crop`` for training: resize the shorter side to
+            ``image_size`` (bilinear), a random window along the longer side, a horizontal flip (p = 1/2); the
+            position and the flip are hashed from ``(seed, rank, sample position)``, so a resumed run sees the same
+            crops. Off (default): the ADM centre crop (docs/design.md §2.6). It needs shards that keep the image's
+            aspect ratio (``prepare --preprocess none``); on square shards at ``image_size`` only the flip is left.
         epoch_length: nominal samples per epoch over all ranks (progress bar / epoch bookkeeping);
             each rank yields ``epoch_length // (batch_size * world_size)`` batches per epoch.
         max_bad_fraction: stop with an error when more than this fraction of samples is unreadable.
@@ -148,6 +153,7 @@ class ShardDataModule(pl.LightningDataModule):
         shuffle_buffer: int = 5000,
         seed: int = 0,
         random_flip: bool = False,
+        random_crop: bool = False,
         epoch_length: int = IMAGENET_TRAIN_SIZE,
         max_bad_fraction: float = 0.01,
         val_max_samples: int | None = None,
@@ -188,6 +194,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.random_flip = random_flip
+        self.random_crop = random_crop
         self.epoch_length = epoch_length
         self.max_bad_fraction = float(max_bad_fraction)
         self.val_max_samples = val_max_samples
@@ -231,6 +238,7 @@ class ShardDataModule(pl.LightningDataModule):
             rank=rank,
             mix=mix,
             random_flip=self.random_flip,
+            random_crop=self.random_crop,
             num_classes=self.num_classes,
             max_bad_fraction=self.max_bad_fraction,
         )
@@ -386,12 +394,14 @@ class ShardDataModule(pl.LightningDataModule):
             "batch_size": self.batch_size,
             "world_size": world,
             "shuffle_buffer": self.shuffle_buffer,
+            "random_crop": self.random_crop,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         _, world = self._rank_world or self._dist()
         now = {"seed": self.seed, "batch_size": self.batch_size, "world_size": world}
         now["shuffle_buffer"] = self.shuffle_buffer
+        now["random_crop"] = self.random_crop
         changed = {k: (state_dict.get(k), v) for k, v in now.items() if state_dict.get(k, v) != v}
         if changed:
             warnings.warn(

@@ -43,6 +43,26 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
     return arr[top : top + image_size, left : left + image_size]
 
 
+def random_crop_arr(pil_image: Image.Image, image_size: int, offset: float) -> np.ndarray:
+    """The released code's ``random_crop`` (torchvision ``Resize(size)`` then ``RandomCrop(size)`` on a PIL image)
+    with the crop position given: the shorter side is resized to ``image_size`` (PIL bilinear, as torchvision does
+    for PIL images; the longer side becomes ``int(image_size * long / short)``), then a window of
+    ``image_size`` is cut at ``floor(offset * (long - image_size + 1))`` along the longer side (``offset`` in
+    [0, 1): the draw, made by the caller from a hash so that it is reproducible). The flip is the caller's too."""
+    if not 0.0 <= offset < 1.0:
+        raise ValueError(f"offset must lie in [0, 1), got {offset}")
+    w, h = pil_image.size
+    short, long = min(w, h), max(w, h)
+    new_long = int(image_size * long / short)
+    new_size = (image_size, new_long) if w <= h else (new_long, image_size)
+    img = pil_image if new_size == (w, h) else pil_image.resize(new_size, resample=Image.Resampling.BILINEAR)
+    arr = np.asarray(img)
+    start = int(offset * (new_long - image_size + 1))
+    if w <= h:
+        return arr[start : start + image_size, :image_size]
+    return arr[:image_size, start : start + image_size]
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any Pillow mode to RGB (ImageNet has CMYK and greyscale JPEGs)."""
     if img.mode == "RGB":
@@ -60,9 +80,12 @@ def open_image(data: bytes) -> Image.Image:
     return to_rgb(img)
 
 
-def decode_image(data: bytes, image_size: int | None = None) -> np.ndarray:
-    """Decode to ``(H, W, 3)`` uint8; ADM-crop to ``image_size`` unless the image already has that size."""
+def decode_image(data: bytes, image_size: int | None = None, crop_offset: float | None = None) -> np.ndarray:
+    """Decode to ``(H, W, 3)`` uint8; ADM-crop to ``image_size`` unless the image already has that size, or with
+    ``crop_offset`` the released random crop (:func:`random_crop_arr`; a no-op on an image of that size)."""
     img = open_image(data)
+    if crop_offset is not None and image_size is not None:
+        return random_crop_arr(img, image_size, crop_offset)
     if image_size is None or img.size == (image_size, image_size):
         return np.asarray(img)
     return center_crop_arr(img, image_size)

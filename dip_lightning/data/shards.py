@@ -384,8 +384,11 @@ def image_member(sample: Mapping[str, object]) -> str | None:
     return None
 
 
-def decode_sample(sample: Mapping[str, bytes], image_size: int | None) -> tuple[np.ndarray, int]:
-    """``(H, W, 3)`` uint8 image (ADM-cropped to ``image_size`` if needed) and the integer label."""
+def decode_sample(
+    sample: Mapping[str, bytes], image_size: int | None, crop_offset: float | None = None
+) -> tuple[np.ndarray, int]:
+    """``(H, W, 3)`` uint8 image (ADM-cropped to ``image_size`` if needed, or randomly cropped at ``crop_offset``:
+    :func:`~dip_lightning.data.preprocess.decode_image`) and the integer label."""
     ext = image_member(sample)
     if ext is None:
         have = sorted(k for k in sample if not k.startswith("__"))
@@ -393,7 +396,7 @@ def decode_sample(sample: Mapping[str, bytes], image_size: int | None) -> tuple[
     if "cls" not in sample:
         raise ValueError("sample has no 'cls' member")
     label = int(sample["cls"])
-    return decode_image(sample[ext], image_size), label
+    return decode_image(sample[ext], image_size, crop_offset), label
 
 
 def iter_shard_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:

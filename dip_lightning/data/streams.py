@@ -33,7 +33,7 @@ _WARN_FIRST = 10
 Ref = tuple[int, int]  # (shard index, sample ordinal inside the shard)
 
 # Tags that keep the stream's hashed draws (dip_lightning.seeding.hash64) apart.
-_TAG_CHOICE, _TAG_FLIP, _TAG_PERM = 0x51, 0xF1, 0x9E
+_TAG_CHOICE, _TAG_FLIP, _TAG_PERM, _TAG_CROP = 0x51, 0xF1, 0x9E, 0xC7
 
 
 # ------------------------------------------------------------------------------------------ plan
@@ -96,6 +96,11 @@ class TrainPlan:
 
     def flips(self, start: int, stop: int) -> np.ndarray:
         return (hash64(self.seed, _TAG_FLIP, self.rank, np.arange(start, stop)) & np.uint64(1)).astype(bool)
+
+    def crop_offsets(self, start: int, stop: int) -> np.ndarray:
+        """Random-crop positions in [0, 1) of the samples at positions ``[start, stop)`` (53-bit hashes)."""
+        h = hash64(self.seed, _TAG_CROP, self.rank, np.arange(start, stop)) >> np.uint64(11)
+        return h.astype(np.float64) / float(2**53)
 
     def segment_span(self) -> int:
         """An upper bound on a segment's length (for remote look-ahead)."""
@@ -209,16 +214,21 @@ class _ShardBatchDataset(IterableDataset):
 
     # -- decoding
     def _decode_batch(
-        self, refs: Sequence[Ref], raw: Sequence[dict | BaseException], row: int
+        self,
+        refs: Sequence[Ref],
+        raw: Sequence[dict | BaseException],
+        row: int,
+        crop_offsets: np.ndarray | None = None,
     ) -> tuple[list[np.ndarray | None], list[int]]:
         images: list[np.ndarray | None] = []
         labels: list[int] = []
         self.counters[row, 0] += len(refs)  # one shared-memory update per batch, not per sample
-        for ref, sample in zip(refs, raw):
+        for i, (ref, sample) in enumerate(zip(refs, raw)):
             try:
                 if isinstance(sample, BaseException):
                     raise sample
-                arr, label = decode_sample(sample, self.image_size)
+                offset = None if crop_offsets is None else float(crop_offsets[i])
+                arr, label = decode_sample(sample, self.image_size, offset)
                 if arr.shape != (self.image_size, self.image_size, 3):
                     raise ValueError(f"decoded to shape {arr.shape}")
             except Exception as exc:  # noqa: BLE001 - counted, warned, replaced
@@ -282,6 +292,7 @@ class TrainShardStream(_ShardBatchDataset):
         rank: int = 0,
         mix: int = 1,
         random_flip: bool = False,
+        random_crop: bool = False,
         num_classes: int | None = None,
         max_bad_fraction: float = 0.01,
     ) -> None:
@@ -296,6 +307,7 @@ class TrainShardStream(_ShardBatchDataset):
         self.plan = TrainPlan(self.sizes, seed, rank, mix)
         self.batches_per_epoch = int(batches_per_epoch)
         self.random_flip = bool(random_flip)
+        self.random_crop = bool(random_crop)
         # Where the next pass starts; shared memory so that persistent workers see updates. The main
         # process advances `cursor` batch by batch; workers read `pass_start`, the snapshot taken when
         # the pass begins (PositionedDataLoader.__iter__), so a worker that starts late does not skip.
@@ -326,7 +338,8 @@ class TrainShardStream(_ShardBatchDataset):
         """Batch ``b`` as ``(uint8 images (B, 3, H, W), int64 labels (B,))``."""
         B = self.batch_size
         refs = self.batch_refs(b)
-        images, labels = self._decode_batch(refs, self._read(refs, upcoming), row)
+        crops = self.plan.crop_offsets(b * B, (b + 1) * B) if self.random_crop else None
+        images, labels = self._decode_batch(refs, self._read(refs, upcoming), row, crops)
         good = [i for i, im in enumerate(images) if im is not None]
         pos, tries = (b + 1) * B, 0
         while not good and tries < 8:
@@ -335,7 +348,8 @@ class TrainShardStream(_ShardBatchDataset):
             # rare enough that the duplicated samples do not matter.
             pos = self.plan.segment_end(pos - 1)
             more = self.plan.refs(pos, pos + B)
-            images, labels = self._decode_batch(more, self._read(more, ()), row)
+            crops = self.plan.crop_offsets(pos, pos + B) if self.random_crop else None
+            images, labels = self._decode_batch(more, self._read(more, ()), row, crops)
             good = [i for i, im in enumerate(images) if im is not None]
             tries += 1
             pos += 1
@@ -345,7 +359,8 @@ class TrainShardStream(_ShardBatchDataset):
         for k, i in enumerate([i for i, im in enumerate(images) if im is None]):
             j = good[k % len(good)]
             images[i], labels[i] = images[j], labels[j]
-        flips = self.plan.flips(b * B, (b + 1) * B) if self.random_flip else None
+        # The released random_crop includes the horizontal flip (p = 1/2).
+        flips = self.plan.flips(b * B, (b + 1) * B) if self.random_flip or self.random_crop else None
         return self._assemble(images, labels, flips)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

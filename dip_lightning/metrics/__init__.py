@@ -28,6 +28,7 @@ from dip_lightning.metrics.inception_score import inception_score
 from dip_lightning.metrics.patch_seam import patch_seam_score
 from dip_lightning.metrics.precision_recall import ADM_NEIGHBOURHOOD, precision_recall
 from dip_lightning.metrics.reference import (
+    REFERENCE_NEEDS,
     FeatureSet,
     MetricUnavailableWarning,
     Reference,
@@ -162,7 +163,7 @@ class MetricEngine:
                 use_cache=use_cache,
             )
         for m in usable:
-            missing = [n for n in _reference_needs(m) if not ref.has(n)]
+            missing = [n for n in REFERENCE_NEEDS[m] if not ref.has(n)]
             if missing:
                 unusable[m] = (
                     f"the reference {ref.path} holds no {', '.join(missing)} (an older FID-only reference "
@@ -188,12 +189,6 @@ class MetricEngine:
         return metrics_from_features(
             samples, self.reference, self.usable, self.patch_size, self.device, all_metrics=self.metrics
         )
-
-
-def _reference_needs(metric: str) -> tuple[str, ...]:
-    from dip_lightning.metrics.reference import REFERENCE_NEEDS
-
-    return REFERENCE_NEEDS[metric]
 
 
 def _default_device() -> torch.device:

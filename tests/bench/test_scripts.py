@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,3 +32,49 @@ def test_gpu_benchmark_smoke_run_fills_every_section(tmp_path: Path) -> None:
             assert isinstance(res[section][model], dict), (section, model, res[section][model])
     assert res["train_eager"]["DiP-XL/16+dense2"]["mfu"] > 0
     assert "train_compiled DiP-XL/16+dense2" in res["head_overhead"]
+
+
+def test_memory_benchmark_smoke_run_writes_its_table(tmp_path: Path) -> None:
+    out = tmp_path / "memory.md"
+    cmd = [sys.executable, str(REPO / "bench" / "memory.py"), "--smoke", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = out.read_text()
+    assert table.count("| DiP-S/16 @ 64 |") == 6 and table.count("| DiP-S/32 @ 64 |") == 6
+
+
+def test_objectives_benchmark_smoke_run(tmp_path: Path, demo_data: dict, monkeypatch) -> None:  # noqa: ANN001
+    """bench/objectives.py --smoke end to end: two real 4-step trainings (v and x), both grids, every sampler part.
+
+    The CPU Inception would take minutes for the six FIDs, so the bench's one FID function runs here on the kit's
+    cheap PixelProjection features (the same statistics and Fréchet distance, other features)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import objectives
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    from dip_lightning import demo
+    from dip_lightning.fid import PixelProjection
+
+    monkeypatch.setattr(objectives, "_extractor", lambda cls: PixelProjection())
+    real_reference_stats = demo.reference_stats
+    monkeypatch.setattr(
+        demo,
+        "reference_stats",
+        lambda shards, out, size: real_reference_stats(shards, out, size, PixelProjection()),
+    )
+    # A copy: the reference statistics written next to the shards must not reach other tests' demo folder.
+    data_dir = tmp_path / "demo"
+    shutil.copytree(demo_data["root"], data_dir)
+    runs = tmp_path / "runs"
+    assert (
+        objectives.main(["--smoke", "--data", str(data_dir), "--runs", str(runs), "--phase", "evaluate"]) == 0
+    )
+    for prediction in ("v", "x"):
+        assert (runs / f"pred_{prediction}" / "checkpoints" / "step00000004.ckpt").is_file()
+    found = json.loads((runs / "eval_objectives.json").read_text())
+    assert set(found["objectives"]) == {"v", "x"} and Path(found["grid"]).is_file()
+    for name in objectives.SAMPLER_NAMES:
+        (row,) = json.loads((runs / f"eval_{name}.json").read_text())["samplers"]
+        assert row["fid"] > 0 and row["nfe"] in (3, 4)

@@ -88,6 +88,15 @@ def test_ablation_overlay_instantiates(tmp_path: Path, overlay: Path) -> None:
         assert net.placement == wanted["placement"]
     if "repa" in merged_yaml(overlay).get("model", {}):
         assert cli.model.repa is None
+    # Objective and sampler overlays set what they say (model.flow fields, the sampler class and fields).
+    for key, value in merged_yaml(overlay).get("model", {}).get("flow", {}).items():
+        assert getattr(cli.model.flow, key) == value, key
+    sampler = merged_yaml(overlay).get("model", {}).get("sampler", {})
+    if "class_path" in sampler:
+        assert type(cli.model.sampler).__name__ == sampler["class_path"].rsplit(".", 1)[1]
+    for key, value in sampler.get("init_args", {}).items():
+        got = getattr(cli.model.sampler, key)
+        assert (list(got) if isinstance(got, tuple) else got) == value, key
     # Every overlay writes to its own run folder (the test overrides it, so read the YAML).
     assert (
         merged_yaml(overlay)["trainer"]["default_root_dir"]

@@ -100,3 +100,30 @@ def make_recorder(check_range: bool = True):
             return torch.optim.SGD(self.parameters(), lr=0.01)
 
     return Recorder()
+
+
+def write_wide_shards(
+    folder: Path, n_shards: int, per_shard: int, *, width: int = 28, height: int = 16
+) -> list[str]:
+    """Shards of ``width x height`` images (not square, as ``prepare --preprocess none`` keeps them): every column
+    has its own value in the blue channel (column index * 9), so a crop's offset can be read from its pixels; the
+    red channel holds the sample id modulo 256, label ``i % 4``."""
+    import webdataset as wds
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    i = 0
+    for k in range(n_shards):
+        path = folder / f"wide-{k:06d}.tar"
+        with wds.TarWriter(str(path), encoder=False) as writer:
+            for _ in range(per_shard):
+                arr = np.zeros((height, width, 3), dtype=np.uint8)
+                arr[..., 0] = i % 256
+                arr[..., 1] = 40 * (i % 4)
+                arr[..., 2] = (np.arange(width) * 9)[None, :]
+                buf = io.BytesIO()
+                Image.fromarray(arr).save(buf, format="PNG")
+                writer.write({"__key__": f"w{i:06d}", "png": buf.getvalue(), "cls": str(i % 4).encode()})
+                i += 1
+        paths.append(str(path))
+    return paths
