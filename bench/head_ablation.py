@@ -79,7 +79,7 @@ def log(message: str) -> None:
 def prepare_data(work: Path) -> tuple[dict, Path]:
     """The demo dataset and an image npz of all its validation crops (the metrics' reference)."""
     from dip_lightning.data.demo import build_demo_dataset
-    from dip_lightning.fid import iter_shard_images
+    from dip_lightning.metrics.sources import iter_shard_images
     from dip_lightning.sample import _save_npz
 
     data = build_demo_dataset(work / "data", size=32)

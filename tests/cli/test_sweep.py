@@ -33,7 +33,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, demo_data: dict) -> dict:
     fit_with(
         tiny_args(run_dir, demo_data, HIGH_LR, "--checkpoint.every_n_train_steps=2", steps=4, callbacks=[ema])
     )
-    from dip_lightning.fid import iter_shard_images
+    from dip_lightning.metrics.sources import iter_shard_images
 
     images = [
         b.permute(0, 2, 3, 1).numpy() for b in iter_shard_images(demo_data["val_shards"], 16, 32, limit=16)
