@@ -53,6 +53,7 @@ def test_demo_end_to_end_shortened(tmp_path: Path, demo_data: dict) -> None:
     )
     run_dir = Path(result["run_dir"])
     assert run_dir.parent == tmp_path / "runs"
+    assert 0 < result["fit_time_s"] <= result["wall_time_s"]
 
     # The grid of the last step, and the one before.
     grid = Path(result["grid"])

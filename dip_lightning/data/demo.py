@@ -161,13 +161,14 @@ def build_demo_dataset(
 
     note = json.dumps(params, sort_keys=True)
     rng = np.random.default_rng(seed)
+    photos = {name: load_photo(name) for name in DEMO_CLASSES}  # decoded once for both splits
     with tempfile.TemporaryDirectory(prefix="dip-demo-") as tmp:
         staging = Path(tmp)
         for split, per_class in (("train", train_per_class), ("val", val_per_class)):
             for name in DEMO_CLASSES:
                 folder = staging / split / name
                 folder.mkdir(parents=True)
-                for i, crop in enumerate(_random_crops(load_photo(name), per_class, size, rng)):
+                for i, crop in enumerate(_random_crops(photos[name], per_class, size, rng)):
                     crop.save(folder / f"{name}_{split}_{i:04d}.png", compress_level=1)
         manifests = {}
         for split, shard_size in (("train", 256), ("val", 64)):
