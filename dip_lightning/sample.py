@@ -132,6 +132,10 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+class ExportMismatchError(RuntimeError):
+    """An export folder holds chunks made with other settings or weights (nothing is changed)."""
+
+
 def _check_job(parts: Path, job: dict[str, Any]) -> None:
     """Record the export's settings in ``parts/job.json``, or check that existing chunks share them."""
     path = parts / "job.json"
@@ -139,7 +143,7 @@ def _check_job(parts: Path, job: dict[str, Any]) -> None:
         found = json.loads(path.read_text())
         differ = sorted(k for k in set(found) | set(job) if found.get(k) != job.get(k))
         if differ:
-            raise RuntimeError(
+            raise ExportMismatchError(
                 f"{parts} holds chunks of another export (different {', '.join(differ)}); remove that folder "
                 "or choose another --out (nothing was changed)."
             )
@@ -321,20 +325,24 @@ def main(argv: list[str]) -> int:
         sampler = cls(**{f.name: getattr(base, f.name) for f in dataclasses.fields(ODESampler)})
         module.sampler = sampler
     t0 = time.time()
-    result = export_samples(
-        module,
-        args.out,
-        args.num_samples,
-        batch_size=args.batch_size,
-        chunk_size=args.chunk_size,
-        seed=args.seed,
-        balanced=args.balanced,
-        rank=rank,
-        world_size=world_size,
-        device=device,
-        overwrite=args.overwrite,
-        **({} if sampler is not None else overrides),
-    )
+    try:
+        result = export_samples(
+            module,
+            args.out,
+            args.num_samples,
+            batch_size=args.batch_size,
+            chunk_size=args.chunk_size,
+            seed=args.seed,
+            balanced=args.balanced,
+            rank=rank,
+            world_size=world_size,
+            device=device,
+            overwrite=args.overwrite,
+            **({} if sampler is not None else overrides),
+        )
+    except ExportMismatchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if result is not None:
         print(f"wrote {result} ({args.num_samples} samples, {time.time() - t0:.1f} s on rank {rank})")
     else:

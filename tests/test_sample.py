@@ -116,6 +116,24 @@ def test_export_refuses_chunks_of_other_settings(ckpt: Path, tmp_path: Path) -> 
 
 
 # ---------------------------------------------------------------------------------------------- command line
+def test_sample_command_on_chunks_of_another_export_is_a_clear_error(
+    ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The command says which folder holds another export's chunks and exits 2 (it used to raise a traceback)."""
+    out = tmp_path / "samples.npz"
+    flags = ["--num_samples", "4", "--batch_size", "2", "--chunk_size", "2", "--out", str(out)]
+    assert (
+        export_samples(load_module(ckpt), out, num_samples=4, batch_size=2, chunk_size=2, max_chunks=1)
+        is None
+    )
+    before = [p.read_bytes() for p in chunk_files(out)]
+    capsys.readouterr()
+    assert dip_main(["sample", "--ckpt_path", str(ckpt), *flags, "--seed", "7"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "another export (different seed)" in err and "--out" in err
+    assert [p.read_bytes() for p in chunk_files(out)] == before
+
+
 def test_sample_command_killed_with_sigkill_resumes_byte_identical(ckpt: Path, tmp_path: Path) -> None:
     flags = [
         "--num_samples",
