@@ -520,8 +520,9 @@ class ODESampler:
         return guided_velocity(model_fn, x, t_vec, y, null_class, self.cfg_scale if guide else 1.0)
 
     def evaluation_times(self) -> list[float]:
-        """Times at which the network is evaluated, in order."""
-        raise NotImplementedError
+        """Times at which the network is evaluated, in order: by default once at each step's start (Euler, SDE,
+        multistep); a sampler that evaluates elsewhere overrides this."""
+        return self.timesteps()[:-1].tolist()
 
     def evaluations(self) -> list[tuple[float, bool]]:
         """``(time, guided)`` of every network evaluation, in order."""
@@ -566,9 +567,6 @@ class EulerSampler(ODESampler):
     See :class:`ODESampler` for the arguments, the CFG interval convention and NFE (``num_steps``
     evaluations, a guided one counting 2).
     """
-
-    def evaluation_times(self) -> list[float]:
-        return self.timesteps()[:-1].tolist()
 
     def sample(
         self,
@@ -764,9 +762,6 @@ class SDESampler(ODESampler):
         """The diffusion strength at time ``t``."""
         return self.w_scale * ((1.0 - t) if self.w_schedule == "linear" else 1.0)
 
-    def evaluation_times(self) -> list[float]:
-        return self.timesteps()[:-1].tolist()
-
     def sample(
         self,
         model_fn: ModelFn,
@@ -819,9 +814,6 @@ class MultistepSampler(ODESampler):
         super().__post_init__()
         if self.order not in (1, 2):
             raise ValueError(f"order must be 1 or 2, got {self.order}")
-
-    def evaluation_times(self) -> list[float]:
-        return self.timesteps()[:-1].tolist()
 
     def sample(
         self,
