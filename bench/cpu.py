@@ -4,6 +4,7 @@ per-step overhead of what the demo adds to the bare step, and the demo's wall ti
     python bench/cpu.py                 # step times of experiments/tiny_cpu.yaml + head variants (~3 minutes)
     python bench/cpu.py --demo          # also times `python -m dip_lightning demo` end to end (a few minutes)
     python bench/cpu.py --overhead      # only the overhead section: bare step vs + logger, bar, EMA, ... (~12 min)
+    python bench/cpu.py --inception     # only the metrics Inception's layout and CPU batch size section (~2 min)
 
 Writes bench/results/cpu.md (``--overhead``: only its own section of it). Timings depend on what else runs on
 the machine: the load average is recorded.
@@ -268,6 +269,68 @@ def overhead_report(
     return "\n".join(lines) + "\n"
 
 
+INCEPTION_HEADING = "## The metrics Inception on CPU: layout and images per pass (`--inception`)"
+
+
+def inception_variants(rounds: int, images: int = 64) -> dict[str, list[float]]:
+    """Seconds per image of the default extractor (pool + sFID features of 32 px images resized to 299 px):
+    the one NCHW pass of all images it ran before 2026-12-02 against channels-last passes of several sizes."""
+    import torch
+
+    from dip_lightning.metrics.features import FIDHelperInception, _run_graph_layers, resize_bilinear_tf1
+
+    extractor = FIDHelperInception()
+    batch = torch.randint(
+        0, 256, (images, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+
+    def nchw_one_pass() -> None:
+        x = (resize_bilinear_tf1(batch.float(), (299, 299)) - 128.0) / 128.0
+        _run_graph_layers(extractor._layers, x, want_spatial=True)
+
+    def channels_last(per_pass: int):
+        def run() -> None:
+            extractor.cpu_batch_size = per_pass
+            extractor.features(batch, ("pool", "spatial"))
+
+        return run
+
+    variants = {f"NCHW, one pass of {images} (before)": nchw_one_pass}
+    variants |= {f"channels-last, {n} per pass": channels_last(n) for n in (images, 32, 16, 8)}
+    results: dict[str, list[float]] = {label: [] for label in variants}
+    with torch.inference_mode():
+        nchw_one_pass()  # warm-up: TorchScript's first calls profile the graph
+        for _ in range(rounds):
+            for label, run in variants.items():
+                t0 = time.perf_counter()
+                run()
+                results[label].append((time.perf_counter() - t0) / images)
+    return results
+
+
+def inception_report(
+    results: dict[str, list[float]], threads: int, rounds: int, load: tuple[float, float]
+) -> str:
+    first = statistics.median(next(iter(results.values())))
+    lines = [
+        INCEPTION_HEADING,
+        "",
+        f"- command: `python bench/cpu.py --inception --rounds {rounds}`, {time.strftime('%Y-%m-%d %H:%M')} UTC",
+        f"- machine: {os.cpu_count()} cores, {threads} threads, Python {sys.version.split()[0]}, load average "
+        f"before/after {load[0]:.1f}/{load[1]:.1f}",
+        "- each row: FIDHelperInception pool + sFID features of 64 random 32 px images (resized to 299 px), "
+        "variants interleaved; the same features up to float rounding (tests/metrics/test_features.py)",
+        "",
+        "| variant | ms/image, median of rounds | vs first row | rounds (ms/image) |",
+        "| --- | ---: | ---: | --- |",
+    ]
+    for label, runs in results.items():
+        mid = statistics.median(runs)
+        rounds_ms = " ".join(f"{1000 * r:.0f}" for r in runs)
+        lines.append(f"| {label} | {1000 * mid:.0f} | {100 * (mid / first - 1):+.0f}% | {rounds_ms} |")
+    return "\n".join(lines) + "\n"
+
+
 def replace_section(text: str, heading: str, section: str) -> str:
     """``text`` with the section that starts at the line ``heading`` (up to the next "## " line) replaced by
     ``section``, or ``section`` appended."""
@@ -301,7 +364,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--demo", action="store_true")
     p.add_argument("--overhead", action="store_true", help="only the per-step overhead section")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --overhead")
+    p.add_argument("--inception", action="store_true", help="only the metrics Inception section")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --overhead / --inception")
     p.add_argument("--variants", default="", help="semicolon-separated subset of the --overhead variants")
     # Internal: one --overhead variant in a child process.
     p.add_argument("--variant", help=argparse.SUPPRESS)
@@ -311,6 +375,17 @@ def main() -> None:
     if args.variant:
         result = overhead_variant(args.variant, args.threads, args.steps, args.data_dir)
         Path(args.result).write_text(json.dumps(result))
+        return
+    if args.inception:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        load_before = os.getloadavg()[0]
+        results = inception_variants(args.rounds)
+        report = inception_report(results, args.threads, args.rounds, (load_before, os.getloadavg()[0]))
+        out = REPO / "bench" / "results" / "cpu.md"
+        out.write_text(replace_section(out.read_text() if out.exists() else "", INCEPTION_HEADING, report))
+        print(report + f"wrote its section into {out}")
         return
     if args.overhead:
         load_before = os.getloadavg()[0]
@@ -362,13 +437,14 @@ def main() -> None:
                   *demo["lines"], "```"]  # fmt: skip
     out = REPO / "bench" / "results" / "cpu.md"
     text = "\n".join(lines) + "\n"
-    if out.exists() and OVERHEAD_HEADING + "\n" in out.read_text():  # measured separately: keep it
-        previous = out.read_text().splitlines(keepends=True)
-        start = previous.index(OVERHEAD_HEADING + "\n")
-        end = next(
-            (i for i in range(start + 1, len(previous)) if previous[i].startswith("## ")), len(previous)
-        )
-        text = replace_section(text, OVERHEAD_HEADING, "".join(previous[start:end]))
+    for heading in (OVERHEAD_HEADING, INCEPTION_HEADING):  # measured separately: keep them
+        if out.exists() and heading + "\n" in out.read_text():
+            previous = out.read_text().splitlines(keepends=True)
+            start = previous.index(heading + "\n")
+            end = next(
+                (i for i in range(start + 1, len(previous)) if previous[i].startswith("## ")), len(previous)
+            )
+            text = replace_section(text, heading, "".join(previous[start:end]))
     out.write_text(text)
     print(f"wrote {out}")
 

@@ -17,6 +17,7 @@ from dip_lightning.metrics.features import (
     FIDHelperInception,
     TorchmetricsInception,
     TorchScriptInception,
+    _run_graph_layers,
     resize_bilinear_tf1,
 )
 from dip_lightning.metrics.inception_score import inception_score
@@ -167,9 +168,18 @@ def test_default_inception_features_separate_real_photos_from_noise() -> None:
     assert between > 2 * within_noise
     assert torch.cdist(f_real, f_real).sum() / 12 > within_noise  # photos differ more than noise samples do
 
-    # The wrapper = TF1 resize + (v - 128) / 128 + the TorchScript net.
+    # The wrapper = TF1 resize + (v - 128) / 128 + the TorchScript net (channels-last: float rounding apart).
     manual = extractor.net((resize_bilinear_tf1(real[:1].float(), (299, 299)) - 128) / 128)
-    torch.testing.assert_close(f_real[:1], manual.double())
+    torch.testing.assert_close(f_real[:1], manual.double(), rtol=1e-5, atol=1e-4)
+
+    # On CPU it runs chunks of cpu_batch_size in channels-last: one NCHW pass's features up to float rounding.
+    extractor.cpu_batch_size = 3
+    chunked = extractor.features(torch.cat([real, noise]), ("pool", "spatial"))
+    scaled = (resize_bilinear_tf1(torch.cat([real, noise]).float(), (299, 299)) - 128) / 128
+    one_pass = _run_graph_layers(extractor._layers, scaled, want_spatial=True)
+    for kind, expected in zip(("pool", "spatial"), one_pass, strict=True):
+        assert chunked[kind].shape == expected.shape
+        torch.testing.assert_close(chunked[kind], expected.double(), rtol=1e-5, atol=1e-4)
 
 
 def test_dinov2_features_need_a_local_weights_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
