@@ -3,36 +3,8 @@
 ``python -m dip_lightning convert --from official IN.ckpt --out OUT.ckpt``   (released -> kit)
 ``python -m dip_lightning convert --from kit IN.ckpt --out OUT.ckpt``        (kit -> released layout)
 
-Why a pure renaming is exact. The kit's network was written to the released module's math (docs/paper.md §1.2,
-§1.3), and the two layouts differ only in names, never in tensor layout, so no tensor is permuted, reshaped or
-recomputed:
-
-* qkv: one ``Linear(D, 3D, bias=False)`` whose output is read as ``(3, heads, head_dim)`` in both;
-* 2D RoPE: ``head_dim/4`` frequencies ``theta**(-4k/head_dim)``, rotation pairs interleaved x, y, x, y over
-  adjacent feature pairs, positions ``linspace(0, 16, grid)`` on each axis, applied after QK-RMSNorm;
-* adaLN: one ``Linear(D, 6D)`` on ``c = silu(t_emb + y_emb)``, chunks (shift, scale, gate) x (attn, mlp);
-  the release wraps it in a one-element ``nn.Sequential`` (hence ``adaLN_modulation.0.``);
-* class table: ``num_classes + 1`` rows in both, row ``num_classes`` is the null class of CFG;
-* Patch Detailer Head: the release's ``LocalDecoder`` (``enc1..4``, ``bottleneck``, ``up4..1``, ``dec4..1``,
-  ``out_conv``) is the kit's ``PatchDetailerHead(depth=4, base_channels=64)`` with lists instead of numbered
-  attributes; the head sees ``s = silu(t_emb + h)`` tiled over the bottleneck in both.
-
-``tests/test_convert.py`` checks this claim against an independent re-implementation of the released forward.
-
-Nothing about the released model is restated here: its configuration is the network of
-``experiments/dip_xl16.yaml`` (:data:`RELEASED_EXPERIMENT`) at the sizes read off the file's shapes, and its
-layout is that network's state dict (built on the meta device) renamed by the one key map :data:`KEY_MAP`.
-Every tensor must map and every expected tensor must be present, with the expected shape; anything else is a
-:class:`ConversionError` that lists the keys. Nothing is dropped silently and nothing is left at its init.
-
-The converted kit checkpoint is a Lightning-style file that ``sample``, ``validate``, ``predict`` and
-``DiPModule.load_from_checkpoint`` read without ``--config``: ``state_dict`` holds ``net.*`` (the EMA weights
-when the source has them), ``current_model_state`` the live weights (when the source has both, as the kit's
-EMA callback writes them), ``hyper_parameters`` what LightningCLI stores for ``experiments/dip_xl16.yaml``
-(the paper's sampler: Euler 100 steps on the released time grid, CFG 2.9 on (0.11, 0.97)) but with
-``repa: null`` and ``compile: false``: an inference checkpoint must not need the DINOv2 weights file, and the
-REPA projector is a training-only part. The projector, when the source has it, is kept in the top-level entry
-``repa_projector`` for fine-tuning (:func:`dip_lightning.loading.load_pretrained`).
+A pure renaming of tensors (the layouts differ in names only) built from the kit's own network and the shipped
+experiment, never restated here; why that is exact and what the converted file holds: docs/design.md §11.
 """
 
 from __future__ import annotations
@@ -237,13 +209,9 @@ def infer_official_arch(state_dict: Mapping[str, Tensor], names: Names = "releas
 
 
 def kit_hyperparameters(arch: OfficialArch, input_size: int | None = None) -> dict[str, Any]:
-    """``hyper_parameters`` as LightningCLI stores them for :data:`RELEASED_EXPERIMENT`, at this arch's sizes.
-
-    The experiment's ``model`` (the paper's recipe; sampler: Euler, 100 steps, released time grid, CFG 2.9 on
-    (0.11, 0.97)) with the network sizes of ``arch``, ``repa: null`` and ``compile: false`` (see the module
-    docstring), parsed and dumped as LightningCLI does, so that ``DiPModule.load_from_checkpoint`` and
-    ``validate``/``predict --ckpt_path`` rebuild the module from it. ``input_size`` is bookkeeping only (RoPE
-    follows the input); default: the experiment's number of patches per side (16) at this patch size.
+    """``hyper_parameters`` as LightningCLI stores them for :data:`RELEASED_EXPERIMENT` at this arch's sizes, with
+    ``repa: null`` and ``compile: false`` (docs/design.md §11). ``input_size`` is bookkeeping only (RoPE follows
+    the input); default: the experiment's 16 patches per side at this patch size.
     """
     from jsonargparse import ArgumentParser
 
@@ -305,7 +273,7 @@ def _check_layout(
 def official_to_kit(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Released denoiser state dict (bare keys, e.g. ``s_embedder.proj.weight``) -> kit ``DiP`` state dict.
 
-    The tensors are the same objects (a renaming, see the module docstring for why that is exact). Raises
+    The tensors are the same objects (a renaming, docs/design.md §11 says why that is exact). Raises
     :class:`ConversionError` listing the keys when the input is not exactly the released layout.
     """
     arch = infer_official_arch(state_dict)
@@ -609,20 +577,10 @@ def convert_checkpoint(
     overwrite: bool = False,
     trust_pickle: bool = False,
 ) -> str:
-    """Convert a checkpoint file; returns a summary of what was read and written.
+    """Convert a checkpoint file (either ``direction``; the layouts are in docs/design.md §11); returns a summary.
 
-    ``official_to_kit``: a released file (any container :func:`extract_official_state_dict` accepts) -> the kit
-    checkpoint of the module docstring; ``weights`` picks EMA or live weights for ``state_dict``, the other copy
-    going to ``current_model_state`` only if ``state_dict`` holds the EMA (the kit's convention);
-    ``input_size``: see :func:`kit_hyperparameters`.
-
-    ``kit_to_official``: a kit checkpoint (or ``net`` state dict) -> ``{"state_dict": {"ema_denoiser.*",
-    "denoiser.*", "diffusion_trainer.proj.*"}}``, the layout the released code loads (its ``ModelLoader``
-    reads ``state_dict['ema_denoiser.' + name]``). ``ema_denoiser.`` gets the kit's ``state_dict`` weights
-    (EMA when trained with the EMA callback), ``denoiser.`` the raw ones when present, else the same weights.
-
-    Errors (:class:`ConversionError`, :class:`~dip_lightning.checkpointing.CheckpointError`) name the input file
-    and nothing is written; the output appears only complete (:func:`dip_lightning.atomic.atomic_write`).
+    ``weights`` picks the released EMA or live copy for ``state_dict``; ``input_size``: see
+    :func:`kit_hyperparameters`. Errors name the input file and write nothing; the output appears only complete.
     """
     if direction not in ("official_to_kit", "kit_to_official"):
         raise ValueError(f"direction must be 'official_to_kit' or 'kit_to_official', got {direction!r}")
@@ -670,16 +628,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     direction: Direction = "official_to_kit" if args.source == "official" else "kit_to_official"
+    options = {k: getattr(args, k) for k in ("weights", "input_size", "overwrite", "trust_pickle")}
     try:
-        summary = convert_checkpoint(
-            args.input,
-            args.out,
-            direction=direction,
-            weights=args.weights,
-            input_size=args.input_size,
-            overwrite=args.overwrite,
-            trust_pickle=args.trust_pickle,
-        )
+        summary = convert_checkpoint(args.input, args.out, direction=direction, **options)
     except (ConversionError, CheckpointError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
