@@ -293,6 +293,9 @@ class FIDHelperInception(FeatureExtractor):
     """
 
     name = "fid-helper-default_1"
+    #: Images per pass on CPU, where small passes keep the 299 px activations in cache (`bench/cpu.py
+    #: --inception`, bench/results/cpu.md); other devices take the whole batch at once.
+    cpu_batch_size: int = 8
 
     def __init__(self, path: str | None = None) -> None:
         super().__init__()
@@ -308,16 +311,15 @@ class FIDHelperInception(FeatureExtractor):
         self.has_spatial = self._layers is not None
         self.eval()
 
-    #: Images per pass on CPU: the 299 px activations of a small batch stay in cache (BENCHMARKS.md, metrics).
-    cpu_batch_size: int = 8
-
     def extract_kinds(self, images: Tensor, kinds: Collection[str]) -> dict[str, Tensor]:
-        if images.device.type == "cpu" and len(images) > self.cpu_batch_size:
+        on_cpu = images.device.type == "cpu"
+        if on_cpu and len(images) > self.cpu_batch_size:
             parts = [self.extract_kinds(chunk, kinds) for chunk in images.split(self.cpu_batch_size)]
             return {kind: torch.cat([part[kind] for part in parts]) for kind in parts[0]}
         x = resize_bilinear_tf1(images.float(), (INCEPTION_SIZE, INCEPTION_SIZE))
-        # Channels-last convolutions: the same features up to float rounding, and faster.
-        x = ((x - 128.0) / 128.0).contiguous(memory_format=torch.channels_last)
+        x = (x - 128.0) / 128.0
+        if on_cpu:  # channels-last convolutions: the same features up to float rounding, faster on CPU
+            x = x.contiguous(memory_format=torch.channels_last)
         if "spatial" not in kinds or self._layers is None:
             return {"pool": self.net(x)}
         pool, spatial = _run_graph_layers(self._layers, x, want_spatial=True)
