@@ -16,7 +16,7 @@ from jsonargparse import ArgumentParser
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dip_lightning.models import model_summary  # noqa: E402
+from dip_lightning.core.models import model_summary  # noqa: E402
 
 BASE = REPO / "experiments" / "dip_xl16.yaml"
 

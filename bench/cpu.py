@@ -42,7 +42,7 @@ def head_variants(threads: int, reps: int = 6) -> list[dict]:
     """Forward + backward of the Patch Detailer Head alone, fp32, per layout and dense_conv_side."""
     import torch
 
-    from dip_lightning.models import PatchDetailerHead
+    from dip_lightning.core.models import PatchDetailerHead
 
     torch.set_num_threads(threads)
     shapes = {
@@ -82,8 +82,8 @@ def step_times(threads: int, steps: int, *overrides: str) -> dict:
     import torch
     from lightning.pytorch.callbacks import Callback
 
-    from dip_lightning.cli import DiPCLI
-    from dip_lightning.data.demo import build_demo_dataset
+    from dip_lightning.core.data.demo_dataset import build_demo_dataset
+    from dip_lightning.training.cli import DiPCLI
 
     torch.set_num_threads(threads)
     data = build_demo_dataset(REPO / "data" / "demo", size=32)
@@ -129,7 +129,7 @@ def step_times(threads: int, steps: int, *overrides: str) -> dict:
 # rich bar can be given a terminal (`script`) or a file, exactly as a user's shell or a log file would; the
 # variants are interleaved over rounds (the machine's speed drifts between minutes).
 BARE = ["--trainer.callbacks=null", "--trainer.enable_progress_bar=false", "--trainer.logger=false"]
-EMA_CALLBACK = {"class_path": "dip_lightning.callbacks.EMA", "init_args": {"decay": 0.99}}
+EMA_CALLBACK = {"class_path": "dip_lightning.training.callbacks.EMA", "init_args": {"decay": 0.99}}
 
 
 def demo_callbacks_without_evaluations() -> list[dict]:
@@ -139,7 +139,7 @@ def demo_callbacks_without_evaluations() -> list[dict]:
     callbacks = yaml.safe_load((REPO / "experiments" / "tiny_cpu.yaml").read_text())["trainer"]["callbacks"]
     for callback in callbacks:
         args = callback.get("init_args", {})
-        if "every_n_steps" in args:  # SampleGrid, FIDCallback
+        if "every_n_steps" in args:  # SampleGrid, MetricsCallback
             args.update(every_n_steps=10**9, on_train_end=False)
     return callbacks
 
@@ -170,7 +170,7 @@ def overhead_variant(label: str, threads: int, steps: int, data_dir: Path) -> di
     import torch
     from lightning.pytorch.callbacks import Callback
 
-    from dip_lightning.cli import DiPCLI
+    from dip_lightning.training.cli import DiPCLI
 
     torch.set_num_threads(threads)
     _, overrides = overhead_variants()[label]
@@ -208,8 +208,8 @@ def overhead_variant(label: str, threads: int, steps: int, data_dir: Path) -> di
 
 
 def overhead(threads: int, steps: int, rounds: int, labels: list[str] | None) -> dict[str, list[dict]]:
-    from dip_lightning.data.demo import build_demo_dataset
-    from dip_lightning.demo import reference_stats
+    from dip_lightning.commands.demo import reference_stats
+    from dip_lightning.core.data.demo_dataset import build_demo_dataset
 
     data_dir = Path(tempfile.gettempdir()) / "dip_bench_demo_data"
     dataset = build_demo_dataset(data_dir, size=32)
@@ -277,7 +277,7 @@ def inception_variants(rounds: int, images: int = 64) -> dict[str, list[float]]:
     the one NCHW pass of all images it ran before 2026-12-02 against channels-last passes of several sizes."""
     import torch
 
-    from dip_lightning.metrics.features import FIDHelperInception, _run_graph_layers, resize_bilinear_tf1
+    from dip_lightning.core.metrics.features import FIDHelperInception, _run_graph_layers, resize_bilinear_tf1
 
     extractor = FIDHelperInception()
     batch = torch.randint(

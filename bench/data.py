@@ -41,7 +41,7 @@ def make_source(root: Path, n: int, seed: int = 0) -> None:
     import numpy as np
     from PIL import Image
 
-    from dip_lightning.data.demo import DEMO_CLASSES, load_photo
+    from dip_lightning.core.data.demo_dataset import DEMO_CLASSES, load_photo
 
     rng = np.random.default_rng(seed)
     photos = {name: Image.fromarray(load_photo(name)) for name in DEMO_CLASSES}
@@ -62,8 +62,8 @@ def make_source(root: Path, n: int, seed: int = 0) -> None:
 
 def make_batcher(pattern: str, batch: int = 64) -> Callable[[], int]:
     """A function reading the next batch through the training stream; returns the image count."""
-    from dip_lightning.data.shards import expand_shards, shard_sample_counts
-    from dip_lightning.data.streams import TrainShardStream
+    from dip_lightning.core.data.shards import expand_shards, shard_sample_counts
+    from dip_lightning.core.data.streams import TrainShardStream
 
     urls = expand_shards(pattern)
     stream = TrainShardStream(
@@ -86,7 +86,7 @@ def make_pil_reference(pattern: str) -> Callable[[], int]:
 
     from PIL import Image
 
-    from dip_lightning.data.shards import expand_shards, local_reader
+    from dip_lightning.core.data.shards import expand_shards, local_reader
 
     reader = local_reader()
     blobs = [reader.read(u, i)["jpg"] for u in expand_shards(pattern) for i in range(len(reader.index(u)))]
@@ -120,8 +120,8 @@ def end_to_end(
     """Best images/s of ``repeats`` windows through ``ShardDataModule.train_dataloader()``."""
     import torch
 
-    from dip_lightning.data import ShardDataModule
-    from dip_lightning.images import to_model_range
+    from dip_lightning.core.data import ShardDataModule
+    from dip_lightning.core.images import to_model_range
 
     dm = ShardDataModule(
         train_shards=pattern, image_size=256, batch_size=batch, num_workers=workers, epoch_length=10**7
@@ -170,7 +170,7 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(1)
-    from dip_lightning.data.prepare import prepare_split
+    from dip_lightning.core.data.prepare import prepare_split
 
     load_before = os.getloadavg()
     t_start = time.time()
@@ -231,7 +231,7 @@ def main() -> int:
             f"- load average (1 min) before / after: {load_before[0]:.1f} / {load_after[0]:.1f}; the machine "
             "is shared, so other jobs ran at the same time and the figures are lower bounds",
             f"- source: {args.images} ImageNet-like JPEGs (q90, 400-560 x 300-420 px, crops of "
-            "scikit-image photos), prepared at 256 px with `dip_lightning.data.prepare`",
+            "scikit-image photos), prepared at 256 px with `dip_lightning.core.data.prepare`",
             "",
             "## Per core (one process, no DataLoader workers)",
             "",

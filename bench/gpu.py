@@ -42,9 +42,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dip_lightning.diffusion import EulerSampler, FlowMatching  # noqa: E402
-from dip_lightning.models import PatchDetailerHead, create_model, model_summary  # noqa: E402
-from dip_lightning.models.registry import MODEL_CONFIGS  # noqa: E402
+from dip_lightning.core.diffusion import EulerSampler, FlowMatching  # noqa: E402
+from dip_lightning.core.models import PatchDetailerHead, create_model, model_summary  # noqa: E402
+from dip_lightning.core.models.registry import MODEL_CONFIGS  # noqa: E402
 
 START = time.time()
 DEFAULT_SECTIONS = (
@@ -208,7 +208,7 @@ class Bench:
         backend: forward + backward of one XL attention layer with only that backend allowed."""
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        from dip_lightning.models.backbone import Attention, rope_2d_grid
+        from dip_lightning.core.models.backbone import Attention, rope_2d_grid
 
         dim, heads = (64, 2) if self.smoke else (1152, 16)
         attn = Attention(dim, heads).to(self.device)
@@ -242,9 +242,9 @@ class Bench:
 
         import lightning.pytorch as pl
 
-        from dip_lightning.callbacks import EMA, RichProgress
-        from dip_lightning.callbacks.preemption import PreemptionGuard
-        from dip_lightning.module import DiPModule
+        from dip_lightning.training.callbacks import EMA, RichProgress
+        from dip_lightning.training.callbacks.preemption import PreemptionGuard
+        from dip_lightning.training.module import DiPModule
 
         kw = dict(input_size=32, hidden_size=64, depth=2, num_heads=2, num_classes=10) if self.smoke else {}
         module = DiPModule(create_model("DiP-S/16", **kw))

@@ -3,7 +3,7 @@
 Each variant is ``experiments/tiny_cpu.yaml`` (a 4-block DiT of width 192 on 8x8 patches of the 32 px demo photos)
 with the head of one paper row, trained with ``python -m dip_lightning fit`` for the same steps from the same
 seed, then evaluated post hoc: samples of the final checkpoint's EMA weights (decay 0.99) scored by
-:func:`dip_lightning.metrics.compute_metrics` against the demo's validation crops (FID, sFID, precision, recall,
+:func:`dip_lightning.core.metrics.compute_metrics` against the demo's validation crops (FID, sFID, precision, recall,
 patch seam; IS and FD-DINOv2 where this machine can), one row appended to the run's ``eval_metrics.csv`` in the
 metrics callback's layout, and all runs put through ``python -m dip_lightning report``.
 
@@ -39,9 +39,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # a checkout without `pip install -e .`
 
-from dip_lightning.atomic import atomic_write  # noqa: E402
-from dip_lightning.checkpointing import resolve_resume  # noqa: E402
-from dip_lightning.report import format_number, markdown_table, require_matplotlib, write_report  # noqa: E402
+from dip_lightning.checkpoint.resume import resolve_resume  # noqa: E402
+from dip_lightning.core.atomic import atomic_write  # noqa: E402
+from dip_lightning.evaluation.report import format_number, markdown_table, require_matplotlib, write_report  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 TINY = REPO / "experiments" / "tiny_cpu.yaml"
@@ -78,9 +78,9 @@ def log(message: str) -> None:
 
 def prepare_data(work: Path) -> tuple[dict, Path]:
     """The demo dataset and an image npz of all its validation crops (the metrics' reference)."""
-    from dip_lightning.data.demo import build_demo_dataset
-    from dip_lightning.metrics.sources import iter_shard_images
-    from dip_lightning.sample import _save_npz
+    from dip_lightning.core.data.demo_dataset import build_demo_dataset
+    from dip_lightning.core.metrics.sources import iter_shard_images
+    from dip_lightning.evaluation.export import _save_npz
 
     data = build_demo_dataset(work / "data", size=32)
     reference = work / "data" / "val_images.npz"
@@ -127,7 +127,7 @@ def train(name: str, seed: int, run_dir: Path, data: dict, args: argparse.Namesp
         return 0.0
     if args.no_train or not claim(run_dir):
         return None
-    callbacks = [{"class_path": "dip_lightning.callbacks.EMA", "init_args": {"decays": [0.99, 0.9]}}]
+    callbacks = [{"class_path": "dip_lightning.training.callbacks.EMA", "init_args": {"decays": [0.99, 0.9]}}]
     cmd = [sys.executable, "-m", "dip_lightning", "fit", "--config", str(TINY)]
     if overlay is not None:
         cmd += ["--config", str(ABLATIONS / overlay)]
@@ -169,9 +169,9 @@ def evaluated_steps(csv_path: Path) -> set[int]:
 
 def evaluate(run_dir: Path, reference: Path, work: Path, args: argparse.Namespace) -> dict | None:
     """Score the run's final checkpoint and append it to ``eval_metrics.csv``; returns the row (None: done before)."""
-    from dip_lightning.loading import load_module
-    from dip_lightning.metrics import compute_metrics
-    from dip_lightning.sample import export_samples
+    from dip_lightning.core.metrics import compute_metrics
+    from dip_lightning.evaluation.export import export_samples
+    from dip_lightning.training.loading import load_module
 
     decision = resolve_resume(run_dir)
     step = int(decision.step or 0)
@@ -205,7 +205,7 @@ def evaluate(run_dir: Path, reference: Path, work: Path, args: argparse.Namespac
 
 def parameter_counts() -> dict[str, tuple[int, int]]:
     """(head, whole model) parameters of each variant, built as ``fit`` builds them."""
-    from dip_lightning.cli import DiPCLI
+    from dip_lightning.training.cli import DiPCLI
 
     counts = {}
     for name, (overlay, sizes, _) in VARIANTS.items():

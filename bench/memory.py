@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dip_lightning.models.registry import create_model, model_summary  # noqa: E402
+from dip_lightning.core.models.registry import create_model, model_summary  # noqa: E402
 
 MIB = 2**20
 GIB = 2**30

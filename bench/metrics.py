@@ -35,8 +35,8 @@ def main() -> int:
 
     import torch
 
-    from dip_lightning.data.demo import build_demo_dataset
-    from dip_lightning.metrics.sources import iter_shard_images
+    from dip_lightning.core.data.demo_dataset import build_demo_dataset
+    from dip_lightning.core.metrics.sources import iter_shard_images
 
     work = Path(tempfile.mkdtemp(prefix="bench_metrics_"))
     demo = build_demo_dataset(work / "demo", size=32)

@@ -8,7 +8,7 @@
    ``sde_step_fn`` with its linear w-scheduler) and the multistep solver at equal network evaluations.
 
 FID: :func:`fid_of` is the one place that computes it (the metrics engine's FID against the demo's
-validation statistics, ``dip_lightning.demo.reference_stats``). These are demo-scale proxy numbers (a few hundred
+validation statistics, ``dip_lightning.commands.demo.reference_stats``). These are demo-scale proxy numbers (a few hundred
 samples against 128 validation crops, an ImageNet Inception on 32 px photos): they rank settings on this data, not
 the paper's protocol.
 
@@ -42,8 +42,8 @@ try:
 except ModuleNotFoundError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
-from dip_lightning.data.demo import build_demo_dataset  # noqa: E402
-from dip_lightning.images import to_uint8  # noqa: E402
+from dip_lightning.core.data.demo_dataset import build_demo_dataset  # noqa: E402
+from dip_lightning.core.images import to_uint8  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 PREDICTIONS = ("v", "x")
@@ -52,9 +52,9 @@ PREDICTIONS = ("v", "x")
 # ------------------------------------------------------------------------------------------------ FID, one place
 def fid_of(samples_uint8_nhwc: np.ndarray, reference_path: str | os.PathLike) -> float:
     """FID of uint8 (N, H, W, 3) samples against a reference file: the bench's only FID computation, through the
-    kit's metrics engine (`dip_lightning.metrics.compute_metrics`) with the offline fid-helper Inception."""
-    from dip_lightning.metrics import compute_metrics
-    from dip_lightning.metrics.features import FIDHelperInception
+    kit's metrics engine (`dip_lightning.core.metrics.compute_metrics`) with the offline fid-helper Inception."""
+    from dip_lightning.core.metrics import compute_metrics
+    from dip_lightning.core.metrics.features import FIDHelperInception
 
     extractor = _extractor(FIDHelperInception)
     return compute_metrics(samples_uint8_nhwc, reference_path, metrics=["fid"], extractor=extractor)["fid"]
@@ -84,7 +84,7 @@ def train(prediction: str, data: dict, runs: Path, steps: int, threads: int) -> 
     if _checkpoint_step(last) == steps:
         print(f"[train] {prediction}: {last} holds step {steps} already", flush=True)
         return last
-    callbacks = [{"class_path": "dip_lightning.callbacks.EMA", "init_args": {"decay": 0.99}}]
+    callbacks = [{"class_path": "dip_lightning.training.callbacks.EMA", "init_args": {"decay": 0.99}}]
     cmd = [
         sys.executable,
         "-m",
@@ -117,7 +117,7 @@ def train(prediction: str, data: dict, runs: Path, steps: int, threads: int) -> 
 # ------------------------------------------------------------------------------------------------ evaluation
 def generate(module: Any, sampler: Any, num: int, num_classes: int, batch: int = 128) -> np.ndarray:
     """``num`` uint8 NHWC samples, sample i with label i % C and seed i (the kit's export rule)."""
-    from dip_lightning.seeding import sample_labels_and_seeds
+    from dip_lightning.core.seeding import sample_labels_and_seeds
 
     labels, seeds = sample_labels_and_seeds(np.arange(num), num_classes, 0, True)
     out = []
@@ -157,7 +157,7 @@ PARTS = ("objectives", *SAMPLER_NAMES)
 def sampler_at(name: str, nfe: int) -> tuple[str, Any]:
     """(label, sampler) spending ``nfe`` evaluations: Euler, the SDE and the multistep solver take ``nfe`` steps
     (one evaluation each), Heun ``(nfe + 1) // 2`` (two per step but the last)."""
-    from dip_lightning.diffusion import EulerSampler, HeunSampler, MultistepSampler, SDESampler
+    from dip_lightning.core.diffusion import EulerSampler, HeunSampler, MultistepSampler, SDESampler
 
     return {
         "euler": ("euler", EulerSampler(num_steps=nfe)),
@@ -170,8 +170,8 @@ def sampler_at(name: str, nfe: int) -> tuple[str, Any]:
 def evaluate(part: str, checkpoints: dict[str, Path], ref: Path, args: argparse.Namespace) -> dict[str, Any]:
     """One part of the evaluation: ``objectives`` (both checkpoints, Euler 25, grid) or one sampler on the
     v-prediction checkpoint at each NFE budget. Parts are independent, so separate processes may run them."""
-    from dip_lightning.diffusion import EulerSampler
-    from dip_lightning.loading import load_module
+    from dip_lightning.core.diffusion import EulerSampler
+    from dip_lightning.training.loading import load_module
 
     torch.set_num_threads(args.threads)
     if part == "objectives":
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     checkpoints = {p: train(p, data, runs, args.steps, args.threads) for p in PREDICTIONS}
     if args.phase in ("evaluate", "all"):
-        from dip_lightning.demo import reference_stats
+        from dip_lightning.commands.demo import reference_stats
 
         ref = reference_stats(data["val_shards"], Path(args.data) / "ref_val.npz", data["image_size"])
         for part in args.parts:

@@ -35,12 +35,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 try:
-    from dip_lightning.images import to_uint8
-    from dip_lightning.models import DiP, LinearHead, PatchDetailerHead
+    from dip_lightning.core.images import to_uint8
+    from dip_lightning.core.models import DiP, LinearHead, PatchDetailerHead
 except ModuleNotFoundError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from dip_lightning.images import to_uint8
-    from dip_lightning.models import DiP, LinearHead, PatchDetailerHead
+    from dip_lightning.core.images import to_uint8
+    from dip_lightning.core.models import DiP, LinearHead, PatchDetailerHead
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

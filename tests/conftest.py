@@ -51,6 +51,6 @@ def two_node_cluster() -> Iterator[TwoNodeSlurmCluster]:
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The embedded real-image dataset (8 classes of 32 px photo crops), built once per session in a temp folder."""
-    from dip_lightning.data.demo import build_demo_dataset
+    from dip_lightning.core.data.demo_dataset import build_demo_dataset
 
     return build_demo_dataset(tmp_path_factory.mktemp("demo_data"), size=32)

@@ -6,14 +6,8 @@ from pathlib import Path
 
 import torch
 
-from dip_lightning.checkpointing import (
-    PARTIAL_DIR,
-    AtomicCheckpointIO,
-    clean_partial_files,
-    next_preemption_path,
-    prune_preemption_checkpoints,
-    resolve_resume,
-)
+from dip_lightning.checkpoint.io import PARTIAL_DIR, AtomicCheckpointIO, clean_partial_files
+from dip_lightning.checkpoint.resume import next_preemption_path, prune_preemption_checkpoints, resolve_resume
 
 
 def _fake_ckpt(path: Path, step: int) -> Path:

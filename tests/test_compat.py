@@ -1,4 +1,4 @@
-"""One test per library internal the kit relies on (dip_lightning.compat): an upgrade that removes or reshapes
+"""One test per library internal the kit relies on (dip_lightning.core.compat): an upgrade that removes or reshapes
 one fails here, by name, instead of somewhere deep in a training run."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from torch.optim.swa_utils import AveragedModel
 
-from dip_lightning import compat
+from dip_lightning.core import compat
 
 
 class Tiny(pl.LightningModule):

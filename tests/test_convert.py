@@ -23,19 +23,19 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor
 
-from dip_lightning.checkpointing import CheckpointMismatchError
-from dip_lightning.convert import (
+from dip_lightning.checkpoint.compatibility import CheckpointMismatchError
+from dip_lightning.commands.convert import main
+from dip_lightning.core.models import DiP, PatchDetailerHead, create_model
+from dip_lightning.training.released import (
     ConversionError,
     convert_checkpoint,
     extract_official_state_dict,
     infer_official_arch,
     kit_hyperparameters,
     kit_to_official,
-    main,
     official_layout,
     official_to_kit,
 )
-from dip_lightning.models import DiP, PatchDetailerHead, create_model
 from tests.helpers.commands import run_command, user_error
 from tests.helpers.tiny import fit_tiny
 
@@ -414,7 +414,7 @@ def test_not_a_dip_state_dict_and_kit_models_the_release_cannot_compute():
 def test_kit_options_without_a_released_equivalent_refuse_to_convert(tmp_path):
     """rope_scale=None keeps every tensor name but changes the function: the released module cannot run it."""
     net = tiny_kit_model(rope_scale=None)
-    hparams = {"net": {"class_path": "dip_lightning.models.DiP", "init_args": {"rope_scale": None}}}
+    hparams = {"net": {"class_path": "dip_lightning.core.models.DiP", "init_args": {"rope_scale": None}}}
     torch.save(
         {"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}, "hyper_parameters": hparams},
         tmp_path / "kit.ckpt",
@@ -503,13 +503,13 @@ def _no_key_warnings(records: list[warnings.WarningMessage], text: str) -> None:
 
 
 def test_converted_checkpoint_has_the_paper_recipe_and_loads_without_config(converted, released_sd):
-    from dip_lightning.loading import load_module
+    from dip_lightning.training.loading import load_module
 
     ckpt = torch.load(
         converted, weights_only=True
     )  # plain data: what LightningCLI's --ckpt_path parser needs
     sampler = ckpt["hyper_parameters"]["sampler"]
-    assert sampler["class_path"] == "dip_lightning.diffusion.EulerSampler"
+    assert sampler["class_path"] == "dip_lightning.core.diffusion.EulerSampler"
     assert sampler["init_args"] | {} == {
         "num_steps": 100,
         "cfg_scale": 2.9,
@@ -542,7 +542,7 @@ def test_converted_checkpoint_has_the_paper_recipe_and_loads_without_config(conv
 
 def test_euler_sampler_of_the_converted_checkpoint_is_the_released_loop(converted):
     """The released EulerSampler._impl_sampling (float32 grid, [uncond; cond], interval CFG), 10 steps."""
-    from dip_lightning.loading import load_module
+    from dip_lightning.training.loading import load_module
 
     module = load_module(converted)
     sampler = module.make_sampler(num_steps=10)
@@ -563,7 +563,7 @@ def test_euler_sampler_of_the_converted_checkpoint_is_the_released_loop(converte
 
 
 def test_sample_command_runs_on_the_converted_checkpoint(converted, tmp_path, capsys):
-    from dip_lightning.sample import main as sample_main
+    from dip_lightning.commands.sample import main as sample_main
 
     with warnings.catch_warnings(record=True) as records:
         warnings.simplefilter("always")
@@ -578,7 +578,7 @@ def test_sample_command_runs_on_the_converted_checkpoint(converted, tmp_path, ca
 
 
 def test_predict_and_validate_through_the_cli(converted, tmp_path, demo_data, capsys):
-    from dip_lightning.cli import cli_main
+    from dip_lightning.training.cli import cli_main
 
     ckpt = _short_sampler_copy(converted, tmp_path)
     trainer = [
@@ -590,7 +590,7 @@ def test_predict_and_validate_through_the_cli(converted, tmp_path, demo_data, ca
         warnings.simplefilter("always")
         cli = cli_main(
             ["predict", "--config", str(XL_YAML), "--ckpt_path", str(ckpt), *trainer,
-             "--data", "dip_lightning.sample.LabelSeedDataModule", "--data.num_samples=2",
+             "--data", "dip_lightning.evaluation.export.LabelSeedDataModule", "--data.num_samples=2",
              "--data.num_classes=8", "--data.batch_size=2", "--data.image_size=32"]
         )  # fmt: skip
         assert cli.model.repa is None and cli.model.net.depth == 2  # built from the checkpoint's config
@@ -619,7 +619,7 @@ def test_hyperparameters_are_the_xl_experiment_at_the_files_sizes():
     at the network sizes read off the file: the DiP-XL/16 file gets the YAML's own network, another its sizes."""
     from jsonargparse import ArgumentParser
 
-    from dip_lightning.module import DiPModule
+    from dip_lightning.training.module import DiPModule
 
     experiment = yaml.safe_load(XL_YAML.read_text())["model"]
     parser = ArgumentParser(exit_on_error=False)
@@ -644,10 +644,10 @@ def test_hyperparameters_are_the_xl_experiment_at_the_files_sizes():
 
 
 def test_load_pretrained_for_fine_tuning_loads_net_and_projector(converted, tmp_path, released_sd):
-    from dip_lightning.encoders import TinyViTEncoder
-    from dip_lightning.loading import load_pretrained
-    from dip_lightning.module import DiPModule
-    from dip_lightning.repa import REPA
+    from dip_lightning.core.encoders import TinyViTEncoder
+    from dip_lightning.core.repa import REPA
+    from dip_lightning.training.module import DiPModule
+    from dip_lightning.training.released import load_pretrained
 
     repa = REPA(
         encoder=TinyViTEncoder(embed_dim=32, depth=1, num_heads=2, dit_patch_size=16, grid_size=2),

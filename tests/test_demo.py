@@ -12,16 +12,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dip_lightning.demo import run_demo
+from dip_lightning.commands.demo import run_demo
 
 CALLBACKS = [
-    {"class_path": "dip_lightning.callbacks.EMA", "init_args": {"decay": 0.9}},
+    {"class_path": "dip_lightning.training.callbacks.EMA", "init_args": {"decay": 0.9}},
     {
-        "class_path": "dip_lightning.callbacks.SampleGrid",
+        "class_path": "dip_lightning.training.callbacks.SampleGrid",
         "init_args": {"every_n_steps": 10, "rows": 2, "cols": 4, "num_steps": 5, "upscale": 2},
     },
     {
-        "class_path": "dip_lightning.callbacks.MetricsCallback",
+        "class_path": "dip_lightning.training.callbacks.MetricsCallback",
         "init_args": {
             "every_n_steps": 10,
             "num_samples": 16,
@@ -29,7 +29,7 @@ CALLBACKS = [
             "num_steps": 5,
             "reference": "data/demo/ref_val.npz",  # replaced by run_demo
             "metrics": ["fid", "sfid", "precision", "recall", "patch_seam"],
-            "extractor": {"class_path": "dip_lightning.metrics.features.PixelProjection"},
+            "extractor": {"class_path": "dip_lightning.core.metrics.features.PixelProjection"},
         },
     },
 ]

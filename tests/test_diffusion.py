@@ -1,4 +1,4 @@
-"""Flow-matching objective, time grids, ODE samplers and interval CFG (dip_lightning.diffusion)."""
+"""Flow-matching objective, time grids, ODE samplers and interval CFG (dip_lightning.core.diffusion)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from dip_lightning.diffusion import (
+from dip_lightning.core.diffusion import (
     EulerSampler,
     FlowMatching,
     HeunSampler,

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dip_lightning.checkpointing import CheckpointMismatchError
-from dip_lightning.cli import DiPCLI
-from dip_lightning.diffusion import SPACES, EulerSampler, FlowMatching, convert_prediction
+from dip_lightning.checkpoint.compatibility import CheckpointMismatchError
+from dip_lightning.core.diffusion import SPACES, EulerSampler, FlowMatching, convert_prediction
+from dip_lightning.training.cli import DiPCLI
 from tests.helpers.resume import resume_args, run_fit, snapshot
 from tests.helpers.tiny import fit_tiny, tiny_args
 
@@ -199,7 +199,7 @@ def _velocity_error(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -
 def test_x_prediction_learns_the_demo_data_as_v_prediction_does(tmp_path: Path, demo_data: dict) -> None:
     """A short real training of each on the demo shards; both reduce the velocity error at fixed noise, to
     comparable values (JiT's claim is that x-prediction does no worse; at this scale they are close)."""
-    from dip_lightning.data.streams import iter_image_batches
+    from dip_lightning.core.data.streams import iter_image_batches
 
     images, labels = next(iter_image_batches(demo_data["val_shards"], batch_size=32))
     x, y = torch.as_tensor(images).float() / 127.5 - 1.0, torch.as_tensor(labels).long()

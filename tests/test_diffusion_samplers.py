@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from dip_lightning.diffusion import (
+from dip_lightning.core.diffusion import (
     SAMPLERS,
     EulerSampler,
     HeunSampler,
@@ -158,7 +158,7 @@ def test_heun_released_guidance_rule_decides_by_the_step_start_with_the_top_incl
 def test_every_sampler_is_built_from_yaml_by_class_path() -> None:
     from jsonargparse import ArgumentParser
 
-    import dip_lightning.module  # noqa: F401  (enables sampler subclasses, as the CLI does)
+    import dip_lightning.training.module  # noqa: F401  (enables sampler subclasses, as the CLI does)
 
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--sampler", type=ODESampler)
@@ -175,7 +175,7 @@ def test_every_sampler_is_built_from_yaml_by_class_path() -> None:
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_every_sampler_samples_an_x_prediction_network(name: str) -> None:
     """The module converts any prediction to the velocity before the sampler sees it (one place)."""
-    from dip_lightning.diffusion import FlowMatching
+    from dip_lightning.core.diffusion import FlowMatching
 
     x1 = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(5))
 

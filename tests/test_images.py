@@ -1,10 +1,10 @@
-"""The one uint8 <-> [-1, 1] convention (dip_lightning.images)."""
+"""The one uint8 <-> [-1, 1] convention (dip_lightning.core.images)."""
 
 from __future__ import annotations
 
 import torch
 
-from dip_lightning.images import to_model_range, to_uint8
+from dip_lightning.core.images import to_model_range, to_uint8
 
 
 def test_to_uint8_rounding() -> None:

@@ -55,7 +55,7 @@ def test_sample_on_a_truncated_checkpoint_names_the_file(ten_class_ckpt: Path, t
 
 
 def test_load_module_reads_the_checkpoint_once(ten_class_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from dip_lightning.loading import load_module
+    from dip_lightning.training.loading import load_module
 
     reads = []
     real_load = torch.load

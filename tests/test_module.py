@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from dip_lightning.cli import DiPCLI
+from dip_lightning.training.cli import DiPCLI
 from tests.helpers.resume import resume_args
 
 

@@ -1,4 +1,4 @@
-"""Post-hoc EMA (power-function profiles, :mod:`dip_lightning.phema`): the profile math, a reconstruction
+"""Post-hoc EMA (power-function profiles, :mod:`dip_lightning.core.phema`): the profile math, a reconstruction
 against a directly tracked EMA of the same profile (a toy parameter sequence, then a tiny real CLI run with
 ``ema-reconstruct`` and ``sample``), and an exact resume of the tracked profiles and their snapshots."""
 
@@ -14,21 +14,18 @@ import torch
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from dip_lightning.__main__ import main as dip_main
-from dip_lightning.callbacks.ema import average_in_groups
-from dip_lightning.checkpointing import CheckpointError
-from dip_lightning.images import to_uint8
-from dip_lightning.loading import load_module
-from dip_lightning.phema import (
+from dip_lightning.checkpoint.io import CheckpointError
+from dip_lightning.checkpoint.posthoc import find_snapshots, reconstruct, snapshot_path, std_key
+from dip_lightning.core.images import to_uint8
+from dip_lightning.core.phema import (
     MAX_STD,
     exponent_to_std,
-    find_snapshots,
     power_ema_decay,
     profile_inner_product,
-    reconstruct,
-    snapshot_path,
-    std_key,
     std_to_exponent,
 )
+from dip_lightning.training.callbacks.ema import average_in_groups
+from dip_lightning.training.loading import load_module
 from tests.helpers.resume import assert_equal_nested, probe_args, resume_args, run_fit
 from tests.helpers.tiny import HIGH_LR, fit_with, tiny_args
 
@@ -96,7 +93,7 @@ def test_reconstruction_of_a_toy_sequence_matches_the_tracked_profile(tmp_path: 
 
 
 RUN_STEPS, EVERY = 32, 4
-PHEMA = ["--trainer.callbacks+=dip_lightning.callbacks.PowerFunctionEMA"]
+PHEMA = ["--trainer.callbacks+=dip_lightning.training.callbacks.PowerFunctionEMA"]
 
 
 def phema_args(stds: list[float], every: int = EVERY) -> list[str]:

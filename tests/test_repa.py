@@ -1,4 +1,4 @@
-"""REPA projector/loss/plumbing and the frozen encoders (dip_lightning.repa, dip_lightning.encoders)."""
+"""REPA projector/loss/plumbing and the frozen encoders (dip_lightning.core.repa, dip_lightning.core.encoders)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from dip_lightning.encoders import DINOv2Encoder, DINOv2ViT, FeatureEncoder, TinyViTEncoder
-from dip_lightning.repa import REPA
+from dip_lightning.core.encoders import DINOv2Encoder, DINOv2ViT, FeatureEncoder, TinyViTEncoder
+from dip_lightning.core.repa import REPA
 
 torch.set_num_threads(1)
 
@@ -238,7 +238,7 @@ def test_repa_built_from_yaml_by_jsonargparse() -> None:
     cfg = parser.parse_string(
         "repa:\n"
         "  encoder:\n"
-        "    class_path: dip_lightning.encoders.TinyViTEncoder\n"
+        "    class_path: dip_lightning.core.encoders.TinyViTEncoder\n"
         "    init_args: {embed_dim: 16, depth: 1, num_heads: 2, dit_patch_size: 8, grid_size: 4}\n"
         "  block: 2\n"
         "  projector_dim: 32\n"

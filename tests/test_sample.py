@@ -23,11 +23,11 @@ import pytest
 import torch
 
 from dip_lightning.__main__ import main as dip_main
-from dip_lightning.cli import DiPCLI
-from dip_lightning.diffusion import HeunSampler, make_noise
-from dip_lightning.images import to_uint8
-from dip_lightning.loading import load_module
-from dip_lightning.sample import export_samples
+from dip_lightning.core.diffusion import HeunSampler, make_noise
+from dip_lightning.core.images import to_uint8
+from dip_lightning.evaluation.export import export_samples
+from dip_lightning.training.cli import DiPCLI
+from dip_lightning.training.loading import load_module
 from tests.helpers.tiny import (
     HIGH_LR,
     REPO,
@@ -43,7 +43,7 @@ from tests.helpers.tiny import (
 def ckpt(tmp_path_factory: pytest.TempPathFactory, demo_data: dict) -> Path:
     """last.ckpt of an 8-step CLI run with EMA; the last step is a checkpoint step."""
     run_dir = tmp_path_factory.mktemp("export_run") / "run"
-    ema = [{"class_path": "dip_lightning.callbacks.EMA", "init_args": {"decay": 0.5}}]
+    ema = [{"class_path": "dip_lightning.training.callbacks.EMA", "init_args": {"decay": 0.5}}]
     args = tiny_args(
         run_dir,
         demo_data,
@@ -291,7 +291,7 @@ def test_sample_command_help(capsys: pytest.CaptureFixture) -> None:
 
 def test_predict_command_returns_uint8_images_of_the_ema_weights(ckpt: Path, tmp_path: Path) -> None:
     """``python -m dip_lightning predict --config experiments/tiny_cpu.yaml --ckpt_path ... --data
-    dip_lightning.sample.LabelSeedDataModule``: the network comes from the checkpoint's hyperparameters."""
+    dip_lightning.evaluation.export.LabelSeedDataModule``: the network comes from the checkpoint's hyperparameters."""
     cli = DiPCLI(
         args=[
             "predict",
@@ -300,7 +300,7 @@ def test_predict_command_returns_uint8_images_of_the_ema_weights(ckpt: Path, tmp
             "--ckpt_path",
             str(ckpt),
             "--data",
-            "dip_lightning.sample.LabelSeedDataModule",
+            "dip_lightning.evaluation.export.LabelSeedDataModule",
             "--data.num_samples=6",
             "--data.batch_size=4",
             f"--trainer.default_root_dir={tmp_path / 'predict'}",
@@ -319,7 +319,7 @@ def test_predict_command_returns_uint8_images_of_the_ema_weights(ckpt: Path, tmp
     assert torch.equal(images.permute(0, 2, 3, 1), torch.from_numpy(load_npz(exported)["arr_0"]))
 
 
-def test_evaluate_and_fid_commands_on_an_export(
+def test_evaluate_command_on_an_export(
     ckpt: Path, tmp_path: Path, demo_data: dict, capsys: pytest.CaptureFixture
 ) -> None:
     import json
@@ -339,10 +339,11 @@ def test_evaluate_and_fid_commands_on_an_export(
     assert 0 <= record["precision"] <= 1 and record["patch_seam"] > 0
     assert "samples: 16" in capsys.readouterr().out
 
-    # `fid`, once with the default (Inception) network, on a handful of images: no IS (no classifier layer).
+    # FID and IS, once with the default (Inception) network, on a handful of images: no IS (no classifier layer).
     ref_inception = tmp_path / "ref_inception.npz"
     assert dip_main([*stats, "--out", str(ref_inception), "--limit", "6"]) == 0
-    fid = ["fid", str(samples), str(ref_inception), "--limit", "6", "--device", "cpu", "--json", str(out)]
+    fid = ["evaluate", str(samples), str(ref_inception), "--metrics", "fid", "inception_score"]
+    fid += ["--limit", "6", "--device", "cpu", "--json", str(out)]
     assert dip_main(fid) == 0
     record = json.loads(out.read_text())
     assert np.isfinite(record["fid"]) and record["inception_score"] is None
@@ -355,7 +356,7 @@ def test_evaluate_and_fid_commands_on_an_export(
 def test_checkpoint_trained_with_repa_samples_without_building_repa(tmp_path: Path, demo_data: dict) -> None:
     """Sampling never builds REPA (its encoder's weights file may not exist where samples are drawn)."""
     repa = (
-        '--model.repa={"encoder": {"class_path": "dip_lightning.encoders.TinyViTEncoder", '
+        '--model.repa={"encoder": {"class_path": "dip_lightning.core.encoders.TinyViTEncoder", '
         '"init_args": {"dit_patch_size": 8, "grid_size": 4}}, "block": 1, "projector_dim": 32}'
     )
     cli, _ = fit_tiny(tmp_path, demo_data, repa, steps=2)
@@ -405,7 +406,7 @@ def test_compiled_sampling_gives_the_eager_images(
 def test_x_prediction_checkpoint_exports_with_every_sampler(tmp_path: Path, demo_data: dict) -> None:
     """An x-prediction run samples through the same commands: the module converts its output to the velocity
     (one place), whichever ``--sampler``; the SDE's images depend only on (label, seed)."""
-    from dip_lightning.diffusion import SAMPLERS
+    from dip_lightning.core.diffusion import SAMPLERS
 
     fit_tiny(
         tmp_path, demo_data, "--model.flow.prediction=x", "--model.sampler.init_args.num_steps=3", steps=2
@@ -442,10 +443,10 @@ def test_x_prediction_checkpoint_exports_with_every_sampler(tmp_path: Path, demo
 
 
 def test_sample_help_lists_every_sampler(capsys: pytest.CaptureFixture) -> None:
-    from dip_lightning.diffusion import SAMPLERS
+    from dip_lightning.core.diffusion import SAMPLERS
 
     with pytest.raises(SystemExit):
         dip_main(["sample", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     for name, cls in SAMPLERS.items():
-        assert name in help_text and f"dip_lightning.diffusion.{cls.__name__}" in help_text
+        assert name in help_text and f"dip_lightning.core.diffusion.{cls.__name__}" in help_text

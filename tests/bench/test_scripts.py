@@ -54,8 +54,8 @@ def test_objectives_benchmark_smoke_run(tmp_path: Path, demo_data: dict, monkeyp
         import objectives
     finally:
         sys.path.remove(str(REPO / "bench"))
-    from dip_lightning import demo
-    from dip_lightning.fid import PixelProjection
+    from dip_lightning.commands import demo
+    from dip_lightning.core.metrics.features import PixelProjection
 
     monkeypatch.setattr(objectives, "_extractor", lambda cls: PixelProjection())
     real_reference_stats = demo.reference_stats

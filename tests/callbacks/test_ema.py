@@ -22,12 +22,12 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, WeightAveraging
 
-from dip_lightning.callbacks import EMA, SampleGrid
-from dip_lightning.callbacks.ema import find_ema, sampling_module
-from dip_lightning.callbacks.sample_grid import make_grid
-from dip_lightning.compat import average_model
-from dip_lightning.images import to_uint8
-from dip_lightning.loading import load_module
+from dip_lightning.core.compat import average_model
+from dip_lightning.core.images import to_uint8
+from dip_lightning.training.callbacks import EMA, SampleGrid
+from dip_lightning.training.callbacks.ema import find_ema, sampling_module
+from dip_lightning.training.callbacks.sample_grid import make_grid
+from dip_lightning.training.loading import load_module
 from tests.helpers.tiny import HIGH_LR, ema_callback, fit_with, grid_callback, read_png, tiny_args
 
 STATE = dict[str, torch.Tensor]
@@ -140,7 +140,7 @@ def test_ema_checkpoints_hold_both_sets(ema_run: dict) -> None:
         assert int(ckpt["averaging_state"]["n_averaged"]) == 3
         assert ckpt["ema"] == {"decays": [0.5], "weights": {}}  # the one-decay shorthand: nothing else stored
     # DiPModule.load_from_checkpoint (what validate/predict with a checkpoint use) gets the EMA weights.
-    from dip_lightning.module import DiPModule
+    from dip_lightning.training.module import DiPModule
 
     loaded = DiPModule.load_from_checkpoint(
         ema_run["tmp"] / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
@@ -202,7 +202,7 @@ class GuardProbe(Callback):
 
 
 @pytest.mark.parametrize(
-    "callback", ["dip_lightning.callbacks.EMA", "lightning.pytorch.callbacks.EMAWeightAveraging"]
+    "callback", ["dip_lightning.training.callbacks.EMA", "lightning.pytorch.callbacks.EMAWeightAveraging"]
 )
 def test_validation_before_the_first_ema_update(tmp_path: Path, demo_data: dict, callback: str) -> None:
     probe = GuardProbe()
@@ -222,7 +222,7 @@ def test_validation_before_the_first_ema_update(tmp_path: Path, demo_data: dict,
     guard_warned = any("EMA has not been updated yet" in str(w.message) for w in warned)
     ckpt = load_ckpt(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert differing(probe.raw, probe.initial_copy), "the weights should have moved in 2 steps"
-    if callback == "dip_lightning.callbacks.EMA":
+    if callback == "dip_lightning.training.callbacks.EMA":
         # Guarded: validation sees the trained (raw) weights and says so; the checkpoint's EMA slot is the raw
         # weights too, never the initial copy.
         assert guard_warned

@@ -21,13 +21,14 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from dip_lightning.__main__ import main as dip_main
-from dip_lightning.callbacks import EMA
-from dip_lightning.callbacks.ema import find_ema
-from dip_lightning.checkpointing import CheckpointError
-from dip_lightning.cli import DiPCLI
-from dip_lightning.images import to_uint8
-from dip_lightning.loading import load_module, read_checkpoint, select_weights
-from dip_lightning.module import DiPModule
+from dip_lightning.checkpoint.format import select_weights
+from dip_lightning.checkpoint.io import CheckpointError, read_checkpoint
+from dip_lightning.core.images import to_uint8
+from dip_lightning.training.callbacks import EMA
+from dip_lightning.training.callbacks.ema import find_ema
+from dip_lightning.training.cli import DiPCLI
+from dip_lightning.training.loading import load_module
+from dip_lightning.training.module import DiPModule
 from tests.helpers.tiny import HIGH_LR, TINY_CONFIG, ema_callback, fit_with, tiny_args
 
 STATE = dict[str, torch.Tensor]
@@ -95,7 +96,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, demo_data: dict) -> dict:
         f"--checkpoint.every_n_train_steps={STEPS}",
         "--model.sampler.init_args.num_steps=3",
         steps=STEPS,
-        callbacks=[{"class_path": "dip_lightning.callbacks.EMA", "init_args": {"decays": DECAYS}}],
+        callbacks=[{"class_path": "dip_lightning.training.callbacks.EMA", "init_args": {"decays": DECAYS}}],
     )
     fit_with(args, probe)
     assert len(probe.raw) == STEPS
@@ -221,7 +222,7 @@ def test_predict_with_ema_generates_with_that_decay(run: dict, tmp_path: Path) -
             f"--ckpt_path={run['ckpt']}",
             "--ema=0.8",
             "--data",
-            "dip_lightning.sample.LabelSeedDataModule",
+            "dip_lightning.evaluation.export.LabelSeedDataModule",
             "--data.num_samples=4",
             "--data.batch_size=4",
             f"--trainer.default_root_dir={tmp_path / 'predict'}",
@@ -256,7 +257,7 @@ def test_resume_maps_decays_by_value(run: dict, tmp_path: Path) -> None:
     0.5), and the new 0.3 starts from the state_dict, with a warning."""
     probe = AtTrainStart()
     args = [a for a in run["args"] if not a.startswith(("--trainer.default_root_dir", "--trainer.callbacks"))]
-    callbacks = [{"class_path": "dip_lightning.callbacks.EMA", "init_args": {"decays": [0.8, 0.3]}}]
+    callbacks = [{"class_path": "dip_lightning.training.callbacks.EMA", "init_args": {"decays": [0.8, 0.3]}}]
     args += [
         f"--trainer.default_root_dir={tmp_path / 'resumed'}",
         f"--trainer.callbacks={json.dumps(callbacks)}",

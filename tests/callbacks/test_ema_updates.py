@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from dip_lightning.callbacks import EMA
-from dip_lightning.callbacks.ema import HostCountedAveragedModel
-from dip_lightning.compat import average_model
+from dip_lightning.core.compat import average_model
+from dip_lightning.training.callbacks import EMA
+from dip_lightning.training.callbacks.ema import HostCountedAveragedModel
 
 
 def small_net() -> nn.Module:

@@ -1,4 +1,4 @@
-"""MetricsCallback (and its FID-only spelling FIDCallback) inside real Lightning runs: schedule, logging,
+"""MetricsCallback inside real Lightning runs: schedule, logging,
 eval_metrics.csv, reproducibility, EMA, real shards, exact resume state, DDP, and agreement with `evaluate`.
 
 The LightningModule here is a tiny generator with the project's sampling API (``generate(labels, seeds,
@@ -24,14 +24,19 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from dip_lightning.callbacks.ema import EMA
-from dip_lightning.callbacks.fid import FIDCallback
-from dip_lightning.callbacks.metrics import MetricsCallback
-from dip_lightning.metrics import compute_metrics
-from dip_lightning.metrics.features import PixelProjection
-from dip_lightning.metrics.frechet import FIDStats, frechet_distance
-from dip_lightning.metrics.patch_seam import SeamProfile
-from dip_lightning.metrics.reference import FeatureSet, Reference, _npz_keys, _read_stats_file, save_reference
+from dip_lightning.core.metrics import compute_metrics
+from dip_lightning.core.metrics.features import PixelProjection
+from dip_lightning.core.metrics.frechet import FIDStats, frechet_distance
+from dip_lightning.core.metrics.patch_seam import SeamProfile
+from dip_lightning.core.metrics.reference import (
+    FeatureSet,
+    Reference,
+    _npz_keys,
+    _read_stats_file,
+    save_reference,
+)
+from dip_lightning.training.callbacks.ema import EMA
+from dip_lightning.training.callbacks.metrics import MetricsCallback
 
 torch.set_num_threads(1)
 SIZE = 16
@@ -92,13 +97,18 @@ def load_stats(path: Path) -> Reference:
     return _read_stats_file(path, _npz_keys(path))
 
 
-def offline_fid(module: Any, callback: FIDCallback, ref: FIDStats) -> float:
+def offline_fid(module: Any, callback: MetricsCallback, ref: FIDStats) -> float:
     """The FID the callback should report, recomputed from scratch on one process."""
     index = torch.arange(callback.num_samples)
     images = module.generate(index % module.num_classes, index + callback.seed)
     uint8 = torch.clamp(127.5 * images + 128.0, 0, 255).to(torch.uint8)
     stats = FIDStats.from_features(callback.extractor(uint8).float())
     return frechet_distance(stats.mu, stats.sigma, ref.mu, ref.sigma)
+
+
+def fid_history(callback: MetricsCallback) -> list[tuple[int, float]]:
+    """``(step, fid)`` of every evaluation of ``callback``."""
+    return [(step, float(r["fid"])) for step, r in callback.results if r.get("fid") is not None]
 
 
 def trainer(root: Path, callbacks: list[pl.Callback], max_steps: int = 4, **kwargs: Any) -> pl.Trainer:
@@ -122,14 +132,16 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 def test_fid_callback_schedule_logging_and_reproducibility(tmp_path: Path) -> None:
     extractor = PixelProjection(num_features=12, size=4)
     ref = make_reference(tmp_path / "ref.npz", extractor)
-    callback = FIDCallback(
+    callback = MetricsCallback(
+        metrics=["fid"],
         every_n_steps=2,
         num_samples=14,
         batch_size=4,
         reference=str(tmp_path / "ref.npz"),
         extractor=extractor,
     )
-    callback_cfg = FIDCallback(
+    callback_cfg = MetricsCallback(
+        metrics=["fid"],
         every_n_steps=3,
         num_samples=6,
         batch_size=6,
@@ -138,7 +150,7 @@ def test_fid_callback_schedule_logging_and_reproducibility(tmp_path: Path) -> No
         num_steps=7,
         cfg_scale=2.0,
         csv_name="fid_cfg.csv",
-        metric_name="val/fid_cfg",
+        prefix="val_cfg/",
     )
     module = ToyGenerator()
     logger = CSVLogger(tmp_path, name="logs")
@@ -146,9 +158,9 @@ def test_fid_callback_schedule_logging_and_reproducibility(tmp_path: Path) -> No
     fit.fit(module, loader())
 
     # every 2 steps; step 4 is the last step, so on_train_end does not repeat it.
-    assert [step for step, _ in callback.history] == [2, 4]
-    assert [step for step, _ in callback_cfg.history] == [3, 4]  # step 3, then train end
-    values = [fid for _, fid in callback.history]
+    assert [step for step, _ in fid_history(callback)] == [2, 4]
+    assert [step for step, _ in fid_history(callback_cfg)] == [3, 4]  # step 3, then train end
+    values = [fid for _, fid in fid_history(callback)]
     assert values[0] != values[1]  # the model changed between evaluations
     assert values[1] == pytest.approx(offline_fid(module, callback, ref), rel=1e-9)
     assert {"num_steps": 7, "cfg_scale": 2.0} in module.overrides_seen
@@ -164,8 +176,8 @@ def test_fid_callback_schedule_logging_and_reproducibility(tmp_path: Path) -> No
     assert [int(r["step"]) for r in logged] == [2, 4]
     assert [float(r["val/fid"]) for r in logged] == pytest.approx(values, rel=1e-9)
     assert float(fit.callback_metrics["val/fid"]) == values[1]
-    assert float(fit.callback_metrics["val/fid_cfg"]) == callback_cfg.history[-1][1]
-    cfg_logged = [r for r in read_csv(Path(logger.log_dir) / "metrics.csv") if r.get("val/fid_cfg")]
+    assert float(fit.callback_metrics["val_cfg/fid"]) == fid_history(callback_cfg)[-1][1]
+    cfg_logged = [r for r in read_csv(Path(logger.log_dir) / "metrics.csv") if r.get("val_cfg/fid")]
     assert [int(r["step"]) for r in cfg_logged] == [3, 4]
 
     # The metric is not part of the model or of its checkpoint; the callback saves only bookkeeping.
@@ -175,30 +187,33 @@ def test_fid_callback_schedule_logging_and_reproducibility(tmp_path: Path) -> No
         "results": [[2, {"fid": values[0]}], [4, {"fid": values[1]}]],
         "last_eval_step": 4,
     }
-    # Exact resume: the state round-trips, and a checkpoint of the FID-only callback before the engine loads.
-    again = FIDCallback(reference=str(tmp_path / "ref.npz"), every_n_steps=2, num_samples=14)
+    # Exact resume: the state round-trips.
+    again = MetricsCallback(
+        metrics=["fid"], reference=str(tmp_path / "ref.npz"), every_n_steps=2, num_samples=14
+    )
     again.load_state_dict(callback.state_dict())
-    assert again.history == callback.history and again.state_dict() == callback.state_dict()
-    again.load_state_dict({"history": [[2, values[0]]], "last_eval_step": 2})
-    assert again.history == [(2, values[0])] and again._last_eval_step == 2
-    assert "'csv_name': 'fid.csv'" in again.state_key  # the key of the pre-engine FIDCallback
+    assert fid_history(again) == fid_history(callback) and again.state_dict() == callback.state_dict()
 
 
 def test_fid_callback_samples_with_ema_weights(tmp_path: Path) -> None:
     extractor = PixelProjection(num_features=12, size=4)
     ref = make_reference(tmp_path / "ref.npz", extractor)
     common = dict(every_n_steps=3, num_samples=24, batch_size=12, reference=str(tmp_path / "ref.npz"))
-    with_ema = FIDCallback(**common, extractor=extractor, use_ema=True, csv_name="ema.csv")
-    raw = FIDCallback(**common, extractor=extractor, use_ema=False, csv_name="raw.csv")
+    with_ema = MetricsCallback(
+        metrics=["fid"], **common, extractor=extractor, use_ema=True, csv_name="ema.csv"
+    )
+    raw = MetricsCallback(metrics=["fid"], **common, extractor=extractor, use_ema=False, csv_name="raw.csv")
     ema = EMA(decay=0.5)
     module = ToyGenerator()
     fit = trainer(tmp_path, [ema, with_ema, raw], max_steps=3, logger=False)
     fit.fit(module, loader())
 
-    assert with_ema.history[0][0] == raw.history[0][0] == 3
-    assert with_ema.history[0][1] != pytest.approx(raw.history[0][1], rel=1e-6)
+    assert fid_history(with_ema)[0][0] == fid_history(raw)[0][0] == 3
+    assert fid_history(with_ema)[0][1] != pytest.approx(fid_history(raw)[0][1], rel=1e-6)
     assert ema.averaged_module is not None
-    assert with_ema.history[0][1] == pytest.approx(offline_fid(ema.averaged_module, with_ema, ref), rel=1e-9)
+    assert fid_history(with_ema)[0][1] == pytest.approx(
+        offline_fid(ema.averaged_module, with_ema, ref), rel=1e-9
+    )
     assert (tmp_path / "ema.csv").is_file() and (
         tmp_path / "raw.csv"
     ).is_file()  # no logger: default_root_dir
@@ -215,8 +230,9 @@ def write_shard(path: Path, images: torch.Tensor) -> None:
                 tar.addfile(info, io.BytesIO(payload))
 
 
-def run_real_shards(root: Path, shards: str, **kwargs: Any) -> tuple[FIDCallback, pl.Trainer]:
-    callback = FIDCallback(
+def run_real_shards(root: Path, shards: str, **kwargs: Any) -> tuple[MetricsCallback, pl.Trainer]:
+    callback = MetricsCallback(
+        metrics=["fid"],
         every_n_steps=2,
         num_samples=10,
         batch_size=3,
@@ -242,13 +258,15 @@ def test_fid_callback_real_shards_cache_and_missing_reference(tmp_path: Path) ->
     # A second run loads the cache instead of reading shards (the shard is gone) and gets the same FID.
     (tmp_path / "val-000000.tar").unlink()
     again, _ = run_real_shards(tmp_path, str(tmp_path / "val-000000.tar"))
-    assert again.history[0][1] == pytest.approx(callback.history[0][1], rel=1e-9)
+    assert fid_history(again)[0][1] == pytest.approx(fid_history(callback)[0][1], rel=1e-9)
 
     with pytest.raises(ValueError, match="exactly one"):
-        FIDCallback(reference=None, real_shards=None)
+        MetricsCallback(metrics=["fid"], reference=None, real_shards=None)
     with pytest.raises(ValueError, match="unknown metric"):
         MetricsCallback(reference="ref.npz", metrics=["fid", "kid"])
-    missing = FIDCallback(reference=str(tmp_path / "nope.npz"), extractor=PixelProjection())
+    missing = MetricsCallback(
+        metrics=["fid"], reference=str(tmp_path / "nope.npz"), extractor=PixelProjection()
+    )
     with pytest.raises(FileNotFoundError, match="fid-stats"):
         trainer(tmp_path, [missing], max_steps=1, logger=False).fit(ToyGenerator(), loader())
     # Statistics from another extractor are refused rather than mixed.
@@ -260,8 +278,12 @@ def test_fid_callback_real_shards_cache_and_missing_reference(tmp_path: Path) ->
         num_samples=np.int64(30),
         extractor=np.str_("another-extractor"),
     )
-    wrong = FIDCallback(
-        every_n_steps=1, num_samples=4, reference=str(other), extractor=PixelProjection(12, 4)
+    wrong = MetricsCallback(
+        metrics=["fid"],
+        every_n_steps=1,
+        num_samples=4,
+        reference=str(other),
+        extractor=PixelProjection(12, 4),
     )
     with pytest.raises(ValueError, match="another-extractor"):
         trainer(tmp_path, [wrong], max_steps=1, logger=False).fit(ToyGenerator(), loader())
@@ -274,7 +296,8 @@ def test_fid_callback_two_process_ddp_equals_single_process(tmp_path: Path) -> N
     shards = str(tmp_path / "val-000000.tar")
 
     def run(root: Path, devices: int, **kwargs: Any) -> list[float]:
-        from_file = FIDCallback(
+        from_file = MetricsCallback(
+            metrics=["fid"],
             every_n_steps=2,
             num_samples=13,  # not divisible by the world size
             batch_size=4,
@@ -282,7 +305,8 @@ def test_fid_callback_two_process_ddp_equals_single_process(tmp_path: Path) -> N
             extractor=extractor,
             csv_name="fid_ref.csv",
         )
-        from_shards = FIDCallback(
+        from_shards = MetricsCallback(
+            metrics=["fid"],
             every_n_steps=2,
             num_samples=13,
             batch_size=4,
@@ -307,12 +331,12 @@ def test_fid_callback_two_process_ddp_equals_single_process(tmp_path: Path) -> N
 def test_fid_callback_with_the_real_dip_module_and_ema(tmp_path: Path) -> None:
     import functools
 
-    from dip_lightning.callbacks.ema import sampling_module
-    from dip_lightning.diffusion import EulerSampler
-    from dip_lightning.images import to_uint8
-    from dip_lightning.models.dip import DiP
-    from dip_lightning.models.heads import PatchDetailerHead
-    from dip_lightning.module import DiPModule
+    from dip_lightning.core.diffusion import EulerSampler
+    from dip_lightning.core.images import to_uint8
+    from dip_lightning.core.models.dip import DiP
+    from dip_lightning.core.models.heads import PatchDetailerHead
+    from dip_lightning.training.callbacks.ema import sampling_module
+    from dip_lightning.training.module import DiPModule
 
     pl.seed_everything(0)
     net = DiP(
@@ -327,7 +351,8 @@ def test_fid_callback_with_the_real_dip_module_and_ema(tmp_path: Path) -> None:
     module = DiPModule(net=net, sampler=EulerSampler(num_steps=2))
     extractor = PixelProjection(num_features=8, size=4)
     ref = make_reference(tmp_path / "ref.npz", extractor)
-    callback = FIDCallback(
+    callback = MetricsCallback(
+        metrics=["fid"],
         every_n_steps=2,
         num_samples=10,
         batch_size=4,
@@ -341,14 +366,14 @@ def test_fid_callback_with_the_real_dip_module_and_ema(tmp_path: Path) -> None:
     fit = trainer(tmp_path, [ema, callback], max_steps=2, logger=False)
     fit.fit(module, DataLoader(data, batch_size=4))
 
-    assert [step for step, _ in callback.history] == [2]
+    assert [step for step, _ in fid_history(callback)] == [2]
     generator = sampling_module(fit, module, use_ema=True)
     assert generator is ema.averaged_module
     index = torch.arange(10)
     images = generator.generate(index % 3, index, num_steps=3, cfg_scale=1.5)
     stats = FIDStats.from_features(extractor(to_uint8(images)).float())
     expected = frechet_distance(stats.mu, stats.sigma, ref.mu, ref.sigma)
-    assert callback.history[0][1] == pytest.approx(expected, rel=1e-6)
+    assert fid_history(callback)[0][1] == pytest.approx(expected, rel=1e-6)
     assert not any("extractor" in key or "inception" in key for key in module.state_dict())
 
 
@@ -360,19 +385,20 @@ def test_fid_callback_and_extractor_build_from_a_yaml_config() -> None:
     config = parser.parse_string(
         """
 callbacks:
-  - class_path: dip_lightning.callbacks.fid.FIDCallback
+  - class_path: dip_lightning.training.callbacks.MetricsCallback
     init_args:
+      metrics: [fid]
       every_n_steps: 10
       reference: ref.npz
       cfg_scale: 2.9
       cfg_interval: [0.11, 0.97]
       extractor:
-        class_path: dip_lightning.metrics.features.PixelProjection
+        class_path: dip_lightning.core.metrics.features.PixelProjection
         init_args: {num_features: 8}
 """
     )
     callback = parser.instantiate(config).callbacks[0]
-    assert isinstance(callback, FIDCallback) and isinstance(callback.extractor, PixelProjection)
+    assert isinstance(callback, MetricsCallback) and isinstance(callback.extractor, PixelProjection)
     assert callback.extractor.num_features == 8
     assert callback.sampler_overrides == {"cfg_scale": 2.9, "cfg_interval": (0.11, 0.97)}
 
@@ -396,7 +422,7 @@ def suite_callback(ref: Path, **kwargs: Any) -> MetricsCallback:
 
 
 def to_uint8_images(images: torch.Tensor) -> np.ndarray:
-    from dip_lightning.images import to_uint8
+    from dip_lightning.core.images import to_uint8
 
     return to_uint8(images).permute(0, 2, 3, 1).numpy()
 
@@ -423,7 +449,7 @@ def test_metrics_callback_logs_every_metric_and_equals_the_evaluate_command(
     assert float(fit.callback_metrics["val/patch_seam"]) == last["patch_seam"]
 
     # The command on the same images (written as an ADM sample npz) gives the same numbers.
-    import dip_lightning.evaluate as evaluate_module
+    import dip_lightning.commands.evaluate as evaluate_module
 
     index = torch.arange(24)
     images = to_uint8_images(module.generate(index % module.num_classes, index))

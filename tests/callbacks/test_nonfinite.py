@@ -10,22 +10,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from dip_lightning.callbacks import NonFiniteTrainingError
-from dip_lightning.checkpointing import AtomicCheckpointIO, NonFiniteCheckpointError, nonfinite_tensors
-from dip_lightning.cli import DiPCLI
+from dip_lightning.checkpoint.io import AtomicCheckpointIO, NonFiniteCheckpointError, nonfinite_tensors
+from dip_lightning.training.callbacks import NonFiniteTrainingError
+from dip_lightning.training.cli import DiPCLI
 from tests.helpers.nonfinite_probe import Poison
 from tests.helpers.resume import assert_equal_nested
 from tests.helpers.tiny import ema_callback, fit_with, subprocess_env, tiny_args
 
 DIVERGE = "--model.optimizer.init_args.lr=1000"
 PHEMA = {
-    "class_path": "dip_lightning.callbacks.PowerFunctionEMA",
+    "class_path": "dip_lightning.training.callbacks.PowerFunctionEMA",
     "init_args": {"stds": [0.1], "snapshot_every_n_steps": 100},
 }
 
 
 def guard(**init_args) -> dict:  # noqa: ANN003
-    return {"class_path": "dip_lightning.callbacks.NonFiniteGuard", "init_args": init_args}
+    return {"class_path": "dip_lightning.training.callbacks.NonFiniteGuard", "init_args": init_args}
 
 
 def checkpoints(run: Path) -> list[Path]:

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dip_lightning.callbacks.preemption import PerJobTimer, PreemptionGuard
-from dip_lightning.checkpointing import AtomicCheckpointIO
-from dip_lightning.cli import DiPCLI
-from dip_lightning.compat import cluster_environment
+from dip_lightning.checkpoint.io import AtomicCheckpointIO
+from dip_lightning.core.compat import cluster_environment
+from dip_lightning.training.callbacks.preemption import PerJobTimer, PreemptionGuard
+from dip_lightning.training.cli import DiPCLI
 from tests.helpers.resume import probe_args, resume_args, run_fit
 
 
@@ -81,7 +81,7 @@ def test_guard_skips_lightnings_per_step_sigterm_broadcast_while_it_owns_sigterm
     # handler in place that flag cannot be set, so the guard swaps the broadcast out for the fit and back after.
     import lightning.pytorch as pl
 
-    from dip_lightning.compat import sigterm_broadcast_skipped
+    from dip_lightning.core.compat import sigterm_broadcast_skipped
 
     seen = []
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
 
-from dip_lightning.callbacks import RichProgress
-from dip_lightning.cli import DiPCLI
+from dip_lightning.training.callbacks import RichProgress
+from dip_lightning.training.cli import DiPCLI
 
 REPO = Path(__file__).resolve().parents[2]
 

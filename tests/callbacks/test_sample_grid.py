@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dip_lightning.callbacks import SampleGrid
-from dip_lightning.cli import DiPCLI
+from dip_lightning.training.callbacks import SampleGrid
+from dip_lightning.training.cli import DiPCLI
 from tests.helpers.tiny import HIGH_LR, ema_callback, fit_with, grid_callback, read_png, tiny_args
 
 

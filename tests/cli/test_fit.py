@@ -13,7 +13,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from dip_lightning.cli import DiPCLI
+from dip_lightning.training.cli import DiPCLI
 from tests.helpers.tiny import REPO, fit_tiny, fit_with, subprocess_env, tiny_args
 
 
@@ -29,11 +29,11 @@ def test_same_seed_same_losses(tmp_path: Path, demo_data: dict) -> None:
 @pytest.mark.parametrize(
     "head",
     [
-        "dip_lightning.models.heads.PatchDetailerHead",
-        "dip_lightning.models.heads.LinearHead",
-        "dip_lightning.models.heads.MLPHead",
-        "dip_lightning.models.heads.CoordMLPHead",
-        "dip_lightning.models.heads.AttentionHead",
+        "dip_lightning.core.models.heads.PatchDetailerHead",
+        "dip_lightning.core.models.heads.LinearHead",
+        "dip_lightning.core.models.heads.MLPHead",
+        "dip_lightning.core.models.heads.CoordMLPHead",
+        "dip_lightning.core.models.heads.AttentionHead",
     ],
 )
 def test_every_head_trains_through_cli(tmp_path: Path, demo_data: dict, head: str) -> None:
@@ -49,7 +49,7 @@ def test_every_head_trains_through_cli(tmp_path: Path, demo_data: dict, head: st
 @pytest.mark.parametrize("placement", ["intermediate", "hybrid"])
 def test_every_placement_trains_through_cli(tmp_path: Path, demo_data: dict, placement: str) -> None:
     small_head = (
-        '{"class_path": "dip_lightning.models.heads.PatchDetailerHead", '
+        '{"class_path": "dip_lightning.core.models.heads.PatchDetailerHead", '
         '"init_args": {"depth": 2, "base_channels": 8}}'
     )
     cli, losses = fit_tiny(
@@ -65,7 +65,7 @@ def test_every_placement_trains_through_cli(tmp_path: Path, demo_data: dict, pla
 
 def test_repa_on_and_off(tmp_path: Path, demo_data: dict) -> None:
     repa = [
-        '--model.repa={"encoder": {"class_path": "dip_lightning.encoders.TinyViTEncoder", '
+        '--model.repa={"encoder": {"class_path": "dip_lightning.core.encoders.TinyViTEncoder", '
         '"init_args": {"dit_patch_size": 8, "grid_size": 4}}, "block": 1, "weight": 0.5, "projector_dim": 32}',
     ]
     cli, losses = fit_tiny(tmp_path / "on", demo_data, *repa, steps=3)
@@ -145,7 +145,7 @@ def test_print_config(tmp_path: Path, demo_data: dict, capsys: pytest.CaptureFix
         DiPCLI(args=[*tiny_args(tmp_path / "run", demo_data), "--print_config"], run=False)
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "dip_lightning.models.DiP" in out and "PatchDetailerHead" in out
+    assert "dip_lightning.core.models.DiP" in out and "PatchDetailerHead" in out
     assert not (tmp_path / "run").exists()
 
 

@@ -9,11 +9,11 @@ import torch
 import yaml
 from jsonargparse import ArgumentParser
 
-from dip_lightning.checkpointing import CheckpointMismatchError
-from dip_lightning.cli import DiPCLI
-from dip_lightning.init_from import PATCH_EMBED_KEY, upsample_patch_embed
-from dip_lightning.models.backbone import PatchEmbed, patchify
-from dip_lightning.models.heads import PatchDetailerHead
+from dip_lightning.checkpoint.compatibility import CheckpointMismatchError
+from dip_lightning.core.models.backbone import PatchEmbed, patchify
+from dip_lightning.core.models.heads import PatchDetailerHead
+from dip_lightning.training.cli import DiPCLI
+from dip_lightning.training.init_from import PATCH_EMBED_KEY, upsample_patch_embed
 from tests.helpers.tiny import REPO, fit_with, tiny_args
 
 RECIPE_512 = REPO / "experiments" / "dip_xl32_512.yaml"
@@ -50,7 +50,7 @@ def test_upsampled_patch_embedding_maps_a_2x_enlarged_image_to_the_same_tokens()
 
 @pytest.fixture(scope="module")
 def demo_data_64(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from dip_lightning.data.demo import build_demo_dataset
+    from dip_lightning.core.data.demo_dataset import build_demo_dataset
 
     return build_demo_dataset(tmp_path_factory.mktemp("demo64"), size=64, train_per_class=8, val_per_class=2)
 
@@ -114,7 +114,7 @@ def test_init_from_another_width_is_an_error_that_lists_the_tensors(
 def test_init_from_and_ckpt_path_exclude_each_other(
     tmp_path: Path, demo_data: dict, source_run: Path
 ) -> None:
-    from dip_lightning.cli import DiPCLI
+    from dip_lightning.training.cli import DiPCLI
 
     args = tiny_args(tmp_path / "run", demo_data, f"--init_from={source_run}", f"--ckpt_path={source_run}")
     with pytest.raises(ValueError, match="exclude each other"):

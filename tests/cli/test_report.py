@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from dip_lightning.commands import run_command
-from dip_lightning.report import (
+from dip_lightning.evaluation.report import (
     MetricSeries,
     best_point,
     format_number,
@@ -31,7 +31,7 @@ HEAD_MLP = str(REPO / "experiments" / "ablations" / "head_mlp.yaml")
 def _metrics_callback(data: dict) -> dict:
     # The cheap pixel-projection features: real metrics of real samples, in a fraction of a second.
     return {
-        "class_path": "dip_lightning.callbacks.MetricsCallback",
+        "class_path": "dip_lightning.training.callbacks.MetricsCallback",
         "init_args": {
             "every_n_steps": 2,
             "num_samples": 8,
@@ -39,7 +39,7 @@ def _metrics_callback(data: dict) -> dict:
             "num_steps": 2,
             "real_shards": data["val_shards"],
             "metrics": ["fid", "precision", "recall", "patch_seam"],
-            "extractor": {"class_path": "dip_lightning.metrics.features.PixelProjection"},
+            "extractor": {"class_path": "dip_lightning.core.metrics.features.PixelProjection"},
         },
     }
 

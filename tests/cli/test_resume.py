@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dip_lightning.callbacks.preemption import PreemptionGuard
-from dip_lightning.checkpointing import PARTIAL_DIR, resolve_resume
+from dip_lightning.checkpoint.io import PARTIAL_DIR
+from dip_lightning.checkpoint.resume import resolve_resume
+from dip_lightning.training.callbacks.preemption import PreemptionGuard
 from tests.helpers.resume import (
     STEPS,
     assert_equal_nested,

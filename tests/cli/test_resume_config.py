@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dip_lightning.checkpointing import AtomicCheckpointIO, CheckpointError, CheckpointMismatchError
+from dip_lightning.checkpoint.compatibility import CheckpointMismatchError
+from dip_lightning.checkpoint.io import AtomicCheckpointIO, CheckpointError
 from tests.helpers.resume import resume_args, run_fit, snapshot
 
 

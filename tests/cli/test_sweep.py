@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from dip_lightning.commands import run_command
-from dip_lightning.metrics import compute_metrics
-from dip_lightning.sample import _save_npz
-from dip_lightning.sweep import grid_cells
+from dip_lightning.core.metrics import compute_metrics
+from dip_lightning.evaluation.export import _save_npz
+from dip_lightning.evaluation.sweep import grid_cells
 from tests.helpers.tiny import HIGH_LR, REPO, fit_with, subprocess_env, tiny_args
 
 NUM_SAMPLES = 6
@@ -29,11 +29,11 @@ METRICS = ["fid", "precision", "recall", "patch_seam"]
 def setup(tmp_path_factory: pytest.TempPathFactory, demo_data: dict) -> dict:
     root = tmp_path_factory.mktemp("sweep")
     run_dir = root / "run"
-    ema = {"class_path": "dip_lightning.callbacks.EMA", "init_args": {"decays": [0.9, 0.5]}}
+    ema = {"class_path": "dip_lightning.training.callbacks.EMA", "init_args": {"decays": [0.9, 0.5]}}
     fit_with(
         tiny_args(run_dir, demo_data, HIGH_LR, "--checkpoint.every_n_train_steps=2", steps=4, callbacks=[ema])
     )
-    from dip_lightning.metrics.sources import iter_shard_images
+    from dip_lightning.core.metrics.sources import iter_shard_images
 
     images = [
         b.permute(0, 2, 3, 1).numpy() for b in iter_shard_images(demo_data["val_shards"], 16, 32, limit=16)

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from dip_lightning.data import ShardDataModule, build_demo_dataset
+from dip_lightning.core.data import ShardDataModule, build_demo_dataset
 from tests.helpers.data import make_recorder, write_id_shards
 
 torch.set_num_threads(1)

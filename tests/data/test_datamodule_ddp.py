@@ -18,7 +18,7 @@ BATCH, STEPS, WORKERS, SEED = 4, 7, 2, 5
 
 
 def _datamodule(shard_dir: str, num_workers: int):
-    from dip_lightning.data import ShardDataModule
+    from dip_lightning.core.data import ShardDataModule
 
     return ShardDataModule(
         train_shards=f"{shard_dir}/train-{{000000..000003}}.tar",

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dip_lightning.data.prepare import prepare_split
-from dip_lightning.data.preprocess import center_crop_arr, to_rgb
-from dip_lightning.data.shards import expand_shards, iter_shard_samples
-from dip_lightning.data.streams import iter_image_batches
+from dip_lightning.core.data.prepare import prepare_split
+from dip_lightning.core.data.preprocess import center_crop_arr, to_rgb
+from dip_lightning.core.data.shards import expand_shards, iter_shard_samples
+from dip_lightning.core.data.streams import iter_image_batches
 from tests.helpers.data import REPO
 
 SIZE = 16
@@ -181,7 +181,7 @@ def test_interrupted_run_resumes_to_identical_shards(tmp_path):
     _make_slow_folder(src, 48)
     (src / "k1" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
     args = ["--src", str(src), "--size", "128", "--png-level", "9", "--shard-size", "4", "--quiet"]
-    cmd = [sys.executable, "-m", "dip_lightning.data.prepare", *args, "--workers", "1"]
+    cmd = [sys.executable, "-m", "dip_lightning", "prepare", *args, "--workers", "1"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     out = tmp_path / "out"
     proc = subprocess.Popen([*cmd, "--out", str(out)], cwd=REPO, env=env)
@@ -215,6 +215,6 @@ def test_interrupted_run_resumes_to_identical_shards(tmp_path):
 
 def test_cli_reports_errors_cleanly(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "dip_lightning.data.prepare", "--src", str(tmp_path / "missing")]
+    cmd = [sys.executable, "-m", "dip_lightning", "prepare", "--src", str(tmp_path / "missing")]
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     assert res.returncode == 2 and "is not a folder" in res.stderr

@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from dip_lightning.data import ShardDataModule
-from dip_lightning.data.preprocess import center_crop_arr, decode_image, random_crop_arr
-from dip_lightning.data.shards import shard_sample_counts
-from dip_lightning.data.streams import TrainShardStream
+from dip_lightning.core.data import ShardDataModule
+from dip_lightning.core.data.preprocess import center_crop_arr, decode_image, random_crop_arr
+from dip_lightning.core.data.shards import shard_sample_counts
+from dip_lightning.core.data.streams import TrainShardStream
 from tests.helpers.data import write_wide_shards
 
 torch.set_num_threads(1)

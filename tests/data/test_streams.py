@@ -11,16 +11,16 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from dip_lightning.data.preprocess import center_crop_arr, decode_image
-from dip_lightning.data.shards import expand_shards, index_tar, shard_sample_counts
-from dip_lightning.data.streams import (
+from dip_lightning.core.data.preprocess import center_crop_arr, decode_image
+from dip_lightning.core.data.shards import expand_shards, index_tar, shard_sample_counts
+from dip_lightning.core.data.streams import (
     TrainPlan,
     TrainShardStream,
     ValShardStream,
     count_samples,
     iter_image_batches,
 )
-from dip_lightning.images import to_model_range, to_uint8
+from dip_lightning.core.images import to_model_range, to_uint8
 from tests.helpers.data import ids_of, write_id_shards
 
 torch.set_num_threads(1)

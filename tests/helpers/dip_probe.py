@@ -6,7 +6,7 @@
   arrives. None of it changes the training computation.
 * :class:`LaunchReport` writes down, per rank and job, what Lightning derived from the launcher's environment
   (ranks, world size, node rank, rendezvous address and port) next to that environment, for the SLURM tests.
-* :class:`SlowSaveCheckpointIO` is the kit's :class:`~dip_lightning.checkpointing.AtomicCheckpointIO` with one
+* :class:`SlowSaveCheckpointIO` is the kit's :class:`~dip_lightning.checkpoint.io.AtomicCheckpointIO` with one
   save stalled halfway through writing, so a test can ``kill -9`` the process in the middle of a real save.
 """
 
@@ -26,10 +26,10 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-from dip_lightning.callbacks.ema import find_ema
-from dip_lightning.callbacks.preemption import PreemptionGuard
-from dip_lightning.checkpointing import AtomicCheckpointIO
-from dip_lightning.compat import average_model
+from dip_lightning.checkpoint.io import AtomicCheckpointIO
+from dip_lightning.core.compat import average_model
+from dip_lightning.training.callbacks.ema import find_ema
+from dip_lightning.training.callbacks.preemption import PreemptionGuard
 
 
 def _guard(trainer: pl.Trainer) -> PreemptionGuard | None:

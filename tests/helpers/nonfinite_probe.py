@@ -15,9 +15,9 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from dip_lightning.callbacks import PowerFunctionEMA
-from dip_lightning.callbacks.ema import find_ema
-from dip_lightning.callbacks.nonfinite import find_nonfinite_guard
+from dip_lightning.training.callbacks import PowerFunctionEMA
+from dip_lightning.training.callbacks.ema import find_ema
+from dip_lightning.training.callbacks.nonfinite import find_nonfinite_guard
 
 
 def _copy(value: Any) -> Any:

@@ -14,14 +14,14 @@ from typing import Any
 
 import torch
 
-from dip_lightning.callbacks.preemption import TrainingInterrupted
-from dip_lightning.cli import DiPCLI
+from dip_lightning.training.callbacks.preemption import TrainingInterrupted
+from dip_lightning.training.cli import DiPCLI
 from tests.helpers.tiny import tiny_args
 
 STEPS = 30
 PROBE = "tests.helpers.dip_probe.ResumeProbe"
 # Two decays: resume must restore the first (Lightning's averaged model) and the further one (checkpoint["ema"]).
-EMA_ONLY = [{"class_path": "dip_lightning.callbacks.EMA", "init_args": {"decays": [0.9, 0.6]}}]
+EMA_ONLY = [{"class_path": "dip_lightning.training.callbacks.EMA", "init_args": {"decays": [0.9, 0.6]}}]
 
 
 def resume_args(run_dir: Path, data: dict, *extra: str, steps: int = STEPS, hidden: int = 64) -> list[str]:

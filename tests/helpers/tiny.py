@@ -90,16 +90,16 @@ HIGH_LR = "--model.optimizer.init_args.lr=1e-2"
 
 def ema_callback(**init_args: Any) -> dict[str, Any]:
     """The EMA callback as a YAML/JSON entry (decay 0.5 unless given)."""
-    return {"class_path": "dip_lightning.callbacks.EMA", "init_args": {"decay": 0.5, **init_args}}
+    return {"class_path": "dip_lightning.training.callbacks.EMA", "init_args": {"decay": 0.5, **init_args}}
 
 
 def grid_callback(**init_args: Any) -> dict[str, Any]:
-    return {"class_path": "dip_lightning.callbacks.SampleGrid", "init_args": init_args}
+    return {"class_path": "dip_lightning.training.callbacks.SampleGrid", "init_args": init_args}
 
 
 def fit_with(args: list[str], *callbacks: Any, ckpt_path: str | None = None) -> Any:
     """Build the CLI from ``args`` without running, add ``callbacks`` (probes), then ``fit``; returns the CLI."""
-    from dip_lightning.cli import DiPCLI
+    from dip_lightning.training.cli import DiPCLI
 
     cli = DiPCLI(args=args, run=False)
     cli.trainer.callbacks.extend(callbacks)

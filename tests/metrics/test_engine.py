@@ -17,14 +17,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dip_lightning.encoders import DINOv2ViT
-from dip_lightning.metrics import METRIC_NAMES, MetricEngine, MetricUnavailableWarning, compute_metrics
-from dip_lightning.metrics import reference as reference_module
-from dip_lightning.metrics.features import DINOv2Features, PixelProjection
-from dip_lightning.metrics.frechet import FIDStats, frechet_distance
-from dip_lightning.metrics.patch_seam import SeamProfile, patch_seam_score
-from dip_lightning.metrics.precision_recall import precision_recall
-from dip_lightning.metrics.reference import FeatureSet, save_reference
+from dip_lightning.core.encoders import DINOv2ViT
+from dip_lightning.core.metrics import METRIC_NAMES, MetricEngine, MetricUnavailableWarning, compute_metrics
+from dip_lightning.core.metrics import reference as reference_module
+from dip_lightning.core.metrics.features import DINOv2Features, PixelProjection
+from dip_lightning.core.metrics.frechet import FIDStats, frechet_distance
+from dip_lightning.core.metrics.patch_seam import SeamProfile, patch_seam_score
+from dip_lightning.core.metrics.precision_recall import precision_recall
+from dip_lightning.core.metrics.reference import FeatureSet, save_reference
 from tests.metrics.test_formulas import brute_force_pr, scipy_fid
 
 torch.set_num_threads(1)

@@ -1,4 +1,4 @@
-"""dip_lightning.metrics.features and .sources: TF1 resize, the Inception wrappers, DINOv2 errors, npz streaming.
+"""dip_lightning.core.metrics.features and .sources: TF1 resize, the Inception wrappers, DINOv2 errors, npz streaming.
 
 Moved from tests/test_fid.py when FID became part of the metrics engine.
 """
@@ -13,15 +13,15 @@ import pytest
 import torch
 from PIL import Image
 
-from dip_lightning.metrics.features import (
+from dip_lightning.core.metrics.features import (
     FIDHelperInception,
     TorchmetricsInception,
     TorchScriptInception,
     _run_graph_layers,
     resize_bilinear_tf1,
 )
-from dip_lightning.metrics.inception_score import inception_score
-from dip_lightning.metrics.sources import iter_npz_images
+from dip_lightning.core.metrics.inception_score import inception_score
+from dip_lightning.core.metrics.sources import iter_npz_images
 
 torch.set_num_threads(1)
 
@@ -183,7 +183,7 @@ def test_default_inception_features_separate_real_photos_from_noise() -> None:
 
 
 def test_dinov2_features_need_a_local_weights_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from dip_lightning.metrics.features import DINOv2Features
+    from dip_lightning.core.metrics.features import DINOv2Features
 
     monkeypatch.delenv("DIP_DINOV2_WEIGHTS", raising=False)
     with pytest.raises(FileNotFoundError, match="--dinov2_weights"):

@@ -1,4 +1,4 @@
-"""Each metric of dip_lightning.metrics against an independent computation on the same features."""
+"""Each metric of dip_lightning.core.metrics against an independent computation on the same features."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import pytest
 import scipy.linalg
 import torch
 
-from dip_lightning.metrics.frechet import FIDStats, StatsAccumulator, frechet_distance
-from dip_lightning.metrics.inception_score import ADM_SPLIT_SIZE, inception_score, inception_score_splits
-from dip_lightning.metrics.patch_seam import SeamProfile, patch_seam_score, seam_ratio
-from dip_lightning.metrics.precision_recall import manifold_radii, precision_recall
+from dip_lightning.core.metrics.frechet import FIDStats, StatsAccumulator, frechet_distance
+from dip_lightning.core.metrics.inception_score import ADM_SPLIT_SIZE, inception_score, inception_score_splits
+from dip_lightning.core.metrics.patch_seam import SeamProfile, patch_seam_score, seam_ratio
+from dip_lightning.core.metrics.precision_recall import manifold_radii, precision_recall
 
 torch.set_num_threads(1)
 

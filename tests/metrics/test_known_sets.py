@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from dip_lightning.metrics import metrics_from_features
-from dip_lightning.metrics.features import FIDHelperInception
-from dip_lightning.metrics.reference import FeatureSet, Reference, extract_feature_set
-from dip_lightning.metrics.sources import iter_shard_images
+from dip_lightning.core.metrics import metrics_from_features
+from dip_lightning.core.metrics.features import FIDHelperInception
+from dip_lightning.core.metrics.reference import FeatureSet, Reference, extract_feature_set
+from dip_lightning.core.metrics.sources import iter_shard_images
 
 HALF = 64  # all 128 validation crops; with 32 per half, noise lands inside a few of the wider k=3 balls
 METRICS = ["fid", "sfid", "precision", "recall", "patch_seam"]
@@ -104,7 +104,7 @@ def test_sfid_features_are_mixed_6_conv_first_seven_channels() -> None:
     assert both["spatial"].shape == (2, 17 * 17 * 7)
     torch.testing.assert_close(both["pool"], extractor(images))  # one pass, the same pool3 features
     # Written out: the blocks up to mixed_5, then mixed_6's first 1x1 conv (+BN+ReLU), channels 0..6 as HWC.
-    from dip_lightning.metrics.features import resize_bilinear_tf1
+    from dip_lightning.core.metrics.features import resize_bilinear_tf1
 
     x = (resize_bilinear_tf1(images.float(), (299, 299)) - 128) / 128
     layers = extractor.net.net.layers

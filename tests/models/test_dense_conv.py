@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dip_lightning.models import DiP, PatchDetailerHead
-from dip_lightning.models.dense_conv import conv3x3_taps, dense_conv3x3, dense_conv3x3_weight
+from dip_lightning.core.models import DiP, PatchDetailerHead
+from dip_lightning.core.models.dense_conv import conv3x3_taps, dense_conv3x3, dense_conv3x3_weight
 
 torch.set_num_threads(1)
 

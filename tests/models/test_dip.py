@@ -8,16 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dip_lightning.diffusion import guided_velocity
-from dip_lightning.models import (
-    AttentionHead,
-    CoordMLPHead,
-    DiP,
-    LinearHead,
-    MLPHead,
-    PatchDetailerHead,
-)
-from dip_lightning.models.backbone import (
+from dip_lightning.core.diffusion import guided_velocity
+from dip_lightning.core.models import AttentionHead, CoordMLPHead, DiP, LinearHead, MLPHead, PatchDetailerHead
+from dip_lightning.core.models.backbone import (
     Attention,
     DiTBlock,
     apply_rope,

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dip_lightning.models import (
+from dip_lightning.commands.models import main as summary_main
+from dip_lightning.core.models import (
     AttentionHead,
     CoordMLPHead,
     MLPHead,
@@ -18,7 +19,6 @@ from dip_lightning.models import (
     list_models,
     model_summary,
 )
-from dip_lightning.models.__main__ import main as summary_main
 
 
 def n_params(module: torch.nn.Module) -> int:

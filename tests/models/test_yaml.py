@@ -8,7 +8,7 @@ import pytest
 import torch
 from jsonargparse import ArgumentParser
 
-from dip_lightning.models import CoordMLPHead, DiP, PatchDetailerHead
+from dip_lightning.core.models import CoordMLPHead, DiP, PatchDetailerHead
 
 torch.set_num_threads(1)
 
@@ -16,7 +16,7 @@ TINY = {"input_size": 32, "hidden_size": 32, "depth": 2, "num_heads": 2, "num_cl
 
 YAML = """
 net:
-  class_path: dip_lightning.models.DiP
+  class_path: dip_lightning.core.models.DiP
   init_args:
     input_size: 32
     hidden_size: 32
@@ -26,10 +26,10 @@ net:
     placement: hybrid
     intermediate_block: 1
     head:
-      class_path: dip_lightning.models.heads.PatchDetailerHead
+      class_path: dip_lightning.core.models.heads.PatchDetailerHead
       init_args: {depth: 2, base_channels: 8}
     intermediate_head:
-      class_path: dip_lightning.models.heads.CoordMLPHead
+      class_path: dip_lightning.core.models.heads.CoordMLPHead
       init_args: {width: 8, depth: 1}
 """
 
@@ -59,7 +59,7 @@ def test_yaml_with_nested_head_class_paths_instantiates():
 
 def test_dict_config_and_default_head():
     parser = make_parser()
-    cfg = parser.parse_object({"net": {"class_path": "dip_lightning.models.DiP", "init_args": TINY}})
+    cfg = parser.parse_object({"net": {"class_path": "dip_lightning.core.models.DiP", "init_args": TINY}})
     net = instantiate(parser, cfg)(cfg).net
     assert isinstance(net.head, PatchDetailerHead) and net.head.widths == [64, 128, 256, 512]
 
@@ -86,4 +86,4 @@ def test_head_short_class_name_works():
 def test_misspelled_or_invalid_options_fail_naming_the_key(init_args, bad_key):
     parser = make_parser()
     with pytest.raises(argparse.ArgumentError, match=bad_key):
-        parser.parse_object({"net": {"class_path": "dip_lightning.models.DiP", "init_args": init_args}})
+        parser.parse_object({"net": {"class_path": "dip_lightning.core.models.DiP", "init_args": init_args}})

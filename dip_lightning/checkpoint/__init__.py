@@ -1,0 +1,3 @@
+"""The checkpoint layer: what a checkpoint holds and which of its weights a command uses (``format``), reading and
+writing files (``io``), post-hoc EMA snapshots (``posthoc``), where a run continues from (``resume``) and whether a
+checkpoint fits a model (``compatibility``). Builds on the core only."""

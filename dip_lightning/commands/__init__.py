@@ -1,0 +1,136 @@
+"""The kit's commands in one registry, and the one flag style they share.
+
+``python -m dip_lightning`` (or the ``dip-lightning`` script) dispatches on the first word: the LightningCLI
+subcommands go to :mod:`dip_lightning.training.cli`, every other command to its ``main(argv)``, imported lazily so that
+``--help`` stays fast. ``python -m dip_lightning --help`` lists them all.
+
+Flags are written with underscores, as LightningCLI's (``--num_samples``, ``--batch_size``); the hyphenated
+spelling (``--batch-size``) is accepted too, hidden from the help. Every command's parser is a
+:class:`CommandParser`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["COMMANDS", "Command", "CommandParser", "LIGHTNING_COMMANDS", "overview", "run_command"]
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    summary: str
+    module: str | None = (
+        None  # the module of dip_lightning.commands whose main(argv) runs it; None: LightningCLI
+    )
+
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+COMMANDS: dict[str, Command] = {
+    c.name: c
+    for c in (
+        Command("fit", "train (and resume) an experiment: fit --config experiments/<exp>.yaml"),
+        Command("validate", "validation loss of a checkpoint: validate --config ... --ckpt_path ..."),
+        Command("test", "LightningCLI test loop (same arguments as validate)"),
+        Command("predict", "generate uint8 images with Lightning's predict loop"),
+        Command("sample", "export N samples in the ADM evaluator's npz format", "sample"),
+        Command(
+            "evaluate", "FID, sFID, IS, precision, recall, patch seam, FD-DINOv2 of a sample npz", "evaluate"
+        ),
+        Command(
+            "fid-stats",
+            "reference file (statistics, features, seam profile) of real shards or images",
+            "fid_stats",
+        ),
+        Command("report", "compare runs: one table row per run, each metric against training step", "report"),
+        Command("sweep", "evaluate a checkpoint over EMA decays x guidance settings (resumable)", "sweep"),
+        Command("convert", "released DiP weights <-> kit checkpoints", "convert"),
+        Command(
+            "ema-reconstruct",
+            "post-hoc EMA: any power-function EMA std from a run's snapshots",
+            "ema_reconstruct",
+        ),
+        Command("prepare", "WebDataset shards from an image folder (ImageNet)", "prepare"),
+        Command("demo", "the whole kit on CPU in minutes: data, training, grid, metrics", "demo"),
+        Command("demo-data", "build the embedded real-image demo dataset", "demo_data"),
+        Command("models", "parameters and GMACs of a named model size", "models"),
+    )
+}
+
+
+def _canonical(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def overview() -> str:
+    """The top-level help: every command with its line."""
+    width = max(len(n) for n in COMMANDS)
+    lines = [
+        "usage: python -m dip_lightning <command> [options]    (or: dip-lightning <command> ...)",
+        "",
+        "DiP experiment kit: pixel-space diffusion with a Patch Detailer Head (arXiv 2511.18822).",
+        "",
+        "commands:",
+        *(f"  {c.name:{width}s}  {c.summary}" for c in COMMANDS.values()),
+        "",
+        "`python -m dip_lightning <command> --help` shows a command's options; fit/validate/test/predict are",
+        "LightningCLI subcommands (--config, --print_config, dotted overrides such as --trainer.max_steps=100).",
+    ]
+    return "\n".join(lines)
+
+
+def _lightning(argv: list[str]) -> int:
+    from dip_lightning.training.cli import cli_main
+
+    # LightningCLI reads sys.argv itself; passing the same list again only triggers its "both given" warning.
+    cli_main(None if argv == sys.argv[1:] else argv)
+    return 0
+
+
+def run_command(argv: Sequence[str]) -> int:
+    """Run ``argv`` (``[command, *options]``); returns the exit code."""
+    argv = list(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(overview())
+        return 0
+    if argv[0].startswith(
+        "-"
+    ):  # LightningCLI options without a subcommand: LightningCLI says what is missing
+        return _lightning(argv)
+    command = COMMANDS.get(_canonical(argv[0]))
+    if command is None:
+        print(overview())
+        print(f"\nerror: unknown command {argv[0]!r}")
+        return 2
+    if command.module is None:
+        return _lightning([command.name, *argv[1:]])
+    main = importlib.import_module(f"{__name__}.{command.module}").main
+    return int(main(argv[1:]) or 0)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """``argparse`` with the kit's flag style: ``--snake_case`` options, the ``--kebab-case`` spelling accepted.
+
+    ``prog`` defaults to ``python -m dip_lightning <command>``.
+    """
+
+    def __init__(self, command: str, **kwargs: Any) -> None:
+        kwargs.setdefault("prog", f"python -m dip_lightning {command}")
+        super().__init__(**kwargs)
+
+    def add_argument(self, *names: str, **kwargs: Any) -> argparse.Action:
+        if any(n.startswith("--") and "-" in n[2:] for n in names):
+            raise ValueError(f"kit flags use underscores: {names}")
+        action = super().add_argument(*names, **kwargs)
+        aliases = [f"--{n[2:].replace('_', '-')}" for n in names if n.startswith("--") and "_" in n]
+        if aliases:
+            alias_kwargs = {k: v for k, v in kwargs.items() if k not in ("required", "help", "default")}
+            alias_kwargs.setdefault("dest", action.dest)
+            super().add_argument(*aliases, help=argparse.SUPPRESS, default=argparse.SUPPRESS, **alias_kwargs)
+        return action

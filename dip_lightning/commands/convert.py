@@ -1,0 +1,48 @@
+"""``python -m dip_lightning convert``: released DiP weights <-> kit checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dip_lightning.checkpoint.io import CheckpointError
+from dip_lightning.training.released import ConversionError, Direction, convert_checkpoint
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m dip_lightning convert",
+        description="Convert released DiP weights (NJU-PCALab/DiP) to this kit's checkpoint, or back.",
+    )
+    p.add_argument("input", help="checkpoint to read")
+    p.add_argument(
+        "--from",
+        dest="source",
+        choices=["official", "kit"],
+        required=True,
+        help="layout of the input: 'official' (released code) -> kit checkpoint; 'kit' -> released layout",
+    )
+    p.add_argument("--out", required=True, help="file to write")
+    weights_help = "official input: which copy goes to state_dict (auto = EMA when present)"
+    p.add_argument("--weights", choices=["auto", "ema", "live"], default="auto", help=weights_help)
+    p.add_argument("--input_size", type=int, default=None, help="image size recorded in the kit config")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    trust_help = "allow a file with pickled Python objects (trusted files only)"
+    p.add_argument("--trust_pickle", action="store_true", help=trust_help)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    direction: Direction = "official_to_kit" if args.source == "official" else "kit_to_official"
+    options = {k: getattr(args, k) for k in ("weights", "input_size", "overwrite", "trust_pickle")}
+    try:
+        summary = convert_checkpoint(args.input, args.out, direction=direction, **options)
+    except (ConversionError, CheckpointError, FileNotFoundError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(summary)
+    return 0

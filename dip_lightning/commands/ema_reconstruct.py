@@ -1,0 +1,62 @@
+"""``python -m dip_lightning ema-reconstruct RUN --std S --out CKPT``: any power-function EMA from a run's snapshots."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from dip_lightning.checkpoint.format import RECONSTRUCTION_RECORD
+from dip_lightning.checkpoint.io import CheckpointError
+from dip_lightning.checkpoint.posthoc import reconstruct
+from dip_lightning.commands import CommandParser
+from dip_lightning.core.atomic import atomic_write
+from dip_lightning.core.phema import MAX_STD
+
+
+# ---------------------------------------------------------------------------------------------- command
+def build_parser() -> CommandParser:
+    p = CommandParser(
+        "ema-reconstruct", description="Reconstruct a power-function EMA of any std from the run's snapshots."
+    )
+    p.add_argument(
+        "run_dir", help="the run folder (snapshots in <run_dir>/phema) or the snapshot folder itself"
+    )
+    p.add_argument(
+        "--std", type=float, required=True, help=f"relative width of the EMA, in (0, {MAX_STD:.3f})"
+    )
+    p.add_argument("--out", required=True, help="output checkpoint (.ckpt), for sample / load_module")
+    p.add_argument("--step", type=int, default=None, help="snapshot step to reconstruct at (default: latest)")
+    p.add_argument(
+        "--from_std",
+        type=float,
+        action="append",
+        default=None,
+        help="use only these stored stds (repeatable)",
+    )
+    p.add_argument("--overwrite", action="store_true")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    folder = Path(args.run_dir)
+    if (folder / "phema").is_dir():
+        folder = folder / "phema"
+    out = Path(args.out)
+    try:
+        if out.exists() and not args.overwrite:
+            raise FileExistsError(f"{out} exists; pass --overwrite to replace it (nothing was changed).")
+        checkpoint = reconstruct(folder, args.std, args.step, args.from_std)
+    except (CheckpointError, FileExistsError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    with atomic_write(out) as fh:
+        torch.save(checkpoint, fh)
+    record = checkpoint[RECONSTRUCTION_RECORD]
+    print(
+        f"wrote {out}: std {record['std']} at step {record['step']} from {len(record['inputs'])} stored profiles "
+        f"(coefficients {min(record['coefficients']):.3g} .. {max(record['coefficients']):.3g})"
+    )
+    return 0

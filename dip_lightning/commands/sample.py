@@ -1,0 +1,124 @@
+"""``python -m dip_lightning sample``: export N samples of a checkpoint in the ADM evaluator's npz format."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from typing import Any
+
+import torch
+
+from dip_lightning.checkpoint.io import CheckpointError
+from dip_lightning.commands import CommandParser
+from dip_lightning.core.distributed import launch_place
+from dip_lightning.evaluation.export import ExportMismatchError, export_samples
+from dip_lightning.training.loading import load_module
+from dip_lightning.training.module import COMPILE_MODES
+
+
+def build_parser() -> CommandParser:
+    p = CommandParser("sample", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt_path", required=True, help="checkpoint (Lightning .ckpt) to sample from")
+    p.add_argument(
+        "--config", action="append", default=None, help="experiment YAML(s), for configless checkpoints"
+    )
+    p.add_argument("--out", required=True, help="output .npz (ADM evaluator format)")
+    p.add_argument("--num_samples", type=int, default=50_000)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--chunk_size", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no_balanced", dest="balanced", action="store_false", help="random labels instead of i %% C"
+    )
+    from dip_lightning.core.diffusion import SAMPLERS
+
+    listed = "; ".join(f"{name} = {cls.__module__}.{cls.__name__}" for name, cls in SAMPLERS.items())
+    p.add_argument(
+        "--sampler",
+        choices=list(SAMPLERS),
+        default=None,
+        help=f"integrator (default: the checkpoint's model.sampler), keeping its grid and guidance: {listed}. "
+        "Their own options (SDE w_schedule, Heun guidance_rule ...) come from YAML: --config with "
+        "model.sampler.class_path / init_args",
+    )
+    p.add_argument("--num_steps", type=int, default=None)
+    p.add_argument("--cfg_scale", type=float, default=None)
+    p.add_argument("--cfg_interval", type=float, nargs=2, default=None, metavar=("T_MIN", "T_MAX"))
+    p.add_argument("--raw_weights", action="store_true", help="use the raw (non-EMA) weights")
+    p.add_argument(
+        "--ema",
+        type=float,
+        default=None,
+        metavar="DECAY",
+        help="use the weights of this EMA decay (one the run tracked; default: its first)",
+    )
+    p.add_argument(
+        "--trust_pickle",
+        action="store_true",
+        help="allow a checkpoint with pickled Python objects besides tensors (trusted files only)",
+    )
+    p.add_argument("--device", default=None, help="default: cuda:<local rank> when available, else cpu")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        default=None,
+        choices=COMPILE_MODES,
+        help="torch.compile the network (static shapes; 'reduce-overhead' adds CUDA graphs); a GPU option",
+    )
+    return p
+
+
+def main(argv: list[str]) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.raw_weights and args.ema is not None:
+        parser.error("--raw_weights and --ema exclude each other: choose one set of weights")
+    place = launch_place()
+    rank, world_size = place.rank, place.world_size
+    device = args.device or (f"cuda:{place.local_rank}" if torch.cuda.is_available() else "cpu")
+    try:
+        module = load_module(args.ckpt_path, args.config, args.raw_weights, args.trust_pickle, ema=args.ema)
+    except (CheckpointError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.compile:
+        module.compile_network(args.compile, dynamic=False)
+    overrides: dict[str, Any] = {"num_steps": args.num_steps, "cfg_scale": args.cfg_scale}
+    if args.cfg_interval is not None:
+        overrides["cfg_interval"] = tuple(args.cfg_interval)
+    sampler = None
+    if args.sampler is not None:
+        from dip_lightning.core.diffusion import SAMPLERS, ODESampler
+
+        cls = SAMPLERS[args.sampler]
+        base = module.make_sampler(**overrides)
+        # The fields every sampler shares (time grid, shift, last step, guidance); only the integrator changes.
+        sampler = cls(**{f.name: getattr(base, f.name) for f in dataclasses.fields(ODESampler)})
+        module.sampler = sampler
+    t0 = time.time()
+    try:
+        result = export_samples(
+            module,
+            args.out,
+            args.num_samples,
+            batch_size=args.batch_size,
+            chunk_size=args.chunk_size,
+            seed=args.seed,
+            balanced=args.balanced,
+            rank=rank,
+            world_size=world_size,
+            device=device,
+            overwrite=args.overwrite,
+            **({} if sampler is not None else overrides),
+        )
+    except ExportMismatchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if result is not None:
+        print(f"wrote {result} ({args.num_samples} samples, {time.time() - t0:.1f} s on rank {rank})")
+    else:
+        print(f"rank {rank}: my chunks are done; another process assembles {args.out}")
+    return 0

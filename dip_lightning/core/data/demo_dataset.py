@@ -1,0 +1,190 @@
+"""The embedded demo dataset: ``python -m dip_lightning demo-data --out data/demo``.
+
+Built offline from real photos that ship inside scikit-image (``skimage.data``; CC0 / public domain):
+one class per photo, many random crops, written through the same code path as real data (an
+ImageFolder of PNG crops -> :func:`dip_lightning.core.data.prepare.prepare_split` with the ADM crop). The
+eight photos differ in colour and content (a portrait, a cat, a cup, a rocket, a galaxy field, a
+stained tissue section, a retina, a motorbike), so a tiny model learns to tell the classes apart in
+a few hundred CPU steps. Idempotent: a complete dataset with the same parameters returns at once.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from dip_lightning.core.atomic import leftover_temp_files
+
+# Sorted, so that the position here is the class index the prepare tool assigns (sorted folder names).
+DEMO_CLASSES: tuple[str, ...] = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "rocket",
+    "stereo_motorcycle",
+)
+_DEMO_VERSION = 1
+
+
+def load_photo(name: str):  # -> np.ndarray (H, W, 3) uint8
+    import numpy as np
+    from skimage import data as skdata
+
+    img = getattr(skdata, name)()
+    if isinstance(img, tuple):  # stereo_motorcycle returns (left, right, disparity)
+        img = img[0]
+    return np.ascontiguousarray(img[..., :3])
+
+
+def _random_crops(photo, n: int, size: int, rng) -> list:  # -> list[PIL.Image]
+    """Random crops covering 35-90% of the short side, aspect 0.8-1.25, saved at 1-2x ``size``.
+
+    The prepare step then applies the ADM crop, so the demo exercises the same resize path as ImageNet.
+    """
+    from PIL import Image
+
+    img = Image.fromarray(photo)
+    w, h = img.size
+    short = min(w, h)
+    crops = []
+    for _ in range(n):
+        side = short * rng.uniform(0.35, 0.9)
+        aspect = rng.uniform(0.8, 1.25)
+        cw, ch = min(w, side * aspect), min(h, side / aspect)
+        x0, y0 = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
+        crop = img.crop((round(x0), round(y0), round(x0 + cw), round(y0 + ch)))
+        scale = size * rng.uniform(1.0, 2.0) / min(crop.size)
+        out = (max(size, round(crop.size[0] * scale)), max(size, round(crop.size[1] * scale)))
+        crops.append(crop.resize(out, resample=Image.Resampling.BICUBIC))
+    return crops
+
+
+def _params(size: int, train_per_class: int, val_per_class: int, seed: int) -> dict:
+    return {
+        "version": _DEMO_VERSION,
+        "classes": list(DEMO_CLASSES),
+        "size": size,
+        "train_per_class": train_per_class,
+        "val_per_class": val_per_class,
+        "seed": seed,
+    }
+
+
+def _result(out: Path, train_manifest: dict, val_manifest: dict) -> dict:
+    return {
+        "root": str(out),
+        "train_shards": str(out / train_manifest["pattern"]),
+        "val_shards": str(out / val_manifest["pattern"]),
+        "classes_file": str(out / "classes.txt"),
+        "class_names": list(DEMO_CLASSES),
+        "num_classes": len(DEMO_CLASSES),
+        "image_size": train_manifest["image_size"],
+        "num_train": train_manifest["num_samples"],
+        "num_val": val_manifest["num_samples"],
+        "train_manifest": str(out / "train-manifest.json"),
+        "val_manifest": str(out / "val-manifest.json"),
+    }
+
+
+def _complete(out: Path, params: dict) -> dict | None:
+    try:
+        manifests = [json.loads((out / f"{s}-manifest.json").read_text()) for s in ("train", "val")]
+    except (OSError, ValueError):
+        return None
+    for m in manifests:
+        if m.get("source", {}).get("note") != json.dumps(params, sort_keys=True):
+            return None
+        for shard in m["shards"]:
+            path = out / shard["name"]
+            if not path.is_file() or path.stat().st_size != shard["bytes"]:
+                return None
+    return _result(out, *manifests)
+
+
+def _is_demo_manifest(path: Path) -> bool:
+    try:
+        note = json.loads(json.loads(path.read_text())["source"]["note"])
+        return isinstance(note, dict) and "train_per_class" in note
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _remove_demo_files(out: Path) -> None:
+    # Only what an earlier demo build wrote: never a whole folder the user may have pointed us at.
+    for pattern in ("train-*.tar", "val-*.tar", "*-manifest.json"):
+        for path in [*out.glob(pattern), *leftover_temp_files(out, pattern)]:
+            path.unlink()
+    (out / "classes.txt").unlink(missing_ok=True)
+    for name in (".train-progress", ".val-progress"):
+        shutil.rmtree(out / name, ignore_errors=True)
+
+
+def build_demo_dataset(
+    out: str | Path = "data/demo",
+    size: int = 32,
+    train_per_class: int = 96,
+    val_per_class: int = 16,
+    seed: int = 0,
+    workers: int = 1,
+    progress: bool = False,
+) -> dict:
+    """Build (or find) the demo dataset; returns paths, shard patterns and counts.
+
+    Keys: ``root``, ``train_shards``, ``val_shards`` (brace patterns for the YAML config),
+    ``classes_file``, ``class_names``, ``num_classes`` (8), ``image_size``, ``num_train``, ``num_val``,
+    ``train_manifest``, ``val_manifest``.
+    """
+    import numpy as np
+
+    from dip_lightning.core.data.prepare import prepare_split
+
+    if size < 8:
+        raise ValueError(f"size must be >= 8, got {size}")
+    out = Path(out)
+    params = _params(size, train_per_class, val_per_class, seed)
+    done = _complete(out, params)
+    if done is not None:
+        return done
+    out.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val"):
+        manifest = out / f"{split}-manifest.json"
+        if manifest.exists() and not _is_demo_manifest(manifest):
+            raise FileExistsError(f"{out} holds another dataset; choose another --out")
+    _remove_demo_files(out)  # an older or partial demo build
+
+    note = json.dumps(params, sort_keys=True)
+    rng = np.random.default_rng(seed)
+    photos = {name: load_photo(name) for name in DEMO_CLASSES}  # decoded once for both splits
+    with tempfile.TemporaryDirectory(prefix="dip-demo-") as tmp:
+        staging = Path(tmp)
+        for split, per_class in (("train", train_per_class), ("val", val_per_class)):
+            for name in DEMO_CLASSES:
+                folder = staging / split / name
+                folder.mkdir(parents=True)
+                for i, crop in enumerate(_random_crops(photos[name], per_class, size, rng)):
+                    crop.save(folder / f"{name}_{split}_{i:04d}.png", compress_level=1)
+        manifests = {}
+        for split, shard_size in (("train", 256), ("val", 64)):
+            manifests[split] = prepare_split(
+                staging / split,
+                out,
+                split=split,
+                image_size=size,
+                format="png",
+                shard_size=shard_size,
+                seed=seed,
+                workers=workers,
+                progress=progress,
+                source_note=note,
+            )
+    # The staging folder is gone; record where the pixels came from instead of a temp path.
+    for split, manifest in manifests.items():
+        manifest["source"]["path"] = "skimage.data (scikit-image bundled photos)"
+        path = out / f"{split}-manifest.json"
+        path.write_text(json.dumps(manifest, indent=1))
+    return _result(out, manifests["train"], manifests["val"])

@@ -1,0 +1,479 @@
+"""Turn an image folder into WebDataset shards.
+
+``python -m dip_lightning prepare --src DIR --out DIR --size 256``
+
+Input layouts:
+
+* ImageFolder: one sub-folder per class (ImageNet ``train/`` with 1000 synset folders, or a ``val/``
+  sorted the same way). Class index = position of the folder name in the sorted list, the standard
+  ImageNet index; when ``--out`` already holds a ``classes.txt`` (from the train split) or ``--classes``
+  names one, that list is used so the validation split gets the same indices.
+* Flat folder + ``--labels FILE``: one line per image, ``<file name or stem> <label>`` separated by
+  whitespace or a comma, label = class name or integer index (ImageNet's ``LOC_val_solution.csv`` works
+  as is: its header line is skipped and the first word of the second column is the synset).
+
+Each sample is ``{"__key__", "png" | "jpg" | original extension, "cls": ASCII integer}``, in the tar
+layout ``webdataset.TarWriter`` writes (fixed mtime, so reruns give byte-identical shards). Samples are
+shuffled globally and deterministically (``--seed``) before they are cut into shards of ``--shard_size``
+samples, so a reader that shuffles within a few shards sees a well mixed stream.
+
+Robustness: shards are written atomically (:mod:`dip_lightning.core.atomic`), each with a small record per
+shard in ``.<split>-progress/``; a rerun skips complete shards, so an interrupted run resumes to the same
+bytes and never leaves a truncated shard that looks complete. An unreadable input (zero bytes,
+truncated, not an image) is skipped, counted and listed in the manifest; it never stops the run.
+``<split>-manifest.json`` is written last.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import tarfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from dip_lightning.core.atomic import atomic_write, atomic_write_json, leftover_temp_files
+
+FORMAT_VERSION = 1
+_TAR_MTIME = 946684800  # 2000-01-01: fixed so that reruns produce identical tar bytes
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    """Everything that changes the bytes of the shards (part of the resume check)."""
+
+    split: str
+    image_size: int
+    format: str  # png | jpg | orig
+    quality: int
+    png_level: int
+    preprocess: str  # adm | none
+    shard_size: int
+    seed: int
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def read_classes_file(path: str | Path) -> list[str]:
+    with open(path) as f:
+        names = [line.strip() for line in f if line.strip()]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path}: duplicate class names")
+    return names
+
+
+def list_image_folder(src: Path, classes: list[str] | None = None) -> tuple[list[str], list[tuple[str, int]]]:
+    """``(classes, [(relative path, label)])`` for a one-folder-per-class layout (recursive)."""
+    folders = sorted(p.name for p in src.iterdir() if p.is_dir() and not _is_hidden(p.name))
+    if not folders:
+        raise ValueError(f"{src} has no class sub-folders (expected an ImageFolder layout, or pass --labels)")
+    if classes is None:
+        classes = folders
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = [f for f in folders if f not in index]
+    if unknown:
+        raise ValueError(
+            f"{len(unknown)} folder(s) of {src} are not in the class list ({len(classes)} classes), "
+            f"e.g. {unknown[:3]}; check --classes or the classes.txt in --out"
+        )
+    items: list[tuple[str, int]] = []
+    for folder in folders:
+        root = src / folder
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+            for name in sorted(filenames):
+                if not _is_hidden(name):
+                    items.append((os.path.relpath(os.path.join(dirpath, name), src), index[folder]))
+    return classes, items
+
+
+def read_label_file(path: str | Path) -> list[tuple[str, str]]:
+    """``[(file name or stem, label string)]`` from a ``name label`` / ``name,label ...`` file."""
+    rows: list[tuple[str, str]] = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = re.split(r"[,\s]+", line)
+            if len(parts) < 2:
+                raise ValueError(f"{path}:{lineno}: expected '<file> <label>', got {line!r}")
+            rows.append((parts[0], parts[1]))
+    return rows
+
+
+def list_flat_folder(
+    src: Path, labels_file: Path, classes: list[str] | None
+) -> tuple[list[str], list[tuple[str, int]], list[dict[str, str]]]:
+    """``(classes, items, unlabelled)`` for a flat folder plus a label file."""
+    files = sorted(e.name for e in os.scandir(src) if e.is_file() and not _is_hidden(e.name))
+    known = set(files) | {name.split(".", 1)[0] for name in files}
+    rows = read_label_file(labels_file)
+    if rows and rows[0][0] not in known:
+        rows = rows[1:]  # a header line such as "ImageId,PredictionString"
+    if classes is None:
+        if any(label.isdigit() for _, label in rows):
+            raise ValueError(
+                f"{labels_file} has integer labels: pass --classes (or prepare the train split first)"
+            )
+        classes = sorted({label for _, label in rows})
+    index = {name: i for i, name in enumerate(classes)}
+    by_name: dict[str, int] = {}
+    for name, label in rows:
+        if label in index:
+            by_name[name] = index[label]
+        elif label.isdigit() and int(label) < len(classes):
+            by_name[name] = int(label)
+        else:
+            raise ValueError(
+                f"{labels_file}: label {label!r} of {name!r} is neither a class name nor an index"
+            )
+    items: list[tuple[str, int]] = []
+    unlabelled: list[dict[str, str]] = []
+    for name in files:
+        label = by_name.get(name, by_name.get(name.split(".", 1)[0]))
+        if label is None:
+            unlabelled.append({"path": name, "error": f"no label in {labels_file.name}"})
+        else:
+            items.append((name, label))
+    return classes, items, unlabelled
+
+
+# ------------------------------------------------------------------------------------------ shard writing
+def encode_for_shard(data: bytes, cfg: ShardConfig) -> tuple[str, bytes]:
+    """Decode-check and convert one input file; raises for anything unreadable."""
+    from PIL import Image
+
+    from dip_lightning.core.data.preprocess import encode_image, preprocess, to_rgb
+
+    img = Image.open(io.BytesIO(data))
+    img.load()  # full decode: a truncated file fails here
+    if cfg.format == "orig":
+        if img.format in ("JPEG", "PNG", "WEBP"):
+            return {"JPEG": "jpg"}.get(img.format, img.format.lower()), data
+        return encode_image(to_rgb(img), "png", png_level=cfg.png_level)  # lossless for anything exotic
+    out = preprocess(img, cfg.image_size, cfg.preprocess)
+    return encode_image(out, cfg.format, cfg.quality, cfg.png_level)
+
+
+def _safe_stem(rel: str) -> str:
+    stem = os.path.basename(rel).split(".", 1)[0]
+    return re.sub(r"[^A-Za-z0-9_-]", "_", stem)[:60] or "x"
+
+
+class ShardTarWriter:
+    """Writes samples in the tar layout of ``webdataset.TarWriter``: ustar members ``<key>.<ext>``, a
+    sample's members in sorted extension order, fixed mtime / owner / mode (reproducible bytes).
+
+    Written with :mod:`tarfile` directly because ``import webdataset`` pulls in torch (seconds per pool
+    worker; BENCHMARKS.md, Data); the readers (``wds.WebDataset``, ``tar``, this package) see the same thing.
+    """
+
+    def __init__(self, fileobj: io.BufferedIOBase) -> None:
+        self._tar = tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+
+    def write(self, key: str, members: dict[str, bytes]) -> None:
+        for ext in sorted(members):
+            data = members[ext]
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), _TAR_MTIME, 0o444
+            info.uname = info.gname = "dip"
+            self._tar.addfile(info, io.BytesIO(data))
+
+    def close(self) -> None:
+        self._tar.close()
+
+
+def write_shard(task: dict) -> dict:
+    """Write one shard (runs in a pool worker). Returns its record; bad inputs are listed, never raised."""
+    cfg = ShardConfig(**task["config"])
+    out = Path(task["out"])
+    bad: list[dict[str, str]] = []
+    counts: dict[int, int] = {}
+    written = 0
+    with atomic_write(out / task["name"]) as f:
+        writer = ShardTarWriter(f)
+        for key, rel, label in task["items"]:
+            try:
+                with open(os.path.join(task["src"], rel), "rb") as img_file:
+                    data = img_file.read()
+                ext, payload = encode_for_shard(data, cfg)
+            except Exception as exc:  # noqa: BLE001 - any unreadable input is skipped and reported
+                bad.append({"path": rel, "error": f"{type(exc).__name__}: {exc}"[:300]})
+                continue
+            writer.write(key, {ext: payload, "cls": str(label).encode()})
+            counts[label] = counts.get(label, 0) + 1
+            written += 1
+        writer.close()
+        record = {
+            "name": task["name"],
+            "samples": written,
+            "bytes": f.tell(),
+            "class_counts": {str(k): v for k, v in sorted(counts.items())},
+            "bad": bad,
+            "planned": len(task["items"]),
+            "plan_hash": task["plan_hash"],
+        }
+        # Record first, shard last: the shard's name appears only once the shard and its record are complete.
+        atomic_write_json(Path(task["progress"]) / (task["name"] + ".json"), record)
+    return record
+
+
+def _shard_is_complete(out: Path, progress: Path, name: str, plan_hash: str) -> dict | None:
+    final, rec_path = out / name, progress / (name + ".json")
+    if not (final.is_file() and rec_path.is_file()):
+        return None
+    try:
+        with open(rec_path) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if record.get("plan_hash") != plan_hash or record.get("bytes") != final.stat().st_size:
+        return None
+    return record
+
+
+def _default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _brace_pattern(split: str, n: int) -> str:
+    return f"{split}-000000.tar" if n == 1 else f"{split}-{{000000..{n - 1:06d}}}.tar"
+
+
+def prepare_split(
+    src: str | Path,
+    out: str | Path,
+    *,
+    split: str = "train",
+    image_size: int = 256,
+    format: str = "png",
+    quality: int = 95,
+    png_level: int = 1,
+    preprocess: str = "adm",
+    shard_size: int = 1000,
+    seed: int = 0,
+    labels: str | Path | None = None,
+    classes: str | Path | Sequence[str] | None = None,
+    workers: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    source_note: str | None = None,
+    on_shard_done: Callable[[dict], None] | None = None,
+) -> dict:
+    """Prepare one split; returns the manifest (also written to ``<out>/<split>-manifest.json``)."""
+    from dip_lightning.core.data.preprocess import PREPROCESS_MODES, STORAGE_FORMATS
+
+    t0 = time.time()
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise FileNotFoundError(f"--src {str(src)!r} is not a folder")
+    if format not in STORAGE_FORMATS:
+        raise ValueError(f"format must be one of {STORAGE_FORMATS}, got {format!r}")
+    if preprocess not in PREPROCESS_MODES:
+        raise ValueError(f"preprocess must be one of {PREPROCESS_MODES}, got {preprocess!r}")
+    if not re.fullmatch(r"[A-Za-z0-9_]+", split):
+        raise ValueError(f"split must be alphanumeric (it prefixes shard names), got {split!r}")
+    if image_size < 1 or shard_size < 1 or not 1 <= quality <= 100 or not 0 <= png_level <= 9:
+        raise ValueError("need image_size >= 1, shard_size >= 1, 1 <= quality <= 100, 0 <= png_level <= 9")
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = ShardConfig(split, image_size, format, quality, png_level, preprocess, shard_size, seed)
+
+    # ---- class list: explicit, else the one already in --out (train before val), else the folder names
+    classes_path = out / "classes.txt"
+    if isinstance(classes, (str, Path)):
+        class_list: list[str] | None = read_classes_file(classes)
+    elif classes is not None:
+        class_list = list(classes)
+    elif classes_path.is_file():
+        class_list = read_classes_file(classes_path)
+    else:
+        class_list = None
+    unlabelled: list[dict[str, str]] = []
+    if labels is not None:
+        class_list, items, unlabelled = list_flat_folder(src, Path(labels), class_list)
+        layout = "flat+labels"
+    else:
+        class_list, items = list_image_folder(src, class_list)
+        layout = "imagefolder"
+    if classes_path.is_file():
+        if read_classes_file(classes_path) != class_list:
+            raise ValueError(f"{classes_path} lists other classes than this run; use another --out")
+    else:
+        classes_path.write_text("".join(name + "\n" for name in class_list))
+
+    # ---- deterministic global shuffle, then fixed shard assignment (the resume unit)
+    import numpy as np
+
+    order = np.random.default_rng(seed).permutation(len(items))
+    planned = [(f"{i:08d}_{_safe_stem(items[j][0])}", items[j][0], items[j][1]) for i, j in enumerate(order)]
+    digest = hashlib.sha256(json.dumps({"config": asdict(cfg), "src": str(src.resolve())}).encode())
+    for key, rel, label in planned:  # incremental: no 100 MB string for ImageNet's 1.28M files
+        digest.update(f"{key}\0{rel}\0{label}\n".encode())
+    plan_hash = digest.hexdigest()[:16]
+    n_shards = max(1, -(-len(planned) // shard_size))
+    names = [f"{split}-{k:06d}.tar" for k in range(n_shards)]
+
+    progress_dir = out / f".{split}-progress"
+    plan_file = progress_dir / "plan.json"
+    for leftover in leftover_temp_files(out, f"{split}-*.tar"):  # shards of a killed run, never complete
+        leftover.unlink(missing_ok=True)
+    existing = sorted(out.glob(f"{split}-*.tar"))
+    if overwrite:
+        for path in [*existing, out / f"{split}-manifest.json"]:
+            path.unlink(missing_ok=True)
+        shutil.rmtree(progress_dir, ignore_errors=True)
+    elif plan_file.is_file():
+        old = json.loads(plan_file.read_text())
+        if old.get("plan_hash") != plan_hash:
+            raise FileExistsError(
+                f"{out} holds {split} shards from another source or configuration "
+                f"({old.get('config')} from {old.get('src')}); pass --overwrite or use another --out"
+            )
+    elif existing:
+        raise FileExistsError(
+            f"{out} already holds {len(existing)} {split}-*.tar files not written by this tool"
+        )
+    progress_dir.mkdir(exist_ok=True)
+    atomic_write_json(plan_file, {"plan_hash": plan_hash, "config": asdict(cfg), "src": str(src.resolve())})
+
+    records: dict[int, dict] = {}
+    tasks: list[tuple[int, dict]] = []
+    for k, name in enumerate(names):
+        done = _shard_is_complete(out, progress_dir, name, plan_hash)
+        if done is not None:
+            records[k] = done
+            continue
+        tasks.append(
+            (
+                k,
+                {
+                    "src": str(src),
+                    "out": str(out),
+                    "progress": str(progress_dir),
+                    "name": name,
+                    "items": planned[k * shard_size : (k + 1) * shard_size],
+                    "config": asdict(cfg),
+                    "plan_hash": plan_hash,
+                },
+            )
+        )
+
+    workers = min(workers or _default_workers(), max(1, len(tasks)))
+    _run_tasks(tasks, records, workers, progress, len(planned), split, on_shard_done)
+
+    # ---- manifest last
+    class_counts = [0] * len(class_list)
+    bad: list[dict[str, str]] = list(unlabelled)
+    for k in range(n_shards):
+        for label, count in records[k]["class_counts"].items():
+            class_counts[int(label)] += count
+        bad.extend(records[k]["bad"])
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "tool": "dip_lightning.core.data.prepare",
+        "split": split,
+        "num_samples": sum(records[k]["samples"] for k in range(n_shards)),
+        "num_shards": n_shards,
+        "pattern": _brace_pattern(split, n_shards),
+        "num_classes": len(class_list),
+        "classes_file": "classes.txt",
+        "image_size": image_size,
+        "format": format,
+        "quality": quality if format == "jpg" else None,
+        "png_level": png_level if format == "png" else None,
+        "preprocess": preprocess,
+        # orig / none store full images: readers apply the ADM crop at load time.
+        "crop_at_load": format == "orig" or preprocess == "none",
+        "source": {
+            "path": str(src.resolve()),
+            "layout": layout,
+            "labels_file": str(Path(labels).resolve()) if labels is not None else None,
+            "num_files": len(items) + len(unlabelled),
+            "note": source_note,
+        },
+        "seed": seed,
+        "shard_size": shard_size,
+        "plan_hash": plan_hash,
+        "shards": [
+            {"name": names[k], "samples": records[k]["samples"], "bytes": records[k]["bytes"]}
+            for k in range(n_shards)
+        ],
+        "class_counts": {class_list[i]: c for i, c in enumerate(class_counts)},
+        "num_bad": len(bad),
+        "bad_files": bad,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "elapsed_s": round(time.time() - t0, 2),
+    }
+    atomic_write_json(out / f"{split}-manifest.json", manifest)
+    return manifest
+
+
+def _run_tasks(
+    tasks: list[tuple[int, dict]],
+    records: dict[int, dict],
+    workers: int,
+    show_progress: bool,
+    total: int,
+    split: str,
+    on_shard_done: Callable[[dict], None] | None,
+) -> None:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    already = sum(r["planned"] for r in records.values())
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("images"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[bad]} bad"),
+    )
+    with Progress(*columns, disable=not show_progress, transient=False) as bar:
+        tid = bar.add_task(f"{split} ({len(tasks)} shards to write)", total=total, completed=already, bad=0)
+        n_bad = 0
+
+        def finished(k: int, record: dict) -> None:
+            nonlocal n_bad
+            records[k] = record
+            n_bad += len(record["bad"])
+            bar.update(tid, advance=record["planned"], bad=n_bad)
+            if on_shard_done is not None:
+                on_shard_done(record)
+
+        if workers <= 1:
+            for k, task in tasks:
+                finished(k, write_shard(task))
+            return
+        # spawn: the progress bar runs a thread, and forking a threaded process is unsafe.
+        ctx = multiprocessing.get_context("spawn")
+        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            futures = {pool.submit(write_shard, task): k for k, task in tasks}
+            try:
+                for fut in cf.as_completed(futures):
+                    finished(futures[fut], fut.result())
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise

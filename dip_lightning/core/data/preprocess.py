@@ -1,0 +1,118 @@
+"""Image preprocessing shared by the shard tool, the DataModule and the FID tools.
+
+* :func:`center_crop_arr` is the ADM crop (guided-diffusion ``image_datasets.py``) used by ADM, DiT,
+  SiT, REPA, JiT and DiP, and by the ``VIRTUAL_imagenet256_labeled.npz`` FID reference statistics:
+  halve with a box filter while the short side is at least twice the target, resize the short side to
+  the target with bicubic resampling, take the integer centre crop.
+* :func:`decode_image` turns encoded bytes (any format Pillow reads, any mode: CMYK, greyscale, palette,
+  RGBA) into an ``(H, W, 3)`` uint8 RGB array; images that are not already ``size x size`` get the ADM
+  crop, so shards holding original bytes (``orig``) or other tools' full-size JPEGs are cropped at load.
+
+The uint8 <-> ``[-1, 1]`` conversion of loaded batches is :mod:`dip_lightning.core.images`; it runs batched in the
+main process (or on the device): done per image in the loader workers it eats into the per-core decode budget
+(BENCHMARKS.md, Data).
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+# ImageNet holds a few huge images; a decompression bomb check would turn them into "bad" samples.
+Image.MAX_IMAGE_PIXELS = None
+
+PREPROCESS_MODES = ("adm", "none")
+STORAGE_FORMATS = ("png", "jpg", "orig")
+
+
+def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
+    """ADM centre crop of an RGB PIL image to ``(image_size, image_size, 3)`` uint8."""
+    img = pil_image
+    # Box-halving first keeps the bicubic step from aliasing on large inputs (and matches ADM bit for bit).
+    while min(img.size) >= 2 * image_size:
+        img = img.resize((img.size[0] // 2, img.size[1] // 2), resample=Image.Resampling.BOX)
+    scale = image_size / min(img.size)
+    new_size = (round(img.size[0] * scale), round(img.size[1] * scale))
+    if new_size != img.size:
+        img = img.resize(new_size, resample=Image.Resampling.BICUBIC)
+    arr = np.asarray(img)
+    top = (arr.shape[0] - image_size) // 2
+    left = (arr.shape[1] - image_size) // 2
+    return arr[top : top + image_size, left : left + image_size]
+
+
+def random_crop_arr(pil_image: Image.Image, image_size: int, offset: float) -> np.ndarray:
+    """The released code's ``random_crop`` (torchvision ``Resize(size)`` then ``RandomCrop(size)`` on a PIL image)
+    with the crop position given: the shorter side is resized to ``image_size`` (PIL bilinear, as torchvision does
+    for PIL images; the longer side becomes ``int(image_size * long / short)``), then a window of
+    ``image_size`` is cut at ``floor(offset * (long - image_size + 1))`` along the longer side (``offset`` in
+    [0, 1): the draw, made by the caller from a hash so that it is reproducible). The flip is the caller's too."""
+    if not 0.0 <= offset < 1.0:
+        raise ValueError(f"offset must lie in [0, 1), got {offset}")
+    w, h = pil_image.size
+    short, long = min(w, h), max(w, h)
+    new_long = int(image_size * long / short)
+    new_size = (image_size, new_long) if w <= h else (new_long, image_size)
+    img = pil_image if new_size == (w, h) else pil_image.resize(new_size, resample=Image.Resampling.BILINEAR)
+    arr = np.asarray(img)
+    start = int(offset * (new_long - image_size + 1))
+    if w <= h:
+        return arr[start : start + image_size, :image_size]
+    return arr[:image_size, start : start + image_size]
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to RGB (ImageNet has CMYK and greyscale JPEGs)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P" and "transparency" in img.info:
+        # Pillow warns when a palette image with transparency goes straight to RGB.
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Fully decode ``data`` (raises on truncated or unreadable input) and return an RGB image."""
+    img = Image.open(io.BytesIO(data))
+    img.load()  # decode now: a truncated file must fail here, not later
+    return to_rgb(img)
+
+
+def decode_image(data: bytes, image_size: int | None = None, crop_offset: float | None = None) -> np.ndarray:
+    """Decode to ``(H, W, 3)`` uint8; ADM-crop to ``image_size`` unless the image already has that size, or with
+    ``crop_offset`` the released random crop (:func:`random_crop_arr`; a no-op on an image of that size)."""
+    img = open_image(data)
+    if crop_offset is not None and image_size is not None:
+        return random_crop_arr(img, image_size, crop_offset)
+    if image_size is None or img.size == (image_size, image_size):
+        return np.asarray(img)
+    return center_crop_arr(img, image_size)
+
+
+def preprocess(img: Image.Image, image_size: int, mode: str = "adm") -> Image.Image:
+    """Apply a named preprocessing to an RGB image (``adm``: ADM centre crop; ``none``: unchanged)."""
+    if mode == "adm":
+        return Image.fromarray(center_crop_arr(to_rgb(img), image_size))
+    if mode == "none":
+        return to_rgb(img)
+    raise ValueError(f"unknown preprocessing {mode!r}; choose one of {PREPROCESS_MODES}")
+
+
+def encode_image(img: Image.Image, fmt: str, quality: int = 95, png_level: int = 1) -> tuple[str, bytes]:
+    """Encode an RGB image as ``png`` or ``jpg``; returns ``(extension, bytes)``.
+
+    PNG compression level 1 writes several times faster than Pillow's default 6 for slightly larger
+    files and decodes as fast (BENCHMARKS.md, Data), which matters for a 1.28M-image job.
+    """
+    buf = io.BytesIO()
+    if fmt == "png":
+        img.save(buf, format="PNG", compress_level=png_level)
+        return "png", buf.getvalue()
+    if fmt == "jpg":
+        # Pillow's default 4:2:0 chroma subsampling: 4:4:4 decodes several times slower (BENCHMARKS.md, Data),
+        # which would miss the per-core decode target (BENCHMARKS.md, "Anchors and targets").
+        img.save(buf, format="JPEG", quality=quality)
+        return "jpg", buf.getvalue()
+    raise ValueError(f"unknown storage format {fmt!r}; choose one of {STORAGE_FORMATS}")

@@ -1,0 +1,296 @@
+"""The metrics engine: the ADM evaluator's suite (FID, sFID, IS, precision, recall), FD-DINOv2 and the
+patch-seam score, used by the ``evaluate`` command and by the in-training `MetricsCallback` alike.
+
+``compute_metrics(samples, reference)`` is the one entry point for image arrays; `metrics_from_features`
+is the step after feature extraction, which the callback calls on the features it gathered from all ranks.
+Definitions, and what differs from the ADM evaluator, are in docs/design.md ("Metrics").
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from dip_lightning.core.distributed import is_distributed, rank_and_world
+from dip_lightning.core.metrics.features import (
+    DINOV2_WEIGHTS_ENV,
+    DINOv2Features,
+    FeatureExtractor,
+    FIDHelperInception,
+)
+from dip_lightning.core.metrics.frechet import FIDStats, frechet_distance
+from dip_lightning.core.metrics.inception_score import inception_score
+from dip_lightning.core.metrics.patch_seam import patch_seam_score
+from dip_lightning.core.metrics.precision_recall import ADM_NEIGHBOURHOOD, precision_recall
+from dip_lightning.core.metrics.reference import (
+    REFERENCE_NEEDS,
+    FeatureSet,
+    MetricUnavailableWarning,
+    Reference,
+    extract_feature_set,
+    gather_feature_set,
+    load_reference,
+    warn_unavailable,
+)
+
+__all__ = [
+    "DEFAULT_METRICS",
+    "METRIC_NAMES",
+    "MetricEngine",
+    "MetricUnavailableWarning",
+    "check_metric_names",
+    "compute_metrics",
+    "metrics_from_features",
+    "sample_kinds",
+]
+
+#: Every metric the engine knows, in the order tables and CSV columns list them.
+METRIC_NAMES: tuple[str, ...] = (
+    "fid",
+    "sfid",
+    "inception_score",
+    "precision",
+    "recall",
+    "patch_seam",
+    "fd_dinov2",
+)
+#: What ``compute_metrics(metrics=None)`` computes: all of them (those that cannot run here give None).
+DEFAULT_METRICS = METRIC_NAMES
+
+#: Per-image features each metric needs from the samples.
+_SAMPLE_KINDS: dict[str, tuple[str, ...]] = {
+    "fid": ("pool",),
+    "sfid": ("spatial",),
+    "inception_score": ("probs",),
+    "precision": ("pool",),
+    "recall": ("pool",),
+    "patch_seam": ("seam",),
+    "fd_dinov2": ("dinov2",),
+}
+
+
+def check_metric_names(metrics: Iterable[str]) -> list[str]:
+    names = list(dict.fromkeys(metrics))
+    unknown = [m for m in names if m not in METRIC_NAMES]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; choose from {list(METRIC_NAMES)}")
+    return names
+
+
+def sample_kinds(metrics: Iterable[str]) -> set[str]:
+    """Feature kinds the samples need for ``metrics``."""
+    return {k for m in metrics for k in _SAMPLE_KINDS[m]}
+
+
+@dataclass
+class MetricEngine:
+    """The networks and the reference of one evaluation setup, loaded once and reused (callback, sweep).
+
+    Build it with `MetricEngine.create`; `usable` says which metrics can run (the others give None, warned once
+    at creation).
+    """
+
+    metrics: list[str]
+    extractor: FeatureExtractor | None
+    dinov2: nn.Module | None
+    reference: Reference
+    patch_size: int | None
+    device: torch.device
+    batch_size: int = 64
+    unusable: dict[str, str] | None = None
+
+    @classmethod
+    def create(
+        cls,
+        reference: str | os.PathLike[str] | Reference,
+        metrics: Sequence[str] | None = None,
+        patch_size: int | None = None,
+        device: str | torch.device | None = None,
+        batch_size: int = 64,
+        extractor: FeatureExtractor | None = None,
+        dinov2: nn.Module | None = None,
+        dinov2_weights: str | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        use_cache: bool = True,
+    ) -> MetricEngine:
+        names = check_metric_names(metrics if metrics is not None else DEFAULT_METRICS)
+        dev = torch.device(device) if device is not None else _default_device()
+        unusable: dict[str, str] = {}
+        inception_metrics = [m for m in names if m not in ("patch_seam", "fd_dinov2")]
+        if extractor is None and inception_metrics:
+            extractor = FIDHelperInception()
+        if extractor is not None:
+            extractor = extractor.to(dev)
+            for m in inception_metrics:
+                missing = sample_kinds([m]) - extractor.available()
+                if missing:
+                    why = {
+                        "probs": f"the Inception network {extractor.name} has no classifier layer (softmax/logits); "
+                        "use --extractor torchscript with inception-2015-12-05.pt",
+                        "spatial": f"the Inception network {extractor.name} does not expose mixed_6/conv",
+                    }[sorted(missing)[0]]
+                    unusable[m] = why
+        if "fd_dinov2" in names and dinov2 is None:
+            path = dinov2_weights or os.environ.get(DINOV2_WEIGHTS_ENV)
+            if path:
+                dinov2 = DINOv2Features(path)
+            else:
+                unusable["fd_dinov2"] = (
+                    f"no DINOv2 ViT-L/14 weights (dinov2_vitl14_pretrain.pth); pass --dinov2_weights or set "
+                    f"${DINOV2_WEIGHTS_ENV}"
+                )
+        if dinov2 is not None:
+            dinov2 = dinov2.to(dev)
+        if "patch_seam" in names and patch_size is None:
+            unusable["patch_seam"] = "no patch size (--patch_size, or a checkpoint that records it)"
+        usable = [m for m in names if m not in unusable]
+        if isinstance(reference, Reference):
+            ref = reference
+        else:
+            ref = load_reference(
+                reference,
+                usable,
+                extractor,
+                dev,
+                batch_size,
+                dinov2,
+                cache_dir=cache_dir,
+                use_cache=use_cache,
+            )
+        for m in usable:
+            missing = [n for n in REFERENCE_NEEDS[m] if not ref.has(n)]
+            if missing:
+                unusable[m] = (
+                    f"the reference {ref.path} holds no {', '.join(missing)} (an older FID-only reference "
+                    "file? recompute it with `python -m dip_lightning fid-stats`, or pass an image npz)"
+                )
+        for m, why in unusable.items():
+            warn_unavailable(m, why)
+        return cls(names, extractor, dinov2, ref, patch_size, dev, batch_size, unusable)
+
+    @property
+    def usable(self) -> list[str]:
+        return [m for m in self.metrics if m not in (self.unusable or {})]
+
+    def sample_kinds(self) -> set[str]:
+        return sample_kinds(self.usable)
+
+    def features(self, batches: Iterable[Tensor]) -> FeatureSet:
+        """This rank's sample features for the usable metrics (not gathered)."""
+        return extract_feature_set(batches, self.sample_kinds(), self.extractor, self.device, self.dinov2)
+
+    def evaluate(self, samples: FeatureSet) -> dict[str, float | None]:
+        """Metrics of already gathered sample features."""
+        return metrics_from_features(
+            samples, self.reference, self.usable, self.patch_size, self.device, all_metrics=self.metrics
+        )
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def metrics_from_features(
+    samples: FeatureSet,
+    reference: Reference,
+    metrics: Sequence[str],
+    patch_size: int | None = None,
+    device: str | torch.device | None = None,
+    all_metrics: Sequence[str] | None = None,
+) -> dict[str, float | None]:
+    """Every metric in ``metrics`` from sample features and a reference; keys of ``all_metrics`` that are not
+    in ``metrics`` (and metrics that cannot be computed from these inputs) are None."""
+    out: dict[str, float | None] = dict.fromkeys(all_metrics if all_metrics is not None else metrics)
+    f = samples.features
+
+    def fd(kind: str) -> float:
+        stats = FIDStats.from_features(f[kind])
+        ref = reference.stats[kind]
+        if stats.mu.shape != ref.mu.shape:
+            raise ValueError(
+                f"the reference's {kind} statistics have {ref.mu.shape[0]} features, the samples' "
+                f"{stats.mu.shape[0]}: they come from different networks"
+            )
+        return frechet_distance(stats.mu, stats.sigma, ref.mu, ref.sigma)
+
+    pr_done = False
+    for metric in metrics:
+        if metric in ("fid", "sfid", "fd_dinov2") and samples.num_images < 2:
+            warn_unavailable(metric, f"needs at least 2 samples, got {samples.num_images}")
+            continue
+        if metric == "fid":
+            out["fid"] = fd("pool")
+        elif metric == "sfid":
+            out["sfid"] = fd("spatial")
+        elif metric == "fd_dinov2":
+            out["fd_dinov2"] = fd("dinov2")
+        elif metric == "inception_score":
+            out["inception_score"] = inception_score(f["probs"])
+        elif metric in ("precision", "recall"):
+            if pr_done:  # computed together
+                continue
+            pr_done = True
+            ref_pool = reference.pool_features
+            assert ref_pool is not None
+            if min(len(ref_pool), samples.num_images) <= ADM_NEIGHBOURHOOD:
+                warn_unavailable(metric, f"needs more than {ADM_NEIGHBOURHOOD} samples and reference images")
+                continue
+            precision, recall = precision_recall(ref_pool, f["pool"], device=device)
+            if "precision" in metrics:
+                out["precision"] = precision
+            if "recall" in metrics:
+                out["recall"] = recall
+        elif metric == "patch_seam":
+            assert samples.seam is not None and reference.seam is not None and patch_size is not None
+            out["patch_seam"] = patch_seam_score(samples.seam, reference.seam, patch_size)
+    return out
+
+
+def compute_metrics(
+    samples: np.ndarray,
+    reference: str | os.PathLike[str],
+    metrics: Sequence[str] | None = None,
+    patch_size: int | None = None,
+    device: str | torch.device | None = None,
+    batch_size: int = 64,
+    *,
+    extractor: FeatureExtractor | None = None,
+    dinov2_weights: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> dict[str, float | None]:
+    """Metrics of uint8 samples ``(N, H, W, 3)`` against ``reference`` (image npz, ADM reference batch or the
+    kit's reference file).
+
+    Returns ``{metric: value}`` for the metrics asked for (default: all of `METRIC_NAMES`); None where a
+    metric cannot be computed here (no classifier layer for IS, no DINOv2 weights, no patch size, an old
+    reference), each with a one-line `MetricUnavailableWarning`. Reference features are cached by the file's
+    content hash (``cache_dir``, default ``$DIP_METRICS_CACHE`` or ``~/.cache/dip_lightning/metrics``). Under a
+    process group (torchrun/srun) every rank passes the same ``samples``, extracts a contiguous slice, and all
+    ranks get the same result.
+    """
+    arr = np.asarray(samples)
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
+        raise ValueError(f"samples must be uint8 (N, H, W, 3) images, got {arr.dtype} {arr.shape}")
+    engine = MetricEngine.create(
+        reference,
+        metrics,
+        patch_size,
+        device,
+        batch_size,
+        extractor=extractor,
+        dinov2_weights=dinov2_weights,
+        cache_dir=cache_dir,
+    )
+    rank, world = rank_and_world() if is_distributed() else (0, 1)
+    bounds = np.linspace(0, len(arr), world + 1).round().astype(int)
+    mine = arr[bounds[rank] : bounds[rank + 1]]
+    batches = (
+        torch.from_numpy(np.ascontiguousarray(mine[i : i + batch_size])).permute(0, 3, 1, 2).contiguous()
+        for i in range(0, len(mine), batch_size)
+    )
+    return engine.evaluate(gather_feature_set(engine.features(batches)))

@@ -1,0 +1,478 @@
+"""Feature sets of image collections, and the references that samples are compared with.
+
+A `FeatureSet` holds what every metric needs from one set of images: per-image features of each kind
+(``pool``, ``spatial``, ``probs``, ``dinov2``; float32, as the ADM evaluator keeps its activations) and the
+`SeamProfile`. Statistics are computed from them in float64.
+
+A `Reference` is what the samples are compared with. It loads from three kinds of npz:
+
+- an image npz (``arr_0``: uint8 NHWC, the ADM layout): every feature is extracted from the images;
+- an ADM reference batch (``VIRTUAL_imagenet256_labeled.npz``: ``arr_0`` with 10k images plus ``mu``/``sigma``
+  and ``mu_s``/``sigma_s`` over the whole dataset): FID and sFID use the stored statistics, as ADM's evaluator
+  does; precision/recall and the patch-seam score use the images;
+- the kit's reference file (written by ``python -m dip_lightning fid-stats``, `save_reference`): ``mu``,
+  ``sigma``, ``num_samples``, ``extractor`` (the older FID-only layout, still read), plus ``mu_s``/``sigma_s``
+  (sFID), ``pool_features`` (up to 10k per-image pool features, for precision/recall, as ADM's batches keep
+  10k images for that), ``seam_cols``/``seam_rows``/``seam_count`` (the seam profile) and
+  ``dinov2_mu``/``dinov2_sigma``/``dinov2_extractor`` when made with DINOv2 weights.
+
+Features extracted from a file's images are cached under `cache_dir` by the file's content hash (sha256) and
+the extractor's name, so a sweep that compares many sample files with one reference extracts it once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+import zipfile
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from dip_lightning.core.atomic import atomic_write
+from dip_lightning.core.distributed import all_gather_rows, is_distributed, rank_and_world
+from dip_lightning.core.metrics.features import FeatureExtractor
+from dip_lightning.core.metrics.frechet import FIDStats
+from dip_lightning.core.metrics.patch_seam import SeamProfile
+from dip_lightning.core.metrics.sources import iter_npz_images, npz_image_shape
+
+__all__ = [
+    "CACHE_ENV",
+    "FeatureSet",
+    "MetricUnavailableWarning",
+    "PR_REFERENCE_SIZE",
+    "Reference",
+    "default_cache_dir",
+    "extract_feature_set",
+    "file_digest",
+    "gather_feature_set",
+    "load_reference",
+    "reference_from_features",
+    "save_reference",
+]
+
+#: Environment variable that moves the feature cache (default ``~/.cache/dip_lightning/metrics``).
+CACHE_ENV = "DIP_METRICS_CACHE"
+#: Per-image pool features a reference file keeps for precision/recall (ADM's reference batches: 10k images).
+PR_REFERENCE_SIZE = 10000
+#: Inception feature kinds that are extracted per image.
+INCEPTION_KINDS = ("pool", "spatial", "probs")
+
+
+class MetricUnavailableWarning(UserWarning):
+    """A metric was asked for but cannot be computed here (no weights, no patch size, an old reference)."""
+
+
+def warn_unavailable(metric: str, why: str) -> None:
+    warnings.warn(f"{metric}: not computed: {why}", MetricUnavailableWarning, stacklevel=3)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "dip_lightning" / "metrics")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Feature sets
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FeatureSet:
+    """Per-image features by kind (float32 ``(N, d)``) and the seam profile of one set of images."""
+
+    features: dict[str, np.ndarray] = field(default_factory=dict)
+    seam: SeamProfile | None = None
+    num_images: int = 0
+    extractor: str = ""
+
+    def stats(self, kind: str) -> FIDStats:
+        return FIDStats.from_features(self.features[kind], self.extractor)
+
+
+def extract_feature_set(
+    batches: Iterable[Tensor],
+    kinds: Collection[str],
+    extractor: FeatureExtractor | None,
+    device: torch.device,
+    dinov2: nn.Module | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> FeatureSet:
+    """Features of ``kinds`` (Inception kinds, ``dinov2``, ``seam``) for a stream of uint8 ``(B, 3, H, W)``."""
+    inception = [k for k in INCEPTION_KINDS if k in kinds]
+    if inception and extractor is None:
+        raise ValueError(f"{inception} features need an Inception extractor")
+    if "dinov2" in kinds and dinov2 is None:
+        raise ValueError("dinov2 features need a DINOv2Features network")
+    parts: dict[str, list[Tensor]] = {k: [] for k in (*inception, *(["dinov2"] if "dinov2" in kinds else []))}
+    seam: SeamProfile | None = None
+    count = 0
+    for batch in batches:
+        images = batch.to(device, non_blocking=True)
+        if inception:
+            assert extractor is not None
+            for kind, value in extractor.features(images, inception).items():
+                parts[kind].append(value.float().cpu())
+        if "dinov2" in kinds:
+            assert dinov2 is not None
+            parts["dinov2"].append(dinov2(images).float().cpu())
+        if "seam" in kinds:
+            profile = SeamProfile.of_images(images)
+            seam = profile if seam is None else seam + profile
+        count += int(images.shape[0])
+        if progress is not None:
+            progress(count)
+    features = {k: torch.cat(v).numpy() if v else np.zeros((0, 0), np.float32) for k, v in parts.items()}
+    if "seam" in kinds and seam is None:
+        seam = SeamProfile(np.zeros(0), np.zeros(0), 0)
+    name = extractor.name if extractor is not None else ""
+    return FeatureSet(features, seam, count, name)
+
+
+def gather_feature_set(local: FeatureSet) -> FeatureSet:
+    """Every rank's features concatenated in rank order and the seam profiles summed (collective)."""
+    if not is_distributed():
+        return local
+    features = {
+        k: all_gather_rows(torch.from_numpy(np.ascontiguousarray(v))).numpy()
+        for k, v in local.features.items()
+    }
+    seam = None
+    if local.seam is not None:
+        packed = torch.from_numpy(np.concatenate([local.seam.cols, local.seam.rows, [local.seam.num_images]]))
+        gathered = all_gather_rows(packed[None]).sum(0).numpy()
+        n_cols = len(local.seam.cols)
+        seam = SeamProfile(gathered[:n_cols], gathered[n_cols:-1], int(round(gathered[-1])))
+    counts = all_gather_rows(torch.tensor([local.num_images]))
+    return FeatureSet(features, seam, int(counts.sum()), local.extractor)
+
+
+def npz_feature_set(
+    path: str | os.PathLike[str],
+    kinds: Collection[str],
+    extractor: FeatureExtractor | None,
+    device: torch.device,
+    batch_size: int = 64,
+    dinov2: nn.Module | None = None,
+    limit: int | None = None,
+) -> FeatureSet:
+    """Features of an npz's ``arr_0`` images; under a process group each rank reads a contiguous slice."""
+    total = npz_image_shape(path)[0]
+    total = total if limit is None else min(total, limit)
+    rank, world = rank_and_world() if is_distributed() else (0, 1)
+    bounds = np.linspace(0, total, world + 1).round().astype(int)
+    batches = iter_npz_images(path, batch_size, limit=int(bounds[rank + 1]), start=int(bounds[rank]))
+    return gather_feature_set(extract_feature_set(batches, kinds, extractor, device, dinov2))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Content-hash cache
+# ----------------------------------------------------------------------------------------------------------
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file's bytes (memoised per path, size and mtime within the process)."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def _cache_file(cache_dir: Path, digest: str, kind: str, network: str) -> Path:
+    return cache_dir / f"{digest[:32]}-{_safe(network) or 'pixels'}-{kind}.npy"
+
+
+def _cached_features(
+    path: str | os.PathLike[str],
+    kinds: Collection[str],
+    extractor: FeatureExtractor | None,
+    device: torch.device,
+    batch_size: int,
+    dinov2: nn.Module | None,
+    cache_dir: Path | None,
+) -> FeatureSet:
+    """`npz_feature_set` of a file, taking every kind it can from the cache and caching what it extracts."""
+    networks = {k: (extractor.name if extractor is not None else "") for k in INCEPTION_KINDS}
+    networks["dinov2"] = str(getattr(dinov2, "name", ""))
+    networks["seam"] = ""
+    digest = file_digest(path) if cache_dir is not None else ""
+    found = FeatureSet(extractor=extractor.name if extractor is not None else "")
+    missing = []
+    for kind in kinds:
+        file = _cache_file(cache_dir, digest, kind, networks[kind]) if cache_dir is not None else None
+        if file is not None and file.is_file():
+            value = np.load(file, allow_pickle=False)
+            if kind == "seam":
+                n_cols, n_rows, count = (int(v) for v in value[2, :3])
+                found.seam = SeamProfile(value[0, :n_cols], value[1, :n_rows], count)
+            else:
+                found.features[kind] = value
+        else:
+            missing.append(kind)
+    if is_distributed():
+        # Every rank must take the same branch (the extraction is collective): a cache file that appeared
+        # between the ranks' checks (another job) must not split them.
+        anyone = all_gather_rows(torch.tensor([[len(missing)]]))
+        if int(anyone.sum()) > 0:
+            missing = list(kinds)
+    if missing:
+        fresh = npz_feature_set(path, missing, extractor, device, batch_size, dinov2)
+        found.features.update(fresh.features)
+        if fresh.seam is not None:
+            found.seam = fresh.seam
+        rank, _ = rank_and_world()
+        if cache_dir is not None and rank == 0:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            for kind in missing:
+                file = _cache_file(cache_dir, digest, kind, networks[kind])
+                if kind == "seam":
+                    assert fresh.seam is not None
+                    width = max(len(fresh.seam.cols), len(fresh.seam.rows))
+                    value = np.zeros((3, max(width, 3)))
+                    value[0, : len(fresh.seam.cols)] = fresh.seam.cols
+                    value[1, : len(fresh.seam.rows)] = fresh.seam.rows
+                    value[2, :3] = (len(fresh.seam.cols), len(fresh.seam.rows), fresh.seam.num_images)
+                else:
+                    value = fresh.features[kind]
+                with atomic_write(file, overwrite=True) as f:
+                    np.save(f, value)
+    found.num_images = npz_image_shape(path)[0]
+    return found
+
+
+# ----------------------------------------------------------------------------------------------------------
+# References
+# ----------------------------------------------------------------------------------------------------------
+
+#: What each metric needs from the reference.
+REFERENCE_NEEDS: dict[str, tuple[str, ...]] = {
+    "fid": ("pool_stats",),
+    "sfid": ("spatial_stats",),
+    "inception_score": (),
+    "precision": ("pool_features",),
+    "recall": ("pool_features",),
+    "patch_seam": ("seam",),
+    "fd_dinov2": ("dinov2_stats",),
+}
+_FROM_IMAGES = {
+    "pool_stats": "pool",
+    "pool_features": "pool",
+    "spatial_stats": "spatial",
+    "dinov2_stats": "dinov2",
+    "seam": "seam",
+}
+
+
+@dataclass
+class Reference:
+    """What samples are compared with: statistics by kind, per-image pool features, the seam profile."""
+
+    path: str
+    stats: dict[str, FIDStats] = field(default_factory=dict)
+    pool_features: np.ndarray | None = None
+    seam: SeamProfile | None = None
+    #: Inception extractor the statistics were made with ("" when the file does not say: ADM batches).
+    extractor: str = ""
+    num_images: int = 0
+    #: "images", "adm" or "stats".
+    layout: str = "images"
+
+    def has(self, need: str) -> bool:
+        if need == "pool_features":
+            return self.pool_features is not None and len(self.pool_features) > 0
+        if need == "seam":
+            return self.seam is not None and self.seam.num_images > 0
+        return need.removesuffix("_stats") in self.stats
+
+
+def _npz_keys(path: Path) -> list[str]:
+    with zipfile.ZipFile(path) as zf:
+        return [n.removesuffix(".npy") for n in zf.namelist()]
+
+
+def _read_stats_file(path: Path, keys: list[str]) -> Reference:
+    with np.load(path, allow_pickle=False) as npz:
+
+        def stats(mu_key: str, sigma_key: str, extractor: str) -> FIDStats | None:
+            if mu_key not in keys or sigma_key not in keys:
+                return None
+            mu = np.asarray(npz[mu_key], dtype=np.float64)
+            sigma = np.asarray(npz[sigma_key], dtype=np.float64)
+            if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+                raise ValueError(
+                    f"{path}: inconsistent shapes {mu_key} {mu.shape}, {sigma_key} {sigma.shape}"
+                )
+            return FIDStats(mu, sigma, num, extractor)
+
+        num = int(npz["num_samples"]) if "num_samples" in keys else 0
+        extractor = str(npz["extractor"]) if "extractor" in keys else ""
+        ref = Reference(str(path), extractor=extractor, num_images=num, layout="stats")
+        for kind, (mu_key, sigma_key) in {
+            "pool": ("mu", "sigma"),
+            "spatial": ("mu_s", "sigma_s"),
+        }.items():
+            value = stats(mu_key, sigma_key, extractor)
+            if value is not None:
+                ref.stats[kind] = value
+        dinov2_name = str(npz["dinov2_extractor"]) if "dinov2_extractor" in keys else ""
+        dinov2 = stats("dinov2_mu", "dinov2_sigma", dinov2_name)
+        if dinov2 is not None:
+            ref.stats["dinov2"] = dinov2
+        if "pool_features" in keys:
+            ref.pool_features = np.asarray(npz["pool_features"], dtype=np.float32)
+        if "seam_cols" in keys:
+            ref.seam = SeamProfile(
+                np.asarray(npz["seam_cols"], np.float64),
+                np.asarray(npz["seam_rows"], np.float64),
+                int(npz["seam_count"]),
+            )
+    return ref
+
+
+def load_reference(
+    path: str | os.PathLike[str],
+    metrics: Collection[str],
+    extractor: FeatureExtractor | None,
+    device: torch.device,
+    batch_size: int = 64,
+    dinov2: nn.Module | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    use_cache: bool = True,
+) -> Reference:
+    """The reference for ``metrics`` from an image npz, an ADM reference batch or the kit's reference file.
+
+    What a file stores is used as it is (ADM's ``mu``/``sigma`` for FID, as the ADM evaluator does); what it
+    lacks is extracted from its images (``arr_0``) when it has them, through the content-hash cache. What can be
+    had neither way is left out; `compute_metrics` then reports the metric as None with a warning.
+    Collective under a process group (extraction is spread over the ranks).
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"reference {file} not found; pass an image npz (arr_0: uint8 NHWC), an ADM reference batch, or "
+            f"a reference file from `python -m dip_lightning fid-stats --shards '<real shards>' --out {file}`"
+        )
+    keys = _npz_keys(file)
+    has_images = "arr_0" in keys
+    if "mu" in keys and "sigma" in keys:
+        ref = _read_stats_file(file, keys)
+        ref.layout = "adm" if has_images else "stats"
+    elif has_images:
+        ref = Reference(str(file), layout="images")
+    else:
+        raise ValueError(
+            f"{file} is not a reference: it has neither images (arr_0) nor statistics (mu, sigma); keys: {keys}"
+        )
+    recorded = ref.extractor if ref.layout != "images" else ""
+    if extractor is not None and recorded and recorded != extractor.name:
+        raise ValueError(
+            f"{file} was computed with extractor {recorded!r} but the samples use {extractor.name!r}; "
+            "recompute it with that extractor (fid-stats --extractor ...)"
+        )
+    if ref.layout == "adm" and not ref.extractor and extractor is not None:
+        warnings.warn(
+            f"{file} records no extractor (an ADM reference batch): its mu/sigma come from the TensorFlow "
+            f"Inception and are compared with {extractor.name} features of the samples",
+            stacklevel=2,
+        )
+    dinov2_name = str(getattr(dinov2, "name", ""))
+    if (
+        "dinov2" in ref.stats
+        and dinov2 is not None
+        and ref.stats["dinov2"].extractor not in ("", dinov2_name)
+    ):
+        raise ValueError(
+            f"{file}: FD-DINOv2 statistics were made with {ref.stats['dinov2'].extractor!r}, the samples use "
+            f"{dinov2_name!r}"
+        )
+
+    needs = {n for m in metrics for n in REFERENCE_NEEDS[m]}
+    kinds = set()
+    for need in needs:
+        kind = _FROM_IMAGES[need]
+        if ref.has(need) or not has_images:
+            continue
+        if kind in INCEPTION_KINDS and (extractor is None or kind not in extractor.available()):
+            continue
+        if kind == "dinov2" and dinov2 is None:
+            continue
+        kinds.add(kind)
+    if kinds:
+        cache = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) if use_cache else None
+        extracted = _cached_features(file, sorted(kinds), extractor, device, batch_size, dinov2, cache)
+        ref.num_images = ref.num_images or extracted.num_images
+        for kind in ("pool", "spatial", "dinov2"):
+            if kind not in extracted.features:
+                continue
+            if kind == "pool" and "pool_features" in needs:
+                ref.pool_features = extracted.features["pool"]
+            if f"{kind}_stats" in needs and kind not in ref.stats:
+                name = dinov2_name if kind == "dinov2" else extracted.extractor
+                ref.stats[kind] = FIDStats.from_features(extracted.features[kind], name)
+        if extracted.seam is not None:
+            ref.seam = extracted.seam
+        if ref.layout == "images":
+            ref.extractor = extracted.extractor
+    return ref
+
+
+def reference_from_features(features: FeatureSet, name: str = "", dinov2_name: str = "") -> Reference:
+    """The `Reference` of an in-memory feature set (real images read from shards), as `save_reference` would
+    store it and `load_reference` read it back."""
+    ref = Reference(name, extractor=features.extractor, num_images=features.num_images, layout="images")
+    for kind in ("pool", "spatial", "dinov2"):
+        if kind in features.features:
+            ref.stats[kind] = features.stats(kind)
+            if kind == "dinov2":
+                ref.stats[kind].extractor = dinov2_name
+    if "pool" in features.features:
+        ref.pool_features = features.features["pool"][:PR_REFERENCE_SIZE]
+    ref.seam = features.seam
+    return ref
+
+
+def save_reference(
+    path: str | os.PathLike[str],
+    features: FeatureSet,
+    overwrite: bool = False,
+    pr_size: int = PR_REFERENCE_SIZE,
+    dinov2_name: str = "",
+) -> None:
+    """Write the kit's reference file (see the module docstring) atomically, refusing to replace a file by
+    default: reference statistics are expensive (hours over ImageNet) and silently replacing them with a run
+    over the wrong shards would make every later number wrong."""
+    arrays: dict[str, np.ndarray] = {
+        "num_samples": np.int64(features.num_images),
+        "extractor": np.str_(features.extractor),
+    }
+    if "pool" in features.features:
+        stats = features.stats("pool")
+        arrays["mu"], arrays["sigma"] = stats.mu, stats.sigma
+        arrays["pool_features"] = features.features["pool"][:pr_size].astype(np.float32)
+    if "spatial" in features.features:
+        stats = features.stats("spatial")
+        arrays["mu_s"], arrays["sigma_s"] = stats.mu, stats.sigma
+    if "dinov2" in features.features:
+        stats = features.stats("dinov2")
+        arrays["dinov2_mu"], arrays["dinov2_sigma"] = stats.mu, stats.sigma
+        arrays["dinov2_extractor"] = np.str_(dinov2_name)
+    if features.seam is not None:
+        arrays["seam_cols"], arrays["seam_rows"] = features.seam.cols, features.seam.rows
+        arrays["seam_count"] = np.int64(features.seam.num_images)
+    with atomic_write(path, overwrite=overwrite) as f:  # a file object stops np.savez from adding ".npz"
+        np.savez(f, **arrays)

@@ -1,0 +1,236 @@
+"""Sample export for the standard ADM evaluator, and the label/seed data used by ``predict``.
+
+``python -m dip_lightning sample --ckpt_path run/checkpoints/last.ckpt --num_samples 50000 --out samples.npz``
+
+* Output: ``samples.npz`` with ``arr_0`` uint8 (N, H, W, 3) images and ``arr_1`` int64 labels, the layout that
+  openai/guided-diffusion's ``evaluations/evaluator.py`` reads (with ``VIRTUAL_imagenet256_labeled.npz``).
+* Sample i has label ``i % num_classes`` (class-balanced, 50 per class for 50k at 1000 classes; ``--no_balanced``
+  draws labels from a seeded generator instead) and noise seed ``seed + i``: the same index always gives the same
+  image, whatever the batch size, number of processes or interruption.
+* Work is cut in chunks of ``--chunk_size`` indices, written atomically as ``<out>.parts/chunk_NNNNNN.npz``; a killed
+  export run again skips finished chunks, so indices are never duplicated or dropped.
+  ``<out>.parts/job.json`` records what the chunks were made with (weights fingerprint, sampler, seed,
+  sizes): a run with other settings stops with an error instead of mixing its images with stale chunks.
+  Processes started by torchrun (RANK/WORLD_SIZE) or srun (SLURM_PROCID/SLURM_NTASKS) take chunks
+  round-robin; rank 0 waits for all chunks, and whoever finds them all assembles ``--out`` (atomically, the
+  same bytes whoever writes it).
+* Files are written with fixed zip timestamps, so the same settings give the same file, byte for byte.
+* Weights: the checkpoint's ``state_dict``, i.e. the (first decay's) EMA weights when training used the EMA
+  callback; ``--ema DECAY`` takes another decay the run tracked, ``--raw_weights`` the raw ``current_model_state``
+  (:mod:`dip_lightning.training.loading`); ``job.json`` records which (``weights``). An unreadable
+  checkpoint, or one that ``--config`` builds another network for, is an ``error: ...`` line naming the file
+  and the fix (exit code 2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from dip_lightning.core.atomic import atomic_write, atomic_write_json
+from dip_lightning.core.images import to_uint8
+from dip_lightning.core.seeding import sample_labels_and_seeds
+
+
+# ---------------------------------------------------------------------------------------------- labels and seeds
+class LabelSeedDataset(Dataset):
+    """Items ``{"labels", "seeds", "index"}`` for global sample indices [start, start + num_samples)."""
+
+    def __init__(
+        self, num_samples: int, num_classes: int, seed: int = 0, balanced: bool = True, start: int = 0
+    ):
+        self.indices = np.arange(start, start + num_samples, dtype=np.int64)
+        self.labels, self.seeds = sample_labels_and_seeds(self.indices, num_classes, seed, balanced)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {
+            "labels": torch.tensor(self.labels[i]),
+            "seeds": torch.tensor(self.seeds[i]),
+            "index": torch.tensor(self.indices[i]),
+        }
+
+
+class LabelSeedDataModule(pl.LightningDataModule):
+    """Data for ``python -m dip_lightning predict``: class-balanced labels with one noise seed per sample.
+
+    Args:
+        num_samples: how many images to generate.
+        num_classes: number of classes (must match the model).
+        batch_size: per-device batch size.
+        seed: base noise seed; sample i uses seed + i.
+        balanced: labels i % num_classes (else a seeded draw).
+        image_size: the model's input size (checked against the model).
+    """
+
+    def __init__(
+        self,
+        num_samples: int = 64,
+        num_classes: int = 1000,
+        batch_size: int = 16,
+        seed: int = 0,
+        balanced: bool = True,
+        image_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_samples = num_samples
+        self.num_classes = num_classes
+        self.batch_size = batch_size
+        self.seed = seed
+        self.balanced = balanced
+        self.image_size = image_size
+
+    def predict_dataloader(self) -> DataLoader:
+        dataset = LabelSeedDataset(self.num_samples, self.num_classes, self.seed, self.balanced)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False)
+
+
+# ---------------------------------------------------------------------------------------------- export
+def chunk_path(parts_dir: Path, chunk: int) -> Path:
+    return parts_dir / f"chunk_{chunk:06d}.npz"
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    """``np.savez`` layout (uncompressed ``<name>.npy`` members) with fixed member timestamps, so equal arrays
+    give equal files; written atomically, so a reader never sees a partial file."""
+    with (
+        atomic_write(path) as fh,
+        zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf,
+    ):
+        for name, array in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with zf.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """SHA-256 of the module's state (names, dtypes, shapes and bytes): tells two sets of weights apart."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class ExportMismatchError(RuntimeError):
+    """An export folder holds chunks made with other settings or weights (nothing is changed)."""
+
+
+def _check_job(parts: Path, job: dict[str, Any]) -> None:
+    """Record the export's settings in ``parts/job.json``, or check that existing chunks share them."""
+    path = parts / "job.json"
+    if path.exists():
+        found = json.loads(path.read_text())
+        differ = sorted(k for k in set(found) | set(job) if found.get(k) != job.get(k))
+        if differ:
+            raise ExportMismatchError(
+                f"{parts} holds chunks of another export (different {', '.join(differ)}); remove that folder "
+                "or choose another --out (nothing was changed)."
+            )
+        return
+    atomic_write_json(path, job)  # ranks starting together write the same content
+
+
+def export_samples(
+    module: Any,
+    out: str | os.PathLike,
+    num_samples: int,
+    batch_size: int = 64,
+    chunk_size: int = 1000,
+    seed: int = 0,
+    balanced: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+    device: str | torch.device = "cpu",
+    overwrite: bool = False,
+    max_chunks: int | None = None,
+    wait_timeout: float = 3600.0,
+    **sampler_overrides: Any,
+) -> Path | None:
+    """Generate ``num_samples`` images into ``out`` (ADM npz). Returns the path once complete, else None.
+
+    ``max_chunks`` stops after that many new chunks (used by tests to simulate a killed export).
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it (nothing was changed).")
+    parts = out.with_name(out.name + ".parts")
+    parts.mkdir(parents=True, exist_ok=True)
+    num_chunks = -(-num_samples // chunk_size)
+    module = module.to(device).eval()
+    num_classes = module.num_classes
+    make_sampler = getattr(module, "make_sampler", None)
+    job = {
+        "num_samples": num_samples,
+        "chunk_size": chunk_size,
+        "seed": seed,
+        "balanced": balanced,
+        "num_classes": num_classes,
+        "sampler": repr(make_sampler(**sampler_overrides)) if make_sampler else repr(sampler_overrides),
+        "sample_dtype": str(getattr(module, "sample_dtype", "")),
+        # Compiled kernels round differently from eager ones: one export uses one of them throughout.
+        "compile": str(getattr(module, "compiled_mode", None)),
+        # Which weights of the checkpoint (raw, which EMA decay): chunks of two EMAs never mix.
+        "weights": getattr(module, "loaded_weights", None),
+        "weights_sha256": weights_fingerprint(module),
+    }
+    _check_job(parts, job)
+    done_now = 0
+    for chunk in range(rank, num_chunks, world_size):
+        path = chunk_path(parts, chunk)
+        if path.exists():
+            continue
+        if max_chunks is not None and done_now >= max_chunks:
+            return None
+        chunk_start = time.perf_counter()
+        start, stop = chunk * chunk_size, min((chunk + 1) * chunk_size, num_samples)
+        indices = np.arange(start, stop, dtype=np.int64)
+        labels, seeds = sample_labels_and_seeds(indices, num_classes, seed, balanced)
+        images = []
+        for b in range(0, len(indices), batch_size):
+            y = torch.from_numpy(labels[b : b + batch_size])
+            x = module.generate(y, torch.from_numpy(seeds[b : b + batch_size]), **sampler_overrides)
+            # The project's uint8 convention (as grids, FID, predict): an index gives the same pixels.
+            images.append(to_uint8(x).permute(0, 2, 3, 1).cpu().numpy())
+        _save_npz(path, images=np.concatenate(images), labels=labels, indices=indices)
+        done_now += 1
+        seconds = time.perf_counter() - chunk_start
+        print(
+            f"chunk {chunk + 1}/{num_chunks} (rank {rank}): {len(indices)} images in {seconds:.1f} s "
+            f"({len(indices) / max(seconds, 1e-9):.1f} img/s)",
+            flush=True,
+        )
+    # Whoever sees every chunk assembles the result; others are done.
+    deadline = time.monotonic() + (wait_timeout if rank == 0 else 0.0)
+    while True:
+        missing = [c for c in range(num_chunks) if not chunk_path(parts, c).exists()]
+        if not missing:
+            break
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(2.0)
+    if out.exists() and not overwrite:
+        return out  # another process assembled it
+    arrays = [np.load(chunk_path(parts, c)) for c in range(num_chunks)]
+    images = np.concatenate([a["images"] for a in arrays])
+    labels = np.concatenate([a["labels"] for a in arrays])
+    indices = np.concatenate([a["indices"] for a in arrays])
+    if not np.array_equal(indices, np.arange(num_samples)):
+        raise RuntimeError(
+            f"chunks in {parts} do not cover 0..{num_samples - 1} exactly; remove the folder and rerun"
+        )
+    _save_npz(out, arr_0=images, arr_1=labels)
+    return out

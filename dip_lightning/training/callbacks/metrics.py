@@ -1,0 +1,383 @@
+"""In-training evaluation: generate class-balanced samples on all ranks every N steps and log the metrics suite.
+
+The metrics are those of ``python -m dip_lightning evaluate`` (`dip_lightning.core.metrics.MetricEngine`): the same
+feature networks, the same reference loading and the same formulas, so a number logged in training and a number
+from the command on the same images agree.
+
+Design points, and why:
+
+* The feature networks live here, not in the LightningModule, so EMA never averages Inception's weights,
+  checkpoints never carry 95 MB of frozen network, and ``load_from_checkpoint`` does not need them.
+* Work is spread over ranks: global sample ``i`` has label ``i % num_classes`` and seed ``seed + i``
+  (`dip_lightning.core.seeding.sample_labels_and_seeds`) and each rank generates a contiguous slice of the indices,
+  so the set of images is the same for any world size and batch size.
+* Each rank extracts the features of its own images; they are then gathered to every rank in index order
+  (`dip_lightning.core.distributed.all_gather_rows`): precision/recall need every sample's features, not sums.
+  Rank 0 computes the metrics and broadcasts them, so all ranks hold the same numbers.
+* The reference is loaded once, at the first evaluation, on all ranks (extraction of an image-npz reference
+  is spread over the ranks and cached by content hash). With ``real_shards`` the reference features come from
+  real shards (spread over ranks) and are saved to ``real_cache`` as a kit reference file.
+* Logging goes straight to ``trainer.loggers`` with ``step=global_step``: ``pl_module.log`` from
+  ``on_train_batch_end`` would reach the loggers only on multiples of ``log_every_n_steps``. Values also go to
+  ``trainer.callback_metrics`` (checkpoint monitors, progress bar). Rank 0 appends one row per evaluation to
+  ``<artefact folder>/eval_metrics.csv``: ``step,images_seen,<metrics>,num_samples,seconds,unix_time``.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from dip_lightning.core.distributed import is_distributed
+from dip_lightning.core.images import to_uint8
+from dip_lightning.core.metrics import METRIC_NAMES, MetricEngine, check_metric_names
+from dip_lightning.core.metrics.features import DINOv2Features, FeatureExtractor
+from dip_lightning.core.metrics.reference import (
+    MetricUnavailableWarning,
+    extract_feature_set,
+    gather_feature_set,
+    reference_from_features,
+    save_reference,
+)
+from dip_lightning.core.metrics.sources import iter_shard_images
+from dip_lightning.core.seeding import sample_labels_and_seeds
+from dip_lightning.training.callbacks.ema import sampling_module
+from dip_lightning.training.run_folder import artefact_dir
+
+#: What `MetricsCallback` computes by default: the ADM suite and the patch-seam score (FD-DINOv2 needs weights).
+DEFAULT_TRAINING_METRICS = ("fid", "sfid", "inception_score", "precision", "recall", "patch_seam")
+CSV_NAME = "eval_metrics.csv"
+
+__all__ = ["CSV_NAME", "DEFAULT_TRAINING_METRICS", "MetricsCallback"]
+
+
+class MetricsCallback(pl.Callback):
+    """Periodic evaluation of generated samples with the metrics engine; logs ``val/<metric>``.
+
+    Args:
+        every_n_steps: evaluate when ``global_step`` (optimizer steps) is a multiple of this.
+        num_samples: generated images per evaluation, over all ranks (class-balanced: ``i % num_classes``).
+        batch_size: images generated per ``generate`` call on each rank.
+        reference: image npz, ADM reference batch or kit reference file (``python -m dip_lightning
+            fid-stats``). A file that records its extractor must match this callback's.
+        real_shards: alternative to ``reference``: real WebDataset shards, read at the first evaluation.
+        real_num_samples: how many real images to use with ``real_shards`` (default: ``num_samples``).
+        real_image_size: size real images are ADM-cropped to (default: the module's ``image_shape[-1]``).
+        real_cache: where to save the reference computed from ``real_shards`` (a kit reference file); later runs
+            load it instead of reading the shards.
+        metrics: names from `dip_lightning.core.metrics.METRIC_NAMES` (default `DEFAULT_TRAINING_METRICS`); those
+            that cannot run here are logged as absent, with one warning at the first evaluation.
+        extractor: the Inception network (YAML ``class_path``), default
+            `dip_lightning.core.metrics.features.FIDHelperInception`.
+        dinov2_weights: local ``dinov2_vitl14_pretrain.pth`` for ``fd_dinov2`` (default ``$DIP_DINOV2_WEIGHTS``).
+        patch_size: grid of the patch-seam score (default: the module's ``net.patch_size``).
+        use_ema: sample with the EMA weights when an EMA callback has them.
+        seed: seed of global sample 0; sample ``i`` uses ``seed + i``.
+        on_train_end: also evaluate at the end of training (unless the last step was just evaluated).
+        num_steps, cfg_scale, cfg_interval: sampler overrides for ``generate`` (None keeps the module's).
+        csv_name: file in the run's artefact folder (:func:`dip_lightning.training.run_folder.artefact_dir`).
+        prefix: logger key prefix; metric ``m`` is logged as ``<prefix><m>``. Give each callback its own when
+            several run side by side (e.g. ``val_cfg/``).
+        cache_dir: feature cache of reference files (default ``$DIP_METRICS_CACHE`` or
+            ``~/.cache/dip_lightning/metrics``).
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 5000,
+        num_samples: int = 1000,
+        batch_size: int = 32,
+        reference: str | None = None,
+        real_shards: str | None = None,
+        real_num_samples: int | None = None,
+        real_image_size: int | None = None,
+        real_cache: str | None = None,
+        metrics: Sequence[str] | None = None,
+        extractor: FeatureExtractor | None = None,
+        dinov2_weights: str | None = None,
+        patch_size: int | None = None,
+        use_ema: bool = True,
+        seed: int = 0,
+        on_train_end: bool = True,
+        num_steps: int | None = None,
+        cfg_scale: float | None = None,
+        cfg_interval: tuple[float, float] | None = None,
+        csv_name: str = CSV_NAME,
+        prefix: str = "val/",
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        if num_samples < 2:
+            raise ValueError(f"the metrics need at least 2 samples, got num_samples={num_samples}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if (reference is None) == (real_shards is None):
+            raise ValueError(
+                f"{type(self).__name__} needs exactly one of `reference` (an image npz, an ADM reference batch "
+                "or `python -m dip_lightning fid-stats --shards ... --out ref.npz`) or `real_shards`"
+            )
+        self.every_n_steps = every_n_steps
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.reference = reference
+        self.real_shards = real_shards
+        self.real_num_samples = real_num_samples if real_num_samples is not None else num_samples
+        self.real_image_size = real_image_size
+        self.real_cache = real_cache
+        self.metrics = check_metric_names(metrics if metrics is not None else DEFAULT_TRAINING_METRICS)
+        self.extractor = extractor
+        self.dinov2_weights = dinov2_weights
+        self.patch_size = patch_size
+        self.use_ema = use_ema
+        self.seed = seed
+        self.eval_on_train_end = on_train_end
+        overrides = {"num_steps": num_steps, "cfg_scale": cfg_scale, "cfg_interval": cfg_interval}
+        self.sampler_overrides = {k: v for k, v in overrides.items() if v is not None}
+        self.csv_name = csv_name
+        self.prefix = prefix
+        self.cache_dir = cache_dir
+        #: (global_step, {metric: value}) of every evaluation of this run (and of resumed runs).
+        self.results: list[tuple[int, dict[str, float | None]]] = []
+        self._engine: MetricEngine | None = None
+        self._last_eval_step = -1
+        self._batch_size: int | None = None  # this rank's micro-batch, seen in on_train_batch_end
+
+    # ------------------------------------------------------------------------------------------ names
+    def log_key(self, metric: str) -> str:
+        """The logger / ``callback_metrics`` key of ``metric``."""
+        return f"{self.prefix}{metric}"
+
+    @property
+    def extractor_name(self) -> str:
+        return str(getattr(self.extractor, "name", type(self.extractor).__name__))
+
+    # ------------------------------------------------------------------------------------------ setup
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        # Fail at start-up, not after hours of training, when a file is missing.
+        if self.reference is not None and not Path(self.reference).is_file():
+            raise FileNotFoundError(
+                f"{type(self).__name__}: reference {self.reference} not found; create it with "
+                f"`python -m dip_lightning fid-stats --shards '<real shards>' --out {self.reference}` "
+                "(or pass an image npz)"
+            )
+        if not hasattr(pl_module, "generate") or not hasattr(pl_module, "num_classes"):
+            raise TypeError(
+                f"{type(self).__name__} needs a LightningModule with `generate(labels, seeds)` and `num_classes`"
+            )
+        if self.extractor is None and set(self.metrics) - {"patch_seam", "fd_dinov2"}:
+            from dip_lightning.core.metrics.features import FIDHelperInception
+
+            self.extractor = FIDHelperInception()
+
+    def _patch_size(self, pl_module: pl.LightningModule) -> int | None:
+        if self.patch_size is not None:
+            return self.patch_size
+        size = getattr(getattr(pl_module, "net", None), "patch_size", None)
+        return int(size) if size is not None else None
+
+    def _get_engine(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> MetricEngine:
+        """Networks and reference, built once at the first evaluation (collective: every rank)."""
+        if self._engine is not None:
+            return self._engine
+        device = pl_module.device
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", MetricUnavailableWarning)
+            reference: Any = self.reference
+            if reference is None and self.real_cache is not None and Path(self.real_cache).is_file():
+                reference = self.real_cache
+            if reference is None:
+                reference = self._reference_from_shards(trainer, pl_module, device)
+            self._engine = MetricEngine.create(
+                reference,
+                self.metrics,
+                self._patch_size(pl_module),
+                device,
+                self.batch_size,
+                extractor=self.extractor,
+                dinov2_weights=self.dinov2_weights,
+                cache_dir=self.cache_dir,
+            )
+        for warning in caught:
+            rank_zero_warn(f"{type(self).__name__}: {warning.message}")
+        ref = self._engine.reference
+        rank_zero_info(
+            f"{type(self).__name__}: reference {ref.path} ({ref.layout}, {ref.num_images or '?'} images); "
+            f"metrics {', '.join(self._engine.usable)}"
+        )
+        return self._engine
+
+    def _reference_from_shards(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, device: torch.device
+    ) -> Any:
+        assert self.real_shards is not None
+        size = self.real_image_size or int(pl_module.image_shape[-1])
+        kinds = {"pool", "seam"}
+        if self.extractor is not None:
+            kinds |= {"spatial"} & self.extractor.available()
+        dinov2 = None
+        if "fd_dinov2" in self.metrics and self.dinov2_weights:
+            dinov2 = DINOv2Features(self.dinov2_weights).to(device)
+            kinds.add("dinov2")
+        start = time.perf_counter()
+        batches = iter_shard_images(
+            self.real_shards,
+            self.batch_size,
+            image_size=size,
+            limit=self.real_num_samples,
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
+        )
+        extractor = self.extractor.to(device) if self.extractor is not None else None
+        features = gather_feature_set(extract_feature_set(batches, kinds, extractor, device, dinov2))
+        rank_zero_info(
+            f"{type(self).__name__}: reference features of {features.num_images} images of {self.real_shards} "
+            f"({time.perf_counter() - start:.0f} s)"
+        )
+        if features.num_images < self.real_num_samples:
+            rank_zero_info(f"{type(self).__name__}: the shards hold only {features.num_images} images")
+        dinov2_name = getattr(dinov2, "name", "")
+        if self.real_cache is not None and trainer.global_rank == 0:
+            try:
+                save_reference(self.real_cache, features, overwrite=False, dinov2_name=dinov2_name)
+            except FileExistsError:  # another run wrote it meanwhile; never replace a reference
+                rank_zero_warn(f"{type(self).__name__}: {self.real_cache} appeared meanwhile; left unchanged")
+        return reference_from_features(features, str(self.real_shards), dinov2_name)
+
+    # ------------------------------------------------------------------------------------------ evaluation
+    def _indices(self, rank: int, world_size: int) -> torch.Tensor:
+        """This rank's contiguous share of the global sample indices ``0 .. num_samples - 1``."""
+        return torch.arange(self.num_samples).tensor_split(world_size)[rank]
+
+    @torch.no_grad()
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float | None]:
+        """Generate this rank's samples, gather features over ranks and return the metrics (call on every rank)."""
+        start = time.perf_counter()
+        engine = self._get_engine(trainer, pl_module)
+        module = sampling_module(trainer, pl_module, self.use_ema)
+        num_classes = int(module.num_classes)
+        device = engine.device
+
+        def batches() -> Any:
+            for chunk in self._indices(trainer.global_rank, trainer.world_size).split(self.batch_size):
+                labels, seeds = sample_labels_and_seeds(chunk.numpy(), num_classes, self.seed)
+                images = module.generate(
+                    torch.from_numpy(labels), torch.from_numpy(seeds), **self.sampler_overrides
+                )
+                # .to(device): an EMA copy kept on another device (EMA(device="cpu")) returns images there.
+                yield to_uint8(images).to(device)
+
+        samples = gather_feature_set(engine.features(batches()))  # collective
+        results = engine.evaluate(samples) if trainer.global_rank == 0 else {}
+        if is_distributed():
+            box = [results]
+            dist.broadcast_object_list(box, src=0)
+            results = box[0]
+        step = trainer.global_step
+        self._last_eval_step = step
+        self.results.append((step, dict(results)))
+        self._report(trainer, step, results, time.perf_counter() - start)
+        return results
+
+    def _images_seen(self, trainer: pl.Trainer) -> int | None:
+        """Training images seen over all ranks: steps x micro-batch x accumulation x world size."""
+        if self._batch_size is None:
+            return None
+        accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+        return trainer.global_step * self._batch_size * accumulate * trainer.world_size
+
+    def _report(
+        self, trainer: pl.Trainer, step: int, results: dict[str, float | None], seconds: float
+    ) -> None:
+        present = {m: v for m, v in results.items() if v is not None}
+        for metric, value in present.items():
+            trainer.callback_metrics[self.log_key(metric)] = torch.tensor(value, dtype=torch.float64)
+        if trainer.global_rank != 0:
+            return
+        for logger in trainer.loggers:
+            logger.log_metrics({self.log_key(m): v for m, v in present.items()}, step=step)
+        path = artefact_dir(trainer) / self.csv_name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        columns = [m for m in METRIC_NAMES if m in self.metrics]
+        new = not path.exists()
+        images_seen = self._images_seen(trainer)
+        with open(path, "a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(["step", "images_seen", *columns, "num_samples", "seconds", "unix_time"])
+            values = [repr(float(results[m])) if results.get(m) is not None else "" for m in columns]
+            writer.writerow(
+                [
+                    step,
+                    images_seen if images_seen is not None else "",
+                    *values,
+                    self.num_samples,
+                    f"{seconds:.1f}",
+                ]
+                + [int(time.time())]
+            )
+        shown = ", ".join(f"{m} {v:.4g}" for m, v in present.items())
+        rank_zero_info(
+            f"{type(self).__name__} at step {step}: {shown} ({self.num_samples} samples, {seconds:.0f} s)"
+        )
+
+    # ------------------------------------------------------------------------------------------ hooks
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        first = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+        if isinstance(first, torch.Tensor) and first.ndim > 0:
+            self._batch_size = int(first.shape[0])
+        step = trainer.global_step
+        # With gradient accumulation this hook runs several times per optimizer step: evaluate once.
+        if step > 0 and step % self.every_n_steps == 0 and step != self._last_eval_step:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.eval_on_train_end and trainer.global_step > 0 and trainer.global_step != self._last_eval_step:
+            self.evaluate(trainer, pl_module)
+
+    # ------------------------------------------------------------------------------------------ state
+    @property
+    def state_key(self) -> str:
+        # Several metric callbacks may run side by side (EMA and raw weights, two guidance scales); each needs
+        # its own checkpoint slot, so the key carries what tells them apart.
+        return self._generate_state_key(
+            every_n_steps=self.every_n_steps,
+            num_samples=self.num_samples,
+            use_ema=self.use_ema,
+            seed=self.seed,
+            csv_name=self.csv_name,
+            prefix=self.prefix,
+            **self.sampler_overrides,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        # Bookkeeping only: networks and reference are rebuilt from the config, not checkpointed.
+        return {"results": [[s, dict(r)] for s, r in self.results], "last_eval_step": self._last_eval_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "results" in state_dict:
+            self.results = [
+                (int(s), {k: _opt_float(v) for k, v in r.items()}) for s, r in state_dict["results"]
+            ]
+        else:  # a checkpoint of the FID-only callback: [[step, fid], ...]
+            self.results = [(int(s), {"fid": float(v)}) for s, v in state_dict.get("history", [])]
+        self._last_eval_step = int(state_dict.get("last_eval_step", -1))
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None or (isinstance(value, float) and np.isnan(value)) else float(value)

@@ -1,0 +1,332 @@
+"""`python -m dip_lightning fit|validate|test|predict --config experiments/<exp>.yaml`.
+
+A thin :class:`LightningCLI` subclass. What it adds, and why:
+
+* one fixed run folder per experiment (``trainer.default_root_dir``): TensorBoard logs under
+  ``<run>/tensorboard`` (pinned version, so a requeued job appends instead of opening ``version_N+1``),
+  checkpoints under ``<run>/checkpoints``, preemption checkpoints ``<run>/hpc_ckpt_N.ckpt``, the parsed config
+  written (and overwritten on requeue) next to the logs;
+* automatic resume for ``fit``: explicit ``--ckpt_path`` > newest preemption checkpoint > ``last.ckpt`` >
+  fresh start, said in one log line; a checkpoint of another model configuration is an error before anything
+  is written (:mod:`dip_lightning.checkpoint.io`);
+* atomic checkpoint files (:class:`~dip_lightning.checkpoint.io.AtomicCheckpointIO`);
+* a preemption guard (``preemption.*``, :class:`~dip_lightning.training.callbacks.preemption.PreemptionGuard`): SIGTERM
+  and Ctrl-C save a preemption checkpoint at the next step boundary and stop; under SLURM the requeue signal
+  does the same and requeues the job;
+* SLURM auto-requeue only when SLURM is detected (never on a laptop), with a configurable signal;
+* ``trainer.max_time`` counts per job (:class:`~dip_lightning.training.callbacks.preemption.PerJobTimer`), so a
+  requeued job does not stop at once;
+* a fixed default seed, so a requeued job does not draw a new one;
+* a rich progress bar that does not synchronise with the GPU every step
+  (:class:`~dip_lightning.training.callbacks.progress.RichProgress`);
+* the experiment's own words kept with the run: ``experiment.json`` next to ``config.yaml`` records the
+  ``--config`` files (path and text, so the comments that say which paper row a config reproduces travel with
+  the run) and the command line (:class:`RecordingSaveConfig`, read by ``python -m dip_lightning report``);
+* ``validate``/``test``/``predict --ckpt_path ... --ema DECAY`` (one of the checkpoint's tracked EMA decays) or
+  ``--raw_weights``: which weights of the checkpoint run (default: its first EMA decay;
+  :func:`dip_lightning.checkpoint.format.select_weights`).
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, Timer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities import rank_zero_info
+
+from dip_lightning.checkpoint.compatibility import check_compatible
+from dip_lightning.checkpoint.format import WeightChoice
+from dip_lightning.checkpoint.io import AtomicCheckpointIO, clean_partial_files, peek_checkpoint
+from dip_lightning.checkpoint.resume import optimizer_setting_changes, resolve_resume
+from dip_lightning.core.atomic import atomic_write_json
+
+# Importing the module also enables sampler subclasses in YAML (see dip_lightning.training.module).
+from dip_lightning.core.distributed import launch_place
+from dip_lightning.training.callbacks.preemption import PerJobTimer, PreemptionGuard
+from dip_lightning.training.callbacks.progress import RichProgress
+from dip_lightning.training.init_from import init_from_checkpoint
+from dip_lightning.training.module import DiPModule
+from dip_lightning.training.run_folder import DEFAULT_RUN_DIR, EXPERIMENT_RECORD, LOG_VERSION, artefact_dir
+
+
+def _as_list(value: Any) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+#: Values that data and model share, set once in the model's config and linked into the data's.
+MODEL_TO_DATA = {
+    "model.net.init_args.num_classes": "data.init_args.num_classes",
+    "model.net.init_args.input_size": "data.init_args.image_size",
+}
+
+
+def config_sources(config: Any) -> list[dict[str, str]]:
+    """The ``--config`` files of a parsed config, in order: ``{"path": as given, "absolute": where it was found,
+    "text": its text}`` each.
+
+    A ``--config`` given as an inline YAML string, or a file that can no longer be read, is left out.
+    """
+    sources = []
+    for entry in _as_list(config.get("config") if hasattr(config, "get") else None):
+        if entry is None:
+            continue
+        # jsonargparse's Path: `relative` is the path as given, `absolute` where it was found.
+        given = str(getattr(entry, "relative", entry))
+        found = str(getattr(entry, "absolute", entry))
+        try:
+            text = Path(found).read_text(encoding="utf-8")
+        except (OSError, TypeError, ValueError):
+            continue
+        sources.append({"path": given, "absolute": found, "text": text})
+    return sources
+
+
+class RecordingSaveConfig(SaveConfigCallback):
+    """LightningCLI's ``config.yaml`` writer, plus ``experiment.json`` beside it (rank 0, atomic, rewritten by
+    each job as ``config.yaml`` is): the ``--config`` files with their text and the command line.
+
+    The parsed ``config.yaml`` holds every value but not which experiment file and overlays produced them, nor
+    their comments (a ``# Reproduces:`` line); reports need both.
+    """
+
+    def __init__(self, *args: Any, argv: list[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.argv = list(argv) if argv is not None else None
+
+    def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        record = {"configs": config_sources(self.config), "argv": self.argv}
+        atomic_write_json(artefact_dir(trainer) / EXPERIMENT_RECORD, record)
+
+
+class DiPCLI(LightningCLI):
+    """LightningCLI for DiP: model = :class:`DiPModule`, data = any LightningDataModule (``class_path``)."""
+
+    def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
+        torch.set_float32_matmul_precision("high")
+        argv = [str(a) for a in args] if isinstance(args, (list, tuple)) else sys.argv[1:]
+        super().__init__(
+            model_class=DiPModule,
+            datamodule_class=LightningDataModule,
+            subclass_mode_data=True,
+            save_config_callback=RecordingSaveConfig,
+            save_config_kwargs={"overwrite": True, "argv": argv},
+            seed_everything_default=0,
+            auto_configure_optimizers=False,
+            parser_kwargs={"parser_mode": "yaml", "prog": "python -m dip_lightning"},
+            args=args,
+            run=run,
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # A checkpoint callback that is always there (`checkpoint.*`), writing into the run folder.
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # Always there too: signals become a checkpoint at a step boundary (`preemption.*`).
+        parser.add_lightning_class_args(PreemptionGuard, "preemption")
+        parser.set_defaults(
+            {
+                "checkpoint.save_last": True,
+                "checkpoint.every_n_train_steps": 1000,
+                "checkpoint.save_top_k": -1,
+                "checkpoint.filename": "step{step:08d}",
+                "checkpoint.auto_insert_metric_name": False,
+                "trainer.default_root_dir": DEFAULT_RUN_DIR,
+            }
+        )
+        # The class count and the image size are the model's; the data follows them (set them once, in
+        # model.net). Checkpoint-driven commands (predict/validate --ckpt_path) thereby get matching data too.
+        for model_key, data_key in MODEL_TO_DATA.items():
+            parser.link_arguments(model_key, data_key)
+        parser.add_argument(
+            "--requeue_signal",
+            type=str,
+            default="SIGUSR1",
+            help="Signal on which a SLURM job saves and requeues itself (SIGUSR2 where NCCL takes SIGUSR1).",
+        )
+        parser.add_argument(
+            "--ema",
+            type=float | None,
+            default=None,
+            help="validate/test/predict: the weights of this EMA decay of --ckpt_path (one it tracked; default: "
+            "its first).",
+        )
+        parser.add_argument(
+            "--init_from",
+            type=str | None,
+            default=None,
+            help="fit: start from this checkpoint's weights (EMA unless --init_from_raw), with a fresh trainer state "
+            "(step 0, new optimizer); e.g. a 256 px run for a 512 px one. Ignored once the run has its own "
+            "checkpoint (a resume wins). docs/design.md §9.",
+        )
+        parser.add_argument(
+            "--init_patch_embed",
+            type=str,
+            default="reinit",
+            help="fit --init_from: the patch embedding when the patch size changed: reinit (new initialisation) or "
+            "upsample (each kernel weight spread over the pixels it covers at the new size, divided by their count).",
+        )
+        parser.add_argument(
+            "--init_from_strict",
+            type=bool,
+            default=True,
+            help="fit --init_from: any other tensor that does not match is an error (false: it keeps this model's "
+            "initialisation, listed in the log).",
+        )
+        parser.add_argument(
+            "--init_from_raw",
+            type=bool,
+            default=False,
+            help="fit --init_from: take the checkpoint's raw weights instead of its EMA weights.",
+        )
+        parser.add_argument(
+            "--raw_weights",
+            type=bool,
+            default=False,
+            help="validate/test/predict: the raw (non-EMA) weights of --ckpt_path.",
+        )
+
+    def _parse_ckpt_path(self) -> None:
+        # A private LightningCLI hook (dip_lightning.core.compat): with --ckpt_path it replaces the model config by the
+        # checkpoint's hyperparameters. Right for predict/validate/test (the checkpoint defines the model), but a
+        # fit would silently drop this run's settings (a new lr, activation checkpointing); there the kit
+        # compares the two configs instead (before_fit: check_compatible).
+        if self.config.get("subcommand") != "fit":
+            super()._parse_ckpt_path()
+
+    # ------------------------------------------------------------------ run folder, logger, SLURM
+    def _subconfig(self) -> Any:
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def before_instantiate_classes(self) -> None:
+        config = self._subconfig()
+        run_dir = Path(config.trainer.default_root_dir)
+        if config.checkpoint.dirpath is None:
+            config.checkpoint.dirpath = str(run_dir / "checkpoints")
+        if config.trainer.logger in (None, True):
+            # Pinned version: every (re)started job of this run logs to the same folder.
+            config.trainer.logger = {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(run_dir), "name": "", "version": LOG_VERSION},
+            }
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """The Trainer, with atomic checkpoint IO, SLURM auto-requeue (under SLURM only), a per-job timer."""
+        config = self._subconfig()
+        trainer_init = (
+            self.config_init[self.subcommand]["trainer"] if self.subcommand else self.config_init["trainer"]
+        )
+        plugins = _as_list(kwargs.get("plugins", trainer_init.get("plugins")))
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        if SLURMEnvironment.detect() and not any(isinstance(p, ClusterEnvironment) for p in plugins):
+            sig = getattr(signal, config.requeue_signal)
+            plugins.append(SLURMEnvironment(auto_requeue=True, requeue_signal=sig))
+            rank_zero_info(f"SLURM detected: auto-requeue on {config.requeue_signal}.")
+        kwargs["plugins"] = plugins
+        max_time = kwargs.get("max_time", trainer_init.get("max_time"))
+        callbacks = _as_list(kwargs.get("callbacks", trainer_init.get("callbacks")))
+        if max_time is not None and not any(isinstance(c, Timer) for c in callbacks):
+            # Lightning's own Timer would add the time of earlier jobs back on resume (see PerJobTimer).
+            kwargs["max_time"] = None
+            callbacks.append(PerJobTimer(duration=max_time, interval="step"))
+        enable_bar = kwargs.get("enable_progress_bar", trainer_init.get("enable_progress_bar"))
+        if enable_bar is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            # Rich bars by default (a YAML `trainer.callbacks` entry of any ProgressBar replaces it).
+            callbacks.append(RichProgress())
+        kwargs["callbacks"] = callbacks
+        return super().instantiate_trainer(**kwargs)
+
+    # ------------------------------------------------------------------ which weights of a checkpoint
+    def _request_weights(self) -> None:
+        """``--ema`` / ``--raw_weights``: tell the model which weights of ``--ckpt_path`` to load."""
+        config = self.config_init[self.subcommand]
+        ema, raw = config.get("ema"), bool(config.get("raw_weights"))
+        if ema is None and not raw:
+            return
+        if ema is not None and raw:
+            raise ValueError("--ema and --raw_weights exclude each other: choose one set of weights.")
+        if not config.get("ckpt_path"):
+            raise ValueError("--ema / --raw_weights choose weights of a checkpoint: pass --ckpt_path too.")
+        self.model.requested_weights = WeightChoice(str(config["ckpt_path"]), ema, raw)
+
+    before_validate = before_test = before_predict = _request_weights
+
+    # ------------------------------------------------------------------ resume
+    def before_fit(self) -> None:
+        """Pick the checkpoint to continue from and check it fits this model, before anything is written."""
+        config = self.config_init["fit"]
+        if config.get("ema") is not None or config.get("raw_weights"):
+            raise ValueError(
+                "--ema / --raw_weights choose the weights validate, test and predict load; fit resumes every "
+                "EMA (configure them with the EMA callback's decays)."
+            )
+        explicit = config.get("ckpt_path")
+        if explicit in ("last", "hpc", "best"):  # Lightning's own keywords: its rules apply
+            rank_zero_info(f"Resume: --ckpt_path {explicit} (resolved by Lightning).")
+            return
+        if explicit and not Path(explicit).is_file():
+            raise FileNotFoundError(f"--ckpt_path {explicit}: no such checkpoint file")
+        run_dir = Path(self.trainer.default_root_dir)
+        checkpoint_dir = getattr(self.trainer.checkpoint_callback, "dirpath", None)
+        if launch_place().rank == 0:
+            # Leftovers of saves that were killed midway; no save can be running yet.
+            removed = clean_partial_files({run_dir, Path(checkpoint_dir or run_dir / "checkpoints")})
+            if removed:
+                rank_zero_info(
+                    f"Removed {len(removed)} unfinished checkpoint file(s) of an interrupted save."
+                )
+        weights_only = config.get("weights_only") is not False  # torch's default, as Lightning's load
+        decision = resolve_resume(run_dir, checkpoint_dir, explicit=explicit, weights_only=weights_only)
+        if decision.path is not None:
+            checkpoint = peek_checkpoint(decision.path, weights_only)
+            decision.changed = check_compatible(checkpoint, self.model, decision.path)
+            # What DiPModule.on_load_checkpoint will apply to the restored optimizer.
+            configured = getattr(self.model, "configured_optimizer", None)
+            if configured is not None:
+                decision.changed += [str(c) for c in optimizer_setting_changes(checkpoint, configured())]
+            config["ckpt_path"] = str(decision.path)
+            if checkpoint_dir is not None:
+                # A resumed run's checkpoint folder is not empty by design; Lightning's warning would only alarm.
+                warnings.filterwarnings(
+                    "ignore",
+                    message=re.escape(f"Checkpoint directory {checkpoint_dir} exists and is not empty"),
+                )
+        rank_zero_info(decision.message())
+        init_from = config.get("init_from")
+        if init_from:
+            if explicit:
+                raise ValueError(
+                    "--init_from (weights only, fresh trainer state) and --ckpt_path (continue a run) exclude each "
+                    "other: choose one."
+                )
+            if decision.path is not None:
+                rank_zero_info(f"--init_from {init_from} ignored: the run continues from its own checkpoint.")
+            else:
+                if not Path(init_from).is_file():
+                    raise FileNotFoundError(f"--init_from {init_from}: no such checkpoint file")
+                report = init_from_checkpoint(
+                    self.model,
+                    init_from,
+                    patch_embed=config.get("init_patch_embed") or "reinit",
+                    strict=config.get("init_from_strict") is not False,
+                    raw=bool(config.get("init_from_raw")),
+                    weights_only=weights_only,
+                )
+                rank_zero_info(report.message())
+
+
+def cli_main(args: list[str] | None = None) -> DiPCLI:
+    """Entry point used by ``python -m dip_lightning``."""
+    return DiPCLI(args=args)
