@@ -275,11 +275,63 @@ def prepare_split(
     source_note: str | None = None,
     on_shard_done: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Prepare one split; returns the manifest (also written to ``<out>/<split>-manifest.json``)."""
-    from dip_lightning.core.data.preprocess import PREPROCESS_MODES, STORAGE_FORMATS
+    """Prepare one split; returns the manifest (also written to ``<out>/<split>-manifest.json``).
 
+    Args:
+        src: an ImageFolder (one sub-folder per class) or, with ``labels``, a flat folder of images.
+        out: the shard folder; shards of other splits may share it (``classes.txt`` keeps their indices equal).
+        split: shard name prefix (``train`` -> ``train-000000.tar``).
+        image_size: side of the stored images after ``preprocess``.
+        format: ``png`` (lossless), ``jpg`` (``quality``) or ``orig`` (the input bytes, cropped at load time).
+        quality: JPEG quality.
+        png_level: PNG compression level (0-9; 1 is fast and only a little larger).
+        preprocess: ``adm`` (the ADM centre crop) or ``none`` (cropped at load time).
+        shard_size: samples per shard.
+        seed: seed of the global shuffle before sharding.
+        labels: label file of a flat folder (``<file> <label>`` lines; ImageNet's ``LOC_val_solution.csv``).
+        classes: class list (a file or names); default: ``<out>/classes.txt``, else the sorted folder names.
+        workers: processes writing shards (default: the CPUs this process may use).
+        overwrite: replace shards of another source or configuration instead of refusing.
+        progress: show a progress bar.
+        source_note: free text stored in the manifest (where the images came from).
+        on_shard_done: called with each shard's record as it completes.
+    """
     t0 = time.time()
     src, out = Path(src), Path(out)
+    _check_options(src, split, image_size, format, quality, png_level, preprocess, shard_size)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = ShardConfig(split, image_size, format, quality, png_level, preprocess, shard_size, seed)
+    class_list, items, unlabelled, layout = _list_inputs(src, out, labels, classes)
+    planned, plan_hash = _plan(items, cfg, src)
+    names = [f"{split}-{k:06d}.tar" for k in range(max(1, -(-len(planned) // shard_size)))]
+    progress_dir = _claim_output(out, cfg, src, plan_hash, overwrite)
+    records, tasks = _pending_shards(src, out, progress_dir, names, planned, cfg, plan_hash)
+    workers = min(workers or _default_workers(), max(1, len(tasks)))
+    _run_tasks(tasks, records, workers, progress, len(planned), split, on_shard_done)
+    shards = [records[k] for k in range(len(names))]
+    manifest = _manifest(cfg, src, labels, layout, class_list, len(items), unlabelled, shards, plan_hash)
+    manifest |= {
+        "source": manifest["source"] | {"note": source_note},
+        "elapsed_s": round(time.time() - t0, 2),
+    }
+    atomic_write_json(
+        out / f"{split}-manifest.json", manifest
+    )  # last: its presence means the split is complete
+    return manifest
+
+
+def _check_options(
+    src: Path,
+    split: str,
+    image_size: int,
+    format: str,
+    quality: int,
+    png_level: int,
+    preprocess: str,
+    shard_size: int,
+) -> None:
+    from dip_lightning.core.data.preprocess import PREPROCESS_MODES, STORAGE_FORMATS
+
     if not src.is_dir():
         raise FileNotFoundError(f"--src {str(src)!r} is not a folder")
     if format not in STORAGE_FORMATS:
@@ -290,10 +342,16 @@ def prepare_split(
         raise ValueError(f"split must be alphanumeric (it prefixes shard names), got {split!r}")
     if image_size < 1 or shard_size < 1 or not 1 <= quality <= 100 or not 0 <= png_level <= 9:
         raise ValueError("need image_size >= 1, shard_size >= 1, 1 <= quality <= 100, 0 <= png_level <= 9")
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = ShardConfig(split, image_size, format, quality, png_level, preprocess, shard_size, seed)
 
-    # ---- class list: explicit, else the one already in --out (train before val), else the folder names
+
+def _list_inputs(
+    src: Path, out: Path, labels: str | Path | None, classes: str | Path | Sequence[str] | None
+) -> tuple[list[str], list[tuple[str, int]], list[dict[str, str]], str]:
+    """``(class list, [(relative path, label)], unlabelled files, layout)``; writes ``<out>/classes.txt``.
+
+    The class list is the one given, else the one already in ``out`` (train before val, so both splits index
+    classes alike), else the folder names.
+    """
     classes_path = out / "classes.txt"
     if isinstance(classes, (str, Path)):
         class_list: list[str] | None = read_classes_file(classes)
@@ -315,19 +373,28 @@ def prepare_split(
             raise ValueError(f"{classes_path} lists other classes than this run; use another --out")
     else:
         classes_path.write_text("".join(name + "\n" for name in class_list))
+    return class_list, items, unlabelled, layout
 
-    # ---- deterministic global shuffle, then fixed shard assignment (the resume unit)
+
+def _plan(
+    items: list[tuple[str, int]], cfg: ShardConfig, src: Path
+) -> tuple[list[tuple[str, str, int]], str]:
+    """The deterministic global shuffle, as ``(key, relative path, label)`` in shard order, and its hash (the
+    resume unit: a rerun with the same hash continues, another hash is another dataset)."""
     import numpy as np
 
-    order = np.random.default_rng(seed).permutation(len(items))
+    order = np.random.default_rng(cfg.seed).permutation(len(items))
     planned = [(f"{i:08d}_{_safe_stem(items[j][0])}", items[j][0], items[j][1]) for i, j in enumerate(order)]
     digest = hashlib.sha256(json.dumps({"config": asdict(cfg), "src": str(src.resolve())}).encode())
     for key, rel, label in planned:  # incremental: no 100 MB string for ImageNet's 1.28M files
         digest.update(f"{key}\0{rel}\0{label}\n".encode())
-    plan_hash = digest.hexdigest()[:16]
-    n_shards = max(1, -(-len(planned) // shard_size))
-    names = [f"{split}-{k:06d}.tar" for k in range(n_shards)]
+    return planned, digest.hexdigest()[:16]
 
+
+def _claim_output(out: Path, cfg: ShardConfig, src: Path, plan_hash: str, overwrite: bool) -> Path:
+    """Make ``out`` this plan's: remove what a killed run left, refuse (or with ``overwrite`` replace) shards of
+    another plan, record the plan. Returns the progress folder."""
+    split = cfg.split
     progress_dir = out / f".{split}-progress"
     plan_file = progress_dir / "plan.json"
     for leftover in leftover_temp_files(out, f"{split}-*.tar"):  # shards of a killed run, never complete
@@ -350,7 +417,19 @@ def prepare_split(
         )
     progress_dir.mkdir(exist_ok=True)
     atomic_write_json(plan_file, {"plan_hash": plan_hash, "config": asdict(cfg), "src": str(src.resolve())})
+    return progress_dir
 
+
+def _pending_shards(
+    src: Path,
+    out: Path,
+    progress_dir: Path,
+    names: list[str],
+    planned: list[tuple[str, str, int]],
+    cfg: ShardConfig,
+    plan_hash: str,
+) -> tuple[dict[int, dict], list[tuple[int, dict]]]:
+    """The records of the shards already complete, and a task for each of the others."""
     records: dict[int, dict] = {}
     tasks: list[tuple[int, dict]] = []
     for k, name in enumerate(names):
@@ -358,69 +437,68 @@ def prepare_split(
         if done is not None:
             records[k] = done
             continue
-        tasks.append(
-            (
-                k,
-                {
-                    "src": str(src),
-                    "out": str(out),
-                    "progress": str(progress_dir),
-                    "name": name,
-                    "items": planned[k * shard_size : (k + 1) * shard_size],
-                    "config": asdict(cfg),
-                    "plan_hash": plan_hash,
-                },
-            )
-        )
+        task = {
+            "src": str(src),
+            "out": str(out),
+            "progress": str(progress_dir),
+            "name": name,
+            "items": planned[k * cfg.shard_size : (k + 1) * cfg.shard_size],
+            "config": asdict(cfg),
+            "plan_hash": plan_hash,
+        }
+        tasks.append((k, task))
+    return records, tasks
 
-    workers = min(workers or _default_workers(), max(1, len(tasks)))
-    _run_tasks(tasks, records, workers, progress, len(planned), split, on_shard_done)
 
-    # ---- manifest last
+def _manifest(
+    cfg: ShardConfig,
+    src: Path,
+    labels: str | Path | None,
+    layout: str,
+    class_list: list[str],
+    num_listed: int,
+    unlabelled: list[dict[str, str]],
+    shards: list[dict],
+    plan_hash: str,
+) -> dict:
+    """The split's manifest from the shard records."""
     class_counts = [0] * len(class_list)
     bad: list[dict[str, str]] = list(unlabelled)
-    for k in range(n_shards):
-        for label, count in records[k]["class_counts"].items():
+    for record in shards:
+        for label, count in record["class_counts"].items():
             class_counts[int(label)] += count
-        bad.extend(records[k]["bad"])
-    manifest = {
+        bad.extend(record["bad"])
+    return {
         "format_version": FORMAT_VERSION,
-        "tool": "dip_lightning.core.data.prepare",
-        "split": split,
-        "num_samples": sum(records[k]["samples"] for k in range(n_shards)),
-        "num_shards": n_shards,
-        "pattern": _brace_pattern(split, n_shards),
+        "tool": "dip_lightning prepare",
+        "split": cfg.split,
+        "num_samples": sum(record["samples"] for record in shards),
+        "num_shards": len(shards),
+        "pattern": _brace_pattern(cfg.split, len(shards)),
         "num_classes": len(class_list),
         "classes_file": "classes.txt",
-        "image_size": image_size,
-        "format": format,
-        "quality": quality if format == "jpg" else None,
-        "png_level": png_level if format == "png" else None,
-        "preprocess": preprocess,
+        "image_size": cfg.image_size,
+        "format": cfg.format,
+        "quality": cfg.quality if cfg.format == "jpg" else None,
+        "png_level": cfg.png_level if cfg.format == "png" else None,
+        "preprocess": cfg.preprocess,
         # orig / none store full images: readers apply the ADM crop at load time.
-        "crop_at_load": format == "orig" or preprocess == "none",
+        "crop_at_load": cfg.format == "orig" or cfg.preprocess == "none",
         "source": {
             "path": str(src.resolve()),
             "layout": layout,
             "labels_file": str(Path(labels).resolve()) if labels is not None else None,
-            "num_files": len(items) + len(unlabelled),
-            "note": source_note,
+            "num_files": num_listed + len(unlabelled),
         },
-        "seed": seed,
-        "shard_size": shard_size,
+        "seed": cfg.seed,
+        "shard_size": cfg.shard_size,
         "plan_hash": plan_hash,
-        "shards": [
-            {"name": names[k], "samples": records[k]["samples"], "bytes": records[k]["bytes"]}
-            for k in range(n_shards)
-        ],
+        "shards": [{"name": r["name"], "samples": r["samples"], "bytes": r["bytes"]} for r in shards],
         "class_counts": {class_list[i]: c for i, c in enumerate(class_counts)},
         "num_bad": len(bad),
         "bad_files": bad,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "elapsed_s": round(time.time() - t0, 2),
     }
-    atomic_write_json(out / f"{split}-manifest.json", manifest)
-    return manifest
 
 
 def _run_tasks(
