@@ -72,8 +72,6 @@ def expand_shards(spec: ShardSpec) -> list[str]:
     Local names must exist: a glob that matches nothing or a brace range with missing members raises
     ``FileNotFoundError`` naming the pattern and the folder. Remote URLs are passed through unchecked.
     """
-    from braceexpand import braceexpand
-
     items = [spec] if isinstance(spec, str) else list(spec)
     if not items:
         raise ValueError("empty shard list")
@@ -82,29 +80,36 @@ def expand_shards(spec: ShardSpec) -> list[str]:
         if not isinstance(item, str) or not item.strip():
             raise ValueError(f"shard patterns must be non-empty strings, got {item!r}")
         for part in item.split("::"):
-            part = os.path.expanduser(part.strip())
-            missing: list[str] = []
-            for url in braceexpand(part):
-                if is_remote(url):
-                    urls.append(url)
-                    continue
-                path = _local(url)
-                if _GLOB_CHARS.search(path):
-                    matches = sorted(m for m in glob.glob(path) if os.path.isfile(m))
-                    if not matches:
-                        raise FileNotFoundError(
-                            f"no shard matches pattern {part!r}: {_folder_note(os.path.dirname(path) or '.')}"
-                        )
-                    urls.extend(matches)
-                elif os.path.isfile(path):
-                    urls.append(path)
-                else:
-                    missing.append(path)
-            if missing:
+            urls.extend(_expand_pattern(os.path.expanduser(part.strip())))
+    return urls
+
+
+def _expand_pattern(part: str) -> list[str]:
+    """The shards one brace/glob pattern names (see :func:`expand_shards`)."""
+    from braceexpand import braceexpand
+
+    urls: list[str] = []
+    missing: list[str] = []
+    for url in braceexpand(part):
+        path = _local(url)
+        if is_remote(url):
+            urls.append(url)
+        elif _GLOB_CHARS.search(path):
+            matches = sorted(m for m in glob.glob(path) if os.path.isfile(m))
+            if not matches:
                 raise FileNotFoundError(
-                    f"{len(missing)} shard(s) of pattern {part!r} do not exist (first: {missing[0]!r}); "
-                    f"{_folder_note(os.path.dirname(missing[0]) or '.')}"
+                    f"no shard matches pattern {part!r}: {_folder_note(os.path.dirname(path) or '.')}"
                 )
+            urls.extend(matches)
+        elif os.path.isfile(path):
+            urls.append(path)
+        else:
+            missing.append(path)
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} shard(s) of pattern {part!r} do not exist (first: {missing[0]!r}); "
+            f"{_folder_note(os.path.dirname(missing[0]) or '.')}"
+        )
     return urls
 
 
@@ -132,6 +137,16 @@ def _split_name(name: str) -> tuple[str | None, str]:
     return m.group(1), m.group(2).lower()
 
 
+def _sample_member(info: tarfile.TarInfo) -> tuple[str | None, str]:
+    """``(sample key, extension)`` of a tar member that belongs to a sample; ``(None, "")`` for anything else
+    (folders, links, ``__meta__`` members, names without an extension)."""
+    if not info.isreg() or _META.match(info.name):
+        return None, ""
+    if "/" not in info.name and info.name.startswith("__") and info.name.endswith("__"):
+        return None, ""
+    return _split_name(info.name)
+
+
 def index_tar(path: str) -> TarIndex:
     """Scan the headers of a local uncompressed tar (no data is read). Never raises for a damaged file."""
     file_size = os.path.getsize(path)
@@ -152,30 +167,29 @@ def index_tar(path: str) -> TarIndex:
             if info is None:
                 break
             tf.members.clear()  # the scan keeps its own table; TarFile would otherwise hold every TarInfo
-            if not info.isreg():
-                continue
-            if info.offset_data + info.size > file_size:
+            if info.isreg() and info.offset_data + info.size > file_size:
                 error = f"tar truncated after {len(rows)} samples ({info.name!r} ends past the file end)"
                 break
-            if "/" not in info.name and info.name.startswith("__") and info.name.endswith("__"):
-                continue
-            if _META.match(info.name):
-                continue
-            key, ext = _split_name(info.name)
+            key, ext = _sample_member(info)
             if key is None:
                 continue
             if key != current_key:
                 rows.append([-1, -1, -1, -1, -1])
                 current_key = key
-            row = rows[-1]
-            if ext == "cls" and row[2] < 0:
-                row[2], row[3] = info.offset_data, info.size
-            elif ext in IMAGE_EXTS:
-                code = IMAGE_EXTS.index(ext)
-                if row[4] < 0 or code < row[4]:
-                    row[0], row[1], row[4] = info.offset_data, info.size, code
+            _add_member(rows[-1], info, ext)
     table = np.asarray(rows, dtype=np.int64).reshape(-1, 5)
     return TarIndex(path, table, error)
+
+
+def _add_member(row: list[int], info: tarfile.TarInfo, ext: str) -> None:
+    """Record a member in its sample's :class:`TarIndex` row: the first ``cls``, and the image of the preferred
+    extension (the first of :data:`IMAGE_EXTS`) when a sample has several."""
+    if ext == "cls" and row[2] < 0:
+        row[2], row[3] = info.offset_data, info.size
+    elif ext in IMAGE_EXTS:
+        code = IMAGE_EXTS.index(ext)
+        if row[4] < 0 or code < row[4]:
+            row[0], row[1], row[4] = info.offset_data, info.size, code
 
 
 def is_random_access(url: str) -> bool:
