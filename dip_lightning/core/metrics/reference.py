@@ -216,12 +216,7 @@ def _cached_features(
     for kind in kinds:
         file = _cache_file(cache_dir, digest, kind, networks[kind]) if cache_dir is not None else None
         if file is not None and file.is_file():
-            value = np.load(file, allow_pickle=False)
-            if kind == "seam":
-                n_cols, n_rows, count = (int(v) for v in value[2, :3])
-                found.seam = SeamProfile(value[0, :n_cols], value[1, :n_rows], count)
-            else:
-                found.features[kind] = value
+            _read_cached(file, kind, found)
         else:
             missing.append(kind)
     if is_distributed():
@@ -239,20 +234,32 @@ def _cached_features(
         if cache_dir is not None and rank == 0:
             cache_dir.mkdir(parents=True, exist_ok=True)
             for kind in missing:
-                file = _cache_file(cache_dir, digest, kind, networks[kind])
-                if kind == "seam":
-                    assert fresh.seam is not None
-                    width = max(len(fresh.seam.cols), len(fresh.seam.rows))
-                    value = np.zeros((3, max(width, 3)))
-                    value[0, : len(fresh.seam.cols)] = fresh.seam.cols
-                    value[1, : len(fresh.seam.rows)] = fresh.seam.rows
-                    value[2, :3] = (len(fresh.seam.cols), len(fresh.seam.rows), fresh.seam.num_images)
-                else:
-                    value = fresh.features[kind]
-                with atomic_write(file, overwrite=True) as f:
-                    np.save(f, value)
+                _write_cached(_cache_file(cache_dir, digest, kind, networks[kind]), kind, fresh)
     found.num_images = npz_image_shape(path)[0]
     return found
+
+
+def _read_cached(file: Path, kind: str, into: FeatureSet) -> None:
+    value = np.load(file, allow_pickle=False)
+    if kind == "seam":  # rows: column profile, row profile, (their lengths, image count)
+        n_cols, n_rows, count = (int(v) for v in value[2, :3])
+        into.seam = SeamProfile(value[0, :n_cols], value[1, :n_rows], count)
+    else:
+        into.features[kind] = value
+
+
+def _write_cached(file: Path, kind: str, features: FeatureSet) -> None:
+    if kind == "seam":
+        seam = features.seam
+        assert seam is not None
+        value = np.zeros((3, max(len(seam.cols), len(seam.rows), 3)))
+        value[0, : len(seam.cols)] = seam.cols
+        value[1, : len(seam.rows)] = seam.rows
+        value[2, :3] = (len(seam.cols), len(seam.rows), seam.num_images)
+    else:
+        value = features.features[kind]
+    with atomic_write(file, overwrite=True) as f:
+        np.save(f, value)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -362,6 +369,19 @@ def load_reference(
     Collective under a process group (extraction is spread over the ranks).
     """
     file = Path(path)
+    ref = _read_reference_file(file)
+    _check_networks(ref, extractor, dinov2)
+    needs = {n for m in metrics for n in REFERENCE_NEEDS[m]}
+    kinds = _kinds_to_extract(ref, needs, extractor, dinov2)
+    if kinds:
+        cache = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) if use_cache else None
+        extracted = _cached_features(file, sorted(kinds), extractor, device, batch_size, dinov2, cache)
+        _complete_reference(ref, extracted, needs, str(getattr(dinov2, "name", "")))
+    return ref
+
+
+def _read_reference_file(file: Path) -> Reference:
+    """What the file stores (statistics and features as they are, images only noted)."""
     if not file.is_file():
         raise FileNotFoundError(
             f"reference {file} not found; pass an image npz (arr_0: uint8 NHWC), an ADM reference batch, or "
@@ -372,63 +392,71 @@ def load_reference(
     if "mu" in keys and "sigma" in keys:
         ref = _read_stats_file(file, keys)
         ref.layout = "adm" if has_images else "stats"
-    elif has_images:
-        ref = Reference(str(file), layout="images")
-    else:
-        raise ValueError(
-            f"{file} is not a reference: it has neither images (arr_0) nor statistics (mu, sigma); keys: {keys}"
-        )
+        return ref
+    if has_images:
+        return Reference(str(file), layout="images")
+    raise ValueError(
+        f"{file} is not a reference: it has neither images (arr_0) nor statistics (mu, sigma); keys: {keys}"
+    )
+
+
+def _check_networks(ref: Reference, extractor: FeatureExtractor | None, dinov2: nn.Module | None) -> None:
+    """Statistics made with another feature network than the samples' are an error (an ADM batch, which records
+    none, a warning: its TensorFlow Inception is what the kit's Inception ports)."""
     recorded = ref.extractor if ref.layout != "images" else ""
     if extractor is not None and recorded and recorded != extractor.name:
         raise ValueError(
-            f"{file} was computed with extractor {recorded!r} but the samples use {extractor.name!r}; "
+            f"{ref.path} was computed with extractor {recorded!r} but the samples use {extractor.name!r}; "
             "recompute it with that extractor (fid-stats --extractor ...)"
         )
     if ref.layout == "adm" and not ref.extractor and extractor is not None:
         warnings.warn(
-            f"{file} records no extractor (an ADM reference batch): its mu/sigma come from the TensorFlow "
+            f"{ref.path} records no extractor (an ADM reference batch): its mu/sigma come from the TensorFlow "
             f"Inception and are compared with {extractor.name} features of the samples",
-            stacklevel=2,
+            stacklevel=3,
         )
     dinov2_name = str(getattr(dinov2, "name", ""))
-    if (
-        "dinov2" in ref.stats
-        and dinov2 is not None
-        and ref.stats["dinov2"].extractor not in ("", dinov2_name)
-    ):
+    recorded_dinov2 = ref.stats["dinov2"].extractor if "dinov2" in ref.stats else ""
+    if dinov2 is not None and recorded_dinov2 not in ("", dinov2_name):
         raise ValueError(
-            f"{file}: FD-DINOv2 statistics were made with {ref.stats['dinov2'].extractor!r}, the samples use "
+            f"{ref.path}: FD-DINOv2 statistics were made with {recorded_dinov2!r}, the samples use "
             f"{dinov2_name!r}"
         )
 
-    needs = {n for m in metrics for n in REFERENCE_NEEDS[m]}
+
+def _kinds_to_extract(
+    ref: Reference, needs: set[str], extractor: FeatureExtractor | None, dinov2: nn.Module | None
+) -> set[str]:
+    """The feature kinds to extract from the file's images: what ``needs`` asks for, the file lacks, and the
+    networks given can compute."""
+    if ref.layout == "stats":  # no images to extract from
+        return set()
     kinds = set()
-    for need in needs:
+    for need in needs - {n for n in needs if ref.has(n)}:
         kind = _FROM_IMAGES[need]
-        if ref.has(need) or not has_images:
-            continue
         if kind in INCEPTION_KINDS and (extractor is None or kind not in extractor.available()):
             continue
         if kind == "dinov2" and dinov2 is None:
             continue
         kinds.add(kind)
-    if kinds:
-        cache = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) if use_cache else None
-        extracted = _cached_features(file, sorted(kinds), extractor, device, batch_size, dinov2, cache)
-        ref.num_images = ref.num_images or extracted.num_images
-        for kind in ("pool", "spatial", "dinov2"):
-            if kind not in extracted.features:
-                continue
-            if kind == "pool" and "pool_features" in needs:
-                ref.pool_features = extracted.features["pool"]
-            if f"{kind}_stats" in needs and kind not in ref.stats:
-                name = dinov2_name if kind == "dinov2" else extracted.extractor
-                ref.stats[kind] = FIDStats.from_features(extracted.features[kind], name)
-        if extracted.seam is not None:
-            ref.seam = extracted.seam
-        if ref.layout == "images":
-            ref.extractor = extracted.extractor
-    return ref
+    return kinds
+
+
+def _complete_reference(ref: Reference, extracted: FeatureSet, needs: set[str], dinov2_name: str) -> None:
+    """Fill in what ``needs`` asks for and the file lacked from the features of its images."""
+    ref.num_images = ref.num_images or extracted.num_images
+    for kind in ("pool", "spatial", "dinov2"):
+        if kind not in extracted.features:
+            continue
+        if kind == "pool" and "pool_features" in needs:
+            ref.pool_features = extracted.features["pool"]
+        if f"{kind}_stats" in needs and kind not in ref.stats:
+            name = dinov2_name if kind == "dinov2" else extracted.extractor
+            ref.stats[kind] = FIDStats.from_features(extracted.features[kind], name)
+    if extracted.seam is not None:
+        ref.seam = extracted.seam
+    if ref.layout == "images":
+        ref.extractor = extracted.extractor
 
 
 def reference_from_features(features: FeatureSet, name: str = "", dinov2_name: str = "") -> Reference:
