@@ -126,15 +126,7 @@ class MetricEngine:
             extractor = FIDHelperInception()
         if extractor is not None:
             extractor = extractor.to(dev)
-            for m in inception_metrics:
-                missing = sample_kinds([m]) - extractor.available()
-                if missing:
-                    why = {
-                        "probs": f"the Inception network {extractor.name} has no classifier layer (softmax/logits); "
-                        "use --extractor torchscript with inception-2015-12-05.pt",
-                        "spatial": f"the Inception network {extractor.name} does not expose mixed_6/conv",
-                    }[sorted(missing)[0]]
-                    unusable[m] = why
+            unusable |= _beyond_extractor(extractor, inception_metrics)
         if "fd_dinov2" in names and dinov2 is None:
             path = dinov2_weights or os.environ.get(DINOV2_WEIGHTS_ENV)
             if path:
@@ -149,10 +141,10 @@ class MetricEngine:
         if "patch_seam" in names and patch_size is None:
             unusable["patch_seam"] = "no patch size (--patch_size, or a checkpoint that records it)"
         usable = [m for m in names if m not in unusable]
-        if isinstance(reference, Reference):
-            ref = reference
-        else:
-            ref = load_reference(
+        ref = (
+            reference
+            if isinstance(reference, Reference)
+            else load_reference(
                 reference,
                 usable,
                 extractor,
@@ -162,13 +154,8 @@ class MetricEngine:
                 cache_dir=cache_dir,
                 use_cache=use_cache,
             )
-        for m in usable:
-            missing = [n for n in REFERENCE_NEEDS[m] if not ref.has(n)]
-            if missing:
-                unusable[m] = (
-                    f"the reference {ref.path} holds no {', '.join(missing)} (an older FID-only reference "
-                    "file? recompute it with `python -m dip_lightning fid-stats`, or pass an image npz)"
-                )
+        )
+        unusable |= _beyond_reference(ref, usable)
         for m, why in unusable.items():
             warn_unavailable(m, why)
         return cls(names, extractor, dinov2, ref, patch_size, dev, batch_size, unusable)
@@ -191,6 +178,31 @@ class MetricEngine:
         )
 
 
+def _beyond_extractor(extractor: FeatureExtractor, metrics: Sequence[str]) -> dict[str, str]:
+    """``{metric: why}`` for the metrics this Inception network cannot feed."""
+    why = {
+        "probs": f"the Inception network {extractor.name} has no classifier layer (softmax/logits); "
+        "use --extractor torchscript with inception-2015-12-05.pt",
+        "spatial": f"the Inception network {extractor.name} does not expose mixed_6/conv",
+    }
+    return {
+        m: why[sorted(missing)[0]] for m in metrics if (missing := sample_kinds([m]) - extractor.available())
+    }
+
+
+def _beyond_reference(reference: Reference, metrics: Sequence[str]) -> dict[str, str]:
+    """``{metric: why}`` for the metrics the reference holds too little for."""
+    unusable = {}
+    for m in metrics:
+        missing = [n for n in REFERENCE_NEEDS[m] if not reference.has(n)]
+        if missing:
+            unusable[m] = (
+                f"the reference {reference.path} holds no {', '.join(missing)}: recompute it with "
+                "`python -m dip_lightning fid-stats`, or pass an image npz"
+            )
+    return unusable
+
+
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -206,49 +218,40 @@ def metrics_from_features(
     """Every metric in ``metrics`` from sample features and a reference; keys of ``all_metrics`` that are not
     in ``metrics`` (and metrics that cannot be computed from these inputs) are None."""
     out: dict[str, float | None] = dict.fromkeys(all_metrics if all_metrics is not None else metrics)
-    f = samples.features
-
-    def fd(kind: str) -> float:
-        stats = FIDStats.from_features(f[kind])
-        ref = reference.stats[kind]
-        if stats.mu.shape != ref.mu.shape:
-            raise ValueError(
-                f"the reference's {kind} statistics have {ref.mu.shape[0]} features, the samples' "
-                f"{stats.mu.shape[0]}: they come from different networks"
-            )
-        return frechet_distance(stats.mu, stats.sigma, ref.mu, ref.sigma)
-
-    pr_done = False
+    frechet_kinds = {"fid": "pool", "sfid": "spatial", "fd_dinov2": "dinov2"}
     for metric in metrics:
-        if metric in ("fid", "sfid", "fd_dinov2") and samples.num_images < 2:
-            warn_unavailable(metric, f"needs at least 2 samples, got {samples.num_images}")
-            continue
-        if metric == "fid":
-            out["fid"] = fd("pool")
-        elif metric == "sfid":
-            out["sfid"] = fd("spatial")
-        elif metric == "fd_dinov2":
-            out["fd_dinov2"] = fd("dinov2")
+        if metric in frechet_kinds:
+            if samples.num_images < 2:
+                warn_unavailable(metric, f"needs at least 2 samples, got {samples.num_images}")
+            else:
+                out[metric] = _frechet(samples, reference, frechet_kinds[metric])
         elif metric == "inception_score":
-            out["inception_score"] = inception_score(f["probs"])
-        elif metric in ("precision", "recall"):
-            if pr_done:  # computed together
-                continue
-            pr_done = True
-            ref_pool = reference.pool_features
-            assert ref_pool is not None
-            if min(len(ref_pool), samples.num_images) <= ADM_NEIGHBOURHOOD:
-                warn_unavailable(metric, f"needs more than {ADM_NEIGHBOURHOOD} samples and reference images")
-                continue
-            precision, recall = precision_recall(ref_pool, f["pool"], device=device)
-            if "precision" in metrics:
-                out["precision"] = precision
-            if "recall" in metrics:
-                out["recall"] = recall
+            out["inception_score"] = inception_score(samples.features["probs"])
         elif metric == "patch_seam":
             assert samples.seam is not None and reference.seam is not None and patch_size is not None
             out["patch_seam"] = patch_seam_score(samples.seam, reference.seam, patch_size)
+    wanted = [m for m in ("precision", "recall") if m in metrics]
+    if wanted:  # computed together
+        assert reference.pool_features is not None
+        if min(len(reference.pool_features), samples.num_images) <= ADM_NEIGHBOURHOOD:
+            for m in wanted:
+                warn_unavailable(m, f"needs more than {ADM_NEIGHBOURHOOD} samples and reference images")
+        else:
+            values = precision_recall(reference.pool_features, samples.features["pool"], device=device)
+            out |= {m: v for m, v in zip(("precision", "recall"), values) if m in wanted}
     return out
+
+
+def _frechet(samples: FeatureSet, reference: Reference, kind: str) -> float:
+    """The Frechet distance of the samples' ``kind`` features to the reference's statistics of that kind."""
+    stats = FIDStats.from_features(samples.features[kind])
+    ref = reference.stats[kind]
+    if stats.mu.shape != ref.mu.shape:
+        raise ValueError(
+            f"the reference's {kind} statistics have {ref.mu.shape[0]} features, the samples' "
+            f"{stats.mu.shape[0]}: they come from different networks"
+        )
+    return frechet_distance(stats.mu, stats.sigma, ref.mu, ref.sigma)
 
 
 def compute_metrics(
