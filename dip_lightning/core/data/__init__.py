@@ -1,7 +1,7 @@
 """Data path: shard preparation, the ``ShardDataModule`` and the embedded demo dataset.
 
 Imports are lazy so that ``python -m dip_lightning prepare`` and the FID tools do not pay for
-``import lightning`` (seconds; BENCHMARKS.md, Data). ``from dip_lightning.core.data import ShardDataModule`` and
+``import lightning`` (seconds). ``from dip_lightning.core.data import ShardDataModule`` and
 LightningCLI's ``class_path: dip_lightning.core.data.ShardDataModule`` work as usual.
 """
 

@@ -177,7 +177,7 @@ class ShardTarWriter:
     sample's members in sorted extension order, fixed mtime / owner / mode (reproducible bytes).
 
     Written with :mod:`tarfile` directly because ``import webdataset`` pulls in torch (seconds per pool
-    worker; BENCHMARKS.md, Data); the readers (``wds.WebDataset``, ``tar``, this package) see the same thing.
+    worker); the readers (``wds.WebDataset``, ``tar``, this package) see the same thing.
     """
 
     def __init__(self, fileobj: io.BufferedIOBase) -> None:

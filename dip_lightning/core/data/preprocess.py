@@ -9,8 +9,7 @@
   crop, so shards holding original bytes (``orig``) or other tools' full-size JPEGs are cropped at load.
 
 The uint8 <-> ``[-1, 1]`` conversion of loaded batches is :mod:`dip_lightning.core.images`; it runs batched in the
-main process (or on the device): done per image in the loader workers it eats into the per-core decode budget
-(BENCHMARKS.md, Data).
+main process (or on the device): done per image in the loader workers it eats into the per-core decode budget.
 """
 
 from __future__ import annotations
@@ -104,15 +103,15 @@ def encode_image(img: Image.Image, fmt: str, quality: int = 95, png_level: int =
     """Encode an RGB image as ``png`` or ``jpg``; returns ``(extension, bytes)``.
 
     PNG compression level 1 writes several times faster than Pillow's default 6 for slightly larger
-    files and decodes as fast (BENCHMARKS.md, Data), which matters for a 1.28M-image job.
+    files and decodes as fast (BENCHMARKS.md), which matters for a 1.28M-image job.
     """
     buf = io.BytesIO()
     if fmt == "png":
         img.save(buf, format="PNG", compress_level=png_level)
         return "png", buf.getvalue()
     if fmt == "jpg":
-        # Pillow's default 4:2:0 chroma subsampling: 4:4:4 decodes several times slower (BENCHMARKS.md, Data),
-        # which would miss the per-core decode target (BENCHMARKS.md, "Anchors and targets").
+        # Pillow's default 4:2:0 chroma subsampling: 4:4:4 decodes several times slower, which would miss the
+        # per-core decode target of an ImageNet job (BENCHMARKS.md).
         img.save(buf, format="JPEG", quality=quality)
         return "jpg", buf.getvalue()
     raise ValueError(f"unknown storage format {fmt!r}; choose one of {STORAGE_FORMATS}")

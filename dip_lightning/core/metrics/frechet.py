@@ -69,7 +69,7 @@ def frechet_distance(
 
     ``tr((S1 S2)^½)`` is computed as the sum of square roots of the eigenvalues of the symmetric PSD matrix
     ``S1^½ S2 S1^½`` (same spectrum as ``S1 S2``). Two symmetric eigendecompositions are several times faster
-    than scipy's ``sqrtm`` (the ADM evaluator's route) at 2048 dims (BENCHMARKS.md, FID), better conditioned,
+    than scipy's ``sqrtm`` (the ADM evaluator's route) at 2048 dims, better conditioned,
     and tiny negative eigenvalues from round-off are clipped instead of producing complex numbers.
     """
     m1, m2 = (torch.as_tensor(m, dtype=torch.float64) for m in (mu1, mu2))

@@ -70,11 +70,11 @@ class DiP(nn.Module):
             of keeping them (``torch.utils.checkpoint``, non-reentrant): less activation memory for one more
             forward of those blocks. 0 (default) keeps everything. A memory option: same function and gradients.
         checkpoint_head: the same for the final head, which keeps more activations than several blocks
-            together (DiP-XL/16 sizes: BENCHMARKS.md, "Changes since the H200 run", item 5).
+            together (sizes in BENCHMARKS.md).
     """
 
     #: Options that change how the network is computed, not what: a resume may change them (turning on
-    #: activation checkpointing after an out-of-memory). See :func:`dip_lightning.checkpoint.compatibility.check_compatible`.
+    #: activation checkpointing after an out-of-memory); see checkpoint.compatibility.check_compatible.
     EXECUTION_OPTIONS = ("checkpoint_blocks", "checkpoint_head")
 
     def __init__(

@@ -85,7 +85,7 @@ class PatchDetailerHead(PatchHead):
     max_channels: cap on the doubling (512 by default, the paper's deepest width), so that deeper heads
         (paper Fig 10a) do not grow quadratically in parameters; it does not bind at the defaults.
     channels_last: run the convolutions in NHWC (numerically the same function): much cheaper for this head on
-        GPU and faster on CPU too (BENCHMARKS.md, "Anchors and targets" and the CPU figures).
+        GPU and faster on CPU too (BENCHMARKS.md).
     dense_conv_side: 3x3 convolutions on maps of side <= this many pixels run as one dense matrix multiply
         (:mod:`dip_lightning.core.models.dense_conv`): the same function and parameters, computed without the
         multiplications by zero padding. 0 (default, the released computation) turns it off; 2 does the 2x2
