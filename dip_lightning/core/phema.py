@@ -1,31 +1,15 @@
-"""Post-hoc EMA with power-function profiles (Karras et al. 2024, "Analyzing and Improving the Training Dynamics
-of Diffusion Models", Sec. 3 and App. C; NVlabs/edm2 ``training/phema.py`` and ``reconstruct_phema.py``).
+"""Post-hoc EMA with power-function profiles: the math (Karras et al. 2024, "Analyzing and Improving the Training
+Dynamics of Diffusion Models", Sec. 3 and App. C).
 
-Implemented here from the paper's definitions:
-
-* A power-function EMA with exponent gamma averages the weights of steps ``tau <= t`` with the profile
-  ``p_t(tau) = (gamma + 1) tau^gamma / t^(gamma + 1)``; its width relative to the training length is
-  ``std = sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3)))`` (:func:`exponent_to_std`; the inverse is the largest real
-  root of ``gamma^3 + 7 gamma^2 + (16 - std^-2) gamma + 12 - std^-2``, :func:`std_to_exponent`). Unlike a fixed
-  decay, its memory grows with training.
-* Tracked during training by ``ema <- lerp(ema, weights, 1 - decay_t)`` with ``decay_t = (1 - 1/t)^(gamma + 1)`` at
-  optimizer step t (1-based; :func:`power_ema_decay`: the first update copies). Time is counted in optimizer
-  steps, where edm2 counts images: the same with a constant batch size.
-* :class:`dip_lightning.training.callbacks.PowerFunctionEMA` tracks a few such profiles and writes all of them every N
-  steps as a snapshot ``<run>/phema/phema-<step>.pt``. Any other profile (std) at a snapshot step T is then
-  reconstructed as the combination of the stored snapshots whose profiles are closest to the wanted one in
-  least squares over continuous profiles: solve ``A x = b`` with ``A_ij = <p_i, p_j>``, ``b_i = <p_i, p_target>``
-  (:func:`profile_inner_product`, in closed form), then ``x /= sum(x)`` as edm2 does.
-
-Assumptions and deviations: the reconstruction is exact for the continuous profiles; the tracked discrete EMA
-follows its continuous profile only approximately in the first steps (the first update copies the weights of
-step 1), so a reconstruction equals a directly tracked EMA of the same std only approximately (the tests bound the
-difference: well below the distance to the nearest stored profile). The weights are summed in float64 and stored
-in their own dtype. Buffers are averaged like parameters (the kit's EMA averages buffers too; edm2 copies them).
-
-``python -m dip_lightning ema-reconstruct RUN_DIR --std 0.05 --out CKPT`` writes a checkpoint that ``sample``,
-``load_module`` and ``DiPModule.load_from_checkpoint`` read (``state_dict`` + ``hyper_parameters``, plus a
-``phema_reconstruction`` record of the std, step, inputs and coefficients).
+A power-function EMA with exponent gamma averages the weights of steps ``tau <= t`` with the profile
+``p_t(tau) = (gamma + 1) tau^gamma / t^(gamma + 1)`` (Eq. 3), of relative width
+``std = sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3)))``. It is tracked by ``ema <- lerp(ema, w, 1 - decay_t)`` with
+``decay_t = (1 - 1/t)^(gamma + 1)`` at optimizer step t (1-based; edm2 counts images: the same at a constant batch
+size). Any other profile at a stored step is the least-squares combination of stored profiles: ``A x = b`` with
+``A_ij = <p_i, p_j>``, ``b_i = <p_i, p_target>`` in closed form, then ``x /= sum(x)`` as edm2 does. The tracked
+discrete EMA follows its continuous profile only approximately in the first steps, so a reconstruction matches a
+directly tracked EMA of the same std only approximately. Snapshot files and the reconstruction of weights are in
+:mod:`dip_lightning.checkpoint.posthoc`.
 """
 
 from __future__ import annotations

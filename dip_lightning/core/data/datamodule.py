@@ -1,57 +1,11 @@
-"""``ShardDataModule``: class-conditional image batches from WebDataset shards, exactly resumable.
+"""``ShardDataModule``: class-conditional image batches from WebDataset shards, resumable to the batch.
 
-Batch contract
-    ``train_dataloader()`` / ``val_dataloader()`` yield ``(images, labels)``: ``images`` uint8
-    ``(B, 3, H, W)`` (a zero-copy channels-last view of the decoded pixels), ``labels`` int64 ``(B,)``.
-    :meth:`ShardDataModule.on_after_batch_transfer` turns the images into contiguous float32 in
-    ``[-1, 1]`` on the device, so ``training_step`` receives ``(x, y)`` ready for the model. Converting in
-    the workers would cost CPU time per image; on the device it is free.
-
-Why not ``wds.WebDataset(urls, resampled=True)`` for training
-    A webdataset pipeline is a stream: the only way to reach batch ``b`` again is to replay it (or to
-    skip by reading everything before it), its shuffle buffer state lives in each worker, and Lightning
-    saves only rank 0's loader state. Exact resume after a SLURM requeue
-    needs the data position to be a function of the step instead, as in edm2's
-    ``InfiniteSampler(start_idx=cur_nimg)``. Here the per-rank sequence of batches is a pure function of
-    ``(seed, rank, world_size, batch index)``:
-
-    * the rank's shards are ``shards[rank::world_size]`` when there are at least ``world_size`` shards,
-      otherwise all shards (the rank enters every seed, so ranks still differ);
-    * the rank's sample stream is a chain of segments; segment ``j`` draws ``mix`` shards with
-      replacement by a counter-based hash of ``(seed, rank, j, k)`` and visits the union of their
-      samples in a permutation seeded by ``(seed, rank, j)``. ``mix = round(shuffle_buffer / mean shard
-      size)`` (at least 1), so ``shuffle_buffer`` keeps its usual meaning: samples are mixed over about
-      that many samples, and the prepare tool's global shuffle makes shards i.i.d. to begin with;
-    * batch ``b`` is samples ``[b * B, (b + 1) * B)`` of that stream; random flips (off by default, as in
-      the paper) are hashed from the sample position;
-    * worker ``w`` of ``W`` produces the batches ``start + w, start + w + W, ...``, which the
-      DataLoader's round-robin turns back into ``start, start + 1, ...`` for any ``W``: the stream does
-      not depend on ``num_workers``.
-
-    Local shards are read by offset (one ``pread`` per sample, only the needed images decoded), so
-    seeking costs nothing; remote URLs are streamed with webdataset's readers (see shards.py).
-
-Resume
-    The module counts the training batches it has passed to the model (``on_after_batch_transfer``);
-    ``state_dict()`` stores that count, which Lightning writes into every checkpoint and hands back to
-    ``load_state_dict()`` on restore, and each new pass of the train loader starts at it. The train
-    DataLoader reports the same count as its own ``state_dict`` (so Lightning knows it is resumable).
-    Every rank consumes the same number of batches, so rank 0's saved count is right for all ranks.
-    Without a datamodule state in the checkpoint, call
-    ``set_start_batch(global_step * accumulate_grad_batches)``.
-
-Validation / FID
-    A finite pass in a fixed order (shards as given, samples in tar order). Rank ``r`` takes samples
-    ``r, r + world_size, ...``, so every rank gets exactly ``total // world_size`` samples and the same
-    number of batches; webdataset's ``split_by_node`` splits by shard instead, which leaves ranks
-    uneven (or empty when there are fewer shards than ranks) and a collective in validation would
-    hang. :func:`iter_image_batches` is the same pass in a single process.
-
-Bad data
-    A sample whose bytes cannot be read or decoded is warned about, counted (``data_metrics()``, also
-    logged as ``data/bad_samples``) and replaced by another sample of the same batch, so batch shapes
-    and the stream stay deterministic. When more than ``max_bad_fraction`` of the samples a worker has
-    read are bad (after at least 256), training stops with an error.
+Training batches are a pure function of ``(seed, rank, world_size, batch index)`` (:mod:`.streams`), not a
+webdataset stream, so a requeued job continues with exactly the batch the interrupted one would have seen (edm2's
+``InfiniteSampler(start_idx=...)``); the module's ``state_dict`` is the count of batches handed to the model. Batches
+leave the workers as uint8 ``(B, 3, H, W)`` and become float32 ``[-1, 1]`` on the device
+(:meth:`ShardDataModule.on_after_batch_transfer`). Validation is a finite pass in a fixed order, split evenly over
+the ranks so no collective hangs. An unreadable sample is replaced within its batch, warned about and counted.
 """
 
 from __future__ import annotations

@@ -1,27 +1,11 @@
-"""Turn an image folder into WebDataset shards.
+"""Turn an image folder into WebDataset shards (``python -m dip_lightning prepare``).
 
-``python -m dip_lightning prepare --src DIR --out DIR --size 256``
-
-Input layouts:
-
-* ImageFolder: one sub-folder per class (ImageNet ``train/`` with 1000 synset folders, or a ``val/``
-  sorted the same way). Class index = position of the folder name in the sorted list, the standard
-  ImageNet index; when ``--out`` already holds a ``classes.txt`` (from the train split) or ``--classes``
-  names one, that list is used so the validation split gets the same indices.
-* Flat folder + ``--labels FILE``: one line per image, ``<file name or stem> <label>`` separated by
-  whitespace or a comma, label = class name or integer index (ImageNet's ``LOC_val_solution.csv`` works
-  as is: its header line is skipped and the first word of the second column is the synset).
-
-Each sample is ``{"__key__", "png" | "jpg" | original extension, "cls": ASCII integer}``, in the tar
-layout ``webdataset.TarWriter`` writes (fixed mtime, so reruns give byte-identical shards). Samples are
-shuffled globally and deterministically (``--seed``) before they are cut into shards of ``--shard_size``
-samples, so a reader that shuffles within a few shards sees a well mixed stream.
-
-Robustness: shards are written atomically (:mod:`dip_lightning.core.atomic`), each with a small record per
-shard in ``.<split>-progress/``; a rerun skips complete shards, so an interrupted run resumes to the same
-bytes and never leaves a truncated shard that looks complete. An unreadable input (zero bytes,
-truncated, not an image) is skipped, counted and listed in the manifest; it never stops the run.
-``<split>-manifest.json`` is written last.
+Input: an ImageFolder (one sub-folder per class; the class index is the folder's position in the sorted list, or in
+the ``classes.txt`` already in the output, so train and val agree) or a flat folder plus a label file (ImageNet's
+``LOC_val_solution.csv`` as is). Samples are shuffled globally with a seed, then cut into shards in
+``webdataset.TarWriter``'s layout with a fixed mtime, so reruns give the same bytes. Shards are written atomically
+with a record each; a rerun skips complete shards, so an interrupted run resumes to the same bytes. Unreadable
+inputs are skipped and listed in ``<split>-manifest.json``, which is written last.
 """
 
 from __future__ import annotations

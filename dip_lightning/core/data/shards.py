@@ -1,23 +1,11 @@
 """Shard listing, indexing and reading.
 
-Shards follow the WebDataset convention: a POSIX tar whose members are ``<key>.<ext>``; consecutive
-members with the same key form one sample (``__key__``, the image under ``png`` / ``jpg`` / ``jpeg`` /
-..., ``cls`` as an ASCII integer). Any standard writer (``webdataset.TarWriter`` / ``ShardWriter``,
-``tar`` itself, webdataset-lightning's ``makeshards.py``) produces this layout, and so does
-:mod:`dip_lightning.core.data.prepare`.
-
-Two read paths, one numbering of samples (the order of first appearance of each key, as in
-webdataset's ``group_by_keys``):
-
-* local, uncompressed tars: a header scan builds a compact offset table per shard (cached per process,
-  ~40 bytes per sample), then any sample is read with ``os.pread`` and only the needed image is decoded;
-* everything else (``http://``, ``s3://``, ``pipe:``, compressed tars): the shard is streamed through
-  webdataset's ``url_opener`` / ``tar_file_expander`` / ``group_by_keys`` and the needed members are
-  picked on the way. That reads the whole shard each time a worker needs something from it (see
-  ``data/README.md`` for the cost).
-
-Sample counts per shard come from a prepare manifest next to the shards when one lists them (checked
-against the file size for local shards), else from the scan.
+Shards follow the WebDataset convention: a POSIX tar whose consecutive members ``<key>.<ext>`` form a sample (the
+image under ``png`` / ``jpg`` / ..., ``cls`` an ASCII integer); :mod:`.prepare` and any standard writer produce it.
+Local uncompressed tars are indexed by a header scan and read by offset (``os.pread``, only the needed image
+decoded); anything else (``http://``, ``s3://``, ``pipe:``, compressed) is streamed through webdataset's readers.
+Both number samples by first appearance of their key, as webdataset's ``group_by_keys``. Per-shard sample counts
+come from the prepare manifest when there is one, else from the scan.
 """
 
 from __future__ import annotations

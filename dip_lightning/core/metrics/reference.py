@@ -1,23 +1,11 @@
-"""Feature sets of image collections, and the references that samples are compared with.
+"""Feature sets of image collections, and the references samples are compared with.
 
-A `FeatureSet` holds what every metric needs from one set of images: per-image features of each kind
-(``pool``, ``spatial``, ``probs``, ``dinov2``; float32, as the ADM evaluator keeps its activations) and the
-`SeamProfile`. Statistics are computed from them in float64.
-
-A `Reference` is what the samples are compared with. It loads from three kinds of npz:
-
-- an image npz (``arr_0``: uint8 NHWC, the ADM layout): every feature is extracted from the images;
-- an ADM reference batch (``VIRTUAL_imagenet256_labeled.npz``: ``arr_0`` with 10k images plus ``mu``/``sigma``
-  and ``mu_s``/``sigma_s`` over the whole dataset): FID and sFID use the stored statistics, as ADM's evaluator
-  does; precision/recall and the patch-seam score use the images;
-- the kit's reference file (written by ``python -m dip_lightning fid-stats``, `save_reference`): ``mu``,
-  ``sigma``, ``num_samples``, ``extractor`` (the older FID-only layout, still read), plus ``mu_s``/``sigma_s``
-  (sFID), ``pool_features`` (up to 10k per-image pool features, for precision/recall, as ADM's batches keep
-  10k images for that), ``seam_cols``/``seam_rows``/``seam_count`` (the seam profile) and
-  ``dinov2_mu``/``dinov2_sigma``/``dinov2_extractor`` when made with DINOv2 weights.
-
-Features extracted from a file's images are cached under `cache_dir` by the file's content hash (sha256) and
-the extractor's name, so a sweep that compares many sample files with one reference extracts it once.
+A `FeatureSet` holds per-image features of each kind (``pool``, ``spatial``, ``probs``, ``dinov2``; float32, as the
+ADM evaluator keeps activations) and the `SeamProfile`; statistics are computed from it in float64. A `Reference`
+loads from an image npz (``arr_0``, uint8 NHWC), an ADM reference batch (its stored ``mu``/``sigma`` used as ADM's
+evaluator uses them, its images for the rest) or the kit's reference file (`save_reference`, written by
+``fid-stats``: Inception and DINOv2 statistics, up to 10k pool features for precision/recall, the seam profile).
+Features extracted from a file's images are cached by the file's content hash and the network's name.
 """
 
 from __future__ import annotations
