@@ -2,7 +2,7 @@
 Dynamics of Diffusion Models", Sec. 3 and App. C).
 
 A power-function EMA with exponent gamma averages the weights of steps ``tau <= t`` with the profile
-``p_t(tau) = (gamma + 1) tau^gamma / t^(gamma + 1)`` (Eq. 3), of relative width
+``p_t(tau) = (gamma + 1) tau^gamma / t^(gamma + 1)``, of relative width
 ``std = sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3)))``. It is tracked by ``ema <- lerp(ema, w, 1 - decay_t)`` with
 ``decay_t = (1 - 1/t)^(gamma + 1)`` at optimizer step t (1-based; edm2 counts images: the same at a constant batch
 size). Any other profile at a stored step is the least-squares combination of stored profiles: ``A x = b`` with
