@@ -31,12 +31,15 @@ def build_parser() -> CommandParser:
     p.add_argument(
         "--no_balanced", dest="balanced", action="store_false", help="random labels instead of i %% C"
     )
-    from dip_lightning.core.diffusion import SAMPLERS
+    from dip_lightning.core import diffusion
 
-    listed = "; ".join(f"{name} = {cls.__module__}.{cls.__name__}" for name, cls in SAMPLERS.items())
+    # The YAML class path names the package, which re-exports every sampler.
+    listed = "; ".join(
+        f"{name} = {diffusion.__name__}.{cls.__name__}" for name, cls in diffusion.SAMPLERS.items()
+    )
     p.add_argument(
         "--sampler",
-        choices=list(SAMPLERS),
+        choices=list(diffusion.SAMPLERS),
         default=None,
         help=f"integrator (default: the checkpoint's model.sampler), keeping its grid and guidance: {listed}. "
         "Their own options (SDE w_schedule, Heun guidance_rule ...) come from YAML: --config with "
