@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from typing import Any
 
 import torch
 
 from dip_lightning.checkpoint.io import CheckpointError
 from dip_lightning.commands import CommandParser
+from dip_lightning.core.diffusion import SAMPLER_OVERRIDES, sampler_overrides
 from dip_lightning.core.distributed import launch_place
 from dip_lightning.evaluation.export import ExportMismatchError, export_samples
 from dip_lightning.training.loading import load_module
@@ -89,9 +89,7 @@ def main(argv: list[str]) -> int:
         return 2
     if args.compile:
         module.compile_network(args.compile, dynamic=False)
-    overrides: dict[str, Any] = {"num_steps": args.num_steps, "cfg_scale": args.cfg_scale}
-    if args.cfg_interval is not None:
-        overrides["cfg_interval"] = tuple(args.cfg_interval)
+    overrides = sampler_overrides(**{name: getattr(args, name) for name in SAMPLER_OVERRIDES})
     sampler = None
     if args.sampler is not None:
         from dip_lightning.core.diffusion import SAMPLERS, ODESampler

@@ -42,6 +42,7 @@ import torch
 from dip_lightning.checkpoint.format import select_weights
 from dip_lightning.checkpoint.io import read_checkpoint
 from dip_lightning.core.atomic import atomic_write, atomic_write_json
+from dip_lightning.core.diffusion import SAMPLER_OVERRIDES, sampler_overrides
 from dip_lightning.core.distributed import launch_place
 from dip_lightning.evaluation.export import export_samples, weights_fingerprint
 from dip_lightning.evaluation.report import (
@@ -83,12 +84,8 @@ class Cell:
         return f"ema{text(self.ema)}_cfg{text(self.cfg_scale)}_interval{interval}_steps{text(self.num_steps)}"
 
     def sampler_overrides(self) -> dict[str, Any]:
-        overrides = {
-            "cfg_scale": self.cfg_scale,
-            "num_steps": self.num_steps,
-            "cfg_interval": self.cfg_interval,
-        }
-        return {k: v for k, v in overrides.items() if v is not None}
+        """The cell's sampler settings that replace the checkpoint's (:func:`sampler_overrides`)."""
+        return sampler_overrides(**{name: getattr(self, name) for name in SAMPLER_OVERRIDES})
 
     def weights(self) -> tuple[float | None, bool]:
         """(ema decay, raw) for :func:`dip_lightning.training.loading.load_module`."""

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from dip_lightning.core.diffusion import sampler_overrides
 from dip_lightning.core.distributed import is_distributed
 from dip_lightning.core.images import to_uint8
 from dip_lightning.core.metrics import METRIC_NAMES, MetricEngine, check_metric_names
@@ -143,8 +144,9 @@ class MetricsCallback(pl.Callback):
         self.use_ema = use_ema
         self.seed = seed
         self.eval_on_train_end = on_train_end
-        overrides = {"num_steps": num_steps, "cfg_scale": cfg_scale, "cfg_interval": cfg_interval}
-        self.sampler_overrides = {k: v for k, v in overrides.items() if v is not None}
+        self.sampler_overrides = sampler_overrides(
+            num_steps=num_steps, cfg_scale=cfg_scale, cfg_interval=cfg_interval
+        )
         self.csv_name = csv_name
         self.prefix = prefix
         self.cache_dir = cache_dir
