@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from dip_lightning.checkpoint.run_folder import EVAL_METRICS_CSV, artefact_dir
 from dip_lightning.core.diffusion import sampler_overrides
 from dip_lightning.core.distributed import is_distributed
 from dip_lightning.core.images import to_uint8
@@ -53,13 +54,11 @@ from dip_lightning.core.metrics.reference import (
 from dip_lightning.core.metrics.sources import iter_shard_images
 from dip_lightning.core.seeding import sample_labels_and_seeds
 from dip_lightning.training.callbacks.ema import sampling_module
-from dip_lightning.training.run_folder import artefact_dir
 
 #: What `MetricsCallback` computes by default: the ADM suite and the patch-seam score (FD-DINOv2 needs weights).
 DEFAULT_TRAINING_METRICS = ("fid", "sfid", "inception_score", "precision", "recall", "patch_seam")
-CSV_NAME = "eval_metrics.csv"
 
-__all__ = ["CSV_NAME", "DEFAULT_TRAINING_METRICS", "MetricsCallback"]
+__all__ = ["DEFAULT_TRAINING_METRICS", "MetricsCallback"]
 
 
 class MetricsCallback(pl.Callback):
@@ -86,7 +85,7 @@ class MetricsCallback(pl.Callback):
         seed: seed of global sample 0; sample ``i`` uses ``seed + i``.
         on_train_end: also evaluate at the end of training (unless the last step was just evaluated).
         num_steps, cfg_scale, cfg_interval: sampler overrides for ``generate`` (None keeps the module's).
-        csv_name: file in the run's artefact folder (:func:`dip_lightning.training.run_folder.artefact_dir`).
+        csv_name: file in the run's artefact folder (:func:`dip_lightning.checkpoint.run_folder.artefact_dir`).
         prefix: logger key prefix; metric ``m`` is logged as ``<prefix><m>``. Give each callback its own when
             several run side by side (e.g. ``val_cfg/``).
         cache_dir: feature cache of reference files (default ``$DIP_METRICS_CACHE`` or
@@ -113,7 +112,7 @@ class MetricsCallback(pl.Callback):
         num_steps: int | None = None,
         cfg_scale: float | None = None,
         cfg_interval: tuple[float, float] | None = None,
-        csv_name: str = CSV_NAME,
+        csv_name: str = EVAL_METRICS_CSV,
         prefix: str = "val/",
         cache_dir: str | None = None,
     ) -> None:

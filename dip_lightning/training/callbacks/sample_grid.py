@@ -17,10 +17,10 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 
+from dip_lightning.checkpoint.run_folder import GRID_FOLDER, artefact_dir
 from dip_lightning.core.diffusion import sampler_overrides
 from dip_lightning.core.images import to_uint8
 from dip_lightning.training.callbacks.ema import sampling_module
-from dip_lightning.training.run_folder import artefact_dir
 
 
 def make_grid(images: torch.Tensor, cols: int, padding: int = 2, pad_value: int = 255) -> torch.Tensor:
@@ -113,7 +113,7 @@ class SampleGrid(pl.Callback):
         if not trainer.is_global_zero:
             return None
         grid, classes = self.generate_grid(trainer, pl_module)
-        out_dir = artefact_dir(trainer) / "grids"
+        out_dir = artefact_dir(trainer) / GRID_FOLDER
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"step_{step:08d}.png"
         array = grid.permute(1, 2, 0).numpy()
