@@ -113,7 +113,9 @@ def resolve_resume(
         path = Path(explicit)
         step = _step(path, weights_only) if path.exists() else None
         return ResumeDecision(path, "explicit", step)
-    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else run_folder.checkpoint_dir(run_dir)
+    checkpoint_dir = (
+        Path(checkpoint_dir) if checkpoint_dir is not None else run_folder.checkpoint_dir(run_dir)
+    )
     hpc = preemption_checkpoints(run_dir)
     ignored = [(p, "older preemption checkpoint") for p in hpc[:-1]]
     lasts = last_checkpoints(checkpoint_dir)

@@ -178,7 +178,7 @@ class MetricEngine:
             missing = [n for n in REFERENCE_NEEDS[m] if not ref.has(n)]
             if missing:
                 unusable[m] = (
-                    f"the reference {ref.path} holds no {', '.join(missing)} (an older FID-only reference "
+                    f"the reference {ref.path} holds no {', '.join(missing)} (a statistics-only reference "
                     "file? recompute it with `python -m dip_lightning fid-stats`, or pass an image npz)"
                 )
         for m, why in unusable.items():

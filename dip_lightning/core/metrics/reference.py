@@ -11,7 +11,7 @@ A `Reference` is what the samples are compared with. It loads from three kinds o
   and ``mu_s``/``sigma_s`` over the whole dataset): FID and sFID use the stored statistics, as ADM's evaluator
   does; precision/recall and the patch-seam score use the images;
 - the kit's reference file (written by ``python -m dip_lightning fid-stats``, `save_reference`): ``mu``,
-  ``sigma``, ``num_samples``, ``extractor`` (the older FID-only layout, still read), plus ``mu_s``/``sigma_s``
+  ``sigma``, ``num_samples``, ``extractor`` (a file with only these gives FID alone), plus ``mu_s``/``sigma_s``
   (sFID), ``pool_features`` (up to 10k per-image pool features, for precision/recall, as ADM's batches keep
   10k images for that), ``seam_cols``/``seam_rows``/``seam_count`` (the seam profile) and
   ``dinov2_mu``/``dinov2_sigma``/``dinov2_extractor`` when made with DINOv2 weights.
