@@ -325,7 +325,7 @@ class DiPModule(pl.LightningModule):
         return x.float()
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
-        """Batches of ``{"labels", "seeds"}`` (see :class:`dip_lightning.evaluation.export.LabelSeedDataModule`) -> uint8."""
+        """Batches of ``{"labels", "seeds"}`` (:class:`dip_lightning.core.data.LabelSeedDataModule`) -> uint8."""
         labels, seeds = batch["labels"], batch["seeds"]
         images = self.generate(labels, seeds)
         return {
