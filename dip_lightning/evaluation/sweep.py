@@ -1,26 +1,14 @@
 """Evaluate one checkpoint over a grid of sampling settings: EMA decay x guidance (scale, interval) x steps.
 
-``python -m dip_lightning sweep --ckpt_path run/checkpoints/last.ckpt --reference ref.npz --num_samples 10000
---ema 0.9999 0.9996 --cfg_scale 1.0 1.5 2.0 --out sweeps/run``
-
-* Every combination of ``--ema``, ``--cfg_interval``, ``--num_steps`` and ``--cfg_scale`` is a cell; a setting not
-  given keeps the checkpoint's (its first EMA decay, its configured sampler: the overridable settings are
-  :data:`~dip_lightning.core.diffusion.SAMPLER_OVERRIDES`). ``--ema raw`` is the raw, non-averaged weights.
-* A cell generates ``--num_samples`` images with the ``sample`` command's export
-  (:func:`dip_lightning.evaluation.export.export_samples`: class-balanced labels, seed ``seed + i`` per image,
-  chunks that a rerun keeps, spread over the processes that torchrun or srun started) and scores them with
-  :func:`dip_lightning.core.metrics.compute_metrics` on rank 0, against one ``--reference`` (its features are
-  extracted once and cached).
-* ``DIR/cells/<cell>/`` holds the cell's ``cell.json`` (settings and weights fingerprint), its samples while they
-  are needed and ``result.json`` (written atomically once scored). A killed sweep run again keeps every finished
-  cell and the finished chunks of the cell it was in. A rerun over other weights (the checkpoint was
-  overwritten), another reference or sample count is an error, not a silent mix; more grid values only add cells.
-* Rank 0 writes ``DIR/sweep.csv`` (one row per cell of this grid: a column per setting -- ``ema``, ``cfg_scale``,
-  ``cfg_interval``, ``num_steps`` -- and one per metric), ``DIR/sweep.md`` and ``DIR/sweep_<metric>.png`` (the
-  metric against the guidance scale, one line per EMA decay and other setting), with
-  :mod:`dip_lightning.evaluation.tables`; the plot needs matplotlib (``--no_plots``: the tables alone).
-
-The settings a cell really used are read from the sampler it ran with, so the CSV shows a default as its value.
+Every combination of the given ``--ema``, ``--cfg_interval``, ``--num_steps`` and ``--cfg_scale`` is a cell; a
+setting not given keeps the checkpoint's (its first EMA decay; for the sampler,
+:data:`~dip_lightning.core.diffusion.SAMPLER_OVERRIDES`). A cell generates its images with the ``sample`` export
+(:func:`~dip_lightning.evaluation.export.export_samples`) and rank 0 scores them against one reference
+(:func:`~dip_lightning.core.metrics.compute_metrics`). ``cells/<cell>/`` keeps ``cell.json`` (settings, weights
+fingerprint) and ``result.json``, so a killed sweep run again keeps every finished cell and chunk, and a rerun over
+other weights or settings is an error, not a silent mix. Rank 0 writes ``sweep.csv``, ``sweep.md`` and a plot of
+the metric against the guidance scale (:mod:`~dip_lightning.evaluation.tables`). A cell's settings are read from
+the sampler it ran with, so the CSV shows defaults as values.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ patch-seam score, used by the ``evaluate`` command and by the in-training `Metri
 
 ``compute_metrics(samples, reference)`` is the one entry point for image arrays; `metrics_from_features`
 is the step after feature extraction, which the callback calls on the features it gathered from all ranks.
-Definitions, and what differs from the ADM evaluator, are in docs/design.md ("Metrics").
+docs/design.md gives the definitions and what differs from the ADM evaluator.
 """
 
 from __future__ import annotations

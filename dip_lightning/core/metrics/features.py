@@ -148,7 +148,7 @@ class FeatureExtractor(nn.Module):
     ``.train()`` on a parent must not turn Inception's batch-norm statistics into batch statistics).
 
     On GPUs, torch runs fp32 convolutions as TF32 by default. With the default Inception that moves features
-    and FID only slightly and is many times faster than IEEE fp32 (BENCHMARKS.md, FID). We keep torch's
+    and FID only slightly and is many times faster than IEEE fp32 (timings in BENCHMARKS.md). We keep torch's
     setting; compute reference and sample features on the same kind of device when agreement at that level
     matters.
     """
@@ -420,7 +420,7 @@ class TorchmetricsInception(FeatureExtractor):
 class PixelProjection(FeatureExtractor):
     """Fixed random projections of area-downsampled pixels: a cheap, non-perceptual extractor of every kind.
 
-    For tests and smoke runs of the metrics on CPU, where Inception is slow (BENCHMARKS.md, FID): ``pool`` is
+    For tests and smoke runs of the metrics on CPU, where Inception is slow: ``pool`` is
     one projection, ``spatial`` another of a finer grid, ``probs`` the softmax of a third (``num_classes``
     classes). Numbers are only comparable with other numbers from the same (num_features, size, seed).
     """

@@ -1,26 +1,13 @@
-"""In-training evaluation: generate class-balanced samples on all ranks every N steps and log the metrics suite.
+"""In-training evaluation: every N steps, generate class-balanced samples on all ranks and log the metrics suite.
 
-The metrics are those of ``python -m dip_lightning evaluate`` (`dip_lightning.core.metrics.MetricEngine`): the same
-feature networks, the same reference loading and the same formulas, so a number logged in training and a number
-from the command on the same images agree.
-
-Design points, and why:
-
-* The feature networks live here, not in the LightningModule, so EMA never averages Inception's weights,
-  checkpoints never carry 95 MB of frozen network, and ``load_from_checkpoint`` does not need them.
-* Work is spread over ranks: global sample ``i`` has label ``i % num_classes`` and seed ``seed + i``
-  (`dip_lightning.core.seeding.sample_labels_and_seeds`) and each rank generates a contiguous slice of the indices,
-  so the set of images is the same for any world size and batch size.
-* Each rank extracts the features of its own images; they are then gathered to every rank in index order
-  (`dip_lightning.core.distributed.all_gather_rows`): precision/recall need every sample's features, not sums.
-  Rank 0 computes the metrics and broadcasts them, so all ranks hold the same numbers.
-* The reference is loaded once, at the first evaluation, on all ranks (extraction of an image-npz reference
-  is spread over the ranks and cached by content hash). With ``real_shards`` the reference features come from
-  real shards (spread over ranks) and are saved to ``real_cache`` as a kit reference file.
-* Logging goes straight to ``trainer.loggers`` with ``step=global_step``: ``pl_module.log`` from
-  ``on_train_batch_end`` would reach the loggers only on multiples of ``log_every_n_steps``. Values also go to
-  ``trainer.callback_metrics`` (checkpoint monitors, progress bar). Rank 0 appends one row per evaluation to
-  ``<artefact folder>/eval_metrics.csv``: ``step,images_seen,<metrics>,num_samples,seconds,unix_time``.
+The metrics are those of ``evaluate`` (:class:`~dip_lightning.core.metrics.MetricEngine`: the same networks,
+reference loading and formulas), so a number logged in training and one from the command agree. The feature
+networks live in the callback, not in the LightningModule, so EMA never averages them and checkpoints never carry
+them. Sample ``i`` has label ``i % num_classes`` and seed ``seed + i`` and each rank generates a contiguous slice,
+so the images are the same for any world size; features are gathered to every rank (precision and recall need all
+of them) and rank 0's numbers are broadcast. Values go to the loggers at ``global_step`` (``pl_module.log`` from a
+batch hook would reach them only every ``log_every_n_steps``), to ``callback_metrics`` and, from rank 0, as a row
+of ``eval_metrics.csv`` in the log folder (:mod:`dip_lightning.checkpoint.run_folder`).
 """
 
 from __future__ import annotations
