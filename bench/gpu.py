@@ -307,7 +307,7 @@ class Bench:
             x_t, t, y_in, target = flow.training_inputs(x, y, null_class=model.null_class)
             with self.autocast():
                 v = model(x_t, t, y_in)
-            flow.loss(v, target).backward()
+            flow.prediction_loss(v, x_t, t, target).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 

@@ -40,8 +40,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # a checkout without `pip install -e .`
 
 from dip_lightning.checkpoint.resume import resolve_resume  # noqa: E402
+from dip_lightning.checkpoint.run_folder import EVAL_METRICS_CSV, log_dir  # noqa: E402
 from dip_lightning.core.atomic import atomic_write  # noqa: E402
-from dip_lightning.evaluation.report import format_number, markdown_table, require_matplotlib, write_report  # noqa: E402
+from dip_lightning.evaluation.report import write_report  # noqa: E402
+from dip_lightning.evaluation.tables import format_number, markdown_table, require_matplotlib  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 TINY = REPO / "experiments" / "tiny_cpu.yaml"
@@ -175,7 +177,7 @@ def evaluate(run_dir: Path, reference: Path, work: Path, args: argparse.Namespac
 
     decision = resolve_resume(run_dir)
     step = int(decision.step or 0)
-    csv_path = run_dir / "tensorboard" / "eval_metrics.csv"
+    csv_path = log_dir(run_dir) / EVAL_METRICS_CSV
     if step in evaluated_steps(csv_path):
         return None
     start = time.perf_counter()
@@ -220,7 +222,7 @@ def parameter_counts() -> dict[str, tuple[int, int]]:
 
 
 def final_metrics(run_dir: Path) -> dict[str, float]:
-    with open(run_dir / "tensorboard" / "eval_metrics.csv", newline="") as f:
+    with open(log_dir(run_dir) / EVAL_METRICS_CSV, newline="") as f:
         rows = list(csv.DictReader(f))
     last = rows[-1]
     return {k: float(v) for k, v in last.items() if k in EVAL_COLUMNS[2:9] and v not in ("", None)}

@@ -8,9 +8,9 @@
    ``sde_step_fn`` with its linear w-scheduler) and the multistep solver at equal network evaluations.
 
 FID: :func:`fid_of` is the one place that computes it (the metrics engine's FID against the demo's
-validation statistics, ``dip_lightning.commands.demo.reference_stats``). These are demo-scale proxy numbers (a few hundred
-samples against 128 validation crops, an ImageNet Inception on 32 px photos): they rank settings on this data, not
-the paper's protocol.
+validation statistics, ``dip_lightning.commands.demo.reference_stats``). These are demo-scale proxy numbers (a few
+hundred samples against 128 validation crops, an ImageNet Inception on 32 px photos): they rank settings on this
+data, not the paper's protocol.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/objectives.py                  # all phases, 400 steps, 128 samples
     .venv/bin/python bench/objectives.py --phase train --predictions x    # one training (run two side by side)
@@ -42,6 +42,7 @@ try:
 except ModuleNotFoundError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
+from dip_lightning.checkpoint.run_folder import checkpoint_dir, log_dir  # noqa: E402
 from dip_lightning.core.data.demo_dataset import build_demo_dataset  # noqa: E402
 from dip_lightning.core.images import to_uint8  # noqa: E402
 
@@ -80,7 +81,7 @@ def train(prediction: str, data: dict, runs: Path, steps: int, threads: int) -> 
     """The tiny config with ``model.flow.prediction=prediction``; returns its checkpoint of step ``steps``."""
     run = runs / f"pred_{prediction}"
     # The step's own file, not last.ckpt: a continued run (other every_n_train_steps) gets Lightning's last-v1.ckpt.
-    last = run / "checkpoints" / f"step{steps:08d}.ckpt"
+    last = checkpoint_dir(run) / f"step{steps:08d}.ckpt"
     if _checkpoint_step(last) == steps:
         print(f"[train] {prediction}: {last} holds step {steps} already", flush=True)
         return last
@@ -209,7 +210,7 @@ def final_train_loss(run: Path, last_n: int = 5) -> float | None:
     """Mean of the last ``last_n`` logged ``train/loss`` values (v-space for both targets), from TensorBoard."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(run / "tensorboard"))
+    events = EventAccumulator(str(log_dir(run)))
     events.Reload()
     if "train/loss" not in events.Tags().get("scalars", []):
         return None

@@ -590,7 +590,7 @@ def test_predict_and_validate_through_the_cli(converted, tmp_path, demo_data, ca
         warnings.simplefilter("always")
         cli = cli_main(
             ["predict", "--config", str(XL_YAML), "--ckpt_path", str(ckpt), *trainer,
-             "--data", "dip_lightning.evaluation.export.LabelSeedDataModule", "--data.num_samples=2",
+             "--data", "dip_lightning.core.data.LabelSeedDataModule", "--data.num_samples=2",
              "--data.num_classes=8", "--data.batch_size=2", "--data.image_size=32"]
         )  # fmt: skip
         assert cli.model.repa is None and cli.model.net.depth == 2  # built from the checkpoint's config
@@ -644,10 +644,10 @@ def test_hyperparameters_are_the_xl_experiment_at_the_files_sizes():
 
 
 def test_load_pretrained_for_fine_tuning_loads_net_and_projector(converted, tmp_path, released_sd):
-    from dip_lightning.core.encoders import TinyViTEncoder
     from dip_lightning.core.repa import REPA
     from dip_lightning.training.module import DiPModule
     from dip_lightning.training.released import load_pretrained
+    from tests.helpers.tiny_encoder import TinyViTEncoder
 
     repa = REPA(
         encoder=TinyViTEncoder(embed_dim=32, depth=1, num_heads=2, dit_patch_size=16, grid_size=2),

@@ -41,14 +41,15 @@ def test_interpolant_endpoints_and_target() -> None:
     torch.testing.assert_close(deriv, fm.target(xd, ed))
 
 
-def test_loss_is_plain_mse_in_both_call_forms() -> None:
+def test_default_loss_is_plain_mse_on_the_velocity() -> None:
     g = torch.Generator().manual_seed(1)
     x, eps, v = (torch.randn(2, 3, 4, 4, generator=g) for _ in range(3))
     fm = FlowMatching()
+    t = torch.rand(2, generator=g)
+    x_t, target = fm.interpolate(x, eps, t), fm.target(x, eps)
     expected = ((v - (x - eps)) ** 2).mean()
-    torch.testing.assert_close(fm.loss(v, x, eps), expected)
-    torch.testing.assert_close(fm.loss(v, x - eps), expected)  # (v_pred, target) form
-    assert fm.loss(x - eps, x, eps).item() == 0.0
+    torch.testing.assert_close(fm.prediction_loss(v, x_t, t, target), expected)
+    assert fm.prediction_loss(x - eps, x_t, t, target).item() == 0.0
 
 
 @pytest.mark.parametrize(("mean", "std"), [(0.0, 1.0), (-0.4, 0.7)])

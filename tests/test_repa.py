@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from dip_lightning.core.encoders import DINOv2Encoder, DINOv2ViT, FeatureEncoder, TinyViTEncoder
+from dip_lightning.core.encoders import DINOv2Encoder, DINOv2ViT, FeatureEncoder
 from dip_lightning.core.repa import REPA
+from tests.helpers.tiny_encoder import TinyViTEncoder
 
 torch.set_num_threads(1)
 
@@ -238,7 +239,7 @@ def test_repa_built_from_yaml_by_jsonargparse() -> None:
     cfg = parser.parse_string(
         "repa:\n"
         "  encoder:\n"
-        "    class_path: dip_lightning.core.encoders.TinyViTEncoder\n"
+        "    class_path: tests.helpers.tiny_encoder.TinyViTEncoder\n"
         "    init_args: {embed_dim: 16, depth: 1, num_heads: 2, dit_patch_size: 8, grid_size: 4}\n"
         "  block: 2\n"
         "  projector_dim: 32\n"

@@ -291,7 +291,7 @@ def test_sample_command_help(capsys: pytest.CaptureFixture) -> None:
 
 def test_predict_command_returns_uint8_images_of_the_ema_weights(ckpt: Path, tmp_path: Path) -> None:
     """``python -m dip_lightning predict --config experiments/tiny_cpu.yaml --ckpt_path ... --data
-    dip_lightning.evaluation.export.LabelSeedDataModule``: the network comes from the checkpoint's hyperparameters."""
+    dip_lightning.core.data.LabelSeedDataModule``: the network comes from the checkpoint's hyperparameters."""
     cli = DiPCLI(
         args=[
             "predict",
@@ -300,7 +300,7 @@ def test_predict_command_returns_uint8_images_of_the_ema_weights(ckpt: Path, tmp
             "--ckpt_path",
             str(ckpt),
             "--data",
-            "dip_lightning.evaluation.export.LabelSeedDataModule",
+            "dip_lightning.core.data.LabelSeedDataModule",
             "--data.num_samples=6",
             "--data.batch_size=4",
             f"--trainer.default_root_dir={tmp_path / 'predict'}",
@@ -356,7 +356,7 @@ def test_evaluate_command_on_an_export(
 def test_checkpoint_trained_with_repa_samples_without_building_repa(tmp_path: Path, demo_data: dict) -> None:
     """Sampling never builds REPA (its encoder's weights file may not exist where samples are drawn)."""
     repa = (
-        '--model.repa={"encoder": {"class_path": "dip_lightning.core.encoders.TinyViTEncoder", '
+        '--model.repa={"encoder": {"class_path": "tests.helpers.tiny_encoder.TinyViTEncoder", '
         '"init_args": {"dit_patch_size": 8, "grid_size": 4}}, "block": 1, "projector_dim": 32}'
     )
     cli, _ = fit_tiny(tmp_path, demo_data, repa, steps=2)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.types import _PATH
 
+from dip_lightning.checkpoint import run_folder
 from dip_lightning.checkpoint.io import peek_checkpoint
 
 # Lightning's name for preemption ("hpc") checkpoints in trainer.default_root_dir; kept so that plain
@@ -112,7 +113,9 @@ def resolve_resume(
         path = Path(explicit)
         step = _step(path, weights_only) if path.exists() else None
         return ResumeDecision(path, "explicit", step)
-    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else Path(run_dir) / "checkpoints"
+    checkpoint_dir = (
+        Path(checkpoint_dir) if checkpoint_dir is not None else run_folder.checkpoint_dir(run_dir)
+    )
     hpc = preemption_checkpoints(run_dir)
     ignored = [(p, "older preemption checkpoint") for p in hpc[:-1]]
     lasts = last_checkpoints(checkpoint_dir)

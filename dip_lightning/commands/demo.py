@@ -118,7 +118,7 @@ def run_demo(
         print(f"[demo] step {step:5d}: {shown}")
     if results and evaluator is not None:
         print(
-            f"[demo] ({evaluator.num_samples} samples vs {ref}; eval_metrics.csv in the TensorBoard folder)"
+            f"[demo] ({evaluator.num_samples} samples vs {ref}; {evaluator.csv_name} in the TensorBoard folder)"
         )
     return result
 

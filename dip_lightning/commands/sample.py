@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from typing import Any
 
 import torch
 
 from dip_lightning.checkpoint.io import CheckpointError
 from dip_lightning.commands import CommandParser
+from dip_lightning.core.diffusion import SAMPLER_OVERRIDES, sampler_overrides
 from dip_lightning.core.distributed import launch_place
 from dip_lightning.evaluation.export import ExportMismatchError, export_samples
 from dip_lightning.training.loading import load_module
@@ -31,12 +31,15 @@ def build_parser() -> CommandParser:
     p.add_argument(
         "--no_balanced", dest="balanced", action="store_false", help="random labels instead of i %% C"
     )
-    from dip_lightning.core.diffusion import SAMPLERS
+    from dip_lightning.core import diffusion
 
-    listed = "; ".join(f"{name} = {cls.__module__}.{cls.__name__}" for name, cls in SAMPLERS.items())
+    # The YAML class path names the package, which re-exports every sampler.
+    listed = "; ".join(
+        f"{name} = {diffusion.__name__}.{cls.__name__}" for name, cls in diffusion.SAMPLERS.items()
+    )
     p.add_argument(
         "--sampler",
-        choices=list(SAMPLERS),
+        choices=list(diffusion.SAMPLERS),
         default=None,
         help=f"integrator (default: the checkpoint's model.sampler), keeping its grid and guidance: {listed}. "
         "Their own options (SDE w_schedule, Heun guidance_rule ...) come from YAML: --config with "
@@ -86,9 +89,7 @@ def main(argv: list[str]) -> int:
         return 2
     if args.compile:
         module.compile_network(args.compile, dynamic=False)
-    overrides: dict[str, Any] = {"num_steps": args.num_steps, "cfg_scale": args.cfg_scale}
-    if args.cfg_interval is not None:
-        overrides["cfg_interval"] = tuple(args.cfg_interval)
+    overrides = sampler_overrides(**{name: getattr(args, name) for name in SAMPLER_OVERRIDES})
     sampler = None
     if args.sampler is not None:
         from dip_lightning.core.diffusion import SAMPLERS, ODESampler

@@ -1,4 +1,4 @@
-"""Frozen feature encoders for REPA: DINOv2 (written here in plain torch), a tiny random ViT for tests.
+"""Frozen feature encoders for REPA: DINOv2, written here in plain torch.
 
 Contract (:class:`FeatureEncoder`): ``forward(x)`` takes clean images in [-1, 1], shape (B, 3, H, W), and
 returns patch features (B, N, embed_dim) with **N equal to the DiT's token count** ``(H / dit_patch_size) * (W
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FeatureEncoder", "DINOv2ViT", "DINOv2Encoder", "TinyViTEncoder", "DINOV2_VARIANTS"]
+__all__ = ["FeatureEncoder", "DINOv2ViT", "DINOv2Encoder", "DINOV2_VARIANTS"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -308,41 +308,3 @@ class DINOv2Encoder(FeatureEncoder):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(self.preprocess(x))
-
-
-class TinyViTEncoder(FeatureEncoder):
-    """A small, randomly initialised ViT with the encoder contract, for tests and the CPU demo.
-
-    Its patch size equals the DiT's, so no resizing is needed; the position grid (``grid_size``) is
-    interpolated like DINOv2's for other image sizes. The weights are a pure function of ``seed`` (drawn from
-    a private ``torch.Generator``, the global RNG is untouched), so two runs align to the same random
-    features.
-
-    It is **not** a meaningful representation; REPA with it only exercises the code path.
-    """
-
-    def __init__(
-        self,
-        embed_dim: int = 64,
-        depth: int = 2,
-        num_heads: int = 4,
-        dit_patch_size: int = 16,
-        grid_size: int = 16,
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        self.dit_patch_size = int(dit_patch_size)
-        self.embed_dim = int(embed_dim)
-        self.seed = int(seed)
-        self.model = DINOv2ViT(
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            patch_size=dit_patch_size,
-            img_size=grid_size * dit_patch_size,
-        )
-        self.model.init_weights(torch.Generator().manual_seed(self.seed))
-
-    def forward(self, x: Tensor) -> Tensor:
-        self.token_grid(x.shape[-2], x.shape[-1])  # validates divisibility
-        return self.model(x)

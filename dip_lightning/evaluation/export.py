@@ -1,25 +1,10 @@
-"""Sample export for the standard ADM evaluator, and the label/seed data used by ``predict``.
+"""Sample export in the ADM evaluator's npz layout: ``arr_0`` uint8 (N, H, W, 3) images, ``arr_1`` int64 labels.
 
-``python -m dip_lightning sample --ckpt_path run/checkpoints/last.ckpt --num_samples 50000 --out samples.npz``
-
-* Output: ``samples.npz`` with ``arr_0`` uint8 (N, H, W, 3) images and ``arr_1`` int64 labels, the layout that
-  openai/guided-diffusion's ``evaluations/evaluator.py`` reads (with ``VIRTUAL_imagenet256_labeled.npz``).
-* Sample i has label ``i % num_classes`` (class-balanced, 50 per class for 50k at 1000 classes; ``--no_balanced``
-  draws labels from a seeded generator instead) and noise seed ``seed + i``: the same index always gives the same
-  image, whatever the batch size, number of processes or interruption.
-* Work is cut in chunks of ``--chunk_size`` indices, written atomically as ``<out>.parts/chunk_NNNNNN.npz``; a killed
-  export run again skips finished chunks, so indices are never duplicated or dropped.
-  ``<out>.parts/job.json`` records what the chunks were made with (weights fingerprint, sampler, seed,
-  sizes): a run with other settings stops with an error instead of mixing its images with stale chunks.
-  Processes started by torchrun (RANK/WORLD_SIZE) or srun (SLURM_PROCID/SLURM_NTASKS) take chunks
-  round-robin; rank 0 waits for all chunks, and whoever finds them all assembles ``--out`` (atomically, the
-  same bytes whoever writes it).
-* Files are written with fixed zip timestamps, so the same settings give the same file, byte for byte.
-* Weights: the checkpoint's ``state_dict``, i.e. the (first decay's) EMA weights when training used the EMA
-  callback; ``--ema DECAY`` takes another decay the run tracked, ``--raw_weights`` the raw ``current_model_state``
-  (:mod:`dip_lightning.training.loading`); ``job.json`` records which (``weights``). An unreadable
-  checkpoint, or one that ``--config`` builds another network for, is an ``error: ...`` line naming the file
-  and the fix (exit code 2).
+Sample ``i`` has label ``i % num_classes`` (or a seeded draw) and noise seed ``seed + i``, so an index gives the
+same image whatever the batch size, process count or interruptions. Work is cut into chunks written atomically
+under ``<out>.parts/`` and taken round-robin by the processes torchrun or srun started; a rerun skips finished
+chunks, and ``job.json`` there records the settings and weights they were made with, so chunks of another export
+are an error, never mixed in. Zip members carry fixed timestamps: the same settings give the same file.
 """
 
 from __future__ import annotations
@@ -32,69 +17,12 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from dip_lightning.core.atomic import atomic_write, atomic_write_json
 from dip_lightning.core.images import to_uint8
 from dip_lightning.core.seeding import sample_labels_and_seeds
-
-
-# ---------------------------------------------------------------------------------------------- labels and seeds
-class LabelSeedDataset(Dataset):
-    """Items ``{"labels", "seeds", "index"}`` for global sample indices [start, start + num_samples)."""
-
-    def __init__(
-        self, num_samples: int, num_classes: int, seed: int = 0, balanced: bool = True, start: int = 0
-    ):
-        self.indices = np.arange(start, start + num_samples, dtype=np.int64)
-        self.labels, self.seeds = sample_labels_and_seeds(self.indices, num_classes, seed, balanced)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {
-            "labels": torch.tensor(self.labels[i]),
-            "seeds": torch.tensor(self.seeds[i]),
-            "index": torch.tensor(self.indices[i]),
-        }
-
-
-class LabelSeedDataModule(pl.LightningDataModule):
-    """Data for ``python -m dip_lightning predict``: class-balanced labels with one noise seed per sample.
-
-    Args:
-        num_samples: how many images to generate.
-        num_classes: number of classes (must match the model).
-        batch_size: per-device batch size.
-        seed: base noise seed; sample i uses seed + i.
-        balanced: labels i % num_classes (else a seeded draw).
-        image_size: the model's input size (checked against the model).
-    """
-
-    def __init__(
-        self,
-        num_samples: int = 64,
-        num_classes: int = 1000,
-        batch_size: int = 16,
-        seed: int = 0,
-        balanced: bool = True,
-        image_size: int | None = None,
-    ) -> None:
-        super().__init__()
-        self.num_samples = num_samples
-        self.num_classes = num_classes
-        self.batch_size = batch_size
-        self.seed = seed
-        self.balanced = balanced
-        self.image_size = image_size
-
-    def predict_dataloader(self) -> DataLoader:
-        dataset = LabelSeedDataset(self.num_samples, self.num_classes, self.seed, self.balanced)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False)
 
 
 # ---------------------------------------------------------------------------------------------- export

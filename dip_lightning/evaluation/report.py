@@ -12,15 +12,13 @@ against the training step, one line per run). What a row holds, and where it com
   last step any metric was logged at;
 * **images seen**: from ``eval_metrics.csv``, else steps x global batch (``config.yaml``: batch size x devices x
   nodes x gradient accumulation);
-* **metrics**: ``eval_metrics.csv`` (``step,images_seen,<metrics>...``, written by the metrics callback), else
-  the older ``fid.csv`` (``step,fid,...``); TensorBoard ``val/*`` scalars add what the CSVs lack (e.g.
-  ``val/loss``), read with TensorBoard's own event reader. For each metric the final value and the best one
-  with its step: lower is better for FID, sFID, FD-DINOv2 and losses, higher for Inception Score, precision and
-  recall, and nearest 1.0 for the patch-seam score (1.0 = seams like the reference's, either side is worse).
+* **metrics**: ``eval_metrics.csv`` (``step,images_seen,<metrics>...``, written by the metrics callback);
+  TensorBoard ``val/*`` scalars add what the CSV lacks (e.g. ``val/loss``), read with TensorBoard's own event
+  reader. For each metric the final value and the best one with its step
+  (:data:`~dip_lightning.core.metrics.METRIC_GOALS`; lower is better for losses).
 
 Rows of a step logged twice (a run resumed from before an evaluation it had already written) keep the later one.
-Plots need matplotlib, the optional extra ``pip install 'dip-lightning[report]'``; ``--no_plots`` writes the
-table without it.
+Tables and plots are drawn by :mod:`dip_lightning.evaluation.tables`; ``--no_plots`` needs no matplotlib.
 """
 
 from __future__ import annotations
@@ -31,71 +29,53 @@ import math
 import os
 import re
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from dip_lightning.checkpoint.run_folder import (
+    CONFIG_RECORD,
+    EVAL_METRICS_CSV,
+    EXPERIMENT_RECORD,
+    LOG_VERSION,
+    checkpoint_dir,
+    locate_run,
+)
 from dip_lightning.core.atomic import atomic_write
-from dip_lightning.training.run_folder import EXPERIMENT_RECORD, LOG_VERSION, checkpoint_dir
+from dip_lightning.evaluation.tables import (
+    best_of,
+    format_count,
+    format_number,
+    markdown_table,
+    metric_goal,
+    ordered_metrics,
+    plot_file_name,
+    plot_series,
+    require_matplotlib,
+)
 
 __all__ = [
-    "METRIC_GOALS",
     "MetricSeries",
     "RunSummary",
     "best_point",
     "paper_row",
-    "plot_series",
     "read_metric_csv",
     "read_tensorboard_scalars",
     "render_report",
-    "require_matplotlib",
     "summarize_run",
     "write_report",
 ]
 
-EVAL_METRICS_CSV = "eval_metrics.csv"
-LEGACY_FID_CSV = "fid.csv"
-CONFIG_YAML = "config.yaml"
-#: Columns of the metric CSVs that are bookkeeping, not metrics.
-BOOKKEEPING_COLUMNS = {"step", "images_seen", "num_samples", "seconds", "unix_time", "extractor"}
+#: Columns of ``eval_metrics.csv`` that are bookkeeping, not metrics.
+BOOKKEEPING_COLUMNS = {"step", "images_seen", "num_samples", "seconds", "unix_time"}
 TENSORBOARD_PREFIX = "val/"
-
-#: How to pick a metric's best value: "min", "max", or a number (the value nearest to it is best).
-METRIC_GOALS: dict[str, str | float] = {
-    "fid": "min",
-    "sfid": "min",
-    "fd_dinov2": "min",
-    "inception_score": "max",
-    "precision": "max",
-    "recall": "max",
-    "patch_seam": 1.0,
-}
-#: The order metrics appear in tables and plots; others follow alphabetically.
-METRIC_ORDER = ("fid", "sfid", "inception_score", "precision", "recall", "patch_seam", "fd_dinov2")
-
-MATPLOTLIB_HINT = "pip install 'dip-lightning[report]'"
 
 
 class ReportError(ValueError):
     """A run folder or file that cannot be reported on; the message names it and the fix."""
-
-
-def require_matplotlib() -> Any:
-    """``matplotlib.pyplot`` on the file-only Agg backend, or an ``ImportError`` that names the extra to install."""
-    try:
-        import matplotlib
-    except ImportError as err:
-        raise ImportError(
-            f"plots need matplotlib, an optional extra of the kit: {MATPLOTLIB_HINT} "
-            "(or pass --no_plots for the table alone)"
-        ) from err
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 # ------------------------------------------------------------------------------------------------ metric values
@@ -120,27 +100,10 @@ class MetricSeries:
         return (self.steps[-1], self.values[-1]) if self.steps else None
 
 
-def metric_goal(name: str) -> str | float | None:
-    """How the best value of ``name`` is chosen (:data:`METRIC_GOALS`; names with "loss": lowest); None: no
-    ordering known."""
-    if name in METRIC_GOALS:
-        return METRIC_GOALS[name]
-    return "min" if "loss" in name else None
-
-
 def best_point(series: MetricSeries) -> tuple[int, float] | None:
     """(step, value) of the best evaluation (the earliest of equal ones), None without an ordering or values."""
-    goal = metric_goal(series.name)
     points = [(s, v) for s, v in zip(series.steps, series.values) if math.isfinite(v)]
-    if goal is None or not points:
-        return None
-    if goal == "min":
-        key: Callable[[tuple[int, float]], float] = lambda p: p[1]  # noqa: E731
-    elif goal == "max":
-        key = lambda p: -p[1]  # noqa: E731
-    else:
-        key = lambda p: abs(p[1] - float(goal))  # noqa: E731
-    return min(points, key=key)
+    return best_of(points, series.name, lambda point: point[1])
 
 
 def _float_or_none(text: str | None) -> float | None:
@@ -153,7 +116,7 @@ def _float_or_none(text: str | None) -> float | None:
 
 
 def read_metric_csv(path: str | os.PathLike) -> tuple[dict[str, MetricSeries], dict[int, int]]:
-    """Metrics of ``eval_metrics.csv`` or the older ``fid.csv``: ``({metric: series}, {step: images_seen})``.
+    """Metrics of an ``eval_metrics.csv``: ``({metric: series}, {step: images_seen})``.
 
     Every column that is not bookkeeping (:data:`BOOKKEEPING_COLUMNS`) is a metric; empty cells (a metric
     this machine could not compute) are skipped. A file without a ``step`` column is a :class:`ReportError`.
@@ -298,12 +261,6 @@ class RunSummary:
         return " + ".join(Path(c).name for c in self.configs) if self.configs else "(not recorded)"
 
 
-def _artefact_folder(run_dir: Path) -> Path:
-    """Where a run folder keeps its logs: ``<run>/tensorboard`` (the kit's layout), else the folder itself."""
-    nested = run_dir / LOG_VERSION
-    return nested if nested.is_dir() else run_dir
-
-
 def _steps_from_checkpoints(run_dir: Path, config: Mapping[str, Any]) -> int | None:
     from dip_lightning.checkpoint.io import CheckpointError
     from dip_lightning.checkpoint.resume import resolve_resume
@@ -327,15 +284,12 @@ def summarize_run(
 
     Raises :class:`ReportError` for a folder that holds none of a run's files.
     """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
+    if not Path(run_dir).is_dir():
         raise ReportError(f"{run_dir}: no such run folder")
-    artefacts = _artefact_folder(run_dir)
-    if artefacts == run_dir and (run_dir.parent / "checkpoints").is_dir():
-        run_dir = run_dir.parent  # the artefact folder was given
+    run_dir, artefacts = locate_run(run_dir)
     sources: list[str] = []
     config: dict[str, Any] = {}
-    config_path = artefacts / CONFIG_YAML
+    config_path = artefacts / CONFIG_RECORD
     if config_path.is_file():
         try:
             config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
@@ -358,16 +312,9 @@ def summarize_run(
             row = paper_row(str(source.get("text", ""))) or row
     metrics: dict[str, MetricSeries] = {}
     images_seen: dict[int, int] = {}
-    for name in (EVAL_METRICS_CSV, LEGACY_FID_CSV):
-        path = artefacts / name
-        if path.is_file():
-            found, seen = read_metric_csv(path)
-            for metric, series in found.items():
-                metrics.setdefault(metric, series)
-            images_seen = {**seen, **images_seen}
-            sources.append(name)
-            if name == EVAL_METRICS_CSV:
-                break  # it supersedes fid.csv (the metrics callback writes the FID there too)
+    if (artefacts / EVAL_METRICS_CSV).is_file():
+        metrics, images_seen = read_metric_csv(artefacts / EVAL_METRICS_CSV)
+        sources.append(EVAL_METRICS_CSV)
     if tensorboard:
         scalars = read_tensorboard_scalars(artefacts)
         added = {k: v for k, v in scalars.items() if k not in metrics}
@@ -386,8 +333,8 @@ def summarize_run(
         seen_total = steps * per_step
     if not (config or metrics or steps is not None or configs):
         raise ReportError(
-            f"{run_dir}: not a run folder (no {LOG_VERSION}/{CONFIG_YAML}, {EVAL_METRICS_CSV}, {LEGACY_FID_CSV}, "
-            "event files or checkpoints); pass the trainer.default_root_dir of a fit"
+            f"{run_dir}: not a run folder (no {LOG_VERSION}/{CONFIG_RECORD}, {EVAL_METRICS_CSV}, event files or "
+            "checkpoints); pass the trainer.default_root_dir of a fit"
         )
     return RunSummary(
         run_dir=run_dir,
@@ -415,25 +362,6 @@ def run_labels(run_dirs: Sequence[Path]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ rendering
-def ordered_metrics(names: Iterable[str]) -> list[str]:
-    names = set(names)
-    return [m for m in METRIC_ORDER if m in names] + sorted(names - set(METRIC_ORDER))
-
-
-def format_number(value: float | None) -> str:
-    if value is None or not math.isfinite(value):
-        return "—"
-    magnitude = abs(value)
-    if magnitude >= 1000 or magnitude == 0:
-        return f"{value:.0f}" if magnitude >= 1000 else "0"
-    digits = max(0, 3 - int(math.floor(math.log10(magnitude))))  # 4 significant digits
-    return f"{value:.{digits}f}"
-
-
-def format_count(value: int | None) -> str:
-    return "—" if value is None else f"{value:,}"
-
-
 def metric_cell(series: MetricSeries | None) -> str:
     """``final (best @ step)``; only ``final`` when no ordering is known."""
     if series is None or series.final is None:
@@ -443,16 +371,6 @@ def metric_cell(series: MetricSeries | None) -> str:
     if best is None:
         return format_number(final)
     return f"{format_number(final)} ({format_number(best[1])} @ {best[0]:,})"
-
-
-def _escape(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(_escape(h) for h in header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_escape(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def render_report(
@@ -496,37 +414,6 @@ def render_report(
     for metric, png in (plots or {}).items():
         lines += ["", f"![{metric} against training step]({png})"]
     return "\n".join(lines) + "\n"
-
-
-def plot_series(
-    curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
-    path: str | os.PathLike,
-    xlabel: str,
-    ylabel: str,
-    title: str,
-) -> Path:
-    """A line plot, one labelled line with markers per curve ``{label: (x, y)}``, written atomically as PNG."""
-    plt = require_matplotlib()
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
-    try:
-        for label, (x, y) in curves.items():
-            ax.plot(list(x), list(y), marker="o", markersize=3, linewidth=1.2, label=label)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        if curves:
-            ax.legend(fontsize=7, loc="best")
-        fig.tight_layout()
-        with atomic_write(path) as f:
-            fig.savefig(f, format="png")
-    finally:
-        plt.close(fig)
-    return Path(path)
-
-
-def plot_file_name(metric: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", metric) + ".png"
 
 
 def write_report(

@@ -1,26 +1,14 @@
 """Evaluate one checkpoint over a grid of sampling settings: EMA decay x guidance (scale, interval) x steps.
 
-``python -m dip_lightning sweep --ckpt_path run/checkpoints/last.ckpt --reference ref.npz --num_samples 10000
---ema 0.9999 0.9996 --cfg_scale 1.0 1.5 2.0 --out sweeps/run``
-
-* Every combination of ``--ema``, ``--cfg_interval``, ``--num_steps`` and ``--cfg_scale`` is a cell; a setting not
-  given keeps the checkpoint's (its first EMA decay, its configured sampler). ``--ema raw`` is the raw,
-  non-averaged weights.
-* A cell generates ``--num_samples`` images with the ``sample`` command's export
-  (:func:`dip_lightning.evaluation.export.export_samples`: class-balanced labels, seed ``seed + i`` per image, chunks that a
-  rerun keeps, spread over the processes that torchrun or srun started) and scores them with
-  :func:`dip_lightning.core.metrics.compute_metrics` on rank 0, against one ``--reference`` (its features are
-  extracted once and cached).
-* ``DIR/cells/<cell>/`` holds the cell's ``cell.json`` (settings and weights fingerprint), its samples while they
-  are needed and ``result.json`` (written atomically once scored). A killed sweep run again keeps every finished
-  cell and the finished chunks of the cell it was in. A rerun over other weights (the checkpoint was
-  overwritten), another reference or sample count is an error, not a silent mix; more grid values only add cells.
-* Rank 0 writes ``DIR/sweep.csv`` (one row per cell of this grid: a column per setting -- ``ema``, ``cfg_scale``,
-  ``cfg_interval``, ``num_steps`` -- and one per metric), ``DIR/sweep.md`` and ``DIR/sweep_<metric>.png`` (the
-  metric against the guidance scale, one line per EMA decay and other setting). The plot needs the optional
-  extra ``pip install 'dip-lightning[report]'`` (``--no_plots``: the tables alone).
-
-The settings a cell really used are read from the sampler it ran with, so the CSV shows a default as its value.
+Every combination of the given ``--ema``, ``--cfg_interval``, ``--num_steps`` and ``--cfg_scale`` is a cell; a
+setting not given keeps the checkpoint's (its first EMA decay; for the sampler,
+:data:`~dip_lightning.core.diffusion.SAMPLER_OVERRIDES`). A cell generates its images with the ``sample`` export
+(:func:`~dip_lightning.evaluation.export.export_samples`) and rank 0 scores them against one reference
+(:func:`~dip_lightning.core.metrics.compute_metrics`). ``cells/<cell>/`` keeps ``cell.json`` (settings, weights
+fingerprint) and ``result.json``, so a killed sweep run again keeps every finished cell and chunk, and a rerun over
+other weights or settings is an error, not a silent mix. Rank 0 writes ``sweep.csv``, ``sweep.md`` and a plot of
+the metric against the guidance scale (:mod:`~dip_lightning.evaluation.tables`). A cell's settings are read from
+the sampler it ran with, so the CSV shows defaults as values.
 """
 
 from __future__ import annotations
@@ -42,14 +30,16 @@ import torch
 from dip_lightning.checkpoint.format import select_weights
 from dip_lightning.checkpoint.io import read_checkpoint
 from dip_lightning.core.atomic import atomic_write, atomic_write_json
+from dip_lightning.core.diffusion import SAMPLER_OVERRIDES, sampler_overrides
 from dip_lightning.core.distributed import launch_place
 from dip_lightning.evaluation.export import export_samples, weights_fingerprint
-from dip_lightning.evaluation.report import (
+from dip_lightning.evaluation.tables import (
+    best_of,
     format_number,
     markdown_table,
-    metric_goal,
     ordered_metrics,
     plot_series,
+    require_matplotlib,
 )
 from dip_lightning.training.loading import load_module
 
@@ -83,12 +73,8 @@ class Cell:
         return f"ema{text(self.ema)}_cfg{text(self.cfg_scale)}_interval{interval}_steps{text(self.num_steps)}"
 
     def sampler_overrides(self) -> dict[str, Any]:
-        overrides = {
-            "cfg_scale": self.cfg_scale,
-            "num_steps": self.num_steps,
-            "cfg_interval": self.cfg_interval,
-        }
-        return {k: v for k, v in overrides.items() if v is not None}
+        """The cell's sampler settings that replace the checkpoint's (:func:`sampler_overrides`)."""
+        return sampler_overrides(**{name: getattr(self, name) for name in SAMPLER_OVERRIDES})
 
     def weights(self) -> tuple[float | None, bool]:
         """(ema decay, raw) for :func:`dip_lightning.training.loading.load_module`."""
@@ -283,16 +269,10 @@ def write_summary(
     ]
     lines = ["# Sweep", "", markdown_table([*SETTING_COLUMNS, *metrics], rows), ""]
     for m in metrics:
-        goal = metric_goal(m)
         scored = [r for r in results if r["metrics"].get(m) is not None]
-        if goal is None or not scored:
+        best = best_of(scored, m, lambda r, m=m: r["metrics"][m])
+        if best is None:
             continue
-        if goal == "min":
-            best = min(scored, key=lambda r: r["metrics"][m])
-        elif goal == "max":
-            best = max(scored, key=lambda r: r["metrics"][m])
-        else:
-            best = min(scored, key=lambda r: abs(r["metrics"][m] - float(goal)))
         where = ", ".join(f"{c} {_setting_text(best[c])}" for c in SETTING_COLUMNS)
         lines.append(f"- best {m}: {format_number(best['metrics'][m])} at {where}")
     if results:
@@ -344,8 +324,6 @@ def run_sweep(args: Any) -> list[dict[str, Any]] | None:
             f"--reference {args.reference}: no such file (an image npz, an ADM reference batch or kit statistics)"
         )
     if args.plots and rank == 0:
-        from dip_lightning.evaluation.report import require_matplotlib
-
         require_matplotlib()  # before hours of sampling
     out.mkdir(parents=True, exist_ok=True)
     job = {

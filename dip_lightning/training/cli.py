@@ -48,6 +48,14 @@ from dip_lightning.checkpoint.compatibility import check_compatible
 from dip_lightning.checkpoint.format import WeightChoice
 from dip_lightning.checkpoint.io import AtomicCheckpointIO, clean_partial_files, peek_checkpoint
 from dip_lightning.checkpoint.resume import optimizer_setting_changes, resolve_resume
+from dip_lightning.checkpoint.run_folder import (
+    CONFIG_RECORD,
+    DEFAULT_RUN_DIR,
+    EXPERIMENT_RECORD,
+    LOG_VERSION,
+    artefact_dir,
+    checkpoint_dir,
+)
 from dip_lightning.core.atomic import atomic_write_json
 
 # Importing the module also enables sampler subclasses in YAML (see dip_lightning.training.module).
@@ -56,7 +64,6 @@ from dip_lightning.training.callbacks.preemption import PerJobTimer, PreemptionG
 from dip_lightning.training.callbacks.progress import RichProgress
 from dip_lightning.training.init_from import init_from_checkpoint
 from dip_lightning.training.module import DiPModule
-from dip_lightning.training.run_folder import DEFAULT_RUN_DIR, EXPERIMENT_RECORD, LOG_VERSION, artefact_dir
 
 
 def _as_list(value: Any) -> list:
@@ -121,7 +128,7 @@ class DiPCLI(LightningCLI):
             datamodule_class=LightningDataModule,
             subclass_mode_data=True,
             save_config_callback=RecordingSaveConfig,
-            save_config_kwargs={"overwrite": True, "argv": argv},
+            save_config_kwargs={"overwrite": True, "argv": argv, "config_filename": CONFIG_RECORD},
             seed_everything_default=0,
             auto_configure_optimizers=False,
             parser_kwargs={"parser_mode": "yaml", "prog": "python -m dip_lightning"},
@@ -213,7 +220,7 @@ class DiPCLI(LightningCLI):
         config = self._subconfig()
         run_dir = Path(config.trainer.default_root_dir)
         if config.checkpoint.dirpath is None:
-            config.checkpoint.dirpath = str(run_dir / "checkpoints")
+            config.checkpoint.dirpath = str(checkpoint_dir(run_dir))
         if config.trainer.logger in (None, True):
             # Pinned version: every (re)started job of this run logs to the same folder.
             config.trainer.logger = {
@@ -279,16 +286,16 @@ class DiPCLI(LightningCLI):
         if explicit and not Path(explicit).is_file():
             raise FileNotFoundError(f"--ckpt_path {explicit}: no such checkpoint file")
         run_dir = Path(self.trainer.default_root_dir)
-        checkpoint_dir = getattr(self.trainer.checkpoint_callback, "dirpath", None)
+        checkpoints = getattr(self.trainer.checkpoint_callback, "dirpath", None)
         if launch_place().rank == 0:
             # Leftovers of saves that were killed midway; no save can be running yet.
-            removed = clean_partial_files({run_dir, Path(checkpoint_dir or run_dir / "checkpoints")})
+            removed = clean_partial_files({run_dir, Path(checkpoints or checkpoint_dir(run_dir))})
             if removed:
                 rank_zero_info(
                     f"Removed {len(removed)} unfinished checkpoint file(s) of an interrupted save."
                 )
         weights_only = config.get("weights_only") is not False  # torch's default, as Lightning's load
-        decision = resolve_resume(run_dir, checkpoint_dir, explicit=explicit, weights_only=weights_only)
+        decision = resolve_resume(run_dir, checkpoints, explicit=explicit, weights_only=weights_only)
         if decision.path is not None:
             checkpoint = peek_checkpoint(decision.path, weights_only)
             decision.changed = check_compatible(checkpoint, self.model, decision.path)
@@ -297,11 +304,11 @@ class DiPCLI(LightningCLI):
             if configured is not None:
                 decision.changed += [str(c) for c in optimizer_setting_changes(checkpoint, configured())]
             config["ckpt_path"] = str(decision.path)
-            if checkpoint_dir is not None:
+            if checkpoints is not None:
                 # A resumed run's checkpoint folder is not empty by design; Lightning's warning would only alarm.
                 warnings.filterwarnings(
                     "ignore",
-                    message=re.escape(f"Checkpoint directory {checkpoint_dir} exists and is not empty"),
+                    message=re.escape(f"Checkpoint directory {checkpoints} exists and is not empty"),
                 )
         rank_zero_info(decision.message())
         init_from = config.get("init_from")

@@ -15,7 +15,6 @@ position is kept by the data module, so a run resumed from a checkpoint continue
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from collections.abc import Iterable
@@ -37,6 +36,7 @@ from dip_lightning.core.diffusion import (
     FlowMatching,
     ODESampler,
     make_noise,
+    override_sampler,
     seeded_noise_sampler,
 )
 from dip_lightning.core.images import to_uint8
@@ -287,11 +287,9 @@ class DiPModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ sampling
     def make_sampler(self, **overrides: Any) -> ODESampler:
-        """The configured sampler, or a copy with some fields replaced (``num_steps``, ``cfg_scale`` ...)."""
-        overrides = {k: v for k, v in overrides.items() if v is not None}
-        if not overrides:
-            return self.sampler
-        return dataclasses.replace(self.sampler, **overrides)
+        """The configured sampler with an evaluation's settings applied
+        (:data:`~dip_lightning.core.diffusion.SAMPLER_OVERRIDES`; None keeps the configured value)."""
+        return override_sampler(self.sampler, **overrides)
 
     @torch.no_grad()
     def generate(
@@ -327,7 +325,7 @@ class DiPModule(pl.LightningModule):
         return x.float()
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
-        """Batches of ``{"labels", "seeds"}`` (see :class:`dip_lightning.evaluation.export.LabelSeedDataModule`) -> uint8."""
+        """Batches of ``{"labels", "seeds"}`` (:class:`dip_lightning.core.data.LabelSeedDataModule`) -> uint8."""
         labels, seeds = batch["labels"], batch["seeds"]
         images = self.generate(labels, seeds)
         return {

@@ -222,7 +222,7 @@ def test_predict_with_ema_generates_with_that_decay(run: dict, tmp_path: Path) -
             f"--ckpt_path={run['ckpt']}",
             "--ema=0.8",
             "--data",
-            "dip_lightning.evaluation.export.LabelSeedDataModule",
+            "dip_lightning.core.data.LabelSeedDataModule",
             "--data.num_samples=4",
             "--data.batch_size=4",
             f"--trainer.default_root_dir={tmp_path / 'predict'}",

@@ -7,6 +7,7 @@ import io
 import json
 from pathlib import Path
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -82,3 +83,35 @@ def test_sample_grid_default_classes_and_bad_classes() -> None:
         SampleGrid(classes=[0, 8]).row_classes(8)
     with pytest.raises(ValueError, match="every_n_steps"):
         SampleGrid(every_n_steps=0)
+
+
+class NetworkCalls(pl.Callback):
+    """Records ``(batch size, t)`` of every network call made outside training (the grid's sampling)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, float]] = []
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        def record(net: torch.nn.Module, args: tuple) -> None:
+            if not net.training:
+                x, t = args[0], args[1]
+                self.calls.append((int(x.shape[0]), round(float(t[0]), 4)))
+
+        pl_module.net.register_forward_pre_hook(record)
+
+
+def test_sample_grid_guidance_interval_reaches_the_sampler(tmp_path: Path, demo_data: dict) -> None:
+    # 5 Euler steps at t = 0, 0.2, 0.4, 0.6, 0.8; guidance on (0.3, 0.7) doubles the batch at 0.4 and 0.6 only
+    # (the configured interval would guide from 0.2 on).
+    grid = grid_callback(
+        every_n_steps=2,
+        classes=[0, 1],
+        cols=2,
+        num_steps=5,
+        cfg_scale=2.0,
+        cfg_interval=[0.3, 0.7],
+        use_ema=False,
+    )
+    calls = NetworkCalls()
+    fit_with(tiny_args(tmp_path / "run", demo_data, steps=2, callbacks=[grid]), calls)
+    assert calls.calls == [(4, 0.0), (4, 0.2), (8, 0.4), (8, 0.6), (4, 0.8)]

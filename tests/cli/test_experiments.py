@@ -30,7 +30,7 @@ TINY = [
     "--data.init_args.image_size=32",
 ]
 TINY_REPA = (
-    '--model.repa.encoder={"class_path": "dip_lightning.core.encoders.TinyViTEncoder", '
+    '--model.repa.encoder={"class_path": "tests.helpers.tiny_encoder.TinyViTEncoder", '
     '"init_args": {"dit_patch_size": 16, "grid_size": 2, "embed_dim": 32, "depth": 1, "num_heads": 2}}'
 )
 

@@ -65,7 +65,7 @@ def test_every_placement_trains_through_cli(tmp_path: Path, demo_data: dict, pla
 
 def test_repa_on_and_off(tmp_path: Path, demo_data: dict) -> None:
     repa = [
-        '--model.repa={"encoder": {"class_path": "dip_lightning.core.encoders.TinyViTEncoder", '
+        '--model.repa={"encoder": {"class_path": "tests.helpers.tiny_encoder.TinyViTEncoder", '
         '"init_args": {"dit_patch_size": 8, "grid_size": 4}}, "block": 1, "weight": 0.5, "projector_dim": 32}',
     ]
     cli, losses = fit_tiny(tmp_path / "on", demo_data, *repa, steps=3)

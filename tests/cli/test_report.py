@@ -12,15 +12,16 @@ import pytest
 from PIL import Image
 
 from dip_lightning.commands import run_command
+from dip_lightning.core.metrics import METRIC_GOALS, METRIC_NAMES
 from dip_lightning.evaluation.report import (
     MetricSeries,
     best_point,
-    format_number,
     paper_row,
     read_metric_csv,
     summarize_run,
     write_report,
 )
+from dip_lightning.evaluation.tables import format_number
 from tests.helpers.tiny import REPO, ema_callback, fit_with, tiny_args
 
 STEPS = 4
@@ -61,14 +62,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory, demo_data: dict) -> dict[str,
     overlay = _fit(
         root / "mlp_head", demo_data, "--config", HEAD_MLP, f"--trainer.default_root_dir={root / 'mlp_head'}"
     )
-    legacy = _fit(root / "legacy", demo_data)
-    # What the FID callback of kit versions before the metrics engine wrote (header of the metrics contract),
-    # with step 4 written twice, as a run resumed from before an evaluation leaves it.
-    with open(legacy / "tensorboard" / "fid.csv", "w", newline="") as f:
+    resumed = _fit(root / "resumed", demo_data)
+    # The metrics callback's layout with step 4 written twice, as a run resumed from before an evaluation leaves it.
+    with open(resumed / "tensorboard" / "eval_metrics.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["step", "fid", "num_samples", "extractor", "seconds", "unix_time"])
-        writer.writerows([[2, 300.0, 8, "x", 1.0, 0], [4, 250.0, 8, "x", 1.0, 0], [4, 240.0, 8, "x", 1.0, 0]])
-    return {"metrics": metrics_run, "overlay": overlay, "legacy": legacy}
+        writer.writerow(["step", "images_seen", "fid", "num_samples", "seconds", "unix_time"])
+        writer.writerows([[2, 16, 300.0, 8, 1.0, 0], [4, 32, 250.0, 8, 1.0, 0], [4, 32, 240.0, 8, 1.0, 0]])
+    return {"metrics": metrics_run, "overlay": overlay, "resumed": resumed}
 
 
 def _rows(report: Path) -> dict[str, dict[str, str]]:
@@ -87,10 +87,10 @@ def test_fit_records_its_config_files_with_their_text(runs: dict[str, Path]) -> 
 
 def test_report_over_three_real_runs(runs: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "report"
-    folders = [str(runs[k]) for k in ("metrics", "overlay", "legacy")]
+    folders = [str(runs[k]) for k in ("metrics", "overlay", "resumed")]
     assert run_command(["report", *folders, "--out", str(out)]) == 0
     rows = _rows(out / "report.md")
-    assert set(rows) == {"dip_metrics", "mlp_head", "legacy"}
+    assert set(rows) == {"dip_metrics", "mlp_head", "resumed"}
     for row in rows.values():  # steps from the newest checkpoint; images seen = steps x batch (1 device)
         assert row["steps"] == str(STEPS) and row["images seen"] == str(STEPS * BATCH)
     assert rows["mlp_head"]["experiment"] == "tiny_cpu.yaml + head_mlp.yaml"
@@ -118,8 +118,8 @@ def test_report_over_three_real_runs(runs: dict[str, Path], tmp_path: Path) -> N
         == f"{format_number(seams[-1][1])} ({format_number(best[1])} @ {best[0]})"
     )
     assert rows["dip_metrics"]["loss"] != "—"  # val/loss from the TensorBoard event file
-    # fid.csv of older runs: the later row of a step written twice wins.
-    assert rows["legacy"]["fid"] == "240.0 (240.0 @ 4)"
+    # A step written twice: the later row wins.
+    assert rows["resumed"]["fid"] == "240.0 (240.0 @ 4)"
     assert rows["mlp_head"]["fid"] == "—"
 
     text = (out / "report.md").read_text()
@@ -143,10 +143,11 @@ def test_a_repeated_step_keeps_the_later_row_and_empty_cells_are_skipped(tmp_pat
 
 
 def test_the_artefact_folder_names_the_run_too(runs: dict[str, Path]) -> None:
-    assert summarize_run(runs["legacy"] / "tensorboard").run_dir == runs["legacy"]
+    assert summarize_run(runs["resumed"] / "tensorboard").run_dir == runs["resumed"]
 
 
 def test_best_point_follows_each_metrics_direction() -> None:
+    assert set(METRIC_GOALS) == set(METRIC_NAMES)  # every metric of the engine has a direction
     assert best_point(MetricSeries("fid", [1, 2, 3], [5.0, 3.0, 4.0])) == (2, 3.0)
     assert best_point(MetricSeries("inception_score", [1, 2, 3], [5.0, 3.0, 6.0])) == (3, 6.0)
     assert best_point(MetricSeries("patch_seam", [1, 2, 3], [1.5, 0.95, 1.04])) == (3, 1.04)

@@ -1,4 +1,5 @@
-"""Data path: shard preparation, the ``ShardDataModule`` and the embedded demo dataset.
+"""Data path: shard preparation, the ``ShardDataModule``, the embedded demo dataset and ``predict``'s labels and
+seeds (``LabelSeedDataModule``).
 
 Imports are lazy so that ``python -m dip_lightning prepare`` and the FID tools do not pay for
 ``import lightning`` (seconds). ``from dip_lightning.core.data import ShardDataModule`` and
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS: dict[str, str] = {
     "ShardDataModule": "dip_lightning.core.data.datamodule",
+    "LabelSeedDataModule": "dip_lightning.core.data.label_seeds",
     "TrainShardStream": "dip_lightning.core.data.streams",
     "ValShardStream": "dip_lightning.core.data.streams",
     "TrainPlan": "dip_lightning.core.data.streams",
@@ -26,6 +28,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = [
+    "LabelSeedDataModule",
     "ShardDataModule",
     "TrainPlan",
     "TrainShardStream",
@@ -43,6 +46,7 @@ __all__ = [
 if TYPE_CHECKING:
     from dip_lightning.core.data.datamodule import ShardDataModule
     from dip_lightning.core.data.demo_dataset import build_demo_dataset
+    from dip_lightning.core.data.label_seeds import LabelSeedDataModule
     from dip_lightning.core.data.prepare import prepare_split
     from dip_lightning.core.data.preprocess import center_crop_arr, decode_image
     from dip_lightning.core.data.shards import expand_shards, read_class_names

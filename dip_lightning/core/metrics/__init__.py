@@ -40,6 +40,7 @@ from dip_lightning.core.metrics.reference import (
 
 __all__ = [
     "DEFAULT_METRICS",
+    "METRIC_GOALS",
     "METRIC_NAMES",
     "MetricEngine",
     "MetricUnavailableWarning",
@@ -59,6 +60,17 @@ METRIC_NAMES: tuple[str, ...] = (
     "patch_seam",
     "fd_dinov2",
 )
+#: Which value of a metric is best: "min", "max", or a number (the value nearest to it; 1.0 = seams like the
+#: reference's, either side is worse).
+METRIC_GOALS: dict[str, str | float] = {
+    "fid": "min",
+    "sfid": "min",
+    "inception_score": "max",
+    "precision": "max",
+    "recall": "max",
+    "patch_seam": 1.0,
+    "fd_dinov2": "min",
+}
 #: What ``compute_metrics(metrics=None)`` computes: all of them (those that cannot run here give None).
 DEFAULT_METRICS = METRIC_NAMES
 

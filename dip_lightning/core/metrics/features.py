@@ -157,10 +157,6 @@ class FeatureExtractor(nn.Module):
             kinds.add("probs")
         return kinds
 
-    def extract(self, images: Tensor) -> Tensor:
-        """Pool features for checked uint8 images."""
-        return self.extract_kinds(images, {"pool"})["pool"]
-
     def extract_kinds(self, images: Tensor, kinds: Collection[str]) -> dict[str, Tensor]:
         """Float features of the asked ``kinds`` for checked uint8 images; subclasses implement this."""
         raise NotImplementedError

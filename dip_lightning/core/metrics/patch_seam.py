@@ -29,7 +29,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from torch import Tensor
 
 __all__ = ["SeamProfile", "patch_seam_score", "seam_ratio"]
@@ -106,10 +105,3 @@ def patch_seam_score(samples: SeamProfile, reference: SeamProfile, patch_size: i
             f"{reference.image_size[0]}x{reference.image_size[1]}; the patch grid must line up"
         )
     return seam_ratio(samples, patch_size) / seam_ratio(reference, patch_size)
-
-
-def seam_profile(images: Tensor | np.ndarray) -> SeamProfile:
-    """Profile of uint8 images given as ``(N, 3, H, W)`` tensors or ``(N, H, W, 3)`` arrays."""
-    if isinstance(images, np.ndarray):
-        images = torch.from_numpy(images).permute(0, 3, 1, 2)
-    return SeamProfile.of_images(images)

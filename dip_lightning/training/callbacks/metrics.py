@@ -1,26 +1,13 @@
-"""In-training evaluation: generate class-balanced samples on all ranks every N steps and log the metrics suite.
+"""In-training evaluation: every N steps, generate class-balanced samples on all ranks and log the metrics suite.
 
-The metrics are those of ``python -m dip_lightning evaluate`` (`dip_lightning.core.metrics.MetricEngine`): the same
-feature networks, the same reference loading and the same formulas, so a number logged in training and a number
-from the command on the same images agree.
-
-Design points, and why:
-
-* The feature networks live here, not in the LightningModule, so EMA never averages Inception's weights,
-  checkpoints never carry 95 MB of frozen network, and ``load_from_checkpoint`` does not need them.
-* Work is spread over ranks: global sample ``i`` has label ``i % num_classes`` and seed ``seed + i``
-  (`dip_lightning.core.seeding.sample_labels_and_seeds`) and each rank generates a contiguous slice of the indices,
-  so the set of images is the same for any world size and batch size.
-* Each rank extracts the features of its own images; they are then gathered to every rank in index order
-  (`dip_lightning.core.distributed.all_gather_rows`): precision/recall need every sample's features, not sums.
-  Rank 0 computes the metrics and broadcasts them, so all ranks hold the same numbers.
-* The reference is loaded once, at the first evaluation, on all ranks (extraction of an image-npz reference
-  is spread over the ranks and cached by content hash). With ``real_shards`` the reference features come from
-  real shards (spread over ranks) and are saved to ``real_cache`` as a kit reference file.
-* Logging goes straight to ``trainer.loggers`` with ``step=global_step``: ``pl_module.log`` from
-  ``on_train_batch_end`` would reach the loggers only on multiples of ``log_every_n_steps``. Values also go to
-  ``trainer.callback_metrics`` (checkpoint monitors, progress bar). Rank 0 appends one row per evaluation to
-  ``<artefact folder>/eval_metrics.csv``: ``step,images_seen,<metrics>,num_samples,seconds,unix_time``.
+The metrics are those of ``evaluate`` (:class:`~dip_lightning.core.metrics.MetricEngine`: the same networks,
+reference loading and formulas), so a number logged in training and one from the command agree. The feature
+networks live in the callback, not in the LightningModule, so EMA never averages them and checkpoints never carry
+them. Sample ``i`` has label ``i % num_classes`` and seed ``seed + i`` and each rank generates a contiguous slice,
+so the images are the same for any world size; features are gathered to every rank (precision and recall need all
+of them) and rank 0's numbers are broadcast. Values go to the loggers at ``global_step`` (``pl_module.log`` from a
+batch hook would reach them only every ``log_every_n_steps``), to ``callback_metrics`` and, from rank 0, as a row
+of ``eval_metrics.csv`` in the log folder (:mod:`dip_lightning.checkpoint.run_folder`).
 """
 
 from __future__ import annotations
@@ -38,6 +25,8 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from dip_lightning.checkpoint.run_folder import EVAL_METRICS_CSV, artefact_dir
+from dip_lightning.core.diffusion import sampler_overrides
 from dip_lightning.core.distributed import is_distributed
 from dip_lightning.core.images import to_uint8
 from dip_lightning.core.metrics import METRIC_NAMES, MetricEngine, check_metric_names
@@ -52,13 +41,11 @@ from dip_lightning.core.metrics.reference import (
 from dip_lightning.core.metrics.sources import iter_shard_images
 from dip_lightning.core.seeding import sample_labels_and_seeds
 from dip_lightning.training.callbacks.ema import sampling_module
-from dip_lightning.training.run_folder import artefact_dir
 
 #: What `MetricsCallback` computes by default: the ADM suite and the patch-seam score (FD-DINOv2 needs weights).
 DEFAULT_TRAINING_METRICS = ("fid", "sfid", "inception_score", "precision", "recall", "patch_seam")
-CSV_NAME = "eval_metrics.csv"
 
-__all__ = ["CSV_NAME", "DEFAULT_TRAINING_METRICS", "MetricsCallback"]
+__all__ = ["DEFAULT_TRAINING_METRICS", "MetricsCallback"]
 
 
 class MetricsCallback(pl.Callback):
@@ -85,7 +72,7 @@ class MetricsCallback(pl.Callback):
         seed: seed of global sample 0; sample ``i`` uses ``seed + i``.
         on_train_end: also evaluate at the end of training (unless the last step was just evaluated).
         num_steps, cfg_scale, cfg_interval: sampler overrides for ``generate`` (None keeps the module's).
-        csv_name: file in the run's artefact folder (:func:`dip_lightning.training.run_folder.artefact_dir`).
+        csv_name: file in the run's artefact folder (:func:`dip_lightning.checkpoint.run_folder.artefact_dir`).
         prefix: logger key prefix; metric ``m`` is logged as ``<prefix><m>``. Give each callback its own when
             several run side by side (e.g. ``val_cfg/``).
         cache_dir: feature cache of reference files (default ``$DIP_METRICS_CACHE`` or
@@ -112,7 +99,7 @@ class MetricsCallback(pl.Callback):
         num_steps: int | None = None,
         cfg_scale: float | None = None,
         cfg_interval: tuple[float, float] | None = None,
-        csv_name: str = CSV_NAME,
+        csv_name: str = EVAL_METRICS_CSV,
         prefix: str = "val/",
         cache_dir: str | None = None,
     ) -> None:
@@ -143,8 +130,9 @@ class MetricsCallback(pl.Callback):
         self.use_ema = use_ema
         self.seed = seed
         self.eval_on_train_end = on_train_end
-        overrides = {"num_steps": num_steps, "cfg_scale": cfg_scale, "cfg_interval": cfg_interval}
-        self.sampler_overrides = {k: v for k, v in overrides.items() if v is not None}
+        self.sampler_overrides = sampler_overrides(
+            num_steps=num_steps, cfg_scale=cfg_scale, cfg_interval=cfg_interval
+        )
         self.csv_name = csv_name
         self.prefix = prefix
         self.cache_dir = cache_dir
@@ -370,12 +358,7 @@ class MetricsCallback(pl.Callback):
         return {"results": [[s, dict(r)] for s, r in self.results], "last_eval_step": self._last_eval_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "results" in state_dict:
-            self.results = [
-                (int(s), {k: _opt_float(v) for k, v in r.items()}) for s, r in state_dict["results"]
-            ]
-        else:  # a checkpoint of the FID-only callback: [[step, fid], ...]
-            self.results = [(int(s), {"fid": float(v)}) for s, v in state_dict.get("history", [])]
+        self.results = [(int(s), {k: _opt_float(v) for k, v in r.items()}) for s, r in state_dict["results"]]
         self._last_eval_step = int(state_dict.get("last_eval_step", -1))
 
 

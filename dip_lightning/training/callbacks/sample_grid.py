@@ -17,9 +17,10 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 
+from dip_lightning.checkpoint.run_folder import GRID_FOLDER, artefact_dir
+from dip_lightning.core.diffusion import sampler_overrides
 from dip_lightning.core.images import to_uint8
 from dip_lightning.training.callbacks.ema import sampling_module
-from dip_lightning.training.run_folder import artefact_dir
 
 
 def make_grid(images: torch.Tensor, cols: int, padding: int = 2, pad_value: int = 255) -> torch.Tensor:
@@ -48,6 +49,7 @@ class SampleGrid(pl.Callback):
         use_ema: sample with the EMA weights when an EMA callback is active (else the raw weights).
         num_steps: sampler steps for the grid (cheap by default); None = the module's sampler setting.
         cfg_scale: guidance scale for the grid; None = the module's sampler setting.
+        cfg_interval: guidance interval ``(t_min, t_max)`` for the grid; None = the module's sampler setting.
         upscale: nearest-neighbour upscaling of the PNG so that tiny images stay visible.
         on_train_end: also write a grid when training ends.
     """
@@ -62,6 +64,7 @@ class SampleGrid(pl.Callback):
         use_ema: bool = True,
         num_steps: int | None = 50,
         cfg_scale: float | None = None,
+        cfg_interval: tuple[float, float] | None = None,
         upscale: int = 1,
         on_train_end: bool = True,
     ) -> None:
@@ -73,8 +76,9 @@ class SampleGrid(pl.Callback):
         self.cols = cols
         self.seed = seed
         self.use_ema = use_ema
-        self.num_steps = num_steps
-        self.cfg_scale = cfg_scale
+        self.sampler_overrides = sampler_overrides(
+            num_steps=num_steps, cfg_scale=cfg_scale, cfg_interval=cfg_interval
+        )
         self.upscale = upscale
         self.write_on_train_end = on_train_end
         self.last_written: Path | None = None
@@ -97,7 +101,7 @@ class SampleGrid(pl.Callback):
         classes = self.row_classes(module.num_classes)
         labels = torch.tensor([c for c in classes for _ in range(self.cols)], dtype=torch.long)
         seeds = torch.arange(len(labels), dtype=torch.long) + self.seed
-        images = module.generate(labels, seeds, num_steps=self.num_steps, cfg_scale=self.cfg_scale)
+        images = module.generate(labels, seeds, **self.sampler_overrides)
         grid = make_grid(to_uint8(images).cpu(), cols=self.cols)
         return grid, classes
 
@@ -109,7 +113,7 @@ class SampleGrid(pl.Callback):
         if not trainer.is_global_zero:
             return None
         grid, classes = self.generate_grid(trainer, pl_module)
-        out_dir = artefact_dir(trainer) / "grids"
+        out_dir = artefact_dir(trainer) / GRID_FOLDER
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"step_{step:08d}.png"
         array = grid.permute(1, 2, 0).numpy()
