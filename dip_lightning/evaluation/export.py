@@ -15,9 +15,8 @@
   round-robin; rank 0 waits for all chunks, and whoever finds them all assembles ``--out`` (atomically, the
   same bytes whoever writes it).
 * Files are written with fixed zip timestamps, so the same settings give the same file, byte for byte.
-* Weights: the checkpoint's ``state_dict``, i.e. the (first decay's) EMA weights when training used the EMA
-  callback; ``--ema DECAY`` takes another decay the run tracked, ``--raw_weights`` the raw ``current_model_state``
-  (:mod:`dip_lightning.training.loading`); ``job.json`` records which (``weights``). An unreadable
+* Weights: ``--weights`` (the first EMA decay by default; ``ema:D``, ``raw``, ``phema:S``:
+  :func:`~dip_lightning.training.loading.load_module`); ``job.json`` records which (``weights``). An unreadable
   checkpoint, or one that ``--config`` builds another network for, is an ``error: ...`` line naming the file
   and the fix (exit code 2).
 """
@@ -183,7 +182,7 @@ def export_samples(
         "sample_dtype": str(getattr(module, "sample_dtype", "")),
         # Compiled kernels round differently from eager ones: one export uses one of them throughout.
         "compile": str(getattr(module, "compiled_mode", None)),
-        # Which weights of the checkpoint (raw, which EMA decay): chunks of two EMAs never mix.
+        # Which weights of the checkpoint (which EMA decay, raw, post-hoc): chunks of two sets never mix.
         "weights": getattr(module, "loaded_weights", None),
         "weights_sha256": weights_fingerprint(module),
     }

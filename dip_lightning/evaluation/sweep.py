@@ -1,26 +1,14 @@
-"""Evaluate one checkpoint over a grid of sampling settings: EMA decay x guidance (scale, interval) x steps.
+"""Evaluate one checkpoint over a grid of sampling settings: weights x guidance (scale, interval) x steps.
 
 ``python -m dip_lightning sweep --ckpt_path run/checkpoints/last.ckpt --reference ref.npz --num_samples 10000
---ema 0.9999 0.9996 --cfg_scale 1.0 1.5 2.0 --out sweeps/run``
+--weights ema:0.9999 ema:0.9996 raw --cfg_scale 1.0 1.5 2.0 --out sweeps/run``
 
-* Every combination of ``--ema``, ``--cfg_interval``, ``--num_steps`` and ``--cfg_scale`` is a cell; a setting not
-  given keeps the checkpoint's (its first EMA decay, its configured sampler). ``--ema raw`` is the raw,
-  non-averaged weights.
-* A cell generates ``--num_samples`` images with the ``sample`` command's export
-  (:func:`dip_lightning.evaluation.export.export_samples`: class-balanced labels, seed ``seed + i`` per image, chunks that a
-  rerun keeps, spread over the processes that torchrun or srun started) and scores them with
-  :func:`dip_lightning.core.metrics.compute_metrics` on rank 0, against one ``--reference`` (its features are
-  extracted once and cached).
-* ``DIR/cells/<cell>/`` holds the cell's ``cell.json`` (settings and weights fingerprint), its samples while they
-  are needed and ``result.json`` (written atomically once scored). A killed sweep run again keeps every finished
-  cell and the finished chunks of the cell it was in. A rerun over other weights (the checkpoint was
-  overwritten), another reference or sample count is an error, not a silent mix; more grid values only add cells.
-* Rank 0 writes ``DIR/sweep.csv`` (one row per cell of this grid: a column per setting -- ``ema``, ``cfg_scale``,
-  ``cfg_interval``, ``num_steps`` -- and one per metric), ``DIR/sweep.md`` and ``DIR/sweep_<metric>.png`` (the
-  metric against the guidance scale, one line per EMA decay and other setting). The plot needs the optional
-  extra ``pip install 'dip-lightning[report]'`` (``--no_plots``: the tables alone).
-
-The settings a cell really used are read from the sampler it ran with, so the CSV shows a default as its value.
+Every combination is a cell; a setting not given keeps the checkpoint's. A cell is the ``sample`` command's export
+(:func:`~dip_lightning.evaluation.export.export_samples`) scored by
+:func:`~dip_lightning.core.metrics.compute_metrics` on rank 0; ``DIR/cells/<cell>/`` keeps its settings, weights
+fingerprint and result, so a killed sweep run again redoes nothing finished, and a rerun over other weights is an
+error rather than a silent mix. Rank 0 writes ``DIR/sweep.csv``, ``DIR/sweep.md`` and a plot of a metric against
+the guidance scale (``pip install 'dip-lightning[report]'``; ``--no_plots`` for the tables alone).
 """
 
 from __future__ import annotations
@@ -39,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dip_lightning.checkpoint.format import select_weights
+from dip_lightning.checkpoint.format import DEFAULT_WEIGHTS, WeightRequest, select_weights, weights_label
 from dip_lightning.checkpoint.io import read_checkpoint
 from dip_lightning.core.atomic import atomic_write, atomic_write_json
 from dip_lightning.core.distributed import launch_place
@@ -55,8 +43,8 @@ from dip_lightning.training.loading import load_module
 
 __all__ = ["Cell", "SweepError", "grid_cells", "run_sweep", "write_summary"]
 
-SETTING_COLUMNS = ("ema", "cfg_scale", "cfg_interval", "num_steps")
-RAW = "raw"
+#: The settings of a cell, one CSV column each; ``weights`` is what was loaded, in words (``weights_label``).
+SETTING_COLUMNS = ("weights", "cfg_scale", "cfg_interval", "num_steps")
 
 
 class SweepError(ValueError):
@@ -67,20 +55,21 @@ class SweepError(ValueError):
 class Cell:
     """One setting of the grid; None keeps the checkpoint's own value."""
 
-    ema: float | str | None = None  # a decay, "raw", or None (the checkpoint's first decay)
+    weights: WeightRequest = DEFAULT_WEIGHTS  # ema: the checkpoint's first EMA decay
     cfg_scale: float | None = None
     cfg_interval: tuple[float, float] | None = None
     num_steps: int | None = None
 
     @property
     def name(self) -> str:
-        """The cell's folder name, e.g. ``ema0.9999_cfg1.5_interval0.1-1.0_steps50``."""
+        """The cell's folder name, e.g. ``ema0.9999_cfg1.5_interval0.1-1.0_steps50`` (``ema``: the default)."""
 
         def text(value: Any) -> str:
             return "default" if value is None else str(value)
 
         interval = "default" if self.cfg_interval is None else "-".join(str(v) for v in self.cfg_interval)
-        return f"ema{text(self.ema)}_cfg{text(self.cfg_scale)}_interval{interval}_steps{text(self.num_steps)}"
+        weights = str(self.weights).replace(":", "")
+        return f"{weights}_cfg{text(self.cfg_scale)}_interval{interval}_steps{text(self.num_steps)}"
 
     def sampler_overrides(self) -> dict[str, Any]:
         overrides = {
@@ -90,32 +79,16 @@ class Cell:
         }
         return {k: v for k, v in overrides.items() if v is not None}
 
-    def weights(self) -> tuple[float | None, bool]:
-        """(ema decay, raw) for :func:`dip_lightning.training.loading.load_module`."""
-        return (None, True) if self.ema == RAW else (self.ema, False)  # type: ignore[return-value]
-
-
-def parse_ema(text: str) -> float | str:
-    """An ``--ema`` value: a decay such as ``0.9999``, or ``raw``."""
-    if text.lower() == RAW:
-        return RAW
-    try:
-        return float(text)
-    except ValueError:
-        raise SweepError(
-            f"--ema {text!r}: give EMA decays the checkpoint tracked (e.g. 0.9999) or 'raw'"
-        ) from None
-
 
 def grid_cells(
-    ema: Sequence[float | str | None] | None = None,
+    weights: Sequence[WeightRequest] | None = None,
     cfg_scale: Sequence[float] | None = None,
     cfg_interval: Sequence[tuple[float, float]] | None = None,
     num_steps: Sequence[int] | None = None,
 ) -> list[Cell]:
-    """Every combination, EMA outermost (one weights load per decay), guidance scale innermost."""
+    """Every combination, weights outermost (one load per set), guidance scale innermost."""
     axes = [
-        list(ema or [None]),
+        list(weights or [DEFAULT_WEIGHTS]),
         list(cfg_interval or [None]),
         list(num_steps or [None]),
         list(cfg_scale or [None]),
@@ -124,7 +97,7 @@ def grid_cells(
         if len(set(values)) != len(values):
             raise SweepError(f"a setting is listed twice: {values}")
     return [
-        Cell(ema=e, cfg_scale=w, cfg_interval=tuple(i) if i is not None else None, num_steps=s)
+        Cell(weights=e, cfg_scale=w, cfg_interval=tuple(i) if i is not None else None, num_steps=s)
         for e, i, s, w in itertools.product(*axes)
     ]
 
@@ -146,20 +119,12 @@ def _check_or_write(path: Path, record: dict[str, Any], what: str, fix: str) -> 
 def _effective_settings(module: Any, cell: Cell) -> dict[str, Any]:
     """What the cell really samples with: the sampler's fields after the overrides, and the weights."""
     sampler = module.make_sampler(**cell.sampler_overrides())
-    weights = str(getattr(module, "loaded_weights", ""))
-    ema: float | str | None = cell.ema
-    if ema is None:  # the checkpoint's default: say which decay that is ("ema 0.9999"), else its label
-        try:
-            ema = float(weights.removeprefix("ema "))
-        except ValueError:
-            ema = weights
     return {
-        "ema": ema,
+        "weights": str(getattr(module, "loaded_weights", "")),
         "cfg_scale": float(sampler.cfg_scale),
         "cfg_interval": [float(v) for v in sampler.cfg_interval],
         "num_steps": int(sampler.num_steps),
         "sampler": repr(sampler),
-        "weights": weights,
     }
 
 
@@ -259,7 +224,7 @@ def write_summary(
     written = []
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([*SETTING_COLUMNS, *metrics, "num_samples", "weights"])
+    writer.writerow([*SETTING_COLUMNS, *metrics, "num_samples"])
     for r in results:
         values = [r["metrics"].get(m) for m in metrics]
         writer.writerow(
@@ -267,7 +232,6 @@ def write_summary(
                 *(_setting_text(r[c]) for c in SETTING_COLUMNS),
                 *("" if v is None else repr(float(v)) for v in values),
                 r["num_samples"],
-                r["weights"],
             ]
         )
     with atomic_write(out / "sweep.csv", "w") as f:
@@ -303,13 +267,15 @@ def write_summary(
     if plots and chosen is not None:
         curves: dict[str, tuple[list[float], list[float]]] = {}
         varying = [
-            c for c in ("ema", "cfg_interval", "num_steps") if len({_setting_text(r[c]) for r in results}) > 1
+            c
+            for c in ("weights", "cfg_interval", "num_steps")
+            if len({_setting_text(r[c]) for r in results}) > 1
         ]
         for r in sorted(results, key=lambda r: r["cfg_scale"]):
             value = r["metrics"].get(chosen)
             if value is None:
                 continue
-            label = ", ".join(f"{c} {_setting_text(r[c])}" for c in (varying or ["ema"]))
+            label = ", ".join(f"{c} {_setting_text(r[c])}" for c in (varying or ["weights"]))
             xs, ys = curves.setdefault(label, ([], []))
             xs.append(r["cfg_scale"])
             ys.append(value)
@@ -334,7 +300,7 @@ def run_sweep(args: Any) -> list[dict[str, Any]] | None:
         args.device = f"cuda:{place.local_rank}" if torch.cuda.is_available() else "cpu"
     out = Path(args.out)
     cells = grid_cells(
-        [parse_ema(e) for e in args.ema] if args.ema else None,
+        args.weights,
         args.cfg_scale,
         args.cfg_interval,
         args.num_steps,
@@ -360,14 +326,20 @@ def run_sweep(args: Any) -> list[dict[str, Any]] | None:
     _check_or_write(out / "sweep.json", job, "a sweep", "choose another --out for these settings")
     # Every requested set of weights must exist before the first cell's sampling starts, not hours into it.
     checkpoint = read_checkpoint(args.ckpt_path, args.trust_pickle)
-    for ema in dict.fromkeys(c.ema for c in cells):
-        ema_decay, raw = Cell(ema=ema).weights()
-        select_weights(checkpoint, args.ckpt_path, ema_decay, raw)
+    requests = list(dict.fromkeys(c.weights for c in cells))
+    labels = {}
+    for request in requests:
+        select_weights(checkpoint, args.ckpt_path, request)
+        labels.setdefault(weights_label(checkpoint, args.ckpt_path, request), []).append(str(request))
     del checkpoint
+    same = [names for names in labels.values() if len(names) > 1]
+    if same:
+        raise SweepError(
+            f"--weights {' and '.join(same[0])} are the same weights of {args.ckpt_path}: list one"
+        )
     results = []
-    for ema, group in itertools.groupby(cells, key=lambda c: c.ema):
-        ema_decay, raw = Cell(ema=ema).weights()
-        module = load_module(args.ckpt_path, args.config, raw, args.trust_pickle, ema=ema_decay)
+    for request, group in itertools.groupby(cells, key=lambda c: c.weights):
+        module = load_module(args.ckpt_path, args.config, weights=request, trust_pickle=args.trust_pickle)
         module = module.to(args.device).eval()
         module.weights_sha256 = weights_fingerprint(module)
         for cell in group:
