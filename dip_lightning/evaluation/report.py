@@ -12,11 +12,11 @@ against the training step, one line per run). What a row holds, and where it com
   last step any metric was logged at;
 * **images seen**: from ``eval_metrics.csv``, else steps x global batch (``config.yaml``: batch size x devices x
   nodes x gradient accumulation);
-* **metrics**: ``eval_metrics.csv`` (``step,images_seen,<metrics>...``, written by the metrics callback), else
-  the older ``fid.csv`` (``step,fid,...``); TensorBoard ``val/*`` scalars add what the CSVs lack (e.g.
-  ``val/loss``), read with TensorBoard's own event reader. For each metric the final value and the best one
-  with its step: lower is better for FID, sFID, FD-DINOv2 and losses, higher for Inception Score, precision and
-  recall, and nearest 1.0 for the patch-seam score (1.0 = seams like the reference's, either side is worse).
+* **metrics**: ``eval_metrics.csv`` (``step,images_seen,<metrics>...``, written by the metrics callback);
+  TensorBoard ``val/*`` scalars add what the CSV lacks (e.g. ``val/loss``), read with TensorBoard's own event
+  reader. For each metric the final value and the best one with its step: lower is better for FID, sFID,
+  FD-DINOv2 and losses, higher for Inception Score, precision and recall, and nearest 1.0 for the patch-seam
+  score (1.0 = seams like the reference's, either side is worse).
 
 Rows of a step logged twice (a run resumed from before an evaluation it had already written) keep the later one.
 Plots need matplotlib, the optional extra ``pip install 'dip-lightning[report]'``; ``--no_plots`` writes the
@@ -57,7 +57,6 @@ __all__ = [
 ]
 
 EVAL_METRICS_CSV = "eval_metrics.csv"
-LEGACY_FID_CSV = "fid.csv"
 CONFIG_YAML = "config.yaml"
 #: Columns of the metric CSVs that are bookkeeping, not metrics.
 BOOKKEEPING_COLUMNS = {"step", "images_seen", "num_samples", "seconds", "unix_time", "extractor"}
@@ -153,7 +152,7 @@ def _float_or_none(text: str | None) -> float | None:
 
 
 def read_metric_csv(path: str | os.PathLike) -> tuple[dict[str, MetricSeries], dict[int, int]]:
-    """Metrics of ``eval_metrics.csv`` or the older ``fid.csv``: ``({metric: series}, {step: images_seen})``.
+    """Metrics of ``eval_metrics.csv``: ``({metric: series}, {step: images_seen})``.
 
     Every column that is not bookkeeping (:data:`BOOKKEEPING_COLUMNS`) is a metric; empty cells (a metric
     this machine could not compute) are skipped. A file without a ``step`` column is a :class:`ReportError`.
@@ -358,16 +357,9 @@ def summarize_run(
             row = paper_row(str(source.get("text", ""))) or row
     metrics: dict[str, MetricSeries] = {}
     images_seen: dict[int, int] = {}
-    for name in (EVAL_METRICS_CSV, LEGACY_FID_CSV):
-        path = artefacts / name
-        if path.is_file():
-            found, seen = read_metric_csv(path)
-            for metric, series in found.items():
-                metrics.setdefault(metric, series)
-            images_seen = {**seen, **images_seen}
-            sources.append(name)
-            if name == EVAL_METRICS_CSV:
-                break  # it supersedes fid.csv (the metrics callback writes the FID there too)
+    if (artefacts / EVAL_METRICS_CSV).is_file():
+        metrics, images_seen = read_metric_csv(artefacts / EVAL_METRICS_CSV)
+        sources.append(EVAL_METRICS_CSV)
     if tensorboard:
         scalars = read_tensorboard_scalars(artefacts)
         added = {k: v for k, v in scalars.items() if k not in metrics}
@@ -386,7 +378,7 @@ def summarize_run(
         seen_total = steps * per_step
     if not (config or metrics or steps is not None or configs):
         raise ReportError(
-            f"{run_dir}: not a run folder (no {LOG_VERSION}/{CONFIG_YAML}, {EVAL_METRICS_CSV}, {LEGACY_FID_CSV}, "
+            f"{run_dir}: not a run folder (no {LOG_VERSION}/{CONFIG_YAML}, {EVAL_METRICS_CSV}, "
             "event files or checkpoints); pass the trainer.default_root_dir of a fit"
         )
     return RunSummary(

@@ -4,8 +4,9 @@
 
     <run>/                      trainer.default_root_dir
       tensorboard/              logs, config.yaml, experiment.json, grids/step_XXXXXXXX.png, eval_metrics.csv
-                                (fid.csv in runs of older kit versions) (artefact_dir)
+                                (artefact_dir)
       checkpoints/              step########.ckpt, last.ckpt
+      phema/                    phema-########.pt post-hoc EMA snapshots (PowerFunctionEMA)
       hpc_ckpt_N.ckpt           preemption checkpoints (Lightning's name, so plain Lightning finds them too)
 
 The logger's version is pinned to ``tensorboard``, so a requeued job appends to the same folder instead of

@@ -61,14 +61,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory, demo_data: dict) -> dict[str,
     overlay = _fit(
         root / "mlp_head", demo_data, "--config", HEAD_MLP, f"--trainer.default_root_dir={root / 'mlp_head'}"
     )
-    legacy = _fit(root / "legacy", demo_data)
-    # What the FID callback of kit versions before the metrics engine wrote (header of the metrics contract),
-    # with step 4 written twice, as a run resumed from before an evaluation leaves it.
-    with open(legacy / "tensorboard" / "fid.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["step", "fid", "num_samples", "extractor", "seconds", "unix_time"])
-        writer.writerows([[2, 300.0, 8, "x", 1.0, 0], [4, 250.0, 8, "x", 1.0, 0], [4, 240.0, 8, "x", 1.0, 0]])
-    return {"metrics": metrics_run, "overlay": overlay, "legacy": legacy}
+    plain = _fit(root / "plain", demo_data)  # no metrics callback, no validation
+    return {"metrics": metrics_run, "overlay": overlay, "plain": plain}
 
 
 def _rows(report: Path) -> dict[str, dict[str, str]]:
@@ -87,10 +81,10 @@ def test_fit_records_its_config_files_with_their_text(runs: dict[str, Path]) -> 
 
 def test_report_over_three_real_runs(runs: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "report"
-    folders = [str(runs[k]) for k in ("metrics", "overlay", "legacy")]
+    folders = [str(runs[k]) for k in ("metrics", "overlay", "plain")]
     assert run_command(["report", *folders, "--out", str(out)]) == 0
     rows = _rows(out / "report.md")
-    assert set(rows) == {"dip_metrics", "mlp_head", "legacy"}
+    assert set(rows) == {"dip_metrics", "mlp_head", "plain"}
     for row in rows.values():  # steps from the newest checkpoint; images seen = steps x batch (1 device)
         assert row["steps"] == str(STEPS) and row["images seen"] == str(STEPS * BATCH)
     assert rows["mlp_head"]["experiment"] == "tiny_cpu.yaml + head_mlp.yaml"
@@ -118,9 +112,7 @@ def test_report_over_three_real_runs(runs: dict[str, Path], tmp_path: Path) -> N
         == f"{format_number(seams[-1][1])} ({format_number(best[1])} @ {best[0]})"
     )
     assert rows["dip_metrics"]["loss"] != "—"  # val/loss from the TensorBoard event file
-    # fid.csv of older runs: the later row of a step written twice wins.
-    assert rows["legacy"]["fid"] == "240.0 (240.0 @ 4)"
-    assert rows["mlp_head"]["fid"] == "—"
+    assert rows["mlp_head"]["fid"] == rows["plain"]["fid"] == "—"
 
     text = (out / "report.md").read_text()
     for metric in ("fid", "loss", "patch_seam"):
@@ -143,7 +135,7 @@ def test_a_repeated_step_keeps_the_later_row_and_empty_cells_are_skipped(tmp_pat
 
 
 def test_the_artefact_folder_names_the_run_too(runs: dict[str, Path]) -> None:
-    assert summarize_run(runs["legacy"] / "tensorboard").run_dir == runs["legacy"]
+    assert summarize_run(runs["plain"] / "tensorboard").run_dir == runs["plain"]
 
 
 def test_best_point_follows_each_metrics_direction() -> None:
