@@ -370,13 +370,8 @@ class MetricsCallback(pl.Callback):
         return {"results": [[s, dict(r)] for s, r in self.results], "last_eval_step": self._last_eval_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "results" in state_dict:
-            self.results = [
-                (int(s), {k: _opt_float(v) for k, v in r.items()}) for s, r in state_dict["results"]
-            ]
-        else:  # a checkpoint of the FID-only callback: [[step, fid], ...]
-            self.results = [(int(s), {"fid": float(v)}) for s, v in state_dict.get("history", [])]
-        self._last_eval_step = int(state_dict.get("last_eval_step", -1))
+        self.results = [(int(s), {k: _opt_float(v) for k, v in r.items()}) for s, r in state_dict["results"]]
+        self._last_eval_step = int(state_dict["last_eval_step"])
 
 
 def _opt_float(value: Any) -> float | None:
