@@ -144,6 +144,11 @@ def test_phema_is_what_ema_reconstruct_writes_at_the_latest_snapshot_step(run: d
     assert weights_label(read_checkpoint(step3), step3, "phema:0.15") == "phema std 0.15 at step 2"
     assert_same(at_2, reconstructed(run, 0.15, 2, tmp_path))
     assert any(not torch.equal(at_2[k], at_6[k]) for k in at_6)
+    # A preemption checkpoint lies in the run folder itself, beside <run>/phema.
+    preempted = run["run"] / "hpc_ckpt_9.ckpt"
+    shutil.copy(run["last"], preempted)
+    assert_same(select_weights(read_checkpoint(preempted), preempted, "phema:0.15"), at_6)
+    preempted.unlink()
     # A tracked std is reconstructed too (one rule), close to the profile the run tracked.
     tracked = torch.load(run["run"] / "phema" / "phema-00000006.pt", weights_only=True)["weights"]["0.1"]
     rebuilt = select_weights(last, run["last"], "phema:0.1")

@@ -102,7 +102,7 @@ class WeightRequest:
     def __post_init__(self) -> None:
         if self.kind not in ("ema", "raw", "phema"):
             raise ValueError(f"weights of kind {self.kind!r}: expected {ACCEPTED_FORMS}")
-        if self.decay is not None and self.kind != "ema" or (self.std is None) != (self.kind != "phema"):
+        if (self.decay is not None and self.kind != "ema") or (self.std is None) != (self.kind != "phema"):
             raise ValueError(
                 f"weights {self.kind}: a decay goes with ema, a std with phema (and phema needs one)"
             )
@@ -163,13 +163,13 @@ def select_weights(
         weights = _entry(checkpoint, RAW_WEIGHTS)
         if weights is None:
             raise CheckpointError(
-                f"{path} has no raw weights ('{RAW_WEIGHTS}'); it {holdings(checkpoint)}. Runs trained with the "
+                f"{path} has no raw weights ('{RAW_WEIGHTS}'); it {_holdings(checkpoint)}. Runs trained with the "
                 "EMA callback keep them; --weights ema gives this one's weights."
             )
     elif request.decay is None:
         weights = _entry(checkpoint, STATE_DICT)
         if weights is None:
-            raise CheckpointError(f"{path} has no '{STATE_DICT}'; it {holdings(checkpoint)}.")
+            raise CheckpointError(f"{path} has no '{STATE_DICT}'; it {_holdings(checkpoint)}.")
     else:
         tracked = ema_weights(checkpoint)
         weights = tracked.get(float(request.decay))
@@ -180,7 +180,7 @@ def select_weights(
                 else "--weights ema gives its weights"
             )
             raise CheckpointError(
-                f"{path} has no EMA of decay {request.decay}; it {holdings(checkpoint)}: {choose}."
+                f"{path} has no EMA of decay {request.decay}; it {_holdings(checkpoint)}: {choose}."
             )
     return dict(weights)
 
@@ -210,7 +210,7 @@ def weights_label(
     return "state_dict (no EMA)"
 
 
-def holdings(checkpoint: Any) -> str:
+def _holdings(checkpoint: Any) -> str:
     """What weights a checkpoint holds, in words after "it" (for errors that say what is there)."""
     if not isinstance(checkpoint, Mapping) or _entry(checkpoint, STATE_DICT) is None:
         return "holds no 'state_dict' (not a kit checkpoint)"
@@ -252,7 +252,7 @@ def _posthoc(
     if reconstruction is not None:
         if reconstruction[0] != std:
             raise CheckpointError(
-                f"{path} {holdings(checkpoint)}; for std {std} run ema-reconstruct on the run's snapshots."
+                f"{path} {_holdings(checkpoint)}; for std {std} run ema-reconstruct on the run's snapshots."
             )
         return (dict(_entry(checkpoint, STATE_DICT) or {}) if weights else {}), reconstruction[1]
     folder = run_snapshot_folder(path)
@@ -261,13 +261,13 @@ def _posthoc(
         how = (
             "its run tracked them (trainer.callbacks PowerFunctionEMA) but wrote its snapshots elsewhere: "
             "ema-reconstruct THAT_FOLDER --std S --out CKPT, then load CKPT"
-            if PROFILES_RECORD in checkpoint
+            if _entry(checkpoint, PROFILES_RECORD) is not None
             else "train with dip_lightning.training.callbacks.PowerFunctionEMA in trainer.callbacks, which writes "
             "them to <run>/phema"
         )
         raise CheckpointError(
             f"{path}: --weights {request} needs the run's post-hoc EMA snapshots, and {folder} holds none "
-            f"(the checkpoint {holdings(checkpoint)}). To get them, {how}."
+            f"(the checkpoint {_holdings(checkpoint)}). To get them, {how}."
         )
     checkpoint_step = checkpoint.get("global_step") if isinstance(checkpoint, Mapping) else None
     if checkpoint_step is None:

@@ -68,8 +68,10 @@ def run_snapshot_folder(checkpoint_path: str | os.PathLike) -> Path:
     """The snapshot folder of the run a checkpoint belongs to: ``<run>/phema`` for ``<run>/checkpoints/*.ckpt``, and
     for a preemption checkpoint ``<run>/hpc_ckpt_N.ckpt``, which lies in the run folder itself."""
     folder = Path(checkpoint_path).absolute().parent
-    beside = folder.parent / SNAPSHOT_DIR
-    return beside if beside.is_dir() or not (folder / SNAPSHOT_DIR).is_dir() else folder / SNAPSHOT_DIR
+    for candidate in (folder / SNAPSHOT_DIR, folder.parent / SNAPSHOT_DIR):
+        if candidate.is_dir():
+            return candidate
+    return folder.parent / SNAPSHOT_DIR
 
 
 @dataclass(frozen=True)
