@@ -1,24 +1,11 @@
-"""Sample export for the standard ADM evaluator, and the label/seed data used by ``predict``.
+"""Sample export in the ADM evaluator's npz format (``sample``, ``sweep``), and the label/seed data of ``predict``.
 
-``python -m dip_lightning sample --ckpt_path run/checkpoints/last.ckpt --num_samples 50000 --out samples.npz``
-
-* Output: ``samples.npz`` with ``arr_0`` uint8 (N, H, W, 3) images and ``arr_1`` int64 labels, the layout that
-  openai/guided-diffusion's ``evaluations/evaluator.py`` reads (with ``VIRTUAL_imagenet256_labeled.npz``).
-* Sample i has label ``i % num_classes`` (class-balanced, 50 per class for 50k at 1000 classes; ``--no_balanced``
-  draws labels from a seeded generator instead) and noise seed ``seed + i``: the same index always gives the same
-  image, whatever the batch size, number of processes or interruption.
-* Work is cut in chunks of ``--chunk_size`` indices, written atomically as ``<out>.parts/chunk_NNNNNN.npz``; a killed
-  export run again skips finished chunks, so indices are never duplicated or dropped.
-  ``<out>.parts/job.json`` records what the chunks were made with (weights fingerprint, sampler, seed,
-  sizes): a run with other settings stops with an error instead of mixing its images with stale chunks.
-  Processes started by torchrun (RANK/WORLD_SIZE) or srun (SLURM_PROCID/SLURM_NTASKS) take chunks
-  round-robin; rank 0 waits for all chunks, and whoever finds them all assembles ``--out`` (atomically, the
-  same bytes whoever writes it).
-* Files are written with fixed zip timestamps, so the same settings give the same file, byte for byte.
-* Weights: ``--weights`` (the first EMA decay by default; ``ema:D``, ``raw``, ``phema:S``:
-  :func:`~dip_lightning.training.loading.load_module`); ``job.json`` records which (``weights``). An unreadable
-  checkpoint, or one that ``--config`` builds another network for, is an ``error: ...`` line naming the file
-  and the fix (exit code 2).
+Sample i has label ``i % num_classes`` (or a seeded draw) and noise seed ``seed + i``, so an index gives the same
+image whatever the batch size, process count or interruption. Chunks of indices are written atomically under
+``<out>.parts/`` beside a ``job.json`` of what made them (sampler, seed, sizes, which weights and their
+fingerprint): a killed export resumes, other settings are refused instead of mixed, the processes of torchrun or
+srun share the chunks, and the assembled file (``arr_0`` uint8 NHWC images, ``arr_1`` labels, fixed zip
+timestamps) is the same bytes whoever writes it.
 """
 
 from __future__ import annotations
