@@ -249,3 +249,9 @@ def test_phema_before_the_first_snapshot_is_an_error(run: dict, tmp_path: Path) 
     checkpoint = dict(read_checkpoint(run["last"]), global_step=1)
     with pytest.raises(CheckpointError, match=r"at step 1, before the first snapshot .*\[2, 4, 6\]"):
         select_weights(checkpoint, run["last"], "phema:0.15")
+
+
+def test_validate_weights_without_a_checkpoint_is_an_error(tmp_path: Path, demo_data: dict) -> None:
+    args = tiny_args(tmp_path / "run", demo_data, "--trainer.limit_val_batches=1", "--weights=raw")
+    with pytest.raises(ValueError, match="--weights chooses weights of a checkpoint: pass --ckpt_path too"):
+        DiPCLI(args=["validate", *args])
