@@ -536,7 +536,7 @@ def test_converted_checkpoint_has_the_paper_recipe_and_loads_without_config(conv
         torch.testing.assert_close(
             module.net(x, t, y), released_forward(released_sd, x, t, y, 2, 16), rtol=1e-4, atol=1e-5
         )
-    raw = load_module(converted, raw_weights=True)
+    raw = load_module(converted, weights="raw")
     assert torch.equal(raw.net.x_embedder.proj.bias, released_sd["s_embedder.proj.bias"] + 0.5)
 
 

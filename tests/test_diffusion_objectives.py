@@ -172,11 +172,7 @@ def test_resume_with_another_objective_is_refused(tmp_path: Path, demo_data: dic
             run_fit(resume_args(run, demo_data, arg, steps=10))
         assert line in str(err.value)
         assert snapshot(run) == before  # refused before anything was written
-    # A checkpoint of an older kit has no objective fields: they read as the defaults, so it resumes.
-    last = run / "checkpoints" / "last.ckpt"
-    checkpoint = torch.load(last, weights_only=False)
-    checkpoint["hyper_parameters"]["flow"]["init_args"] = {"label_dropout": 0.1}
-    torch.save(checkpoint, last)
+    # The same objective resumes.
     stop, lines = run_fit(resume_args(run, demo_data, steps=6))
     assert stop is None and any(line.startswith("Resume:") and "last.ckpt" in line for line in lines)
 

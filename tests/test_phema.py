@@ -80,10 +80,10 @@ def test_reconstruction_of_a_toy_sequence_matches_the_tracked_profile(tmp_path: 
     assert [s.step for s in find_snapshots(tmp_path)] == list(range(20, 401, 20))
     for step in (400, 200):
         rebuilt = reconstruct(tmp_path, 0.07, step=step)
-        assert rebuilt["state_dict"]["w"].dtype == torch.float32
-        assert sum(rebuilt["phema_reconstruction"]["coefficients"]) == pytest.approx(1.0)
+        assert rebuilt.weights["w"].dtype == torch.float32 and (rebuilt.std, rebuilt.step) == (0.07, step)
+        assert sum(rebuilt.coefficients) == pytest.approx(1.0)
         direct = tracked[0.07][step - 1]
-        error = distance(rebuilt["state_dict"], direct)
+        error = distance(rebuilt.weights, direct)
         nearest = min(distance(tracked[s][step - 1], direct) for s in (0.05, 0.1))
         assert error < 0.01 * nearest, (step, error, nearest)  # measured: 0.0008 (step 400), 0.0076 (200)
     with pytest.raises(CheckpointError, match="no snapshot at step 390"):

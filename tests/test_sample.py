@@ -109,7 +109,7 @@ def test_export_refuses_chunks_of_other_settings(ckpt: Path, tmp_path: Path) -> 
     with pytest.raises(RuntimeError, match="another export.*sampler"):
         export_samples(module, out, **settings, cfg_scale=2.0)
     with pytest.raises(RuntimeError, match="another export.*weights_sha256"):
-        export_samples(load_module(ckpt, raw_weights=True), out, **settings)
+        export_samples(load_module(ckpt, weights="raw"), out, **settings)
     assert [p.read_bytes() for p in chunk_files(out)] == before
     assert export_samples(module, out, **settings) == out
     with pytest.raises(FileExistsError, match="--overwrite"):
@@ -236,7 +236,7 @@ def test_sample_command_flags(ckpt: Path, tmp_path: Path, capsys: pytest.Capture
         return load_npz(out), job
 
     ema, ema_job = sample("ema")
-    raw, raw_job = sample("raw", "--raw_weights")
+    raw, raw_job = sample("raw", "--weights", "raw")
     heun, heun_job = sample("heun", "--sampler", "heun")
     # An 8-step model barely depends on its label: a large scale makes guidance visible in uint8.
     cfg, cfg_job = sample("cfg", "--cfg_scale", "30", "--cfg_interval", "0.2", "0.9")
@@ -251,7 +251,7 @@ def test_sample_command_flags(ckpt: Path, tmp_path: Path, capsys: pytest.Capture
     labels = unbalanced["arr_1"]
     assert labels.min() >= 0 and labels.max() < 8 and not np.array_equal(labels, np.arange(8))
 
-    # EMA by default; --raw_weights gives the raw weights' images, and they differ.
+    # EMA by default; --weights raw gives the raw weights' images, and they differ.
     module = load_module(ckpt)
     seeds = torch.arange(8)
     expected = module.generate(torch.arange(8), seeds)
@@ -279,7 +279,7 @@ def test_sample_command_help(capsys: pytest.CaptureFixture) -> None:
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
     for flag in (
-        "--raw_weights",
+        "--weights",
         "--sampler",
         "--cfg_scale",
         "--cfg_interval",

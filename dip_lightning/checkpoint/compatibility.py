@@ -4,7 +4,6 @@ options allowed to change."""
 from __future__ import annotations
 
 import importlib
-import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -87,23 +86,16 @@ def execution_option_keys(config: Any, prefix: str = "") -> set[str]:
 
 
 def objective_settings(config: Any) -> dict[str, Any] | None:
-    """The ``OBJECTIVE_FIELDS`` of the class a ``{"class_path", "init_args"}`` config names, with the
-    constructor's defaults for fields the config lacks (a checkpoint of an older kit), or None when the class
-    declares none (or cannot be imported)."""
+    """The ``OBJECTIVE_FIELDS`` of the class a ``{"class_path", "init_args"}`` config names (LightningCLI stores
+    every one), or None when the class declares none (or cannot be imported)."""
     config = _plain(config)
     if not isinstance(config, dict):
         return None
-    cls = _class_of(config.get("class_path"))
-    fields = getattr(cls, "OBJECTIVE_FIELDS", None)
-    if cls is None or not fields:
+    fields = getattr(_class_of(config.get("class_path")), "OBJECTIVE_FIELDS", None)
+    if not fields:
         return None
-    defaults = {
-        name: p.default
-        for name, p in inspect.signature(cls.__init__).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
     init_args = config.get("init_args") or {}
-    return {name: init_args.get(name, defaults.get(name)) for name in fields}
+    return {name: init_args.get(name) for name in fields}
 
 
 def check_compatible(

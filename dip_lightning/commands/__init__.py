@@ -18,7 +18,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["COMMANDS", "Command", "CommandParser", "LIGHTNING_COMMANDS", "overview", "run_command"]
+__all__ = [
+    "COMMANDS",
+    "Command",
+    "CommandParser",
+    "LIGHTNING_COMMANDS",
+    "overview",
+    "run_command",
+    "weight_request",
+]
 
 
 @dataclass(frozen=True)
@@ -49,7 +57,7 @@ COMMANDS: dict[str, Command] = {
             "fid_stats",
         ),
         Command("report", "compare runs: one table row per run, each metric against training step", "report"),
-        Command("sweep", "evaluate a checkpoint over EMA decays x guidance settings (resumable)", "sweep"),
+        Command("sweep", "evaluate a checkpoint over weights x guidance settings (resumable)", "sweep"),
         Command("convert", "released DiP weights <-> kit checkpoints", "convert"),
         Command(
             "ema-reconstruct",
@@ -134,3 +142,14 @@ class CommandParser(argparse.ArgumentParser):
             alias_kwargs.setdefault("dest", action.dest)
             super().add_argument(*aliases, help=argparse.SUPPRESS, default=argparse.SUPPRESS, **alias_kwargs)
         return action
+
+
+def weight_request(text: str) -> Any:
+    """A ``--weights`` value (:class:`~dip_lightning.checkpoint.format.WeightRequest`); argparse shows the
+    message of a bad one, which names the accepted forms."""
+    from dip_lightning.checkpoint.format import WeightRequest
+
+    try:
+        return WeightRequest.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None

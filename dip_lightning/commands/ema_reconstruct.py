@@ -7,26 +7,28 @@ from pathlib import Path
 
 import torch
 
-from dip_lightning.checkpoint.format import RECONSTRUCTION_RECORD
+from dip_lightning.checkpoint.format import reconstruction_checkpoint
 from dip_lightning.checkpoint.io import CheckpointError
-from dip_lightning.checkpoint.posthoc import reconstruct
+from dip_lightning.checkpoint.posthoc import SNAPSHOT_DIR, reconstruct
 from dip_lightning.commands import CommandParser
 from dip_lightning.core.atomic import atomic_write
 from dip_lightning.core.phema import MAX_STD
 
 
-# ---------------------------------------------------------------------------------------------- command
 def build_parser() -> CommandParser:
     p = CommandParser(
         "ema-reconstruct", description="Reconstruct a power-function EMA of any std from the run's snapshots."
     )
     p.add_argument(
-        "run_dir", help="the run folder (snapshots in <run_dir>/phema) or the snapshot folder itself"
+        "run_dir",
+        help=f"the run folder (snapshots in <run_dir>/{SNAPSHOT_DIR}) or the snapshot folder itself",
     )
     p.add_argument(
         "--std", type=float, required=True, help=f"relative width of the EMA, in (0, {MAX_STD:.3f})"
     )
-    p.add_argument("--out", required=True, help="output checkpoint (.ckpt), for sample / load_module")
+    p.add_argument(
+        "--out", required=True, help="output checkpoint (.ckpt): sample, validate ... load it as itself"
+    )
     p.add_argument("--step", type=int, default=None, help="snapshot step to reconstruct at (default: latest)")
     p.add_argument(
         "--from_std",
@@ -42,21 +44,20 @@ def build_parser() -> CommandParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     folder = Path(args.run_dir)
-    if (folder / "phema").is_dir():
-        folder = folder / "phema"
+    if (folder / SNAPSHOT_DIR).is_dir():
+        folder = folder / SNAPSHOT_DIR
     out = Path(args.out)
     try:
         if out.exists() and not args.overwrite:
             raise FileExistsError(f"{out} exists; pass --overwrite to replace it (nothing was changed).")
-        checkpoint = reconstruct(folder, args.std, args.step, args.from_std)
+        rebuilt = reconstruct(folder, args.std, args.step, args.from_std)
     except (CheckpointError, FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     with atomic_write(out) as fh:
-        torch.save(checkpoint, fh)
-    record = checkpoint[RECONSTRUCTION_RECORD]
+        torch.save(reconstruction_checkpoint(rebuilt), fh)
     print(
-        f"wrote {out}: std {record['std']} at step {record['step']} from {len(record['inputs'])} stored profiles "
-        f"(coefficients {min(record['coefficients']):.3g} .. {max(record['coefficients']):.3g})"
+        f"wrote {out}: std {rebuilt.std} at step {rebuilt.step} from {len(rebuilt.inputs)} stored profiles "
+        f"(coefficients {min(rebuilt.coefficients):.3g} .. {max(rebuilt.coefficients):.3g})"
     )
     return 0

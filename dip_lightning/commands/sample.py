@@ -8,8 +8,9 @@ import time
 
 import torch
 
+from dip_lightning.checkpoint.format import ACCEPTED_FORMS, DEFAULT_WEIGHTS
 from dip_lightning.checkpoint.io import CheckpointError
-from dip_lightning.commands import CommandParser
+from dip_lightning.commands import CommandParser, weight_request
 from dip_lightning.core.diffusion import SAMPLER_OVERRIDES, sampler_overrides
 from dip_lightning.core.distributed import launch_place
 from dip_lightning.evaluation.export import ExportMismatchError, export_samples
@@ -48,13 +49,12 @@ def build_parser() -> CommandParser:
     p.add_argument("--num_steps", type=int, default=None)
     p.add_argument("--cfg_scale", type=float, default=None)
     p.add_argument("--cfg_interval", type=float, nargs=2, default=None, metavar=("T_MIN", "T_MAX"))
-    p.add_argument("--raw_weights", action="store_true", help="use the raw (non-EMA) weights")
     p.add_argument(
-        "--ema",
-        type=float,
-        default=None,
-        metavar="DECAY",
-        help="use the weights of this EMA decay (one the run tracked; default: its first)",
+        "--weights",
+        type=weight_request,
+        default=DEFAULT_WEIGHTS,
+        metavar="WEIGHTS",
+        help=f"which weights of the checkpoint: {ACCEPTED_FORMS} (default: ema)",
     )
     p.add_argument(
         "--trust_pickle",
@@ -75,15 +75,14 @@ def build_parser() -> CommandParser:
 
 
 def main(argv: list[str]) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.raw_weights and args.ema is not None:
-        parser.error("--raw_weights and --ema exclude each other: choose one set of weights")
+    args = build_parser().parse_args(argv)
     place = launch_place()
     rank, world_size = place.rank, place.world_size
     device = args.device or (f"cuda:{place.local_rank}" if torch.cuda.is_available() else "cpu")
     try:
-        module = load_module(args.ckpt_path, args.config, args.raw_weights, args.trust_pickle, ema=args.ema)
+        module = load_module(
+            args.ckpt_path, args.config, weights=args.weights, trust_pickle=args.trust_pickle
+        )
     except (CheckpointError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

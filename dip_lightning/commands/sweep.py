@@ -1,11 +1,12 @@
-"""``python -m dip_lightning sweep``: one checkpoint over EMA decays x guidance settings, resumable."""
+"""``python -m dip_lightning sweep``: one checkpoint over weights x guidance settings, resumable."""
 
 from __future__ import annotations
 
 import sys
 
+from dip_lightning.checkpoint.format import ACCEPTED_FORMS
 from dip_lightning.checkpoint.io import CheckpointError
-from dip_lightning.commands import CommandParser
+from dip_lightning.commands import CommandParser, weight_request
 from dip_lightning.evaluation.sweep import SweepError, run_sweep
 
 
@@ -21,7 +22,12 @@ def build_parser() -> CommandParser:
     p.add_argument("--num_samples", type=int, required=True, help="images per cell")
     p.add_argument("--out", required=True, help="sweep folder (a rerun continues it)")
     p.add_argument(
-        "--ema", nargs="+", default=None, metavar="DECAY", help="EMA decays the run tracked, or 'raw'"
+        "--weights",
+        type=weight_request,
+        nargs="+",
+        default=None,
+        metavar="WEIGHTS",
+        help=f"weights of the checkpoint, one axis of the grid: {ACCEPTED_FORMS} (default: ema)",
     )
     p.add_argument("--cfg_scale", type=float, nargs="+", default=None, metavar="W")
     p.add_argument(

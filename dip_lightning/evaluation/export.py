@@ -111,7 +111,7 @@ def export_samples(
         "sample_dtype": str(getattr(module, "sample_dtype", "")),
         # Compiled kernels round differently from eager ones: one export uses one of them throughout.
         "compile": str(getattr(module, "compiled_mode", None)),
-        # Which weights of the checkpoint (raw, which EMA decay): chunks of two EMAs never mix.
+        # Which weights of the checkpoint (which EMA decay, raw, post-hoc): chunks of two sets never mix.
         "weights": getattr(module, "loaded_weights", None),
         "weights_sha256": weights_fingerprint(module),
     }

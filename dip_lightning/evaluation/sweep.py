@@ -1,6 +1,6 @@
-"""Evaluate one checkpoint over a grid of sampling settings: EMA decay x guidance (scale, interval) x steps.
+"""Evaluate one checkpoint over a grid of sampling settings: weights x guidance (scale, interval) x steps.
 
-Every combination of the given ``--ema``, ``--cfg_interval``, ``--num_steps`` and ``--cfg_scale`` is a cell; a
+Every combination of the given ``--weights``, ``--cfg_interval``, ``--num_steps`` and ``--cfg_scale`` is a cell; a
 setting not given keeps the checkpoint's (its first EMA decay; for the sampler,
 :data:`~dip_lightning.core.diffusion.SAMPLER_OVERRIDES`). A cell generates its images with the ``sample`` export
 (:func:`~dip_lightning.evaluation.export.export_samples`) and rank 0 scores them against one reference
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dip_lightning.checkpoint.format import select_weights
+from dip_lightning.checkpoint.format import DEFAULT_WEIGHTS, WeightRequest, select_weights, weights_label
 from dip_lightning.checkpoint.io import read_checkpoint
 from dip_lightning.core.atomic import atomic_write, atomic_write_json
 from dip_lightning.core.diffusion import SAMPLER_OVERRIDES, sampler_overrides
@@ -45,8 +45,8 @@ from dip_lightning.training.loading import load_module
 
 __all__ = ["Cell", "SweepError", "grid_cells", "run_sweep", "write_summary"]
 
-SETTING_COLUMNS = ("ema", "cfg_scale", "cfg_interval", "num_steps")
-RAW = "raw"
+#: The settings of a cell, one CSV column each; ``weights`` is what was loaded, in words (``weights_label``).
+SETTING_COLUMNS = ("weights", "cfg_scale", "cfg_interval", "num_steps")
 
 
 class SweepError(ValueError):
@@ -57,51 +57,36 @@ class SweepError(ValueError):
 class Cell:
     """One setting of the grid; None keeps the checkpoint's own value."""
 
-    ema: float | str | None = None  # a decay, "raw", or None (the checkpoint's first decay)
+    weights: WeightRequest = DEFAULT_WEIGHTS  # ema: the checkpoint's first EMA decay
     cfg_scale: float | None = None
     cfg_interval: tuple[float, float] | None = None
     num_steps: int | None = None
 
     @property
     def name(self) -> str:
-        """The cell's folder name, e.g. ``ema0.9999_cfg1.5_interval0.1-1.0_steps50``."""
+        """The cell's folder name, e.g. ``ema0.9999_cfg1.5_interval0.1-1.0_steps50`` (``ema``: the default)."""
 
         def text(value: Any) -> str:
             return "default" if value is None else str(value)
 
         interval = "default" if self.cfg_interval is None else "-".join(str(v) for v in self.cfg_interval)
-        return f"ema{text(self.ema)}_cfg{text(self.cfg_scale)}_interval{interval}_steps{text(self.num_steps)}"
+        weights = str(self.weights).replace(":", "")
+        return f"{weights}_cfg{text(self.cfg_scale)}_interval{interval}_steps{text(self.num_steps)}"
 
     def sampler_overrides(self) -> dict[str, Any]:
         """The cell's sampler settings that replace the checkpoint's (:func:`sampler_overrides`)."""
         return sampler_overrides(**{name: getattr(self, name) for name in SAMPLER_OVERRIDES})
 
-    def weights(self) -> tuple[float | None, bool]:
-        """(ema decay, raw) for :func:`dip_lightning.training.loading.load_module`."""
-        return (None, True) if self.ema == RAW else (self.ema, False)  # type: ignore[return-value]
-
-
-def parse_ema(text: str) -> float | str:
-    """An ``--ema`` value: a decay such as ``0.9999``, or ``raw``."""
-    if text.lower() == RAW:
-        return RAW
-    try:
-        return float(text)
-    except ValueError:
-        raise SweepError(
-            f"--ema {text!r}: give EMA decays the checkpoint tracked (e.g. 0.9999) or 'raw'"
-        ) from None
-
 
 def grid_cells(
-    ema: Sequence[float | str | None] | None = None,
+    weights: Sequence[WeightRequest] | None = None,
     cfg_scale: Sequence[float] | None = None,
     cfg_interval: Sequence[tuple[float, float]] | None = None,
     num_steps: Sequence[int] | None = None,
 ) -> list[Cell]:
-    """Every combination, EMA outermost (one weights load per decay), guidance scale innermost."""
+    """Every combination, weights outermost (one load per set), guidance scale innermost."""
     axes = [
-        list(ema or [None]),
+        list(weights or [DEFAULT_WEIGHTS]),
         list(cfg_interval or [None]),
         list(num_steps or [None]),
         list(cfg_scale or [None]),
@@ -110,7 +95,7 @@ def grid_cells(
         if len(set(values)) != len(values):
             raise SweepError(f"a setting is listed twice: {values}")
     return [
-        Cell(ema=e, cfg_scale=w, cfg_interval=tuple(i) if i is not None else None, num_steps=s)
+        Cell(weights=e, cfg_scale=w, cfg_interval=tuple(i) if i is not None else None, num_steps=s)
         for e, i, s, w in itertools.product(*axes)
     ]
 
@@ -132,20 +117,12 @@ def _check_or_write(path: Path, record: dict[str, Any], what: str, fix: str) -> 
 def _effective_settings(module: Any, cell: Cell) -> dict[str, Any]:
     """What the cell really samples with: the sampler's fields after the overrides, and the weights."""
     sampler = module.make_sampler(**cell.sampler_overrides())
-    weights = str(getattr(module, "loaded_weights", ""))
-    ema: float | str | None = cell.ema
-    if ema is None:  # the checkpoint's default: say which decay that is ("ema 0.9999"), else its label
-        try:
-            ema = float(weights.removeprefix("ema "))
-        except ValueError:
-            ema = weights
     return {
-        "ema": ema,
+        "weights": str(getattr(module, "loaded_weights", "")),
         "cfg_scale": float(sampler.cfg_scale),
         "cfg_interval": [float(v) for v in sampler.cfg_interval],
         "num_steps": int(sampler.num_steps),
         "sampler": repr(sampler),
-        "weights": weights,
     }
 
 
@@ -245,7 +222,7 @@ def write_summary(
     written = []
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([*SETTING_COLUMNS, *metrics, "num_samples", "weights"])
+    writer.writerow([*SETTING_COLUMNS, *metrics, "num_samples"])
     for r in results:
         values = [r["metrics"].get(m) for m in metrics]
         writer.writerow(
@@ -253,7 +230,6 @@ def write_summary(
                 *(_setting_text(r[c]) for c in SETTING_COLUMNS),
                 *("" if v is None else repr(float(v)) for v in values),
                 r["num_samples"],
-                r["weights"],
             ]
         )
     with atomic_write(out / "sweep.csv", "w") as f:
@@ -283,13 +259,15 @@ def write_summary(
     if plots and chosen is not None:
         curves: dict[str, tuple[list[float], list[float]]] = {}
         varying = [
-            c for c in ("ema", "cfg_interval", "num_steps") if len({_setting_text(r[c]) for r in results}) > 1
+            c
+            for c in ("weights", "cfg_interval", "num_steps")
+            if len({_setting_text(r[c]) for r in results}) > 1
         ]
         for r in sorted(results, key=lambda r: r["cfg_scale"]):
             value = r["metrics"].get(chosen)
             if value is None:
                 continue
-            label = ", ".join(f"{c} {_setting_text(r[c])}" for c in (varying or ["ema"]))
+            label = ", ".join(f"{c} {_setting_text(r[c])}" for c in (varying or ["weights"]))
             xs, ys = curves.setdefault(label, ([], []))
             xs.append(r["cfg_scale"])
             ys.append(value)
@@ -314,7 +292,7 @@ def run_sweep(args: Any) -> list[dict[str, Any]] | None:
         args.device = f"cuda:{place.local_rank}" if torch.cuda.is_available() else "cpu"
     out = Path(args.out)
     cells = grid_cells(
-        [parse_ema(e) for e in args.ema] if args.ema else None,
+        args.weights,
         args.cfg_scale,
         args.cfg_interval,
         args.num_steps,
@@ -338,14 +316,20 @@ def run_sweep(args: Any) -> list[dict[str, Any]] | None:
     _check_or_write(out / "sweep.json", job, "a sweep", "choose another --out for these settings")
     # Every requested set of weights must exist before the first cell's sampling starts, not hours into it.
     checkpoint = read_checkpoint(args.ckpt_path, args.trust_pickle)
-    for ema in dict.fromkeys(c.ema for c in cells):
-        ema_decay, raw = Cell(ema=ema).weights()
-        select_weights(checkpoint, args.ckpt_path, ema_decay, raw)
+    requests = list(dict.fromkeys(c.weights for c in cells))
+    labels = {}
+    for request in requests:
+        select_weights(checkpoint, args.ckpt_path, request)
+        labels.setdefault(weights_label(checkpoint, args.ckpt_path, request), []).append(str(request))
     del checkpoint
+    same = [names for names in labels.values() if len(names) > 1]
+    if same:
+        raise SweepError(
+            f"--weights {' and '.join(same[0])} are the same weights of {args.ckpt_path}: list one"
+        )
     results = []
-    for ema, group in itertools.groupby(cells, key=lambda c: c.ema):
-        ema_decay, raw = Cell(ema=ema).weights()
-        module = load_module(args.ckpt_path, args.config, raw, args.trust_pickle, ema=ema_decay)
+    for request, group in itertools.groupby(cells, key=lambda c: c.weights):
+        module = load_module(args.ckpt_path, args.config, weights=request, trust_pickle=args.trust_pickle)
         module = module.to(args.device).eval()
         module.weights_sha256 = weights_fingerprint(module)
         for cell in group:

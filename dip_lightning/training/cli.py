@@ -1,30 +1,11 @@
-"""`python -m dip_lightning fit|validate|test|predict --config experiments/<exp>.yaml`.
+"""``python -m dip_lightning fit|validate|test|predict --config experiments/<exp>.yaml``: LightningCLI for DiP.
 
-A thin :class:`LightningCLI` subclass. What it adds, and why:
-
-* one fixed run folder per experiment (``trainer.default_root_dir``): TensorBoard logs under
-  ``<run>/tensorboard`` (pinned version, so a requeued job appends instead of opening ``version_N+1``),
-  checkpoints under ``<run>/checkpoints``, preemption checkpoints ``<run>/hpc_ckpt_N.ckpt``, the parsed config
-  written (and overwritten on requeue) next to the logs;
-* automatic resume for ``fit``: explicit ``--ckpt_path`` > newest preemption checkpoint > ``last.ckpt`` >
-  fresh start, said in one log line; a checkpoint of another model configuration is an error before anything
-  is written (:mod:`dip_lightning.checkpoint.io`);
-* atomic checkpoint files (:class:`~dip_lightning.checkpoint.io.AtomicCheckpointIO`);
-* a preemption guard (``preemption.*``, :class:`~dip_lightning.training.callbacks.preemption.PreemptionGuard`): SIGTERM
-  and Ctrl-C save a preemption checkpoint at the next step boundary and stop; under SLURM the requeue signal
-  does the same and requeues the job;
-* SLURM auto-requeue only when SLURM is detected (never on a laptop), with a configurable signal;
-* ``trainer.max_time`` counts per job (:class:`~dip_lightning.training.callbacks.preemption.PerJobTimer`), so a
-  requeued job does not stop at once;
-* a fixed default seed, so a requeued job does not draw a new one;
-* a rich progress bar that does not synchronise with the GPU every step
-  (:class:`~dip_lightning.training.callbacks.progress.RichProgress`);
-* the experiment's own words kept with the run: ``experiment.json`` next to ``config.yaml`` records the
-  ``--config`` files (path and text, so the comments that say which paper row a config reproduces travel with
-  the run) and the command line (:class:`RecordingSaveConfig`, read by ``python -m dip_lightning report``);
-* ``validate``/``test``/``predict --ckpt_path ... --ema DECAY`` (one of the checkpoint's tracked EMA decays) or
-  ``--raw_weights``: which weights of the checkpoint run (default: its first EMA decay;
-  :func:`dip_lightning.checkpoint.format.select_weights`).
+What it adds to LightningCLI, so that a cluster job can be killed and requeued at any time: one fixed run folder
+per experiment (logs, checkpoints, config and ``experiment.json`` with the ``--config`` files' text); automatic
+resume (``--ckpt_path`` > newest preemption checkpoint > ``last.ckpt`` > fresh, checked against the model before
+anything is written); atomic checkpoints; a preemption guard and SLURM auto-requeue; a per-job ``max_time``; a
+fixed default seed; a progress bar that does not synchronise with the GPU; ``fit --init_from`` (weights only);
+``--weights`` for the checkpoint-driven commands (:class:`~dip_lightning.checkpoint.format.WeightRequest`).
 """
 
 from __future__ import annotations
@@ -37,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jsonargparse.typing import register_type
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, Timer
@@ -45,7 +27,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info
 
 from dip_lightning.checkpoint.compatibility import check_compatible
-from dip_lightning.checkpoint.format import WeightChoice
+from dip_lightning.checkpoint.format import ACCEPTED_FORMS, DEFAULT_WEIGHTS, WeightRequest
 from dip_lightning.checkpoint.io import AtomicCheckpointIO, clean_partial_files, peek_checkpoint
 from dip_lightning.checkpoint.resume import optimizer_setting_changes, resolve_resume
 from dip_lightning.checkpoint.run_folder import (
@@ -64,6 +46,9 @@ from dip_lightning.training.callbacks.preemption import PerJobTimer, PreemptionG
 from dip_lightning.training.callbacks.progress import RichProgress
 from dip_lightning.training.init_from import init_from_checkpoint
 from dip_lightning.training.module import DiPModule
+
+# `--weights ema:0.9996` on the command line and in YAML, parsed by the one syntax of the checkpoint format.
+register_type(WeightRequest, serializer=str, deserializer=WeightRequest.parse)
 
 
 def _as_list(value: Any) -> list:
@@ -163,17 +148,16 @@ class DiPCLI(LightningCLI):
             help="Signal on which a SLURM job saves and requeues itself (SIGUSR2 where NCCL takes SIGUSR1).",
         )
         parser.add_argument(
-            "--ema",
-            type=float | None,
+            "--weights",
+            type=WeightRequest | None,
             default=None,
-            help="validate/test/predict: the weights of this EMA decay of --ckpt_path (one it tracked; default: "
-            "its first).",
+            help=f"validate/test/predict: which weights of --ckpt_path: {ACCEPTED_FORMS}. Default: ema.",
         )
         parser.add_argument(
             "--init_from",
             type=str | None,
             default=None,
-            help="fit: start from this checkpoint's weights (EMA unless --init_from_raw), with a fresh trainer state "
+            help="fit: start from this checkpoint's weights (--init_from_weights), with a fresh trainer state "
             "(step 0, new optimizer); e.g. a 256 px run for a 512 px one. Ignored once the run has its own "
             "checkpoint (a resume wins). docs/design.md §9.",
         )
@@ -192,16 +176,10 @@ class DiPCLI(LightningCLI):
             "initialisation, listed in the log).",
         )
         parser.add_argument(
-            "--init_from_raw",
-            type=bool,
-            default=False,
-            help="fit --init_from: take the checkpoint's raw weights instead of its EMA weights.",
-        )
-        parser.add_argument(
-            "--raw_weights",
-            type=bool,
-            default=False,
-            help="validate/test/predict: the raw (non-EMA) weights of --ckpt_path.",
+            "--init_from_weights",
+            type=WeightRequest | None,
+            default=None,
+            help=f"fit --init_from: which weights of that checkpoint: {ACCEPTED_FORMS}. Default: ema.",
         )
 
     def _parse_ckpt_path(self) -> None:
@@ -257,16 +235,14 @@ class DiPCLI(LightningCLI):
 
     # ------------------------------------------------------------------ which weights of a checkpoint
     def _request_weights(self) -> None:
-        """``--ema`` / ``--raw_weights``: tell the model which weights of ``--ckpt_path`` to load."""
+        """``--weights``: which weights of ``--ckpt_path`` the model loads (:attr:`DiPModule.weight_request`)."""
         config = self.config_init[self.subcommand]
-        ema, raw = config.get("ema"), bool(config.get("raw_weights"))
-        if ema is None and not raw:
+        request = config.get("weights")
+        if request is None:
             return
-        if ema is not None and raw:
-            raise ValueError("--ema and --raw_weights exclude each other: choose one set of weights.")
         if not config.get("ckpt_path"):
-            raise ValueError("--ema / --raw_weights choose weights of a checkpoint: pass --ckpt_path too.")
-        self.model.requested_weights = WeightChoice(str(config["ckpt_path"]), ema, raw)
+            raise ValueError("--weights chooses weights of a checkpoint: pass --ckpt_path too.")
+        self.model.weight_request = request
 
     before_validate = before_test = before_predict = _request_weights
 
@@ -274,11 +250,13 @@ class DiPCLI(LightningCLI):
     def before_fit(self) -> None:
         """Pick the checkpoint to continue from and check it fits this model, before anything is written."""
         config = self.config_init["fit"]
-        if config.get("ema") is not None or config.get("raw_weights"):
+        if config.get("weights") is not None:
             raise ValueError(
-                "--ema / --raw_weights choose the weights validate, test and predict load; fit resumes every "
-                "EMA (configure them with the EMA callback's decays)."
+                "--weights chooses the weights validate, test and predict load; fit resumes every EMA (configure "
+                "them with the EMA callback's decays), and --init_from_weights chooses those of --init_from."
             )
+        if config.get("init_from_weights") is not None and not config.get("init_from"):
+            raise ValueError("--init_from_weights chooses weights of --init_from: pass --init_from too.")
         explicit = config.get("ckpt_path")
         if explicit in ("last", "hpc", "best"):  # Lightning's own keywords: its rules apply
             rank_zero_info(f"Resume: --ckpt_path {explicit} (resolved by Lightning).")
@@ -328,7 +306,7 @@ class DiPCLI(LightningCLI):
                     init_from,
                     patch_embed=config.get("init_patch_embed") or "reinit",
                     strict=config.get("init_from_strict") is not False,
-                    raw=bool(config.get("init_from_raw")),
+                    weights=config.get("init_from_weights") or DEFAULT_WEIGHTS,
                     weights_only=weights_only,
                 )
                 rank_zero_info(report.message())

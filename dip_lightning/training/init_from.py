@@ -1,30 +1,15 @@
 """``fit --init_from CKPT``: start a run from another run's weights (e.g. DiP-XL/16 at 256 px -> DiP-XL/32 at 512).
 
-Only weights are taken, not the trainer state: the step counter, optimizer moments, EMA history, data position
-and LR schedule start fresh (use ``--ckpt_path`` to continue a run). The weights are the checkpoint's EMA
-weights (its ``state_dict``) unless ``--init_from_raw`` asks for the raw ones (``current_model_state``).
-
-What transfers (docs/design.md §9): every tensor whose name and shape match the new model: the transformer
-blocks, the timestep and class embeddings, the final adaLN and the Patch Detailer Head (its parameters do not
-depend on the patch size; at P = 32 the bottleneck is 2x2 and the token is tiled over it, as released), the
-REPA projector. RoPE positions are recomputed from the token grid, so there is no position table to resize.
-
-The patch embedding ``net.x_embedder.proj.weight`` changes shape with the patch size (``D x 3*16*16 = 768``
-inputs at P = 16, ``D x 3072`` at P = 32); ``--init_patch_embed`` says what happens to it:
-
-* ``reinit`` (default): the new model's own initialisation (xavier-uniform, zero bias); the bias transfers.
-* ``upsample``: every weight of the P x P kernel is spread over the (P'/P) x (P'/P) block of pixels it covers at
-  P' and divided by (P'/P)^2 (nearest-neighbour upsampling of the kernel, mass-preserving). A 512 image that is a
-  nearest-neighbour 2x enlargement of a 256 image then gets exactly the 256 model's token embeddings.
-
-Any other tensor that exists on both sides with another shape, or a tensor of the new model with no counterpart
-(other width or depth, another head), is an error that lists them, unless ``--init_from_strict false``, which
-keeps the new model's initialisation for them and lists them in the log.
+Weights only (which: ``--init_from_weights``, chosen by :func:`~dip_lightning.checkpoint.format.select_weights` as
+everywhere): step, optimizer, EMA history, data position and LR schedule start fresh; ``--ckpt_path`` continues a
+run instead. Every tensor whose name and shape match transfers (RoPE follows the token grid, so there is no
+position table to resize); the patch embedding, whose shape follows the patch size, is re-initialised or
+upsampled (``--init_patch_embed``); any other mismatch is an error listing the tensors unless
+``--init_from_strict false`` keeps this model's initialisation for them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -34,10 +19,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dip_lightning.checkpoint.compatibility import CheckpointMismatchError
+from dip_lightning.checkpoint.format import DEFAULT_WEIGHTS, WeightRequest, select_weights, weights_label
 from dip_lightning.checkpoint.io import peek_checkpoint
 
 __all__ = ["InitReport", "PatchEmbedInit", "init_from_checkpoint", "upsample_patch_embed"]
 
+#: reinit: the new model's own initialisation (xavier-uniform; the bias transfers); upsample: upsample_patch_embed.
 PatchEmbedInit = Literal["reinit", "upsample"]
 PATCH_EMBED_KEY = "net.x_embedder.proj.weight"
 
@@ -47,14 +34,15 @@ class InitReport:
     """What :func:`init_from_checkpoint` did."""
 
     source: str
+    weights: str = ""  # which weights of the source (weights_label)
     transferred: list[str] = field(default_factory=list)
     patch_embed: str | None = None  # "reinit" / "upsample 16 -> 32", None when it transferred unchanged
     kept_init: list[str] = field(default_factory=list)  # new tensors without a counterpart (non-strict only)
 
     def message(self) -> str:
         text = (
-            f"Init from {self.source}: {len(self.transferred)} tensors transferred (weights only, fresh "
-            "trainer state)"
+            f"Init from {self.source} ({self.weights}): {len(self.transferred)} tensors transferred (weights "
+            "only, fresh trainer state)"
         )
         if self.patch_embed:
             text += f"; patch embedding: {self.patch_embed}"
@@ -65,7 +53,8 @@ class InitReport:
 
 
 def upsample_patch_embed(weight: Tensor, channels: int, old_patch: int, new_patch: int) -> Tensor:
-    """``(D, C*p*p)`` -> ``(D, C*P*P)`` by nearest-neighbour upsampling of each kernel, divided by ``(P/p)^2``.
+    """``(D, C*p*p)`` -> ``(D, C*P*P)`` by nearest-neighbour upsampling of each kernel, divided by ``(P/p)^2``:
+    mass-preserving, so an image enlarged 2x by nearest neighbours gets exactly the old model's token embeddings.
 
     Feature order is ``(C, kh, kw)`` (:func:`dip_lightning.core.models.backbone.patchify`).
     """
@@ -81,33 +70,21 @@ def upsample_patch_embed(weight: Tensor, channels: int, old_patch: int, new_patc
     return kernel.reshape(dim, channels * new_patch * new_patch).to(weight.dtype)
 
 
-def _source_weights(checkpoint: Mapping, path: str, raw: bool) -> Mapping[str, Tensor]:
-    key = "current_model_state" if raw else "state_dict"
-    weights = checkpoint.get(key)
-    if weights is None and not raw:
-        weights = checkpoint.get("current_model_state")
-    if weights is None:
-        raise CheckpointMismatchError(
-            f"--init_from {path}: the file has no {key!r} entry (not a fit checkpoint?)"
-        )
-    return weights
-
-
 def init_from_checkpoint(
-    module: nn.Module,
-    path: str | Path,
-    patch_embed: PatchEmbedInit = "reinit",
-    strict: bool = True,
-    raw: bool = False,
-    weights_only: bool = True,
+    module: nn.Module,  # the DiPModule to start, changed in place
+    path: str | Path,  # the checkpoint to take weights from
+    patch_embed: PatchEmbedInit = "reinit",  # the patch embedding when the patch size changed
+    strict: bool = True,  # any other mismatch is an error (False: this model's initialisation, reported)
+    weights: WeightRequest | str = DEFAULT_WEIGHTS,  # which weights of the checkpoint
+    weights_only: bool = True,  # torch.load's: tensors and plain data only
 ) -> InitReport:
-    """Copy matching weights of checkpoint ``path`` into ``module`` (a DiPModule) in place; see the module docstring."""
+    """Copy the matching weights of checkpoint ``path`` into ``module``; see the module docstring."""
     if patch_embed not in ("reinit", "upsample"):
         raise ValueError(f"--init_patch_embed must be reinit or upsample, got {patch_embed!r}")
     checkpoint = peek_checkpoint(path, weights_only)
-    source = _source_weights(checkpoint, str(path), raw)
+    source = select_weights(checkpoint, path, weights)
     target = module.state_dict()
-    report = InitReport(str(path))
+    report = InitReport(str(path), weights_label(checkpoint, path, weights))
     wrong_shape, missing = [], []
     updates: dict[str, Tensor] = {}
     for name, tensor in target.items():

@@ -1,22 +1,25 @@
-"""Load a trained or converted DiP for sampling, evaluation or fine-tuning."""
+"""Load a trained, converted or reconstructed DiP for sampling, evaluation or fine-tuning, with the weights a
+:class:`~dip_lightning.checkpoint.format.WeightRequest` names."""
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
-
-from dip_lightning.checkpoint.format import select_weights, weights_label
-from dip_lightning.checkpoint.io import read_checkpoint
-
-if TYPE_CHECKING:
-    from dip_lightning.training.module import DiPModule
 
 import inspect
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dip_lightning.checkpoint.compatibility import check_compatible
-from dip_lightning.checkpoint.io import CheckpointError
+from dip_lightning.checkpoint.format import (
+    DEFAULT_WEIGHTS,
+    STATE_DICT,
+    WeightRequest,
+    select_weights,
+    weights_label,
+)
+from dip_lightning.checkpoint.io import CheckpointError, read_checkpoint
+
+if TYPE_CHECKING:
+    from dip_lightning.training.module import DiPModule
 
 
 def module_from_hparams(hparams: Mapping[str, Any], **overrides: Any) -> DiPModule:
@@ -56,25 +59,25 @@ def _module_from_configs(configs: list[str]) -> DiPModule:
 def load_module(
     ckpt_path: str | os.PathLike,
     configs: list[str] | None = None,
-    raw_weights: bool = False,
+    *,
+    weights: WeightRequest | str = DEFAULT_WEIGHTS,
     trust_pickle: bool = False,
-    ema: float | None = None,
 ) -> DiPModule:
-    """A :class:`DiPModule` with a checkpoint's weights (:func:`select_weights`: the first EMA decay by default,
-    ``ema`` another tracked one, ``raw_weights`` the raw ones); ``module.loaded_weights`` says which
-    (:func:`weights_label`).
+    """A :class:`DiPModule` with the weights of a checkpoint that ``weights`` asks for (``"ema"``, ``"ema:0.9996"``,
+    ``"raw"``, ``"phema:0.05"``: :func:`~dip_lightning.checkpoint.format.select_weights`); ``module.loaded_weights``
+    says which (:func:`~dip_lightning.checkpoint.format.weights_label`).
 
     Without ``configs`` the network is rebuilt from the hyperparameters LightningCLI stored in the checkpoint;
     with ``configs`` (YAML files as for ``fit``) it is built from them. REPA is never built: sampling does not
-    use it, and its frozen encoder's weights file need not exist on the sampling machine.
+    use it, and its frozen encoder's weights file need not exist on the sampling machine. ``trust_pickle``
+    allows pickled Python objects besides tensors in the file (trusted files only).
     """
     checkpoint = read_checkpoint(ckpt_path, trust_pickle)
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, Mapping) else None
+    request = WeightRequest.parse(weights)
     # The REPA projector is a training-only part.
-    weights = {
-        k: v
-        for k, v in select_weights(checkpoint, ckpt_path, ema, raw_weights).items()
-        if not k.startswith("repa.")
+    chosen = {
+        k: v for k, v in select_weights(checkpoint, ckpt_path, request).items() if not k.startswith("repa.")
     }
     if configs:
         module = _module_from_configs(configs)
@@ -87,7 +90,7 @@ def load_module(
             f"{ckpt_path} holds no model config (hyper_parameters): pass --config with the experiment YAML it "
             "was trained with."
         )
-    check_compatible({"state_dict": weights, "hyper_parameters": hparams}, module, ckpt_path, advice=advice)
-    module.load_state_dict(weights, strict=True)
-    module.loaded_weights = weights_label(checkpoint, ema, raw_weights)
+    check_compatible({STATE_DICT: chosen, "hyper_parameters": hparams}, module, ckpt_path, advice=advice)
+    module.load_state_dict(chosen, strict=True)
+    module.loaded_weights = weights_label(checkpoint, ckpt_path, request)
     return module

@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable
-from contextvars import ContextVar
 from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
@@ -28,7 +27,13 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
-from dip_lightning.checkpoint.format import WeightChoice, select_weights, weights_label
+from dip_lightning.checkpoint.format import (
+    DEFAULT_WEIGHTS,
+    STATE_DICT,
+    WeightRequest,
+    select_weights,
+    weights_label,
+)
 from dip_lightning.checkpoint.resume import apply_optimizer_setting_changes, optimizer_setting_changes
 from dip_lightning.core.compat import given_hyperparameters
 from dip_lightning.core.diffusion import (
@@ -71,10 +76,6 @@ class _SharedOnCopy:
         return self
 
 
-# The weights DiPModule.load_from_checkpoint(..., ema=/raw_weights=) asked for, while it runs.
-_REQUESTED_WEIGHTS: ContextVar[WeightChoice | None] = ContextVar("requested_weights", default=None)
-
-
 def default_optimizer(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
     """The paper's optimizer: AdamW, lr 1e-4, betas (0.9, 0.999), weight decay 0 (Table 4)."""
     return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0)
@@ -86,9 +87,10 @@ class DiPModule(pl.LightningModule):
     On resume the configured optimizer settings apply (lr, betas, weight decay ...; a new lr continues a
     schedule from the same point), not the ones the checkpoint saved; the resume log line lists what changed.
 
-    Loaded outside ``fit`` (``validate``/``test``/``predict --ckpt_path``, :meth:`load_from_checkpoint`), the
-    weights are the checkpoint's first EMA decay by default, another tracked decay with ``ema``, the raw ones
-    with ``raw_weights`` (:func:`dip_lightning.checkpoint.format.select_weights`); :attr:`loaded_weights` says which.
+    Loaded outside ``fit``, the weights are those :attr:`weight_request` names
+    (:func:`~dip_lightning.checkpoint.format.select_weights`): ``validate``/``test``/``predict --ckpt_path ...
+    --weights ema:0.9996`` sets it; Lightning's ``load_from_checkpoint`` takes the default (the first EMA decay);
+    :func:`dip_lightning.training.loading.load_module` takes any request. :attr:`loaded_weights` says which.
 
     Args:
         net: the denoiser, ``net(x, t, y)`` -> the prediction ``flow.prediction`` names (the velocity by
@@ -112,8 +114,8 @@ class DiPModule(pl.LightningModule):
 
     #: Which weights of a checkpoint were loaded (:func:`dip_lightning.checkpoint.format.weights_label`), None if none.
     loaded_weights: str | None = None
-    #: The weights the next checkpoint load outside ``fit`` takes (set by DiPCLI for ``--ema``/``--raw_weights``).
-    requested_weights: WeightChoice | None = None
+    #: The weights a checkpoint load outside ``fit`` takes (DiPCLI sets it from ``--weights``).
+    weight_request: WeightRequest = DEFAULT_WEIGHTS
 
     def __init__(
         self,
@@ -341,23 +343,6 @@ class DiPModule(pl.LightningModule):
         built = self.configure_optimizers()
         return built["optimizer"] if isinstance(built, dict) else built
 
-    @classmethod
-    def load_from_checkpoint(  # type: ignore[override]
-        cls,
-        checkpoint_path: Any,
-        *args: Any,
-        ema: float | None = None,
-        raw_weights: bool = False,
-        **kwargs: Any,
-    ) -> DiPModule:
-        """Lightning's ``load_from_checkpoint``, with the weights chosen as ``sample`` chooses them: the first EMA
-        decay by default, ``ema=DECAY`` another tracked one, ``raw_weights=True`` the raw ones."""
-        token = _REQUESTED_WEIGHTS.set(WeightChoice(str(checkpoint_path), ema, raw_weights))
-        try:
-            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
-        finally:
-            _REQUESTED_WEIGHTS.reset(token)
-
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Runs before Lightning loads the weights and the optimizer from this same dict.
         fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
@@ -367,9 +352,11 @@ class DiPModule(pl.LightningModule):
                 changes = optimizer_setting_changes(checkpoint, self.configured_optimizer())
                 apply_optimizer_setting_changes(checkpoint, changes)
             return
-        choice = self.requested_weights or _REQUESTED_WEIGHTS.get() or WeightChoice("the checkpoint")
-        self.loaded_weights = weights_label(checkpoint, choice.ema, choice.raw)
-        checkpoint["state_dict"] = select_weights(checkpoint, choice.path, choice.ema, choice.raw)
+        # The file being loaded: the trainer's (validate/test/predict), unknown to load_from_checkpoint.
+        path = (self._trainer.ckpt_path if self._trainer is not None else None) or "the checkpoint"
+        weights = select_weights(checkpoint, path, self.weight_request)
+        self.loaded_weights = weights_label(checkpoint, path, self.weight_request)
+        checkpoint[STATE_DICT] = weights
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any | None) -> None:
         # A step whose update NonFiniteGuard skipped leaves the schedule where it was too.

@@ -23,7 +23,7 @@ import yaml
 from torch import Tensor, nn
 
 from dip_lightning.checkpoint.compatibility import check_compatible
-from dip_lightning.checkpoint.format import RAW_WEIGHTS, select_weights
+from dip_lightning.checkpoint.format import CONVERSION_RECORD, RAW_WEIGHTS, STATE_DICT, select_weights
 from dip_lightning.checkpoint.io import CheckpointError, read_checkpoint
 from dip_lightning.core.atomic import atomic_write
 from dip_lightning.training.loading import module_from_hparams
@@ -461,9 +461,9 @@ def _kit_parts(
         )
     if not proj and isinstance(obj.get("repa_projector"), Mapping):
         proj = dict(obj["repa_projector"])
-    raw = _group(select_weights(obj, path, raw=True), "net.") if RAW_WEIGHTS in obj else None
+    raw = _group(select_weights(obj, path, "raw"), "net.") if RAW_WEIGHTS in obj else None
     text = "kit checkpoint: 'state_dict' net.* (EMA when trained with the EMA callback)"
-    conversion = obj.get("dip_conversion")
+    conversion = obj.get(CONVERSION_RECORD)
     if isinstance(conversion, Mapping):
         text = f"kit checkpoint converted from {conversion.get('source')}: {conversion.get('weights')}"
     if raw:
@@ -498,7 +498,7 @@ def kit_weights(
         if _is_kit(obj):
             net, _, proj, text = _kit_parts(obj, path)
             if weights == "live":
-                net = _group(select_weights(obj, path, raw=True), "net.")
+                net = _group(select_weights(obj, path, "raw"), "net.")
                 text += "; took the raw weights"
             return net, proj, text
         parts = _split_official(obj)
@@ -521,19 +521,19 @@ def _to_kit_checkpoint(
         "epoch": 0,
         "global_step": 0,
         "pytorch-lightning_version": lightning_version,
-        "state_dict": {f"net.{k}": v for k, v in net.items()},
+        STATE_DICT: {f"net.{k}": v for k, v in net.items()},
         "hparams_name": "kwargs",
         "hyper_parameters": kit_hyperparameters(arch, input_size),
     }
     lines = [f"read {in_path}: {parts.container}: {which}", *parts.notes]
     if chosen is parts.ema and parts.live is not None:
         checkpoint[RAW_WEIGHTS] = {f"net.{k}": v for k, v in official_to_kit(parts.live).items()}
-        lines.append(f"live weights -> '{RAW_WEIGHTS}' (sample --raw_weights)")
+        lines.append(f"live weights -> '{RAW_WEIGHTS}' (--weights raw)")
     if proj is not None:
         checkpoint["repa_projector"] = proj
         lines.append("REPA projector -> 'repa_projector' (training only; used by load_pretrained)")
     name = arch.model_name() or f"DiP ({arch.describe()})"
-    checkpoint["dip_conversion"] = {
+    checkpoint[CONVERSION_RECORD] = {
         "from": "official",
         "source": str(in_path),
         "weights": which,
@@ -564,7 +564,7 @@ def _to_released_checkpoint(obj: Any, in_path: Path) -> tuple[dict[str, Any], li
             raise ConversionError(f"unexpected REPA projector layout: {sorted(proj)}")
         state |= {_PROJ_PREFIX + _PROJ_KIT_TO_OFFICIAL[k]: v for k, v in proj.items()}
         lines.append("REPA projector -> 'diffusion_trainer.proj.*'")
-    return {"state_dict": state, "dip_conversion": {"from": "kit", "source": str(in_path)}}, lines
+    return {"state_dict": state, CONVERSION_RECORD: {"from": "kit", "source": str(in_path)}}, lines
 
 
 def convert_checkpoint(

@@ -125,7 +125,7 @@ def test_ema_weights_differ_from_raw_and_generate_the_grid(ema_run: dict) -> Non
     assert torch.equal(read_png(png), expected)
     # ... and not what the raw weights generate (the use_ema=False switch).
     assert probe.raw_grid_image is not None and not torch.equal(probe.raw_grid_image, expected)
-    raw_module = load_module(ema_run["tmp"] / "run" / "checkpoints" / "last.ckpt", raw_weights=True)
+    raw_module = load_module(ema_run["tmp"] / "run" / "checkpoints" / "last.ckpt", weights="raw")
     raw_images = raw_module.generate(labels, seeds, num_steps=args["num_steps"])
     assert torch.equal(probe.raw_grid_image, make_grid(to_uint8(raw_images), cols=args["cols"]))
 

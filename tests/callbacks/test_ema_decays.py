@@ -1,6 +1,6 @@
 """Several EMA decays in one run (``EMA(decays: [...])``), in real ``fit`` runs through the CLI, and picking one
 of them afterwards (``select_weights``, ``load_module``, ``load_from_checkpoint``, ``sample``, ``validate``,
-``predict`` with ``--ema``).
+``predict`` with ``--weights ema:D``).
 
 Every average is compared, with exact tensor equality, to an EMA computed here from the raw weights the run had
 after each optimizer step (``torch.lerp`` per tensor, the update torch's ``get_ema_multi_avg_fn`` does with
@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from dip_lightning.__main__ import main as dip_main
-from dip_lightning.checkpoint.format import select_weights
+from dip_lightning.checkpoint.format import WeightRequest, select_weights
 from dip_lightning.checkpoint.io import CheckpointError, read_checkpoint
 from dip_lightning.core.images import to_uint8
 from dip_lightning.training.callbacks import EMA
@@ -136,26 +136,26 @@ def test_the_weights_of_a_decay_are_chosen_in_one_place(run: dict) -> None:
     path, by_hand, raw = run["ckpt"], run["by_hand"], run["probe"].raw[-1]
     checkpoint = read_checkpoint(path)
     assert_same(select_weights(checkpoint, path), by_hand[0.5])
-    assert_same(select_weights(checkpoint, path, ema=0.8), by_hand[0.8])
-    assert_same(select_weights(checkpoint, path, ema=0.5), by_hand[0.5])
-    assert_same(select_weights(checkpoint, path, raw=True), raw)
-    with pytest.raises(CheckpointError, match=r"has no EMA of decay 0\.7; it tracks 0\.5, 0\.8"):
-        select_weights(checkpoint, path, ema=0.7)
-    with pytest.raises(ValueError, match="not both"):
-        select_weights(checkpoint, path, ema=0.8, raw=True)
+    assert_same(select_weights(checkpoint, path, "ema"), by_hand[0.5])
+    assert_same(select_weights(checkpoint, path, "ema:0.8"), by_hand[0.8])
+    assert_same(select_weights(checkpoint, path, WeightRequest("ema", decay=0.5)), by_hand[0.5])
+    assert_same(select_weights(checkpoint, path, "raw"), raw)
+    with pytest.raises(CheckpointError) as error:
+        select_weights(checkpoint, path, "ema:0.7")
+    assert str(error.value) == (
+        f"{path} has no EMA of decay 0.7; it holds EMA decay(s) 0.5, 0.8 and the raw weights: choose one of "
+        "--weights ema:0.5, ema:0.8."
+    )
 
-    module = load_module(path, ema=0.8)
+    module = load_module(path, weights="ema:0.8")
     assert module.loaded_weights == "ema 0.8"
     assert_same(state(module), by_hand[0.8])
     assert load_module(path).loaded_weights == "ema 0.5"
-    assert load_module(path, raw_weights=True).loaded_weights == "raw"
+    assert load_module(path, weights=WeightRequest("raw")).loaded_weights == "raw"
 
-    loaded = DiPModule.load_from_checkpoint(path, map_location="cpu", ema=0.8)
-    assert_same(state(loaded), by_hand[0.8]) and loaded.loaded_weights == "ema 0.8"
-    assert_same(state(DiPModule.load_from_checkpoint(path, map_location="cpu")), by_hand[0.5])
-    assert_same(state(DiPModule.load_from_checkpoint(path, map_location="cpu", raw_weights=True)), raw)
-    with pytest.raises(CheckpointError, match=r"it tracks 0\.5, 0\.8"):
-        DiPModule.load_from_checkpoint(path, map_location="cpu", ema=0.9)
+    # Lightning's own load_from_checkpoint: the default request (other weights: load_module).
+    loaded = DiPModule.load_from_checkpoint(path, map_location="cpu")
+    assert_same(state(loaded), by_hand[0.5]) and loaded.loaded_weights == "ema 0.5"
 
 
 def test_sample_with_ema_exports_what_load_module_generates(
@@ -169,8 +169,8 @@ def test_sample_with_ema_exports_what_load_module_generates(
         job = json.loads((out.with_name(out.name + ".parts") / "job.json").read_text())
         return np.load(out)["arr_0"], job
 
-    images, job = sample("ema08", "--ema", "0.8")
-    expected = load_module(run["ckpt"], ema=0.8).generate(torch.arange(4), torch.arange(4))
+    images, job = sample("ema08", "--weights", "ema:0.8")
+    expected = load_module(run["ckpt"], weights="ema:0.8").generate(torch.arange(4), torch.arange(4))
     assert np.array_equal(images, to_uint8(expected).permute(0, 2, 3, 1).numpy())
     assert job["weights"] == "ema 0.8"
     default_images, default_job = sample("default")
@@ -178,16 +178,12 @@ def test_sample_with_ema_exports_what_load_module_generates(
 
     # An export folder holds one set of weights: another decay into the same --out is refused.
     capsys.readouterr()
-    assert dip_main([*base, "--out", str(tmp_path / "ema08.npz"), "--ema", "0.5", "--overwrite"]) == 2
+    assert dip_main([*base, "--out", str(tmp_path / "ema08.npz"), "--weights", "ema:0.5", "--overwrite"]) == 2
     assert "different weights, weights_sha256" in capsys.readouterr().err
 
-    assert dip_main([*base, "--out", str(tmp_path / "untracked.npz"), "--ema", "0.7"]) == 2
+    assert dip_main([*base, "--out", str(tmp_path / "untracked.npz"), "--weights", "ema:0.7"]) == 2
     error = capsys.readouterr().err
-    assert error.startswith("error: ") and "no EMA of decay 0.7; it tracks 0.5, 0.8" in error
-    with pytest.raises(SystemExit) as exit_info:
-        dip_main([*base, "--out", str(tmp_path / "both.npz"), "--ema", "0.8", "--raw_weights"])
-    assert exit_info.value.code == 2
-    assert "--raw_weights and --ema exclude each other" in capsys.readouterr().err
+    assert error.startswith("error: ") and "no EMA of decay 0.7" in error and "ema:0.5, ema:0.8" in error
 
 
 def checkpoint_command(run: dict, tmp_path: Path, command: str, *extra: str) -> DiPCLI:
@@ -199,7 +195,7 @@ def checkpoint_command(run: dict, tmp_path: Path, command: str, *extra: str) -> 
 
 
 def test_validate_with_ema_runs_that_decay(run: dict, tmp_path: Path) -> None:
-    chosen = checkpoint_command(run, tmp_path, "validate", "--ema=0.8")
+    chosen = checkpoint_command(run, tmp_path, "validate", "--weights=ema:0.8")
     assert chosen.model.loaded_weights == "ema 0.8"
     assert_same(state(chosen.model), run["by_hand"][0.8])
     default = checkpoint_command(run, tmp_path, "validate")
@@ -207,10 +203,8 @@ def test_validate_with_ema_runs_that_decay(run: dict, tmp_path: Path) -> None:
     assert_same(state(default.model), run["by_hand"][0.5])
     loss = chosen.trainer.callback_metrics["val/loss"]
     assert not torch.equal(loss, default.trainer.callback_metrics["val/loss"])
-    with pytest.raises(CheckpointError, match=r"it tracks 0\.5, 0\.8"):
-        checkpoint_command(run, tmp_path, "validate", "--ema=0.3")
-    with pytest.raises(ValueError, match="exclude each other"):
-        checkpoint_command(run, tmp_path, "validate", "--ema=0.8", "--raw_weights=true")
+    with pytest.raises(CheckpointError, match=r"no EMA of decay 0\.3.*ema:0\.5, ema:0\.8"):
+        checkpoint_command(run, tmp_path, "validate", "--weights=ema:0.3")
 
 
 def test_predict_with_ema_generates_with_that_decay(run: dict, tmp_path: Path) -> None:
@@ -220,7 +214,7 @@ def test_predict_with_ema_generates_with_that_decay(run: dict, tmp_path: Path) -
             "--config",
             TINY_CONFIG,
             f"--ckpt_path={run['ckpt']}",
-            "--ema=0.8",
+            "--weights=ema:0.8",
             "--data",
             "dip_lightning.core.data.LabelSeedDataModule",
             "--data.num_samples=4",
@@ -230,13 +224,13 @@ def test_predict_with_ema_generates_with_that_decay(run: dict, tmp_path: Path) -
         ]
     )
     (batch,) = cli.trainer.predict_loop.predictions
-    expected = load_module(run["ckpt"], ema=0.8).generate(batch["labels"], batch["seeds"])
+    expected = load_module(run["ckpt"], weights="ema:0.8").generate(batch["labels"], batch["seeds"])
     assert torch.equal(batch["images"], to_uint8(expected))
 
 
-def test_fit_refuses_ema_selection(run: dict, tmp_path: Path) -> None:
+def test_fit_refuses_weight_selection(run: dict, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="fit resumes every EMA"):
-        fit_args = tiny_args(tmp_path / "run", run["data"], "--ema=0.8")
+        fit_args = tiny_args(tmp_path / "run", run["data"], "--weights=ema:0.8")
         DiPCLI(args=["fit", *fit_args])
 
 

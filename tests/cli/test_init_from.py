@@ -1,4 +1,5 @@
-"""The 512 px recipe builds at full size, and `fit --init_from` transfers the expected weights (real CLI runs)."""
+"""The 512 px recipe builds at full size, and `fit --init_from` transfers the expected weights, those
+`--init_from_weights` asks for (real CLI runs)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ import yaml
 from jsonargparse import ArgumentParser
 
 from dip_lightning.checkpoint.compatibility import CheckpointMismatchError
+from dip_lightning.checkpoint.format import select_weights
+from dip_lightning.checkpoint.io import CheckpointError, read_checkpoint
 from dip_lightning.core.models.backbone import PatchEmbed, patchify
 from dip_lightning.core.models.heads import PatchDetailerHead
 from dip_lightning.training.cli import DiPCLI
 from dip_lightning.training.init_from import PATCH_EMBED_KEY, upsample_patch_embed
-from tests.helpers.tiny import REPO, fit_with, tiny_args
+from tests.helpers.tiny import HIGH_LR, REPO, fit_with, tiny_args
 
 RECIPE_512 = REPO / "experiments" / "dip_xl32_512.yaml"
 
@@ -119,3 +122,51 @@ def test_init_from_and_ckpt_path_exclude_each_other(
     args = tiny_args(tmp_path / "run", demo_data, f"--init_from={source_run}", f"--ckpt_path={source_run}")
     with pytest.raises(ValueError, match="exclude each other"):
         DiPCLI(args=["fit", *args])
+
+
+@pytest.fixture(scope="module")
+def ema_source(tmp_path_factory: pytest.TempPathFactory, demo_data: dict) -> Path:
+    """A 4-step tiny run with EMA decays 0.5 and 0.8 and power-function profiles (snapshots every 2 steps)."""
+    run = tmp_path_factory.mktemp("ema_source") / "run"
+    callbacks = [
+        {"class_path": "dip_lightning.training.callbacks.EMA", "init_args": {"decays": [0.5, 0.8]}},
+        {
+            "class_path": "dip_lightning.training.callbacks.PowerFunctionEMA",
+            "init_args": {"stds": [0.1, 0.2], "snapshot_every_n_steps": 2},
+        },
+    ]
+    fit_with(tiny_args(run, demo_data, HIGH_LR, steps=4, callbacks=callbacks))
+    return run / "checkpoints" / "last.ckpt"
+
+
+@pytest.mark.parametrize("request_text", [None, "ema:0.8", "raw", "phema:0.15"])
+def test_init_from_weights_takes_the_weights_select_weights_chooses(
+    tmp_path: Path, demo_data: dict, ema_source: Path, request_text: str | None
+) -> None:
+    out = tmp_path / "start.pt"
+    chosen = ["--init_from_weights", request_text] if request_text else []
+    args = tiny_args(tmp_path / "run", demo_data, f"--init_from={ema_source}", *chosen, steps=1)
+    args += [
+        "--trainer.callbacks+=tests.helpers.init_probe.StartWeights",
+        f"--trainer.callbacks.init_args.out={out}",
+    ]
+    DiPCLI(args=["fit", *args])
+    start = torch.load(out, weights_only=True)
+    expected = select_weights(read_checkpoint(ema_source), ema_source, request_text or "ema")
+    assert start.keys() == expected.keys()
+    for name, tensor in start.items():
+        assert torch.equal(tensor, expected[name]), name
+    if request_text is not None:  # not vacuous: these differ from the default
+        default = read_checkpoint(ema_source)["state_dict"]
+        assert any(not torch.equal(start[k], default[k]) for k in start)
+
+
+def test_init_from_weights_needs_init_from_and_tracked_weights(
+    tmp_path: Path, demo_data: dict, ema_source: Path
+) -> None:
+    with pytest.raises(ValueError, match="--init_from_weights chooses weights of --init_from"):
+        DiPCLI(args=["fit", *tiny_args(tmp_path / "a", demo_data, "--init_from_weights=raw")])
+    args = tiny_args(tmp_path / "b", demo_data, f"--init_from={ema_source}", "--init_from_weights=ema:0.9")
+    with pytest.raises(CheckpointError, match=r"no EMA of decay 0\.9.*ema:0\.5, ema:0\.8"):
+        DiPCLI(args=["fit", *args])
+    assert not (tmp_path / "b" / "checkpoints").exists()

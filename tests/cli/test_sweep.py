@@ -1,5 +1,5 @@
 """`python -m dip_lightning sweep`: a real checkpoint with two EMA decays, swept over 2 EMAs x 2 guidance scales
-with the real metrics engine; each cell's samples are those `sample --ema ... --cfg_scale ...` exports, its
+with the real metrics engine; each cell's samples are those `sample --weights ... --cfg_scale ...` exports, its
 metrics those `compute_metrics` gives them; a rerun keeps finished cells, other weights are refused."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dip_lightning.checkpoint.format import WeightRequest
 from dip_lightning.commands import run_command
 from dip_lightning.core.metrics import compute_metrics
 from dip_lightning.evaluation.export import _save_npz
@@ -53,12 +54,12 @@ def sweep_args(
     setup: dict,
     out: Path,
     *extra: str,
-    ema: tuple[str, ...] = ("0.9", "0.5"),
+    weights: tuple[str, ...] = ("ema:0.9", "ema:0.5"),
     cfg: tuple[str, ...] = ("1.0", "2.0"),
 ) -> list[str]:
     return [
         "sweep", "--ckpt_path", str(setup["ckpt"]), "--reference", str(setup["reference"]),
-        "--num_samples", str(NUM_SAMPLES), "--ema", *ema, "--cfg_scale", *cfg, "--num_steps", "2",
+        "--num_samples", str(NUM_SAMPLES), "--weights", *weights, "--cfg_scale", *cfg, "--num_steps", "2",
         "--chunk_size", "4", "--batch_size", "4", "--metrics", *METRICS, "--out", str(out), *extra,
     ]  # fmt: skip
 
@@ -69,17 +70,21 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def test_grid_order_and_names() -> None:
-    cells = grid_cells([0.9, "raw"], [1.0, 2.0], [(0.1, 1.0)], [25])
-    assert [(c.ema, c.cfg_scale) for c in cells] == [(0.9, 1.0), (0.9, 2.0), ("raw", 1.0), ("raw", 2.0)]
+    ema, raw, phema = (WeightRequest.parse(w) for w in ("ema:0.9", "raw", "phema:0.05"))
+    cells = grid_cells([ema, raw, phema], [1.0, 2.0], [(0.1, 1.0)], [25])
+    assert [(c.weights, c.cfg_scale) for c in cells] == [
+        (ema, 1.0), (ema, 2.0), (raw, 1.0), (raw, 2.0), (phema, 1.0), (phema, 2.0)
+    ]  # fmt: skip
     assert cells[0].name == "ema0.9_cfg1.0_interval0.1-1.0_steps25"
-    assert grid_cells()[0].name == "emadefault_cfgdefault_intervaldefault_stepsdefault"
+    assert cells[-1].name == "phema0.05_cfg2.0_interval0.1-1.0_steps25"
+    assert grid_cells()[0].name == "ema_cfgdefault_intervaldefault_stepsdefault"
 
 
 @pytest.mark.slow
 def test_sweep_two_emas_by_two_guidance_scales(setup: dict, tmp_path: Path) -> None:
     out = tmp_path / "sweep"
     # First a part of the grid, as a killed sweep leaves it; then the whole grid continues it.
-    assert run_command(sweep_args(setup, out, "--keep_samples", ema=("0.9",))) == 0
+    assert run_command(sweep_args(setup, out, "--keep_samples", weights=("ema:0.9",))) == 0
     first = {p.parent.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*/result.json")}
     assert len(first) == 2
     assert run_command(sweep_args(setup, out, "--keep_samples")) == 0
@@ -87,25 +92,16 @@ def test_sweep_two_emas_by_two_guidance_scales(setup: dict, tmp_path: Path) -> N
     assert len(kept) == 4 and all(kept[name] == mtime for name, mtime in first.items())  # not redone
 
     rows = read_csv(out / "sweep.csv")
-    assert list(rows[0]) == [
-        "ema",
-        "cfg_scale",
-        "cfg_interval",
-        "num_steps",
-        *METRICS,
-        "num_samples",
-        "weights",
-    ]
-    assert [(r["ema"], r["cfg_scale"]) for r in rows] == [
-        ("0.9", "1.0"),
-        ("0.9", "2.0"),
-        ("0.5", "1.0"),
-        ("0.5", "2.0"),
+    assert list(rows[0]) == ["weights", "cfg_scale", "cfg_interval", "num_steps", *METRICS, "num_samples"]
+    assert [(r["weights"], r["cfg_scale"]) for r in rows] == [
+        ("ema 0.9", "1.0"),
+        ("ema 0.9", "2.0"),
+        ("ema 0.5", "1.0"),
+        ("ema 0.5", "2.0"),
     ]
     assert {r["num_steps"] for r in rows} == {"2"} and {r["cfg_interval"] for r in rows} == {
         "0.0-1.0"
     }  # the default
-    assert [r["weights"] for r in rows] == ["ema 0.9", "ema 0.9", "ema 0.5", "ema 0.5"]
 
     # A cell's samples are what `sample` exports with the same weights and settings, its metrics the engine's.
     cell = out / "cells" / "ema0.5_cfg2.0_intervaldefault_steps2"
@@ -120,7 +116,9 @@ def test_sweep_two_emas_by_two_guidance_scales(setup: dict, tmp_path: Path) -> N
         str(NUM_SAMPLES),
     ]
     assert (
-        run_command([*sample, "--ema", "0.5", "--cfg_scale", "2.0", "--num_steps", "2", "--batch_size", "4"])
+        run_command(
+            [*sample, "--weights", "ema:0.5", "--cfg_scale", "2.0", "--num_steps", "2", "--batch_size", "4"]
+        )
         == 0
     )
     with np.load(exported) as a, np.load(cell / "samples.npz") as b:
@@ -132,7 +130,7 @@ def test_sweep_two_emas_by_two_guidance_scales(setup: dict, tmp_path: Path) -> N
         assert not np.array_equal(other["arr_0"], np.load(exported)["arr_0"])  # the other decay's weights
 
     md = (out / "sweep.md").read_text()
-    assert "| ema | cfg_scale | cfg_interval | num_steps | fid |" in md and "best fid:" in md
+    assert "| weights | cfg_scale | cfg_interval | num_steps | fid |" in md and "best fid:" in md
     png = out / "sweep_fid.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "](sweep_fid.png)" in md
 
@@ -143,7 +141,7 @@ def test_other_weights_at_the_same_path_are_refused(
     out = tmp_path / "sweep"
     ckpt = tmp_path / "model.ckpt"
     shutil.copy(setup["ckpt"], ckpt)
-    args = sweep_args({**setup, "ckpt": ckpt}, out, "--no_plots", ema=("0.9",), cfg=("1.0",))
+    args = sweep_args({**setup, "ckpt": ckpt}, out, "--no_plots", weights=("ema:0.9",), cfg=("1.0",))
     assert run_command(args) == 0
     before = (out / "sweep.csv").read_bytes()
     step2 = setup["ckpt"].parent / "step00000002.ckpt"
@@ -157,10 +155,13 @@ def test_other_weights_at_the_same_path_are_refused(
 def test_untracked_decay_and_missing_reference_are_clear_errors(
     setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    assert run_command(sweep_args(setup, tmp_path / "a", ema=("0.9", "0.7"))) == 2
+    assert run_command(sweep_args(setup, tmp_path / "a", weights=("ema:0.9", "ema:0.7"))) == 2
     err = capsys.readouterr().err
-    assert "0.7" in err and "0.9" in err and "0.5" in err  # names the tracked decays
+    assert "no EMA of decay 0.7" in err and "ema:0.9, ema:0.5" in err  # names the tracked decays
     assert not list((tmp_path / "a").glob("cells/*"))  # refused before the first cell, not after it
+    assert run_command(sweep_args(setup, tmp_path / "c", weights=("ema", "ema:0.9"))) == 2
+    assert "--weights ema and ema:0.9 are the same weights" in capsys.readouterr().err
+    assert not (tmp_path / "c" / "cells").exists()
     missing = {**setup, "reference": tmp_path / "nope.npz"}
     assert run_command(sweep_args(missing, tmp_path / "b")) == 2
     assert "nope.npz: no such file" in capsys.readouterr().err
@@ -171,12 +172,12 @@ def test_two_processes_spread_the_samples(setup: dict, tmp_path: Path) -> None:
     """torchrun-style launch (RANK / WORLD_SIZE): each process makes its chunks, rank 0 scores; same results as
     one process."""
     single, double = tmp_path / "single", tmp_path / "double"
-    assert run_command(sweep_args(setup, single, "--no_plots", ema=("0.5",), cfg=("2.0",))) == 0
+    assert run_command(sweep_args(setup, single, "--no_plots", weights=("ema:0.5",), cfg=("2.0",))) == 0
     cmd = [
         sys.executable,
         "-m",
         "dip_lightning",
-        *sweep_args(setup, double, "--no_plots", ema=("0.5",), cfg=("2.0",)),
+        *sweep_args(setup, double, "--no_plots", weights=("ema:0.5",), cfg=("2.0",)),
     ]
     procs = []
     for rank in (0, 1):

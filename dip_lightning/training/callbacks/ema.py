@@ -1,39 +1,11 @@
-"""EMA of the weights: Lightning's own ``EMAWeightAveraging``, with the gaps that matter for diffusion closed.
+"""EMA of the weights: Lightning's ``EMAWeightAveraging`` with the gaps that matter for diffusion closed.
 
-Why a subclass and not the stock callback:
-
-* Guard (Lightning issue #21724): before the first EMA update the averaged copy is an un-averaged deepcopy of the
-  initial weights. The stock callback swaps it in for validation anyway; here validation (and sampling through
-  :func:`sampling_module`) uses the raw weights until the first update has happened.
-* Swap-safe checkpoints: if a checkpoint is written while the weights are swapped (a SLURM signal arriving during
-  validation), the stock callback would store the raw weights as EMA and vice versa. We un-swap the pair in the
-  checkpoint dictionary.
-* Speed: the update uses ``get_ema_multi_avg_fn`` (foreach over all tensors) instead of one kernel per tensor,
-  and never reads the update count back from the GPU (:class:`HostCountedAveragedModel`): torch's
-  ``AveragedModel.update_parameters`` turns ``n_averaged`` into Python bools twice per update, two host-device
-  synchronisations in every training step.
-
-* Several decays (``decays: [0.9999, 0.9996]``; ``decay: x`` is the one-decay shorthand): the first is Lightning's
-  averaged model (validation, grids, FID and checkpoints' ``state_dict`` use it); each further one is a flat
-  copy of the tensors a ``state_dict`` holds (parameters and persistent buffers: one fp32 copy of the weights
-  each), updated right after the first with the same foreach function and the same host-side count, so no
-  update adds a host-device sync. Every rank computes the same updates from the same weights (DDP).
-
-Checkpoint semantics are Lightning's: ``checkpoint["state_dict"]`` holds the first decay's EMA weights (so
-``validate``, ``predict`` and ``load_from_checkpoint`` use it by default) and ``checkpoint["current_model_state"]``
-the raw ones. The further decays are a top-level entry::
-
-    checkpoint["ema"] = {
-        "decays": [0.9999, 0.9996],                  # every tracked decay, in order; the first is state_dict
-        "weights": {"0.9996": {name: tensor, ...}},  # the others, keyed by dip_lightning.checkpoint.format.decay_key
-    }
-
-(``weights`` is empty with one decay). Before the first update every slot holds the raw weights. Resuming
-restores each tracked decay from its entry; a decay the checkpoint lacks (added on resume) starts from the
-checkpoint's ``state_dict`` (with a warning, as Lightning starts an average from a checkpoint written without
-one); a checkpoint without the record (an older kit) is taken to hold the first decay in ``state_dict``.
-:func:`dip_lightning.checkpoint.format.select_weights` reads them back (``sample --ema``, ``validate --ema``,
-``DiPModule.load_from_checkpoint(path, ema=...)``).
+Validation and sampling use the raw weights until the first update (Lightning issue #21724); a checkpoint written
+while the weights are swapped (a signal during validation) stores each set in its place; the update is one foreach
+kernel that never reads the count back from the GPU (:class:`HostCountedAveragedModel`); several decays are tracked
+in one run, the first one being Lightning's averaged model. The checkpoint entries are those of
+:mod:`dip_lightning.checkpoint.format`: ``state_dict`` = the first decay, the raw weights and every further decay
+beside it; ``--weights ema:D`` (:func:`~dip_lightning.checkpoint.format.select_weights`) reads them back.
 """
 
 from __future__ import annotations
@@ -49,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from dip_lightning.checkpoint.format import EMA_RECORD, decay_key, ema_weights
+from dip_lightning.checkpoint.format import EMA_RECORD, RAW_WEIGHTS, STATE_DICT, ema_record, ema_weights
 from dip_lightning.checkpoint.io import CheckpointError
 from dip_lightning.core.compat import average_model, swap_averaged_models
 from dip_lightning.training.callbacks.nonfinite import step_skipped, update_keep
@@ -119,7 +91,7 @@ class EMA(EMAWeightAveraging):
     Args:
         decay: EMA decay per update: the one-decay shorthand of ``decays``.
         decays: several decays tracked in one run; the first is the one validation, grids, FID and a
-            checkpoint's ``state_dict`` use, the others are stored in ``checkpoint["ema"]`` (module docstring).
+            checkpoint's ``state_dict`` use, the others are stored beside it (``format.EMA_RECORD``).
             Each further decay costs one more copy of the weights (fp32: 4 bytes per parameter).
         update_every_n_steps: update the averages every N optimizer steps.
         update_starting_at_step: first optimizer step (0-based) that updates the averages.
@@ -255,26 +227,18 @@ class EMA(EMAWeightAveraging):
             return
         if self._swapped:
             # Saved mid-validation: the live module holds the EMA weights and the average holds the raw ones.
-            checkpoint["state_dict"], checkpoint["current_model_state"] = (
-                checkpoint["current_model_state"],
-                checkpoint["state_dict"],
-            )
+            checkpoint[STATE_DICT], checkpoint[RAW_WEIGHTS] = checkpoint[RAW_WEIGHTS], checkpoint[STATE_DICT]
         if self._raw_state_at_end is not None:
             # Written after on_train_end (ModelCheckpoint's final last.ckpt): the live module already holds the
             # EMA weights, so the raw ones come from the copy taken before they were overwritten.
-            checkpoint["current_model_state"] = self._raw_state_at_end
+            checkpoint[RAW_WEIGHTS] = self._raw_state_at_end
+        raw = checkpoint[RAW_WEIGHTS]
         if self.num_updates == 0:
             # No average yet: the EMA slot gets the raw weights, not the stale initial copy (the first update of an
             # AveragedModel copies the weights anyway, so resuming from here is unchanged).
-            checkpoint["state_dict"] = checkpoint["current_model_state"]
-        raw = checkpoint["current_model_state"]
-        checkpoint[EMA_RECORD] = {
-            "decays": list(self.decays),
-            "weights": {
-                decay_key(d): raw if self.num_updates == 0 else dict(average)
-                for d, average in self._extra_averages.items()
-            },
-        }
+            checkpoint[STATE_DICT] = raw
+        others = {d: raw if self.num_updates == 0 else dict(a) for d, a in self._extra_averages.items()}
+        checkpoint[EMA_RECORD] = ema_record(list(self.decays), others)
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -282,13 +246,10 @@ class EMA(EMAWeightAveraging):
         if average_model(self) is None:
             super().on_load_checkpoint(trainer, pl_module, checkpoint)
             return
-        fallback = checkpoint.get("state_dict")
+        fallback = checkpoint.get(STATE_DICT)
         recorded = ema_weights(checkpoint)
-        if recorded is None:
-            # An older kit's checkpoint: one unrecorded decay, taken to be this run's first.
-            recorded = {self.decays[0]: fallback} if fallback is not None else {}
         missing = [d for d in self.decays if d not in recorded]
-        if missing and "current_model_state" in checkpoint:
+        if missing and RAW_WEIGHTS in checkpoint:
             rank_zero_warn(
                 f"The checkpoint has no EMA of decay(s) {missing} (it tracks {list(recorded)}): they start from "
                 "its state_dict."
@@ -298,7 +259,7 @@ class EMA(EMAWeightAveraging):
             rank_zero_info(f"EMA decay(s) {dropped} of the checkpoint are not tracked any more.")
         # Lightning restores the first average from "state_dict": hand it this run's first decay.
         first = recorded.get(self.decays[0], fallback)
-        super().on_load_checkpoint(trainer, pl_module, {**checkpoint, "state_dict": first})
+        super().on_load_checkpoint(trainer, pl_module, {**checkpoint, STATE_DICT: first})
         for decay, average in self._extra_averages.items():
             source = recorded.get(decay, fallback)
             if source is None:

@@ -359,7 +359,7 @@ class MetricsCallback(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.results = [(int(s), {k: _opt_float(v) for k, v in r.items()}) for s, r in state_dict["results"]]
-        self._last_eval_step = int(state_dict.get("last_eval_step", -1))
+        self._last_eval_step = int(state_dict["last_eval_step"])
 
 
 def _opt_float(value: Any) -> float | None:

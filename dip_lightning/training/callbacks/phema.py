@@ -1,19 +1,11 @@
-"""Power-function EMA profiles tracked during training and stored every N steps, for post-hoc EMA
-(:mod:`dip_lightning.core.phema`; edm2's ``PowerFunctionEMA``).
+"""Power-function EMA profiles tracked during training and written every N steps as snapshots, for post-hoc EMA
+(Karras et al. 2024; the math: :mod:`dip_lightning.core.phema`, the files: :mod:`dip_lightning.checkpoint.posthoc`).
 
-``trainer.callbacks: [{class_path: dip_lightning.training.callbacks.PowerFunctionEMA, init_args: {stds: [0.05, 0.10],
-snapshot_every_n_steps: 5000}}]``; after training, ``python -m dip_lightning ema-reconstruct RUN --std 0.08 --out
-ema.ckpt`` gives any other std at a snapshot step.
-
-* One flat fp32 copy of the state_dict tensors per std (as the EMA callback's further decays), on the training
-  device, updated after every optimizer step with the step's decay (:func:`~dip_lightning.core.phema.power_ema_decay`,
-  a host-side number: no device sync) through the same foreach update as the EMA callback.
-* Snapshot ``<dirpath>/phema-<step>.pt`` (default ``dirpath``: ``<run>/phema``) every ``snapshot_every_n_steps``:
-  ``{"step", "stds", "weights": {std_key: state_dict}, "hyper_parameters"}``, written by rank 0, atomically. Disk:
-  one copy of the weights per std per snapshot (DiP-XL/16: 2.37 GiB each).
-* Checkpoints carry the current profiles as ``checkpoint["phema"] = {"stds": [...], "weights": {std_key: ...}}``,
-  so a resumed run continues them (and its snapshots) bit for bit; before the first update the slots hold the raw
-  weights. Every rank computes the same averages (DDP); only rank 0 writes snapshots.
+Each std is one flat fp32 copy of the weights on the training device, updated after every optimizer step with a
+host-side decay (no device sync). Checkpoints carry the current profiles, so a resumed run continues them and its
+snapshots bit for bit. Afterwards ``--weights phema:S`` or ``ema-reconstruct`` give any std at a snapshot step.
+In YAML: ``trainer.callbacks: [{class_path: dip_lightning.training.callbacks.PowerFunctionEMA, init_args: {stds:
+[0.05, 0.10], snapshot_every_n_steps: 5000}}]``.
 """
 
 from __future__ import annotations
@@ -29,8 +21,15 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
-from dip_lightning.checkpoint.format import PHEMA_RECORD
-from dip_lightning.checkpoint.posthoc import snapshot_path, std_key
+from dip_lightning.checkpoint.format import RAW_WEIGHTS, STATE_DICT
+from dip_lightning.checkpoint.posthoc import (
+    PROFILES_RECORD,
+    SNAPSHOT_DIR,
+    profiles_record,
+    recorded_profiles,
+    snapshot,
+    snapshot_path,
+)
 from dip_lightning.core.atomic import atomic_write
 from dip_lightning.core.phema import power_ema_decay, std_to_exponent
 from dip_lightning.training.callbacks.ema import (
@@ -47,8 +46,10 @@ class PowerFunctionEMA(Callback):
 
     Args:
         stds: relative widths of the tracked profiles (edm2: 0.05 and 0.10); each costs one copy of the weights.
-        snapshot_every_n_steps: write a snapshot of all profiles every N optimizer steps.
-        dirpath: snapshot folder (default: ``<trainer.default_root_dir>/phema``).
+        snapshot_every_n_steps: write a snapshot of all profiles every N optimizer steps (rank 0; each holds one
+            copy of the weights per std).
+        dirpath: snapshot folder (default: ``<trainer.default_root_dir>/phema``, where ``--weights phema:S``
+            looks).
     """
 
     def __init__(
@@ -79,7 +80,7 @@ class PowerFunctionEMA(Callback):
         self.averages = {s: averageable_copy(state, pl_module, device) for s in self.stds}
         self.step = 0
         if self.dirpath is None:
-            self.dirpath = str(Path(trainer.default_root_dir) / "phema")
+            self.dirpath = str(Path(trainer.default_root_dir) / SNAPSHOT_DIR)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.step = trainer.global_step  # a resumed run's averages are at the checkpoint's step
@@ -103,16 +104,9 @@ class PowerFunctionEMA(Callback):
             self._write_snapshot(pl_module)
 
     def _write_snapshot(self, pl_module: pl.LightningModule) -> None:
-        snapshot = {
-            "step": self.step,
-            "stds": list(self.stds),
-            "weights": {
-                std_key(s): {k: v.detach().cpu() for k, v in avg.items()} for s, avg in self.averages.items()
-            },
-            "hyper_parameters": dict(pl_module.hparams),
-        }
+        averages = {s: {k: v.detach().cpu() for k, v in avg.items()} for s, avg in self.averages.items()}
         with atomic_write(snapshot_path(self.dirpath, self.step)) as fh:
-            torch.save(snapshot, fh)
+            torch.save(snapshot(self.step, averages, dict(pl_module.hparams)), fh)
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -120,27 +114,26 @@ class PowerFunctionEMA(Callback):
         if not self.averages:
             return
         # Before the first update the slots hold the copy taken at setup: store the raw weights instead (the first
-        # update copies the weights anyway). The EMA callback keeps the raw weights in current_model_state.
-        raw = checkpoint.get("current_model_state", checkpoint["state_dict"])
-        checkpoint[PHEMA_RECORD] = {
-            "stds": list(self.stds),
-            "weights": {std_key(s): raw if self.step == 0 else dict(avg) for s, avg in self.averages.items()},
-        }
+        # update copies the weights anyway). The EMA callback keeps the raw weights beside its averages.
+        raw = checkpoint.get(RAW_WEIGHTS, checkpoint[STATE_DICT])
+        checkpoint[PROFILES_RECORD] = profiles_record(
+            {s: raw if self.step == 0 else dict(avg) for s, avg in self.averages.items()}
+        )
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         if not self.averages:
             return
-        stored = (checkpoint.get(PHEMA_RECORD) or {}).get("weights", {})
-        raw = checkpoint.get("current_model_state", checkpoint.get("state_dict"))
-        missing = [s for s in self.stds if std_key(s) not in stored]
+        stored = recorded_profiles(checkpoint)
+        raw = checkpoint.get(RAW_WEIGHTS, checkpoint.get(STATE_DICT))
+        missing = [s for s in self.stds if s not in stored]
         if missing:
             rank_zero_warn(
                 f"The checkpoint has no power-function EMA of std(s) {missing}: they start from its raw weights "
                 "(their profile then misses the steps before this one)."
             )
         for std, average in self.averages.items():
-            source = stored.get(std_key(std), raw)
+            source = stored.get(std, raw)
             for name, tensor in average.items():
                 tensor.copy_(source[name])
