@@ -8,6 +8,7 @@ import inspect
 
 import pytest
 
+from dip_lightning.checkpoint.format import WeightRequest
 from dip_lightning.commands import sample as sample_command
 from dip_lightning.commands import sweep as sweep_command
 from dip_lightning.core.diffusion import (
@@ -69,4 +70,5 @@ def test_callbacks_and_cells_keep_only_the_given_settings() -> None:
     assert SampleGrid().sampler_overrides == {"num_steps": 50}  # a cheap grid by default
     metrics = MetricsCallback(reference="ref.npz", num_steps=4)
     assert metrics.sampler_overrides == {"num_steps": 4}
-    assert Cell(ema=0.9, cfg_interval=(0.1, 1.0)).sampler_overrides() == {"cfg_interval": (0.1, 1.0)}
+    cell = Cell(weights=WeightRequest.parse("ema:0.9"), cfg_interval=(0.1, 1.0))
+    assert cell.sampler_overrides() == {"cfg_interval": (0.1, 1.0)}
