@@ -36,12 +36,12 @@ from dip_lightning.training.released import (
     official_layout,
     official_to_kit,
 )
+from tests.helpers import REPO
 from tests.helpers.commands import run_command, user_error
 from tests.helpers.tiny import fit_tiny
 
 torch.set_num_threads(1)
 
-REPO = Path(__file__).resolve().parents[1]
 XL_YAML = REPO / "experiments" / "dip_xl16.yaml"
 
 # Tiny released configuration: 32 px images on 16 px patches (2x2 tokens), the released head at full width.

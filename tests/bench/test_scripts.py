@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
 
 
 def test_gpu_benchmark_smoke_run_fills_every_section(tmp_path: Path) -> None:

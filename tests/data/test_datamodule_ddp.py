@@ -12,7 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.helpers.data import REPO, make_recorder, write_id_shards
+from tests.helpers import REPO
+from tests.helpers.data import make_recorder, write_id_shards
 
 BATCH, STEPS, WORKERS, SEED = 4, 7, 2, 5
 

@@ -19,7 +19,7 @@ from dip_lightning.core.data.prepare import prepare_split
 from dip_lightning.core.data.preprocess import center_crop_arr, to_rgb
 from dip_lightning.core.data.shards import expand_shards, iter_shard_samples
 from dip_lightning.core.data.streams import iter_image_batches
-from tests.helpers.data import REPO
+from tests.helpers import REPO
 
 SIZE = 16
 BAD = {"b_dog/empty.jpg", "b_dog/truncated.jpg", "c_fish/notes.txt"}

@@ -14,8 +14,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 def id_image(i: int, size: int, label: int) -> bytes:
     arr = np.full((size, size, 3), 40 * label + 20, dtype=np.uint8)
