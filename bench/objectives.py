@@ -8,9 +8,9 @@
    ``sde_step_fn`` with its linear w-scheduler) and the multistep solver at equal network evaluations.
 
 FID: :func:`fid_of` is the one place that computes it (the metrics engine's FID against the demo's
-validation statistics, ``dip_lightning.commands.demo.reference_stats``). These are demo-scale proxy numbers (a few hundred
-samples against 128 validation crops, an ImageNet Inception on 32 px photos): they rank settings on this data, not
-the paper's protocol.
+validation statistics, ``dip_lightning.commands.demo.reference_stats``). These are demo-scale proxy numbers (a
+few hundred samples against 128 validation crops, an ImageNet Inception on 32 px photos): they rank settings on
+this data, not the paper's protocol.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/objectives.py                  # all phases, 400 steps, 128 samples
     .venv/bin/python bench/objectives.py --phase train --predictions x    # one training (run two side by side)

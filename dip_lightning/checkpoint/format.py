@@ -17,7 +17,8 @@ RAW_WEIGHTS = "current_model_state"
 
 EMA_RECORD = "ema"
 """The checkpoint entry listing the EMA decays (``decays``, the first one's weights being ``state_dict``) and the
-weights of the others (``weights``, keyed by :func:`decay_key`); written by :class:`dip_lightning.training.callbacks.EMA`."""
+weights of the others (``weights``, keyed by :func:`decay_key`); written by
+:class:`dip_lightning.training.callbacks.EMA`."""
 
 
 def decay_key(decay: float) -> str:

@@ -129,8 +129,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 raise NonFiniteCheckpointError(
                     f"refusing to write checkpoint {path}: {len(bad)} tensor(s) hold NaN or inf ({shown}); the "
                     "previous file under that name (if any) is kept. Training diverged: add the "
-                    "dip_lightning.training.callbacks.NonFiniteGuard callback, which skips such steps, and resume from the "
-                    "last good checkpoint."
+                    "dip_lightning.training.callbacks.NonFiniteGuard callback, which skips such steps, and "
+                    "resume from the last good checkpoint."
                 )
         if not _is_local(path):
             super().save_checkpoint(checkpoint, path, storage_options)

@@ -7,8 +7,8 @@
   given keeps the checkpoint's (its first EMA decay, its configured sampler). ``--ema raw`` is the raw,
   non-averaged weights.
 * A cell generates ``--num_samples`` images with the ``sample`` command's export
-  (:func:`dip_lightning.evaluation.export.export_samples`: class-balanced labels, seed ``seed + i`` per image, chunks that a
-  rerun keeps, spread over the processes that torchrun or srun started) and scores them with
+  (:func:`dip_lightning.evaluation.export.export_samples`: class-balanced labels, seed ``seed + i`` per image,
+  chunks that a rerun keeps, spread over the processes that torchrun or srun started) and scores them with
   :func:`dip_lightning.core.metrics.compute_metrics` on rank 0, against one ``--reference`` (its features are
   extracted once and cached).
 * ``DIR/cells/<cell>/`` holds the cell's ``cell.json`` (settings and weights fingerprint), its samples while they

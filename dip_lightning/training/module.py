@@ -327,7 +327,8 @@ class DiPModule(pl.LightningModule):
         return x.float()
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
-        """Batches of ``{"labels", "seeds"}`` (see :class:`dip_lightning.evaluation.export.LabelSeedDataModule`) -> uint8."""
+        """Batches of ``{"labels", "seeds"}`` -> uint8 images (the batches of
+        :class:`dip_lightning.evaluation.export.LabelSeedDataModule`)."""
         labels, seeds = batch["labels"], batch["seeds"]
         images = self.generate(labels, seeds)
         return {

@@ -74,7 +74,8 @@ class DiP(nn.Module):
     """
 
     #: Options that change how the network is computed, not what: a resume may change them (turning on
-    #: activation checkpointing after an out-of-memory). See :func:`dip_lightning.checkpoint.compatibility.check_compatible`.
+    #: activation checkpointing after an out-of-memory); see
+    #: :func:`dip_lightning.checkpoint.compatibility.check_compatible`.
     EXECUTION_OPTIONS = ("checkpoint_blocks", "checkpoint_head")
 
     def __init__(

@@ -5,9 +5,9 @@ Without it a diverged run (``lr=1000`` on the tiny config) logs ``nan``, exits 0
 weights are NaN, and a resumed run that diverges overwrites its good ``last.ckpt``. With it (docs/design.md §8):
 
 * every optimizer step, after backward and before the update (``on_before_optimizer_step``), one flag is
-  computed on the device: the step's loss (``pl_module.last_loss``, which :class:`~dip_lightning.training.module.DiPModule`
-  keeps) and the total gradient norm are finite. In DDP the ranks all-reduce that flag (max), so all of them skip
-  the same steps and their weights stay identical;
+  computed on the device: the step's loss (``pl_module.last_loss``, which
+  :class:`~dip_lightning.training.module.DiPModule` keeps) and the total gradient norm are finite. In DDP the
+  ranks all-reduce that flag (max), so all of them skip the same steps and their weights stay identical;
 * a flagged step changes nothing: no optimizer update (its state, step counts included, stays as it was), no
   LR-scheduler step (``DiPModule.lr_scheduler_step``), no EMA update (:class:`~dip_lightning.training.callbacks.EMA`,
   :class:`~dip_lightning.training.callbacks.PowerFunctionEMA`). The step counter, the data position and the training
