@@ -444,6 +444,7 @@ def tiny_kit_run(tmp_path_factory, demo_data) -> Path:
     return folder / "run" / "checkpoints" / "last.ckpt"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["truncated", "not_a_checkpoint", "kit_network_the_release_cannot_run"])
 def test_convert_command_errors_name_the_file_the_problem_and_the_fix(
     case, tmp_path, released_sd, tiny_kit_run

@@ -63,6 +63,7 @@ def test_every_placement_trains_through_cli(tmp_path: Path, demo_data: dict, pla
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
 
 
+@pytest.mark.slow
 def test_repa_on_and_off(tmp_path: Path, demo_data: dict) -> None:
     repa = [
         '--model.repa={"encoder": {"class_path": "dip_lightning.core.encoders.TinyViTEncoder", '
@@ -126,6 +127,7 @@ def test_step_metrics_are_logged_fresh_and_only_at_logging_steps(
     assert all(float(r["train/images_per_sec"]) > 0 for r in written)
 
 
+@pytest.mark.slow
 def test_compile_mode_is_checked_and_passed_to_torch_compile(
     tmp_path: Path, demo_data: dict, capsys: pytest.CaptureFixture
 ) -> None:

@@ -12,9 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.helpers.data import make_recorder, write_id_shards
 from tests.helpers.tiny import subprocess_env
 from tests.helpers.toy_fit import cpu_trainer
+
+pytestmark = pytest.mark.slow  # a two-process DDP run
 
 BATCH, STEPS, WORKERS, SEED = 4, 7, 2, 5
 

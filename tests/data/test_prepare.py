@@ -176,6 +176,7 @@ def _make_slow_folder(root: Path, n: int) -> None:
         _save(img, root / f"k{i % 2}" / f"img_{i:03d}.jpg", "JPEG", quality=80)
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_identical_shards(tmp_path):
     src = tmp_path / "src"
     _make_slow_folder(src, 48)

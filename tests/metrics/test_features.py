@@ -82,6 +82,7 @@ def test_iter_npz_images_streams_nhwc_and_nchw(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- extractors
+@pytest.mark.slow
 def test_missing_weights_raise_errors_that_say_how_to_fix(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "nope.pt"))):
         FIDHelperInception(path=str(tmp_path / "nope.pt"))
@@ -118,6 +119,7 @@ class _StandInInception(torch.nn.Module):
         return torch.softmax(features @ self.fc, dim=1)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:DeprecationWarning")
 def test_torchscript_inception_wrapper_with_a_scripted_stand_in(tmp_path: Path) -> None:
     path = tmp_path / "inception-2015-12-05.pt"
@@ -137,6 +139,7 @@ def test_torchscript_inception_wrapper_with_a_scripted_stand_in(tmp_path: Path) 
     assert not extractor.training  # never leaves eval mode
 
 
+@pytest.mark.slow
 def test_default_inception_features_separate_real_photos_from_noise() -> None:
     from skimage import data
 
