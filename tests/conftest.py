@@ -13,6 +13,13 @@ from tests.helpers.slurm_two_nodes import TwoNodeSlurmCluster
 ClusterT = TypeVar("ClusterT", bound=SlurmCluster)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A SLURM test is also a slow one: ``-m "not slow"`` (``make test-fast``) leaves it out."""
+    for item in items:
+        if item.get_closest_marker("slurm") and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)
+
+
 def _running(cluster: ClusterT, what: str) -> Iterator[ClusterT]:
     """Start ``cluster``, skip (saying why) where SLURM cannot be provided, stop it by pid afterwards.
 

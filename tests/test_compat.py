@@ -12,34 +12,7 @@ from lightning.pytorch.callbacks import EMAWeightAveraging
 from torch.optim.swa_utils import AveragedModel
 
 from dip_lightning.core import compat
-
-
-class Tiny(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer = torch.nn.Linear(2, 1)
-
-    def training_step(self, batch, batch_idx):  # noqa: ANN001
-        return self.layer(batch[0]).square().mean()
-
-    def configure_optimizers(self):  # noqa: ANN201
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-def _trainer(**kwargs) -> pl.Trainer:  # noqa: ANN003
-    return pl.Trainer(
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        **kwargs,
-    )
-
-
-def _data() -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 2)), batch_size=2)
+from tests.helpers.toy_fit import ToyRegression, cpu_trainer
 
 
 @pytest.mark.parametrize(("module", "cls", "method"), compat.OVERRIDDEN_PRIVATE_METHODS)
@@ -69,8 +42,8 @@ def test_cluster_environment_sigterm_broadcast_and_batch_progress_in_a_fit() -> 
             compat.restore_sigterm_broadcast(trainer)
             seen["restored"] = not compat.sigterm_broadcast_skipped(trainer)
 
-    trainer = _trainer(callbacks=[Probe()])
-    trainer.fit(Tiny(), train_dataloaders=_data())
+    trainer = cpu_trainer(max_steps=2, callbacks=[Probe()])
+    trainer.fit(ToyRegression())
     assert isinstance(seen["env"], ClusterEnvironment)
     assert seen["skipped"] and seen["now_skipped"] and seen["restored"]
     assert seen["in_flight"] == 1  # the batch whose step is running
@@ -78,13 +51,13 @@ def test_cluster_environment_sigterm_broadcast_and_batch_progress_in_a_fit() -> 
 
 def test_average_model_and_swap_of_lightnings_ema() -> None:
     ema = EMAWeightAveraging(decay=0.5)
-    model = Tiny()
-    _trainer(callbacks=[ema]).fit(model, train_dataloaders=_data())
+    model = ToyRegression()
+    cpu_trainer(max_steps=2, callbacks=[ema]).fit(model)
     averaged = compat.average_model(ema)
     assert isinstance(averaged, AveragedModel)
-    live = model.layer.weight.detach().clone()
+    live = model.net.weight.detach().clone()
     compat.swap_averaged_models(ema, model)
-    assert torch.equal(averaged.module.layer.weight, live)
+    assert torch.equal(averaged.module.net.weight, live)
 
 
 def test_torch_fidelity_forward_exists() -> None:

@@ -36,12 +36,12 @@ from dip_lightning.training.released import (
     official_layout,
     official_to_kit,
 )
+from tests.helpers import REPO
 from tests.helpers.commands import run_command, user_error
 from tests.helpers.tiny import fit_tiny
 
 torch.set_num_threads(1)
 
-REPO = Path(__file__).resolve().parents[1]
 XL_YAML = REPO / "experiments" / "dip_xl16.yaml"
 
 # Tiny released configuration: 32 px images on 16 px patches (2x2 tokens), the released head at full width.
@@ -444,6 +444,7 @@ def tiny_kit_run(tmp_path_factory, demo_data) -> Path:
     return folder / "run" / "checkpoints" / "last.ckpt"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["truncated", "not_a_checkpoint", "kit_network_the_release_cannot_run"])
 def test_convert_command_errors_name_the_file_the_problem_and_the_fix(
     case, tmp_path, released_sd, tiny_kit_run

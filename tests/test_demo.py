@@ -10,9 +10,12 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from dip_lightning.commands.demo import run_demo
+
+pytestmark = pytest.mark.slow  # the whole demo, end to end
 
 CALLBACKS = [
     {"class_path": "dip_lightning.training.callbacks.EMA", "init_args": {"decay": 0.9}},

@@ -192,6 +192,7 @@ def _velocity_error(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -
     return sum(errors) / len(errors)
 
 
+@pytest.mark.slow
 def test_x_prediction_learns_the_demo_data_as_v_prediction_does(tmp_path: Path, demo_data: dict) -> None:
     """A short real training of each on the demo shards; both reduce the velocity error at fixed noise, to
     comparable values (JiT's claim is that x-prediction does no worse; at this scale they are close)."""

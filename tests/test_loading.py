@@ -30,6 +30,7 @@ def run_sample(*args: str) -> subprocess.CompletedProcess:
     return run_command("sample", "--num_samples", "2", "--batch_size", "2", *args)
 
 
+@pytest.mark.slow
 def test_sample_with_a_config_of_another_network_says_what_differs_and_how_to_fix(
     ten_class_ckpt: Path, tmp_path: Path
 ) -> None:
@@ -44,6 +45,7 @@ def test_sample_with_a_config_of_another_network_says_what_differs_and_how_to_fi
     assert not out.exists() and not out.with_name(out.name + ".parts").exists()
 
 
+@pytest.mark.slow
 def test_sample_on_a_truncated_checkpoint_names_the_file(ten_class_ckpt: Path, tmp_path: Path) -> None:
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(ten_class_ckpt.read_bytes()[:5000])

@@ -147,6 +147,7 @@ def test_reconstruction_in_a_tiny_run_matches_the_tracked_profile(
     assert job["weights"] == f"phema std 0.15 at step {RUN_STEPS}"
 
 
+@pytest.mark.slow
 def test_sigterm_then_fit_again_continues_the_profiles_bit_exact(tmp_path: Path, demo_data: dict) -> None:
     """The tracked profiles resume from the preemption checkpoint: every snapshot of the resumed run equals the
     uninterrupted run's."""

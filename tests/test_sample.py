@@ -135,6 +135,7 @@ def test_sample_command_on_chunks_of_another_export_is_a_clear_error(
     assert [p.read_bytes() for p in chunk_files(out)] == before
 
 
+@pytest.mark.slow
 def test_sample_command_killed_with_sigkill_resumes_byte_identical(ckpt: Path, tmp_path: Path) -> None:
     flags = [
         "--num_samples",
@@ -183,6 +184,7 @@ def test_sample_command_killed_with_sigkill_resumes_byte_identical(ckpt: Path, t
     assert out.read_bytes() == reference.read_bytes()
 
 
+@pytest.mark.slow
 def test_sample_command_spreads_chunks_over_processes(
     ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -319,6 +321,7 @@ def test_predict_command_returns_uint8_images_of_the_ema_weights(ckpt: Path, tmp
     assert torch.equal(images.permute(0, 2, 3, 1), torch.from_numpy(load_npz(exported)["arr_0"]))
 
 
+@pytest.mark.slow
 def test_evaluate_command_on_an_export(
     ckpt: Path, tmp_path: Path, demo_data: dict, capsys: pytest.CaptureFixture
 ) -> None:
@@ -375,6 +378,7 @@ def test_checkpoint_trained_with_repa_samples_without_building_repa(tmp_path: Pa
     )
 
 
+@pytest.mark.slow
 def test_compiled_sampling_gives_the_eager_images(
     ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

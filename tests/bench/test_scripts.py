@@ -10,7 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+import pytest
+
+from tests.helpers import REPO
+
+pytestmark = pytest.mark.slow  # smoke runs of the benchmark scripts
 
 
 def test_gpu_benchmark_smoke_run_fills_every_section(tmp_path: Path) -> None:

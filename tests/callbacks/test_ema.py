@@ -29,22 +29,7 @@ from dip_lightning.training.callbacks.ema import find_ema, sampling_module
 from dip_lightning.training.callbacks.sample_grid import make_grid
 from dip_lightning.training.loading import load_module
 from tests.helpers.tiny import HIGH_LR, ema_callback, fit_with, grid_callback, read_png, tiny_args
-
-STATE = dict[str, torch.Tensor]
-
-
-def state(module: torch.nn.Module) -> STATE:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def assert_same(a: STATE, b: STATE) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-
-
-def differing(a: STATE, b: STATE) -> list[str]:
-    return [k for k in a if not torch.equal(a[k], b[k])]
+from tests.helpers.weights import STATE, assert_same, differing, state
 
 
 def load_ckpt(path: Path) -> dict:

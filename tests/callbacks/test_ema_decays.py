@@ -30,25 +30,10 @@ from dip_lightning.training.cli import DiPCLI
 from dip_lightning.training.loading import load_module
 from dip_lightning.training.module import DiPModule
 from tests.helpers.tiny import HIGH_LR, TINY_CONFIG, ema_callback, fit_with, tiny_args
+from tests.helpers.weights import STATE, assert_same, differing, state
 
-STATE = dict[str, torch.Tensor]
 DECAYS = [0.5, 0.8]
 STEPS = 4
-
-
-def state(weights: dict[str, torch.Tensor] | torch.nn.Module) -> STATE:
-    items = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
-    return {k: v.detach().clone() for k, v in items.items()}
-
-
-def assert_same(a: STATE, b: STATE) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-
-
-def differing(a: STATE, b: STATE) -> list[str]:
-    return [k for k in a if not torch.equal(a[k], b[k])]
 
 
 def ema_by_hand(raw_after_each_step: list[STATE], decay: float) -> STATE:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import lightning.pytorch as pl
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -12,6 +11,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from dip_lightning.core.compat import average_model
 from dip_lightning.training.callbacks import EMA
 from dip_lightning.training.callbacks.ema import HostCountedAveragedModel
+from tests.helpers.toy_fit import ToyRegression, cpu_trainer
 
 
 def small_net() -> nn.Module:
@@ -57,67 +57,6 @@ def test_host_counted_average_equals_torchs_and_survives_a_reload():
     assert resumed.host_count == 7
 
 
-def test_updates_after_the_first_make_no_tensor_to_python_reads(monkeypatch):
-    # On a GPU each such read (bool(tensor), tensor.item()) is a host-device synchronisation.
-    reads = []
-    real_bool, real_item = torch.Tensor.__bool__, torch.Tensor.item
-
-    def counting_bool(self):  # noqa: ANN001, ANN202
-        reads.append("bool")
-        return real_bool(self)
-
-    def counting_item(self):  # noqa: ANN001, ANN202
-        reads.append("item")
-        return real_item(self)
-
-    net = small_net()
-    ref, ours = averaged(AveragedModel, net), averaged(HostCountedAveragedModel, net)
-    ours.update_parameters(net)  # the first update copies (torch's own code, reads allowed once)
-    ref.update_parameters(net)
-    monkeypatch.setattr(torch.Tensor, "__bool__", counting_bool)
-    monkeypatch.setattr(torch.Tensor, "item", counting_item)
-    for step in range(3):
-        perturb(net, step)
-        ours.update_parameters(net)
-    ours_reads = len(reads)
-    ref.update_parameters(net)
-    assert ours_reads == 0
-    assert len(reads) >= 2  # torch's update: bool(n_averaged == 0) and `if n_averaged > 0`
-
-
-class Regression(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = small_net()
-
-    def training_step(self, batch, batch_idx):  # noqa: ANN001
-        return self.net(batch[0]).pow(2).mean()
-
-    def configure_optimizers(self):  # noqa: ANN201
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    def train_dataloader(self):  # noqa: ANN201
-        data = torch.utils.data.TensorDataset(torch.randn(40, 4))
-        return torch.utils.data.DataLoader(data, batch_size=4)
-
-
-def test_ema_callback_uses_the_host_counted_average():
-    steps = 7
-    ema = EMA(decay=0.9)
-    trainer = pl.Trainer(
-        max_steps=steps,
-        callbacks=[ema],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
-    trainer.fit(Regression())
-    assert type(average_model(ema)) is HostCountedAveragedModel
-    assert ema.num_updates == steps == int(average_model(ema).n_averaged)
-
-
 def count_tensor_reads(monkeypatch, reads: list[str]) -> None:  # noqa: ANN001
     """Record every tensor-to-Python read (on a GPU each is a host-device synchronisation)."""
     real_bool, real_item = torch.Tensor.__bool__, torch.Tensor.item
@@ -132,6 +71,34 @@ def count_tensor_reads(monkeypatch, reads: list[str]) -> None:  # noqa: ANN001
 
     monkeypatch.setattr(torch.Tensor, "__bool__", counting_bool)
     monkeypatch.setattr(torch.Tensor, "item", counting_item)
+
+
+def test_updates_after_the_first_make_no_tensor_to_python_reads(monkeypatch):
+    reads: list[str] = []
+    net = small_net()
+    ref, ours = averaged(AveragedModel, net), averaged(HostCountedAveragedModel, net)
+    ours.update_parameters(net)  # the first update copies (torch's own code, reads allowed once)
+    ref.update_parameters(net)
+    count_tensor_reads(monkeypatch, reads)
+    for step in range(3):
+        perturb(net, step)
+        ours.update_parameters(net)
+    ours_reads = len(reads)
+    ref.update_parameters(net)
+    assert ours_reads == 0
+    assert len(reads) >= 2  # torch's update: bool(n_averaged == 0) and `if n_averaged > 0`
+
+
+def regression() -> ToyRegression:
+    return ToyRegression(small_net(), samples=40, batch_size=4)
+
+
+def test_ema_callback_uses_the_host_counted_average():
+    steps = 7
+    ema = EMA(decay=0.9)
+    cpu_trainer(max_steps=steps, callbacks=[ema]).fit(regression())
+    assert type(average_model(ema)) is HostCountedAveragedModel
+    assert ema.num_updates == steps == int(average_model(ema).n_averaged)
 
 
 def test_several_decays_update_without_tensor_reads(monkeypatch):
@@ -149,16 +116,7 @@ def test_several_decays_update_without_tensor_reads(monkeypatch):
             return hook(trainer, *args)
 
     monkeypatch.setattr(ema, "on_train_batch_end", watched)
-    trainer = pl.Trainer(
-        max_steps=6,
-        callbacks=[ema],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
-    trainer.fit(Regression())
+    cpu_trainer(max_steps=6, callbacks=[ema]).fit(regression())
     assert ema.num_updates == 6 and reads == []
     averages = ema.averages()
     assert list(averages) == [0.9, 0.5, 0.2]
@@ -170,7 +128,7 @@ def test_averages_live_on_the_training_device():
     """Lightning copies the module at callback setup, before the strategy moves it to its device (the module is
     still on the CPU there when training on a GPU); the averages must still end up on the training device.
     ``meta`` stands in for the GPU on a CPU-only machine."""
-    module = Regression()
+    module = regression()
     trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("meta")))
     ema = EMA(decays=[0.9, 0.5])
     ema.setup(trainer, module, "fit")

@@ -15,6 +15,7 @@ from dip_lightning.core.compat import cluster_environment
 from dip_lightning.training.callbacks.preemption import PerJobTimer, PreemptionGuard
 from dip_lightning.training.cli import DiPCLI
 from tests.helpers.resume import probe_args, resume_args, run_fit
+from tests.helpers.toy_fit import ToyRegression, cpu_trainer
 
 
 def test_max_time_counts_per_job(tmp_path: Path, demo_data: dict) -> None:
@@ -89,27 +90,7 @@ def test_guard_skips_lightnings_per_step_sigterm_broadcast_while_it_owns_sigterm
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001
             seen.append(sigterm_broadcast_skipped(trainer))
 
-    class Tiny(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.layer = torch.nn.Linear(2, 1)
-
-        def training_step(self, batch, batch_idx):  # noqa: ANN001
-            return self.layer(batch[0]).square().mean()
-
-        def configure_optimizers(self):  # noqa: ANN201
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 2)), batch_size=2)
-    trainer = pl.Trainer(
-        max_steps=3,
-        callbacks=[PreemptionGuard(), Probe()],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
-    trainer.fit(Tiny(), train_dataloaders=data)
+    trainer = cpu_trainer(max_steps=3, callbacks=[PreemptionGuard(), Probe()])
+    trainer.fit(ToyRegression())
     assert seen == [True] * 3
     assert not sigterm_broadcast_skipped(trainer)

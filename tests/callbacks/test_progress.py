@@ -11,28 +11,21 @@ from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgre
 
 from dip_lightning.training.callbacks import RichProgress
 from dip_lightning.training.cli import DiPCLI
+from tests.helpers.tiny import TINY_CONFIG
+from tests.helpers.toy_fit import ToyRegression, cpu_trainer
 
-REPO = Path(__file__).resolve().parents[2]
 
+class LoggingRegression(ToyRegression):
+    """Logs what DiPModule shows on the bar: the loss and the image rate, under DiPModule's names."""
 
-class LinearRegression(pl.LightningModule):
     def __init__(self) -> None:
-        super().__init__()
-        self.layer = torch.nn.Linear(4, 1)
+        super().__init__(torch.nn.Linear(4, 1), lr=0.01, samples=64)
 
     def training_step(self, batch, batch_idx):  # noqa: ANN001
-        x = batch[0]
-        loss = self.layer(x).pow(2).mean()
+        loss = super().training_step(batch, batch_idx)
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/images_per_sec", 123.0)  # DiPModule logs its rate under this name
+        self.log("train/images_per_sec", 123.0)
         return loss
-
-    def configure_optimizers(self):  # noqa: ANN201
-        return torch.optim.SGD(self.parameters(), lr=0.01)
-
-    def train_dataloader(self):  # noqa: ANN201
-        data = torch.utils.data.TensorDataset(torch.randn(64, 4))
-        return torch.utils.data.DataLoader(data, batch_size=2)
 
 
 def metric_reads(bar: ProgressBar, monkeypatch: pytest.MonkeyPatch, steps: int = 20) -> tuple[int, dict]:
@@ -45,15 +38,8 @@ def metric_reads(bar: ProgressBar, monkeypatch: pytest.MonkeyPatch, steps: int =
         return original(self, trainer, pl_module)
 
     monkeypatch.setattr(ProgressBar, "get_metrics", counting)
-    trainer = pl.Trainer(
-        max_steps=steps,
-        callbacks=[bar],
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
-    trainer.fit(LinearRegression())
+    trainer = cpu_trainer(max_steps=steps, callbacks=[bar], enable_progress_bar=True)
+    trainer.fit(LoggingRegression())
     return len(reads), bar.get_metrics(trainer, trainer.lightning_module)
 
 
@@ -68,15 +54,9 @@ def test_rich_progress_reads_metrics_every_n_steps(monkeypatch):
 def test_plain_lines_when_output_is_not_a_terminal(capsys):
     # Under pytest stdout is a capture buffer, as it is a log file under SLURM: rich would stay silent until the
     # bar stops, so a plain line comes every log_every_n_steps.
-    trainer = pl.Trainer(
-        max_steps=20,
-        callbacks=[RichProgress(metrics_every_n_steps=5, log_every_n_steps=5)],
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
-    trainer.fit(LinearRegression())
+    bar = RichProgress(metrics_every_n_steps=5, log_every_n_steps=5)
+    trainer = cpu_trainer(max_steps=20, callbacks=[bar], enable_progress_bar=True)
+    trainer.fit(LoggingRegression())
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("step ")]
     assert [ln.split(" | ")[0] for ln in lines] == ["step 5/20", "step 10/20", "step 15/20", "step 20/20"]
     assert all("123.0 img/s" in ln and "train/loss" in ln for ln in lines), lines
@@ -92,7 +72,7 @@ def test_rich_progress_validates_its_arguments():
 def _trainer(tmp_path: Path, *extra: str) -> pl.Trainer:
     args = [
         "--config",
-        str(REPO / "experiments" / "tiny_cpu.yaml"),
+        TINY_CONFIG,
         f"--trainer.default_root_dir={tmp_path}",
         "--trainer.callbacks=null",
         *extra,

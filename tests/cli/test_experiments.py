@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from dip_lightning.training.cli import DiPCLI
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 EXPERIMENTS = REPO / "experiments"
 RECIPES = sorted(p for p in EXPERIMENTS.glob("*.yaml"))
 ABLATIONS = sorted(EXPERIMENTS.glob("ablations/*.yaml"))

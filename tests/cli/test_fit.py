@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,7 +12,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from dip_lightning.training.cli import DiPCLI
-from tests.helpers.tiny import REPO, fit_tiny, fit_with, subprocess_env, tiny_args
+from tests.helpers.commands import run_command
+from tests.helpers.tiny import fit_tiny, fit_with, tiny_args
+from tests.helpers.weights import assert_same
 
 
 def test_same_seed_same_losses(tmp_path: Path, demo_data: dict) -> None:
@@ -63,6 +63,7 @@ def test_every_placement_trains_through_cli(tmp_path: Path, demo_data: dict, pla
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
 
 
+@pytest.mark.slow
 def test_repa_on_and_off(tmp_path: Path, demo_data: dict) -> None:
     repa = [
         '--model.repa={"encoder": {"class_path": "tests.helpers.tiny_encoder.TinyViTEncoder", '
@@ -126,6 +127,7 @@ def test_step_metrics_are_logged_fresh_and_only_at_logging_steps(
     assert all(float(r["train/images_per_sec"]) > 0 for r in written)
 
 
+@pytest.mark.slow
 def test_compile_mode_is_checked_and_passed_to_torch_compile(
     tmp_path: Path, demo_data: dict, capsys: pytest.CaptureFixture
 ) -> None:
@@ -217,21 +219,11 @@ def test_ddp_two_processes_identical_weights(tmp_path: Path, demo_data: dict) ->
         "--trainer.callbacks+=tests.helpers.weights_dump.DumpWeights",
         f"--trainer.callbacks.init_args.out_dir={tmp_path / 'weights'}",
     ]
-    env = subprocess_env(threads=1)
-    proc = subprocess.run(
-        [sys.executable, "-m", "dip_lightning", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_command(*args, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rank0 = torch.load(tmp_path / "weights" / "rank0.pt")
     rank1 = torch.load(tmp_path / "weights" / "rank1.pt")
-    assert rank0.keys() == rank1.keys()
-    for key in rank0:
-        assert torch.equal(rank0[key], rank1[key]), key
+    assert_same(rank0, rank1)
     # The ranks saw different data (DistributedSampler-free: the stream is split per rank).
     assert json.loads((tmp_path / "weights" / "rank0.json").read_text()) != json.loads(
         (tmp_path / "weights" / "rank1.json").read_text()

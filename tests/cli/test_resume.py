@@ -33,6 +33,8 @@ from tests.helpers.resume import (
 )
 from tests.helpers.tiny import subprocess_env
 
+pytestmark = pytest.mark.slow  # interrupted and resumed fits, each against an uninterrupted one
+
 
 @pytest.fixture(scope="module")
 def reference(demo_data: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
@@ -193,7 +195,6 @@ def test_stale_preemption_checkpoint_of_an_older_job_is_ignored_then_pruned(
     assert_same_steps(load_records(out), reference["records"])
 
 
-@pytest.mark.slow
 def test_ddp_two_processes_sigterm_on_one_rank_resumes_bit_exact(tmp_path: Path, demo_data: dict) -> None:
     """Two gloo processes (Lightning's launcher, no SLURM): SIGTERM reaches rank 0 only; both ranks agree
     on the step, save once and stop; `fit` again gives the uninterrupted two-process run's bits on both ranks.

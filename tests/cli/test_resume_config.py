@@ -18,6 +18,7 @@ from dip_lightning.checkpoint.io import AtomicCheckpointIO, CheckpointError
 from tests.helpers.resume import resume_args, run_fit, snapshot
 
 
+@pytest.mark.slow
 def test_resume_with_mismatched_config_fails_before_writing(tmp_path: Path, demo_data: dict) -> None:
     run = tmp_path / "run"
     stop, _ = run_fit(resume_args(run, demo_data, steps=5))
@@ -58,6 +59,7 @@ def _resume_line(lines: list[str]) -> str:
     return next(line for line in lines if line.startswith("Resume:"))
 
 
+@pytest.mark.slow
 def test_resume_may_turn_on_activation_checkpointing_and_change_the_head_layout(
     tmp_path: Path, demo_data: dict
 ) -> None:
@@ -91,6 +93,7 @@ def test_resume_may_turn_on_activation_checkpointing_and_change_the_head_layout(
     assert last["hyper_parameters"]["net"]["init_args"]["checkpoint_blocks"] == 2
 
 
+@pytest.mark.slow
 def test_resume_trains_with_the_configured_learning_rate(tmp_path: Path, demo_data: dict) -> None:
     """Lightning restores the saved param groups; the kit applies the configured settings on top and says so."""
     run = tmp_path / "run"
@@ -109,6 +112,7 @@ def test_resume_trains_with_the_configured_learning_rate(tmp_path: Path, demo_da
     assert all(int(s["step"]) == 8 for s in state.values())
 
 
+@pytest.mark.slow
 def test_new_learning_rate_under_a_scheduler_keeps_the_schedule_position(
     tmp_path: Path, demo_data: dict
 ) -> None:
@@ -132,6 +136,7 @@ def test_new_learning_rate_under_a_scheduler_keeps_the_schedule_position(
     assert group["lr"] == pytest.approx(4e-3 * (0.5 + 0.5 * 8 / 12), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_explicit_ckpt_path_keeps_this_runs_settings(tmp_path: Path, demo_data: dict) -> None:
     """``fit --ckpt_path`` continues with this run's configuration, like the automatic resume (LightningCLI
     would otherwise replace the model config by the checkpoint's hyperparameters, dropping the new settings)."""

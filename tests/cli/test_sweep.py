@@ -135,6 +135,7 @@ def test_sweep_two_emas_by_two_guidance_scales(setup: dict, tmp_path: Path) -> N
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "](sweep_fid.png)" in md
 
 
+@pytest.mark.slow
 def test_other_weights_at_the_same_path_are_refused(
     setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

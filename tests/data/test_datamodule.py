@@ -10,6 +10,7 @@ import torch
 
 from dip_lightning.core.data import ShardDataModule, build_demo_dataset
 from tests.helpers.data import make_recorder, write_id_shards
+from tests.helpers.toy_fit import cpu_trainer
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings(
@@ -22,20 +23,7 @@ pytestmark = pytest.mark.filterwarnings(
 
 
 def _trainer(max_steps: int, **kw):
-    import lightning.pytorch as pl
-
-    kw.setdefault("logger", False)
-    kw.setdefault("enable_checkpointing", False)
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=max_steps,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        **kw,
-    )
+    return cpu_trainer(max_steps=max_steps, num_sanity_val_steps=0, limit_val_batches=0, **kw)
 
 
 def _dm(pattern: str, **kw) -> ShardDataModule:
@@ -156,17 +144,7 @@ def test_demo_dataset_is_idempotent_and_trains(tmp_path):
         epoch_length=96,
     )
     model = make_recorder()
-    import lightning.pytorch as pl
-
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=12,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = cpu_trainer(max_steps=12)
     trainer.fit(model, dm)
     assert trainer.num_training_batches == 12
     assert sum(len(v) for v in model.val_ids) >= 32  # sanity check + one full validation pass

@@ -12,7 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.helpers.data import REPO, make_recorder, write_id_shards
+import pytest
+
+from tests.helpers.data import make_recorder, write_id_shards
+from tests.helpers.tiny import subprocess_env
+from tests.helpers.toy_fit import cpu_trainer
+
+pytestmark = pytest.mark.slow  # a two-process DDP run
 
 BATCH, STEPS, WORKERS, SEED = 4, 7, 2, 5
 
@@ -35,23 +41,12 @@ def _datamodule(shard_dir: str, num_workers: int):
 
 
 def ddp_main(shard_dir: str, out_dir: str) -> None:
-    import lightning.pytorch as pl
     import torch
 
     torch.set_num_threads(1)
     dm = _datamodule(shard_dir, WORKERS)
     model = make_recorder()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_steps=STEPS,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = cpu_trainer(devices=2, strategy="ddp", max_steps=STEPS, num_sanity_val_steps=0)
     trainer.fit(model, dm)
     with open(os.path.join(out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
         json.dump(
@@ -73,13 +68,10 @@ def test_ddp_ranks_get_different_samples_and_equal_batch_counts(tmp_path):
     write_id_shards(shard_dir, n_shards=2, per_shard=9, prefix="val", start_id=1000)  # 18 val samples
     out = tmp_path / "out"
     out.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
     res = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), str(shard_dir), str(out)],
         cwd=tmp_path,
-        env=env,
+        env=subprocess_env(threads=1),
         capture_output=True,
         text=True,
         timeout=300,

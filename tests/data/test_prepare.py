@@ -19,7 +19,7 @@ from dip_lightning.core.data.prepare import prepare_split
 from dip_lightning.core.data.preprocess import center_crop_arr, to_rgb
 from dip_lightning.core.data.shards import expand_shards, iter_shard_samples
 from dip_lightning.core.data.streams import iter_image_batches
-from tests.helpers.data import REPO
+from tests.helpers import REPO
 
 SIZE = 16
 BAD = {"b_dog/empty.jpg", "b_dog/truncated.jpg", "c_fish/notes.txt"}
@@ -176,6 +176,7 @@ def _make_slow_folder(root: Path, n: int) -> None:
         _save(img, root / f"k{i % 2}" / f"img_{i:03d}.jpg", "JPEG", quality=80)
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_identical_shards(tmp_path):
     src = tmp_path / "src"
     _make_slow_folder(src, 48)

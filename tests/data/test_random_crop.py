@@ -13,7 +13,8 @@ from dip_lightning.core.data import ShardDataModule
 from dip_lightning.core.data.preprocess import center_crop_arr, decode_image, random_crop_arr
 from dip_lightning.core.data.shards import shard_sample_counts
 from dip_lightning.core.data.streams import TrainShardStream
-from tests.helpers.data import write_wide_shards
+from tests.helpers.data import make_recorder, write_wide_shards
+from tests.helpers.toy_fit import cpu_trainer
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings(
@@ -111,45 +112,21 @@ def test_crops_are_random_deterministic_and_independent_of_workers(wide) -> None
 
 
 def test_resume_sees_the_same_crops(wide, tmp_path) -> None:
-    import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
-
-    class Record(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(1))
-            self.seen: list[torch.Tensor] = []
-
-        def training_step(self, batch, batch_idx):  # noqa: ANN001
-            self.seen.append(batch[0].detach().clone())
-            return (self.w * batch[0].mean()).sum()
-
-        def configure_optimizers(self):  # noqa: ANN201
-            return torch.optim.SGD(self.parameters(), lr=0.01)
-
-    def trainer(steps: int, **kw) -> pl.Trainer:  # noqa: ANN003
-        return pl.Trainer(
-            accelerator="cpu",
-            devices=1,
-            max_steps=steps,
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            **kw,
-        )
 
     def datamodule(**kw) -> ShardDataModule:  # noqa: ANN003
         args = {"image_size": SIZE, "num_classes": 4, "batch_size": 4, "num_workers": 0, "shuffle_buffer": 12}
         return ShardDataModule(train_shards=wide, epoch_length=12, random_crop=True, **{**args, **kw})
 
     ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1, filename="{step}")
-    full = Record()
-    trainer(7, callbacks=[ckpt]).fit(full, datamodule())
-    resumed = Record()
-    trainer(7, enable_checkpointing=False).fit(
+    full = make_recorder()
+    cpu_trainer(max_steps=7, limit_val_batches=0, callbacks=[ckpt], enable_checkpointing=True).fit(
+        full, datamodule()
+    )
+    resumed = make_recorder()
+    cpu_trainer(max_steps=7, limit_val_batches=0).fit(
         resumed, datamodule(num_workers=2), ckpt_path=tmp_path / "step=3.ckpt"
     )
-    assert len(resumed.seen) == 4
-    assert all(torch.equal(a, b) for a, b in zip(resumed.seen, full.seen[3:], strict=True))
+    assert len(resumed.train_batches) == 4
+    assert all(torch.equal(a, b) for a, b in zip(resumed.train_batches, full.train_batches[3:], strict=True))
     assert torch.load(tmp_path / "step=3.ckpt", weights_only=False)["ShardDataModule"]["random_crop"] is True

@@ -5,7 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.helpers.tiny import REPO, subprocess_env
+from tests.helpers import REPO
+from tests.helpers.tiny import subprocess_env
 
 
 def run_command(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -14,8 +14,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 def id_image(i: int, size: int, label: int) -> bytes:
     arr = np.full((size, size, 3), 40 * label + 20, dtype=np.uint8)
@@ -72,7 +70,7 @@ def ids_of_float(x) -> list[int]:
 
 
 def make_recorder(check_range: bool = True):
-    """A LightningModule with one parameter that records the sample ids of every batch it sees."""
+    """A LightningModule with one parameter that records every batch it sees, and its sample ids."""
     import lightning.pytorch as pl
     import torch
 
@@ -80,6 +78,7 @@ def make_recorder(check_range: bool = True):
         def __init__(self) -> None:
             super().__init__()
             self.w = torch.nn.Parameter(torch.zeros(1))
+            self.train_batches: list[torch.Tensor] = []
             self.train_ids: list[list[int]] = []
             self.train_labels: list[list[int]] = []
             self.val_ids: list[list[int]] = []
@@ -89,6 +88,7 @@ def make_recorder(check_range: bool = True):
             if check_range:  # the DataModule's on_after_batch_transfer made float [-1, 1]
                 assert x.dtype == torch.float32 and x.is_contiguous() and -1 <= x.min() <= x.max() <= 1
                 assert y.dtype == torch.int64
+            self.train_batches.append(x.detach().clone())
             self.train_ids.append(ids_of_float(x))
             self.train_labels.append(y.tolist())
             return (self.w * x.mean()).sum()

@@ -92,7 +92,7 @@ def _which(name: str) -> str | None:
     return None
 
 
-def _free_port() -> int:
+def free_port() -> int:
     """A TCP port nobody listens on right now (small race window; good enough for tests)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -107,7 +107,7 @@ def _tail(path: Path, lines: int = 40) -> str:
         return f"<cannot read {path}: {err}>"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -399,10 +399,10 @@ class SlurmCluster:
         return f"NodeName={self.hostname} NodeAddr=127.0.0.1 {self._hardware_fields()} State=UNKNOWN"
 
     def _write_conf(self) -> None:
-        self.ctld_port = _free_port()
-        self.slurmd_port = _free_port()
+        self.ctld_port = free_port()
+        self.slurmd_port = free_port()
         while self.slurmd_port == self.ctld_port:
-            self.slurmd_port = _free_port()
+            self.slurmd_port = free_port()
         root = self.root
         lines = [
             f"ClusterName={self.cluster_name}",
@@ -464,7 +464,7 @@ class SlurmCluster:
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError, ValueError, IndexError):  # absent, or not yet written
                 pid = int(pid_file.read_text().split()[0])
-                if _pid_alive(pid):
+                if pid_alive(pid):
                     return pid
             time.sleep(0.05)
         raise SlurmError(f"{name} wrote no live pid to {pid_file}\n{_tail(self.log_dir / f'{name}.log')}")
@@ -516,7 +516,7 @@ class SlurmCluster:
         if pid is None and pid_file is not None:  # started, but stop() came before we read its pid file
             with contextlib.suppress(OSError, ValueError, IndexError):
                 pid = int(pid_file.read_text().split()[0])
-        if pid is None or not _pid_alive(pid):
+        if pid is None or not pid_alive(pid):
             return
         # Only signal the pid if it still runs what we started (pids get reused).
         marker = str(self.munge_socket if name == "munged" else self.conf_path)
@@ -526,9 +526,9 @@ class SlurmCluster:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal_module.SIGTERM)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and _pid_alive(pid):
+        while time.monotonic() < deadline and pid_alive(pid):
             time.sleep(0.05)
-        if _pid_alive(pid):
+        if pid_alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal_module.SIGKILL)
 

@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.helpers.slurm_cluster import SlurmCluster, SlurmError, SlurmUnavailable, _pid_alive, _which
+from tests.helpers.slurm_cluster import SlurmCluster, SlurmError, SlurmUnavailable, _which, pid_alive
 
 NODES = ("n1", "n2")
 SUBNET = "10.250.0"  # n1 = .1, n2 = .2; only inside this cluster's namespaces
@@ -78,7 +78,7 @@ def _kill_and_wait(pids: list[int], timeout: float = 10.0) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + timeout
-    while any(_pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
+    while any(pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
 
 
@@ -98,7 +98,7 @@ def remove_orphaned_namespaces() -> list[str]:
     removed = []
     for ns_path in sorted(NETNS_DIR.glob("dip-*")) if NETNS_DIR.is_dir() else []:
         match = _OUR_NAMESPACE.match(ns_path.name)
-        if match is None or _pid_alive(int(match.group(1))):
+        if match is None or pid_alive(int(match.group(1))):
             continue
         _kill_and_wait(_namespace_pids(ns_path))
         if _ip("netns", "delete", ns_path.name, check=False).returncode == 0:
@@ -232,7 +232,7 @@ class TwoNodeSlurmCluster(SlurmCluster):
         self._pids.pop(f"slurmd-{node}", None)
         if node == "n1":
             self._pids.pop("slurmctld", None)
-        still = [pid for pid in pids if _pid_alive(pid)]
+        still = [pid for pid in pids if pid_alive(pid)]
         if still:
             raise SlurmError(f"processes of {node} survived SIGKILL: {still}")
         return pids

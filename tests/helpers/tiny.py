@@ -13,7 +13,8 @@ from typing import Any
 import torch
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
+
 TINY_CONFIG = str(REPO / "experiments" / "tiny_cpu.yaml")
 
 # A smaller network than the demo's.

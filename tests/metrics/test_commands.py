@@ -19,19 +19,25 @@ from dip_lightning.core.metrics import METRIC_NAMES, compute_metrics
 from dip_lightning.core.metrics.features import PixelProjection
 from dip_lightning.core.metrics.frechet import StatsAccumulator
 from dip_lightning.core.metrics.sources import iter_shard_images
-from tests.metrics.test_engine import smooth_images
-from tests.metrics.test_formulas import scipy_fid
+from tests.helpers.metrics import nchw, scipy_fid, smooth_images
 
 torch.set_num_threads(1)
 FLAGS = ["--extractor", "pixel-projection", "--batch-size", "16", "--device", "cpu"]
 
 
-def test_evaluate_prints_a_table_and_writes_the_contract_json(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+@pytest.fixture()
+def real_and_fake(tmp_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """60 real and 50 fake images, saved as real.npz and fake.npz in ``tmp_path`` too."""
     real, fake = smooth_images(60, seed=0), smooth_images(50, seed=1, shift=0.15)
     np.savez(tmp_path / "real.npz", arr_0=real)
     np.savez(tmp_path / "fake.npz", arr_0=fake)
+    return real, fake
+
+
+def test_evaluate_prints_a_table_and_writes_the_contract_json(
+    tmp_path: Path, real_and_fake: tuple[np.ndarray, np.ndarray], capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, fake = real_and_fake
     out = tmp_path / "metrics.json"
     cache = ["--cache_dir", str(tmp_path / "cache")]
     argv = [str(tmp_path / "fake.npz"), str(tmp_path / "real.npz"), "--patch_size", "4", "--json", str(out)]
@@ -62,11 +68,9 @@ def test_evaluate_prints_a_table_and_writes_the_contract_json(
 
 
 def test_fid_stats_writes_the_full_reference_and_fid_is_evaluate(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, real_and_fake: tuple[np.ndarray, np.ndarray], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    real, fake = smooth_images(60, seed=0), smooth_images(50, seed=1, shift=0.15)
-    np.savez(tmp_path / "real.npz", arr_0=real)
-    np.savez(tmp_path / "fake.npz", arr_0=fake)
+    real, fake = real_and_fake
     ref = tmp_path / "ref.npz"
     assert main_fid_stats(["--images", str(tmp_path / "real.npz"), "--out", str(ref), *FLAGS]) == 0
     assert main_fid_stats(["--images", str(tmp_path / "real.npz"), "--out", str(ref), *FLAGS]) == 2
@@ -107,7 +111,7 @@ def _write_shard(path: Path, images: torch.Tensor) -> None:
 
 
 def test_fid_stats_from_shards_and_rank_split(tmp_path: Path) -> None:
-    images = torch.from_numpy(smooth_images(11, seed=4, size=24)).permute(0, 3, 1, 2).contiguous()
+    images = nchw(smooth_images(11, seed=4, size=24))
     _write_shard(tmp_path / "val-000000.tar", images[:6])
     _write_shard(tmp_path / "val-000001.tar", images[6:])
     pattern = str(tmp_path / "val-{000000..000001}.tar")

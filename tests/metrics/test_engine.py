@@ -25,22 +25,10 @@ from dip_lightning.core.metrics.frechet import FIDStats, frechet_distance
 from dip_lightning.core.metrics.patch_seam import SeamProfile, patch_seam_score
 from dip_lightning.core.metrics.precision_recall import precision_recall
 from dip_lightning.core.metrics.reference import FeatureSet, save_reference
-from tests.metrics.test_formulas import brute_force_pr, scipy_fid
+from tests.helpers.metrics import brute_force_pr, nchw, scipy_fid, smooth_images
 
 torch.set_num_threads(1)
 ALL_BUT_DINO = [m for m in METRIC_NAMES if m != "fd_dinov2"]
-
-
-def smooth_images(n: int, seed: int, size: int = 16, shift: float = 0.0) -> np.ndarray:
-    """uint8 (n, size, size, 3) images with spatial structure (upsampled low-res noise), seeded."""
-    g = torch.Generator().manual_seed(seed)
-    low = torch.rand(n, 3, 4, 4, generator=g) + shift
-    x = torch.nn.functional.interpolate(low, size=size, mode="bilinear", align_corners=False)
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
-def nchw(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
 
 
 @pytest.fixture()
@@ -51,7 +39,7 @@ def sets(tmp_path: Path) -> dict:
 
 
 def independent(real: np.ndarray, fake: np.ndarray, extractor: PixelProjection, patch: int) -> dict:
-    """Every metric from the extractor's features with the independent formulas of test_formulas."""
+    """Every metric from the extractor's features with independent formulas (tests.helpers.metrics)."""
     fr = extractor.features(nchw(real), ("pool", "spatial"))
     ff = extractor.features(nchw(fake), ("pool", "spatial", "probs"))
     # float32 features, as the engine keeps them (the ADM evaluator's activations are float32 too)

@@ -22,16 +22,9 @@ from dip_lightning.core.metrics.features import (
 )
 from dip_lightning.core.metrics.inception_score import inception_score
 from dip_lightning.core.metrics.sources import iter_npz_images
+from tests.helpers.metrics import nchw, smooth_images
 
 torch.set_num_threads(1)
-
-
-def smooth_images(n: int, seed: int, size: int = 16, shift: float = 0.0) -> torch.Tensor:
-    """uint8 (n, 3, size, size) images with spatial structure (upsampled low-res noise), seeded."""
-    g = torch.Generator().manual_seed(seed)
-    low = torch.rand(n, 3, 4, 4, generator=g) + shift
-    x = torch.nn.functional.interpolate(low, size=size, mode="bilinear", align_corners=False)
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 def tf1_resize_reference(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
@@ -75,7 +68,7 @@ def test_tf1_resize_matches_pixel_reference_and_not_torch() -> None:
 
 
 def test_iter_npz_images_streams_nhwc_and_nchw(tmp_path: Path) -> None:
-    images = smooth_images(7, seed=2).permute(0, 2, 3, 1).numpy()  # NHWC like ADM sample files
+    images = smooth_images(7, seed=2)  # NHWC like ADM sample files
     np.savez(tmp_path / "a.npz", arr_0=images)
     np.savez_compressed(tmp_path / "b.npz", arr_0=images.transpose(0, 3, 1, 2))
     for name in ("a.npz", "b.npz"):
@@ -89,6 +82,7 @@ def test_iter_npz_images_streams_nhwc_and_nchw(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- extractors
+@pytest.mark.slow
 def test_missing_weights_raise_errors_that_say_how_to_fix(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "nope.pt"))):
         FIDHelperInception(path=str(tmp_path / "nope.pt"))
@@ -125,13 +119,14 @@ class _StandInInception(torch.nn.Module):
         return torch.softmax(features @ self.fc, dim=1)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:DeprecationWarning")
 def test_torchscript_inception_wrapper_with_a_scripted_stand_in(tmp_path: Path) -> None:
     path = tmp_path / "inception-2015-12-05.pt"
     torch.jit.save(torch.jit.script(_StandInInception()), str(path))
     extractor = TorchScriptInception(str(path))
     assert extractor.name == "torchscript:inception-2015-12-05.pt" and extractor.has_classifier
-    images = smooth_images(6, seed=0, size=20)
+    images = nchw(smooth_images(6, seed=0, size=20))
     features = extractor(images)
     assert features.shape == (6, 2048) and features.dtype == torch.float64
     probs = extractor.class_probabilities(images)
@@ -144,6 +139,7 @@ def test_torchscript_inception_wrapper_with_a_scripted_stand_in(tmp_path: Path) 
     assert not extractor.training  # never leaves eval mode
 
 
+@pytest.mark.slow
 def test_default_inception_features_separate_real_photos_from_noise() -> None:
     from skimage import data
 

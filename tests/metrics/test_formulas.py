@@ -4,40 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import scipy.linalg
 import torch
 
 from dip_lightning.core.metrics.frechet import FIDStats, StatsAccumulator, frechet_distance
 from dip_lightning.core.metrics.inception_score import ADM_SPLIT_SIZE, inception_score, inception_score_splits
 from dip_lightning.core.metrics.patch_seam import SeamProfile, patch_seam_score, seam_ratio
 from dip_lightning.core.metrics.precision_recall import manifold_radii, precision_recall
+from tests.helpers.metrics import brute_force_pr, scipy_fid
 
 torch.set_num_threads(1)
-
-
-def scipy_fid(a: np.ndarray, b: np.ndarray) -> float:
-    """The textbook formula with numpy statistics and scipy's matrix square root (the ADM evaluator's route)."""
-    mu1, mu2 = a.mean(0), b.mean(0)
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = np.real(scipy.linalg.sqrtm(s1 @ s2))
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
-
-
-def brute_force_pr(ref: np.ndarray, samples: np.ndarray, k: int = 3) -> tuple[float, float]:
-    """Kynkäänniemi et al.'s definition with explicit loops over float64 Euclidean distances."""
-
-    def radii(x: np.ndarray) -> np.ndarray:
-        d = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
-        return np.sort(d, axis=1)[:, k]  # column 0 is the point itself
-
-    def inside(queries: np.ndarray, support: np.ndarray, r: np.ndarray) -> float:
-        hits = 0
-        for q in queries:
-            dist = np.sqrt(((support - q) ** 2).sum(-1))
-            hits += bool((dist <= r).any())
-        return hits / len(queries)
-
-    return inside(samples, ref, radii(ref)), inside(ref, samples, radii(samples))
 
 
 def test_fid_matches_scipy_zero_for_itself_and_symmetric() -> None:

@@ -37,6 +37,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import REPO
 from tests.helpers.resume import (
     STEPS,
     assert_equal_nested,
@@ -46,9 +47,16 @@ from tests.helpers.resume import (
     probe_args,
     resume_args,
 )
-from tests.helpers.slurm_cluster import TERMINAL_STATES, SlurmCluster, _pid_alive
+from tests.helpers.slurm_cluster import TERMINAL_STATES, SlurmCluster, pid_alive
+from tests.helpers.slurm_preemption import (
+    check_dip_resumed,
+    check_resumed_once,
+    preempt_and_resume,
+    report,
+    resumed_ranks,
+)
 from tests.helpers.slurm_two_nodes import TwoNodeSlurmCluster
-from tests.helpers.tiny import REPO, TINY_CONFIG, subprocess_env
+from tests.helpers.tiny import TINY_CONFIG, subprocess_env
 
 TEMPLATES = REPO / "experiments" / "slurm"
 TEMPLATE = TEMPLATES / "train_multinode.sbatch"
@@ -122,13 +130,7 @@ def _launch_reports(job: TemplateJob, restart: int) -> dict[int, dict]:
 
 
 def _hosts(job: TemplateJob, restart: int) -> dict[int, str]:
-    return {rank: report["hostname"] for rank, report in _launch_reports(job, restart).items()}
-
-
-def _resumed(log: str) -> list[tuple[int, int]]:
-    """(rank, global step) of every ``TRAINING STARTED`` line of the requeued job."""
-    found = re.findall(r"TRAINING STARTED rank=(\d+) global_step=(\d+) restart_count=1", log)
-    return sorted((int(rank), int(step)) for rank, step in found)
+    return {rank: launch["hostname"] for rank, launch in _launch_reports(job, restart).items()}
 
 
 class ReferenceRun:
@@ -143,13 +145,13 @@ class ReferenceRun:
         self.job: TemplateJob | None = None
         self._completed = False
 
-    def submit(self) -> None:
+    def start(self) -> None:
         if self.job is None:
             self.job = _submit(self.cluster, self.folder, self.data, env={"MASTER_ADDR": "127.0.0.1"})
 
     def result(self, timeout: float = 240.0) -> TemplateJob:
         """The completed run (submitting it first if nobody did)."""
-        self.submit()
+        self.start()
         assert self.job is not None
         if not self._completed:
             try:
@@ -158,6 +160,9 @@ class ReferenceRun:
                 raise AssertionError(f"reference run failed: {err}\n{self.job.log_tail()}") from err
             self._completed = True
         return self.job
+
+    def wait(self) -> None:
+        self.result()
 
     def cancel_if_running(self) -> None:
         if self.job is not None:
@@ -182,11 +187,6 @@ def _assert_same_as_reference(got: TemplateJob, want: TemplateJob) -> None:
     assert load_records(want.out, 0) != load_records(want.out, 1)
 
 
-def _report(name: str, timings: dict[str, float]) -> None:
-    parts = [f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in timings.items()]
-    print(f"[slurm 2 nodes {name}] " + " ".join(parts))
-
-
 # ---------------------------------------------------------------------------------------------------- 1
 @pytest.mark.slurm
 def test_usr1_preempts_requeues_and_resumes_on_both_nodes_bit_exact(
@@ -197,61 +197,23 @@ def test_usr1_preempts_requeues_and_resumes_on_both_nodes_bit_exact(
     t0 = time.monotonic()
     # step_sleep stretches the run so USR1 lands mid-training; hold_at_step is a backstop for a starved machine.
     job = _submit(cluster, tmp_path, demo_data, progress_every=5, step_sleep=0.15, hold_at_step=20)
-    try:
-        # Signal once the guard is installed on both ranks: before that, USR1 would kill python.
-        cluster.wait_for_file_text(job.log, "TRAINING STARTED", timeout=180, count=RANKS)
-        cluster.wait_for_file_text(job.log, "PROGRESS global_step=5", timeout=120)
-        t_signal = time.monotonic()
-        cluster.scancel(job.job, signal="USR1")  # the srun tasks on both nodes, like --signal=USR1@90
+    # The srun tasks on both nodes get USR1, like --signal=USR1@90.
+    trip = preempt_and_resume(
+        cluster, job.job, job.log, job.run, reference, ranks=RANKS, signal_after_step=5, submitted_at=t0
+    )
+    log = trip.log
 
-        cluster.wait_for_restart(job.job, 1, timeout=120)
-        t_requeued = time.monotonic()
-        hpc = job.run / "hpc_ckpt_1.ckpt"
-        assert hpc.is_file(), f"no preemption checkpoint in {job.run}\n{job.log_tail()}"
-        cluster.release_pending_now(job.job, timeout=60)
-        cluster.wait_for_state(job.job, "RUNNING", timeout=60)
-        cluster.wait_for_file_text(job.log, "restart_count=1", timeout=180, count=RANKS)
-        t_resumed = time.monotonic()
-        reference.submit()  # now, while the resumed job mostly sleeps between steps
-        cluster.wait_for_state(job.job, "COMPLETED", timeout=300)
-        t_done = time.monotonic()
-        want = reference.result()
-    finally:
-        _cancel_unless_done(cluster, job.job)
-    log = job.log.read_text()
-
-    # SLURM: requeued once, by the job itself; both runs on both nodes; the last srun succeeded.
-    assert cluster.restart_count(job.job) == 1
+    # SLURM: both runs on both nodes; the last srun succeeded.
     for restart in (0, 1):
         assert f"job={job.job} restart={restart} nodes=n[1-2] master=n1 " in log, log[-4000:]
         assert _hosts(job, restart) == NODE_OF_RANK
-    assert "SLURM detected: auto-requeue on SIGUSR1." in log
-    assert "Preemption: requeued SLURM job" in log, log[-4000:]
-    assert "Handling auto-requeue signal" not in log and "Bypassing SIGTERM" not in log, log[-4000:]
     assert log.rstrip().splitlines()[-1].startswith("srun exit code 0 "), log[-4000:]
-
-    # Resume: one preemption checkpoint, chosen automatically; every rank continued at its step.
-    saved_step = torch.load(hpc, map_location="cpu", weights_only=True)["global_step"]
-    assert 5 <= saved_step < STEPS
-    assert f"Resume: from preemption checkpoint {hpc} (step {saved_step})." in log, log[-4000:]
-    assert _resumed(log) == [(rank, saved_step) for rank in range(RANKS)], log[-4000:]
-    assert sorted(p.name for p in job.run.glob("hpc_ckpt_*.ckpt")) == ["hpc_ckpt_1.ckpt"]
-
+    # Requeued once, one preemption checkpoint chosen automatically; every rank continued at its step.
+    check_resumed_once(cluster, trip, ranks=RANKS, first_step=5, steps=STEPS)
     # Bit for bit the uninterrupted two-node run, and the same batches at every step on every rank.
-    _assert_same_as_reference(job, want)
-    for rank in range(RANKS):
-        assert load_records(job.out, rank) == load_records(want.out, rank)
+    check_dip_resumed(trip, job.out, reference.result().out, ranks=RANKS)
 
-    _report(
-        "usr1",
-        {
-            "to_signal_s": t_signal - t0,
-            "signal_to_requeued_s": t_requeued - t_signal,
-            "requeued_to_resumed_s": t_resumed - t_requeued,
-            "resumed_to_done_s": t_done - t_resumed,
-            "saved_step": saved_step,
-        },
-    )
+    report("2 nodes usr1", {**trip.timings, "saved_step": trip.saved_step})
 
 
 # ---------------------------------------------------------------------------------------------------- 2
@@ -272,7 +234,7 @@ def _rank_pids(cluster: TwoNodeSlurmCluster, node: str) -> list[int]:
 def _wait_gone(pids: list[int], timeout: float) -> float:
     """Seconds until none of ``pids`` runs; fails after ``timeout``."""
     start = time.monotonic()
-    while any(_pid_alive(pid) for pid in pids):
+    while any(pid_alive(pid) for pid in pids):
         assert time.monotonic() - start < timeout, (
             f"ranks {pids} still run {timeout:.0f} s after losing a node"
         )
@@ -363,7 +325,7 @@ def test_lost_node_requeues_and_resumes_from_newest_complete_checkpoint(
     assert _hosts(job, 1) == NODE_OF_RANK
     last = job.run / "checkpoints" / "last.ckpt"
     assert f"Resume: from last checkpoint {last} (step {newest_step})." in log, log[-4000:]
-    assert _resumed(log) == [(rank, newest_step) for rank in range(RANKS)], log[-4000:]
+    assert resumed_ranks(log) == [(rank, newest_step) for rank in range(RANKS)], log[-4000:]
     assert log.rstrip().splitlines()[-1].startswith("srun exit code 0 "), log[-4000:]
 
     _assert_same_as_reference(job, want)
@@ -372,8 +334,8 @@ def test_lost_node_requeues_and_resumes_from_newest_complete_checkpoint(
     ]
     assert min(replayed) >= 12 - newest_step  # at least the steps between the checkpoint and the loss
 
-    _report(
-        f"lost node ({loss})",
+    report(
+        f"2 nodes lost node ({loss})",
         {"survivor_gone_s": survivor_gone_s, "requeued_s": requeued_s, "resumed_from_step": newest_step},
     )
 

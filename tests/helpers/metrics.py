@@ -1,0 +1,47 @@
+"""Images and independent reference computations for the metrics tests: seeded images with spatial structure,
+FID by numpy and scipy, precision/recall by brute force."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.linalg
+import torch
+
+
+def smooth_images(n: int, seed: int, size: int = 16, shift: float = 0.0) -> np.ndarray:
+    """uint8 (n, size, size, 3) images (NHWC, as ADM sample files) with spatial structure (upsampled low-res
+    noise), seeded."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, 4, 4, generator=g) + shift
+    x = torch.nn.functional.interpolate(low, size=size, mode="bilinear", align_corners=False)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def nchw(images: np.ndarray) -> torch.Tensor:
+    """NHWC images as a contiguous NCHW tensor (the layout the feature networks take)."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+
+
+def scipy_fid(a: np.ndarray, b: np.ndarray) -> float:
+    """The textbook formula with numpy statistics and scipy's matrix square root (the ADM evaluator's route)."""
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = np.real(scipy.linalg.sqrtm(s1 @ s2))
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def brute_force_pr(ref: np.ndarray, samples: np.ndarray, k: int = 3) -> tuple[float, float]:
+    """Kynkäänniemi et al.'s definition with explicit loops over float64 Euclidean distances."""
+
+    def radii(x: np.ndarray) -> np.ndarray:
+        d = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
+        return np.sort(d, axis=1)[:, k]  # column 0 is the point itself
+
+    def inside(queries: np.ndarray, support: np.ndarray, r: np.ndarray) -> float:
+        hits = 0
+        for q in queries:
+            dist = np.sqrt(((support - q) ** 2).sum(-1))
+            hits += bool((dist <= r).any())
+        return hits / len(queries)
+
+    return inside(samples, ref, radii(ref)), inside(ref, samples, radii(samples))
