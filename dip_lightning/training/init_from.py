@@ -4,7 +4,7 @@ Only weights are taken, not the trainer state: the step counter, optimizer momen
 and LR schedule start fresh (use ``--ckpt_path`` to continue a run). The weights are the checkpoint's EMA
 weights (its ``state_dict``) unless ``--init_from_raw`` asks for the raw ones (``current_model_state``).
 
-What transfers (docs/design.md §9): every tensor whose name and shape match the new model: the transformer
+What transfers (docs/design.md §10): every tensor whose name and shape match the new model: the transformer
 blocks, the timestep and class embeddings, the final adaLN and the Patch Detailer Head (its parameters do not
 depend on the patch size; at P = 32 the bottleneck is 2x2 and the token is tiled over it, as released), the
 REPA projector. RoPE positions are recomputed from the token grid, so there is no position table to resize.

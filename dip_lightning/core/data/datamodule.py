@@ -10,7 +10,7 @@ Batch contract
 Why not ``wds.WebDataset(urls, resampled=True)`` for training
     A webdataset pipeline is a stream: the only way to reach batch ``b`` again is to replay it (or to
     skip by reading everything before it), its shuffle buffer state lives in each worker, and Lightning
-    saves only rank 0's loader state (docs/design.md §1.6, §2.3). Exact resume after a SLURM requeue
+    saves only rank 0's loader state (docs/design.md §2.6, §3.3). Exact resume after a SLURM requeue
     needs the data position to be a function of the step instead, as in edm2's
     ``InfiniteSampler(start_idx=cur_nimg)``. Here the per-rank sequence of batches is a pure function of
     ``(seed, rank, world_size, batch index)``:
@@ -130,7 +130,7 @@ class ShardDataModule(pl.LightningDataModule):
         random_crop: the released code's ``random_crop`` for training: resize the shorter side to
             ``image_size`` (bilinear), a random window along the longer side, a horizontal flip (p = 1/2); the
             position and the flip are hashed from ``(seed, rank, sample position)``, so a resumed run sees the same
-            crops. Off (default): the ADM centre crop (docs/design.md §2.6). It needs shards that keep the image's
+            crops. Off (default): the ADM centre crop (docs/design.md §3.6). It needs shards that keep the image's
             aspect ratio (``prepare --preprocess none``); on square shards at ``image_size`` only the flip is left.
         epoch_length: nominal samples per epoch over all ranks (progress bar / epoch bookkeeping);
             each rank yields ``epoch_length // (batch_size * world_size)`` batches per epoch.

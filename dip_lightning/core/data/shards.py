@@ -3,7 +3,7 @@
 Shards follow the WebDataset convention: a POSIX tar whose members are ``<key>.<ext>``; consecutive
 members with the same key form one sample (``__key__``, the image under ``png`` / ``jpg`` / ``jpeg`` /
 ..., ``cls`` as an ASCII integer). Any standard writer (``webdataset.TarWriter`` / ``ShardWriter``,
-``tar`` itself, webdataset-lightning's ``makeshards.py``; docs/design.md §2.1) produces this layout, and so does
+``tar`` itself, webdataset-lightning's ``makeshards.py``; docs/design.md §3.1) produces this layout, and so does
 :mod:`dip_lightning.core.data.prepare`.
 
 Two read paths, one numbering of samples (the order of first appearance of each key, as in
