@@ -159,7 +159,7 @@ class DiPCLI(LightningCLI):
             default=None,
             help="fit: start from this checkpoint's weights (--init_from_weights), with a fresh trainer state "
             "(step 0, new optimizer); e.g. a 256 px run for a 512 px one. Ignored once the run has its own "
-            "checkpoint (a resume wins). docs/design.md §9.",
+            "checkpoint (a resume wins). docs/design.md §10.",
         )
         parser.add_argument(
             "--init_patch_embed",

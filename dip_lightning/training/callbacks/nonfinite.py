@@ -2,7 +2,7 @@
 ``max_consecutive`` such steps in a row with an error that names the last good checkpoint.
 
 Without it a diverged run (``lr=1000`` on the tiny config) logs ``nan``, exits 0 and writes checkpoints whose
-weights are NaN, and a resumed run that diverges overwrites its good ``last.ckpt``. With it (docs/design.md §8):
+weights are NaN, and a resumed run that diverges overwrites its good ``last.ckpt``. With it (docs/design.md §9):
 
 * every optimizer step, after backward and before the update (``on_before_optimizer_step``), one flag is
   computed on the device: the step's loss (``pl_module.last_loss``, which
@@ -100,7 +100,7 @@ def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
 class NonFiniteGuard(Callback):
     """Skip the update of a step whose loss or gradient is not finite; stop after ``max_consecutive`` in a row.
 
-    See the module docstring (and docs/design.md §8) for what is skipped and how the ranks agree.
+    See the module docstring (and docs/design.md §9) for what is skipped and how the ranks agree.
 
     Args:
         max_consecutive: stop with :class:`NonFiniteTrainingError` after this many skipped steps in a row.
