@@ -322,7 +322,7 @@ def inception_report(
         f"- machine: {os.cpu_count()} cores, {threads} threads, Python {sys.version.split()[0]}, load average "
         f"before/after {load[0]:.1f}/{load[1]:.1f}",
         "- each row: FIDHelperInception pool + sFID features of 64 random 32 px images (resized to 299 px), "
-        "variants interleaved; the same features up to float rounding (tests/metrics/test_features.py)",
+        "variants interleaved; the same features up to float rounding (tests/core/metrics/test_features.py)",
         "",
         "| variant | ms/image, median of rounds | vs first row | rounds (ms/image) |",
         "| --- | ---: | ---: | --- |",

@@ -1,7 +1,7 @@
 """Every use of a library internal (a private name, or a structure the library does not document), in one place.
 
 Lightning and torchmetrics do not promise these across releases; ``pyproject.toml`` bounds both below their
-next minor release, and ``tests/test_compat.py`` has one test per entry here that fails loudly when an
+next minor release, and ``tests/core/test_compat.py`` has one test per entry here that fails loudly when an
 upgrade removes or reshapes it. Code elsewhere calls the functions below instead of touching the internals.
 
 ==========================================  ================================================================

@@ -1,7 +1,7 @@
 """compute_metrics, references of every layout, the content-hash cache, FD-DINOv2 and two-process extraction.
 
 The feature network here is `PixelProjection` (fixed random projections of pixels): the engine does not depend
-on which network gives the features, and Inception costs ~0.35 s per image on one core. tests/metrics/
+on which network gives the features, and Inception costs ~0.35 s per image on one core. tests/core/metrics/
 test_known_sets.py runs the real Inception on the demo's photos.
 """
 

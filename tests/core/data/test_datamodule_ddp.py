@@ -1,7 +1,7 @@
 """ShardDataModule under a real two-process DDP run: ``Trainer(strategy="ddp", devices=2)`` on CPU/gloo.
 
 This file is also the training script: Lightning's DDP launcher re-runs ``sys.argv`` for rank 1, so the
-test starts ``python tests/data/test_datamodule_ddp.py SHARDS OUT`` in a subprocess and reads what each rank wrote.
+test starts ``python tests/core/data/test_datamodule_ddp.py SHARDS OUT`` in a subprocess and reads what each rank wrote.
 """
 
 from __future__ import annotations
