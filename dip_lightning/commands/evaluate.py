@@ -1,16 +1,8 @@
-"""``evaluate`` and ``fid-stats``: the metrics engine (`dip_lightning.core.metrics`) on files.
+"""``python -m dip_lightning evaluate SAMPLES.npz REFERENCE.npz``: the metrics engine on a sample file.
 
-``python -m dip_lightning evaluate SAMPLES.npz REFERENCE.npz [--metrics fid sfid ...] [--patch_size P]
-[--json OUT.json]`` prints a table of every metric asked for (default: all) and writes them as JSON with the
-keys of `dip_lightning.core.metrics.METRIC_NAMES` (null where a metric could not be computed here, with the reason
-under ``unavailable``). Under torchrun or srun every process extracts the features of its slice of the samples
-(and of the reference when it is not cached yet); rank 0 prints and writes.
-
-``python -m dip_lightning fid-stats --shards PATTERN | --images NPZ --out ref.npz`` writes the kit's reference
-file: Inception statistics for FID and sFID, 10k per-image pool features for precision/recall, the seam
-profile, and DINOv2 statistics when ``--dinov2_weights`` is given (`dip_lightning.core.metrics.reference`).
-
-``fid SAMPLES.npz REF.npz`` is ``evaluate --metrics fid inception_score``, kept for existing scripts.
+Prints a table of every metric asked for (default: all) and, with ``--json``, writes them under the keys of
+`dip_lightning.core.metrics.METRIC_NAMES` (null where a metric cannot be computed here, the reason under
+``unavailable``). Under torchrun or srun each process extracts the features of its slice; rank 0 prints and writes.
 """
 
 from __future__ import annotations
@@ -34,10 +26,7 @@ from dip_lightning.core.metrics.features import (
     TORCHMETRICS_WEIGHTS_FILE,
     make_extractor,
 )
-from dip_lightning.core.metrics.reference import (
-    MetricUnavailableWarning,
-    npz_feature_set,
-)
+from dip_lightning.core.metrics.reference import FeatureSet, MetricUnavailableWarning, npz_feature_set
 
 #: How each metric is printed: label and whether lower is better.
 METRIC_LABELS: dict[str, tuple[str, str]] = {
@@ -117,9 +106,9 @@ def _print_table(results: Mapping[str, float | None], unavailable: Mapping[str, 
     Console(soft_wrap=True).print(format_table(results, unavailable))
 
 
-def build_parser(command: str = "evaluate", default_metrics: tuple[str, ...] = METRIC_NAMES) -> CommandParser:
+def build_parser() -> CommandParser:
     parser = CommandParser(
-        command,
+        "evaluate",
         description="The ADM evaluator's metrics (FID, sFID, Inception Score, precision, recall), FD-DINOv2 "
         "and the patch-seam score of a sample npz against a reference.",
     )
@@ -131,9 +120,9 @@ def build_parser(command: str = "evaluate", default_metrics: tuple[str, ...] = M
     parser.add_argument(
         "--metrics",
         nargs="+",
-        default=list(default_metrics),
+        default=list(METRIC_NAMES),
         choices=list(METRIC_NAMES),
-        help=f"metrics to compute (default: {' '.join(default_metrics)})",
+        help="metrics to compute (default: all)",
     )
     parser.add_argument("--patch_size", type=int, default=None, help="DiT patch size for patch_seam")
     parser.add_argument("--ckpt_path", default=None, help="read --patch_size from this kit checkpoint")
@@ -149,8 +138,8 @@ def build_parser(command: str = "evaluate", default_metrics: tuple[str, ...] = M
     return parser
 
 
-def run_evaluate(argv: list[str], command: str, default_metrics: tuple[str, ...]) -> int:
-    args = build_parser(command, default_metrics).parse_args(argv)
+def _run(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
     for path in (args.samples, args.reference):
         if not Path(path).is_file():
             print(f"error: {path} not found", file=sys.stderr)
@@ -164,44 +153,64 @@ def run_evaluate(argv: list[str], command: str, default_metrics: tuple[str, ...]
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MetricUnavailableWarning)
-        extractor = None
-        if set(args.metrics) - {"patch_seam", "fd_dinov2"}:
-            extractor = make_extractor(args.extractor, args.extractor_path)
-        engine = MetricEngine.create(
-            args.reference,
-            args.metrics,
-            patch_size,
-            device,
-            args.batch_size,
-            extractor=extractor,
-            dinov2_weights=args.dinov2_weights,
-            cache_dir=args.cache_dir,
-            use_cache=not args.no_cache,
-        )
-        samples = npz_feature_set(
-            args.samples,
-            engine.sample_kinds(),
-            engine.extractor,
-            engine.device,
-            args.batch_size,
-            engine.dinov2,
-            limit=args.limit,
-        )
-        results = engine.evaluate(samples)
+        engine, samples, results = _evaluate(args, patch_size, device)
     for warning in caught:
         if rank == 0 and not issubclass(warning.category, MetricUnavailableWarning):
             print(f"warning: {warning.message}", file=sys.stderr)
-    seconds = time.perf_counter() - start
-    if rank != 0:
-        return 0
+    if rank == 0:
+        _report(args, engine, samples, results, patch_size, world, time.perf_counter() - start)
+    return 0
+
+
+def _evaluate(
+    args: Any, patch_size: int | None, device: torch.device
+) -> tuple[MetricEngine, FeatureSet, dict]:
+    """The engine, the samples' features and the metrics."""
+    extractor = None
+    if set(args.metrics) - {"patch_seam", "fd_dinov2"}:
+        extractor = make_extractor(args.extractor, args.extractor_path)
+    engine = MetricEngine.create(
+        args.reference,
+        args.metrics,
+        patch_size,
+        device,
+        args.batch_size,
+        extractor=extractor,
+        dinov2_weights=args.dinov2_weights,
+        cache_dir=args.cache_dir,
+        use_cache=not args.no_cache,
+    )
+    samples = npz_feature_set(
+        args.samples,
+        engine.sample_kinds(),
+        engine.extractor,
+        engine.device,
+        args.batch_size,
+        engine.dinov2,
+        limit=args.limit,
+    )
+    return engine, samples, engine.evaluate(samples)
+
+
+def _report(
+    args: Any,
+    engine: MetricEngine,
+    samples: FeatureSet,
+    results: dict,
+    patch_size: int | None,
+    world: int,
+    seconds: float,
+) -> None:
+    """The table, the notes and the ``--json`` record (rank 0)."""
     unavailable = dict(engine.unusable or {})
     _print_table(results, unavailable)
     for metric, why in unavailable.items():
         print(f"note: {metric}: {why}", file=sys.stderr)
+    extractor = engine.extractor.name if engine.extractor is not None else None
     print(
         f"samples: {samples.num_images} ({args.samples}); reference: {engine.reference.num_images or '?'} images "
-        f"({args.reference}, {engine.reference.layout}); extractor: "
-        f"{engine.extractor.name if engine.extractor is not None else '-'}; {world} process(es), {seconds:.1f} s"
+        f"({args.reference}, {engine.reference.layout}); extractor: {extractor or '-'}; {world} process(es), "
+        f"{seconds:.1f} s"
     )
     dims = samples.features["pool"].shape[1] if "pool" in samples.features else 0
     if results.get("fid") is not None and samples.num_images < dims:
@@ -210,24 +219,23 @@ def run_evaluate(argv: list[str], command: str, default_metrics: tuple[str, ...]
             "compare only equal counts",
             file=sys.stderr,
         )
-    if args.json is not None:
-        record = {
-            **results,
-            "unavailable": unavailable,
-            "num_samples": samples.num_images,
-            "samples": str(args.samples),
-            "reference": str(args.reference),
-            "extractor": engine.extractor.name if engine.extractor is not None else None,
-            "dinov2": getattr(engine.dinov2, "name", None),
-            "patch_size": patch_size,
-            "seconds": round(seconds, 3),
-            "unix_time": int(time.time()),
-        }
-        atomic_write_json(args.json, record)
-        print(f"wrote {args.json}")
-    return 0
+    if args.json is None:
+        return
+    record = {
+        **results,
+        "unavailable": unavailable,
+        "num_samples": samples.num_images,
+        "samples": str(args.samples),
+        "reference": str(args.reference),
+        "extractor": extractor,
+        "dinov2": getattr(engine.dinov2, "name", None),
+        "patch_size": patch_size,
+        "seconds": round(seconds, 3),
+        "unix_time": int(time.time()),
+    }
+    atomic_write_json(args.json, record)
+    print(f"wrote {args.json}")
 
 
 def main(argv: list[str]) -> int:
-    """``python -m dip_lightning evaluate``."""
-    return run_in_process_group(run_evaluate, argv, "evaluate", METRIC_NAMES)
+    return run_in_process_group(_run, argv)

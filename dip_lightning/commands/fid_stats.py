@@ -6,6 +6,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -14,11 +15,14 @@ from dip_lightning.commands import CommandParser
 from dip_lightning.commands.evaluate import _add_extractor_args
 from dip_lightning.core.distributed import is_distributed, join_launched_processes, run_in_process_group
 from dip_lightning.core.metrics.features import (
+    DINOV2_WEIGHTS_ENV,
     DINOv2Features,
+    FeatureExtractor,
     make_extractor,
 )
 from dip_lightning.core.metrics.reference import (
     PR_REFERENCE_SIZE,
+    FeatureSet,
     extract_feature_set,
     gather_feature_set,
     npz_feature_set,
@@ -27,12 +31,7 @@ from dip_lightning.core.metrics.reference import (
 from dip_lightning.core.metrics.sources import iter_shard_images, npz_image_shape
 
 
-def main(argv: list[str]) -> int:
-    """``python -m dip_lightning fid-stats``: the kit's reference file from real images (shards or an npz)."""
-    return run_in_process_group(_fid_stats, argv)
-
-
-def _fid_stats(argv: list[str]) -> int:
+def build_parser() -> CommandParser:
     parser = CommandParser(
         "fid-stats",
         description="Reference file for evaluate and the metrics callback: Inception statistics (FID, sFID), "
@@ -57,8 +56,15 @@ def _fid_stats(argv: list[str]) -> int:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     _add_extractor_args(parser)
-    args = parser.parse_args(argv)
+    return parser
 
+
+def main(argv: list[str]) -> int:
+    return run_in_process_group(_run, argv)
+
+
+def _run(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         print(f"error: {out} exists; pass --overwrite to replace it", file=sys.stderr)
@@ -68,38 +74,43 @@ def _fid_stats(argv: list[str]) -> int:
         device = torch.device(args.device)
     extractor = make_extractor(args.extractor, args.extractor_path).to(device)
     dinov2 = None
-    if args.dinov2_weights or os.environ.get("DIP_DINOV2_WEIGHTS"):
+    if args.dinov2_weights or os.environ.get(DINOV2_WEIGHTS_ENV):
         dinov2 = DINOv2Features(args.dinov2_weights).to(device)
     kinds = {"pool", "seam"} | ({"spatial"} & extractor.available()) | ({"dinov2"} if dinov2 else set())
     start = time.perf_counter()
-    if args.shards:
-        batches = iter_shard_images(
-            args.shards, args.batch_size, args.image_size or None, args.limit, rank=rank, world_size=world
-        )
-        features = gather_feature_set(extract_feature_set(batches, kinds, extractor, device, dinov2))
-        source_name = args.shards
-    else:
-        npz_image_shape(args.images)  # a clear error for a file without arr_0
-        features = npz_feature_set(args.images, kinds, extractor, device, args.batch_size, dinov2, args.limit)
-        source_name = args.images
+    features = _real_features(args, kinds, extractor, dinov2, device, rank, world)
+    source = args.shards or args.images
     if features.num_images < 2:
         print(
-            f"error: {source_name} gave {features.num_images} images; statistics need at least 2",
-            file=sys.stderr,
+            f"error: {source} gave {features.num_images} images; statistics need at least 2", file=sys.stderr
         )
         return 2
     if rank == 0:
-        save_reference(
-            out,
-            features,
-            overwrite=args.overwrite,
-            pr_size=args.pr_size,
-            dinov2_name=getattr(dinov2, "name", ""),
-        )
+        dinov2_name = getattr(dinov2, "name", "")
+        save_reference(out, features, overwrite=args.overwrite, pr_size=args.pr_size, dinov2_name=dinov2_name)
         print(
-            f"wrote {out}: {features.num_images} images from {source_name}, extractor {extractor.name}, "
+            f"wrote {out}: {features.num_images} images from {source}, extractor {extractor.name}, "
             f"{', '.join(sorted(kinds))} ({time.perf_counter() - start:.1f} s)"
         )
     if is_distributed():
         dist.barrier()
     return 0
+
+
+def _real_features(
+    args: Any,
+    kinds: set[str],
+    extractor: FeatureExtractor,
+    dinov2: DINOv2Features | None,
+    device: torch.device,
+    rank: int,
+    world: int,
+) -> FeatureSet:
+    """The features of the real images: shards split over the ranks and gathered, or an npz."""
+    if args.shards:
+        batches = iter_shard_images(
+            args.shards, args.batch_size, args.image_size or None, args.limit, rank=rank, world_size=world
+        )
+        return gather_feature_set(extract_feature_set(batches, kinds, extractor, device, dinov2))
+    npz_image_shape(args.images)  # a clear error for a file without arr_0
+    return npz_feature_set(args.images, kinds, extractor, device, args.batch_size, dinov2, args.limit)
