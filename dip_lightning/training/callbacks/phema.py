@@ -11,7 +11,6 @@ In YAML: ``trainer.callbacks: [{class_path: dip_lightning.training.callbacks.Pow
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -24,12 +23,12 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 from dip_lightning.checkpoint.format import RAW_WEIGHTS, STATE_DICT
 from dip_lightning.checkpoint.posthoc import (
     PROFILES_RECORD,
-    SNAPSHOT_DIR,
     profiles_record,
     recorded_profiles,
     snapshot,
     snapshot_path,
 )
+from dip_lightning.checkpoint.run_folder import snapshot_dir
 from dip_lightning.core.atomic import atomic_write
 from dip_lightning.core.phema import power_ema_decay, std_to_exponent
 from dip_lightning.training.callbacks.ema import (
@@ -80,7 +79,7 @@ class PowerFunctionEMA(Callback):
         self.averages = {s: averageable_copy(state, pl_module, device) for s in self.stds}
         self.step = 0
         if self.dirpath is None:
-            self.dirpath = str(Path(trainer.default_root_dir) / SNAPSHOT_DIR)
+            self.dirpath = str(snapshot_dir(trainer.default_root_dir))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.step = trainer.global_step  # a resumed run's averages are at the checkpoint's step
