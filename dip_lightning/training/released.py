@@ -4,7 +4,7 @@
 ``python -m dip_lightning convert --from kit IN.ckpt --out OUT.ckpt``        (kit -> released layout)
 
 A pure renaming of tensors (the layouts differ in names only) built from the kit's own network and the shipped
-experiment, never restated here; why that is exact and what the converted file holds: docs/design.md §12.
+experiment, never restated here; why that is exact and what the converted file holds: docs/design.md.
 """
 
 from __future__ import annotations
@@ -209,7 +209,7 @@ def infer_official_arch(state_dict: Mapping[str, Tensor], names: Names = "releas
 
 def kit_hyperparameters(arch: OfficialArch, input_size: int | None = None) -> dict[str, Any]:
     """``hyper_parameters`` as LightningCLI stores them for :data:`RELEASED_EXPERIMENT` at this arch's sizes, with
-    ``repa: null`` and ``compile: false`` (docs/design.md §12). ``input_size`` is bookkeeping only (RoPE follows
+    ``repa: null`` and ``compile: false`` (docs/design.md). ``input_size`` is bookkeeping only (RoPE follows
     the input); default: the experiment's 16 patches per side at this patch size.
     """
     from jsonargparse import ArgumentParser
@@ -272,7 +272,7 @@ def _check_layout(
 def official_to_kit(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Released denoiser state dict (bare keys, e.g. ``s_embedder.proj.weight``) -> kit ``DiP`` state dict.
 
-    The tensors are the same objects (a renaming, docs/design.md §12 says why that is exact). Raises
+    The tensors are the same objects (a renaming, docs/design.md says why that is exact). Raises
     :class:`ConversionError` listing the keys when the input is not exactly the released layout.
     """
     arch = infer_official_arch(state_dict)
@@ -576,7 +576,7 @@ def convert_checkpoint(
     overwrite: bool = False,
     trust_pickle: bool = False,
 ) -> str:
-    """Convert a checkpoint file (either ``direction``; the layouts are in docs/design.md §12); returns a summary.
+    """Convert a checkpoint file (either ``direction``; the layouts are in docs/design.md); returns a summary.
 
     ``weights`` picks the released EMA or live copy for ``state_dict``; ``input_size``: see
     :func:`kit_hyperparameters`. Errors name the input file and write nothing; the output appears only complete.
@@ -584,7 +584,7 @@ def convert_checkpoint(
     if direction not in ("official_to_kit", "kit_to_official"):
         raise ValueError(f"direction must be 'official_to_kit' or 'kit_to_official', got {direction!r}")
     in_path, out_path = Path(in_path), Path(out_path)
-    if out_path.exists() and not overwrite:  # before reading a possibly 10 GB input
+    if out_path.exists() and not overwrite:  # before reading a possibly large input
         raise FileExistsError(f"{out_path} exists; pass --overwrite to replace it (nothing was written).")
     obj = read_checkpoint(in_path, trust_pickle=trust_pickle)
     with _naming(f"cannot convert {in_path}"):

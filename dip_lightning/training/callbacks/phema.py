@@ -1,5 +1,6 @@
 """Power-function EMA profiles tracked during training and written every N steps as snapshots, for post-hoc EMA
-(Karras et al. 2024; the math: :mod:`dip_lightning.core.phema`, the files: :mod:`dip_lightning.checkpoint.posthoc`).
+(Karras et al. 2024, Sec. 3 and App. C; the math: :mod:`dip_lightning.core.phema`, the files:
+:mod:`dip_lightning.checkpoint.posthoc`).
 
 Each std is one flat fp32 copy of the weights on the training device, updated after every optimizer step with a
 host-side decay (no device sync). Checkpoints carry the current profiles, so a resumed run continues them and its
@@ -45,10 +46,8 @@ class PowerFunctionEMA(Callback):
 
     Args:
         stds: relative widths of the tracked profiles (edm2: 0.05 and 0.10); each costs one copy of the weights.
-        snapshot_every_n_steps: write a snapshot of all profiles every N optimizer steps (rank 0; each holds one
-            copy of the weights per std).
-        dirpath: snapshot folder (default: ``<trainer.default_root_dir>/phema``, where ``--weights phema:S``
-            looks).
+        snapshot_every_n_steps: write a snapshot of all profiles every N optimizer steps (rank 0).
+        dirpath: snapshot folder (default: the run folder's, where ``--weights phema:S`` looks).
     """
 
     def __init__(
