@@ -346,19 +346,22 @@ def _strip_wrappers(key: str) -> str:
     return ".".join(part for part in key.split(".") if part not in _WRAPPER_COMPONENTS)
 
 
-def _split_official(obj: Any) -> _OfficialParts:
-    """Find the released denoiser weights (EMA and live) and the REPA projector in a loaded file."""
+def _find_state_dict(obj: Any) -> tuple[Mapping[str, Tensor], str]:
+    """The tensors of a loaded file (a bare state dict, or a Lightning checkpoint's ``state_dict``) and which."""
     if isinstance(obj, Mapping) and "state_dict" in obj and _is_tensor_dict(obj["state_dict"]):
-        raw, container = obj["state_dict"], "Lightning checkpoint ('state_dict')"
-    elif _is_tensor_dict(obj):
-        raw, container = obj, "bare state dict"
-    else:
-        top = sorted(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__
-        raise ConversionError(
-            f"cannot find a state dict in this file (top level: {top}). Expected a bare state dict of "
-            "tensors or a Lightning checkpoint whose 'state_dict' holds the released module under "
-            "'denoiser.' / 'ema_denoiser.'."
-        )
+        return obj["state_dict"], "Lightning checkpoint ('state_dict')"
+    if _is_tensor_dict(obj):
+        return obj, "bare state dict"
+    top = sorted(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__
+    raise ConversionError(
+        f"cannot find a state dict in this file (top level: {top}). Expected a bare state dict of "
+        "tensors or a Lightning checkpoint whose 'state_dict' holds the released module under "
+        "'denoiser.' / 'ema_denoiser.'."
+    )
+
+
+def _strip_wrapper_prefixes(raw: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """The tensors without DDP / torch.compile prefixes in their keys, and a note when some had them."""
     sd: dict[str, Tensor] = {}
     for key, value in raw.items():
         new = _strip_wrappers(key)
@@ -371,7 +374,13 @@ def _split_official(obj: Any) -> _OfficialParts:
     notes = (
         [f"removed wrapper prefixes ('module.', '_orig_mod.') from {len(stripped)} keys"] if stripped else []
     )
+    return sd, notes
 
+
+def _split_official(obj: Any) -> _OfficialParts:
+    """Find the released denoiser weights (EMA and live) and the REPA projector in a loaded file."""
+    raw, container = _find_state_dict(obj)
+    sd, notes = _strip_wrapper_prefixes(raw)
     grouped = any(k.startswith((_EMA_PREFIX, _LIVE_PREFIX)) for k in sd)
     if not grouped:
         return _OfficialParts(None, sd, None, container, grouped=False, notes=notes)
