@@ -457,7 +457,7 @@ def _kit_parts(
     """(sampling weights, raw weights or None, projector (kit names) or None, text) of a kit file."""
     if _is_tensor_dict(obj):
         return {k.removeprefix("net."): v for k, v in obj.items()}, None, None, "bare kit state dict"
-    if not (isinstance(obj, Mapping) and "state_dict" in obj):
+    if not (isinstance(obj, Mapping) and STATE_DICT in obj):
         raise ConversionError(
             "cannot find a kit state dict: expected a Lightning checkpoint or a DiP state dict"
         )
@@ -481,7 +481,7 @@ def _kit_parts(
 
 
 def _is_kit(obj: Any) -> bool:
-    sd = obj.get("state_dict") if isinstance(obj, Mapping) else None
+    sd = obj.get(STATE_DICT) if isinstance(obj, Mapping) else None
     return isinstance(sd, Mapping) and any(k.startswith("net.") for k in sd)
 
 
@@ -624,7 +624,7 @@ def load_pretrained(
     net_weights, projector_weights, text = kit_weights(read_checkpoint(path, trust_pickle), path, weights)
     net = getattr(target, "net", target)
     check_compatible(
-        {"state_dict": net_weights},
+        {STATE_DICT: net_weights},
         net,
         path,
         config_keys=(),
