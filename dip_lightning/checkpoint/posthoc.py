@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from dip_lightning.checkpoint.io import CheckpointError
+from dip_lightning.checkpoint.run_folder import snapshot_dir
 from dip_lightning.core.phema import reconstruction_coefficients
 
 PROFILES_RECORD = "phema"
@@ -27,9 +28,6 @@ them: ``{"stds": [...], "weights": {std_key: state_dict}}`` (:func:`profiles_rec
 
 RECONSTRUCTION_RECORD = "phema_reconstruction"
 """The entry of a reconstructed checkpoint saying what it was made of (std, step, inputs, coefficients)."""
-
-SNAPSHOT_DIR = "phema"
-"""The snapshot folder's name inside the run folder (``<run>/phema``, beside ``<run>/checkpoints``)."""
 
 SNAPSHOT_NAME = re.compile(r"phema-(\d+)\.pt")
 
@@ -68,10 +66,10 @@ def run_snapshot_folder(checkpoint_path: str | os.PathLike) -> Path:
     """The snapshot folder of the run a checkpoint belongs to: ``<run>/phema`` for ``<run>/checkpoints/*.ckpt``, and
     for a preemption checkpoint ``<run>/hpc_ckpt_N.ckpt``, which lies in the run folder itself."""
     folder = Path(checkpoint_path).absolute().parent
-    for candidate in (folder / SNAPSHOT_DIR, folder.parent / SNAPSHOT_DIR):
+    for candidate in (snapshot_dir(folder), snapshot_dir(folder.parent)):
         if candidate.is_dir():
             return candidate
-    return folder.parent / SNAPSHOT_DIR
+    return snapshot_dir(folder.parent)
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,6 @@ from lightning.fabric.utilities.types import _PATH
 from dip_lightning.checkpoint import run_folder
 from dip_lightning.checkpoint.io import peek_checkpoint
 
-# Lightning's name for preemption ("hpc") checkpoints in trainer.default_root_dir; kept so that plain
-# Lightning (`fit(ckpt_path="hpc")`) still finds them.
-_HPC_RE = re.compile(r"^hpc_ckpt_(\d+)\.ckpt$")
-
-
 _LAST_RE = re.compile(r"^last(-v\d+)?\.ckpt$")
 
 
@@ -29,15 +24,19 @@ def preemption_checkpoints(run_dir: _PATH) -> list[Path]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _HPC_RE.match(p.name)) and p.is_file()]
+    found = [
+        (int(m.group(1)), p)
+        for p in run_dir.iterdir()
+        if (m := run_folder.PREEMPTION_NAME.match(p.name)) and p.is_file()
+    ]
     return [p for _, p in sorted(found)]
 
 
 def next_preemption_path(run_dir: _PATH) -> Path:
     """``hpc_ckpt_{N+1}.ckpt`` after the highest existing N (Lightning's naming, strict file-name match)."""
     existing = preemption_checkpoints(run_dir)
-    n = int(_HPC_RE.match(existing[-1].name).group(1)) if existing else 0  # type: ignore[union-attr]
-    return Path(run_dir) / f"hpc_ckpt_{n + 1}.ckpt"
+    newest = run_folder.PREEMPTION_NAME.match(existing[-1].name) if existing else None
+    return run_folder.preemption_path(run_dir, int(newest.group(1)) + 1 if newest else 1)
 
 
 def prune_preemption_checkpoints(run_dir: _PATH, keep: _PATH) -> list[Path]:

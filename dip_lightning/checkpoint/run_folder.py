@@ -6,6 +6,8 @@
       tensorboard/              the log folder: TensorBoard events, config.yaml, experiment.json,
                                 eval_metrics.csv, grids/step_XXXXXXXX.png (artefact_dir)
       checkpoints/              step########.ckpt, last.ckpt (checkpoint_dir)
+      phema/                    post-hoc EMA snapshots phema-<step>.pt (snapshot_dir;
+                                :mod:`dip_lightning.checkpoint.posthoc`)
       hpc_ckpt_N.ckpt           preemption checkpoints (Lightning's name; :mod:`dip_lightning.checkpoint.resume`)
 
 The one module that knows these names: training writes the folder, resume and the report read it. The logger's
@@ -15,6 +17,7 @@ version is pinned to ``tensorboard``, so a requeued job appends to the same fold
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +29,14 @@ __all__ = [
     "EXPERIMENT_RECORD",
     "GRID_FOLDER",
     "LOG_VERSION",
+    "PREEMPTION_NAME",
+    "SNAPSHOT_FOLDER",
     "artefact_dir",
     "checkpoint_dir",
     "locate_run",
     "log_dir",
+    "preemption_path",
+    "snapshot_dir",
 ]
 
 #: ``trainer.default_root_dir`` when a config gives none.
@@ -46,6 +53,11 @@ EXPERIMENT_RECORD = "experiment.json"
 EVAL_METRICS_CSV = "eval_metrics.csv"
 #: In the log folder: the sample grids, ``step_XXXXXXXX.png`` with a JSON side file each.
 GRID_FOLDER = "grids"
+#: The post-hoc EMA snapshot folder ``<run>/phema``, beside the checkpoint folder.
+SNAPSHOT_FOLDER = "phema"
+#: Preemption checkpoints ``<run>/hpc_ckpt_N.ckpt``: Lightning's name and place, so that plain Lightning
+#: (``fit(ckpt_path="hpc")``) finds them too. Group 1 is N.
+PREEMPTION_NAME = re.compile(r"^hpc_ckpt_(\d+)\.ckpt$")
 
 
 def artefact_dir(trainer: Any) -> Path:
@@ -61,6 +73,16 @@ def artefact_dir(trainer: Any) -> Path:
 def checkpoint_dir(run_dir: str | Path) -> Path:
     """The checkpoint folder of a run folder."""
     return Path(run_dir) / CHECKPOINT_FOLDER
+
+
+def snapshot_dir(run_dir: str | Path) -> Path:
+    """The post-hoc EMA snapshot folder of a run folder."""
+    return Path(run_dir) / SNAPSHOT_FOLDER
+
+
+def preemption_path(run_dir: str | Path, number: int) -> Path:
+    """The preemption checkpoint number ``number`` of a run folder (a match of :data:`PREEMPTION_NAME`)."""
+    return Path(run_dir) / f"hpc_ckpt_{number}.ckpt"
 
 
 def log_dir(run_dir: str | Path) -> Path:

@@ -9,7 +9,8 @@ import torch
 
 from dip_lightning.checkpoint.format import reconstruction_checkpoint
 from dip_lightning.checkpoint.io import CheckpointError
-from dip_lightning.checkpoint.posthoc import SNAPSHOT_DIR, reconstruct
+from dip_lightning.checkpoint.posthoc import reconstruct
+from dip_lightning.checkpoint.run_folder import SNAPSHOT_FOLDER, snapshot_dir
 from dip_lightning.commands import CommandParser
 from dip_lightning.core.atomic import atomic_write
 from dip_lightning.core.phema import MAX_STD
@@ -21,7 +22,7 @@ def build_parser() -> CommandParser:
     )
     p.add_argument(
         "run_dir",
-        help=f"the run folder (snapshots in <run_dir>/{SNAPSHOT_DIR}) or the snapshot folder itself",
+        help=f"the run folder (snapshots in <run_dir>/{SNAPSHOT_FOLDER}) or the snapshot folder itself",
     )
     p.add_argument(
         "--std", type=float, required=True, help=f"relative width of the EMA, in (0, {MAX_STD:.3f})"
@@ -44,8 +45,8 @@ def build_parser() -> CommandParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     folder = Path(args.run_dir)
-    if (folder / SNAPSHOT_DIR).is_dir():
-        folder = folder / SNAPSHOT_DIR
+    if snapshot_dir(folder).is_dir():
+        folder = snapshot_dir(folder)
     out = Path(args.out)
     try:
         if out.exists() and not args.overwrite:

@@ -29,7 +29,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from dip_lightning.checkpoint.compatibility import check_compatible
 from dip_lightning.checkpoint.format import ACCEPTED_FORMS, DEFAULT_WEIGHTS, WeightRequest
 from dip_lightning.checkpoint.io import AtomicCheckpointIO, clean_partial_files, peek_checkpoint
-from dip_lightning.checkpoint.resume import optimizer_setting_changes, resolve_resume
+from dip_lightning.checkpoint.resume import ResumeDecision, optimizer_setting_changes, resolve_resume
 from dip_lightning.checkpoint.run_folder import (
     CONFIG_RECORD,
     DEFAULT_RUN_DIR,
@@ -39,12 +39,12 @@ from dip_lightning.checkpoint.run_folder import (
     checkpoint_dir,
 )
 from dip_lightning.core.atomic import atomic_write_json
-
-# Importing the module also enables sampler subclasses in YAML (see dip_lightning.training.module).
 from dip_lightning.core.distributed import launch_place
 from dip_lightning.training.callbacks.preemption import PerJobTimer, PreemptionGuard
 from dip_lightning.training.callbacks.progress import RichProgress
 from dip_lightning.training.init_from import init_from_checkpoint
+
+# Importing the module also enables sampler subclasses in YAML (see dip_lightning.training.module).
 from dip_lightning.training.module import DiPModule
 
 # `--weights ema:0.9996` on the command line and in YAML, parsed by the one syntax of the checkpoint format.
@@ -123,64 +123,18 @@ class DiPCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # A checkpoint callback that is always there (`checkpoint.*`), writing into the run folder.
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        # Always there too: signals become a checkpoint at a step boundary (`preemption.*`).
-        parser.add_lightning_class_args(PreemptionGuard, "preemption")
-        parser.set_defaults(
-            {
-                "checkpoint.save_last": True,
-                "checkpoint.every_n_train_steps": 1000,
-                "checkpoint.save_top_k": -1,
-                "checkpoint.filename": "step{step:08d}",
-                "checkpoint.auto_insert_metric_name": False,
-                "trainer.default_root_dir": DEFAULT_RUN_DIR,
-            }
-        )
+        _add_run_callbacks(parser)
         # The class count and the image size are the model's; the data follows them (set them once, in
         # model.net). Checkpoint-driven commands (predict/validate --ckpt_path) thereby get matching data too.
         for model_key, data_key in MODEL_TO_DATA.items():
             parser.link_arguments(model_key, data_key)
-        parser.add_argument(
-            "--requeue_signal",
-            type=str,
-            default="SIGUSR1",
-            help="Signal on which a SLURM job saves and requeues itself (SIGUSR2 where NCCL takes SIGUSR1).",
-        )
         parser.add_argument(
             "--weights",
             type=WeightRequest | None,
             default=None,
             help=f"validate/test/predict: which weights of --ckpt_path: {ACCEPTED_FORMS}. Default: ema.",
         )
-        parser.add_argument(
-            "--init_from",
-            type=str | None,
-            default=None,
-            help="fit: start from this checkpoint's weights (--init_from_weights), with a fresh trainer state "
-            "(step 0, new optimizer); e.g. a 256 px run for a 512 px one. Ignored once the run has its own "
-            "checkpoint (a resume wins). docs/design.md §10.",
-        )
-        parser.add_argument(
-            "--init_patch_embed",
-            type=str,
-            default="reinit",
-            help="fit --init_from: the patch embedding when the patch size changed: reinit (new initialisation) or "
-            "upsample (each kernel weight spread over the pixels it covers at the new size, divided by their count).",
-        )
-        parser.add_argument(
-            "--init_from_strict",
-            type=bool,
-            default=True,
-            help="fit --init_from: any other tensor that does not match is an error (false: it keeps this model's "
-            "initialisation, listed in the log).",
-        )
-        parser.add_argument(
-            "--init_from_weights",
-            type=WeightRequest | None,
-            default=None,
-            help=f"fit --init_from: which weights of that checkpoint: {ACCEPTED_FORMS}. Default: ema.",
-        )
+        _add_init_from_arguments(parser)
 
     def _parse_ckpt_path(self) -> None:
         # A private LightningCLI hook (dip_lightning.core.compat): with --ckpt_path it replaces the model config by the
@@ -250,66 +204,143 @@ class DiPCLI(LightningCLI):
     def before_fit(self) -> None:
         """Pick the checkpoint to continue from and check it fits this model, before anything is written."""
         config = self.config_init["fit"]
-        if config.get("weights") is not None:
-            raise ValueError(
-                "--weights chooses the weights validate, test and predict load; fit resumes every EMA (configure "
-                "them with the EMA callback's decays), and --init_from_weights chooses those of --init_from."
-            )
-        if config.get("init_from_weights") is not None and not config.get("init_from"):
-            raise ValueError("--init_from_weights chooses weights of --init_from: pass --init_from too.")
+        _check_fit_weight_options(config)
         explicit = config.get("ckpt_path")
         if explicit in ("last", "hpc", "best"):  # Lightning's own keywords: its rules apply
             rank_zero_info(f"Resume: --ckpt_path {explicit} (resolved by Lightning).")
             return
         if explicit and not Path(explicit).is_file():
             raise FileNotFoundError(f"--ckpt_path {explicit}: no such checkpoint file")
-        run_dir = Path(self.trainer.default_root_dir)
-        checkpoints = getattr(self.trainer.checkpoint_callback, "dirpath", None)
-        if launch_place().rank == 0:
-            # Leftovers of saves that were killed midway; no save can be running yet.
-            removed = clean_partial_files({run_dir, Path(checkpoints or checkpoint_dir(run_dir))})
-            if removed:
-                rank_zero_info(
-                    f"Removed {len(removed)} unfinished checkpoint file(s) of an interrupted save."
-                )
+        self._clean_interrupted_saves()
         weights_only = config.get("weights_only") is not False  # torch's default, as Lightning's load
-        decision = resolve_resume(run_dir, checkpoints, explicit=explicit, weights_only=weights_only)
+        decision = self._resume_decision(explicit, weights_only)
         if decision.path is not None:
-            checkpoint = peek_checkpoint(decision.path, weights_only)
-            decision.changed = check_compatible(checkpoint, self.model, decision.path)
-            # What DiPModule.on_load_checkpoint will apply to the restored optimizer.
-            configured = getattr(self.model, "configured_optimizer", None)
-            if configured is not None:
-                decision.changed += [str(c) for c in optimizer_setting_changes(checkpoint, configured())]
             config["ckpt_path"] = str(decision.path)
-            if checkpoints is not None:
-                # A resumed run's checkpoint folder is not empty by design; Lightning's warning would only alarm.
-                warnings.filterwarnings(
-                    "ignore",
-                    message=re.escape(f"Checkpoint directory {checkpoints} exists and is not empty"),
-                )
         rank_zero_info(decision.message())
+        if config.get("init_from"):
+            self._init_from(config, explicit, resuming=decision.path is not None, weights_only=weights_only)
+
+    def _checkpoint_folder(self) -> str | None:
+        return getattr(self.trainer.checkpoint_callback, "dirpath", None)
+
+    def _clean_interrupted_saves(self) -> None:
+        """Rank 0 deletes the leftovers of saves that were killed midway; no save can be running yet."""
+        if launch_place().rank != 0:
+            return
+        run_dir = Path(self.trainer.default_root_dir)
+        removed = clean_partial_files({run_dir, Path(self._checkpoint_folder() or checkpoint_dir(run_dir))})
+        if removed:
+            rank_zero_info(f"Removed {len(removed)} unfinished checkpoint file(s) of an interrupted save.")
+
+    def _resume_decision(self, explicit: str | None, weights_only: bool) -> ResumeDecision:
+        """Where ``fit`` continues from (:func:`resolve_resume`), checked against this model
+        (:func:`check_compatible`), with the settings this run changes."""
+        checkpoints = self._checkpoint_folder()
+        run_dir = Path(self.trainer.default_root_dir)
+        decision = resolve_resume(run_dir, checkpoints, explicit=explicit, weights_only=weights_only)
+        if decision.path is None:
+            return decision
+        checkpoint = peek_checkpoint(decision.path, weights_only)
+        decision.changed = check_compatible(checkpoint, self.model, decision.path)
+        # What DiPModule.on_load_checkpoint will apply to the restored optimizer.
+        configured = getattr(self.model, "configured_optimizer", None)
+        if configured is not None:
+            decision.changed += [str(c) for c in optimizer_setting_changes(checkpoint, configured())]
+        if checkpoints is not None:
+            # A resumed run's checkpoint folder is not empty by design; Lightning's warning would only alarm.
+            warnings.filterwarnings(
+                "ignore", message=re.escape(f"Checkpoint directory {checkpoints} exists and is not empty")
+            )
+        return decision
+
+    def _init_from(self, config: Any, explicit: str | None, resuming: bool, weights_only: bool) -> None:
+        """``--init_from``: this run starts from another run's weights, unless it continues its own checkpoint."""
         init_from = config.get("init_from")
-        if init_from:
-            if explicit:
-                raise ValueError(
-                    "--init_from (weights only, fresh trainer state) and --ckpt_path (continue a run) exclude each "
-                    "other: choose one."
-                )
-            if decision.path is not None:
-                rank_zero_info(f"--init_from {init_from} ignored: the run continues from its own checkpoint.")
-            else:
-                if not Path(init_from).is_file():
-                    raise FileNotFoundError(f"--init_from {init_from}: no such checkpoint file")
-                report = init_from_checkpoint(
-                    self.model,
-                    init_from,
-                    patch_embed=config.get("init_patch_embed") or "reinit",
-                    strict=config.get("init_from_strict") is not False,
-                    weights=config.get("init_from_weights") or DEFAULT_WEIGHTS,
-                    weights_only=weights_only,
-                )
-                rank_zero_info(report.message())
+        if explicit:
+            raise ValueError(
+                "--init_from (weights only, fresh trainer state) and --ckpt_path (continue a run) exclude each "
+                "other: choose one."
+            )
+        if resuming:
+            rank_zero_info(f"--init_from {init_from} ignored: the run continues from its own checkpoint.")
+            return
+        if not Path(init_from).is_file():
+            raise FileNotFoundError(f"--init_from {init_from}: no such checkpoint file")
+        report = init_from_checkpoint(
+            self.model,
+            init_from,
+            patch_embed=config.get("init_patch_embed") or "reinit",
+            strict=config.get("init_from_strict") is not False,
+            weights=config.get("init_from_weights") or DEFAULT_WEIGHTS,
+            weights_only=weights_only,
+        )
+        rank_zero_info(report.message())
+
+
+def _add_run_callbacks(parser: LightningArgumentParser) -> None:
+    """The callbacks every run has: checkpoints into the run folder (``checkpoint.*``) and the preemption guard
+    (``preemption.*``, with ``--requeue_signal`` for SLURM)."""
+    parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+    parser.add_lightning_class_args(PreemptionGuard, "preemption")
+    parser.set_defaults(
+        {
+            "checkpoint.save_last": True,
+            "checkpoint.every_n_train_steps": 1000,
+            "checkpoint.save_top_k": -1,
+            "checkpoint.filename": "step{step:08d}",
+            "checkpoint.auto_insert_metric_name": False,
+            "trainer.default_root_dir": DEFAULT_RUN_DIR,
+        }
+    )
+    parser.add_argument(
+        "--requeue_signal",
+        type=str,
+        default="SIGUSR1",
+        help="Signal on which a SLURM job saves and requeues itself (SIGUSR2 where NCCL takes SIGUSR1).",
+    )
+
+
+def _add_init_from_arguments(parser: LightningArgumentParser) -> None:
+    """``fit --init_from CKPT`` and how it transfers (:func:`init_from_checkpoint`)."""
+    parser.add_argument(
+        "--init_from",
+        type=str | None,
+        default=None,
+        help="fit: start from this checkpoint's weights (--init_from_weights), with a fresh trainer state "
+        "(step 0, new optimizer); e.g. a 256 px run for a 512 px one. Ignored once the run has its own "
+        "checkpoint (a resume wins).",
+    )
+    parser.add_argument(
+        "--init_patch_embed",
+        type=str,
+        default="reinit",
+        help="fit --init_from: the patch embedding when the patch size changed: reinit (new initialisation) or "
+        "upsample (each kernel weight spread over the pixels it covers at the new size, divided by their count).",
+    )
+    parser.add_argument(
+        "--init_from_strict",
+        type=bool,
+        default=True,
+        help="fit --init_from: any other tensor that does not match is an error (false: it keeps this model's "
+        "initialisation, listed in the log).",
+    )
+    parser.add_argument(
+        "--init_from_weights",
+        type=WeightRequest | None,
+        default=None,
+        help=f"fit --init_from: which weights of that checkpoint: {ACCEPTED_FORMS}. Default: ema.",
+    )
+
+
+def _check_fit_weight_options(config: Any) -> None:
+    """``--weights`` is not for ``fit``; ``--init_from_weights`` needs ``--init_from``."""
+    if config.get("weights") is not None:
+        raise ValueError(
+            "--weights chooses the weights validate, test and predict load; fit resumes every EMA (configure "
+            "them with the EMA callback's decays), and --init_from_weights chooses those of --init_from."
+        )
+    if config.get("init_from_weights") is not None and not config.get("init_from"):
+        raise ValueError("--init_from_weights chooses weights of --init_from: pass --init_from too.")
 
 
 def cli_main(args: list[str] | None = None) -> DiPCLI:

@@ -85,6 +85,31 @@ def init_from_checkpoint(
     source = select_weights(checkpoint, path, weights)
     target = module.state_dict()
     report = InitReport(str(path), weights_label(checkpoint, path, weights))
+    updates, problems = _transferable(module, source, target, patch_embed, report)
+    if problems and strict:
+        shown = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
+        raise CheckpointMismatchError(
+            f"--init_from {path}: {len(problems)} tensor(s) of this model do not match the checkpoint ({shown}). "
+            "Only the patch embedding may change shape (--init_patch_embed); for another width, depth or head "
+            "start fresh, or pass --init_from_strict false to keep this model's initialisation for these."
+        )
+    report.kept_init = [p.split(":")[0] for p in problems]
+    with torch.no_grad():
+        for name, value in updates.items():
+            target[name].copy_(value.to(target[name].device, target[name].dtype))
+    report.transferred = sorted(updates)
+    return report
+
+
+def _transferable(
+    module: nn.Module,
+    source: dict[str, Tensor],
+    target: dict[str, Tensor],
+    patch_embed: PatchEmbedInit,
+    report: InitReport,
+) -> tuple[dict[str, Tensor], list[str]]:
+    """The checkpoint tensors to copy into ``target`` (the patch embedding as ``patch_embed`` says, noted in
+    ``report``), and the tensors of ``target`` that have no counterpart: another shape, or not in the checkpoint."""
     wrong_shape, missing = [], []
     updates: dict[str, Tensor] = {}
     for name, tensor in target.items():
@@ -106,17 +131,4 @@ def init_from_checkpoint(
                 report.patch_embed = f"reinit ({old_patch} -> {net.patch_size}: new xavier-uniform weights)"
         else:
             wrong_shape.append(f"{name}: checkpoint {tuple(src.shape)}, model {tuple(tensor.shape)}")
-    problems = wrong_shape + [f"{name}: not in the checkpoint" for name in missing]
-    if problems and strict:
-        shown = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
-        raise CheckpointMismatchError(
-            f"--init_from {path}: {len(problems)} tensor(s) of this model do not match the checkpoint ({shown}). "
-            "Only the patch embedding may change shape (--init_patch_embed); for another width, depth or head "
-            "start fresh, or pass --init_from_strict false to keep this model's initialisation for these."
-        )
-    report.kept_init = [p.split(":")[0] for p in problems]
-    with torch.no_grad():
-        for name, value in updates.items():
-            target[name].copy_(value.to(target[name].device, target[name].dtype))
-    report.transferred = sorted(updates)
-    return report
+    return updates, wrong_shape + [f"{name}: not in the checkpoint" for name in missing]

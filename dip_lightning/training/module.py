@@ -1,16 +1,10 @@
 """The LightningModule: a DiP network trained with flow matching (+ REPA) and sampled with an ODE sampler.
 
-What lives where:
-- the network (backbone + Patch Detailer Head): :mod:`dip_lightning.core.models`;
-- the diffusion math (interpolant, time sampling, samplers, CFG): :mod:`dip_lightning.core.diffusion`;
-- REPA (frozen encoder + trainable projector): :mod:`dip_lightning.core.repa`;
-- EMA, sample grids, FID: :mod:`dip_lightning.training.callbacks`.
-
-Progress is counted in optimizer steps and in images (``train/images_seen``), as edm2 does.
-
-Exact resume: the training noise is drawn from a generator keyed by (seed, rank, step, micro-batch), the data
-position is kept by the data module, so a run resumed from a checkpoint continues bit for bit (see
-:mod:`dip_lightning.training.callbacks.preemption`).
+The parts live elsewhere: the network in :mod:`dip_lightning.core.models`, the objective and the samplers in
+:mod:`dip_lightning.core.diffusion`, REPA in :mod:`dip_lightning.core.repa`, EMA, grids and metrics in
+:mod:`dip_lightning.training.callbacks`. Progress is counted in optimizer steps and in images
+(``train/images_seen``), as edm2 does. The training noise comes from a generator keyed by (seed, rank, step,
+micro-batch), so a resumed run continues bit for bit (docs/design.md).
 """
 
 from __future__ import annotations
@@ -93,18 +87,14 @@ class DiPModule(pl.LightningModule):
     :func:`dip_lightning.training.loading.load_module` takes any request. :attr:`loaded_weights` says which.
 
     Args:
-        net: the denoiser, ``net(x, t, y)`` -> the prediction ``flow.prediction`` names (the velocity by
-            default; a :class:`dip_lightning.core.models.DiP`).
-        flow: the flow-matching objective (prediction and loss space, loss weight, time distribution, noise
-            scale, label dropout).
+        net: the denoiser (a :class:`~dip_lightning.core.models.DiP`), ``net(x, t, y)`` -> ``flow.prediction``.
+        flow: the flow-matching objective (prediction, loss space and weight, time distribution, noise scale, dropout).
         sampler: the sampler used by :meth:`generate` (grids, FID, export, predict).
         repa: representation alignment; ``null`` turns it off.
         optimizer: optimizer factory (YAML ``class_path: torch.optim.AdamW``); default is the paper's AdamW.
         lr_scheduler: optional scheduler factory (the paper uses a constant lr).
         compile: compile the network in place with ``torch.compile`` for training (state_dict keys unchanged).
-        compile_mode: ``torch.compile`` mode: ``default``; ``max-autotune`` (benchmarks GEMM/conv kernels while
-            compiling: minutes longer to start); ``reduce-overhead`` / ``max-autotune`` also capture CUDA graphs,
-            which pays off where launches dominate (small batches, sampling) and costs memory.
+        compile_mode: ``torch.compile`` mode (``max-autotune`` tunes kernels; it and ``reduce-overhead``: CUDA graphs).
         sample_dtype: autocast dtype for sampling on GPU (``bfloat16`` as in the release; ``float32`` to disable).
         val_seed: seed of the fixed noise/time draws that make the validation loss comparable across evaluations.
     """

@@ -4,7 +4,7 @@
 ``python -m dip_lightning convert --from kit IN.ckpt --out OUT.ckpt``        (kit -> released layout)
 
 A pure renaming of tensors (the layouts differ in names only) built from the kit's own network and the shipped
-experiment, never restated here; why that is exact and what the converted file holds: docs/design.md §12.
+experiment, never restated here; why that is exact and what the converted file holds: docs/design.md.
 """
 
 from __future__ import annotations
@@ -209,7 +209,7 @@ def infer_official_arch(state_dict: Mapping[str, Tensor], names: Names = "releas
 
 def kit_hyperparameters(arch: OfficialArch, input_size: int | None = None) -> dict[str, Any]:
     """``hyper_parameters`` as LightningCLI stores them for :data:`RELEASED_EXPERIMENT` at this arch's sizes, with
-    ``repa: null`` and ``compile: false`` (docs/design.md §12). ``input_size`` is bookkeeping only (RoPE follows
+    ``repa: null`` and ``compile: false`` (docs/design.md). ``input_size`` is bookkeeping only (RoPE follows
     the input); default: the experiment's 16 patches per side at this patch size.
     """
     from jsonargparse import ArgumentParser
@@ -272,7 +272,7 @@ def _check_layout(
 def official_to_kit(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Released denoiser state dict (bare keys, e.g. ``s_embedder.proj.weight``) -> kit ``DiP`` state dict.
 
-    The tensors are the same objects (a renaming, docs/design.md §12 says why that is exact). Raises
+    The tensors are the same objects (a renaming, docs/design.md says why that is exact). Raises
     :class:`ConversionError` listing the keys when the input is not exactly the released layout.
     """
     arch = infer_official_arch(state_dict)
@@ -346,19 +346,22 @@ def _strip_wrappers(key: str) -> str:
     return ".".join(part for part in key.split(".") if part not in _WRAPPER_COMPONENTS)
 
 
-def _split_official(obj: Any) -> _OfficialParts:
-    """Find the released denoiser weights (EMA and live) and the REPA projector in a loaded file."""
+def _find_state_dict(obj: Any) -> tuple[Mapping[str, Tensor], str]:
+    """The tensors of a loaded file (a bare state dict, or a Lightning checkpoint's ``state_dict``) and which."""
     if isinstance(obj, Mapping) and "state_dict" in obj and _is_tensor_dict(obj["state_dict"]):
-        raw, container = obj["state_dict"], "Lightning checkpoint ('state_dict')"
-    elif _is_tensor_dict(obj):
-        raw, container = obj, "bare state dict"
-    else:
-        top = sorted(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__
-        raise ConversionError(
-            f"cannot find a state dict in this file (top level: {top}). Expected a bare state dict of "
-            "tensors or a Lightning checkpoint whose 'state_dict' holds the released module under "
-            "'denoiser.' / 'ema_denoiser.'."
-        )
+        return obj["state_dict"], "Lightning checkpoint ('state_dict')"
+    if _is_tensor_dict(obj):
+        return obj, "bare state dict"
+    top = sorted(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__
+    raise ConversionError(
+        f"cannot find a state dict in this file (top level: {top}). Expected a bare state dict of "
+        "tensors or a Lightning checkpoint whose 'state_dict' holds the released module under "
+        "'denoiser.' / 'ema_denoiser.'."
+    )
+
+
+def _strip_wrapper_prefixes(raw: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """The tensors without DDP / torch.compile prefixes in their keys, and a note when some had them."""
     sd: dict[str, Tensor] = {}
     for key, value in raw.items():
         new = _strip_wrappers(key)
@@ -371,7 +374,13 @@ def _split_official(obj: Any) -> _OfficialParts:
     notes = (
         [f"removed wrapper prefixes ('module.', '_orig_mod.') from {len(stripped)} keys"] if stripped else []
     )
+    return sd, notes
 
+
+def _split_official(obj: Any) -> _OfficialParts:
+    """Find the released denoiser weights (EMA and live) and the REPA projector in a loaded file."""
+    raw, container = _find_state_dict(obj)
+    sd, notes = _strip_wrapper_prefixes(raw)
     grouped = any(k.startswith((_EMA_PREFIX, _LIVE_PREFIX)) for k in sd)
     if not grouped:
         return _OfficialParts(None, sd, None, container, grouped=False, notes=notes)
@@ -448,7 +457,7 @@ def _kit_parts(
     """(sampling weights, raw weights or None, projector (kit names) or None, text) of a kit file."""
     if _is_tensor_dict(obj):
         return {k.removeprefix("net."): v for k, v in obj.items()}, None, None, "bare kit state dict"
-    if not (isinstance(obj, Mapping) and "state_dict" in obj):
+    if not (isinstance(obj, Mapping) and STATE_DICT in obj):
         raise ConversionError(
             "cannot find a kit state dict: expected a Lightning checkpoint or a DiP state dict"
         )
@@ -472,7 +481,7 @@ def _kit_parts(
 
 
 def _is_kit(obj: Any) -> bool:
-    sd = obj.get("state_dict") if isinstance(obj, Mapping) else None
+    sd = obj.get(STATE_DICT) if isinstance(obj, Mapping) else None
     return isinstance(sd, Mapping) and any(k.startswith("net.") for k in sd)
 
 
@@ -576,7 +585,7 @@ def convert_checkpoint(
     overwrite: bool = False,
     trust_pickle: bool = False,
 ) -> str:
-    """Convert a checkpoint file (either ``direction``; the layouts are in docs/design.md §12); returns a summary.
+    """Convert a checkpoint file (either ``direction``; the layouts are in docs/design.md); returns a summary.
 
     ``weights`` picks the released EMA or live copy for ``state_dict``; ``input_size``: see
     :func:`kit_hyperparameters`. Errors name the input file and write nothing; the output appears only complete.
@@ -584,7 +593,7 @@ def convert_checkpoint(
     if direction not in ("official_to_kit", "kit_to_official"):
         raise ValueError(f"direction must be 'official_to_kit' or 'kit_to_official', got {direction!r}")
     in_path, out_path = Path(in_path), Path(out_path)
-    if out_path.exists() and not overwrite:  # before reading a possibly 10 GB input
+    if out_path.exists() and not overwrite:  # before reading a possibly large input
         raise FileExistsError(f"{out_path} exists; pass --overwrite to replace it (nothing was written).")
     obj = read_checkpoint(in_path, trust_pickle=trust_pickle)
     with _naming(f"cannot convert {in_path}"):
@@ -615,7 +624,7 @@ def load_pretrained(
     net_weights, projector_weights, text = kit_weights(read_checkpoint(path, trust_pickle), path, weights)
     net = getattr(target, "net", target)
     check_compatible(
-        {"state_dict": net_weights},
+        {STATE_DICT: net_weights},
         net,
         path,
         config_keys=(),

@@ -19,6 +19,7 @@ def _fake_ckpt(path: Path, step: int) -> Path:
 def test_resume_resolution_order(tmp_path: Path) -> None:
     run = tmp_path / "run"
     assert resolve_resume(run).path is None and resolve_resume(run).source == "fresh"
+    assert next_preemption_path(run) == run / "hpc_ckpt_1.ckpt"
     last = _fake_ckpt(run / "checkpoints" / "last.ckpt", 10)
     assert resolve_resume(run).path == last
     hpc1 = _fake_ckpt(run / "hpc_ckpt_1.ckpt", 12)

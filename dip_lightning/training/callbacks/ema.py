@@ -90,9 +90,7 @@ class EMA(EMAWeightAveraging):
 
     Args:
         decay: EMA decay per update: the one-decay shorthand of ``decays``.
-        decays: several decays tracked in one run; the first is the one validation, grids, FID and a
-            checkpoint's ``state_dict`` use, the others are stored beside it (``format.EMA_RECORD``).
-            Each further decay costs one more copy of the weights (fp32: 4 bytes per parameter).
+        decays: several decays in one run: the first for validation, samples and ``state_dict``, the others beside it.
         update_every_n_steps: update the averages every N optimizer steps.
         update_starting_at_step: first optimizer step (0-based) that updates the averages.
         device: where the averaged copies live (default: the training device).

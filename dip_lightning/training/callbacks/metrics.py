@@ -1,13 +1,9 @@
 """In-training evaluation: every N steps, generate class-balanced samples on all ranks and log the metrics suite.
 
-The metrics are those of ``evaluate`` (:class:`~dip_lightning.core.metrics.MetricEngine`: the same networks,
-reference loading and formulas), so a number logged in training and one from the command agree. The feature
-networks live in the callback, not in the LightningModule, so EMA never averages them and checkpoints never carry
-them. Sample ``i`` has label ``i % num_classes`` and seed ``seed + i`` and each rank generates a contiguous slice,
-so the images are the same for any world size; features are gathered to every rank (precision and recall need all
-of them) and rank 0's numbers are broadcast. Values go to the loggers at ``global_step`` (``pl_module.log`` from a
-batch hook would reach them only every ``log_every_n_steps``), to ``callback_metrics`` and, from rank 0, as a row
-of ``eval_metrics.csv`` in the log folder (:mod:`dip_lightning.checkpoint.run_folder`).
+The metrics are those of ``evaluate`` (:class:`~dip_lightning.core.metrics.MetricEngine`), so a number logged in
+training and one from the command agree. The feature networks live in the callback, not in the LightningModule, so
+EMA never averages them and checkpoints never carry them. The sample set does not depend on the world size; values
+go to the loggers at ``global_step`` and, from rank 0, to ``eval_metrics.csv`` in the log folder (docs/design.md).
 """
 
 from __future__ import annotations
@@ -55,28 +51,24 @@ class MetricsCallback(pl.Callback):
         every_n_steps: evaluate when ``global_step`` (optimizer steps) is a multiple of this.
         num_samples: generated images per evaluation, over all ranks (class-balanced: ``i % num_classes``).
         batch_size: images generated per ``generate`` call on each rank.
-        reference: image npz, ADM reference batch or kit reference file (``python -m dip_lightning
-            fid-stats``). A file that records its extractor must match this callback's.
-        real_shards: alternative to ``reference``: real WebDataset shards, read at the first evaluation.
+        reference: image npz, ADM reference batch or ``fid-stats`` file (whose recorded extractor must match).
+        real_shards: instead of ``reference``: real WebDataset shards, read at the first evaluation.
         real_num_samples: how many real images to use with ``real_shards`` (default: ``num_samples``).
         real_image_size: size real images are ADM-cropped to (default: the module's ``image_shape[-1]``).
-        real_cache: where to save the reference computed from ``real_shards`` (a kit reference file); later runs
-            load it instead of reading the shards.
-        metrics: names from `dip_lightning.core.metrics.METRIC_NAMES` (default `DEFAULT_TRAINING_METRICS`); those
-            that cannot run here are logged as absent, with one warning at the first evaluation.
-        extractor: the Inception network (YAML ``class_path``), default
-            `dip_lightning.core.metrics.features.FIDHelperInception`.
+        real_cache: kit reference file to save the ``real_shards`` reference to; later runs load it instead.
+        metrics: ``METRIC_NAMES`` to compute (default ``DEFAULT_TRAINING_METRICS``); an unusable one is logged absent.
+        extractor: the Inception network (YAML ``class_path``; default ``FIDHelperInception``).
         dinov2_weights: local ``dinov2_vitl14_pretrain.pth`` for ``fd_dinov2`` (default ``$DIP_DINOV2_WEIGHTS``).
         patch_size: grid of the patch-seam score (default: the module's ``net.patch_size``).
         use_ema: sample with the EMA weights when an EMA callback has them.
         seed: seed of global sample 0; sample ``i`` uses ``seed + i``.
         on_train_end: also evaluate at the end of training (unless the last step was just evaluated).
-        num_steps, cfg_scale, cfg_interval: sampler overrides for ``generate`` (None keeps the module's).
-        csv_name: file in the run's artefact folder (:func:`dip_lightning.checkpoint.run_folder.artefact_dir`).
-        prefix: logger key prefix; metric ``m`` is logged as ``<prefix><m>``. Give each callback its own when
-            several run side by side (e.g. ``val_cfg/``).
-        cache_dir: feature cache of reference files (default ``$DIP_METRICS_CACHE`` or
-            ``~/.cache/dip_lightning/metrics``).
+        num_steps: sampler override for ``generate`` (None keeps the module's).
+        cfg_scale: sampler override for ``generate`` (None keeps the module's).
+        cfg_interval: sampler override for ``generate`` (None keeps the module's).
+        csv_name: file in the run's artefact folder (:func:`~dip_lightning.checkpoint.run_folder.artefact_dir`).
+        prefix: logger key prefix (``<prefix><metric>``); each of several side-by-side callbacks needs its own.
+        cache_dir: reference feature cache (default ``$DIP_METRICS_CACHE`` or ``~/.cache/dip_lightning/metrics``).
     """
 
     def __init__(
@@ -104,17 +96,7 @@ class MetricsCallback(pl.Callback):
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
-        if num_samples < 2:
-            raise ValueError(f"the metrics need at least 2 samples, got num_samples={num_samples}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if (reference is None) == (real_shards is None):
-            raise ValueError(
-                f"{type(self).__name__} needs exactly one of `reference` (an image npz, an ADM reference batch "
-                "or `python -m dip_lightning fid-stats --shards ... --out ref.npz`) or `real_shards`"
-            )
+        self._check_options(every_n_steps, num_samples, batch_size, reference, real_shards)
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
         self.batch_size = batch_size
@@ -141,6 +123,26 @@ class MetricsCallback(pl.Callback):
         self._engine: MetricEngine | None = None
         self._last_eval_step = -1
         self._batch_size: int | None = None  # this rank's micro-batch, seen in on_train_batch_end
+
+    def _check_options(
+        self,
+        every_n_steps: int,
+        num_samples: int,
+        batch_size: int,
+        reference: str | None,
+        real_shards: str | None,
+    ) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        if num_samples < 2:
+            raise ValueError(f"the metrics need at least 2 samples, got num_samples={num_samples}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if (reference is None) == (real_shards is None):
+            raise ValueError(
+                f"{type(self).__name__} needs exactly one of `reference` (an image npz, an ADM reference batch "
+                "or `python -m dip_lightning fid-stats --shards ... --out ref.npz`) or `real_shards`"
+            )
 
     # ------------------------------------------------------------------------------------------ names
     def log_key(self, metric: str) -> str:

@@ -1,36 +1,13 @@
-"""Guard against non-finite training: skip the update of a step whose loss or gradient is NaN/inf, stop after
+"""Guard against non-finite training: skip the update of a step whose loss or gradient is NaN/inf, and stop after
 ``max_consecutive`` such steps in a row with an error that names the last good checkpoint.
 
-Without it a diverged run (``lr=1000`` on the tiny config) logs ``nan``, exits 0 and writes checkpoints whose
-weights are NaN, and a resumed run that diverges overwrites its good ``last.ckpt``. With it (docs/design.md §9):
-
-* every optimizer step, after backward and before the update (``on_before_optimizer_step``), one flag is
-  computed on the device: the step's loss (``pl_module.last_loss``, which
-  :class:`~dip_lightning.training.module.DiPModule` keeps) and the total gradient norm are finite. In DDP the
-  ranks all-reduce that flag (max), so all of them skip the same steps and their weights stay identical;
-* a flagged step changes nothing: no optimizer update (its state, step counts included, stays as it was), no
-  LR-scheduler step (``DiPModule.lr_scheduler_step``), no EMA update (:class:`~dip_lightning.training.callbacks.EMA`,
-  :class:`~dip_lightning.training.callbacks.PowerFunctionEMA`). The step counter, the data position and the training
-  noise advance as for any step (the batch is consumed), so resume stays exact;
-* skipped steps are counted (``train/nonfinite_skipped``, a running total, logged at the logging steps) and
-  each one is said in the log (host mode);
-* after ``max_consecutive`` skipped steps in a row the run stops with :class:`NonFiniteTrainingError`
-  before the step's checkpoint can be written; the last checkpoint on disk is the last good one.
-
-Two modes, chosen by ``check_every_n_steps``:
-
-* ``1`` (default): the flag is read on the host every step, before the update: one device-to-host read per step
-  (free on CPU; on GPU it waits for the backward). The skip works for every optimizer (the gradients are set to
-  ``None``, which every ``torch.optim`` optimizer treats as "no update for this tensor").
-* ``N > 1`` (GPU recipes): no host read per step. The update is skipped on the device by the optimizer's fused
-  kernel (``fused: true`` AdamW/Adam/SGD read a ``found_inf`` tensor, the mechanism ``torch.amp.GradScaler``
-  uses), the EMA updates are multiplied by the same flag on the device, and the counts of skipped steps are
-  device tensors read every N steps (one sync per N steps, at the step the preemption guard syncs if both use
-  the same N). A configured LR scheduler still steps on a skipped step (its count is a host number): the
-  paper's recipe has none. The stop then happens at the first check after the ``max_consecutive``-th skip.
-
-The checkpoint IO (:class:`~dip_lightning.checkpoint.io.AtomicCheckpointIO`) is the backstop: it refuses to write
-a checkpoint holding a non-finite floating-point tensor and keeps the previous file.
+Why: a diverged run would otherwise log ``nan``, exit 0 and write NaN checkpoints, and a resumed run that diverges
+would overwrite its good ``last.ckpt``. A skipped step updates nothing (optimizer, LR schedule, every EMA) but
+consumes its batch like any step, so resume stays exact; in DDP the ranks agree on each skip. Host mode
+(``check_every_n_steps: 1``) reads the flag before every update and works with any optimizer; device mode (N > 1)
+skips inside a fused optimizer without a per-step sync. The backstop is
+:class:`~dip_lightning.checkpoint.io.AtomicCheckpointIO`, which refuses to write a non-finite checkpoint. Details:
+docs/design.md.
 """
 
 from __future__ import annotations
@@ -100,13 +77,11 @@ def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
 class NonFiniteGuard(Callback):
     """Skip the update of a step whose loss or gradient is not finite; stop after ``max_consecutive`` in a row.
 
-    See the module docstring (and docs/design.md §9) for what is skipped and how the ranks agree.
+    What is skipped and how the ranks agree: the module docstring and docs/design.md.
 
     Args:
         max_consecutive: stop with :class:`NonFiniteTrainingError` after this many skipped steps in a row.
-        check_every_n_steps: 1: decide on the host before every update (any optimizer). N > 1: skip on the
-            device without a per-step host sync (needs a ``fused: true`` optimizer) and read the counts every N
-            steps.
+        check_every_n_steps: 1: check on the host every step; N > 1: skip on the device (``fused: true``), sync every N.
     """
 
     def __init__(self, max_consecutive: int = 10, check_every_n_steps: int = 1) -> None:

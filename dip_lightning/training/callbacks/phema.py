@@ -1,5 +1,6 @@
 """Power-function EMA profiles tracked during training and written every N steps as snapshots, for post-hoc EMA
-(Karras et al. 2024; the math: :mod:`dip_lightning.core.phema`, the files: :mod:`dip_lightning.checkpoint.posthoc`).
+(Karras et al. 2024, Sec. 3 and App. C; the math: :mod:`dip_lightning.core.phema`, the files:
+:mod:`dip_lightning.checkpoint.posthoc`).
 
 Each std is one flat fp32 copy of the weights on the training device, updated after every optimizer step with a
 host-side decay (no device sync). Checkpoints carry the current profiles, so a resumed run continues them and its
@@ -11,7 +12,6 @@ In YAML: ``trainer.callbacks: [{class_path: dip_lightning.training.callbacks.Pow
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -24,12 +24,12 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 from dip_lightning.checkpoint.format import RAW_WEIGHTS, STATE_DICT
 from dip_lightning.checkpoint.posthoc import (
     PROFILES_RECORD,
-    SNAPSHOT_DIR,
     profiles_record,
     recorded_profiles,
     snapshot,
     snapshot_path,
 )
+from dip_lightning.checkpoint.run_folder import snapshot_dir
 from dip_lightning.core.atomic import atomic_write
 from dip_lightning.core.phema import power_ema_decay, std_to_exponent
 from dip_lightning.training.callbacks.ema import (
@@ -46,10 +46,8 @@ class PowerFunctionEMA(Callback):
 
     Args:
         stds: relative widths of the tracked profiles (edm2: 0.05 and 0.10); each costs one copy of the weights.
-        snapshot_every_n_steps: write a snapshot of all profiles every N optimizer steps (rank 0; each holds one
-            copy of the weights per std).
-        dirpath: snapshot folder (default: ``<trainer.default_root_dir>/phema``, where ``--weights phema:S``
-            looks).
+        snapshot_every_n_steps: write a snapshot of all profiles every N optimizer steps (rank 0).
+        dirpath: snapshot folder (default: the run folder's, where ``--weights phema:S`` looks).
     """
 
     def __init__(
@@ -80,7 +78,7 @@ class PowerFunctionEMA(Callback):
         self.averages = {s: averageable_copy(state, pl_module, device) for s in self.stds}
         self.step = 0
         if self.dirpath is None:
-            self.dirpath = str(Path(trainer.default_root_dir) / SNAPSHOT_DIR)
+            self.dirpath = str(snapshot_dir(trainer.default_root_dir))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.step = trainer.global_step  # a resumed run's averages are at the checkpoint's step

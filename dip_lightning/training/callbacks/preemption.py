@@ -1,49 +1,13 @@
 """Preemption: save at a step boundary on SIGUSR1/SIGTERM/SIGINT, requeue under SLURM, continue exactly.
 
-Why not Lightning's own handlers (2.6): they do the work *inside* the signal handler, i.e. wherever the main
-thread happens to be when the signal lands.
-
-* The SLURM handler saves ``hpc_ckpt_N.ckpt`` from the handler. Landing between the in-place optimizer update
-  and the step counter increment, it stores updated weights with the old ``global_step``: the resumed run
-  applies that step twice (not bit-exact). In DDP the save's barrier can pair with another rank's gradient
-  all-reduce and hang the job (Lightning issue #21406).
-* The SIGTERM handler broadcasts from inside the handler (same hazard) and then stops *without* saving.
-* SIGINT (Ctrl-C) stops without saving either.
-
-:class:`PreemptionGuard` installs handlers that only record the signal. At the end of every training batch
-that completed an optimizer step (after EMA and the other callbacks, before ``ModelCheckpoint``), all ranks
-all-reduce "which signals are pending anywhere", so they act at the same step even when the signal reached
-them at different times. If any is pending, every rank takes part in
-``trainer.save_checkpoint(<run>/hpc_ckpt_{N+1}.ckpt)`` (atomic with
-:class:`~dip_lightning.checkpoint.io.AtomicCheckpointIO`), rank 0 prunes the older preemption checkpoints, and
-then:
-
-* the SLURM requeue signal (``SLURMEnvironment(auto_requeue=True).requeue_signal``, USR1 by default): rank 0
-  runs ``scontrol requeue $SLURM_JOB_ID``; the process exits 0 (the job continues in its requeued
-  incarnation);
-* SIGTERM / SIGINT: no requeue (a scheduler that preempts with SIGTERM requeues by itself; a user who cancels
-  does not want one); the process exits ``128 + signum``.
-
-Stopping is the exception :class:`TrainingInterrupted` (a ``SystemExit``), raised right after the save, so no
-epoch-end or train-end work runs in the preemption window (no extra ``last.ckpt``, no final FID or grid).
-Outside a CLI, ``trainer.fit`` raises it; the next ``fit`` resumes from the preemption checkpoint.
-
-Lightning's handlers stay out of the way: its SLURM handler is installed only when no handler is set for the
-signal (ours is installed in ``setup``, before ``Trainer`` registers its handlers), and its SIGTERM handler,
-which it always installs, is replaced by ours again in ``on_train_start`` (the first hook after the
-registration). Lightning's per-step SIGTERM broadcast in DDP (a collective plus a GPU sync before every step)
-is skipped while the guard owns SIGTERM, since the flag it broadcasts can no longer be set.
-
-A signal that arrives during validation or a FID evaluation is acted on after it, at the next step boundary:
-the SLURM lead time (``--signal=USR1@N``) must cover that plus one checkpoint save. A second Ctrl-C while the
-first waits for the step boundary aborts at once (KeyboardInterrupt, no save).
-
-The guard also stores every rank's global RNG states (torch, CUDA, numpy, python) in the checkpoint and
-restores them on resume (same world size). Training itself does not depend on them
-(:class:`~dip_lightning.training.module.DiPModule` draws its noise from a generator keyed by step and rank), so this is
-for user code that uses the global RNGs.
-
-:class:`PerJobTimer` makes ``max_time`` a per-job budget (see there).
+Why not Lightning's own handlers: they save or broadcast *inside* the signal handler, wherever the main thread is;
+between the optimizer update and the step increment that stores new weights under the old step (the resumed run
+repeats a step), and in DDP the save's barrier can pair with another rank's all-reduce and hang (Lightning issue
+#21406). :class:`PreemptionGuard`'s handlers only record the signal; after an optimizer step the ranks agree on
+what is pending, all take part in saving a preemption checkpoint in the run folder, rank 0 requeues the SLURM job
+for the requeue signal, and the run stops with :class:`TrainingInterrupted`. The guard also keeps every rank's
+global RNG states in the checkpoint. :class:`PerJobTimer` makes ``max_time`` a per-job budget. Details:
+docs/design.md.
 """
 
 from __future__ import annotations
@@ -139,13 +103,9 @@ class PreemptionGuard(Callback):
     See the module docstring for why and how. The CLI always adds one (configurable as ``preemption.*``).
 
     Args:
-        requeue_signal: the SLURM requeue signal; ``"auto"`` takes it from the trainer's
-            ``SLURMEnvironment(auto_requeue=True)`` (the CLI adds that only when SLURM is detected) and means
-            "no requeue" otherwise; ``None`` disables requeueing.
+        requeue_signal: the SLURM requeue signal; ``"auto"``: a ``SLURMEnvironment(auto_requeue=True)``'s; None: none.
         stop_signals: signals that save and stop without requeue.
-        check_every_n_steps: how often the ranks agree on pending signals (a tiny all-reduce in DDP, a
-            host-device sync on GPU); raise it if that shows in step times. A preemption then waits up to that
-            many steps.
+        check_every_n_steps: agree on pending signals every N steps (one all-reduce and sync); a preemption waits <= N.
     """
 
     def __init__(

@@ -26,9 +26,11 @@ class RichProgress(RichProgressBar):
     instead: step, epoch, the images/s the module logged (``train/images_per_sec``) and the bar's metrics.
 
     Args:
-        refresh_rate, leave, console_kwargs: as for Lightning's RichProgressBar.
+        refresh_rate: as for Lightning's RichProgressBar.
+        leave: as for Lightning's RichProgressBar.
         metrics_every_n_steps: optimizer steps between two reads of the logged metrics while training.
         log_every_n_steps: steps between plain progress lines when standard output is not a terminal; 0 never.
+        console_kwargs: as for Lightning's RichProgressBar.
     """
 
     def __init__(
