@@ -1,5 +1,6 @@
-"""Whether a checkpoint fits a model: tensors, architecture config and training objective compared, execution-only
-options allowed to change."""
+"""Whether a checkpoint fits a model: its tensors, architecture config and training objective are compared, so
+that a resume or a load into another experiment fails with a message that names the differences; execution-only
+options (how a component computes, not what) may change."""
 
 from __future__ import annotations
 
@@ -98,80 +99,103 @@ def objective_settings(config: Any) -> dict[str, Any] | None:
     return {name: init_args.get(name) for name in fields}
 
 
+def _listed(names: list[str], max_listed: int) -> str:
+    """The first ``max_listed`` names, then how many more there are."""
+    more = f" (+{len(names) - max_listed} more)" if len(names) > max_listed else ""
+    return f"{', '.join(names[:max_listed])}{more}"
+
+
+def _config_differences(
+    saved: Mapping[str, Any], current: Mapping[str, Any], keys: Iterable[str]
+) -> tuple[list[str], list[str]]:
+    """Problems (architecture settings that differ) and changes (execution options that differ) of ``keys``."""
+    problems, changed = [], []
+    for key in keys:
+        if key not in saved or key not in current:
+            continue
+        execution = execution_option_keys(current[key], key) | execution_option_keys(saved[key], key)
+        for name, old, new in config_differences(saved[key], current[key], prefix=key):
+            if name in execution:
+                changed.append(f"{name}: {old!r} -> {new!r}")
+            else:
+                problems.append(f"config {name}: checkpoint {old!r}, this run {new!r}")
+    return problems, changed
+
+
+def _objective_differences(
+    saved: Mapping[str, Any], current: Mapping[str, Any], keys: Iterable[str]
+) -> list[str]:
+    """The ``OBJECTIVE_FIELDS`` (:func:`objective_settings`) of ``keys`` that differ."""
+    problems = []
+    for key in keys:
+        if key not in saved or key not in current:
+            continue
+        saved_fields, fields = objective_settings(saved[key]), objective_settings(current[key])
+        if saved_fields is None or fields is None:
+            continue
+        for name in fields:
+            if saved_fields.get(name) != fields[name]:
+                problems.append(
+                    f"config {key}.init_args.{name}: checkpoint {saved_fields.get(name)!r}, this run {fields[name]!r}"
+                )
+    return problems
+
+
+def _tensor_differences(saved: Any, model: torch.nn.Module, max_listed: int) -> list[str]:
+    """Tensors of ``model`` missing from the checkpoint's ``state_dict`` ``saved``, unexpected there, or of
+    another shape."""
+    if not isinstance(saved, Mapping):
+        return ["no state_dict in the checkpoint"]
+    current = model.state_dict()
+    problems = []
+    for label, keys in (
+        ("tensors missing from the checkpoint", sorted(set(current) - set(saved))),
+        ("unexpected tensors", sorted(set(saved) - set(current))),
+    ):
+        if keys:
+            problems.append(f"{label}: {_listed(keys, max_listed)}")
+    shapes = [
+        f"{k} {list(saved[k].shape)} vs {list(current[k].shape)}"
+        for k in current
+        if k in saved and hasattr(saved[k], "shape") and tuple(saved[k].shape) != tuple(current[k].shape)
+    ]
+    if shapes:
+        problems.append(
+            f"{len(shapes)} tensors differ in shape (checkpoint vs this run): {_listed(shapes, max_listed)}"
+        )
+    return problems
+
+
 def check_compatible(
-    checkpoint: Mapping[str, Any],
-    model: torch.nn.Module,
-    path: _PATH,
-    config_keys: Iterable[str] = ("net",),
-    max_listed: int = 5,
-    advice: str = RESUME_ADVICE,
-    objective_keys: Iterable[str] = ("flow",),
+    checkpoint: Mapping[str, Any],  # the loaded checkpoint
+    model: torch.nn.Module,  # the model it should load into, with its ``hparams``
+    path: _PATH,  # where the checkpoint is, for the message
+    config_keys: Iterable[str] = ("net",),  # hyper-parameters that must match: the architecture
+    max_listed: int = 5,  # mismatching tensors named in the message, of each kind
+    advice: str = RESUME_ADVICE,  # the message's last sentence: what the loading command should be given instead
+    objective_keys: Iterable[str] = (
+        "flow",
+    ),  # hyper-parameters compared on their class's ``OBJECTIVE_FIELDS``
 ) -> list[str]:
     """Raise :class:`CheckpointMismatchError` if ``checkpoint`` was written for another model.
 
     Compares the tensors (names and shapes of ``state_dict``) with ``model``'s, and the hyper-parameters named
-    in ``config_keys`` (the network architecture; changes of e.g. the learning rate are legitimate on resume).
-    The message names the differing config values and the first mismatching tensors, then ``advice`` (what the
-    command that loads it should be given instead).
-
-    The hyper-parameters named in ``objective_keys`` (the training objective, ``model.flow``) are compared on the
-    fields their class lists in ``OBJECTIVE_FIELDS`` (:func:`objective_settings`): another prediction target,
-    loss space, loss weight, time distribution or noise scale is a different experiment, like another
-    architecture. Its other settings (time shift, label dropout) may change on resume, as before.
+    in ``config_keys`` (changes of e.g. the learning rate are legitimate on resume). The objective
+    (``objective_keys``) is compared on its ``OBJECTIVE_FIELDS`` only: another prediction target, loss space,
+    loss weight, time distribution or noise scale is a different experiment, like another architecture, while
+    its other settings (time shift, label dropout) may change on resume.
 
     Execution-only options (:func:`execution_option_keys`, and the model class's own ``EXECUTION_OPTIONS``
     such as ``compile``) may differ: they are returned as ``"key: old -> new"`` lines for the resume log.
     """
-    problems, changed = [], []
     hparams = getattr(model, "hparams", {}) or {}
     saved_hparams = checkpoint.get("hyper_parameters") or {}
-    for key in config_keys:
-        if key in saved_hparams and key in hparams:
-            execution = execution_option_keys(hparams[key], key) | execution_option_keys(
-                saved_hparams[key], key
-            )
-            for name, old, new in config_differences(saved_hparams[key], hparams[key], prefix=key):
-                if name in execution:
-                    changed.append(f"{name}: {old!r} -> {new!r}")
-                else:
-                    problems.append(f"config {name}: checkpoint {old!r}, this run {new!r}")
-    for key in objective_keys:
-        if key in saved_hparams and key in hparams:
-            saved_fields = objective_settings(saved_hparams[key])
-            fields = objective_settings(hparams[key])
-            if saved_fields is not None and fields is not None:
-                for name in fields:
-                    if saved_fields.get(name) != fields[name]:
-                        problems.append(
-                            f"config {key}.init_args.{name}: checkpoint {saved_fields.get(name)!r}, "
-                            f"this run {fields[name]!r}"
-                        )
+    problems, changed = _config_differences(saved_hparams, hparams, config_keys)
+    problems += _objective_differences(saved_hparams, hparams, objective_keys)
     for name in getattr(type(model), "EXECUTION_OPTIONS", ()):
         if name in saved_hparams and name in hparams and saved_hparams[name] != hparams[name]:
             changed.append(f"{name}: {saved_hparams[name]!r} -> {hparams[name]!r}")
-    saved = checkpoint.get("state_dict")
-    if not isinstance(saved, Mapping):
-        problems.append("no state_dict in the checkpoint")
-    else:
-        current = model.state_dict()
-        missing = sorted(set(current) - set(saved))
-        unexpected = sorted(set(saved) - set(current))
-        shapes = [
-            (k, tuple(saved[k].shape), tuple(current[k].shape))
-            for k in current
-            if k in saved and hasattr(saved[k], "shape") and tuple(saved[k].shape) != tuple(current[k].shape)
-        ]
-        for label, keys in (
-            ("tensors missing from the checkpoint", missing),
-            ("unexpected tensors", unexpected),
-        ):
-            if keys:
-                more = f" (+{len(keys) - max_listed} more)" if len(keys) > max_listed else ""
-                problems.append(f"{label}: {', '.join(keys[:max_listed])}{more}")
-        if shapes:
-            listed = ", ".join(f"{k} {list(a)} vs {list(b)}" for k, a, b in shapes[:max_listed])
-            more = f" (+{len(shapes) - max_listed} more)" if len(shapes) > max_listed else ""
-            problems.append(f"{len(shapes)} tensors differ in shape (checkpoint vs this run): {listed}{more}")
+    problems += _tensor_differences(checkpoint.get("state_dict"), model, max_listed)
     if problems:
         raise CheckpointMismatchError(
             f"checkpoint {path} was written for another model configuration:\n  - "

@@ -7,7 +7,7 @@ import contextlib
 import os
 import pickle
 import zipfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,36 +32,34 @@ class NonFiniteCheckpointError(CheckpointError):
     """A checkpoint about to be written holds NaN or infinite values; it was not written."""
 
 
+def _checked_tensors(value: Any, where: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(where, tensor)`` of every non-empty floating-point or complex tensor in nested dicts, lists and tuples,
+    but for ``ModelCheckpoint``'s scalars: it stores ``inf`` as the initial best score by design."""
+    if isinstance(value, torch.Tensor):
+        bookkeeping = value.ndim == 0 and where.startswith("callbacks.ModelCheckpoint")
+        if (value.is_floating_point() or value.is_complex()) and value.numel() and not bookkeeping:
+            yield where, value
+    elif isinstance(value, Mapping):
+        for key, sub in value.items():
+            yield from _checked_tensors(sub, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, (list, tuple)):
+        for i, sub in enumerate(value):
+            yield from _checked_tensors(sub, f"{where}[{i}]")
+
+
 def nonfinite_tensors(checkpoint: Any, prefix: str = "") -> list[str]:
     """Where ``checkpoint`` (nested dicts, lists, tuples) holds floating-point tensors with a NaN or inf entry.
 
     One reduction per tensor and one device-to-host read per device at the end (a save is a sync point anyway).
-    Scalars in ``ModelCheckpoint``'s state are left out: it stores ``inf`` as the initial best score by design.
     """
-    found: list[tuple[str, torch.Tensor]] = []
-
-    def walk(value: Any, where: str) -> None:
-        if isinstance(value, torch.Tensor):
-            bookkeeping = value.ndim == 0 and where.startswith("callbacks.ModelCheckpoint")
-            if (value.is_floating_point() or value.is_complex()) and value.numel() and not bookkeeping:
-                found.append((where, torch.isfinite(value.detach()).all()))
-        elif isinstance(value, Mapping):
-            for key, sub in value.items():
-                walk(sub, f"{where}.{key}" if where else str(key))
-        elif isinstance(value, (list, tuple)):
-            for i, sub in enumerate(value):
-                walk(sub, f"{where}[{i}]")
-
-    walk(checkpoint, prefix)
-    if not found:
-        return []
-    by_device: dict[torch.device, list[int]] = {}
-    for i, (_, flag) in enumerate(found):
-        by_device.setdefault(flag.device, []).append(i)
+    flags_by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+    for where, tensor in _checked_tensors(checkpoint, prefix):
+        finite = torch.isfinite(tensor.detach()).all()
+        flags_by_device.setdefault(finite.device, []).append((where, finite))
     bad: list[str] = []
-    for indices in by_device.values():
-        flags = torch.stack([found[i][1] for i in indices]).tolist()
-        bad += [found[i][0] for i, ok in zip(indices, flags) if not ok]
+    for flags in flags_by_device.values():
+        finite = torch.stack([flag for _, flag in flags]).tolist()
+        bad += [where for (where, _), ok in zip(flags, finite) if not ok]
     return sorted(bad)
 
 
@@ -204,8 +202,8 @@ def peek_checkpoint(path: _PATH, weights_only: bool = True) -> dict[str, Any]:
 
 
 def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
-    """The object a checkpoint file holds, read once: memory-mapped when possible (a 632M-parameter checkpoint
-    with optimizer states is ~10 GB; tensors are only read when used), on CPU.
+    """The object a checkpoint file holds, read once: memory-mapped when possible (a checkpoint with optimizer
+    states and EMA copies holds several copies of the weights; tensors are only read when used), on CPU.
 
     Only tensors and plain data are accepted unless ``trust_pickle`` (``torch.load(weights_only=False)``).
     Raises ``FileNotFoundError``, or :class:`CheckpointError` naming the file for a truncated, corrupt or

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "atomic_write_json", "fsync_dir", "leftover_temp_files"]
+__all__ = ["atomic_write", "atomic_write_json", "fsync_dir", "leftover_temp_files", "write_or_compare_json"]
 
 
 def fsync_dir(folder: str | os.PathLike[str]) -> None:
@@ -87,3 +87,15 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any, overwrite: bool = 
     with atomic_write(path, "w", overwrite=overwrite) as handle:
         json.dump(obj, handle, indent=1, sort_keys=True)
         handle.write("\n")
+
+
+def write_or_compare_json(path: str | os.PathLike[str], record: dict[str, Any]) -> list[str]:
+    """Write ``record`` to ``path`` as :func:`atomic_write_json` when there is no file yet; else the keys on which
+    the file's record differs from ``record`` (empty when it is the same). Processes that start together may all
+    call it with the same record."""
+    path = Path(path)
+    if not path.exists():
+        atomic_write_json(path, record)
+        return []
+    found = json.loads(path.read_text())
+    return sorted(k for k in set(found) | set(record) if found.get(k) != record.get(k))

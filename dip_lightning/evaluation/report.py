@@ -1,24 +1,9 @@
-"""Put training runs side by side: ``python -m dip_lightning report RUN_DIR [RUN_DIR ...] --out DIR``.
+"""Put training runs side by side: one table row per run (``report.md``) and one plot per metric against the
+training step.
 
-Writes ``DIR/report.md``, one table row per run, and one PNG per metric (``DIR/<metric>.png``: the metric
-against the training step, one line per run). What a row holds, and where it comes from:
-
-* **experiment**: the ``--config`` files of the run's ``fit`` (``experiment.json`` in the artefact folder,
-  :class:`dip_lightning.training.cli.RecordingSaveConfig`): the experiment YAML, then its overlays;
-* **paper row**: what the configs say they reproduce: a ``# Reproduces: ...`` line, else a header comment
-  naming a ``Paper Table N row "..."`` / ``Paper Fig N ...``; the last config that names one wins (an overlay
-  over its base);
-* **steps**: the optimizer steps the run holds (its newest checkpoint, chosen as ``fit`` would resume), else the
-  last step any metric was logged at;
-* **images seen**: from ``eval_metrics.csv``, else steps x global batch (``config.yaml``: batch size x devices x
-  nodes x gradient accumulation);
-* **metrics**: ``eval_metrics.csv`` (``step,images_seen,<metrics>...``, written by the metrics callback);
-  TensorBoard ``val/*`` scalars add what the CSV lacks (e.g. ``val/loss``), read with TensorBoard's own event
-  reader. For each metric the final value and the best one with its step
-  (:data:`~dip_lightning.core.metrics.METRIC_GOALS`; lower is better for losses).
-
-Rows of a step logged twice (a run resumed from before an evaluation it had already written) keep the later one.
-Tables and plots are drawn by :mod:`dip_lightning.evaluation.tables`; ``--no_plots`` needs no matplotlib.
+A run folder is read as ``fit`` left it (the recorded configs, ``config.yaml``, ``eval_metrics.csv``, TensorBoard
+``val/*`` scalars, its checkpoints); :class:`RunSummary` says where each column comes from. Tables and plots are
+drawn by :mod:`dip_lightning.evaluation.tables`; without plots no matplotlib is needed.
 """
 
 from __future__ import annotations
@@ -244,17 +229,22 @@ def images_per_step(config: Any) -> int | None:
 # ------------------------------------------------------------------------------------------------ one run
 @dataclass
 class RunSummary:
-    """What the report says about one run folder."""
+    """What the report says about one run folder: a row of the table. A step logged twice (a run resumed from
+    before an evaluation it had already written) keeps the later value."""
 
-    run_dir: Path
-    label: str
-    configs: list[str]
-    paper_row: str | None
-    steps: int | None
-    images_seen: int | None
-    metrics: dict[str, MetricSeries]
-    sources: list[str]
-    config: dict[str, Any] = field(default_factory=dict)
+    run_dir: Path  # the trainer.default_root_dir of the fit
+    label: str  # the row's name: the folder's, with parents enough to tell runs apart
+    configs: list[
+        str
+    ]  # the --config files of the fit (experiment.json): the experiment YAML, then its overlays
+    paper_row: str | None  # what the last config naming one says it reproduces (:func:`paper_row`)
+    steps: (
+        int | None
+    )  # optimizer steps of the newest checkpoint (as fit would resume), else the last logged step
+    images_seen: int | None  # from eval_metrics.csv, else steps x images per step (:func:`images_per_step`)
+    metrics: dict[str, MetricSeries]  # eval_metrics.csv, then the TensorBoard val/* scalars it lacks
+    sources: list[str]  # the metric files read, for the report's sources list
+    config: dict[str, Any] = field(default_factory=dict)  # the run's saved config.yaml
 
     @property
     def experiment(self) -> str:
@@ -277,6 +267,61 @@ def _steps_from_checkpoints(run_dir: Path, config: Mapping[str, Any]) -> int | N
         return None
 
 
+def _read_config(path: Path) -> dict[str, Any]:
+    """The run's saved ``config.yaml``; empty when there is none."""
+    if not path.is_file():
+        return {}
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ReportError(f"{path}: not readable YAML ({err}); restore it or leave the run out") from err
+
+
+def _read_experiment(path: Path) -> tuple[list[str], str | None]:
+    """The ``--config`` files the experiment record lists, and the paper row the last one naming one gives."""
+    if not path.is_file():
+        return [], None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ReportError(f"{path}: not valid JSON ({err}); remove it or leave the run out") from err
+    configs: list[str] = []
+    row: str | None = None
+    for source in record.get("configs") or []:
+        configs.append(str(source.get("path", "?")))
+        row = paper_row(str(source.get("text", ""))) or row
+    return configs, row
+
+
+def _read_metrics(
+    artefacts: Path, tensorboard: bool
+) -> tuple[dict[str, MetricSeries], dict[int, int], list[str]]:
+    """The run's metric series (``eval_metrics.csv``, then the TensorBoard scalars it lacks), its images seen by
+    step, and the sources read."""
+    metrics: dict[str, MetricSeries] = {}
+    images_seen: dict[int, int] = {}
+    sources: list[str] = []
+    if (artefacts / EVAL_METRICS_CSV).is_file():
+        metrics, images_seen = read_metric_csv(artefacts / EVAL_METRICS_CSV)
+        sources.append(EVAL_METRICS_CSV)
+    if tensorboard:
+        added = {k: v for k, v in read_tensorboard_scalars(artefacts).items() if k not in metrics}
+        metrics.update(added)
+        if added:
+            sources.append("tensorboard " + ", ".join(f"{TENSORBOARD_PREFIX}{k}" for k in sorted(added)))
+    return metrics, images_seen, sources
+
+
+def _images_seen_at(steps: int | None, images_seen: Mapping[int, int], config: Any) -> int | None:
+    """Images seen in ``steps`` optimizer steps: as logged at that step, else steps x images per step."""
+    if steps is None:
+        return None
+    if images_seen and max(images_seen) == steps:
+        return images_seen[steps]
+    per_step = images_per_step(config)
+    return steps * per_step if per_step is not None else None
+
+
 def summarize_run(
     run_dir: str | os.PathLike, label: str | None = None, tensorboard: bool = True
 ) -> RunSummary:
@@ -287,50 +332,12 @@ def summarize_run(
     if not Path(run_dir).is_dir():
         raise ReportError(f"{run_dir}: no such run folder")
     run_dir, artefacts = locate_run(run_dir)
-    sources: list[str] = []
-    config: dict[str, Any] = {}
-    config_path = artefacts / CONFIG_RECORD
-    if config_path.is_file():
-        try:
-            config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            raise ReportError(
-                f"{config_path}: not readable YAML ({err}); restore it or leave the run out"
-            ) from err
-    configs: list[str] = []
-    row: str | None = None
-    record_path = artefacts / EXPERIMENT_RECORD
-    if record_path.is_file():
-        try:
-            record = json.loads(record_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ReportError(
-                f"{record_path}: not valid JSON ({err}); remove it or leave the run out"
-            ) from err
-        for source in record.get("configs") or []:
-            configs.append(str(source.get("path", "?")))
-            row = paper_row(str(source.get("text", ""))) or row
-    metrics: dict[str, MetricSeries] = {}
-    images_seen: dict[int, int] = {}
-    if (artefacts / EVAL_METRICS_CSV).is_file():
-        metrics, images_seen = read_metric_csv(artefacts / EVAL_METRICS_CSV)
-        sources.append(EVAL_METRICS_CSV)
-    if tensorboard:
-        scalars = read_tensorboard_scalars(artefacts)
-        added = {k: v for k, v in scalars.items() if k not in metrics}
-        metrics.update(added)
-        if added:
-            sources.append("tensorboard " + ", ".join(f"{TENSORBOARD_PREFIX}{k}" for k in sorted(added)))
+    config = _read_config(artefacts / CONFIG_RECORD)
+    configs, row = _read_experiment(artefacts / EXPERIMENT_RECORD)
+    metrics, images_seen, sources = _read_metrics(artefacts, tensorboard)
     steps = _steps_from_checkpoints(run_dir, config)
-    logged = [s.steps[-1] for s in metrics.values() if s.steps]
-    if steps is None and logged:
-        steps = max(logged)
-    seen_total: int | None = None
-    per_step = images_per_step(config)
-    if steps is not None and images_seen and max(images_seen) == steps:
-        seen_total = images_seen[steps]
-    elif steps is not None and per_step is not None:
-        seen_total = steps * per_step
+    if steps is None:
+        steps = max((s.steps[-1] for s in metrics.values() if s.steps), default=None)
     if not (config or metrics or steps is not None or configs):
         raise ReportError(
             f"{run_dir}: not a run folder (no {LOG_VERSION}/{CONFIG_RECORD}, {EVAL_METRICS_CSV}, event files or "
@@ -342,7 +349,7 @@ def summarize_run(
         configs=configs,
         paper_row=row,
         steps=steps,
-        images_seen=seen_total,
+        images_seen=_images_seen_at(steps, images_seen, config),
         metrics=metrics,
         sources=sources,
         config=config,

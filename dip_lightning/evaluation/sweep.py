@@ -1,14 +1,10 @@
 """Evaluate one checkpoint over a grid of sampling settings: weights x guidance (scale, interval) x steps.
 
-Every combination of the given ``--weights``, ``--cfg_interval``, ``--num_steps`` and ``--cfg_scale`` is a cell; a
-setting not given keeps the checkpoint's (its first EMA decay; for the sampler,
-:data:`~dip_lightning.core.diffusion.SAMPLER_OVERRIDES`). A cell generates its images with the ``sample`` export
-(:func:`~dip_lightning.evaluation.export.export_samples`) and rank 0 scores them against one reference
-(:func:`~dip_lightning.core.metrics.compute_metrics`). ``cells/<cell>/`` keeps ``cell.json`` (settings, weights
-fingerprint) and ``result.json``, so a killed sweep run again keeps every finished cell and chunk, and a rerun over
-other weights or settings is an error, not a silent mix. Rank 0 writes ``sweep.csv``, ``sweep.md`` and a plot of
-the metric against the guidance scale (:mod:`~dip_lightning.evaluation.tables`). A cell's settings are read from
-the sampler it ran with, so the CSV shows defaults as values.
+Each combination is a :class:`Cell`; a setting it does not give keeps the checkpoint's. A cell exports its images
+(:func:`~dip_lightning.evaluation.export.export_samples`) and rank 0 scores them against one reference. The
+records in the sweep folder (``sweep.json``, ``cells/<cell>/cell.json``, ``result.json``) make a killed sweep
+resumable and a rerun over other weights or settings an error, never a silent mix. Rank 0 summarizes the cells
+in ``sweep.csv``, ``sweep.md`` and a plot against the guidance scale, with the settings each cell really ran with.
 """
 
 from __future__ import annotations
@@ -29,7 +25,7 @@ import torch
 
 from dip_lightning.checkpoint.format import DEFAULT_WEIGHTS, WeightRequest, select_weights, weights_label
 from dip_lightning.checkpoint.io import read_checkpoint
-from dip_lightning.core.atomic import atomic_write, atomic_write_json
+from dip_lightning.core.atomic import atomic_write, atomic_write_json, write_or_compare_json
 from dip_lightning.core.diffusion import SAMPLER_OVERRIDES, sampler_overrides
 from dip_lightning.core.distributed import launch_place
 from dip_lightning.evaluation.export import export_samples, weights_fingerprint
@@ -103,15 +99,9 @@ def grid_cells(
 # ------------------------------------------------------------------------------------------------ records
 def _check_or_write(path: Path, record: dict[str, Any], what: str, fix: str) -> None:
     """Write ``record`` to ``path``, or check that the one there is the same (every rank may call it)."""
-    if path.exists():
-        found = json.loads(path.read_text())
-        differ = sorted(k for k in set(found) | set(record) if found.get(k) != record.get(k))
-        if differ:
-            raise SweepError(
-                f"{path} records {what} with other {', '.join(differ)}; {fix} (nothing was changed)"
-            )
-        return
-    atomic_write_json(path, record)
+    differ = write_or_compare_json(path, record)
+    if differ:
+        raise SweepError(f"{path} records {what} with other {', '.join(differ)}; {fix} (nothing was changed)")
 
 
 def _effective_settings(module: Any, cell: Cell) -> dict[str, Any]:
@@ -141,6 +131,37 @@ def _score(samples_path: Path, args: Any, patch_size: int | None) -> dict[str, f
     )
 
 
+def _generate(module: Any, cell: Cell, samples: Path, args: Any, rank: int, world_size: int) -> bool:
+    """Export the cell's images to ``samples`` (this rank's chunks); whether they are all there."""
+    made = export_samples(
+        module,
+        samples,
+        args.num_samples,
+        batch_size=args.batch_size,
+        chunk_size=args.chunk_size,
+        seed=args.seed,
+        rank=rank,
+        world_size=world_size,
+        device=args.device,
+        wait_timeout=args.wait_timeout,
+        **cell.sampler_overrides(),
+    )
+    if made is None and rank == 0:
+        raise SweepError(
+            f"{cell.name}: the other processes' chunks did not appear within {args.wait_timeout:.0f} s; "
+            "run the sweep again to continue"
+        )
+    return made is not None
+
+
+def _remove_samples(samples: Path, keep: bool) -> None:
+    """The samples were only needed for scoring (a 50k-image cell at 256 px is 9.8 GB): drop the chunks,
+    and the npz unless ``keep``."""
+    shutil.rmtree(samples.with_name(samples.name + ".parts"), ignore_errors=True)
+    if not keep:
+        samples.unlink(missing_ok=True)
+
+
 def run_cell(
     module: Any, cell: Cell, out: Path, args: Any, rank: int, world_size: int
 ) -> dict[str, Any] | None:
@@ -148,10 +169,9 @@ def run_cell(
     folder = out / "cells" / cell.name
     folder.mkdir(parents=True, exist_ok=True)
     settings = _effective_settings(module, cell)
-    record = {"settings": settings, "weights_sha256": module.weights_sha256}
     _check_or_write(
         folder / "cell.json",
-        record,
+        {"settings": settings, "weights_sha256": module.weights_sha256},
         f"cell {cell.name}",
         "the checkpoint or sampler changed since: sweep into another --out, or remove that cell's folder",
     )
@@ -160,27 +180,8 @@ def run_cell(
         return json.loads(result_path.read_text()) if rank == 0 else None
     samples = folder / "samples.npz"
     start = time.perf_counter()
-    if not samples.exists():
-        made = export_samples(
-            module,
-            samples,
-            args.num_samples,
-            batch_size=args.batch_size,
-            chunk_size=args.chunk_size,
-            seed=args.seed,
-            rank=rank,
-            world_size=world_size,
-            device=args.device,
-            wait_timeout=args.wait_timeout,
-            **cell.sampler_overrides(),
-        )
-        if made is None:
-            if rank == 0:
-                raise SweepError(
-                    f"{cell.name}: the other processes' chunks did not appear within {args.wait_timeout:.0f} s; "
-                    "run the sweep again to continue"
-                )
-            return None
+    if not samples.exists() and not _generate(module, cell, samples, args, rank, world_size):
+        return None
     if rank != 0:
         return None
     sampling_seconds = time.perf_counter() - start
@@ -196,10 +197,7 @@ def run_cell(
         "metrics_seconds": round(time.perf_counter() - start, 1),
     }
     atomic_write_json(result_path, result)
-    # The samples were only needed for scoring; a 50k-image cell at 256 px is 9.8 GB.
-    shutil.rmtree(samples.with_name(samples.name + ".parts"), ignore_errors=True)
-    if not args.keep_samples:
-        samples.unlink(missing_ok=True)
+    _remove_samples(samples, keep=args.keep_samples)
     shown = ", ".join(f"{k} {format_number(v)}" for k, v in metrics.items())
     print(
         f"{cell.name}: {shown} ({result['sampling_seconds']} s sampling, {result['metrics_seconds']} s metrics)"
@@ -214,12 +212,8 @@ def _setting_text(value: Any) -> str:
     return str(value)
 
 
-def write_summary(
-    results: Sequence[dict[str, Any]], out: Path, plots: bool = True, plot_metric: str | None = None
-) -> list[Path]:
-    """``sweep.csv``, ``sweep.md`` and (with ``plots``) the PNG of the cells' results; returns the paths written."""
-    metrics = ordered_metrics(m for r in results for m in r["metrics"])
-    written = []
+def _csv_text(results: Sequence[dict[str, Any]], metrics: Sequence[str]) -> str:
+    """``sweep.csv``: one row a cell, its settings, its metrics (full precision, empty when not computed)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow([*SETTING_COLUMNS, *metrics, "num_samples"])
@@ -232,10 +226,11 @@ def write_summary(
                 r["num_samples"],
             ]
         )
-    with atomic_write(out / "sweep.csv", "w") as f:
-        f.write(buffer.getvalue())
-    written.append(out / "sweep.csv")
+    return buffer.getvalue()
 
+
+def _markdown_lines(results: Sequence[dict[str, Any]], metrics: Sequence[str]) -> list[str]:
+    """``sweep.md`` without its plot: the table of the cells and the best cell of each metric."""
     rows = [
         [
             *(_setting_text(r[c]) for c in SETTING_COLUMNS),
@@ -253,27 +248,48 @@ def write_summary(
         lines.append(f"- best {m}: {format_number(best['metrics'][m])} at {where}")
     if results:
         lines += ["", f"{results[0]['num_samples']} samples per cell."]
+    return lines
+
+
+def _guidance_curves(
+    results: Sequence[dict[str, Any]], metric: str
+) -> dict[str, tuple[list[float], list[float]]]:
+    """``metric`` against the guidance scale, one curve for each value of the other settings that vary."""
+    curves: dict[str, tuple[list[float], list[float]]] = {}
+    varying = [
+        c for c in ("weights", "cfg_interval", "num_steps") if len({_setting_text(r[c]) for r in results}) > 1
+    ]
+    for r in sorted(results, key=lambda r: r["cfg_scale"]):
+        value = r["metrics"].get(metric)
+        if value is None:
+            continue
+        label = ", ".join(f"{c} {_setting_text(r[c])}" for c in (varying or ["weights"]))
+        xs, ys = curves.setdefault(label, ([], []))
+        xs.append(r["cfg_scale"])
+        ys.append(value)
+    return curves
+
+
+def write_summary(
+    results: Sequence[dict[str, Any]], out: Path, plots: bool = True, plot_metric: str | None = None
+) -> list[Path]:
+    """``sweep.csv``, ``sweep.md`` and (with ``plots``) the PNG of the cells' results; returns the paths written."""
+    metrics = ordered_metrics(m for r in results for m in r["metrics"])
+    with atomic_write(out / "sweep.csv", "w") as f:
+        f.write(_csv_text(results, metrics))
+    written = [out / "sweep.csv"]
+    lines = _markdown_lines(results, metrics)
     chosen = plot_metric or next(
         (m for m in metrics if any(r["metrics"].get(m) is not None for r in results)), None
     )
     if plots and chosen is not None:
-        curves: dict[str, tuple[list[float], list[float]]] = {}
-        varying = [
-            c
-            for c in ("weights", "cfg_interval", "num_steps")
-            if len({_setting_text(r[c]) for r in results}) > 1
-        ]
-        for r in sorted(results, key=lambda r: r["cfg_scale"]):
-            value = r["metrics"].get(chosen)
-            if value is None:
-                continue
-            label = ", ".join(f"{c} {_setting_text(r[c])}" for c in (varying or ["weights"]))
-            xs, ys = curves.setdefault(label, ([], []))
-            xs.append(r["cfg_scale"])
-            ys.append(value)
         name = f"sweep_{chosen}.png"
         plot_series(
-            curves, out / name, "guidance scale (cfg_scale)", chosen, f"{chosen} against guidance scale"
+            _guidance_curves(results, chosen),
+            out / name,
+            "guidance scale (cfg_scale)",
+            chosen,
+            f"{chosen} against guidance scale",
         )
         written.append(out / name)
         lines += ["", f"![{chosen} against guidance scale]({name})"]
@@ -284,27 +300,9 @@ def write_summary(
 
 
 # ------------------------------------------------------------------------------------------------ command
-def run_sweep(args: Any) -> list[dict[str, Any]] | None:
-    """Run every cell of the grid ``args`` describe; rank 0 returns the results (and writes the summary)."""
-    place = launch_place()
-    rank, world_size = place.rank, place.world_size
-    if args.device is None:
-        args.device = f"cuda:{place.local_rank}" if torch.cuda.is_available() else "cpu"
-    out = Path(args.out)
-    cells = grid_cells(
-        args.weights,
-        args.cfg_scale,
-        args.cfg_interval,
-        args.num_steps,
-    )
-    if not Path(args.reference).is_file():
-        raise SweepError(
-            f"--reference {args.reference}: no such file (an image npz, an ADM reference batch or kit statistics)"
-        )
-    if args.plots and rank == 0:
-        require_matplotlib()  # before hours of sampling
-    out.mkdir(parents=True, exist_ok=True)
-    job = {
+def _sweep_record(args: Any) -> dict[str, Any]:
+    """What the cells of one sweep folder share: the checkpoint, the reference and the scoring settings."""
+    return {
         "ckpt_path": str(Path(args.ckpt_path).resolve()),
         "config": args.config,
         "reference": str(Path(args.reference).resolve()),
@@ -313,20 +311,42 @@ def run_sweep(args: Any) -> list[dict[str, Any]] | None:
         "metrics": sorted(args.metrics) if args.metrics else None,
         "patch_size": args.patch_size,
     }
-    _check_or_write(out / "sweep.json", job, "a sweep", "choose another --out for these settings")
-    # Every requested set of weights must exist before the first cell's sampling starts, not hours into it.
+
+
+def _check_weight_requests(args: Any, cells: Sequence[Cell]) -> None:
+    """Every requested set of weights must exist before the first cell's sampling starts, not hours into it,
+    and no two requests may name the same weights."""
     checkpoint = read_checkpoint(args.ckpt_path, args.trust_pickle)
-    requests = list(dict.fromkeys(c.weights for c in cells))
-    labels = {}
-    for request in requests:
+    labels: dict[str, list[str]] = {}
+    for request in dict.fromkeys(c.weights for c in cells):
         select_weights(checkpoint, args.ckpt_path, request)
         labels.setdefault(weights_label(checkpoint, args.ckpt_path, request), []).append(str(request))
-    del checkpoint
     same = [names for names in labels.values() if len(names) > 1]
     if same:
         raise SweepError(
             f"--weights {' and '.join(same[0])} are the same weights of {args.ckpt_path}: list one"
         )
+
+
+def run_sweep(args: Any) -> list[dict[str, Any]] | None:
+    """Run every cell of the grid ``args`` describe; rank 0 returns the results (and writes the summary)."""
+    place = launch_place()
+    rank, world_size = place.rank, place.world_size
+    if args.device is None:
+        args.device = f"cuda:{place.local_rank}" if torch.cuda.is_available() else "cpu"
+    out = Path(args.out)
+    cells = grid_cells(args.weights, args.cfg_scale, args.cfg_interval, args.num_steps)
+    if not Path(args.reference).is_file():
+        raise SweepError(
+            f"--reference {args.reference}: no such file (an image npz, an ADM reference batch or kit statistics)"
+        )
+    if args.plots and rank == 0:
+        require_matplotlib()  # before hours of sampling
+    out.mkdir(parents=True, exist_ok=True)
+    _check_or_write(
+        out / "sweep.json", _sweep_record(args), "a sweep", "choose another --out for these settings"
+    )
+    _check_weight_requests(args, cells)
     results = []
     for request, group in itertools.groupby(cells, key=lambda c: c.weights):
         module = load_module(args.ckpt_path, args.config, weights=request, trust_pickle=args.trust_pickle)

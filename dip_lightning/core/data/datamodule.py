@@ -163,18 +163,19 @@ class ShardDataModule(pl.LightningDataModule):
         self._logged_counts: tuple[int, int] | None = None
 
     # -- distributed context
-    def _dist(self) -> tuple[int, int]:
+    def _dist(self, rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+        """``(rank, world size)``: each as given, else the trainer's, else the launch environment's."""
         if self.trainer is not None:
-            return self.trainer.global_rank, self.trainer.world_size
-        return rank_and_world()
+            r, w = self.trainer.global_rank, self.trainer.world_size
+        else:
+            r, w = rank_and_world()
+        return (r if rank is None else rank), (w if world_size is None else world_size)
 
     # -- streams (public so tools and tests can build any rank's stream)
     def train_stream(self, rank: int | None = None, world_size: int | None = None) -> TrainShardStream:
         if self.train_shards is None:
             raise ValueError("ShardDataModule: train_shards is not set")
-        r, w = self._dist()
-        rank = r if rank is None else rank
-        world_size = w if world_size is None else world_size
+        rank, world_size = self._dist(rank, world_size)
         urls = expand_shards(self.train_shards)
         mine = urls[rank::world_size] if len(urls) >= world_size else urls
         sizes = shard_sample_counts(mine)
@@ -200,9 +201,7 @@ class ShardDataModule(pl.LightningDataModule):
     def val_stream(self, rank: int | None = None, world_size: int | None = None) -> ValShardStream:
         if self.val_shards is None:
             raise ValueError("ShardDataModule: val_shards is not set")
-        r, w = self._dist()
-        rank = r if rank is None else rank
-        world_size = w if world_size is None else world_size
+        rank, world_size = self._dist(rank, world_size)
         urls = expand_shards(self.val_shards)
         self._check_classes(urls)
         stream = ValShardStream(

@@ -109,13 +109,17 @@ class TrainPlan:
 
 # ------------------------------------------------------------------------------------------ base reader
 class _ShardBatchDataset(IterableDataset):
-    """Reading, decoding, bad-sample accounting and batch assembly shared by train and val streams."""
+    """Reading, decoding, bad-sample accounting, batch assembly and the pass shared by train and val streams.
+
+    A stream says which batches a worker makes (``_batch_ids``), which samples a batch holds (``batch_refs``),
+    how a batch is made of them (``make_batch``) and how far apart one streamed shard's samples can be
+    (``_shard_visit_span``).
+    """
 
     def __init__(
         self,
         urls: Sequence[str],
         sizes: Sequence[int],
-        *,
         image_size: int,
         batch_size: int,
         num_classes: int | None,
@@ -145,9 +149,30 @@ class _ShardBatchDataset(IterableDataset):
             raise ValueError(f"at most {_MAX_WORKER_ROWS - 1} workers are supported")
         return info.id, info.num_workers, info.id + 1
 
+    # -- the pass
+    def _batch_ids(self, worker: int, num_workers: int) -> Iterable[int]:  # pragma: no cover - abstract
+        """The batches this worker makes in one pass, in order."""
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        worker, num_workers, row = self._worker()
+        ids = self._batch_ids(worker, num_workers)
+        depth = self._lookahead_batches(num_workers)
+        for b, nxt in self._with_lookahead(ids, depth):
+            upcoming = [self.batch_refs(n) for n in nxt] if depth else []
+            yield self.make_batch(b, row, upcoming)
+
     # -- reading
-    def _lookahead_batches(self) -> int:
-        return 0
+    def _shard_visit_span(self) -> int:  # pragma: no cover - abstract
+        """An upper bound on the samples between the first and the last read of one streamed shard."""
+        raise NotImplementedError
+
+    def _lookahead_batches(self, num_workers: int) -> int:
+        """How many of its next batches a worker reads ahead: enough that a streamed (not random-access) shard
+        is read once for all the batches that need it."""
+        if all(self.random_access):
+            return 0
+        return math.ceil(self._shard_visit_span() / (self.batch_size * num_workers)) + 1
 
     def _read(self, refs: Sequence[Ref], upcoming: Sequence[Sequence[Ref]]) -> list[dict | BaseException]:
         out: list[dict | BaseException] = []
@@ -296,14 +321,7 @@ class TrainShardStream(_ShardBatchDataset):
         num_classes: int | None = None,
         max_bad_fraction: float = 0.01,
     ) -> None:
-        super().__init__(
-            urls,
-            sizes,
-            image_size=image_size,
-            batch_size=batch_size,
-            num_classes=num_classes,
-            max_bad_fraction=max_bad_fraction,
-        )
+        super().__init__(urls, sizes, image_size, batch_size, num_classes, max_bad_fraction)
         self.plan = TrainPlan(self.sizes, seed, rank, mix)
         self.batches_per_epoch = int(batches_per_epoch)
         self.random_flip = bool(random_flip)
@@ -326,11 +344,8 @@ class TrainShardStream(_ShardBatchDataset):
         """The ``(shard, ordinal)`` of every sample of batch ``b`` (a pure function)."""
         return self.plan.refs(b * self.batch_size, (b + 1) * self.batch_size)
 
-    def _lookahead_batches(self) -> int:
-        if all(self.random_access):
-            return 0
-        _, num_workers, _ = self._worker()
-        return math.ceil(self.plan.segment_span() / (self.batch_size * num_workers)) + 1
+    def _shard_visit_span(self) -> int:
+        return self.plan.segment_span()
 
     def make_batch(
         self, b: int, row: int = 0, upcoming: Sequence[Sequence[Ref]] = ()
@@ -363,17 +378,12 @@ class TrainShardStream(_ShardBatchDataset):
         flips = self.plan.flips(b * B, (b + 1) * B) if self.random_flip or self.random_crop else None
         return self._assemble(images, labels, flips)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        worker, num_workers, row = self._worker()
+    def _batch_ids(self, worker: int, num_workers: int) -> Iterable[int]:
         # In the main process (num_workers=0) the cursor is read once, before any batch of this pass is
         # consumed; in a worker, the snapshot taken at the start of the pass.
         in_worker = torch.utils.data.get_worker_info() is not None
         start = int(self.pass_start[0] if in_worker else self.cursor[0])
-        ids = range(start + worker, start + self.batches_per_epoch, num_workers)
-        depth = self._lookahead_batches()
-        for b, nxt in self._with_lookahead(ids, depth):
-            upcoming = [self.batch_refs(n) for n in nxt] if depth else []
-            yield self.make_batch(b, row, upcoming)
+        return range(start + worker, start + self.batches_per_epoch, num_workers)
 
 
 # ------------------------------------------------------------------------------------------ val
@@ -399,14 +409,7 @@ class ValShardStream(_ShardBatchDataset):
         num_classes: int | None = None,
         max_bad_fraction: float = 0.01,
     ) -> None:
-        super().__init__(
-            urls,
-            sizes,
-            image_size=image_size,
-            batch_size=batch_size,
-            num_classes=num_classes,
-            max_bad_fraction=max_bad_fraction,
-        )
+        super().__init__(urls, sizes, image_size, batch_size, num_classes, max_bad_fraction)
         total = sum(self.sizes) if max_samples is None else min(sum(self.sizes), int(max_samples))
         self.rank, self.world_size = int(rank), int(world_size)
         self.samples_per_rank = total // self.world_size
@@ -424,12 +427,8 @@ class ValShardStream(_ShardBatchDataset):
         shard = np.searchsorted(self._starts, g, side="right") - 1
         return list(zip(shard.tolist(), (g - self._starts[shard]).tolist()))
 
-    def _lookahead_batches(self) -> int:
-        if all(self.random_access):
-            return 0
-        _, num_workers, _ = self._worker()
-        span = max(self.sizes) / (self.batch_size * num_workers)
-        return math.ceil(span) + 1
+    def _shard_visit_span(self) -> int:
+        return max(self.sizes)
 
     def make_batch(
         self, b: int, row: int = 0, upcoming: Sequence[Sequence[Ref]] = ()
@@ -443,13 +442,8 @@ class ValShardStream(_ShardBatchDataset):
             raise RuntimeError(f"validation batch {b}: no readable sample ({self.urls[refs[0][0]]})")
         return self._assemble([images[i] for i in keep], [labels[i] for i in keep], None)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        worker, num_workers, row = self._worker()
-        ids = range(worker, len(self), num_workers)
-        depth = self._lookahead_batches()
-        for b, nxt in self._with_lookahead(ids, depth):
-            upcoming = [self.batch_refs(n) for n in nxt] if depth else []
-            yield self.make_batch(b, row, upcoming)
+    def _batch_ids(self, worker: int, num_workers: int) -> Iterable[int]:
+        return range(worker, len(self), num_workers)
 
 
 # ------------------------------------------------------------------------------------------ helpers

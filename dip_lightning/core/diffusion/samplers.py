@@ -30,10 +30,37 @@ __all__ = [
     "MultistepSampler",
     "ODESampler",
     "SDESampler",
+    "Trajectory",
     "override_sampler",
     "sampler_overrides",
     "score_from_velocity",
 ]
+
+
+@dataclass
+class Trajectory:
+    """What the steps of one :meth:`ODESampler.sample` call share.
+
+    Args:
+        velocity: ``(x, t, guide=None) -> v``, the sampler's guided velocity (:meth:`ODESampler.velocity`) for
+            this call's model, labels and null class.
+        noise: the fresh noise of stochastic steps.
+        previous: the previous step's ``(velocity, step size)``, kept by multistep samplers.
+    """
+
+    velocity: Callable[..., Tensor]
+    noise: NoiseSampler
+    previous: tuple[Tensor, float] | None = None
+
+
+def _batch_noise_sampler() -> NoiseSampler:
+    """Fresh noise from one generator seeded 0 for the whole batch: the default when no sampler is given."""
+    generator = torch.Generator().manual_seed(0)
+
+    def draw(like: Tensor) -> Tensor:
+        return draw_normal(tuple(like.shape), like.device, like.dtype, generator)
+
+    return draw
 
 
 @dataclass
@@ -148,21 +175,27 @@ class ODESampler:
     ) -> Tensor:
         """Integrate from ``noise`` (t = 0) to t = 1; the raw endpoint (not clipped), in ``noise``'s dtype.
 
-        The one signature of every sampler. ``noise_sampler`` gives the fresh noise of stochastic samplers
-        (:func:`seeded_noise_sampler`: per-sample seeds, so an image depends only on its seed); ODE samplers
-        ignore it and are deterministic: the same noise, labels and model give the same output.
+        The one signature and the one loop of every sampler: each sampler defines only :meth:`step`.
+        ``noise_sampler`` gives the fresh noise of stochastic samplers (:func:`seeded_noise_sampler`: per-sample
+        seeds, so an image depends only on its seed; without one, a generator seeded 0 for the whole batch); ODE
+        samplers ignore it and are deterministic: the same noise, labels and model give the same output.
         """
+
+        def velocity(x: Tensor, t: float, guide: bool | None = None) -> Tensor:
+            return self.velocity(model_fn, x, t, y, null_class, guide)
+
+        trajectory = Trajectory(velocity, _batch_noise_sampler() if noise_sampler is None else noise_sampler)
+        grid = self.timesteps().tolist()
+        x = noise
+        for i, (t_cur, t_next) in enumerate(zip(grid[:-1], grid[1:])):
+            x = self.step(trajectory, x, t_cur, t_next, last=i == self.num_steps - 1)
+        return x
+
+    def step(self, trajectory: Trajectory, x: Tensor, t_cur: float, t_next: float, last: bool) -> Tensor:
+        """One integration step of ``x`` from ``t_cur`` to ``t_next`` (``last``: the step that ends at t = 1)."""
         raise NotImplementedError
 
-    def __call__(
-        self,
-        model_fn: ModelFn,
-        noise: Tensor,
-        y: Tensor,
-        null_class: int,
-        noise_sampler: NoiseSampler | None = None,
-    ) -> Tensor:
-        return self.sample(model_fn, noise, y, null_class, noise_sampler)
+    __call__ = sample
 
 
 @dataclass
@@ -173,19 +206,8 @@ class EulerSampler(ODESampler):
     evaluations, a guided one counting 2).
     """
 
-    def sample(
-        self,
-        model_fn: ModelFn,
-        noise: Tensor,
-        y: Tensor,
-        null_class: int,
-        noise_sampler: NoiseSampler | None = None,
-    ) -> Tensor:
-        grid = self.timesteps().tolist()
-        x = noise
-        for t_cur, t_next in zip(grid[:-1], grid[1:]):
-            x = x + (t_next - t_cur) * self.velocity(model_fn, x, t_cur, y, null_class)
-        return x
+    def step(self, trajectory: Trajectory, x: Tensor, t_cur: float, t_next: float, last: bool) -> Tensor:
+        return x + (t_next - t_cur) * trajectory.velocity(x, t_cur)
 
 
 @dataclass
@@ -231,27 +253,15 @@ class HeunSampler(ODESampler):
                 out.append((grid[i + 1], second))
         return out
 
-    def sample(
-        self,
-        model_fn: ModelFn,
-        noise: Tensor,
-        y: Tensor,
-        null_class: int,
-        noise_sampler: NoiseSampler | None = None,
-    ) -> Tensor:
-        grid = self.timesteps().tolist()
-        x = noise
-        for i, (t_cur, t_next) in enumerate(zip(grid[:-1], grid[1:])):
-            dt = t_next - t_cur
-            guide_cur, guide_next = self._step_guidance(t_cur, t_next)
-            v = self.velocity(model_fn, x, t_cur, y, null_class, guide_cur)
-            if i == self.num_steps - 1:
-                x = x + dt * v
-                break
-            x_pred = x + dt * v
-            v_next = self.velocity(model_fn, x_pred, t_next, y, null_class, guide_next)
-            x = x + dt * 0.5 * (v + v_next)
-        return x
+    def step(self, trajectory: Trajectory, x: Tensor, t_cur: float, t_next: float, last: bool) -> Tensor:
+        dt = t_next - t_cur
+        guide_cur, guide_next = self._step_guidance(t_cur, t_next)
+        v = trajectory.velocity(x, t_cur, guide_cur)
+        if last:
+            return x + dt * v
+        x_pred = x + dt * v
+        v_next = trajectory.velocity(x_pred, t_next, guide_next)
+        return x + dt * 0.5 * (v + v_next)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -342,31 +352,13 @@ class SDESampler(ODESampler):
         """The diffusion strength at time ``t``."""
         return self.w_scale * ((1.0 - t) if self.w_schedule == "linear" else 1.0)
 
-    def sample(
-        self,
-        model_fn: ModelFn,
-        noise: Tensor,
-        y: Tensor,
-        null_class: int,
-        noise_sampler: NoiseSampler | None = None,
-    ) -> Tensor:
-        if noise_sampler is None:
-            generator = torch.Generator().manual_seed(0)
-
-            def noise_sampler(like: Tensor) -> Tensor:
-                return draw_normal(tuple(like.shape), like.device, like.dtype, generator)
-
-        grid = self.timesteps().tolist()
-        x = noise
-        for i, (t_cur, t_next) in enumerate(zip(grid[:-1], grid[1:])):
-            v = self.velocity(model_fn, x, t_cur, y, null_class)
-            w = self.w(t_cur)
-            if w == 0.0:
-                x = x + (t_next - t_cur) * v  # exactly the Euler step (no score, no noise drawn)
-                continue
-            step = STEP_FUNCTIONS[self.step_fn if i < self.num_steps - 1 else self.last_step_fn]
-            x = step(x, v, t_next - t_cur, score_from_velocity(v, x, t_cur), w, noise_sampler)
-        return x
+    def step(self, trajectory: Trajectory, x: Tensor, t_cur: float, t_next: float, last: bool) -> Tensor:
+        v = trajectory.velocity(x, t_cur)
+        w = self.w(t_cur)
+        if w == 0.0:
+            return x + (t_next - t_cur) * v  # exactly the Euler step (no score, no noise drawn)
+        step_function = STEP_FUNCTIONS[self.last_step_fn if last else self.step_fn]
+        return step_function(x, v, t_next - t_cur, score_from_velocity(v, x, t_cur), w, trajectory.noise)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -395,28 +387,15 @@ class MultistepSampler(ODESampler):
         if self.order not in (1, 2):
             raise ValueError(f"order must be 1 or 2, got {self.order}")
 
-    def sample(
-        self,
-        model_fn: ModelFn,
-        noise: Tensor,
-        y: Tensor,
-        null_class: int,
-        noise_sampler: NoiseSampler | None = None,
-    ) -> Tensor:
-        grid = self.timesteps().tolist()
-        x = noise
-        previous: tuple[Tensor, float] | None = None  # (velocity, step size) of the previous step
-        for t_cur, t_next in zip(grid[:-1], grid[1:]):
-            h = t_next - t_cur
-            v = self.velocity(model_fn, x, t_cur, y, null_class)
-            if previous is None or self.order == 1:
-                x = x + h * v
-            else:
-                v_prev, h_prev = previous
-                r = h / h_prev
-                x = x + h * ((1.0 + 0.5 * r) * v - (0.5 * r) * v_prev)
-            previous = (v, h)
-        return x
+    def step(self, trajectory: Trajectory, x: Tensor, t_cur: float, t_next: float, last: bool) -> Tensor:
+        h = t_next - t_cur
+        v = trajectory.velocity(x, t_cur)
+        previous, trajectory.previous = trajectory.previous, (v, h)
+        if previous is None or self.order == 1:
+            return x + h * v
+        v_prev, h_prev = previous
+        r = h / h_prev
+        return x + h * ((1.0 + 0.5 * r) * v - (0.5 * r) * v_prev)
 
 
 #: Every sampler by its ``sample --sampler`` name; YAML takes the class path (``model.sampler.class_path``).

@@ -26,8 +26,11 @@ def _squared_distances(a: Tensor, b: Tensor) -> Tensor:
     return (a.square().sum(1, keepdim=True) - 2 * a @ b.T + b.square().sum(1)[None]).clamp_(min=0)
 
 
-def _as_tensor(x: Tensor | np.ndarray, device: torch.device, dtype: torch.dtype) -> Tensor:
-    return torch.as_tensor(x).to(device=device, dtype=dtype)
+def _as_tensor(x: Tensor | np.ndarray, device: str | torch.device | None, dtype: torch.dtype) -> Tensor:
+    """``x`` as a ``dtype`` tensor on ``device`` (the CPU when None)."""
+    return torch.as_tensor(x).to(
+        device=torch.device("cpu") if device is None else torch.device(device), dtype=dtype
+    )
 
 
 def manifold_radii(
@@ -38,8 +41,7 @@ def manifold_radii(
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Squared distance of every feature to its k-th nearest neighbour in the set (self included as 0-th)."""
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    f = _as_tensor(features, dev, dtype)
+    f = _as_tensor(features, device, dtype)
     if f.shape[0] <= k:
         raise ValueError(f"the k={k} manifold needs more than {k} feature vectors, got {f.shape[0]}")
     radii = [_squared_distances(block, f).kthvalue(k + 1, dim=1).values for block in f.split(block_size)]
@@ -55,10 +57,9 @@ def manifold_coverage(
     dtype: torch.dtype = torch.float32,
 ) -> float:
     """Fraction of ``queries`` inside at least one ball ``|q - s|² <= r_s`` of the support set."""
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    q = _as_tensor(queries, dev, dtype)
-    s = _as_tensor(support, dev, dtype)
-    r = support_radii.to(device=dev, dtype=dtype)
+    q = _as_tensor(queries, device, dtype)
+    s = _as_tensor(support, device, dtype)
+    r = _as_tensor(support_radii, device, dtype)
     inside = [(_squared_distances(block, s) <= r[None]).any(dim=1) for block in q.split(block_size)]
     return float(torch.cat(inside).double().mean())
 

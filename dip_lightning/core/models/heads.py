@@ -255,7 +255,21 @@ def dct_position_features(patch_size: int, num_freqs: int, device: torch.device 
     return feats.reshape(patch_size * patch_size, num_freqs * num_freqs)
 
 
-class CoordMLPHead(PatchHead):
+class PixelTokenHead(PatchHead):
+    """Base of the heads that treat a patch's P*P pixels as tokens: :meth:`pixel_features` maps the pixels
+    ``(BN, P*P, C)`` and the backbone token to ``(BN, P*P, width)`` features, which the subclass's ``norm_out``
+    and ``out`` (width -> C) turn back into the patch."""
+
+    def pixel_features(self, pixels: Tensor, tokens: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, patches: Tensor, tokens: Tensor, cond: Tensor) -> Tensor:
+        bn, c, p, _ = patches.shape
+        x = self.pixel_features(patches.flatten(2).transpose(1, 2), tokens)
+        return self.out(self.norm_out(x)).transpose(1, 2).reshape(bn, c, p, p)
+
+
+class CoordMLPHead(PixelTokenHead):
     """PixNerd-like coordinate MLP: the token generates the weights of a small per-pixel MLP (a neural field).
 
     Each pixel's input is its noisy value plus a DCT positional encoding (C + num_freqs**2 features), embedded
@@ -288,18 +302,16 @@ class CoordMLPHead(PatchHead):
         self.norm_out = RMSNorm(width)
         self.out = nn.Linear(width, in_channels)
 
-    def forward(self, patches: Tensor, tokens: Tensor, cond: Tensor) -> Tensor:
-        bn, c, p, _ = patches.shape
-        pos = dct_position_features(p, self.num_freqs, patches.device).to(patches.dtype)
-        pix = patches.flatten(2).transpose(1, 2)  # (BN, P*P, C)
-        x = self.embed(torch.cat([pix, pos.expand(bn, -1, -1)], dim=-1))
+    def pixel_features(self, pixels: Tensor, tokens: Tensor) -> Tensor:
+        bn = pixels.shape[0]
+        pos = dct_position_features(self.patch_size, self.num_freqs, pixels.device).to(pixels.dtype)
+        x = self.embed(torch.cat([pixels, pos.expand(bn, -1, -1)], dim=-1))
         for gen, norm in zip(self.generators, self.norms):
             w1, w2 = gen(tokens).split(self.width * self.inner, dim=-1)
             w1 = F.normalize(w1.view(bn, self.width, self.inner), dim=1)
             w2 = w2.view(bn, self.inner, self.width)
             x = x + torch.bmm(F.silu(torch.bmm(norm(x), w1.to(x.dtype))), w2.to(x.dtype))
-        out = self.out(self.norm_out(x))  # (BN, P*P, C)
-        return out.transpose(1, 2).reshape(bn, c, p, p)
+        return x
 
 
 class _MultiHeadAttention(nn.Module):
@@ -343,7 +355,7 @@ class _PixelBlock(nn.Module):
         return x + self.mlp(self.norm3(x))
 
 
-class AttentionHead(PatchHead):
+class AttentionHead(PixelTokenHead):
     """The paper's intra-patch attention head: P*P pixel tokens, self-attention + cross-attention to s_i.
 
     Pixels are embedded by Linear(C, width) plus a learnable position embedding (P*P x width, N(0, 0.02));
@@ -381,13 +393,12 @@ class AttentionHead(PatchHead):
         self.norm_out = nn.LayerNorm(width)
         self.out = nn.Linear(width, in_channels)
 
-    def forward(self, patches: Tensor, tokens: Tensor, cond: Tensor) -> Tensor:
-        bn, c, p, _ = patches.shape
-        x = self.embed(patches.flatten(2).transpose(1, 2)) + self.pos_embed.to(patches.dtype)
-        ctx = self.context(tokens).view(bn, self.context_tokens, self.width)
+    def pixel_features(self, pixels: Tensor, tokens: Tensor) -> Tensor:
+        x = self.embed(pixels) + self.pos_embed.to(pixels.dtype)
+        ctx = self.context(tokens).view(pixels.shape[0], self.context_tokens, self.width)
         for block in self.blocks:
             x = block(x, ctx)
-        return self.out(self.norm_out(x)).transpose(1, 2).reshape(bn, c, p, p)
+        return x
 
 
 __all__ = [
