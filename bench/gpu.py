@@ -37,6 +37,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -404,21 +405,40 @@ def summarise(res: dict) -> None:
                 row["mfu"] = 3 * gflops * 1e9 * row["img_per_s"] / (peak * 1e12)
     overhead: dict = {}
     for section, rows in res.items():
-        if not isinstance(rows, dict) or not isinstance(rows.get("DiT-XL/16"), dict):
-            continue
-        base = rows["DiT-XL/16"]
-        for name, row in rows.items():
-            if name == "DiT-XL/16" or not isinstance(row, dict):
-                continue
-            if "img_per_s" in row:
-                overhead[f"{section} {name}"] = 1 - row["img_per_s"] / base["img_per_s"]
-            elif "ms_per_image" in row:
-                overhead[f"{section} {name}"] = 1 - base["ms_per_image"] / row["ms_per_image"]
-            elif "s" in row:
-                overhead[f"{section} {name}"] = 1 - base["s"] / row["s"]
+        if isinstance(rows, dict) and isinstance(rows.get("DiT-XL/16"), dict):
+            overhead |= _head_overhead(section, rows)
     res["head_overhead"] = overhead
     if "DiP-XL/16" in nominal and "DiT-XL/16" in nominal:
         res["head_flop_share"] = 1 - nominal["DiT-XL/16"] / nominal["DiP-XL/16"]
+
+
+def _head_overhead(section: str, rows: dict) -> dict:
+    """``{"<section> <variant>": 1 - variant speed / DiT-XL/16 speed}`` for one section's rows."""
+    base = rows["DiT-XL/16"]
+    overhead = {}
+    for name, row in rows.items():
+        if name == "DiT-XL/16" or not isinstance(row, dict):
+            continue
+        if "img_per_s" in row:
+            overhead[f"{section} {name}"] = 1 - row["img_per_s"] / base["img_per_s"]
+        elif "ms_per_image" in row:
+            overhead[f"{section} {name}"] = 1 - base["ms_per_image"] / row["ms_per_image"]
+        elif "s" in row:
+            overhead[f"{section} {name}"] = 1 - base["s"] / row["s"]
+    return overhead
+
+
+def run_row(bench: Bench, args: argparse.Namespace, section: str, measure: Any) -> Any:
+    """One measurement, skipped when the budget would overrun; a failure is recorded, never fatal (a failed row
+    must not lose the others)."""
+    if left(args.budget) < COST[section] and not args.smoke:
+        return "skipped: budget"
+    try:
+        return measure()
+    except Exception as err:  # noqa: BLE001 - recorded in the results
+        return f"error: {type(err).__name__}: {err}"[:300]
+    finally:
+        bench.free()  # the row's model and optimizer are gone with its frame
 
 
 def main() -> None:
@@ -471,27 +491,13 @@ def main() -> None:
     }
     for section in sections:
         if section in ("peak", "head", "syncs", "sdpa"):
-            if left(args.budget) < COST[section] and not args.smoke:
-                res[section] = "skipped: budget"
-            else:
-                try:
-                    res[section] = getattr(bench, section)()
-                except Exception as err:  # noqa: BLE001 - a failed section must not lose the others
-                    res[section] = f"error: {type(err).__name__}: {err}"[:300]
-                bench.free()
+            res[section] = run_row(bench, args, section, getattr(bench, section))
             print(section, res[section] if section == "peak" else "done", flush=True)
             save()
             continue
         res[section] = {}
         for name in models:
-            if left(args.budget) < COST[section] and not args.smoke:
-                res[section][name] = "skipped: budget"
-                continue
-            try:
-                res[section][name] = per_model[section](name)
-            except Exception as err:  # noqa: BLE001 - a failed row must not lose the others
-                res[section][name] = f"error: {type(err).__name__}: {err}"[:300]
-            bench.free()  # the row's model and optimizer are gone with its frame
+            res[section][name] = run_row(bench, args, section, functools.partial(per_model[section], name))
             print(section, name, res[section][name], flush=True)
             save()
     save()

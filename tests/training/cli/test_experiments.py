@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -68,6 +69,16 @@ def test_recipe_instantiates(tmp_path: Path, config: Path) -> None:
     assert "Reproduces" in config.read_text()
 
 
+def assert_head_as_configured(head: Any, config: dict) -> None:
+    if "class_path" in config:
+        assert type(head).__name__ == config["class_path"].rsplit(".", 1)[1]
+    init_args = config.get("init_args", {})
+    if "depth" in init_args:
+        assert len(head.widths) == init_args["depth"]
+    if "base_channels" in init_args:
+        assert head.widths[0] == init_args["base_channels"]
+
+
 @pytest.mark.parametrize("overlay", ABLATIONS, ids=lambda p: p.name)
 def test_ablation_overlay_instantiates(tmp_path: Path, overlay: Path) -> None:
     cli = instantiate(tmp_path, BASE, overlay)
@@ -75,15 +86,7 @@ def test_ablation_overlay_instantiates(tmp_path: Path, overlay: Path) -> None:
     assert "Paper" in text or "paper" in text or "release" in text
     net = cli.model.net
     wanted = merged_yaml(overlay).get("model", {}).get("net", {}).get("init_args", {})
-    head = wanted.get("head", {})
-    if "class_path" in head:
-        assert type(net.head).__name__ == head["class_path"].rsplit(".", 1)[1]
-    if "init_args" in head:
-        for key, value in head["init_args"].items():
-            if key == "depth":
-                assert len(net.head.widths) == value
-            if key == "base_channels":
-                assert net.head.widths[0] == value
+    assert_head_as_configured(net.head, wanted.get("head", {}))
     if "placement" in wanted:
         assert net.placement == wanted["placement"]
     if "repa" in merged_yaml(overlay).get("model", {}):
