@@ -16,6 +16,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from dip_lightning.core.atomic import atomic_write
+from dip_lightning.core.errors import KitError
 
 # Temporary files of unfinished saves live in this hidden sub-folder of the target's folder (same filesystem,
 # so the final rename is atomic). Not `<name>.tmp-<pid>` next to the target: Lightning numbers preemption
@@ -24,7 +25,7 @@ from dip_lightning.core.atomic import atomic_write
 PARTIAL_DIR = ".partial"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(KitError, ValueError):
     """A checkpoint cannot be used: unreadable (truncated, corrupt) or written for another model."""
 
 

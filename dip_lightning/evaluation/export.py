@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from dip_lightning.core.atomic import atomic_write, write_or_compare_json
+from dip_lightning.core.errors import KitError
 from dip_lightning.core.images import to_uint8
 from dip_lightning.core.seeding import sample_labels_and_seeds
 
@@ -52,7 +53,7 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-class ExportMismatchError(RuntimeError):
+class ExportMismatchError(KitError, RuntimeError):
     """An export folder holds chunks made with other settings or weights (nothing is changed)."""
 
 

@@ -30,6 +30,7 @@ from dip_lightning.checkpoint.run_folder import (
     locate_run,
 )
 from dip_lightning.core.atomic import atomic_write
+from dip_lightning.core.errors import KitError
 from dip_lightning.evaluation.tables import (
     best_of,
     format_count,
@@ -59,7 +60,7 @@ BOOKKEEPING_COLUMNS = {"step", "images_seen", "num_samples", "seconds", "unix_ti
 TENSORBOARD_PREFIX = "val/"
 
 
-class ReportError(ValueError):
+class ReportError(KitError, ValueError):
     """A run folder or file that cannot be reported on; the message names it and the fix."""
 
 

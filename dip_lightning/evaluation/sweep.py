@@ -28,6 +28,7 @@ from dip_lightning.checkpoint.io import read_checkpoint
 from dip_lightning.core.atomic import atomic_write, atomic_write_json, write_or_compare_json
 from dip_lightning.core.diffusion import SAMPLER_OVERRIDES, sampler_overrides
 from dip_lightning.core.distributed import launch_place
+from dip_lightning.core.errors import KitError
 from dip_lightning.evaluation.export import export_samples, weights_fingerprint
 from dip_lightning.evaluation.tables import (
     best_of,
@@ -45,7 +46,7 @@ __all__ = ["Cell", "SweepError", "grid_cells", "run_sweep", "write_summary"]
 SETTING_COLUMNS = ("weights", "cfg_scale", "cfg_interval", "num_steps")
 
 
-class SweepError(ValueError):
+class SweepError(KitError, ValueError):
     """A sweep folder or argument that does not fit this run; the message names it and the fix."""
 
 

@@ -26,6 +26,7 @@ from dip_lightning.checkpoint.compatibility import check_compatible
 from dip_lightning.checkpoint.format import CONVERSION_RECORD, RAW_WEIGHTS, STATE_DICT, select_weights
 from dip_lightning.checkpoint.io import CheckpointError, read_checkpoint
 from dip_lightning.core.atomic import atomic_write
+from dip_lightning.core.errors import KitError
 from dip_lightning.training.loading import module_from_hparams
 
 __all__ = [
@@ -79,7 +80,7 @@ _FUNCTION_OPTIONS = (
 )
 
 
-class ConversionError(ValueError):
+class ConversionError(KitError, ValueError):
     """The input cannot be converted exactly (unknown, missing or mis-shaped tensors, unknown container)."""
 
 

@@ -21,11 +21,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from dip_lightning.core.compat import clear_device_skip, set_device_skip, supports_device_skip
+from dip_lightning.core.errors import KitError
 
 __all__ = ["NonFiniteGuard", "NonFiniteTrainingError", "find_nonfinite_guard", "step_skipped", "update_keep"]
 
 
-class NonFiniteTrainingError(RuntimeError):
+class NonFiniteTrainingError(KitError, RuntimeError):
     """Training stopped: too many optimizer steps in a row had a non-finite loss or gradient."""
 
     def __init__(
