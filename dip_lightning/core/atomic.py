@@ -3,18 +3,23 @@
 A write goes to a temporary file in the target's folder (or a given folder on the same filesystem), is flushed
 and fsynced, then renamed over the target with ``os.replace`` (atomic on POSIX), and the folder entry is
 fsynced. Killed at any point, the target is either the complete old file or the complete new one; a failed
-write removes its temporary file and leaves the target untouched. Checkpoints, converted weights, reference
-statistics, sample exports, shards and their records all go through :func:`atomic_write`.
+write removes its temporary file and leaves the target untouched; one that ran out of space raises
+:class:`~dip_lightning.core.errors.NoSpaceLeftError` naming the target. Checkpoints, converted weights, reference
+statistics, sample exports, shards and their records all go through :func:`atomic_write`. JSON records never hold
+NaN or infinity (not JSON): a writer turns such a value into null and says why.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from dip_lightning.core.errors import NoSpaceLeftError, exception_chain
 
 __all__ = ["atomic_write", "atomic_write_json", "fsync_dir", "leftover_temp_files", "write_or_compare_json"]
 
@@ -75,17 +80,34 @@ def atomic_write(
         if not overwrite and target.exists():
             raise FileExistsError(f"{target} appeared while it was being written; left unchanged")
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        full = _out_of_space(err)
+        if full is not None:  # torch.save wraps it in a RuntimeError ("unexpected pos") that names no file
+            raise NoSpaceLeftError(target, full) from err
+        if isinstance(err, OSError) and err.filename == str(tmp):  # a read-only or forbidden folder
+            raise type(err)(err.errno, err.strerror, str(target)) from err
         raise
     fsync_dir(target.parent)
 
 
+def _out_of_space(err: BaseException) -> int | None:
+    """ENOSPC or EDQUOT when ``err`` or an error it was raised from or while handling is one (and not yet a
+    :class:`NoSpaceLeftError`), else None."""
+    for cause in exception_chain(err):
+        if isinstance(cause, NoSpaceLeftError):
+            return None
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            return cause.errno
+    return None
+
+
 def atomic_write_json(path: str | os.PathLike[str], obj: Any, overwrite: bool = True) -> None:
-    """Write ``obj`` as indented, key-sorted JSON with :func:`atomic_write`."""
+    """Write ``obj`` as indented, key-sorted JSON with :func:`atomic_write`; NaN or infinity is a ``ValueError``
+    (Python would write ``NaN``, which no JSON reader accepts), and nothing is written."""
     with atomic_write(path, "w", overwrite=overwrite) as handle:
-        json.dump(obj, handle, indent=1, sort_keys=True)
+        json.dump(obj, handle, indent=1, sort_keys=True, allow_nan=False)
         handle.write("\n")
 
 
