@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import re
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -74,15 +75,34 @@ def _local_path(path: _PATH) -> Path:
     return Path(text[len("file://") :] if text.startswith("file://") else text)
 
 
+def _holds_pickles(path: _PATH) -> bool:
+    """Whether the file is of a kind that holds pickled objects: torch's zip format, or its legacy format (a
+    pickle stream: first byte PROTO, 0x80). A text file fails weights-only loading too, but is no checkpoint."""
+    if not _is_local(path):
+        return True
+    try:
+        with open(_local_path(path), "rb") as f:
+            first = f.read(1)
+    except OSError:
+        return True
+    return first == b"\x80" or zipfile.is_zipfile(_local_path(path))
+
+
+def _first_line(err: BaseException) -> str:
+    """The first line of an error's message, without the terminal colour codes torch puts in it."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", str(err).splitlines()[0]) if str(err) else ""
+
+
 def _describe_load_error(path: _PATH, err: BaseException) -> str:
     """One line for every command that reads checkpoints (fit, sample, convert): the file, the problem, the fix."""
-    if isinstance(err, pickle.UnpicklingError) and "weights_only" in str(err).lower():
+    weights_only = isinstance(err, pickle.UnpicklingError) and "weights_only" in str(err).lower()
+    if weights_only and _holds_pickles(path):
         return (
             f"cannot load checkpoint {path}: it holds objects that torch.load(weights_only=True) refuses "
-            f"({str(err).splitlines()[0]}). Only if you trust its origin, load it without that restriction "
+            f"({_first_line(err)}). Only if you trust its origin, load it without that restriction "
             "(fit: --weights_only=false; sample, convert: --trust_pickle)."
         )
-    first = str(err).splitlines()[0] if str(err) else ""
+    first = _first_line(err)
     return (
         f"cannot load checkpoint {path}: the file is truncated or corrupt, or not a PyTorch checkpoint "
         f"({type(err).__name__}: {first}). A save interrupted by this kit never leaves such a file under its "

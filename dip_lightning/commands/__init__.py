@@ -4,6 +4,12 @@
 subcommands go to :mod:`dip_lightning.training.cli`, every other command to its ``main(argv)``, imported lazily so that
 ``--help`` stays fast. ``python -m dip_lightning --help`` lists them all.
 
+:func:`run_command` is the one place that ends a failure the kit understands
+(:func:`~dip_lightning.core.errors.failure_message`: a ``KitError``, a missing or forbidden path, a full or
+read-only disk) as one ``error: <message>`` line on stderr and exit code 2, for every command, LightningCLI's
+included; anything else is a bug and keeps its traceback; ``SystemExit`` (argparse's usage errors, the preemption
+guard's exit codes) passes through unchanged.
+
 Flags are written with underscores, as LightningCLI's (``--num_samples``, ``--batch_size``); the hyphenated
 spelling (``--batch-size``) is accepted too, hidden from the help. Every command's parser is a
 :class:`CommandParser`.
@@ -12,11 +18,15 @@ spelling (``--batch-size``) is accepted too, hidden from the help. Every command
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from dip_lightning.core.errors import failure_message
 
 __all__ = [
     "COMMANDS",
@@ -102,8 +112,25 @@ def _lightning(argv: list[str]) -> int:
 
 
 def run_command(argv: Sequence[str]) -> int:
-    """Run ``argv`` (``[command, *options]``); returns the exit code."""
-    argv = list(argv)
+    """Run ``argv`` (``[command, *options]``); returns the exit code (2 for a failure the kit understands)."""
+    thread_failures: list[tuple[str, str]] = []
+    message = None
+    with _threads_failing_quietly(thread_failures):
+        try:
+            return _dispatch(list(argv))
+        except Exception as err:
+            message = failure_message(err)
+            if message is None:
+                raise
+            print(_error_line(message), file=sys.stderr)
+            return 2
+        finally:
+            for thread, text in thread_failures:
+                if text != message:
+                    print(f"warning: thread {thread} failed: {text}", file=sys.stderr)
+
+
+def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(overview())
         return 0
@@ -120,6 +147,35 @@ def run_command(argv: Sequence[str]) -> int:
         return _lightning([command.name, *argv[1:]])
     main = importlib.import_module(f"{__name__}.{command.module}").main
     return int(main(argv[1:]) or 0)
+
+
+def _error_line(message: str) -> str:
+    """``error: <message>``; in a job of several processes each prints its own, so it names its rank."""
+    from dip_lightning.core.distributed import launch_place
+
+    place = launch_place()
+    return f"error: rank {place.rank}: {message}" if place.world_size > 1 else f"error: {message}"
+
+
+@contextlib.contextmanager
+def _threads_failing_quietly(failures: list[tuple[str, str]]) -> Iterator[None]:
+    """A thread that dies of a failure the kit understands prints no traceback but joins ``failures`` (its
+    name, the message). TensorBoard's writer thread, for one, dies of a full or read-only disk and its owner
+    re-raises the same error in the main thread, which reports it; anything else keeps the usual report."""
+    previous = threading.excepthook
+
+    def hook(args: Any) -> None:
+        message = failure_message(args.exc_value) if args.exc_value is not None else None
+        if message is None:
+            previous(args)
+        else:
+            failures.append((args.thread.name if args.thread is not None else "?", message))
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
 
 
 class CommandParser(argparse.ArgumentParser):

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from dip_lightning.checkpoint.io import CheckpointError
-from dip_lightning.training.released import ConversionError, Direction, convert_checkpoint
+from dip_lightning.training.released import Direction, convert_checkpoint
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -39,10 +37,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     direction: Direction = "official_to_kit" if args.source == "official" else "kit_to_official"
     options = {k: getattr(args, k) for k in ("weights", "input_size", "overwrite", "trust_pickle")}
-    try:
-        summary = convert_checkpoint(args.input, args.out, direction=direction, **options)
-    except (ConversionError, CheckpointError, FileNotFoundError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    summary = convert_checkpoint(args.input, args.out, direction=direction, **options)
     print(summary)
     return 0

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
 import torch
 
 from dip_lightning.checkpoint.format import reconstruction_checkpoint
-from dip_lightning.checkpoint.io import CheckpointError
 from dip_lightning.checkpoint.posthoc import reconstruct
 from dip_lightning.checkpoint.run_folder import SNAPSHOT_FOLDER, snapshot_dir
 from dip_lightning.commands import CommandParser
@@ -25,7 +24,7 @@ def build_parser() -> CommandParser:
         help=f"the run folder (snapshots in <run_dir>/{SNAPSHOT_FOLDER}) or the snapshot folder itself",
     )
     p.add_argument(
-        "--std", type=float, required=True, help=f"relative width of the EMA, in (0, {MAX_STD:.3f})"
+        "--std", type=_std, required=True, help=f"relative width of the EMA, in (0, {MAX_STD:.3f})"
     )
     p.add_argument(
         "--out", required=True, help="output checkpoint (.ckpt): sample, validate ... load it as itself"
@@ -42,19 +41,23 @@ def build_parser() -> CommandParser:
     return p
 
 
+def _std(text: str) -> float:
+    """A ``--std`` value: a power-function EMA's relative width lies in (0, MAX_STD)."""
+    std = float(text)
+    if not 0.0 < std < MAX_STD:
+        raise argparse.ArgumentTypeError(f"a power-function EMA's std lies in (0, {MAX_STD:.4f}), got {std}")
+    return std
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     folder = Path(args.run_dir)
     if snapshot_dir(folder).is_dir():
         folder = snapshot_dir(folder)
     out = Path(args.out)
-    try:
-        if out.exists() and not args.overwrite:
-            raise FileExistsError(f"{out} exists; pass --overwrite to replace it (nothing was changed).")
-        rebuilt = reconstruct(folder, args.std, args.step, args.from_std)
-    except (CheckpointError, FileExistsError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it (nothing was changed).")
+    rebuilt = reconstruct(folder, args.std, args.step, args.from_std)
     with atomic_write(out) as fh:
         torch.save(reconstruction_checkpoint(rebuilt), fh)
     print(

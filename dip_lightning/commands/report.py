@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import sys
-
 from dip_lightning.commands import CommandParser
-from dip_lightning.evaluation.report import ReportError, write_report
+from dip_lightning.evaluation.report import write_report
 
 
 def build_parser() -> CommandParser:
@@ -26,12 +24,8 @@ def build_parser() -> CommandParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        report, runs = write_report(
-            args.run_dirs, args.out, plots=args.plots, tensorboard=args.tensorboard, title=args.title
-        )
-    except (ImportError, ReportError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    report, runs = write_report(
+        args.run_dirs, args.out, plots=args.plots, tensorboard=args.tensorboard, title=args.title
+    )
     print(f"wrote {report} ({len(runs)} runs)")
     return 0

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 
 import torch
 
 from dip_lightning.checkpoint.format import ACCEPTED_FORMS, DEFAULT_WEIGHTS
-from dip_lightning.checkpoint.io import CheckpointError
 from dip_lightning.commands import CommandParser, weight_request
 from dip_lightning.core.diffusion import SAMPLER_OVERRIDES, sampler_overrides
 from dip_lightning.core.distributed import launch_place
-from dip_lightning.evaluation.export import ExportMismatchError, export_samples
+from dip_lightning.evaluation.export import export_samples
 from dip_lightning.training.loading import load_module
 from dip_lightning.training.module import COMPILE_MODES
 
@@ -79,13 +77,7 @@ def main(argv: list[str]) -> int:
     place = launch_place()
     rank, world_size = place.rank, place.world_size
     device = args.device or (f"cuda:{place.local_rank}" if torch.cuda.is_available() else "cpu")
-    try:
-        module = load_module(
-            args.ckpt_path, args.config, weights=args.weights, trust_pickle=args.trust_pickle
-        )
-    except (CheckpointError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    module = load_module(args.ckpt_path, args.config, weights=args.weights, trust_pickle=args.trust_pickle)
     if args.compile:
         module.compile_network(args.compile, dynamic=False)
     overrides = sampler_overrides(**{name: getattr(args, name) for name in SAMPLER_OVERRIDES})
@@ -99,24 +91,20 @@ def main(argv: list[str]) -> int:
         sampler = cls(**{f.name: getattr(base, f.name) for f in dataclasses.fields(ODESampler)})
         module.sampler = sampler
     t0 = time.time()
-    try:
-        result = export_samples(
-            module,
-            args.out,
-            args.num_samples,
-            batch_size=args.batch_size,
-            chunk_size=args.chunk_size,
-            seed=args.seed,
-            balanced=args.balanced,
-            rank=rank,
-            world_size=world_size,
-            device=device,
-            overwrite=args.overwrite,
-            **({} if sampler is not None else overrides),
-        )
-    except ExportMismatchError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    result = export_samples(
+        module,
+        args.out,
+        args.num_samples,
+        batch_size=args.batch_size,
+        chunk_size=args.chunk_size,
+        seed=args.seed,
+        balanced=args.balanced,
+        rank=rank,
+        world_size=world_size,
+        device=device,
+        overwrite=args.overwrite,
+        **({} if sampler is not None else overrides),
+    )
     if result is not None:
         print(f"wrote {result} ({args.num_samples} samples, {time.time() - t0:.1f} s on rank {rank})")
     else:

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-
 from dip_lightning.checkpoint.format import ACCEPTED_FORMS
-from dip_lightning.checkpoint.io import CheckpointError
 from dip_lightning.commands import CommandParser, weight_request
-from dip_lightning.evaluation.sweep import SweepError, run_sweep
+from dip_lightning.evaluation.sweep import run_sweep
 
 
 def build_parser() -> CommandParser:
@@ -65,9 +62,5 @@ def build_parser() -> CommandParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        run_sweep(args)
-    except (SweepError, CheckpointError, FileNotFoundError, ImportError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    run_sweep(args)
     return 0

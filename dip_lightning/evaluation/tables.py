@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from dip_lightning.core.atomic import atomic_write
+from dip_lightning.core.errors import MissingExtraError
 from dip_lightning.core.metrics import METRIC_GOALS, METRIC_NAMES
 
 __all__ = [
@@ -35,11 +36,11 @@ T = TypeVar("T")
 
 
 def require_matplotlib() -> Any:
-    """``matplotlib.pyplot`` on the file-only Agg backend, or an ``ImportError`` that names the extra to install."""
+    """``matplotlib.pyplot`` on the file-only Agg backend, or a ``MissingExtraError`` naming the extra."""
     try:
         import matplotlib
     except ImportError as err:
-        raise ImportError(
+        raise MissingExtraError(
             f"plots need matplotlib, an optional extra of the kit: {MATPLOTLIB_HINT} "
             "(or pass --no_plots for the table alone)"
         ) from err

@@ -141,7 +141,10 @@ class DiPCLI(LightningCLI):
         # checkpoint's hyperparameters. Right for predict/validate/test (the checkpoint defines the model), but a
         # fit would silently drop this run's settings (a new lr, activation checkpointing); there the kit
         # compares the two configs instead (before_fit: check_compatible).
-        if self.config.get("subcommand") != "fit":
+        subcommand = self.config.get("subcommand")
+        if subcommand != "fit":
+            if subcommand:
+                _check_readable_checkpoint(self.config[subcommand].get("ckpt_path"))
             super()._parse_ckpt_path()
 
     # ------------------------------------------------------------------ run folder, logger, SLURM
@@ -341,6 +344,17 @@ def _check_fit_weight_options(config: Any) -> None:
         )
     if config.get("init_from_weights") is not None and not config.get("init_from"):
         raise ValueError("--init_from_weights chooses weights of --init_from: pass --init_from too.")
+
+
+def _check_readable_checkpoint(ckpt_path: str | None) -> None:
+    """validate/test/predict ``--ckpt_path``: a missing or unreadable file is the kit's one-line error (a
+    :class:`~dip_lightning.checkpoint.io.CheckpointError` naming the file and the fix), before LightningCLI's
+    own ``torch.load`` turns it into a miniz error, a ``KeyError`` or an unpickling traceback."""
+    if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):  # Lightning's keywords
+        return
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+    peek_checkpoint(ckpt_path, weights_only=True)  # LightningCLI reads it weights-only too
 
 
 def cli_main(args: list[str] | None = None) -> DiPCLI:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor
 
+from dip_lightning.__main__ import main as dip_main
 from dip_lightning.checkpoint.compatibility import CheckpointMismatchError
 from dip_lightning.commands.convert import main
 from dip_lightning.core.models import DiP, PatchDetailerHead, create_model
@@ -429,7 +430,7 @@ def test_cli_error_exit_code_and_nothing_written(tmp_path, released_sd, capsys):
     sd["blocks.0.attn.qkv_proj.weight"] = sd.pop("blocks.0.attn.qkv.weight")
     torch.save({"state_dict": {f"ema_denoiser.{k}": v for k, v in sd.items()}}, tmp_path / "bad.ckpt")
     out = tmp_path / "out.ckpt"
-    assert main([str(tmp_path / "bad.ckpt"), "--from", "official", "--out", str(out)]) == 2
+    assert dip_main(["convert", str(tmp_path / "bad.ckpt"), "--from", "official", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "blocks.0.attn.qkv.weight" in err and "blocks.0.attn.qkv_proj.weight" in err
     assert not out.exists()

@@ -25,9 +25,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dip_lightning.core.atomic import atomic_write, atomic_write_json, leftover_temp_files
+from dip_lightning.core.errors import KitError
 
 FORMAT_VERSION = 1
 _TAR_MTIME = 946684800  # 2000-01-01: fixed so that reruns produce identical tar bytes
+
+
+class PrepareError(KitError, ValueError):
+    """The source folder, its label or class files, or the options cannot make shards; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -53,7 +58,7 @@ def read_classes_file(path: str | Path) -> list[str]:
     with open(path) as f:
         names = [line.strip() for line in f if line.strip()]
     if len(set(names)) != len(names):
-        raise ValueError(f"{path}: duplicate class names")
+        raise PrepareError(f"{path}: duplicate class names")
     return names
 
 
@@ -61,13 +66,15 @@ def list_image_folder(src: Path, classes: list[str] | None = None) -> tuple[list
     """``(classes, [(relative path, label)])`` for a one-folder-per-class layout (recursive)."""
     folders = sorted(p.name for p in src.iterdir() if p.is_dir() and not _is_hidden(p.name))
     if not folders:
-        raise ValueError(f"{src} has no class sub-folders (expected an ImageFolder layout, or pass --labels)")
+        raise PrepareError(
+            f"{src} has no class sub-folders (expected an ImageFolder layout, or pass --labels)"
+        )
     if classes is None:
         classes = folders
     index = {name: i for i, name in enumerate(classes)}
     unknown = [f for f in folders if f not in index]
     if unknown:
-        raise ValueError(
+        raise PrepareError(
             f"{len(unknown)} folder(s) of {src} are not in the class list ({len(classes)} classes), "
             f"e.g. {unknown[:3]}; check --classes or the classes.txt in --out"
         )
@@ -92,7 +99,7 @@ def read_label_file(path: str | Path) -> list[tuple[str, str]]:
                 continue
             parts = re.split(r"[,\s]+", line)
             if len(parts) < 2:
-                raise ValueError(f"{path}:{lineno}: expected '<file> <label>', got {line!r}")
+                raise PrepareError(f"{path}:{lineno}: expected '<file> <label>', got {line!r}")
             rows.append((parts[0], parts[1]))
     return rows
 
@@ -108,7 +115,7 @@ def list_flat_folder(
         rows = rows[1:]  # a header line such as "ImageId,PredictionString"
     if classes is None:
         if any(label.isdigit() for _, label in rows):
-            raise ValueError(
+            raise PrepareError(
                 f"{labels_file} has integer labels: pass --classes (or prepare the train split first)"
             )
         classes = sorted({label for _, label in rows})
@@ -120,7 +127,7 @@ def list_flat_folder(
         elif label.isdigit() and int(label) < len(classes):
             by_name[name] = int(label)
         else:
-            raise ValueError(
+            raise PrepareError(
                 f"{labels_file}: label {label!r} of {name!r} is neither a class name nor an index"
             )
     items: list[tuple[str, int]] = []
@@ -165,7 +172,9 @@ class ShardTarWriter:
     """
 
     def __init__(self, fileobj: io.BufferedIOBase) -> None:
-        self._tar = tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+        # "w:", not the stream mode "w|" (same bytes): a stream left unclosed by a failed write (a full disk)
+        # flushes again when garbage-collected and prints "write to closed file" over the real error.
+        self._tar = tarfile.open(fileobj=fileobj, mode="w:", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
         for ext in sorted(members):
@@ -319,13 +328,13 @@ def _check_options(
     if not src.is_dir():
         raise FileNotFoundError(f"--src {str(src)!r} is not a folder")
     if format not in STORAGE_FORMATS:
-        raise ValueError(f"format must be one of {STORAGE_FORMATS}, got {format!r}")
+        raise PrepareError(f"format must be one of {STORAGE_FORMATS}, got {format!r}")
     if preprocess not in PREPROCESS_MODES:
-        raise ValueError(f"preprocess must be one of {PREPROCESS_MODES}, got {preprocess!r}")
+        raise PrepareError(f"preprocess must be one of {PREPROCESS_MODES}, got {preprocess!r}")
     if not re.fullmatch(r"[A-Za-z0-9_]+", split):
-        raise ValueError(f"split must be alphanumeric (it prefixes shard names), got {split!r}")
+        raise PrepareError(f"split must be alphanumeric (it prefixes shard names), got {split!r}")
     if image_size < 1 or shard_size < 1 or not 1 <= quality <= 100 or not 0 <= png_level <= 9:
-        raise ValueError("need image_size >= 1, shard_size >= 1, 1 <= quality <= 100, 0 <= png_level <= 9")
+        raise PrepareError("need image_size >= 1, shard_size >= 1, 1 <= quality <= 100, 0 <= png_level <= 9")
 
 
 def _list_inputs(
@@ -354,7 +363,7 @@ def _list_inputs(
         layout = "imagefolder"
     if classes_path.is_file():
         if read_classes_file(classes_path) != class_list:
-            raise ValueError(f"{classes_path} lists other classes than this run; use another --out")
+            raise PrepareError(f"{classes_path} lists other classes than this run; use another --out")
     else:
         classes_path.write_text("".join(name + "\n" for name in class_list))
     return class_list, items, unlabelled, layout
