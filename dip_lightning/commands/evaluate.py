@@ -21,12 +21,14 @@ from dip_lightning.commands import CommandParser
 from dip_lightning.core.atomic import atomic_write_json
 from dip_lightning.core.distributed import join_launched_processes, run_in_process_group
 from dip_lightning.core.metrics import METRIC_NAMES, MetricEngine
+from dip_lightning.core.metrics.errors import ImageFileError
 from dip_lightning.core.metrics.features import (
     EDM_INCEPTION_FILE,
     TORCHMETRICS_WEIGHTS_FILE,
     make_extractor,
 )
 from dip_lightning.core.metrics.reference import FeatureSet, MetricUnavailableWarning, npz_feature_set
+from dip_lightning.core.metrics.sources import npz_image_shape
 
 #: How each metric is printed: label and whether lower is better.
 METRIC_LABELS: dict[str, tuple[str, str]] = {
@@ -66,7 +68,7 @@ def _add_extractor_args(parser: CommandParser) -> None:
 
 def checkpoint_patch_size(path: str | os.PathLike[str]) -> int:
     """The DiT patch size a kit checkpoint was trained with (from its stored ``hyper_parameters``)."""
-    from dip_lightning.checkpoint.io import read_checkpoint
+    from dip_lightning.checkpoint.io import CheckpointError, read_checkpoint
 
     checkpoint = read_checkpoint(path)
     hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, Mapping) else {}
@@ -78,7 +80,9 @@ def checkpoint_patch_size(path: str | os.PathLike[str]) -> int:
         from dip_lightning.training.loading import module_from_hparams
 
         return int(module_from_hparams(hparams, repa=None, compile=False).net.patch_size)
-    raise ValueError(f"{path} records no network config (hyper_parameters.net); pass --patch_size instead")
+    raise CheckpointError(
+        f"{path} records no network config (hyper_parameters.net); pass --patch_size instead"
+    )
 
 
 def format_table(results: Mapping[str, float | None], unavailable: Mapping[str, str] | None = None) -> Any:
@@ -142,8 +146,9 @@ def _run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     for path in (args.samples, args.reference):
         if not Path(path).is_file():
-            print(f"error: {path} not found", file=sys.stderr)
-            return 2
+            raise FileNotFoundError(f"{path} not found")
+    if npz_image_shape(args.samples)[0] == 0:
+        raise ImageFileError(f"{args.samples}: the sample file holds no images (arr_0 is empty)")
     patch_size = args.patch_size
     if patch_size is None and args.ckpt_path is not None:
         patch_size = checkpoint_patch_size(args.ckpt_path)
@@ -151,21 +156,22 @@ def _run(argv: list[str]) -> int:
     if args.device is not None:
         device = torch.device(args.device)
     start = time.perf_counter()
+    unavailable: dict[str, str] = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MetricUnavailableWarning)
-        engine, samples, results = _evaluate(args, patch_size, device)
+        engine, samples, results = _evaluate(args, patch_size, device, unavailable)
     for warning in caught:
         if rank == 0 and not issubclass(warning.category, MetricUnavailableWarning):
             print(f"warning: {warning.message}", file=sys.stderr)
     if rank == 0:
-        _report(args, engine, samples, results, patch_size, world, time.perf_counter() - start)
+        _report(args, engine, samples, results, unavailable, patch_size, world, time.perf_counter() - start)
     return 0
 
 
 def _evaluate(
-    args: Any, patch_size: int | None, device: torch.device
+    args: Any, patch_size: int | None, device: torch.device, unavailable: dict[str, str]
 ) -> tuple[MetricEngine, FeatureSet, dict]:
-    """The engine, the samples' features and the metrics."""
+    """The engine, the samples' features and the metrics (why a metric is None goes to ``unavailable``)."""
     extractor = None
     if set(args.metrics) - {"patch_seam", "fd_dinov2"}:
         extractor = make_extractor(args.extractor, args.extractor_path)
@@ -189,7 +195,7 @@ def _evaluate(
         engine.dinov2,
         limit=args.limit,
     )
-    return engine, samples, engine.evaluate(samples)
+    return engine, samples, engine.evaluate(samples, unavailable)
 
 
 def _report(
@@ -197,12 +203,12 @@ def _report(
     engine: MetricEngine,
     samples: FeatureSet,
     results: dict,
+    unavailable: dict[str, str],
     patch_size: int | None,
     world: int,
     seconds: float,
 ) -> None:
-    """The table, the notes and the ``--json`` record (rank 0)."""
-    unavailable = dict(engine.unusable or {})
+    """The table, the notes and the ``--json`` record (rank 0; a metric is a number or null, never NaN)."""
     _print_table(results, unavailable)
     for metric, why in unavailable.items():
         print(f"note: {metric}: {why}", file=sys.stderr)

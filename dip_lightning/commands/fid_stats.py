@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import torch.distributed as dist
 from dip_lightning.commands import CommandParser
 from dip_lightning.commands.evaluate import _add_extractor_args
 from dip_lightning.core.distributed import is_distributed, join_launched_processes, run_in_process_group
+from dip_lightning.core.metrics.errors import MetricsError
 from dip_lightning.core.metrics.features import (
     DINOV2_WEIGHTS_ENV,
     DINOv2Features,
@@ -67,8 +67,7 @@ def _run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
-        print(f"error: {out} exists; pass --overwrite to replace it", file=sys.stderr)
-        return 2
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     rank, world, device = join_launched_processes()
     if args.device is not None:
         device = torch.device(args.device)
@@ -81,10 +80,7 @@ def _run(argv: list[str]) -> int:
     features = _real_features(args, kinds, extractor, dinov2, device, rank, world)
     source = args.shards or args.images
     if features.num_images < 2:
-        print(
-            f"error: {source} gave {features.num_images} images; statistics need at least 2", file=sys.stderr
-        )
-        return 2
+        raise MetricsError(f"{source} gave {features.num_images} images; statistics need at least 2")
     if rank == 0:
         dinov2_name = getattr(dinov2, "name", "")
         save_reference(out, features, overwrite=args.overwrite, pr_size=args.pr_size, dinov2_name=dinov2_name)

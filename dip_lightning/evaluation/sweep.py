@@ -15,6 +15,7 @@ import itertools
 import json
 import shutil
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from dip_lightning.core.atomic import atomic_write, atomic_write_json, write_or_
 from dip_lightning.core.diffusion import SAMPLER_OVERRIDES, sampler_overrides
 from dip_lightning.core.distributed import launch_place
 from dip_lightning.core.errors import KitError
+from dip_lightning.core.metrics.reference import check_reference_file
 from dip_lightning.evaluation.export import export_samples, weights_fingerprint
 from dip_lightning.evaluation.tables import (
     best_of,
@@ -117,19 +119,27 @@ def _effective_settings(module: Any, cell: Cell) -> dict[str, Any]:
     }
 
 
-def _score(samples_path: Path, args: Any, patch_size: int | None) -> dict[str, float | None]:
-    from dip_lightning.core.metrics import compute_metrics
+def _score(
+    samples_path: Path, args: Any, patch_size: int | None
+) -> tuple[dict[str, float | None], dict[str, str]]:
+    """The cell's metrics (None, never NaN, where one cannot be computed) and why each None is None."""
+    from dip_lightning.core.metrics import MetricUnavailableWarning, compute_metrics
 
     with np.load(samples_path) as npz:
         samples = npz["arr_0"]
-    return compute_metrics(
-        samples,
-        args.reference,
-        metrics=args.metrics,
-        patch_size=patch_size,
-        device=args.device,
-        batch_size=args.metrics_batch_size,
-    )
+    unavailable: dict[str, str] = {}
+    with warnings.catch_warnings():  # the reasons are recorded in result.json and printed with the cell
+        warnings.simplefilter("ignore", MetricUnavailableWarning)
+        metrics = compute_metrics(
+            samples,
+            args.reference,
+            metrics=args.metrics,
+            patch_size=patch_size,
+            device=args.device,
+            batch_size=args.metrics_batch_size,
+            unavailable=unavailable,
+        )
+    return metrics, unavailable
 
 
 def _generate(module: Any, cell: Cell, samples: Path, args: Any, rank: int, world_size: int) -> bool:
@@ -189,10 +199,11 @@ def run_cell(
     start = time.perf_counter()
     # The seam score's grid is the model's patch grid unless --patch_size says otherwise.
     patch_size = args.patch_size or getattr(getattr(module, "net", None), "patch_size", None)
-    metrics = _score(samples, args, patch_size)
+    metrics, unavailable = _score(samples, args, patch_size)
     result = {
         **settings,
         "metrics": metrics,
+        "unavailable": unavailable,
         "num_samples": args.num_samples,
         "sampling_seconds": round(sampling_seconds, 1),
         "metrics_seconds": round(time.perf_counter() - start, 1),
@@ -203,6 +214,8 @@ def run_cell(
     print(
         f"{cell.name}: {shown} ({result['sampling_seconds']} s sampling, {result['metrics_seconds']} s metrics)"
     )
+    for metric, why in unavailable.items():
+        print(f"  {metric}: not computed: {why}")
     return result
 
 
@@ -341,6 +354,7 @@ def run_sweep(args: Any) -> list[dict[str, Any]] | None:
         raise SweepError(
             f"--reference {args.reference}: no such file (an image npz, an ADM reference batch or kit statistics)"
         )
+    check_reference_file(args.reference)  # a damaged reference is an error now, not after the first cell
     if args.plots and rank == 0:
         require_matplotlib()  # before hours of sampling
     out.mkdir(parents=True, exist_ok=True)

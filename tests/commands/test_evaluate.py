@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dip_lightning.__main__ import main as dip_main
 from dip_lightning.commands.evaluate import main
 from dip_lightning.commands.fid_stats import main as main_fid_stats
 from dip_lightning.core.metrics import METRIC_NAMES, compute_metrics
@@ -61,7 +62,7 @@ def test_evaluate_prints_a_table_and_writes_the_contract_json(
     record = json.loads(out.read_text())
     assert record["num_samples"] == 20 and record["fid"] is not None and "sfid" not in record
     capsys.readouterr()
-    assert main([str(tmp_path / "nope.npz"), str(tmp_path / "real.npz"), *FLAGS]) == 2
+    assert dip_main(["evaluate", str(tmp_path / "nope.npz"), str(tmp_path / "real.npz"), *FLAGS]) == 2
     assert "nope.npz not found" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*argv, "--metrics", "kid"])
@@ -73,7 +74,7 @@ def test_fid_stats_writes_the_full_reference_and_fid_is_evaluate(
     real, fake = real_and_fake
     ref = tmp_path / "ref.npz"
     assert main_fid_stats(["--images", str(tmp_path / "real.npz"), "--out", str(ref), *FLAGS]) == 0
-    assert main_fid_stats(["--images", str(tmp_path / "real.npz"), "--out", str(ref), *FLAGS]) == 2
+    assert dip_main(["fid-stats", "--images", str(tmp_path / "real.npz"), "--out", str(ref), *FLAGS]) == 2
     assert "--overwrite" in capsys.readouterr().err  # refuses to replace a reference
     with np.load(ref) as npz:
         assert {"mu", "sigma", "mu_s", "sigma_s", "pool_features", "seam_cols", "seam_rows"} <= set(npz.files)

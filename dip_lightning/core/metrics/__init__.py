@@ -8,6 +8,7 @@ Definitions, and what differs from the ADM evaluator, are in docs/design.md.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from dip_lightning.core.distributed import is_distributed, rank_and_world
+from dip_lightning.core.metrics.errors import MetricsError
 from dip_lightning.core.metrics.features import (
     DINOV2_WEIGHTS_ENV,
     DINOv2Features,
@@ -90,7 +92,7 @@ def check_metric_names(metrics: Iterable[str]) -> list[str]:
     names = list(dict.fromkeys(metrics))
     unknown = [m for m in names if m not in METRIC_NAMES]
     if unknown:
-        raise ValueError(f"unknown metric(s) {unknown}; choose from {list(METRIC_NAMES)}")
+        raise MetricsError(f"unknown metric(s) {unknown}; choose from {list(METRIC_NAMES)}")
     return names
 
 
@@ -183,10 +185,21 @@ class MetricEngine:
         """This rank's sample features for the usable metrics (not gathered)."""
         return extract_feature_set(batches, self.sample_kinds(), self.extractor, self.device, self.dinov2)
 
-    def evaluate(self, samples: FeatureSet) -> dict[str, float | None]:
-        """Metrics of already gathered sample features."""
+    def evaluate(
+        self, samples: FeatureSet, unavailable: dict[str, str] | None = None
+    ) -> dict[str, float | None]:
+        """Metrics of already gathered sample features; ``unavailable`` (when given) gets why each None is None,
+        the reasons found at creation (`unusable`) included."""
+        if unavailable is not None:
+            unavailable.update(self.unusable or {})
         return metrics_from_features(
-            samples, self.reference, self.usable, self.patch_size, self.device, all_metrics=self.metrics
+            samples,
+            self.reference,
+            self.usable,
+            self.patch_size,
+            self.device,
+            all_metrics=self.metrics,
+            unavailable=unavailable,
         )
 
 
@@ -219,6 +232,10 @@ def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+#: The Fréchet distances and the features each compares.
+_FRECHET_KINDS = {"fid": "pool", "sfid": "spatial", "fd_dinov2": "dinov2"}
+
+
 def metrics_from_features(
     samples: FeatureSet,
     reference: Reference,
@@ -226,32 +243,65 @@ def metrics_from_features(
     patch_size: int | None = None,
     device: str | torch.device | None = None,
     all_metrics: Sequence[str] | None = None,
+    unavailable: dict[str, str] | None = None,
 ) -> dict[str, float | None]:
     """Every metric in ``metrics`` from sample features and a reference; keys of ``all_metrics`` that are not
-    in ``metrics`` (and metrics that cannot be computed from these inputs) are None."""
+    in ``metrics`` are None, and so is a metric these inputs cannot give (too few samples) or that comes out NaN
+    or infinite: each such one with a `MetricUnavailableWarning` and, when ``unavailable`` is given, its reason
+    there. A result is never NaN, so every record of it is valid JSON."""
     out: dict[str, float | None] = dict.fromkeys(all_metrics if all_metrics is not None else metrics)
-    frechet_kinds = {"fid": "pool", "sfid": "spatial", "fd_dinov2": "dinov2"}
+    values, reasons = _scores(samples, reference, metrics, patch_size, device)
+    for metric, value in values.items():
+        if math.isfinite(value):
+            out[metric] = value
+        else:
+            reasons[metric] = (
+                f"came out {value}: the sample or reference features hold NaN or infinite values"
+            )
+    for metric, why in reasons.items():
+        warn_unavailable(metric, why)
+    if unavailable is not None:
+        unavailable.update(reasons)
+    return out
+
+
+def _scores(
+    samples: FeatureSet,
+    reference: Reference,
+    metrics: Sequence[str],
+    patch_size: int | None,
+    device: str | torch.device | None,
+) -> tuple[dict[str, float], dict[str, str]]:
+    """The values of the metrics these inputs give, and why each other one cannot be computed."""
+    values: dict[str, float] = {}
+    reasons: dict[str, str] = {}
+    if samples.num_images == 0:
+        return values, dict.fromkeys(metrics, "no samples")
     for metric in metrics:
-        if metric in frechet_kinds:
+        if metric in _FRECHET_KINDS:
             if samples.num_images < 2:
-                warn_unavailable(metric, f"needs at least 2 samples, got {samples.num_images}")
+                reasons[metric] = f"needs at least 2 samples (a covariance), got {samples.num_images}"
             else:
-                out[metric] = _frechet(samples, reference, frechet_kinds[metric])
+                values[metric] = _frechet(samples, reference, _FRECHET_KINDS[metric])
         elif metric == "inception_score":
-            out["inception_score"] = inception_score(samples.features["probs"])
+            values[metric] = inception_score(samples.features["probs"])
         elif metric == "patch_seam":
             assert samples.seam is not None and reference.seam is not None and patch_size is not None
-            out["patch_seam"] = patch_seam_score(samples.seam, reference.seam, patch_size)
+            values[metric] = patch_seam_score(samples.seam, reference.seam, patch_size)
     wanted = [m for m in ("precision", "recall") if m in metrics]
     if wanted:  # computed together
         assert reference.pool_features is not None
-        if min(len(reference.pool_features), samples.num_images) <= ADM_NEIGHBOURHOOD:
-            for m in wanted:
-                warn_unavailable(m, f"needs more than {ADM_NEIGHBOURHOOD} samples and reference images")
+        counts = (samples.num_images, len(reference.pool_features))
+        if min(counts) <= ADM_NEIGHBOURHOOD:
+            why = (
+                f"needs more than {ADM_NEIGHBOURHOOD} samples and reference images (k={ADM_NEIGHBOURHOOD} "
+                f"nearest neighbours), got {counts[0]} and {counts[1]}"
+            )
+            reasons |= dict.fromkeys(wanted, why)
         else:
-            values = precision_recall(reference.pool_features, samples.features["pool"], device=device)
-            out |= {m: v for m, v in zip(("precision", "recall"), values) if m in wanted}
-    return out
+            pair = precision_recall(reference.pool_features, samples.features["pool"], device=device)
+            values |= {m: v for m, v in zip(("precision", "recall"), pair) if m in wanted}
+    return values, reasons
 
 
 def _frechet(samples: FeatureSet, reference: Reference, kind: str) -> float:
@@ -259,10 +309,12 @@ def _frechet(samples: FeatureSet, reference: Reference, kind: str) -> float:
     stats = FIDStats.from_features(samples.features[kind])
     ref = reference.stats[kind]
     if stats.mu.shape != ref.mu.shape:
-        raise ValueError(
+        raise MetricsError(
             f"the reference's {kind} statistics have {ref.mu.shape[0]} features, the samples' "
             f"{stats.mu.shape[0]}: they come from different networks"
         )
+    if not all(np.isfinite(a).all() for a in (stats.mu, stats.sigma, ref.mu, ref.sigma)):
+        return math.nan  # reported as unavailable; the eigendecompositions would fail on it
     return frechet_distance(stats.mu, stats.sigma, ref.mu, ref.sigma)
 
 
@@ -277,20 +329,22 @@ def compute_metrics(
     extractor: FeatureExtractor | None = None,
     dinov2_weights: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    unavailable: dict[str, str] | None = None,
 ) -> dict[str, float | None]:
     """Metrics of uint8 samples ``(N, H, W, 3)`` against ``reference`` (image npz, ADM reference batch or the
     kit's reference file).
 
     Returns ``{metric: value}`` for the metrics asked for (default: all of `METRIC_NAMES`); None where a
     metric cannot be computed here (no classifier layer for IS, no DINOv2 weights, no patch size, an old
-    reference), each with a one-line `MetricUnavailableWarning`. Reference features are cached by the file's
+    reference, too few samples, a non-finite value), each with a one-line `MetricUnavailableWarning` and its reason
+    in ``unavailable`` when given. Reference features are cached by the file's
     content hash (``cache_dir``, default ``$DIP_METRICS_CACHE`` or ``~/.cache/dip_lightning/metrics``). Under a
     process group (torchrun/srun) every rank passes the same ``samples``, extracts a contiguous slice, and all
     ranks get the same result.
     """
     arr = np.asarray(samples)
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
-        raise ValueError(f"samples must be uint8 (N, H, W, 3) images, got {arr.dtype} {arr.shape}")
+        raise MetricsError(f"samples must be uint8 (N, H, W, 3) images, got {arr.dtype} {arr.shape}")
     engine = MetricEngine.create(
         reference,
         metrics,
@@ -308,4 +362,4 @@ def compute_metrics(
         torch.from_numpy(np.ascontiguousarray(mine[i : i + batch_size])).permute(0, 3, 1, 2).contiguous()
         for i in range(0, len(mine), batch_size)
     )
-    return engine.evaluate(gather_feature_set(engine.features(batches)))
+    return engine.evaluate(gather_feature_set(engine.features(batches)), unavailable)

@@ -24,6 +24,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from dip_lightning.core.compat import torch_fidelity_forward
+from dip_lightning.core.errors import MissingExtraError
+from dip_lightning.core.metrics.errors import MetricsError
 
 INCEPTION_SIZE = 299
 FID_HELPER_FILE = "default_1.pt"
@@ -366,7 +368,7 @@ class TorchmetricsInception(FeatureExtractor):
         from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
 
         if not _TORCH_FIDELITY_AVAILABLE:
-            raise ModuleNotFoundError(
+            raise MissingExtraError(
                 "TorchmetricsInception needs torch-fidelity (and torchvision), which this kit does not "
                 "install. Use the default FIDHelperInception, or install torch-fidelity with a torchvision "
                 f"that matches your torch and provide {TORCHMETRICS_WEIGHTS_FILE}."
@@ -446,7 +448,7 @@ def make_extractor(name: str = "fid-helper", path: str | None = None) -> Feature
         return FIDHelperInception(path)
     if name == "torchscript":
         if path is None:
-            raise ValueError(
+            raise MetricsError(
                 f"--extractor torchscript needs --extractor_path (the local {EDM_INCEPTION_FILE})"
             )
         return TorchScriptInception(path)
@@ -454,7 +456,7 @@ def make_extractor(name: str = "fid-helper", path: str | None = None) -> Feature
         return TorchmetricsInception(path)
     if name == "pixel-projection":
         return PixelProjection()
-    raise ValueError(
+    raise MetricsError(
         f"unknown extractor {name!r}; choose fid-helper, torchscript, torchmetrics or pixel-projection"
     )
 

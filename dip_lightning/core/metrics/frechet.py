@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dip_lightning.core.metrics.errors import MetricsError
+
 __all__ = ["FIDStats", "StatsAccumulator", "frechet_distance"]
 
 
@@ -53,7 +55,7 @@ class StatsAccumulator:
 
     def stats(self, extractor: str = "") -> FIDStats:
         if self.sum is None or self.outer is None or self.count < 2:
-            raise ValueError(f"need at least 2 feature vectors for statistics, got {self.count}")
+            raise MetricsError(f"statistics need at least 2 images (a covariance), got {self.count}")
         mu = self.sum / self.count
         sigma = (self.outer - self.count * torch.outer(mu, mu)) / (self.count - 1)
         return FIDStats(mu.numpy(), sigma.numpy(), self.count, extractor)
@@ -75,7 +77,10 @@ def frechet_distance(
     m1, m2 = (torch.as_tensor(m, dtype=torch.float64) for m in (mu1, mu2))
     s1, s2 = (torch.as_tensor(s, dtype=torch.float64) for s in (sigma1, sigma2))
     if m1.shape != m2.shape or s1.shape != s2.shape:
-        raise ValueError(f"statistics of different sizes: {tuple(m1.shape)} vs {tuple(m2.shape)}")
+        raise MetricsError(
+            f"statistics of different sizes: {tuple(m1.shape)} vs {tuple(m2.shape)}; they come from different "
+            "feature networks"
+        )
     s1 = (s1 + s1.T) / 2
     s2 = (s2 + s2.T) / 2
     w, v = torch.linalg.eigh(s1)

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 from torch import Tensor
 
+from dip_lightning.core.metrics.errors import MetricsError
+
 __all__ = ["SeamProfile", "patch_seam_score", "seam_ratio"]
 
 
@@ -85,12 +87,15 @@ def _split(profile: np.ndarray, patch_size: int) -> tuple[float, int, float, int
 def seam_ratio(profile: SeamProfile, patch_size: int) -> float:
     """Mean squared difference across patch boundaries over the mean inside patches (see module docstring)."""
     if patch_size < 2:
-        raise ValueError(f"patch_size must be >= 2, got {patch_size}")
+        raise MetricsError(f"the patch size must be >= 2, got {patch_size}")
     b_c, nb_c, i_c, ni_c = _split(profile.cols, patch_size)
     b_r, nb_r, i_r, ni_r = _split(profile.rows, patch_size)
     if nb_c + nb_r == 0:
         height, width = profile.image_size
-        raise ValueError(f"{height}x{width} images hold no boundary of a {patch_size}-pixel patch grid")
+        raise MetricsError(
+            f"{height}x{width} images hold no boundary of a {patch_size}-pixel patch grid: pass the model's "
+            "--patch_size"
+        )
     inside = (i_c + i_r) / (ni_c + ni_r)
     if inside == 0:
         return float("inf") if b_c + b_r > 0 else 1.0
@@ -100,8 +105,9 @@ def seam_ratio(profile: SeamProfile, patch_size: int) -> float:
 def patch_seam_score(samples: SeamProfile, reference: SeamProfile, patch_size: int) -> float:
     """``seam_ratio(samples) / seam_ratio(reference)``: 1.0 = no seams beyond what real images have."""
     if samples.image_size != reference.image_size:
-        raise ValueError(
+        raise MetricsError(
             f"samples are {samples.image_size[0]}x{samples.image_size[1]} but the reference images are "
-            f"{reference.image_size[0]}x{reference.image_size[1]}; the patch grid must line up"
+            f"{reference.image_size[0]}x{reference.image_size[1]}; the patch grid must line up: use a reference "
+            "of the samples' resolution"
         )
     return seam_ratio(samples, patch_size) / seam_ratio(reference, patch_size)

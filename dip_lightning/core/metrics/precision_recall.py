@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dip_lightning.core.metrics.errors import MetricsError
+
 __all__ = ["ADM_NEIGHBOURHOOD", "manifold_radii", "manifold_coverage", "precision_recall"]
 
 ADM_NEIGHBOURHOOD = 3
@@ -43,7 +45,7 @@ def manifold_radii(
     """Squared distance of every feature to its k-th nearest neighbour in the set (self included as 0-th)."""
     f = _as_tensor(features, device, dtype)
     if f.shape[0] <= k:
-        raise ValueError(f"the k={k} manifold needs more than {k} feature vectors, got {f.shape[0]}")
+        raise MetricsError(f"the k={k} manifold needs more than {k} feature vectors, got {f.shape[0]}")
     radii = [_squared_distances(block, f).kthvalue(k + 1, dim=1).values for block in f.split(block_size)]
     return torch.cat(radii)
 

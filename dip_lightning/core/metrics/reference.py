@@ -14,6 +14,7 @@ import hashlib
 import os
 import warnings
 import zipfile
+import zlib
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 
 from dip_lightning.core.atomic import atomic_write
 from dip_lightning.core.distributed import all_gather_rows, is_distributed, rank_and_world
+from dip_lightning.core.metrics.errors import ReferenceFileError
 from dip_lightning.core.metrics.features import FeatureExtractor
 from dip_lightning.core.metrics.frechet import FIDStats
 from dip_lightning.core.metrics.patch_seam import SeamProfile
@@ -35,6 +37,7 @@ __all__ = [
     "MetricUnavailableWarning",
     "PR_REFERENCE_SIZE",
     "Reference",
+    "check_reference_file",
     "default_cache_dir",
     "extract_feature_set",
     "file_digest",
@@ -295,12 +298,46 @@ class Reference:
         return need.removesuffix("_stats") in self.stats
 
 
+#: What zipfile, zlib and numpy raise for a file that is no (complete) npz.
+_DAMAGED = (zipfile.BadZipFile, zlib.error, EOFError, ValueError)
+_RECOMPUTE = "recompute it with `python -m dip_lightning fid-stats`, or pass an image npz"
+
+
 def _npz_keys(path: Path) -> list[str]:
-    with zipfile.ZipFile(path) as zf:
-        return [n.removesuffix(".npy") for n in zf.namelist()]
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return [n.removesuffix(".npy") for n in zf.namelist()]
+    except zipfile.BadZipFile as err:
+        raise ReferenceFileError(
+            f"reference {path} is not an npz (zip) file ({err}): pass an image npz, an ADM reference batch or a "
+            "reference file from `python -m dip_lightning fid-stats`"
+        ) from err
 
 
 def _read_stats_file(path: Path, keys: list[str]) -> Reference:
+    try:
+        return _read_stats_arrays(path, keys)
+    except _DAMAGED as err:
+        if isinstance(err, ReferenceFileError):
+            raise
+        raise ReferenceFileError(
+            f"reference {path} is damaged or incomplete ({type(err).__name__}: {err}); copy it again or "
+            f"{_RECOMPUTE}"
+        ) from err
+
+
+def _check_finite(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Stored statistics or features with NaN or inf make every distance to them NaN: a damaged reference,
+    refused before any sample is extracted."""
+    bad = [key for key, value in arrays.items() if not np.isfinite(value).all()]
+    if bad:
+        raise ReferenceFileError(
+            f"reference {path}: {' and '.join(bad)} {'hold' if len(bad) > 1 else 'holds'} NaN or infinite "
+            f"values, so no distance to it is a number; {_RECOMPUTE}"
+        )
+
+
+def _read_stats_arrays(path: Path, keys: list[str]) -> Reference:
     with np.load(path, allow_pickle=False) as npz:
 
         def stats(mu_key: str, sigma_key: str, extractor: str) -> FIDStats | None:
@@ -309,9 +346,11 @@ def _read_stats_file(path: Path, keys: list[str]) -> Reference:
             mu = np.asarray(npz[mu_key], dtype=np.float64)
             sigma = np.asarray(npz[sigma_key], dtype=np.float64)
             if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-                raise ValueError(
-                    f"{path}: inconsistent shapes {mu_key} {mu.shape}, {sigma_key} {sigma.shape}"
+                raise ReferenceFileError(
+                    f"reference {path}: inconsistent shapes {mu_key} {mu.shape}, {sigma_key} {sigma.shape}; "
+                    f"{_RECOMPUTE}"
                 )
+            _check_finite(path, {mu_key: mu, sigma_key: sigma})
             return FIDStats(mu, sigma, num, extractor)
 
         num = int(npz["num_samples"]) if "num_samples" in keys else 0
@@ -330,6 +369,7 @@ def _read_stats_file(path: Path, keys: list[str]) -> Reference:
             ref.stats["dinov2"] = dinov2
         if "pool_features" in keys:
             ref.pool_features = np.asarray(npz["pool_features"], dtype=np.float32)
+            _check_finite(path, {"pool_features": ref.pool_features})
         if "seam_cols" in keys:
             ref.seam = SeamProfile(
                 np.asarray(npz["seam_cols"], np.float64),
@@ -383,9 +423,16 @@ def _read_reference_file(file: Path) -> Reference:
         return ref
     if has_images:
         return Reference(str(file), layout="images")
-    raise ValueError(
+    raise ReferenceFileError(
         f"{file} is not a reference: it has neither images (arr_0) nor statistics (mu, sigma); keys: {keys}"
     )
+
+
+def check_reference_file(path: str | os.PathLike[str]) -> None:
+    """Raise what :func:`load_reference` would about the file itself (missing, no npz, no images nor statistics,
+    statistics of inconsistent shape or not finite), cheaply: call it before hours of sampling that end in an
+    evaluation against it."""
+    _read_reference_file(Path(path))
 
 
 def _check_networks(ref: Reference, extractor: FeatureExtractor | None, dinov2: nn.Module | None) -> None:
@@ -393,7 +440,7 @@ def _check_networks(ref: Reference, extractor: FeatureExtractor | None, dinov2: 
     none, a warning: its TensorFlow Inception is what the kit's Inception ports)."""
     recorded = ref.extractor if ref.layout != "images" else ""
     if extractor is not None and recorded and recorded != extractor.name:
-        raise ValueError(
+        raise ReferenceFileError(
             f"{ref.path} was computed with extractor {recorded!r} but the samples use {extractor.name!r}; "
             "recompute it with that extractor (fid-stats --extractor ...)"
         )
@@ -406,9 +453,9 @@ def _check_networks(ref: Reference, extractor: FeatureExtractor | None, dinov2: 
     dinov2_name = str(getattr(dinov2, "name", ""))
     recorded_dinov2 = ref.stats["dinov2"].extractor if "dinov2" in ref.stats else ""
     if dinov2 is not None and recorded_dinov2 not in ("", dinov2_name):
-        raise ValueError(
+        raise ReferenceFileError(
             f"{ref.path}: FD-DINOv2 statistics were made with {recorded_dinov2!r}, the samples use "
-            f"{dinov2_name!r}"
+            f"{dinov2_name!r}; recompute it with those DINOv2 weights (fid-stats --dinov2_weights ...)"
         )
 
 
@@ -432,6 +479,11 @@ def _kinds_to_extract(
 
 def _complete_reference(ref: Reference, extracted: FeatureSet, needs: set[str], dinov2_name: str) -> None:
     """Fill in what ``needs`` asks for and the file lacked from the features of its images."""
+    if extracted.num_images < 2 and needs - {"seam"}:
+        raise ReferenceFileError(
+            f"reference {ref.path} holds {extracted.num_images} image(s); statistics and precision/recall need "
+            "at least 2 (ADM's reference batches hold 10,000)"
+        )
     ref.num_images = ref.num_images or extracted.num_images
     for kind in ("pool", "spatial", "dinov2"):
         if kind not in extracted.features:

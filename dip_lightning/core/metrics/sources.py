@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import zipfile
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from dip_lightning.core.metrics.errors import ImageFileError
 
 __all__ = ["iter_npz_images", "iter_shard_images", "npz_image_count", "npz_image_shape"]
 
@@ -25,15 +29,49 @@ def _read_npy_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
 def _npz_member(zf: zipfile.ZipFile, key: str) -> str:
     name = f"{key}.npy"
     if name not in zf.namelist():
-        raise KeyError(f"no {key!r} array in the npz (members: {zf.namelist()})")
+        raise ImageFileError(
+            f"{zf.filename}: no {key!r} array (members: {zf.namelist()}); an image npz holds uint8 images "
+            "(N, H, W, 3) under arr_0, as `sample` writes them"
+        )
     return name
+
+
+#: What zipfile, zlib and numpy raise for a file that is no (complete) npz.
+_DAMAGED = (zipfile.BadZipFile, zlib.error, EOFError, ValueError)
+
+
+def _unreadable(path: str | os.PathLike[str], err: BaseException) -> ImageFileError:
+    return ImageFileError(
+        f"{path}: not a readable npz ({type(err).__name__}: {err}); it is damaged, incomplete or no npz at all: "
+        "write it again (`sample` writes the ADM layout)"
+    )
+
+
+@contextlib.contextmanager
+def _npz_array(
+    path: str | os.PathLike[str], key: str
+) -> Iterator[tuple[Any, tuple[int, ...], bool, np.dtype]]:
+    """The open ``.npy`` member ``key`` of an npz, positioned at its data, and (shape, fortran_order, dtype) from
+    its header; a file that is no readable npz is an :class:`ImageFileError` naming it."""
+    with contextlib.ExitStack() as stack:
+        try:
+            zf = stack.enter_context(zipfile.ZipFile(path))
+            f = stack.enter_context(zf.open(_npz_member(zf, key)))
+            shape, fortran, dtype = _read_npy_header(f)
+        except _DAMAGED as err:
+            if isinstance(err, ImageFileError):
+                raise
+            raise _unreadable(path, err) from err
+        try:
+            yield f, shape, fortran, dtype
+        except (zipfile.BadZipFile, zlib.error, EOFError) as err:  # found while reading the data (a bad CRC)
+            raise _unreadable(path, err) from err
 
 
 def npz_image_count(path: str | os.PathLike[str], key: str = "arr_0") -> int:
     """Number of images in an npz sample file, read from the array header only."""
-    with zipfile.ZipFile(path) as zf, zf.open(_npz_member(zf, key)) as f:
-        shape, _, _ = _read_npy_header(f)
-    return int(shape[0])
+    with _npz_array(path, key) as (_, shape, _, _):
+        return int(shape[0])
 
 
 def iter_npz_images(
@@ -49,13 +87,14 @@ def iter_npz_images(
     fit in memory, as ``np.load(...)["arr_0"]`` would require. Images ``start .. limit - 1`` are read (``limit``
     None: to the end), so ranks can each read their own slice.
     """
-    with zipfile.ZipFile(path) as zf, zf.open(_npz_member(zf, key)) as f:
-        shape, fortran, dtype = _read_npy_header(f)
+    with _npz_array(path, key) as (f, shape, fortran, dtype):
         if dtype != np.uint8 or len(shape) != 4 or fortran:
-            raise ValueError(f"{path}:{key} must be a C-order uint8 (N, H, W, 3) array, got {dtype} {shape}")
+            raise ImageFileError(
+                f"{path}:{key} must be a C-order uint8 (N, H, W, 3) array, got {dtype} {shape}"
+            )
         nhwc = shape[-1] == 3
         if not nhwc and shape[1] != 3:
-            raise ValueError(f"{path}:{key} has shape {shape}; expected (N, H, W, 3) or (N, 3, H, W)")
+            raise ImageFileError(f"{path}:{key} has shape {shape}; expected (N, H, W, 3) or (N, 3, H, W)")
         total = shape[0] if limit is None else min(shape[0], limit)
         per_image = int(np.prod(shape[1:]))
         done = min(start, total)
@@ -65,7 +104,7 @@ def iter_npz_images(
             n = min(batch_size, total - done)
             buf = f.read(n * per_image)
             if len(buf) != n * per_image:
-                raise ValueError(f"{path}:{key} is truncated")
+                raise ImageFileError(f"{path}:{key} is truncated: write the file again")
             batch = torch.from_numpy(np.frombuffer(buf, dtype=np.uint8).reshape(n, *shape[1:]).copy())
             yield batch.permute(0, 3, 1, 2).contiguous() if nhwc else batch
             done += n
@@ -114,6 +153,5 @@ def iter_shard_images(
 
 def npz_image_shape(path: str | os.PathLike[str], key: str = "arr_0") -> tuple[int, ...]:
     """Shape of an npz image array, read from the array header only."""
-    with zipfile.ZipFile(path) as zf, zf.open(_npz_member(zf, key)) as f:
-        shape, _, _ = _read_npy_header(f)
-    return tuple(int(s) for s in shape)
+    with _npz_array(path, key) as (_, shape, _, _):
+        return tuple(int(s) for s in shape)

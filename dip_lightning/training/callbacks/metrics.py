@@ -29,6 +29,7 @@ from dip_lightning.core.metrics import METRIC_NAMES, MetricEngine, check_metric_
 from dip_lightning.core.metrics.features import DINOv2Features, FeatureExtractor
 from dip_lightning.core.metrics.reference import (
     MetricUnavailableWarning,
+    check_reference_file,
     extract_feature_set,
     gather_feature_set,
     reference_from_features,
@@ -164,6 +165,8 @@ class MetricsCallback(pl.Callback):
                 f"`python -m dip_lightning fid-stats --shards '<real shards>' --out {self.reference}` "
                 "(or pass an image npz)"
             )
+        if self.reference is not None:
+            check_reference_file(self.reference)  # a damaged one (NaN statistics) too
         if not hasattr(pl_module, "generate") or not hasattr(pl_module, "num_classes"):
             raise TypeError(
                 f"{type(self).__name__} needs a LightningModule with `generate(labels, seeds)` and `num_classes`"

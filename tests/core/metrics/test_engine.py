@@ -246,3 +246,45 @@ def test_two_process_extraction_equals_single_process(sets: dict, tmp_path: Path
 def test_precision_recall_distances_on_the_device_of_the_features() -> None:
     ref = torch.randn(40, 5, generator=torch.Generator().manual_seed(0))
     assert precision_recall(ref, ref + 0.01, device="cpu") == pytest.approx((1.0, 1.0))
+
+
+def test_a_metric_that_is_not_a_number_is_none_with_its_reason() -> None:
+    """No record of the engine's results holds NaN: a non-finite value, no samples or too few samples give None
+    and the reason (evaluate's ``unavailable``, sweep's result.json, the callback's empty CSV cell)."""
+    from dip_lightning.core.metrics import metrics_from_features
+    from dip_lightning.core.metrics.reference import Reference
+
+    rng = np.random.default_rng(0)
+    pool = rng.normal(size=(20, 8)).astype(np.float32)
+    reference = Reference("ref.npz", stats={"pool": FIDStats.from_features(pool)}, pool_features=pool)
+    samples = FeatureSet({"pool": pool.copy()}, num_images=20)
+    samples.features["pool"][3, 2] = np.inf  # what a broken feature network could give
+    unavailable: dict[str, str] = {}
+    with pytest.warns(MetricUnavailableWarning, match="fid: not computed: came out nan"):
+        got = metrics_from_features(samples, reference, ["fid"], unavailable=unavailable)
+    assert got == {"fid": None} and "NaN or infinite" in unavailable["fid"]
+
+    one = FeatureSet({"pool": pool[:1]}, num_images=1)
+    unavailable = {}
+    with pytest.warns(MetricUnavailableWarning):
+        got = metrics_from_features(one, reference, ["fid", "precision", "recall"], unavailable=unavailable)
+    assert got == {"fid": None, "precision": None, "recall": None}
+    assert "at least 2 samples" in unavailable["fid"] and "more than 3 samples" in unavailable["recall"]
+    unavailable = {}
+    with pytest.warns(MetricUnavailableWarning):
+        assert metrics_from_features(FeatureSet(), reference, ["fid"], unavailable=unavailable) == {
+            "fid": None
+        }
+    assert unavailable == {"fid": "no samples"}
+
+
+def test_a_reference_with_nan_statistics_is_refused_naming_the_file(tmp_path: Path) -> None:
+    from dip_lightning.core.metrics.errors import ReferenceFileError
+    from dip_lightning.core.metrics.reference import check_reference_file
+
+    sigma = np.eye(8)
+    sigma[1, 1] = np.nan
+    path = tmp_path / "stats.npz"
+    np.savez(path, mu=np.zeros(8), sigma=sigma, mu_s=np.zeros(4), sigma_s=np.eye(4))
+    with pytest.raises(ReferenceFileError, match=f"{path}: sigma holds NaN or infinite values"):
+        check_reference_file(path)
