@@ -20,6 +20,8 @@ internal                                    why the kit needs it
 ``NoTrainInceptionV3._torch_fidelity_forward``  features and logits in one pass (torchmetrics' Inception)
 ``Optimizer._step_supports_amp_scaling`` /      the non-finite guard skips an update on the device through
 ``.found_inf`` / ``.grad_scale``                torch's fused kernels (GradScaler's protocol)
+``_SubprocessScriptLauncher.procs``         the ranks Lightning's launcher started, ended when rank 0 fails;
+(the list its child observer watches)       emptied first, so the observer does not SIGKILL rank 0 as well
 ==========================================  ================================================================
 """
 
@@ -41,6 +43,7 @@ __all__ = [
     "swap_averaged_models",
     "clear_device_skip",
     "set_device_skip",
+    "stop_launched_processes",
     "supports_device_skip",
     "torch_fidelity_forward",
 ]
@@ -92,6 +95,25 @@ def batches_in_flight(trainer: Any) -> int:
     """Training batches fetched whose step has not finished (0 or 1)."""
     progress = trainer.fit_loop.epoch_loop.batch_progress.current
     return max(0, progress.ready - progress.processed)
+
+
+def stop_launched_processes(trainer: Any) -> bool:
+    """Kill (SIGKILL) the ranks Lightning's launcher started from this process (``devices=N`` without
+    torchrun/srun) and wait for them; False when it started none (another rank, another launcher).
+
+    The launcher's observer thread kills this process too once a child has exited with a non-zero code; it
+    watches the launcher's own ``procs`` list, so the list is emptied before the kill.
+    """
+    procs = getattr(trainer.strategy.launcher, "procs", None)
+    if not procs:
+        return False
+    children = list(procs)
+    procs.clear()
+    for child in children:
+        child.kill()
+    for child in children:
+        child.wait()
+    return True
 
 
 def average_model(callback: Any) -> Any:

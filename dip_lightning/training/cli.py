@@ -40,6 +40,7 @@ from dip_lightning.checkpoint.run_folder import (
 )
 from dip_lightning.core.atomic import atomic_write_json
 from dip_lightning.core.distributed import launch_place
+from dip_lightning.training.callbacks.launched_ranks import StopLaunchedRanks
 from dip_lightning.training.callbacks.preemption import PerJobTimer, PreemptionGuard
 from dip_lightning.training.callbacks.progress import RichProgress
 from dip_lightning.training.init_from import init_from_checkpoint
@@ -187,6 +188,7 @@ class DiPCLI(LightningCLI):
         if enable_bar is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             # Rich bars by default (a YAML `trainer.callbacks` entry of any ProgressBar replaces it).
             callbacks.append(RichProgress())
+        callbacks.append(StopLaunchedRanks())  # rank 0's failure must not leave the ranks it started waiting
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 

@@ -94,3 +94,36 @@ def test_fused_optimizers_skip_on_device_when_found_inf_is_set(make) -> None:  #
     assert torch.equal(flagged.detach(), twin.detach())
     compat.clear_device_skip(optimizers[0])
     assert "found_inf" not in optimizers[0].__dict__
+
+
+def test_the_launchers_child_observer_watches_the_launchers_own_list_of_ranks() -> None:
+    """``stop_launched_processes`` empties ``_SubprocessScriptLauncher.procs`` before killing the ranks, so that
+    the observer thread (which SIGKILLs the launching process when a child exits non-zero) sees nothing: it must
+    be watching that very list, and stay quiet on an empty one."""
+    import inspect
+    import signal
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    from lightning.fabric.strategies.launchers import subprocess_script
+    from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+
+    assert "_launch_process_observer(self.procs)" in inspect.getsource(_SubprocessScriptLauncher.launch)
+    standin = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # what it would kill
+    try:
+        children = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])]
+        observer = subprocess_script._ChildProcessObserver(main_pid=standin.pid, child_processes=children)
+        assert observer._child_processes is children
+        launcher = _SubprocessScriptLauncher.__new__(_SubprocessScriptLauncher)
+        launcher.procs = children
+        rank = children[0]
+        trainer = SimpleNamespace(strategy=SimpleNamespace(launcher=launcher))  # what the function reads
+        assert compat.stop_launched_processes(trainer) is True
+        assert rank.poll() == -signal.SIGKILL  # ended, and waited for
+        assert children == [] and observer._run() is True  # the observer finished, killing nothing
+        assert standin.poll() is None
+        assert compat.stop_launched_processes(trainer) is False
+    finally:
+        standin.kill()
+        standin.wait()
