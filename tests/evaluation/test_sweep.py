@@ -166,6 +166,30 @@ def test_untracked_decay_and_missing_reference_are_clear_errors(
     missing = {**setup, "reference": tmp_path / "nope.npz"}
     assert run_command(sweep_args(missing, tmp_path / "b")) == 2
     assert "nope.npz: no such file" in capsys.readouterr().err
+    mu = np.zeros(2048)
+    mu[0] = np.nan
+    np.savez(tmp_path / "nan.npz", mu=mu, sigma=np.eye(2048))
+    damaged = {**setup, "reference": tmp_path / "nan.npz"}
+    assert run_command(sweep_args(damaged, tmp_path / "d")) == 2
+    assert "nan.npz: mu holds NaN" in capsys.readouterr().err
+    assert not (tmp_path / "d" / "cells").exists()  # refused before the first cell's sampling
+
+
+@pytest.mark.slow
+def test_a_metric_a_cell_cannot_give_is_null_with_its_reason(setup: dict, tmp_path: Path) -> None:
+    """3 samples: precision and recall need more than k = 3; result.json says so (valid JSON), the CSV is empty
+    there."""
+    out = tmp_path / "few"
+    args = sweep_args(setup, out, "--no_plots", weights=("ema:0.9",), cfg=("1.0",))
+    args[args.index("--num_samples") + 1] = "3"
+    assert run_command(args) == 0
+    (result_path,) = (out / "cells").glob("*/result.json")
+    result = json.loads(result_path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in result.json"))
+    for metric in ("precision", "recall"):
+        assert result["metrics"][metric] is None and "more than 3 samples" in result["unavailable"][metric]
+    assert result["metrics"]["fid"] is not None and "fid" not in result["unavailable"]
+    row = read_csv(out / "sweep.csv")[0]
+    assert row["precision"] == row["recall"] == "" and float(row["fid"]) == result["metrics"]["fid"]
 
 
 @pytest.mark.slow
