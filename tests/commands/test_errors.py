@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -335,12 +336,21 @@ def test_rank_0_alone_meeting_a_full_disk_ends_both_ranks_without_a_traceback(
 
 
 # ------------------------------------------------------------------------------------------------ pass-through
-def test_lightnings_own_exits_and_usage_errors_pass_through_unchanged() -> None:
-    """``--help`` ends LightningCLI with SystemExit(0), an unknown option argparse's SystemExit(2): both
-    untouched, as the preemption guard's ``TrainingInterrupted`` (tests/training/cli/test_resume.py: exit 143)."""
+def test_lightnings_own_exits_and_usage_errors_pass_through_unchanged(
+    demo_data: dict, tmp_path: Path
+) -> None:
+    """``--help`` ends LightningCLI with SystemExit(0), an unknown option argparse's SystemExit(2), a SIGTERM
+    mid-training the preemption guard's ``TrainingInterrupted`` (exit 143): run_command changes none of them."""
+    from dip_lightning.training.callbacks.preemption import TrainingInterrupted
+    from tests.helpers.resume import probe_args, resume_args
+
     with pytest.raises(SystemExit) as help_exit:
         dip_main(["fit", "--help"])
     assert help_exit.value.code == 0
     with pytest.raises(SystemExit) as usage_exit:
         dip_main(["evaluate", "--no_such_option"])
     assert usage_exit.value.code == 2
+    args = resume_args(tmp_path / "run", demo_data, *probe_args(tmp_path / "out", signal_at_step=2), steps=6)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        dip_main(["fit", *args])
+    assert stopped.value.code == 128 + signal.SIGTERM and (tmp_path / "run" / "hpc_ckpt_1.ckpt").is_file()
