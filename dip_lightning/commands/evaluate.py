@@ -27,6 +27,7 @@ from dip_lightning.core.metrics.features import (
     make_extractor,
 )
 from dip_lightning.core.metrics.reference import FeatureSet, MetricUnavailableWarning, npz_feature_set
+from dip_lightning.core.metrics.sources import npz_images
 
 #: How each metric is printed: label and whether lower is better.
 METRIC_LABELS: dict[str, tuple[str, str]] = {
@@ -166,6 +167,7 @@ def _evaluate(
     args: Any, patch_size: int | None, device: torch.device
 ) -> tuple[MetricEngine, FeatureSet, dict]:
     """The engine, the samples' features and the metrics."""
+    npz_images(args.samples)  # its header, before the networks load
     extractor = None
     if set(args.metrics) - {"patch_seam", "fd_dinov2"}:
         extractor = make_extractor(args.extractor, args.extractor_path)
@@ -188,6 +190,7 @@ def _evaluate(
         args.batch_size,
         engine.dinov2,
         limit=args.limit,
+        image_size=engine.reference.image_size,
     )
     return engine, samples, engine.evaluate(samples)
 

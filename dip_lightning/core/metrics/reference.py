@@ -27,7 +27,7 @@ from dip_lightning.core.distributed import all_gather_rows, is_distributed, rank
 from dip_lightning.core.metrics.features import FeatureExtractor
 from dip_lightning.core.metrics.frechet import FIDStats
 from dip_lightning.core.metrics.patch_seam import SeamProfile
-from dip_lightning.core.metrics.sources import iter_npz_images, npz_image_shape
+from dip_lightning.core.metrics.sources import iter_npz_images, npz_image_shape, npz_images
 
 __all__ = [
     "CACHE_ENV",
@@ -41,6 +41,7 @@ __all__ = [
     "gather_feature_set",
     "load_reference",
     "reference_from_features",
+    "reference_image_size",
     "save_reference",
 ]
 
@@ -147,13 +148,17 @@ def npz_feature_set(
     batch_size: int = 64,
     dinov2: nn.Module | None = None,
     limit: int | None = None,
+    image_size: tuple[int, int] | None = None,
 ) -> FeatureSet:
-    """Features of an npz's ``arr_0`` images; under a process group each rank reads a contiguous slice."""
-    total = npz_image_shape(path)[0]
+    """Features of an npz's ``arr_0`` images; under a process group each rank reads a contiguous slice. The
+    array's header is checked first (`npz_images`; ``image_size``: the reference's, for samples)."""
+    total = npz_images(path, image_size=image_size).count
     total = total if limit is None else min(total, limit)
     rank, world = rank_and_world() if is_distributed() else (0, 1)
     bounds = np.linspace(0, total, world + 1).round().astype(int)
-    batches = iter_npz_images(path, batch_size, limit=int(bounds[rank + 1]), start=int(bounds[rank]))
+    batches = iter_npz_images(
+        path, batch_size, limit=int(bounds[rank + 1]), start=int(bounds[rank]), image_size=image_size
+    )
     return gather_feature_set(extract_feature_set(batches, kinds, extractor, device, dinov2))
 
 
@@ -286,6 +291,8 @@ class Reference:
     num_images: int = 0
     #: "images", "adm" or "stats".
     layout: str = "images"
+    #: ``(height, width)`` of the reference's images, where the file tells (its images, or its seam profile).
+    image_size: tuple[int, int] | None = None
 
     def has(self, need: str) -> bool:
         if need == "pool_features":
@@ -368,8 +375,19 @@ def load_reference(
     return ref
 
 
+def reference_image_size(path: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """``(height, width)`` of a reference's images, from its image array's header (an image npz, an ADM batch) or
+    its seam profile (a `save_reference` file); None when the file does not tell. Reads no image."""
+    keys = _npz_keys(Path(path))
+    if "arr_0" in keys:
+        return npz_images(path).size
+    if "seam_cols" in keys and "seam_rows" in keys:
+        return npz_image_shape(path, "seam_rows")[0] + 1, npz_image_shape(path, "seam_cols")[0] + 1
+    return None
+
+
 def _read_reference_file(file: Path) -> Reference:
-    """What the file stores (statistics and features as they are, images only noted)."""
+    """What the file stores (statistics and features as they are, images only noted and their header checked)."""
     if not file.is_file():
         raise FileNotFoundError(
             f"reference {file} not found; pass an image npz (arr_0: uint8 NHWC), an ADM reference batch, or "
@@ -377,12 +395,14 @@ def _read_reference_file(file: Path) -> Reference:
         )
     keys = _npz_keys(file)
     has_images = "arr_0" in keys
+    image_size = npz_images(file).size if has_images else None
     if "mu" in keys and "sigma" in keys:
         ref = _read_stats_file(file, keys)
         ref.layout = "adm" if has_images else "stats"
+        ref.image_size = image_size or (ref.seam.image_size if ref.seam is not None else None)
         return ref
     if has_images:
-        return Reference(str(file), layout="images")
+        return Reference(str(file), layout="images", image_size=image_size)
     raise ValueError(
         f"{file} is not a reference: it has neither images (arr_0) nor statistics (mu, sigma); keys: {keys}"
     )
