@@ -78,7 +78,7 @@ def checkpoint_patch_size(path: str | os.PathLike[str]) -> int:
             return int(init_args["patch_size"])
         from dip_lightning.training.loading import module_from_hparams
 
-        return int(module_from_hparams(hparams, repa=None, compile=False).net.patch_size)
+        return int(module_from_hparams(hparams, source=path, repa=None, compile=False).net.patch_size)
     raise ValueError(f"{path} records no network config (hyper_parameters.net); pass --patch_size instead")
 
 

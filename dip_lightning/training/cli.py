@@ -38,6 +38,7 @@ from dip_lightning.checkpoint.run_folder import (
     artefact_dir,
     checkpoint_dir,
 )
+from dip_lightning.checkpoint.stored_config import check_checkpoint_config
 from dip_lightning.core.atomic import atomic_write_json
 from dip_lightning.core.distributed import launch_place
 from dip_lightning.training.callbacks.preemption import PerJobTimer, PreemptionGuard
@@ -141,7 +142,13 @@ class DiPCLI(LightningCLI):
         # checkpoint's hyperparameters. Right for predict/validate/test (the checkpoint defines the model), but a
         # fit would silently drop this run's settings (a new lr, activation checkpointing); there the kit
         # compares the two configs instead (before_fit: check_compatible).
-        if self.config.get("subcommand") != "fit":
+        subcommand = self.config.get("subcommand")
+        if subcommand != "fit":
+            config = self.config[subcommand] if subcommand else {}
+            ckpt_path = config.get("ckpt_path")
+            # The names its stored config would make jsonargparse import, checked before they are.
+            if ckpt_path and Path(ckpt_path).is_file():
+                check_checkpoint_config(ckpt_path, trusted=config.get("weights_only") is False)
             super()._parse_ckpt_path()
 
     # ------------------------------------------------------------------ run folder, logger, SLURM
