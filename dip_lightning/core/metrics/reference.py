@@ -24,10 +24,11 @@ from torch import Tensor, nn
 
 from dip_lightning.core.atomic import atomic_write
 from dip_lightning.core.distributed import all_gather_rows, is_distributed, rank_and_world
+from dip_lightning.core.errors import KitError
 from dip_lightning.core.metrics.features import FeatureExtractor
 from dip_lightning.core.metrics.frechet import FIDStats
 from dip_lightning.core.metrics.patch_seam import SeamProfile
-from dip_lightning.core.metrics.sources import iter_npz_images, npz_image_shape, npz_images
+from dip_lightning.core.metrics.sources import iter_npz_images, npz_array_sizes, npz_image_shape, npz_images
 
 __all__ = [
     "CACHE_ENV",
@@ -49,8 +50,14 @@ __all__ = [
 CACHE_ENV = "DIP_METRICS_CACHE"
 #: Per-image pool features a reference file keeps for precision/recall (ADM's reference batches: 10k images).
 PR_REFERENCE_SIZE = 10000
+#: Largest statistics array a reference may declare (Inception's sigma: 32 MB; 10k pool features: 80 MB).
+MAX_STATISTICS_BYTES = 2**30
 #: Inception feature kinds that are extracted per image.
 INCEPTION_KINDS = ("pool", "spatial", "probs")
+
+
+class BadReferenceFile(KitError, ValueError):
+    """A reference whose statistics arrays are not what their headers declare, or implausibly large; unread."""
 
 
 class MetricUnavailableWarning(UserWarning):
@@ -307,7 +314,26 @@ def _npz_keys(path: Path) -> list[str]:
         return [n.removesuffix(".npy") for n in zf.namelist()]
 
 
+def _check_statistics_headers(path: Path) -> None:
+    """Before np.load reads them: every array but the images holds the bytes its header declares, at most
+    :data:`MAX_STATISTICS_BYTES` (a few MB of deflated zeros can declare a sigma of many GB)."""
+    for key, (declared, stored) in npz_array_sizes(path).items():
+        if key == "arr_0":
+            continue  # the images: npz_images checks them
+        if declared != stored:
+            raise BadReferenceFile(
+                f"{path}: array {key!r} declares {declared} bytes but the file holds {stored}: truncated or not "
+                "written by numpy; recompute it (fid-stats) or copy it again"
+            )
+        if declared > MAX_STATISTICS_BYTES:
+            raise BadReferenceFile(
+                f"{path}: array {key!r} declares {declared} bytes, more than any reference statistic needs "
+                f"({MAX_STATISTICS_BYTES}); not read"
+            )
+
+
 def _read_stats_file(path: Path, keys: list[str]) -> Reference:
+    _check_statistics_headers(path)
     with np.load(path, allow_pickle=False) as npz:
 
         def stats(mu_key: str, sigma_key: str, extractor: str) -> FIDStats | None:

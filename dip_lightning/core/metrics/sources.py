@@ -8,6 +8,7 @@ zeros; decoding first and comparing afterwards would cost that memory.
 
 from __future__ import annotations
 
+import math
 import os
 import zipfile
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ __all__ = [
     "iter_npz_images",
     "iter_shard_images",
     "npz_image_count",
+    "npz_array_sizes",
     "npz_image_shape",
     "npz_images",
 ]
@@ -68,6 +70,25 @@ def _npz_member(zf: zipfile.ZipFile, key: str) -> str:
     return name
 
 
+def _member_header(zf: zipfile.ZipFile, name: str) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """``(shape, fortran_order, dtype, bytes of data the member holds)`` of one ``.npy`` member, data unread."""
+    with zf.open(name) as f:
+        shape, fortran, dtype = _read_npy_header(f)
+        return tuple(int(s) for s in shape), fortran, dtype, zf.getinfo(name).file_size - f.tell()
+
+
+def npz_array_sizes(path: str | os.PathLike[str]) -> dict[str, tuple[int, int]]:
+    """``{key: (bytes its header declares, bytes its member holds)}`` of every array of an npz, from the headers
+    only (object arrays, which np.load refuses anyway, count 0 declared bytes)."""
+    sizes = {}
+    with zipfile.ZipFile(path) as zf:
+        for name in zf.namelist():
+            shape, _, dtype, stored = _member_header(zf, name)
+            declared = 0 if dtype.hasobject else math.prod(shape) * dtype.itemsize
+            sizes[name.removesuffix(".npy")] = (declared, stored)
+    return sizes
+
+
 def _checked_header(
     path: str | os.PathLike[str],
     key: str,
@@ -83,7 +104,7 @@ def _checked_header(
     if not nhwc and shape[1] != 3:
         raise BadImageArray(f"{where} has shape {shape}; expected (N, H, W, 3) or (N, 3, H, W)")
     images = NpzImages(tuple(int(s) for s in shape), nhwc)
-    declared = int(np.prod(shape, dtype=np.int64))
+    declared = math.prod(shape)
     if declared != data_bytes:
         raise BadImageArray(
             f"{where} declares {shape} ({declared} bytes) but the file holds {data_bytes} bytes of image data: "
@@ -103,10 +124,7 @@ def npz_images(
     ``(H, W) == image_size`` when given (the reference's). Raises :class:`BadImageArray` or
     :class:`~dip_lightning.core.data.preprocess.ImageTooLarge`."""
     with zipfile.ZipFile(path) as zf:
-        name = _npz_member(zf, key)
-        with zf.open(name) as f:
-            shape, fortran, dtype = _read_npy_header(f)
-            data_bytes = zf.getinfo(name).file_size - f.tell()
+        shape, fortran, dtype, data_bytes = _member_header(zf, _npz_member(zf, key))
     images = _checked_header(path, key, shape, fortran, dtype, data_bytes)
     height, width = images.size
     limits.check_decoded(width, height, 3, f"{path}:{key}: each image")

@@ -104,3 +104,34 @@ def test_evaluate_refuses_a_forged_sample_file_before_reading_it(tmp_path: Path)
     assert result.returncode != 0
     assert "samples.npz:arr_0 holds 4000x4000 images but the reference's are 32x32" in result.stderr
     assert peak_mb < 700, f"evaluate peaked at {peak_mb:.0f} MB"
+
+
+def test_reference_statistics_are_checked_from_their_headers(tmp_path: Path, monkeypatch) -> None:
+    from dip_lightning.core.metrics import reference as reference_module
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f8", "fortran_order": False, "shape": (50000, 50000)}
+    )
+    forged = tmp_path / "forged_stats.npz"
+    with zipfile.ZipFile(forged, "w") as zf:
+        zf.writestr("mu.npy", _npy(np.zeros(50000)))
+        zf.writestr("sigma.npy", header.getvalue() + bytes(64))  # declares 20 GB, holds 64 bytes
+    with pytest.raises(
+        reference_module.BadReferenceFile, match="'sigma' declares 20000000000 bytes but the file"
+    ):
+        load_reference(forged, ["fid"], None, torch.device("cpu"))
+    stats = tmp_path / "stats.npz"
+    np.savez(stats, mu=np.zeros(40), sigma=np.eye(40))
+    assert load_reference(stats, ["fid"], None, torch.device("cpu")).stats["pool"].mu.shape == (40,)
+    monkeypatch.setattr(reference_module, "MAX_STATISTICS_BYTES", 1000)
+    with pytest.raises(
+        reference_module.BadReferenceFile, match="'sigma' declares 12800 bytes, more than any"
+    ):
+        load_reference(stats, ["fid"], None, torch.device("cpu"))
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
