@@ -182,9 +182,9 @@ def resolve_resume(
     Candidates: the newest complete preemption checkpoint (``<run_dir>/hpc_ckpt_N.ckpt``, highest N; older N are
     older saves), every ``last*.ckpt`` and the newest complete ``step########.ckpt`` in ``checkpoint_dir``
     (default ``<run_dir>/checkpoints``). The one with the highest ``global_step`` wins; at equal steps a preemption
-    checkpoint before ``last.ckpt`` before a step file (later saves of the same state). A candidate behind the
-    winner is reported in :attr:`ResumeDecision.ignored` (a preemption checkpoint of an older job: the next
-    preemption save prunes it).
+    checkpoint before ``last.ckpt`` before a step file (later saves of the same state). A preemption checkpoint
+    behind the winner (an older job's: the next preemption save prunes it) and a ``last.ckpt`` behind a step file
+    are reported in :attr:`ResumeDecision.ignored`.
 
     A damaged candidate (truncated, empty, corrupt) is moved into ``damaged/`` beside it and listed in
     :attr:`ResumeDecision.set_aside` (``move_damaged=False``, for ranks other than 0: only skipped); the next
@@ -218,7 +218,10 @@ def resolve_resume(
         return decision
     decision.path, decision.source, decision.step = best.path, best.source, best.step
     for other in candidates.found:
-        if other.step < best.step and other.source != "step":
+        # Worth a word: an old job's preemption checkpoint, and a last.ckpt that a step file is ahead of (a save
+        # of last.ckpt failed). A last.ckpt behind a preemption checkpoint is the normal case.
+        surprising = other.source == "preemption" or (other.source == "last" and best.source == "step")
+        if other.step < best.step and surprising:
             decision.ignored.append(
                 (other.path, f"stale: step {other.step} is behind {best.path.name} at step {best.step}")
             )
