@@ -1,9 +1,9 @@
 """``python -m dip_lightning fit|validate|test|predict --config experiments/<exp>.yaml``: LightningCLI for DiP.
 
 What it adds to LightningCLI, so that a cluster job can be killed and requeued at any time: one fixed run folder
-per experiment (logs, checkpoints, config and ``experiment.json`` with the ``--config`` files' text); automatic
-resume (``--ckpt_path`` > newest preemption checkpoint > ``last.ckpt`` > fresh, checked against the model before
-anything is written); atomic checkpoints; a preemption guard and SLURM auto-requeue; a per-job ``max_time``; a
+per experiment (logs, checkpoints, config and ``experiment.json`` with the ``--config`` files' text), held by one
+``fit`` at a time; automatic resume (``--ckpt_path``, else the newest complete checkpoint, damaged ones set aside;
+checked against the model before anything is written); atomic checkpoints; a preemption guard and SLURM auto-requeue; a per-job ``max_time``; a
 fixed default seed; a progress bar that does not synchronise with the GPU; ``fit --init_from`` (weights only);
 ``--weights`` for the checkpoint-driven commands (:class:`~dip_lightning.checkpoint.format.WeightRequest`).
 """
