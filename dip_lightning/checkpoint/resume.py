@@ -175,7 +175,7 @@ def resolve_resume(
     checkpoint_dir: _PATH | None = None,
     explicit: _PATH | None = None,
     weights_only: bool = True,
-    move_damaged: bool = True,
+    move_damaged: bool = False,
 ) -> ResumeDecision:
     """Pick the checkpoint a (re)started ``fit`` continues from: ``explicit``, else the newest complete one.
 
@@ -186,11 +186,12 @@ def resolve_resume(
     behind the winner (an older job's: the next preemption save prunes it) and a ``last.ckpt`` behind a step file
     are reported in :attr:`ResumeDecision.ignored`.
 
-    A damaged candidate (truncated, empty, corrupt) is moved into ``damaged/`` beside it and listed in
-    :attr:`ResumeDecision.set_aside` (``move_damaged=False``, for ranks other than 0: only skipped); the next
-    newest complete one is used. A damaged ``explicit`` file raises :class:`CheckpointError` (it was asked for).
-    Steps are read lazily (:func:`peek_checkpoint`, ``weights_only`` as there), so a truncated file is found
-    without reading it whole; a file ``weights_only`` refuses raises, it is not damaged.
+    A damaged candidate (truncated, empty, corrupt) is skipped and the next newest complete one used; with
+    ``move_damaged`` (``fit``'s rank 0) it is also moved into ``damaged/`` beside it and listed in
+    :attr:`ResumeDecision.set_aside`, else listed in :attr:`ResumeDecision.ignored`. A damaged ``explicit`` file
+    raises :class:`CheckpointError` (it was asked for). Steps are read lazily (:func:`peek_checkpoint`,
+    ``weights_only`` as there), so a truncated file is found without reading it whole; a file ``weights_only``
+    refuses raises, it is not damaged.
     """
     if explicit:
         path = Path(explicit)

@@ -35,7 +35,7 @@ from typing import Any
 from dip_lightning.checkpoint import run_folder
 from dip_lightning.core.errors import KitError
 
-__all__ = ["TOKEN_ENV", "RunFolderBusy", "RunFolderHoldLost", "RunLock", "group_token"]
+__all__ = ["TOKEN_ENV", "RunFolderBusy", "RunFolderHoldLost", "RunFolderUnwritable", "RunLock", "group_token"]
 
 #: The owner token of a process group that no launcher names (Lightning's own launcher, a single process).
 TOKEN_ENV = "DIP_RUN_TOKEN"
@@ -47,6 +47,10 @@ DEFAULT_RANK_WAIT = 120.0
 
 class RunFolderBusy(KitError, RuntimeError):
     """Another job holds the run folder: a second ``fit`` would overwrite its checkpoints."""
+
+
+class RunFolderUnwritable(KitError, OSError):
+    """The hold file cannot be created in the run folder (permissions, a read-only or full filesystem)."""
 
 
 class RunFolderHoldLost(UserWarning):
@@ -236,7 +240,10 @@ class RunLock:
         """Take the hold for this job; returns one log line saying so (and what it took over)."""
         token = group_token() or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         me = Holder.this_process(token)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise self._unwritable(err) from err
         taken_over = ""
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -265,12 +272,25 @@ class RunLock:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(asdict(me), handle, indent=1, sort_keys=True)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        except OSError as err:
+            raise self._unwritable(err) from err
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(asdict(me), handle, indent=1, sort_keys=True)
+                handle.write("\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            raise self._unwritable(err) from err
         return True
+
+    def _unwritable(self, err: OSError) -> RunFolderUnwritable:
+        return RunFolderUnwritable(
+            f"cannot write into run folder {self.run_dir}: {err.strerror or err} ({self.path}). fit writes its "
+            "checkpoints and logs there: choose a writable --trainer.default_root_dir, or fix the folder."
+        )
 
     def _gone(self, seen: _Seen, me: Holder) -> str | None:
         """Why the hold ``seen`` may be taken over, or None while its holder may still be running."""

@@ -3,9 +3,10 @@
 What it adds to LightningCLI, so that a cluster job can be killed and requeued at any time: one fixed run folder
 per experiment (logs, checkpoints, config and ``experiment.json`` with the ``--config`` files' text), held by one
 ``fit`` at a time; automatic resume (``--ckpt_path``, else the newest complete checkpoint, damaged ones set aside;
-checked against the model before anything is written); atomic checkpoints; a preemption guard and SLURM auto-requeue; a per-job ``max_time``; a
-fixed default seed; a progress bar that does not synchronise with the GPU; ``fit --init_from`` (weights only);
-``--weights`` for the checkpoint-driven commands (:class:`~dip_lightning.checkpoint.format.WeightRequest`).
+checked against the model before anything is written); atomic checkpoints; a preemption guard and SLURM
+auto-requeue; a per-job ``max_time``; a fixed default seed; a progress bar that does not synchronise with the GPU;
+``fit --init_from`` (weights only); ``--weights`` for the checkpoint-driven commands
+(:class:`~dip_lightning.checkpoint.format.WeightRequest`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jsonargparse.typing import register_type
+from jsonargparse.typing import PositiveFloat, register_type
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, Timer
@@ -152,7 +153,7 @@ class DiPCLI(LightningCLI):
         _add_init_from_arguments(parser)
         parser.add_argument(
             "--lock_stale_after",
-            type=float,
+            type=PositiveFloat,
             default=DEFAULT_STALE_AFTER,
             help="fit: seconds without a heartbeat after which another job may take over the run folder's hold "
             "(the holding fit touches <run>/run.lock every min(60, this/5) s).",

@@ -40,7 +40,7 @@ def _run_with_steps(tmp_path: Path, *steps: int, last: int | None = None) -> tup
 def test_damaged_last_is_set_aside_and_the_newest_step_file_used(tmp_path: Path, damage: str) -> None:
     run, folder = _run_with_steps(tmp_path, 2, 4, 6, last=6)
     last = _truncate(folder / "last.ckpt", None if damage == "truncated" else 0)
-    decision = resolve_resume(run)
+    decision = resolve_resume(run, move_damaged=True)
     assert decision.path == folder / "step00000006.ckpt" and decision.source == "step" and decision.step == 6
     [(old, new, why)] = decision.set_aside
     assert old == last and new.parent == folder / DAMAGED_FOLDER and new.name.startswith("last-")
@@ -53,7 +53,7 @@ def test_damaged_last_is_set_aside_and_the_newest_step_file_used(tmp_path: Path,
 def test_damaged_newest_step_file_falls_back_to_the_next(tmp_path: Path) -> None:
     run, folder = _run_with_steps(tmp_path, 2, 4, 6)
     _truncate(folder / "step00000006.ckpt")
-    decision = resolve_resume(run)
+    decision = resolve_resume(run, move_damaged=True)
     assert decision.path == folder / "step00000004.ckpt" and decision.step == 4
     assert [old.name for old, _, _ in decision.set_aside] == ["step00000006.ckpt"]
 
@@ -62,7 +62,7 @@ def test_damaged_last_does_not_block_a_newer_preemption_checkpoint(tmp_path: Pat
     run, folder = _run_with_steps(tmp_path, 2, 4, last=4)
     _truncate(folder / "last.ckpt")
     hpc = _ckpt(run / "hpc_ckpt_1.ckpt", 5)
-    decision = resolve_resume(run)
+    decision = resolve_resume(run, move_damaged=True)
     assert decision.path == hpc and decision.source == "preemption" and decision.step == 5
     assert [old.name for old, _, _ in decision.set_aside] == ["last.ckpt"]
 
@@ -70,7 +70,7 @@ def test_damaged_last_does_not_block_a_newer_preemption_checkpoint(tmp_path: Pat
 def test_damaged_preemption_checkpoint_falls_back_to_last(tmp_path: Path) -> None:
     run, folder = _run_with_steps(tmp_path, 2, 4, last=4)
     hpc = _truncate(_ckpt(run / "hpc_ckpt_1.ckpt", 5))
-    decision = resolve_resume(run)
+    decision = resolve_resume(run, move_damaged=True)
     assert decision.path == folder / "last.ckpt" and decision.step == 4
     [(old, new, _)] = decision.set_aside
     assert (
@@ -81,27 +81,28 @@ def test_damaged_preemption_checkpoint_falls_back_to_last(tmp_path: Path) -> Non
 def test_newer_step_file_wins_over_older_last_and_ties_prefer_last(tmp_path: Path) -> None:
     """A disk that filled while last.ckpt was written: step00000004.ckpt is complete, last.ckpt is at step 2."""
     run, folder = _run_with_steps(tmp_path, 2, 4, last=2)
-    decision = resolve_resume(run)
+    decision = resolve_resume(run, move_damaged=True)
     assert decision.path == folder / "step00000004.ckpt" and decision.step == 4
     assert decision.ignored == [(folder / "last.ckpt", "stale: step 2 is behind step00000004.ckpt at step 4")]
     _ckpt(folder / "last.ckpt", 4)
-    assert resolve_resume(run).path == folder / "last.ckpt"  # same step: the last save of that state
+    # Same step: last.ckpt is the later save of that state.
+    assert resolve_resume(run, move_damaged=True).path == folder / "last.ckpt"
     hpc = _ckpt(run / "hpc_ckpt_1.ckpt", 4)
-    assert resolve_resume(run).path == hpc
+    assert resolve_resume(run, move_damaged=True).path == hpc
 
 
 def test_explicit_damaged_checkpoint_stays_an_error(tmp_path: Path) -> None:
     run, folder = _run_with_steps(tmp_path, 2, 4, last=4)
     asked = _truncate(folder / "step00000004.ckpt")
     with pytest.raises(DamagedCheckpointError, match="step00000004.ckpt"):
-        resolve_resume(run, explicit=asked)
+        resolve_resume(run, explicit=asked, move_damaged=True)
     assert asked.exists()
 
 
-def test_other_ranks_skip_damaged_files_without_moving_them(tmp_path: Path) -> None:
+def test_without_move_damaged_damaged_files_are_skipped_not_moved(tmp_path: Path) -> None:
     run, folder = _run_with_steps(tmp_path, 2, 4, last=4)
     last = _truncate(folder / "last.ckpt")
-    decision = resolve_resume(run, move_damaged=False)
+    decision = resolve_resume(run)
     assert decision.path == folder / "step00000004.ckpt" and not decision.set_aside and last.exists()
     assert decision.ignored[0][0] == last and decision.ignored[0][1].startswith("damaged: truncated")
 
@@ -110,9 +111,9 @@ def test_untrusted_checkpoint_is_not_damaged(tmp_path: Path) -> None:
     run, folder = _run_with_steps(tmp_path, 2)
     torch.save({"global_step": 4, "thing": Path("x")}, folder / "last.ckpt")
     with pytest.raises(UntrustedCheckpointError):
-        resolve_resume(run)
+        resolve_resume(run, move_damaged=True)
     assert (folder / "last.ckpt").exists()
-    assert resolve_resume(run, weights_only=False).step == 4
+    assert resolve_resume(run, weights_only=False, move_damaged=True).step == 4
 
 
 def test_going_back_with_ckpt_path_supersedes_the_later_checkpoints(tmp_path: Path) -> None:
@@ -123,4 +124,4 @@ def test_going_back_with_ckpt_path_supersedes_the_later_checkpoints(tmp_path: Pa
     assert all(new.parent.name == SUPERSEDED_FOLDER and new.exists() for _, new in moved)
     assert not hpc.exists()
     assert sorted(p.name for p in folder.glob("*.ckpt")) == ["step00000002.ckpt", "step00000004.ckpt"]
-    assert resolve_resume(run).path == folder / "step00000004.ckpt"
+    assert resolve_resume(run, move_damaged=True).path == folder / "step00000004.ckpt"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from dip_lightning.checkpoint.run_folder import RUN_LOCK
-from dip_lightning.checkpoint.run_lock import TOKEN_ENV, RunFolderBusy, RunLock, _look
+from dip_lightning.checkpoint.run_lock import TOKEN_ENV, RunFolderBusy, RunFolderUnwritable, RunLock, _look
 from tests.helpers.tiny import subprocess_env
 
 
@@ -221,3 +221,10 @@ def test_take_over_moves_only_the_hold_it_judged(tmp_path: Path) -> None:
     finally:
         os.environ[TOKEN_ENV] = winner.holder.token  # type: ignore[union-attr]
         winner.release()
+
+
+def test_unwritable_run_folder_is_named(tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(RunFolderUnwritable, match=f"cannot write into run folder {blocker / 'run'}: "):
+        RunLock(blocker / "run").acquire()
