@@ -14,7 +14,7 @@ every rank of one job and on its requeued restarts:
 A hold left behind (killed job) is taken over when its holder is provably gone: the same token (this job's own
 earlier run: a requeue), or the same host with the holder's process ended, or no heartbeat for ``stale_after``
 seconds. Take-over renames the old file aside (``run.lock.taken-<time>-<pid>``, kept as a record) and checks it
-moved the file it judged, so of two contenders only one wins. Details and reasons: docs/design.md §2.1.
+moved the file it judged, so of two contenders only one wins. Details and reasons: docs/design.md.
 """
 
 from __future__ import annotations

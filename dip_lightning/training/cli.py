@@ -352,7 +352,7 @@ def _add_run_callbacks(parser: LightningArgumentParser) -> None:
             "checkpoint.filename": STEP_FILENAME,
             "checkpoint.auto_insert_metric_name": False,
             # A resumed run writes last.ckpt (and a step file it trains to again) under the same name, never
-            # last-v1.ckpt beside a stale last.ckpt: the run folder holds one history (§2.2 of docs/design.md).
+            # last-v1.ckpt beside a stale last.ckpt: the run folder holds one history.
             "checkpoint.enable_version_counter": False,
             "trainer.default_root_dir": DEFAULT_RUN_DIR,
         }
