@@ -4,9 +4,11 @@ non-finite scan that keeps a diverged state off disk."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import pickle
 import re
+import shutil
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -30,8 +32,25 @@ class CheckpointError(KitError, ValueError):
     """A checkpoint cannot be used: unreadable (truncated, corrupt) or written for another model."""
 
 
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint file is truncated, empty or corrupt (it cannot be opened as a PyTorch checkpoint)."""
+
+
+class UntrustedCheckpointError(CheckpointError):
+    """A checkpoint holds objects that ``torch.load(weights_only=True)`` refuses; the file itself may be fine."""
+
+
 class NonFiniteCheckpointError(CheckpointError):
     """A checkpoint about to be written holds NaN or infinite values; it was not written."""
+
+
+class CheckpointWriteError(KitError, OSError):
+    """A checkpoint could not be written for lack of space (disk full, quota); any previous file under its name is
+    unchanged."""
+
+
+#: errno values that mean "no room": the disk is full, or the user's quota is.
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 
 
 def _checked_tensors(value: Any, where: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -93,21 +112,55 @@ def _first_line(err: BaseException) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", str(err).splitlines()[0]) if str(err) else ""
 
 
-def _describe_load_error(path: _PATH, err: BaseException) -> str:
+def _load_error(path: _PATH, err: BaseException) -> CheckpointError:
     """One line for every command that reads checkpoints (fit, sample, convert): the file, the problem, the fix."""
     weights_only = isinstance(err, pickle.UnpicklingError) and "weights_only" in str(err).lower()
     if weights_only and _holds_pickles(path):
-        return (
+        return UntrustedCheckpointError(
             f"cannot load checkpoint {path}: it holds objects that torch.load(weights_only=True) refuses "
             f"({_first_line(err)}). Only if you trust its origin, load it without that restriction "
             "(fit: --weights_only=false; sample, convert: --trust_pickle)."
         )
     first = _first_line(err)
-    return (
+    return DamagedCheckpointError(
         f"cannot load checkpoint {path}: the file is truncated or corrupt, or not a PyTorch checkpoint "
         f"({type(err).__name__}: {first}). A save interrupted by this kit never leaves such a file under its "
-        "final name, so it was damaged or copied incompletely: copy it again, or delete it and use another "
-        "checkpoint (a resume then falls back to the next one)."
+        "final name, so it was damaged or copied incompletely: copy it again, or use another checkpoint (fit "
+        "without --ckpt_path sets damaged files aside and continues from the newest complete one)."
+    )
+
+
+def _no_space(err: BaseException) -> OSError | None:
+    """The "no space left" error in ``err``'s chain: torch's zip writer reports a failed write as
+    ``RuntimeError: ... unexpected pos``, with the ``OSError`` only as its context."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _NO_SPACE:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _size(n_bytes: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n_bytes < 1024 or unit == "GiB":
+            return f"{n_bytes:.0f} {unit}" if unit == "bytes" else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1024
+    raise AssertionError("unreachable")
+
+
+def _no_space_error(target: Path, cause: OSError, written: int | None) -> CheckpointWriteError:
+    try:
+        free = _size(shutil.disk_usage(target.parent).free) + " free"
+    except OSError:
+        free = "free space unknown"
+    wrote = f" after {_size(written)} of it" if written else ""
+    return CheckpointWriteError(
+        f"cannot write checkpoint {target}: {os.strerror(cause.errno or errno.ENOSPC).lower()}{wrote} ({free} "
+        f"on {target.parent}); any previous {target.name} is unchanged. Free space there (or move the run folder "
+        "to a larger disk), then run fit again to continue from the newest complete checkpoint."
     )
 
 
@@ -161,8 +214,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             )
         target = _local_path(path)
         partial_dir = target.parent / PARTIAL_DIR
-        with atomic_write(target, temp_dir=partial_dir) as fh:
-            self._write(checkpoint, fh)
+        written = None
+        try:
+            with atomic_write(target, temp_dir=partial_dir) as fh:
+                try:
+                    self._write(checkpoint, fh)
+                except BaseException:
+                    with contextlib.suppress(OSError, ValueError):
+                        written = fh.tell()
+                    raise
+        except Exception as err:
+            no_space = _no_space(err)
+            if no_space is None:
+                raise
+            with contextlib.suppress(OSError):
+                partial_dir.rmdir()
+            raise _no_space_error(target, no_space, written) from err
         self.last_written, self.last_written_step = target, checkpoint.get("global_step")
         with contextlib.suppress(OSError):  # only succeeds when no other save is in flight
             partial_dir.rmdir()
@@ -182,7 +249,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except FileNotFoundError:
             raise
         except Exception as err:
-            raise CheckpointError(_describe_load_error(path, err)) from err
+            raise _load_error(path, err) from err
 
 
 def clean_partial_files(folders: Iterable[_PATH]) -> list[Path]:
@@ -219,7 +286,7 @@ def peek_checkpoint(path: _PATH, weights_only: bool = True) -> dict[str, Any]:
     except FileNotFoundError:
         raise
     except Exception as err:
-        raise CheckpointError(_describe_load_error(path, err)) from err
+        raise _load_error(path, err) from err
 
 
 def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> Any:

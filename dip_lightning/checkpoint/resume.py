@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ import torch
 from lightning.fabric.utilities.types import _PATH
 
 from dip_lightning.checkpoint import run_folder
-from dip_lightning.checkpoint.io import peek_checkpoint
+from dip_lightning.checkpoint.io import CheckpointError, DamagedCheckpointError, peek_checkpoint
 
 _LAST_RE = re.compile(r"^last(-v\d+)?\.ckpt$")
 
@@ -59,8 +60,40 @@ def last_checkpoints(checkpoint_dir: _PATH) -> list[Path]:
     return sorted(p for p in checkpoint_dir.iterdir() if _LAST_RE.match(p.name) and p.exists())
 
 
+def step_checkpoints(checkpoint_dir: _PATH) -> list[tuple[int, Path]]:
+    """``(step, path)`` of the periodic ``step########.ckpt`` files in the checkpoint folder, newest first (the
+    step as the name gives it)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p) for p in checkpoint_dir.iterdir() if (m := run_folder.STEP_NAME.match(p.name))
+    ]
+    return sorted(found, reverse=True)
+
+
 def _step(path: Path, weights_only: bool = True) -> int:
     return int(peek_checkpoint(path, weights_only).get("global_step", 0))
+
+
+def set_aside(path: Path) -> Path:
+    """Move a damaged checkpoint into ``damaged/`` beside it (a rename: never deleted); returns its new path."""
+    target = run_folder.damaged_path(path)
+    target.parent.mkdir(exist_ok=True)
+    os.rename(path, target)
+    return target
+
+
+def _damage(path: Path) -> str:
+    with contextlib.suppress(OSError):
+        size = path.stat().st_size
+        return "empty file" if size == 0 else f"truncated or corrupt, {size} bytes"
+    return "truncated or corrupt"
+
+
+#: Which kind of checkpoint wins at equal ``global_step``: the preemption save is the later save of the same state.
+_TIE_ORDER = {"step": 0, "last": 1, "preemption": 2}
+_KIND = {"preemption": "preemption checkpoint", "last": "last checkpoint", "step": "step checkpoint"}
 
 
 @dataclass
@@ -68,9 +101,11 @@ class ResumeDecision:
     """Where ``fit`` continues from and why (:func:`resolve_resume`)."""
 
     path: Path | None
-    source: str  # "explicit", "preemption", "last" or "fresh"
+    source: str  # "explicit", "preemption", "last", "step" or "fresh"
     step: int | None = None
     ignored: list[tuple[Path, str]] = field(default_factory=list)
+    #: Damaged candidates moved into ``damaged/``: ``(old path, new path, what is wrong)``.
+    set_aside: list[tuple[Path, Path, str]] = field(default_factory=list)
     #: Settings this run changes against the checkpoint (execution options, optimizer settings).
     changed: list[str] = field(default_factory=list)
 
@@ -81,8 +116,10 @@ class ResumeDecision:
         elif self.source == "explicit":
             text = f"Resume: from --ckpt_path {self.path} (step {self.step})."
         else:
-            kind = "preemption checkpoint" if self.source == "preemption" else "last checkpoint"
-            text = f"Resume: from {kind} {self.path} (step {self.step})."
+            text = f"Resume: from {_KIND[self.source]} {self.path} (step {self.step})."
+        if self.set_aside:
+            moved = "; ".join(f"{old.name} -> {new} ({why})" for old, new, why in self.set_aside)
+            text += f" Set aside as damaged: {moved}."
         if self.ignored:
             text += " Ignored: " + "; ".join(f"{p.name} ({why})" for p, why in self.ignored) + "."
         if self.changed:
@@ -90,23 +127,71 @@ class ResumeDecision:
         return text
 
 
+@dataclass(frozen=True)
+class _Candidate:
+    step: int
+    source: str
+    path: Path
+
+    @property
+    def rank(self) -> tuple[int, int]:
+        return self.step, _TIE_ORDER[self.source]
+
+
+class _Candidates:
+    """The complete checkpoints found so far; damaged ones are set aside (or, on other ranks, skipped)."""
+
+    def __init__(self, decision: ResumeDecision, weights_only: bool, move_damaged: bool) -> None:
+        self.decision, self.weights_only, self.move_damaged = decision, weights_only, move_damaged
+        self.found: list[_Candidate] = []
+
+    def add(self, path: Path, source: str) -> _Candidate | None:
+        """Read ``path``'s step; None (and the file set aside or noted) when it is damaged or gone."""
+        try:
+            candidate = _Candidate(_step(path, self.weights_only), source, path)
+        except FileNotFoundError:
+            return None  # set aside by rank 0 meanwhile
+        except DamagedCheckpointError:
+            why = _damage(path)
+            if not self.move_damaged:
+                self.decision.ignored.append((path, f"damaged: {why}"))
+                return None
+            try:
+                self.decision.set_aside.append((path, set_aside(path), why))
+            except FileNotFoundError:
+                pass
+            except OSError as err:
+                self.decision.ignored.append((path, f"damaged: {why}; could not be set aside: {err}"))
+            return None
+        self.found.append(candidate)
+        return candidate
+
+    def best(self) -> _Candidate | None:
+        return max(self.found, key=lambda c: c.rank, default=None)
+
+
 def resolve_resume(
     run_dir: _PATH,
     checkpoint_dir: _PATH | None = None,
     explicit: _PATH | None = None,
     weights_only: bool = True,
+    move_damaged: bool = False,
 ) -> ResumeDecision:
-    """Pick the checkpoint a (re)started ``fit`` continues from.
+    """Pick the checkpoint a (re)started ``fit`` continues from: ``explicit``, else the newest complete one.
 
-    Order: ``explicit`` > the newest preemption checkpoint (``<run_dir>/hpc_ckpt_N.ckpt``, highest N) > the
-    newest ``last.ckpt`` in ``checkpoint_dir`` (default ``<run_dir>/checkpoints``) > fresh start.
+    Candidates: the newest complete preemption checkpoint (``<run_dir>/hpc_ckpt_N.ckpt``, highest N; older N are
+    older saves), every ``last*.ckpt`` and the newest complete ``step########.ckpt`` in ``checkpoint_dir``
+    (default ``<run_dir>/checkpoints``). The one with the highest ``global_step`` wins; at equal steps a preemption
+    checkpoint before ``last.ckpt`` before a step file (later saves of the same state). A preemption checkpoint
+    behind the winner (an older job's: the next preemption save prunes it) and a ``last.ckpt`` behind a step file
+    are reported in :attr:`ResumeDecision.ignored`.
 
-    Stale rule: a preemption checkpoint whose ``global_step`` is *below* that of ``last.ckpt`` comes from an
-    older job of this run (the run was resumed and trained past it since), so it is ignored and reported in
-    :attr:`ResumeDecision.ignored`; the next preemption save prunes it. At equal steps the preemption
-    checkpoint wins (it is the later save of the same state). Older preemption checkpoints than the newest are
-    ignored as well (they are normally pruned already). Unreadable candidates raise :class:`CheckpointError`.
-    Steps are read lazily (:func:`peek_checkpoint`, ``weights_only`` as there).
+    A damaged candidate (truncated, empty, corrupt) is skipped and the next newest complete one used; with
+    ``move_damaged`` (``fit``'s rank 0) it is also moved into ``damaged/`` beside it and listed in
+    :attr:`ResumeDecision.set_aside`, else listed in :attr:`ResumeDecision.ignored`. A damaged ``explicit`` file
+    raises :class:`CheckpointError` (it was asked for). Steps are read lazily (:func:`peek_checkpoint`,
+    ``weights_only`` as there), so a truncated file is found without reading it whole; a file ``weights_only``
+    refuses raises, it is not damaged.
     """
     if explicit:
         path = Path(explicit)
@@ -115,23 +200,61 @@ def resolve_resume(
     checkpoint_dir = (
         Path(checkpoint_dir) if checkpoint_dir is not None else run_folder.checkpoint_dir(run_dir)
     )
-    hpc = preemption_checkpoints(run_dir)
-    ignored = [(p, "older preemption checkpoint") for p in hpc[:-1]]
-    lasts = last_checkpoints(checkpoint_dir)
-    last_step, last = None, None
-    for path in lasts:  # normally just last.ckpt
-        step = _step(path, weights_only)
-        if last_step is None or step > last_step:
-            last_step, last = step, path
-    if hpc:
-        newest = hpc[-1]
-        hpc_step = _step(newest, weights_only)
-        if last_step is None or hpc_step >= last_step:
-            return ResumeDecision(newest, "preemption", hpc_step, ignored)
-        ignored.append((newest, f"stale: step {hpc_step} is behind {last.name} at step {last_step}"))  # type: ignore[union-attr]
-    if last is not None:
-        return ResumeDecision(last, "last", last_step, ignored)
-    return ResumeDecision(None, "fresh", None, ignored)
+    decision = ResumeDecision(None, "fresh")
+    candidates = _Candidates(decision, weights_only, move_damaged)
+    preemption = preemption_checkpoints(run_dir)
+    while preemption and candidates.add(preemption.pop(), "preemption") is None:
+        pass  # the newest complete preemption checkpoint counts; older ones are normally pruned already
+    decision.ignored += [(p, "older preemption checkpoint") for p in preemption]
+    for path in last_checkpoints(checkpoint_dir):
+        candidates.add(path, "last")
+    for name_step, path in step_checkpoints(checkpoint_dir):
+        best = candidates.best()
+        if best is not None and name_step < best.step:
+            break
+        if candidates.add(path, "step") is not None:
+            break  # the newest complete step file
+    best = candidates.best()
+    if best is None:
+        return decision
+    decision.path, decision.source, decision.step = best.path, best.source, best.step
+    for other in candidates.found:
+        # Worth a word: an old job's preemption checkpoint, and a last.ckpt that a step file is ahead of (a save
+        # of last.ckpt failed). A last.ckpt behind a preemption checkpoint is the normal case.
+        surprising = other.source == "preemption" or (other.source == "last" and best.source == "step")
+        if other.step < best.step and surprising:
+            decision.ignored.append(
+                (other.path, f"stale: step {other.step} is behind {best.path.name} at step {best.step}")
+            )
+    return decision
+
+
+def supersede_newer(
+    run_dir: _PATH, checkpoint_dir: _PATH, step: int, weights_only: bool = True
+) -> list[tuple[Path, Path]]:
+    """Move the run folder's checkpoints saved after ``step`` into ``superseded/`` beside them (never deleted).
+
+    Call when ``fit --ckpt_path`` continues from an earlier ``step`` of the run: those files belong to the
+    abandoned continuation, and a later resume (newest complete checkpoint first) would return to them.
+    Returns ``(old path, new path)`` pairs. Unreadable files are left where they are.
+    """
+    files = (
+        preemption_checkpoints(run_dir)
+        + last_checkpoints(checkpoint_dir)
+        + [p for s, p in step_checkpoints(checkpoint_dir) if s > step]
+    )
+    moved = []
+    for path in files:
+        try:
+            newer = _step(path, weights_only) > step
+        except (CheckpointError, OSError):
+            continue
+        if newer:
+            target = run_folder.superseded_path(path)
+            target.parent.mkdir(exist_ok=True)
+            os.rename(path, target)
+            moved.append((path, target))
+    return moved
 
 
 # ------------------------------------------------------------------------------------------ optimizer settings

@@ -9,6 +9,11 @@
       phema/                    post-hoc EMA snapshots phema-<step>.pt (snapshot_dir;
                                 :mod:`dip_lightning.checkpoint.posthoc`)
       hpc_ckpt_N.ckpt           preemption checkpoints (Lightning's name; :mod:`dip_lightning.checkpoint.resume`)
+      run.lock                  who holds the folder: the running ``fit`` (:mod:`dip_lightning.checkpoint.run_lock`)
+      run.lock.taken-*          holds of ended jobs, set aside when a later ``fit`` took the folder over
+    <run>/, checkpoints/:
+      damaged/                  damaged checkpoints a resume set aside (damaged_path)
+      superseded/               checkpoints after the step a ``fit --ckpt_path`` went back to (superseded_path)
 
 The one module that knows these names: training writes the folder, resume and the report read it. The logger's
 version is pinned to ``tensorboard``, so a requeued job appends to the same folder instead of opening
@@ -18,25 +23,36 @@ version is pinned to ``tensorboard``, so a requeued job appends to the same fold
 from __future__ import annotations
 
 import re
+import secrets
+import time
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "CHECKPOINT_FOLDER",
     "CONFIG_RECORD",
+    "DAMAGED_FOLDER",
     "DEFAULT_RUN_DIR",
     "EVAL_METRICS_CSV",
     "EXPERIMENT_RECORD",
     "GRID_FOLDER",
     "LOG_VERSION",
     "PREEMPTION_NAME",
+    "RUN_LOCK",
     "SNAPSHOT_FOLDER",
+    "STEP_FILENAME",
+    "STEP_NAME",
+    "SUPERSEDED_FOLDER",
     "artefact_dir",
     "checkpoint_dir",
+    "damaged_path",
+    "lock_path",
     "locate_run",
     "log_dir",
     "preemption_path",
     "snapshot_dir",
+    "superseded_path",
+    "taken_lock_path",
 ]
 
 #: ``trainer.default_root_dir`` when a config gives none.
@@ -58,6 +74,18 @@ SNAPSHOT_FOLDER = "phema"
 #: Preemption checkpoints ``<run>/hpc_ckpt_N.ckpt``: Lightning's name and place, so that plain Lightning
 #: (``fit(ckpt_path="hpc")``) finds them too. Group 1 is N.
 PREEMPTION_NAME = re.compile(r"^hpc_ckpt_(\d+)\.ckpt$")
+#: ``checkpoint.filename`` of the periodic checkpoints (``ModelCheckpoint`` formats it, ``.ckpt`` appended) ...
+STEP_FILENAME = "step{step:08d}"
+#: ... and the names it gives. Group 1 is the step.
+STEP_NAME = re.compile(r"^step(\d{8,})\.ckpt$")
+#: The hold of the run folder by the ``fit`` running in it: ``<run>/run.lock`` (JSON: who, since when; its mtime is
+#: the holder's heartbeat).
+RUN_LOCK = "run.lock"
+#: Where a resume moves a damaged checkpoint: ``damaged/`` beside it (same filesystem, so the move is a rename; a
+#: sub-folder, so that neither Lightning's ``last*`` nor its ``*ckpt_*`` name scans see it).
+DAMAGED_FOLDER = "damaged"
+#: Where ``fit --ckpt_path <earlier step>`` moves the checkpoints saved after that step (the abandoned continuation).
+SUPERSEDED_FOLDER = "superseded"
 
 
 def artefact_dir(trainer: Any) -> Path:
@@ -83,6 +111,39 @@ def snapshot_dir(run_dir: str | Path) -> Path:
 def preemption_path(run_dir: str | Path, number: int) -> Path:
     """The preemption checkpoint number ``number`` of a run folder (a match of :data:`PREEMPTION_NAME`)."""
     return Path(run_dir) / f"hpc_ckpt_{number}.ckpt"
+
+
+def lock_path(run_dir: str | Path) -> Path:
+    """The hold file of a run folder."""
+    return Path(run_dir) / RUN_LOCK
+
+
+def _aside_path(path: Path, folder_name: str, when: float | None) -> Path:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(when))
+    folder = path.parent / folder_name
+    candidate, number = folder / f"{path.stem}-{stamp}{path.suffix}", 1
+    while candidate.exists():
+        number += 1
+        candidate = folder / f"{path.stem}-{stamp}-{number}{path.suffix}"
+    return candidate
+
+
+def taken_lock_path(run_dir: str | Path, when: float | None = None) -> Path:
+    """Where a take-over moves a hold whose job has ended: ``run.lock.taken-<UTC time>-<random>``, a name no other
+    contender uses (a rename onto an existing name would replace that file)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(when))
+    return lock_path(run_dir).with_name(f"{RUN_LOCK}.taken-{stamp}-{secrets.token_hex(6)}")
+
+
+def damaged_path(path: str | Path, when: float | None = None) -> Path:
+    """A free name in ``damaged/`` beside ``path`` for a damaged checkpoint set aside: ``<stem>-<UTC time><suffix>``
+    (``last-20261207T044100Z.ckpt``), numbered when taken."""
+    return _aside_path(Path(path), DAMAGED_FOLDER, when)
+
+
+def superseded_path(path: str | Path, when: float | None = None) -> Path:
+    """A free name in ``superseded/`` beside ``path``, named as :func:`damaged_path`."""
+    return _aside_path(Path(path), SUPERSEDED_FOLDER, when)
 
 
 def log_dir(run_dir: str | Path) -> Path:

@@ -21,14 +21,13 @@ from dip_lightning.commands import CommandParser
 from dip_lightning.core.atomic import atomic_write_json
 from dip_lightning.core.distributed import join_launched_processes, run_in_process_group
 from dip_lightning.core.metrics import METRIC_NAMES, MetricEngine
-from dip_lightning.core.metrics.errors import ImageFileError
 from dip_lightning.core.metrics.features import (
     EDM_INCEPTION_FILE,
     TORCHMETRICS_WEIGHTS_FILE,
     make_extractor,
 )
 from dip_lightning.core.metrics.reference import FeatureSet, MetricUnavailableWarning, npz_feature_set
-from dip_lightning.core.metrics.sources import npz_image_shape
+from dip_lightning.core.metrics.sources import BadImageArray, npz_images
 
 #: How each metric is printed: label and whether lower is better.
 METRIC_LABELS: dict[str, tuple[str, str]] = {
@@ -79,7 +78,7 @@ def checkpoint_patch_size(path: str | os.PathLike[str]) -> int:
             return int(init_args["patch_size"])
         from dip_lightning.training.loading import module_from_hparams
 
-        return int(module_from_hparams(hparams, repa=None, compile=False).net.patch_size)
+        return int(module_from_hparams(hparams, source=path, repa=None, compile=False).net.patch_size)
     raise CheckpointError(
         f"{path} records no network config (hyper_parameters.net); pass --patch_size instead"
     )
@@ -147,8 +146,8 @@ def _run(argv: list[str]) -> int:
     for path in (args.samples, args.reference):
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path} not found")
-    if npz_image_shape(args.samples)[0] == 0:
-        raise ImageFileError(f"{args.samples}: the sample file holds no images (arr_0 is empty)")
+    if npz_images(args.samples).count == 0:  # its header checked before the networks load
+        raise BadImageArray(f"{args.samples}: the sample file holds no images (arr_0 is empty)")
     patch_size = args.patch_size
     if patch_size is None and args.ckpt_path is not None:
         patch_size = checkpoint_patch_size(args.ckpt_path)
@@ -194,6 +193,7 @@ def _evaluate(
         args.batch_size,
         engine.dinov2,
         limit=args.limit,
+        image_size=engine.reference.image_size,
     )
     return engine, samples, engine.evaluate(samples, unavailable)
 

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
 from dip_lightning.commands import CommandParser
 from dip_lightning.core.data.prepare import prepare_split
+from dip_lightning.core.data.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
 
 # ------------------------------------------------------------------------------------------ CLI
+def _at_least_one(text: str) -> int:
+    """An image limit: an integer >= 1 (a usage error otherwise, not a traceback from ImageLimits)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
 def build_parser() -> CommandParser:
     p = CommandParser(
         "prepare",
@@ -25,6 +35,18 @@ def build_parser() -> CommandParser:
     p.add_argument("--preprocess", choices=("adm", "none"), default="adm", help="adm crop (default) or none")
     p.add_argument("--shard_size", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the global shuffle (default 0)")
+    p.add_argument(
+        "--max_pixels",
+        type=_at_least_one,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"skip (and list) images declaring more pixels, undecoded (default {DEFAULT_MAX_PIXELS})",
+    )
+    p.add_argument(
+        "--max_image_bytes",
+        type=_at_least_one,
+        default=DEFAULT_MAX_BYTES,
+        help=f"skip (and list) files, or decoded images, larger than this (default {DEFAULT_MAX_BYTES})",
+    )
     p.add_argument("--labels", default=None, help="label file for a flat --src ('<file> <label>' per line)")
     p.add_argument("--classes", default=None, help="class list (one name per line) fixing the label indices")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all usable cores)")
@@ -48,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             preprocess=args.preprocess,
             shard_size=args.shard_size,
             seed=args.seed,
+            max_pixels=args.max_pixels,
+            max_image_bytes=args.max_image_bytes,
             labels=args.labels,
             classes=args.classes,
             workers=args.workers,

@@ -1,15 +1,17 @@
 """``python -m dip_lightning fit|validate|test|predict --config experiments/<exp>.yaml``: LightningCLI for DiP.
 
 What it adds to LightningCLI, so that a cluster job can be killed and requeued at any time: one fixed run folder
-per experiment (logs, checkpoints, config and ``experiment.json`` with the ``--config`` files' text); automatic
-resume (``--ckpt_path`` > newest preemption checkpoint > ``last.ckpt`` > fresh, checked against the model before
-anything is written); atomic checkpoints; a preemption guard and SLURM auto-requeue; a per-job ``max_time``; a
-fixed default seed; a progress bar that does not synchronise with the GPU; ``fit --init_from`` (weights only);
-``--weights`` for the checkpoint-driven commands (:class:`~dip_lightning.checkpoint.format.WeightRequest`).
+per experiment (logs, checkpoints, config and ``experiment.json`` with the ``--config`` files' text), held by one
+``fit`` at a time; automatic resume (``--ckpt_path``, else the newest complete checkpoint, damaged ones set aside;
+checked against the model before anything is written); atomic checkpoints; a preemption guard and SLURM
+auto-requeue; a per-job ``max_time``; a fixed default seed; a progress bar that does not synchronise with the GPU;
+``fit --init_from`` (weights only); ``--weights`` for the checkpoint-driven commands
+(:class:`~dip_lightning.checkpoint.format.WeightRequest`).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import sys
@@ -18,26 +20,34 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jsonargparse.typing import register_type
+from jsonargparse.typing import PositiveFloat, register_type
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, Timer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.environments import SLURMEnvironment
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from dip_lightning.checkpoint.compatibility import check_compatible
 from dip_lightning.checkpoint.format import ACCEPTED_FORMS, DEFAULT_WEIGHTS, WeightRequest
 from dip_lightning.checkpoint.io import AtomicCheckpointIO, clean_partial_files, peek_checkpoint
-from dip_lightning.checkpoint.resume import ResumeDecision, optimizer_setting_changes, resolve_resume
+from dip_lightning.checkpoint.resume import (
+    ResumeDecision,
+    optimizer_setting_changes,
+    resolve_resume,
+    supersede_newer,
+)
 from dip_lightning.checkpoint.run_folder import (
     CONFIG_RECORD,
     DEFAULT_RUN_DIR,
     EXPERIMENT_RECORD,
     LOG_VERSION,
+    STEP_FILENAME,
     artefact_dir,
     checkpoint_dir,
 )
+from dip_lightning.checkpoint.run_lock import DEFAULT_STALE_AFTER, RunLock
+from dip_lightning.checkpoint.stored_config import check_checkpoint_config
 from dip_lightning.core.atomic import atomic_write_json
 from dip_lightning.core.distributed import launch_place
 from dip_lightning.training.callbacks.launched_ranks import StopLaunchedRanks
@@ -109,19 +119,26 @@ class DiPCLI(LightningCLI):
     def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
         torch.set_float32_matmul_precision("high")
         argv = [str(a) for a in args] if isinstance(args, (list, tuple)) else sys.argv[1:]
-        super().__init__(
-            model_class=DiPModule,
-            datamodule_class=LightningDataModule,
-            subclass_mode_data=True,
-            save_config_callback=RecordingSaveConfig,
-            save_config_kwargs={"overwrite": True, "argv": argv, "config_filename": CONFIG_RECORD},
-            seed_everything_default=0,
-            auto_configure_optimizers=False,
-            parser_kwargs={"parser_mode": "yaml", "prog": "python -m dip_lightning"},
-            args=args,
-            run=run,
-            **kwargs,
-        )
+        self.run_lock: RunLock | None = None  # fit's hold of the run folder (before_fit), released below
+        try:
+            super().__init__(
+                model_class=DiPModule,
+                datamodule_class=LightningDataModule,
+                subclass_mode_data=True,
+                save_config_callback=RecordingSaveConfig,
+                save_config_kwargs={"overwrite": True, "argv": argv, "config_filename": CONFIG_RECORD},
+                seed_everything_default=0,
+                auto_configure_optimizers=False,
+                parser_kwargs={"parser_mode": "yaml", "prog": "python -m dip_lightning"},
+                args=args,
+                run=run,
+                **kwargs,
+            )
+        finally:
+            # However fit ended: completed, an exception, a signal's TrainingInterrupted (a requeued job takes
+            # its own hold back in any case: same owner token).
+            if self.run_lock is not None:
+                self.run_lock.release()
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         _add_run_callbacks(parser)
@@ -136,6 +153,13 @@ class DiPCLI(LightningCLI):
             help=f"validate/test/predict: which weights of --ckpt_path: {ACCEPTED_FORMS}. Default: ema.",
         )
         _add_init_from_arguments(parser)
+        parser.add_argument(
+            "--lock_stale_after",
+            type=PositiveFloat,
+            default=DEFAULT_STALE_AFTER,
+            help="fit: seconds without a heartbeat after which another job may take over the run folder's hold "
+            "(the holding fit touches <run>/run.lock every min(60, this/5) s).",
+        )
 
     def _parse_ckpt_path(self) -> None:
         # A private LightningCLI hook (dip_lightning.core.compat): with --ckpt_path it replaces the model config by the
@@ -144,8 +168,12 @@ class DiPCLI(LightningCLI):
         # compares the two configs instead (before_fit: check_compatible).
         subcommand = self.config.get("subcommand")
         if subcommand != "fit":
-            if subcommand:
-                _check_readable_checkpoint(self.config[subcommand].get("ckpt_path"))
+            config = self.config[subcommand] if subcommand else {}
+            ckpt_path = config.get("ckpt_path")
+            _check_readable_checkpoint(ckpt_path)  # missing or unreadable: the kit's one-line error
+            # The names its stored config would make jsonargparse import, checked before they are.
+            if ckpt_path and Path(ckpt_path).is_file():
+                check_checkpoint_config(ckpt_path, trusted=config.get("weights_only") is False)
             super()._parse_ckpt_path()
 
     # ------------------------------------------------------------------ run folder, logger, SLURM
@@ -211,19 +239,52 @@ class DiPCLI(LightningCLI):
         config = self.config_init["fit"]
         _check_fit_weight_options(config)
         explicit = config.get("ckpt_path")
+        if explicit not in (None, "last", "hpc", "best") and not Path(explicit).is_file():
+            raise FileNotFoundError(f"--ckpt_path {explicit}: no such checkpoint file")
+        self._hold_run_folder(config.get("lock_stale_after", DEFAULT_STALE_AFTER))
         if explicit in ("last", "hpc", "best"):  # Lightning's own keywords: its rules apply
             rank_zero_info(f"Resume: --ckpt_path {explicit} (resolved by Lightning).")
             return
-        if explicit and not Path(explicit).is_file():
-            raise FileNotFoundError(f"--ckpt_path {explicit}: no such checkpoint file")
         self._clean_interrupted_saves()
         weights_only = config.get("weights_only") is not False  # torch's default, as Lightning's load
         decision = self._resume_decision(explicit, weights_only)
         if decision.path is not None:
             config["ckpt_path"] = str(decision.path)
+        for old, new, why in decision.set_aside:
+            rank_zero_warn(
+                f"Damaged checkpoint {old} ({why}) set aside as {new}; resuming from the next one."
+            )
         rank_zero_info(decision.message())
+        if explicit and decision.step is not None:
+            self._supersede_newer(decision.step, weights_only)
         if config.get("init_from"):
             self._init_from(config, explicit, resuming=decision.path is not None, weights_only=weights_only)
+
+    def _hold_run_folder(self, stale_after: float) -> None:
+        """One fit per run folder (:class:`RunLock`): rank 0 takes the hold, the other ranks check it is their
+        job's. Before anything is written into the folder."""
+        run_dir = str(self.trainer.default_root_dir)
+        if "://" in run_dir:
+            rank_zero_info(f"Run folder: {run_dir} is remote; not held (one fit per folder is up to you).")
+            return
+        lock = RunLock(run_dir, stale_after=stale_after)
+        place = launch_place()
+        # A parent process on node NODE_RANK > 0 (Lightning's launcher across nodes) is not rank 0.
+        if place.rank != 0 or (place.world_size == 1 and os.environ.get("NODE_RANK", "0") not in ("", "0")):
+            lock.verify(place.rank)
+            return
+        rank_zero_info(lock.acquire())
+        self.run_lock = lock
+
+    def _supersede_newer(self, step: int, weights_only: bool) -> None:
+        """``--ckpt_path`` at an earlier step of this run: its later checkpoints go to ``superseded/`` (rank 0),
+        so that a later resume continues this fit, not the abandoned one."""
+        if launch_place().rank != 0:
+            return
+        run_dir = Path(self.trainer.default_root_dir)
+        folder = self._checkpoint_folder() or checkpoint_dir(run_dir)
+        for old, new in supersede_newer(run_dir, folder, step, weights_only):
+            rank_zero_warn(f"{old} is after --ckpt_path's step {step}: moved to {new}.")
 
     def _checkpoint_folder(self) -> str | None:
         return getattr(self.trainer.checkpoint_callback, "dirpath", None)
@@ -242,7 +303,13 @@ class DiPCLI(LightningCLI):
         (:func:`check_compatible`), with the settings this run changes."""
         checkpoints = self._checkpoint_folder()
         run_dir = Path(self.trainer.default_root_dir)
-        decision = resolve_resume(run_dir, checkpoints, explicit=explicit, weights_only=weights_only)
+        decision = resolve_resume(
+            run_dir,
+            checkpoints,
+            explicit=explicit,
+            weights_only=weights_only,
+            move_damaged=launch_place().rank == 0,
+        )
         if decision.path is None:
             return decision
         checkpoint = peek_checkpoint(decision.path, weights_only)
@@ -292,8 +359,11 @@ def _add_run_callbacks(parser: LightningArgumentParser) -> None:
             "checkpoint.save_last": True,
             "checkpoint.every_n_train_steps": 1000,
             "checkpoint.save_top_k": -1,
-            "checkpoint.filename": "step{step:08d}",
+            "checkpoint.filename": STEP_FILENAME,
             "checkpoint.auto_insert_metric_name": False,
+            # A resumed run writes last.ckpt (and a step file it trains to again) under the same name, never
+            # last-v1.ckpt beside a stale last.ckpt: the run folder holds one history.
+            "checkpoint.enable_version_counter": False,
             "trainer.default_root_dir": DEFAULT_RUN_DIR,
         }
     )

@@ -1,5 +1,6 @@
 """Load a trained, converted or reconstructed DiP for sampling, evaluation or fine-tuning, with the weights a
-:class:`~dip_lightning.checkpoint.format.WeightRequest` names."""
+:class:`~dip_lightning.checkpoint.format.WeightRequest` names. A stored config is checked before it is rebuilt
+(:func:`~dip_lightning.checkpoint.stored_config.check_stored_config`)."""
 
 from __future__ import annotations
 
@@ -17,15 +18,24 @@ from dip_lightning.checkpoint.format import (
     weights_label,
 )
 from dip_lightning.checkpoint.io import CheckpointError, read_checkpoint
+from dip_lightning.checkpoint.stored_config import check_stored_config
 
 if TYPE_CHECKING:
     from dip_lightning.training.module import DiPModule
 
 
-def module_from_hparams(hparams: Mapping[str, Any], **overrides: Any) -> DiPModule:
+def module_from_hparams(
+    hparams: Mapping[str, Any],
+    *,
+    trusted: bool = False,
+    source: str | os.PathLike = "the checkpoint",
+    **overrides: Any,
+) -> DiPModule:
     """The :class:`DiPModule` that LightningCLI's stored ``hyper_parameters`` describe, with ``overrides``.
 
-    What ``DiPModule.load_from_checkpoint`` builds, without reading the file again.
+    What ``DiPModule.load_from_checkpoint`` builds, without reading the file again. The names the config would
+    import are checked first (:func:`~dip_lightning.checkpoint.stored_config.check_stored_config`) unless
+    ``trusted``; ``source`` names the file in errors.
     """
     from lightning.pytorch.cli import instantiate_module
 
@@ -33,6 +43,7 @@ def module_from_hparams(hparams: Mapping[str, Any], **overrides: Any) -> DiPModu
 
     known = inspect.signature(DiPModule.__init__).parameters
     config = {k: v for k, v in hparams.items() if k in known} | overrides
+    check_stored_config(config, source, trusted)
     return instantiate_module(DiPModule, config)
 
 
@@ -70,7 +81,8 @@ def load_module(
     Without ``configs`` the network is rebuilt from the hyperparameters LightningCLI stored in the checkpoint;
     with ``configs`` (YAML files as for ``fit``) it is built from them. REPA is never built: sampling does not
     use it, and its frozen encoder's weights file need not exist on the sampling machine. ``trust_pickle``
-    allows pickled Python objects besides tensors in the file (trusted files only).
+    allows pickled Python objects besides tensors in the file, and a stored config that names code outside the
+    kit, torch and Lightning (:func:`~dip_lightning.checkpoint.stored_config.check_stored_config`; trusted files only).
     """
     checkpoint = read_checkpoint(ckpt_path, trust_pickle)
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, Mapping) else None
@@ -83,7 +95,9 @@ def load_module(
         module = _module_from_configs(configs)
         advice = "Drop --config (the checkpoint carries its config), or pass the config it was trained with."
     elif hparams and "net" in hparams:
-        module = module_from_hparams(hparams, repa=None, compile=False)
+        module = module_from_hparams(
+            hparams, trusted=trust_pickle, source=ckpt_path, repa=None, compile=False
+        )
         advice = "Its stored config does not build its own tensors: pass --config with the YAML it was trained with."
     else:
         raise CheckpointError(

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import torch
 
-from dip_lightning.checkpoint.io import PARTIAL_DIR, AtomicCheckpointIO, clean_partial_files
+from dip_lightning.checkpoint.io import (
+    PARTIAL_DIR,
+    AtomicCheckpointIO,
+    CheckpointWriteError,
+    DamagedCheckpointError,
+    UntrustedCheckpointError,
+    clean_partial_files,
+    peek_checkpoint,
+)
 from dip_lightning.checkpoint.resume import next_preemption_path, prune_preemption_checkpoints, resolve_resume
 
 
@@ -49,3 +60,55 @@ def test_atomic_save_leaves_no_temporary_files(tmp_path: Path) -> None:
     (target.parent / PARTIAL_DIR / "hpc_ckpt_2.ckpt.4711").write_bytes(b"half")
     assert len(clean_partial_files([target.parent])) == 1
     assert not (target.parent / PARTIAL_DIR).exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs: a real filesystem that fills up. Needs root (mount); skipped, saying why, elsewhere."""
+    folder = tmp_path / "small_disk"
+    folder.mkdir()
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True, text=True
+    )
+    if mount.returncode != 0:
+        pytest.skip(
+            f"cannot mount a small tmpfs to fill (needs root): {mount.stderr.strip() or mount.returncode}"
+        )
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_disk_full_during_a_save_names_the_file_and_keeps_the_previous_one(small_disk: Path) -> None:
+    io = AtomicCheckpointIO()
+    target = small_disk / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"global_step": 2, "w": torch.zeros(150_000)}, target)  # 600 KB of 1 MiB
+    with pytest.raises(CheckpointWriteError) as full:
+        io.save_checkpoint(
+            {"global_step": 4, "w": torch.ones(150_000)}, target
+        )  # its temporary file does not fit
+    message = str(full.value)
+    assert message.startswith(f"cannot write checkpoint {target}: no space left on device")
+    assert "KiB free on" in message and "any previous last.ckpt is unchanged" in message
+    assert isinstance(full.value, OSError)
+    kept = torch.load(target, weights_only=True)
+    assert kept["global_step"] == 2 and torch.equal(kept["w"], torch.zeros(150_000))
+    assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]  # no temporary file left
+
+
+def test_damaged_and_untrusted_checkpoints_are_told_apart(tmp_path: Path) -> None:
+    good = _fake_ckpt(tmp_path / "good.ckpt", 3)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good.read_bytes()[:-100])
+    empty = tmp_path / "empty.ckpt"
+    empty.write_bytes(b"")
+    for damaged in (truncated, empty):
+        with pytest.raises(
+            DamagedCheckpointError, match=f"cannot load checkpoint {damaged}: the file is trunc"
+        ):
+            peek_checkpoint(damaged)
+    untrusted = tmp_path / "untrusted.ckpt"
+    torch.save({"global_step": 1, "thing": Path("x")}, untrusted)
+    with pytest.raises(UntrustedCheckpointError, match="weights_only"):
+        peek_checkpoint(untrusted)

@@ -127,3 +127,11 @@ def write_wide_shards(
                 i += 1
         paths.append(str(path))
     return paths
+
+
+def bomb_png(side: int = 8000) -> bytes:
+    """A real decompression bomb: a 1-bit, all-black ``side x side`` PNG made by Pillow. 8000 x 8000 (64 M pixels,
+    above the default limit) is 8 KB on disk and ~0.3 s to make; decoded to RGB it would take ~250 MB."""
+    buf = io.BytesIO()
+    Image.new("1", (side, side)).save(buf, format="PNG")
+    return buf.getvalue()

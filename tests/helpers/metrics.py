@@ -1,11 +1,16 @@
 """Images and independent reference computations for the metrics tests: seeded images with spatial structure,
-FID by numpy and scipy, precision/recall by brute force."""
+FID by numpy and scipy, precision/recall by brute force; a slow extractor."""
 
 from __future__ import annotations
+
+import time
+from collections.abc import Collection
 
 import numpy as np
 import scipy.linalg
 import torch
+
+from dip_lightning.core.metrics.features import PixelProjection
 
 
 def smooth_images(n: int, seed: int, size: int = 16, shift: float = 0.0) -> np.ndarray:
@@ -45,3 +50,16 @@ def brute_force_pr(ref: np.ndarray, samples: np.ndarray, k: int = 3) -> tuple[fl
         return hits / len(queries)
 
     return inside(samples, ref, radii(ref)), inside(ref, samples, radii(samples))
+
+
+class SlowPixelProjection(PixelProjection):
+    """:class:`PixelProjection` that sleeps ``delay`` s per batch: an evaluation that lasts, without using the CPU,
+    for tests that signal a run during its evaluation (``extractor: {class_path: tests.helpers.metrics....}``)."""
+
+    def __init__(self, num_features: int = 8, size: int = 4, delay: float = 0.2) -> None:
+        super().__init__(num_features=num_features, size=size)
+        self.delay = delay
+
+    def extract_kinds(self, images: torch.Tensor, kinds: Collection[str]) -> dict[str, torch.Tensor]:
+        time.sleep(self.delay)
+        return super().extract_kinds(images, kinds)

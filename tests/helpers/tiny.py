@@ -78,7 +78,7 @@ def subprocess_env(threads: int | None = None) -> dict[str, str]:
     importable (so that
     ``tests.helpers.*`` class paths resolve), ``threads`` OpenMP threads (default: this process's count, so
     that CPU kernels reduce in the same order as an in-process reference)."""
-    drop = ("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    drop = ("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DIP_RUN_TOKEN")
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
     env["OMP_NUM_THREADS"] = str(threads if threads is not None else torch.get_num_threads())
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)

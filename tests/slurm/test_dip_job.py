@@ -1,4 +1,5 @@
-"""DiP training on a real SLURM cluster: preempted (USR1), requeued, resumed, bit-identical to no preemption.
+"""DiP training on a real SLURM cluster: preempted (USR1), requeued, resumed, bit-identical to no preemption; a
+requeued job that takes over the hold its killed first run left on the run folder.
 
 The job is ``tests/helpers/slurm_assets/dip_fit.sbatch`` running ``srun python -m dip_lightning fit --config
 experiments/tiny_cpu.yaml`` (small overrides, the embedded demo dataset), as a user would submit it. The test
@@ -16,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from dip_lightning.checkpoint.run_folder import RUN_LOCK
 from tests.helpers import REPO
 from tests.helpers.resume import STEPS, probe_args, resume_args
-from tests.helpers.slurm_cluster import SlurmCluster, free_port
+from tests.helpers.slurm_cluster import TERMINAL_STATES, SlurmCluster, free_port
 from tests.helpers.slurm_preemption import (
     ReferenceProcess,
     check_dip_resumed,
@@ -26,11 +28,12 @@ from tests.helpers.slurm_preemption import (
     preempt_and_resume,
     report,
 )
-from tests.helpers.tiny import subprocess_env
+from tests.helpers.tiny import subprocess_env, tiny_args
 
 pytestmark = pytest.mark.slurm
 
 SBATCH = REPO / "tests" / "helpers" / "slurm_assets" / "dip_fit.sbatch"
+CRASH_SBATCH = REPO / "tests" / "helpers" / "slurm_assets" / "dip_fit_crash.sbatch"
 
 
 def _fit_args(run: Path, out: Path, data: dict, devices: int, **probe: object) -> list[str]:
@@ -86,3 +89,35 @@ def test_dip_fit_preempted_requeued_resumed_ddp_two_tasks(
     slurm_cluster: SlurmCluster, tmp_path: Path, demo_data: dict
 ) -> None:
     report("dip 2 tasks ddp", _preempt_and_resume(slurm_cluster, tmp_path, demo_data, devices=2))
+
+
+def test_requeued_job_takes_over_the_hold_its_killed_run_left(
+    slurm_cluster: SlurmCluster, tmp_path: Path, demo_data: dict
+) -> None:
+    """The first run of the job is killed -9 while its fit holds the run folder (no release), and the job requeues
+    itself: the requeued run (same SLURM job id) takes the hold over at once and trains to the end."""
+    run, log_path, args_file = tmp_path / "run", tmp_path / "job.out", tmp_path / "fit_args.txt"
+    args_file.write_text("\n".join(tiny_args(run, demo_data, steps=2)) + "\n")
+    env = {
+        "DIP_PYTHON": sys.executable,
+        "DIP_ARGS_FILE": str(args_file),
+        "DIP_RUN_DIR": str(run),
+        "MASTER_PORT": str(free_port()),
+        "PYTHONPATH": subprocess_env()["PYTHONPATH"],
+    }
+    job = slurm_cluster.sbatch(CRASH_SBATCH, tmp_path, f"--output={log_path}", env=env)
+    try:
+        slurm_cluster.wait_for_restart(job, 1, timeout=240)
+        slurm_cluster.release_pending_now(job)
+        slurm_cluster.wait_for_state(job, "COMPLETED", timeout=300)
+    finally:
+        if slurm_cluster.job_state(job) not in TERMINAL_STATES:
+            slurm_cluster.scancel(job)
+    log = log_path.read_text()
+    assert "HOLDER KILLED rc=137" in log, log[-4000:]
+    holds = [line for line in log.splitlines() if "Run folder: held by" in line]
+    assert len(holds) == 2 and all(f"SLURM job {job} (pid " in line for line in holds), log[-4000:]
+    assert f"Took over from SLURM job {job} (pid " in holds[1], holds[1]
+    assert f"this job's own earlier run (SLURM job {job}, requeued or restarted)" in holds[1], holds[1]
+    assert log.rstrip().endswith("SRUN EXIT rc=0"), log[-4000:]
+    assert not (run / RUN_LOCK).exists() and len(list(run.glob(f"{RUN_LOCK}.taken-*"))) == 1

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from dip_lightning.core.compat import batches_in_flight
+from dip_lightning.core.data.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageLimits
 from dip_lightning.core.data.shards import expand_shards, read_class_names, shard_sample_counts
 from dip_lightning.core.data.streams import (
     TrainShardStream,
@@ -88,7 +89,11 @@ class ShardDataModule(pl.LightningDataModule):
             aspect ratio (``prepare --preprocess none``); on square shards at ``image_size`` only the flip is left.
         epoch_length: nominal samples per epoch over all ranks (progress bar / epoch bookkeeping);
             each rank yields ``epoch_length // (batch_size * world_size)`` batches per epoch.
-        max_bad_fraction: stop with an error when more than this fraction of samples is unreadable.
+        max_bad_fraction: stop with an error when more than this fraction of samples is unreadable (or missing
+            from a shard that holds fewer samples than its manifest names).
+        max_image_pixels: an image whose header declares more pixels is a bad sample, never decoded (the default
+            passes every ImageNet image and refuses decompression bombs).
+        max_image_bytes: an image member larger than this, or whose decoded size would be, is a bad sample.
         val_max_samples: use only the first N validation samples (e.g. a 10k FID subset).
         pin_memory: pin host memory (default: when CUDA is available).
         persistent_workers: keep workers alive between epochs (needs ``num_workers > 0``).
@@ -110,6 +115,8 @@ class ShardDataModule(pl.LightningDataModule):
         random_crop: bool = False,
         epoch_length: int = IMAGENET_TRAIN_SIZE,
         max_bad_fraction: float = 0.01,
+        max_image_pixels: int = DEFAULT_MAX_PIXELS,
+        max_image_bytes: int = DEFAULT_MAX_BYTES,
         val_max_samples: int | None = None,
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
@@ -125,6 +132,8 @@ class ShardDataModule(pl.LightningDataModule):
             ("seed", seed, 0),
             ("epoch_length", epoch_length, 1),
             ("prefetch_factor", prefetch_factor, 1),
+            ("max_image_pixels", max_image_pixels, 1),
+            ("max_image_bytes", max_image_bytes, 1),
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"ShardDataModule: {name} must be an integer >= {low}, got {value!r}")
@@ -151,6 +160,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.random_crop = random_crop
         self.epoch_length = epoch_length
         self.max_bad_fraction = float(max_bad_fraction)
+        self.limits = ImageLimits(max_image_pixels, max_image_bytes)
         self.val_max_samples = val_max_samples
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
@@ -196,6 +206,7 @@ class ShardDataModule(pl.LightningDataModule):
             random_crop=self.random_crop,
             num_classes=self.num_classes,
             max_bad_fraction=self.max_bad_fraction,
+            limits=self.limits,
         )
 
     def val_stream(self, rank: int | None = None, world_size: int | None = None) -> ValShardStream:
@@ -214,6 +225,7 @@ class ShardDataModule(pl.LightningDataModule):
             max_samples=self.val_max_samples,
             num_classes=self.num_classes,
             max_bad_fraction=self.max_bad_fraction,
+            limits=self.limits,
         )
         if stream.dropped and rank == 0:
             warnings.warn(

@@ -4,8 +4,11 @@ Input: an ImageFolder (one sub-folder per class; the class index is the folder's
 the ``classes.txt`` already in the output, so train and val agree) or a flat folder plus a label file (ImageNet's
 ``LOC_val_solution.csv`` as is). Samples are shuffled globally with a seed, then cut into shards in
 ``webdataset.TarWriter``'s layout with a fixed mtime, so reruns give the same bytes. Shards are written atomically
-with a record each; a rerun skips complete shards, so an interrupted run resumes to the same bytes. Unreadable
-inputs are skipped and listed in ``<split>-manifest.json``, which is written last.
+with a record each; a rerun skips complete shards, so an interrupted run resumes to the same bytes. What cannot be
+used is skipped and listed with the reason in ``<split>-manifest.json`` (written last), never an abort of the run
+nor a hang: unreadable folders and files, names that are not UTF-8, anything but regular files (a FIFO would block
+the reader forever), undecodable images and images beyond the :class:`~dip_lightning.core.data.preprocess.ImageLimits`
+(checked from the header, before decoding). Pool workers die with the process that started them.
 """
 
 from __future__ import annotations
@@ -18,13 +21,18 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
+import stat
+import sys
 import tarfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dip_lightning.core.atomic import atomic_write, atomic_write_json, leftover_temp_files
+from dip_lightning.core.data.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageLimits
 from dip_lightning.core.errors import KitError
 
 FORMAT_VERSION = 1
@@ -33,6 +41,18 @@ _TAR_MTIME = 946684800  # 2000-01-01: fixed so that reruns produce identical tar
 
 class PrepareError(KitError, ValueError):
     """The source folder, its label or class files, or the options cannot make shards; the message says why."""
+
+
+class SourceUnreadable(KitError, ValueError):
+    """The source folder itself cannot be listed."""
+
+
+class ShardPathTaken(KitError, FileExistsError):
+    """Something other than a shard file sits where ``prepare`` writes one."""
+
+
+class NotARegularFile(KitError, OSError):
+    """An input that is not a regular file (FIFO, socket, device): skipped unread."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +67,8 @@ class ShardConfig:
     preprocess: str  # adm | none
     shard_size: int
     seed: int
+    max_pixels: int  # inputs beyond these limits are skipped (ImageLimits): they change which samples exist
+    max_bytes: int
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -62,9 +84,107 @@ def read_classes_file(path: str | Path) -> list[str]:
     return names
 
 
-def list_image_folder(src: Path, classes: list[str] | None = None) -> tuple[list[str], list[tuple[str, int]]]:
-    """``(classes, [(relative path, label)])`` for a one-folder-per-class layout (recursive)."""
-    folders = sorted(p.name for p in src.iterdir() if p.is_dir() and not _is_hidden(p.name))
+Skipped = dict[str, str]  # {"path": relative path (undecodable bytes as \\xNN), "error": why}
+
+
+def _printable(path: str) -> str:
+    """A path as JSON and terminals take it: the bytes of a name that is not UTF-8 as ``\\xNN``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _skip(path: str, why: str) -> Skipped:
+    return {"path": _printable(path), "error": why}
+
+
+def _not_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # os.listdir's surrogate escapes of undecodable bytes
+        return True
+    return False
+
+
+def _special_kind(entry: os.DirEntry) -> str:
+    """What an entry that is neither a folder nor a regular file is."""
+    try:
+        mode = entry.stat().st_mode
+    except OSError:
+        return "a broken symbolic link"
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"))
+    return next((kind for test, kind in kinds if test(mode)), "not a regular file")
+
+
+def _classify(entry: os.DirEntry) -> str:
+    """``"file"``, ``"folder"``, or why the entry is skipped."""
+    if _not_utf8(entry.name):
+        return "the name is not valid UTF-8: rename it"
+    try:
+        if entry.is_dir(follow_symlinks=False):
+            return "folder"
+        if entry.is_dir():
+            return "a symbolic link to a folder (not followed)"
+        if entry.is_file():
+            return "file"
+    except OSError as exc:
+        return f"cannot stat: {exc.strerror or exc}"
+    return f"{_special_kind(entry)}, not a regular file"
+
+
+def _list_folder(src: Path, rel: str, skipped: list[Skipped]) -> list[os.DirEntry] | None:
+    """The visible entries of ``src / rel`` sorted by name, or None (and a skip record) if it cannot be listed."""
+    try:
+        with os.scandir(src / rel if rel else src) as it:
+            return sorted((e for e in it if not _is_hidden(e.name)), key=lambda e: e.name)
+    except OSError as exc:
+        skipped.append(_skip(rel + "/", f"unreadable folder: {type(exc).__name__}: {exc.strerror or exc}"))
+        return None
+
+
+def walk_files(src: Path, rel: str, skipped: list[Skipped]) -> list[str]:
+    """The regular files below ``src / rel`` (relative to ``src``) in ``os.walk`` order: a folder's files sorted,
+    then its sub-folders one after the other. Anything that cannot be used is added to ``skipped``."""
+    entries = _list_folder(src, rel, skipped)
+    if entries is None:
+        return []
+    files: list[str] = []
+    folders: list[str] = []
+    for entry in entries:
+        path = f"{rel}/{entry.name}" if rel else entry.name
+        kind = _classify(entry)
+        if kind == "file":
+            files.append(path)
+        elif kind == "folder":
+            folders.append(path)
+        else:
+            skipped.append(_skip(path, kind))
+    for folder in folders:
+        files += walk_files(src, folder, skipped)
+    return files
+
+
+def _class_folders(src: Path, skipped: list[Skipped]) -> list[str]:
+    entries = _list_folder(src, "", [])
+    if entries is None:
+        raise SourceUnreadable(f"cannot list --src {str(src)!r}: check its permissions")
+    folders = []
+    for entry in entries:
+        kind = _classify(entry)
+        if kind == "folder":
+            folders.append(entry.name)
+        elif kind != "file":
+            skipped.append(_skip(entry.name, kind))
+    return folders
+
+
+def list_image_folder(
+    src: Path, classes: list[str] | None = None
+) -> tuple[list[str], list[tuple[str, int]], list[Skipped]]:
+    """``(classes, [(relative path, label)], skipped)`` for a one-folder-per-class layout (recursive).
+
+    An unreadable class folder stays a class (its index must not shift) and is listed in ``skipped``.
+    """
+    skipped: list[Skipped] = []
+    folders = _class_folders(src, skipped)
     if not folders:
         raise PrepareError(
             f"{src} has no class sub-folders (expected an ImageFolder layout, or pass --labels)"
@@ -78,15 +198,8 @@ def list_image_folder(src: Path, classes: list[str] | None = None) -> tuple[list
             f"{len(unknown)} folder(s) of {src} are not in the class list ({len(classes)} classes), "
             f"e.g. {unknown[:3]}; check --classes or the classes.txt in --out"
         )
-    items: list[tuple[str, int]] = []
-    for folder in folders:
-        root = src / folder
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
-            for name in sorted(filenames):
-                if not _is_hidden(name):
-                    items.append((os.path.relpath(os.path.join(dirpath, name), src), index[folder]))
-    return classes, items
+    items = [(rel, index[folder]) for folder in folders for rel in walk_files(src, folder, skipped)]
+    return classes, items, skipped
 
 
 def read_label_file(path: str | Path) -> list[tuple[str, str]]:
@@ -106,9 +219,16 @@ def read_label_file(path: str | Path) -> list[tuple[str, str]]:
 
 def list_flat_folder(
     src: Path, labels_file: Path, classes: list[str] | None
-) -> tuple[list[str], list[tuple[str, int]], list[dict[str, str]]]:
-    """``(classes, items, unlabelled)`` for a flat folder plus a label file."""
-    files = sorted(e.name for e in os.scandir(src) if e.is_file() and not _is_hidden(e.name))
+) -> tuple[list[str], list[tuple[str, int]], list[Skipped]]:
+    """``(classes, items, skipped)`` for a flat folder plus a label file (``skipped``: unlabelled or unusable
+    files; sub-folders are not read)."""
+    unlabelled: list[Skipped] = []
+    entries = _list_folder(src, "", unlabelled)
+    if entries is None:
+        raise SourceUnreadable(f"cannot list --src {str(src)!r}: check its permissions")
+    kinds = {e.name: _classify(e) for e in entries}
+    files = [name for name, kind in kinds.items() if kind == "file"]
+    unlabelled += [_skip(name, kind) for name, kind in kinds.items() if kind not in ("file", "folder")]
     known = set(files) | {name.split(".", 1)[0] for name in files}
     rows = read_label_file(labels_file)
     if rows and rows[0][0] not in known:
@@ -131,7 +251,6 @@ def list_flat_folder(
                 f"{labels_file}: label {label!r} of {name!r} is neither a class name nor an index"
             )
     items: list[tuple[str, int]] = []
-    unlabelled: list[dict[str, str]] = []
     for name in files:
         label = by_name.get(name, by_name.get(name.split(".", 1)[0]))
         if label is None:
@@ -142,13 +261,26 @@ def list_flat_folder(
 
 
 # ------------------------------------------------------------------------------------------ shard writing
+def read_input(path: str, limits: ImageLimits) -> bytes:
+    """The bytes of one input file; raises for anything but a regular file within ``limits.max_bytes``.
+
+    Opened non-blocking: a FIFO opened for reading waits for a writer forever (a regular file ignores the flag).
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotARegularFile(f"not a regular file (mode {stat.filemode(info.st_mode)}); skipped unread")
+        limits.check_encoded(info.st_size)
+        return f.read()
+
+
 def encode_for_shard(data: bytes, cfg: ShardConfig) -> tuple[str, bytes]:
-    """Decode-check and convert one input file; raises for anything unreadable."""
-    from PIL import Image
+    """Decode-check and convert one input file; raises for anything unreadable or beyond the config's limits
+    (:class:`~dip_lightning.core.data.preprocess.ImageTooLarge`, before decoding)."""
+    from dip_lightning.core.data.preprocess import encode_image, open_checked, preprocess, to_rgb
 
-    from dip_lightning.core.data.preprocess import encode_image, preprocess, to_rgb
-
-    img = Image.open(io.BytesIO(data))
+    img = open_checked(data, ImageLimits(cfg.max_pixels, cfg.max_bytes))
     img.load()  # full decode: a truncated file fails here
     if cfg.format == "orig":
         if img.format in ("JPEG", "PNG", "WEBP"):
@@ -199,8 +331,7 @@ def write_shard(task: dict) -> dict:
         writer = ShardTarWriter(f)
         for key, rel, label in task["items"]:
             try:
-                with open(os.path.join(task["src"], rel), "rb") as img_file:
-                    data = img_file.read()
+                data = read_input(os.path.join(task["src"], rel), ImageLimits(cfg.max_pixels, cfg.max_bytes))
                 ext, payload = encode_for_shard(data, cfg)
             except Exception as exc:  # noqa: BLE001 - any unreadable input is skipped and reported
                 bad.append({"path": rel, "error": f"{type(exc).__name__}: {exc}"[:300]})
@@ -260,6 +391,8 @@ def prepare_split(
     preprocess: str = "adm",
     shard_size: int = 1000,
     seed: int = 0,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_image_bytes: int = DEFAULT_MAX_BYTES,
     labels: str | Path | None = None,
     classes: str | Path | Sequence[str] | None = None,
     workers: int | None = None,
@@ -281,6 +414,9 @@ def prepare_split(
         preprocess: ``adm`` (the ADM centre crop) or ``none`` (cropped at load time).
         shard_size: samples per shard.
         seed: seed of the global shuffle before sharding.
+        max_pixels: an input whose header declares more pixels is skipped undecoded (the default passes every
+            ImageNet image and refuses decompression bombs).
+        max_image_bytes: an input file larger than this, or whose decoded size would be, is skipped.
         labels: label file of a flat folder (``<file> <label>`` lines; ImageNet's ``LOC_val_solution.csv``).
         classes: class list (a file or names); default: ``<out>/classes.txt``, else the sorted folder names.
         workers: processes writing shards (default: the CPUs this process may use).
@@ -292,9 +428,21 @@ def prepare_split(
     t0 = time.time()
     src, out = Path(src), Path(out)
     _check_options(src, split, image_size, format, quality, png_level, preprocess, shard_size)
+    ImageLimits(max_pixels, max_image_bytes)  # checks the values
     out.mkdir(parents=True, exist_ok=True)
-    cfg = ShardConfig(split, image_size, format, quality, png_level, preprocess, shard_size, seed)
-    class_list, items, unlabelled, layout = _list_inputs(src, out, labels, classes)
+    cfg = ShardConfig(
+        split,
+        image_size,
+        format,
+        quality,
+        png_level,
+        preprocess,
+        shard_size,
+        seed,
+        max_pixels,
+        max_image_bytes,
+    )
+    class_list, items, skipped, layout = _list_inputs(src, out, labels, classes)
     planned, plan_hash = _plan(items, cfg, src)
     names = [f"{split}-{k:06d}.tar" for k in range(max(1, -(-len(planned) // shard_size)))]
     progress_dir = _claim_output(out, cfg, src, plan_hash, overwrite)
@@ -302,7 +450,7 @@ def prepare_split(
     workers = min(workers or _default_workers(), max(1, len(tasks)))
     _run_tasks(tasks, records, workers, progress, len(planned), split, on_shard_done)
     shards = [records[k] for k in range(len(names))]
-    manifest = _manifest(cfg, src, labels, layout, class_list, len(items), unlabelled, shards, plan_hash)
+    manifest = _manifest(cfg, src, labels, layout, class_list, len(items), skipped, shards, plan_hash)
     manifest |= {
         "source": manifest["source"] | {"note": source_note},
         "elapsed_s": round(time.time() - t0, 2),
@@ -339,8 +487,8 @@ def _check_options(
 
 def _list_inputs(
     src: Path, out: Path, labels: str | Path | None, classes: str | Path | Sequence[str] | None
-) -> tuple[list[str], list[tuple[str, int]], list[dict[str, str]], str]:
-    """``(class list, [(relative path, label)], unlabelled files, layout)``; writes ``<out>/classes.txt``.
+) -> tuple[list[str], list[tuple[str, int]], list[Skipped], str]:
+    """``(class list, [(relative path, label)], skipped inputs, layout)``; writes ``<out>/classes.txt``.
 
     The class list is the one given, else the one already in ``out`` (train before val, so both splits index
     classes alike), else the folder names.
@@ -354,19 +502,18 @@ def _list_inputs(
         class_list = read_classes_file(classes_path)
     else:
         class_list = None
-    unlabelled: list[dict[str, str]] = []
     if labels is not None:
-        class_list, items, unlabelled = list_flat_folder(src, Path(labels), class_list)
+        class_list, items, skipped = list_flat_folder(src, Path(labels), class_list)
         layout = "flat+labels"
     else:
-        class_list, items = list_image_folder(src, class_list)
+        class_list, items, skipped = list_image_folder(src, class_list)
         layout = "imagefolder"
     if classes_path.is_file():
         if read_classes_file(classes_path) != class_list:
             raise PrepareError(f"{classes_path} lists other classes than this run; use another --out")
     else:
         classes_path.write_text("".join(name + "\n" for name in class_list))
-    return class_list, items, unlabelled, layout
+    return class_list, items, skipped, layout
 
 
 def _plan(
@@ -393,6 +540,12 @@ def _claim_output(out: Path, cfg: ShardConfig, src: Path, plan_hash: str, overwr
     for leftover in leftover_temp_files(out, f"{split}-*.tar"):  # shards of a killed run, never complete
         leftover.unlink(missing_ok=True)
     existing = sorted(out.glob(f"{split}-*.tar"))
+    in_the_way = [p for p in existing if not p.is_file()]
+    if in_the_way:
+        raise ShardPathTaken(
+            f"{in_the_way[0]} is a folder (or another non-file) where prepare writes a shard file: move it away, "
+            "or use another --out"
+        )
     if overwrite:
         for path in [*existing, out / f"{split}-manifest.json"]:
             path.unlink(missing_ok=True)
@@ -450,13 +603,13 @@ def _manifest(
     layout: str,
     class_list: list[str],
     num_listed: int,
-    unlabelled: list[dict[str, str]],
+    skipped: list[Skipped],
     shards: list[dict],
     plan_hash: str,
 ) -> dict:
-    """The split's manifest from the shard records."""
+    """The split's manifest from the shard records and what the listing skipped."""
     class_counts = [0] * len(class_list)
-    bad: list[dict[str, str]] = list(unlabelled)
+    bad: list[Skipped] = list(skipped)
     for record in shards:
         for label, count in record["class_counts"].items():
             class_counts[int(label)] += count
@@ -481,10 +634,11 @@ def _manifest(
             "path": str(src.resolve()),
             "layout": layout,
             "labels_file": str(Path(labels).resolve()) if labels is not None else None,
-            "num_files": num_listed + len(unlabelled),
+            "num_files": num_listed + len(skipped),
         },
         "seed": cfg.seed,
         "shard_size": cfg.shard_size,
+        "limits": {"max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes},
         "plan_hash": plan_hash,
         "shards": [{"name": r["name"], "samples": r["samples"], "bytes": r["bytes"]} for r in shards],
         "class_counts": {class_list[i]: c for i, c in enumerate(class_counts)},
@@ -540,7 +694,8 @@ def _run_tasks(
             return
         # spawn: the progress bar runs a thread, and forking a threaded process is unsafe.
         ctx = multiprocessing.get_context("spawn")
-        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        pool_options = {"initializer": die_with_parent, "initargs": (os.getpid(),)}
+        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, **pool_options) as pool:
             futures = {pool.submit(write_shard, task): k for k, task in tasks}
             try:
                 for fut in cf.as_completed(futures):
@@ -548,3 +703,33 @@ def _run_tasks(
             except BaseException:
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise
+
+
+# ------------------------------------------------------------------------------------------ worker lifetime
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Pool initializer: this worker ends when ``parent_pid`` (the process that started it) dies, even by SIGKILL,
+    which runs no cleanup and would otherwise leave the workers writing shards nobody collects.
+
+    Linux: the kernel sends the worker SIGKILL (``PR_SET_PDEATHSIG``) the moment its parent ends; the worker has
+    nothing to clean up (a shard it was writing is a temporary file the next run deletes). The signal is tied to
+    the parent *thread* that started the worker: the pool is started and shut down by one call on one thread,
+    which outlives its workers. Elsewhere a thread polls the parent's process id once a second.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0:
+            if os.getppid() != parent_pid:  # the parent died before the request took effect
+                os._exit(1)
+            return
+    threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    os._exit(1)

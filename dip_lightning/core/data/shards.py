@@ -15,6 +15,7 @@ import json
 import os
 import re
 import tarfile
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dip_lightning.core.data.preprocess import decode_image
+from dip_lightning.core.data.preprocess import DEFAULT_LIMITS, ImageLimits, decode_image
+from dip_lightning.core.errors import KitError
 
 # Image extensions tried in this order when a sample has several.
 IMAGE_EXTS: tuple[str, ...] = ("png", "jpg", "jpeg", "webp", "ppm", "bmp", "tif", "tiff")
@@ -32,6 +34,14 @@ _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _META = re.compile(r"__[^/]*__($|/)")
 
 ShardSpec = str | Sequence[str]
+
+
+class ShardIsAFolder(KitError, IsADirectoryError):
+    """A shard name that is a folder, where a shard file belongs."""
+
+
+class DamagedShardWarning(RuntimeWarning):
+    """A shard that holds fewer samples than its manifest names, or whose tar ends early."""
 
 
 # ------------------------------------------------------------------------------------------ listing
@@ -47,11 +57,21 @@ def _local(url: str) -> str:
 def _folder_note(folder: str) -> str:
     if not os.path.isdir(folder):
         return f"folder {folder!r} does not exist"
-    tars = sorted(p.name for p in Path(folder).iterdir() if p.name.endswith(".tar"))
+    tars = sorted(p.name for p in Path(folder).iterdir() if p.name.endswith(".tar") and p.is_file())
     if not tars:
         return f"folder {folder!r} exists but holds no .tar files"
     shown = ", ".join(tars[:3]) + (", ..." if len(tars) > 3 else "")
     return f"folder {folder!r} holds {len(tars)} .tar file(s): {shown}"
+
+
+def _refuse_folders(part: str, paths: Sequence[str]) -> None:
+    folders = [p for p in paths if os.path.isdir(p)]
+    if folders:
+        raise ShardIsAFolder(
+            f"{folders[0]!r} (pattern {part!r}) is a folder, not a shard file"
+            + (f"; so are {len(folders) - 1} more" if len(folders) > 1 else "")
+            + ": a shard is a .tar file; point the pattern at the shard files, or move the folder away"
+        )
 
 
 def expand_shards(spec: ShardSpec) -> list[str]:
@@ -83,7 +103,9 @@ def _expand_pattern(part: str) -> list[str]:
         if is_remote(url):
             urls.append(url)
         elif _GLOB_CHARS.search(path):
-            matches = sorted(m for m in glob.glob(path) if os.path.isfile(m))
+            found = sorted(glob.glob(path))
+            _refuse_folders(part, found)  # never skipped in silence: its samples would be missing
+            matches = [m for m in found if os.path.isfile(m)]
             if not matches:
                 raise FileNotFoundError(
                     f"no shard matches pattern {part!r}: {_folder_note(os.path.dirname(path) or '.')}"
@@ -94,6 +116,7 @@ def _expand_pattern(part: str) -> list[str]:
         else:
             missing.append(path)
     if missing:
+        _refuse_folders(part, missing)
         raise FileNotFoundError(
             f"{len(missing)} shard(s) of pattern {part!r} do not exist (first: {missing[0]!r}); "
             f"{_folder_note(os.path.dirname(missing[0]) or '.')}"
@@ -236,8 +259,9 @@ class LocalReader:
             raise OSError(f"short read: {len(data)} of {size} bytes at offset {offset}")
         return data
 
-    def read(self, url: str, member: int) -> dict[str, bytes]:
-        """Sample ``member`` of the shard as ``{ext: bytes, "cls": bytes}`` (only the image and ``cls``)."""
+    def read(self, url: str, member: int, limits: ImageLimits = DEFAULT_LIMITS) -> dict[str, bytes]:
+        """Sample ``member`` of the shard as ``{ext: bytes, "cls": bytes}`` (only the image and ``cls``); an image
+        member above ``limits.max_bytes`` raises without being read."""
         idx = self.index(url)
         if member >= len(idx):
             why = idx.error or f"the shard holds {len(idx)} samples"
@@ -246,6 +270,7 @@ class LocalReader:
         fd = self._fd(_local(url))
         sample: dict[str, bytes] = {}
         if code >= 0:
+            limits.check_encoded(img_size)
             sample[IMAGE_EXTS[code]] = self._pread(fd, img_size, img_off)
         if cls_off >= 0:
             sample["cls"] = self._pread(fd, cls_size, cls_off)
@@ -343,7 +368,13 @@ def _remote_manifest_entries(url: str) -> dict[str, dict]:
 
 
 def shard_sample_counts(urls: Sequence[str]) -> list[int]:
-    """Number of samples per shard: manifest if it lists the shard (and the size matches), else a scan."""
+    """Number of samples per shard: the manifest's if it lists the shard, else a scan.
+
+    A local shard whose size differs from the one its manifest recorded is scanned: one holding fewer samples than
+    the manifest names keeps the manifest's count, so that the missing samples are read as bad samples (counted
+    against ``max_bad_fraction``), and is reported with a :class:`DamagedShardWarning` naming it and the counts, as
+    is a shard whose tar ends early.
+    """
     counts: list[int] = []
     for url in urls:
         name = url.rsplit("/", 1)[-1]
@@ -359,10 +390,33 @@ def shard_sample_counts(urls: Sequence[str]) -> list[int]:
         if entry is not None and int(entry.get("bytes", -1)) == os.path.getsize(path):
             counts.append(int(entry["samples"]))
         elif is_random_access(url):
-            counts.append(len(local_reader().index(url)))
+            counts.append(_scanned_count(url, None if entry is None else int(entry["samples"])))
         else:
             counts.append(sum(1 for _ in stream_samples(url)))
     return counts
+
+
+def _scanned_count(url: str, promised: int | None) -> int:
+    """The sample count of a local shard from a header scan, reported when the shard is damaged."""
+    index = local_reader().index(url)
+    found = len(index)
+    why = f" ({index.error})" if index.error else ""
+    if promised is not None and found < promised:
+        warnings.warn(
+            f"shard {url} holds {found} of the {promised} samples its manifest names{why}: the "
+            f"{promised - found} missing samples count as bad samples (max_bad_fraction); copy the shard again "
+            "or rerun prepare",
+            DamagedShardWarning,
+            stacklevel=3,
+        )
+        return promised
+    if index.error:
+        warnings.warn(
+            f"shard {url} is damaged: {found} samples readable{why}; copy it again or rewrite it",
+            DamagedShardWarning,
+            stacklevel=3,
+        )
+    return found
 
 
 def read_class_names(urls: Sequence[str]) -> list[str] | None:
@@ -387,10 +441,13 @@ def image_member(sample: Mapping[str, object]) -> str | None:
 
 
 def decode_sample(
-    sample: Mapping[str, bytes], image_size: int | None, crop_offset: float | None = None
+    sample: Mapping[str, bytes],
+    image_size: int | None,
+    crop_offset: float | None = None,
+    limits: ImageLimits = DEFAULT_LIMITS,
 ) -> tuple[np.ndarray, int]:
     """``(H, W, 3)`` uint8 image (ADM-cropped to ``image_size`` if needed, or randomly cropped at ``crop_offset``:
-    :func:`~dip_lightning.core.data.preprocess.decode_image`) and the integer label."""
+    :func:`~dip_lightning.core.data.preprocess.decode_image`, within ``limits``) and the integer label."""
     ext = image_member(sample)
     if ext is None:
         have = sorted(k for k in sample if not k.startswith("__"))
@@ -398,7 +455,7 @@ def decode_sample(
     if "cls" not in sample:
         raise ValueError("sample has no 'cls' member")
     label = int(sample["cls"])
-    return decode_image(sample[ext], image_size, crop_offset), label
+    return decode_image(sample[ext], image_size, crop_offset, limits), label
 
 
 def iter_shard_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from dip_lightning.core.data.preprocess import DEFAULT_LIMITS, ImageLimits
 from dip_lightning.core.data.shards import (
     decode_sample,
     expand_shards,
@@ -24,6 +25,7 @@ from dip_lightning.core.data.shards import (
     shard_sample_counts,
     stream_samples,
 )
+from dip_lightning.core.errors import KitError
 from dip_lightning.core.seeding import hash64
 
 _MAX_WORKER_ROWS = 257  # counters: row 0 = main process, row w + 1 = DataLoader worker w
@@ -34,6 +36,10 @@ Ref = tuple[int, int]  # (shard index, sample ordinal inside the shard)
 
 # Tags that keep the stream's hashed draws (dip_lightning.core.seeding.hash64) apart.
 _TAG_CHOICE, _TAG_FLIP, _TAG_PERM, _TAG_CROP = 0x51, 0xF1, 0x9E, 0xC7
+
+
+class TooMuchBadData(KitError, RuntimeError):
+    """More than ``max_bad_fraction`` of the samples read were unreadable (or missing from their shard)."""
 
 
 # ------------------------------------------------------------------------------------------ plan
@@ -124,6 +130,7 @@ class _ShardBatchDataset(IterableDataset):
         batch_size: int,
         num_classes: int | None,
         max_bad_fraction: float,
+        limits: ImageLimits | None = None,
     ) -> None:
         super().__init__()
         if len(urls) != len(sizes):
@@ -134,6 +141,7 @@ class _ShardBatchDataset(IterableDataset):
         self.batch_size = int(batch_size)
         self.num_classes = num_classes
         self.max_bad_fraction = float(max_bad_fraction)
+        self.limits = limits if limits is not None else DEFAULT_LIMITS
         self.random_access = [is_random_access(u) for u in self.urls]
         # Shared with the DataLoader workers (fork or spawn): [samples read, bad samples] per process.
         self.counters = torch.zeros(_MAX_WORKER_ROWS, 2, dtype=torch.int64).share_memory_()
@@ -180,7 +188,7 @@ class _ShardBatchDataset(IterableDataset):
             shard, ordinal = ref
             if self.random_access[shard]:
                 try:
-                    out.append(local_reader().read(self.urls[shard], ordinal))
+                    out.append(local_reader().read(self.urls[shard], ordinal, self.limits))
                 except Exception as exc:  # noqa: BLE001 - reported as a bad sample
                     out.append(exc)
             else:
@@ -231,8 +239,8 @@ class _ShardBatchDataset(IterableDataset):
     def _check_bad_fraction(self, row: int) -> None:
         read, bad = (int(v) for v in self.counters[row])
         if read >= _MIN_SAMPLES_FOR_BAD_CHECK and bad > self.max_bad_fraction * read:
-            raise RuntimeError(
-                f"{bad} of {read} samples read by this data process were unreadable "
+            raise TooMuchBadData(
+                f"{bad} of {read} samples read by this data process were unreadable or missing "
                 f"(> max_bad_fraction={self.max_bad_fraction}); refusing to train on damaged data. "
                 f"Check the shards ({self.urls[0]} ...) or raise max_bad_fraction."
             )
@@ -253,7 +261,7 @@ class _ShardBatchDataset(IterableDataset):
                 if isinstance(sample, BaseException):
                     raise sample
                 offset = None if crop_offsets is None else float(crop_offsets[i])
-                arr, label = decode_sample(sample, self.image_size, offset)
+                arr, label = decode_sample(sample, self.image_size, offset, self.limits)
                 if arr.shape != (self.image_size, self.image_size, 3):
                     raise ValueError(f"decoded to shape {arr.shape}")
             except Exception as exc:  # noqa: BLE001 - counted, warned, replaced
@@ -320,8 +328,9 @@ class TrainShardStream(_ShardBatchDataset):
         random_crop: bool = False,
         num_classes: int | None = None,
         max_bad_fraction: float = 0.01,
+        limits: ImageLimits | None = None,
     ) -> None:
-        super().__init__(urls, sizes, image_size, batch_size, num_classes, max_bad_fraction)
+        super().__init__(urls, sizes, image_size, batch_size, num_classes, max_bad_fraction, limits)
         self.plan = TrainPlan(self.sizes, seed, rank, mix)
         self.batches_per_epoch = int(batches_per_epoch)
         self.random_flip = bool(random_flip)
@@ -370,7 +379,7 @@ class TrainShardStream(_ShardBatchDataset):
             pos += 1
         self._check_bad_fraction(row)
         if not good:
-            raise RuntimeError(f"no readable sample in batch {b} nor in the {tries} segments after it")
+            raise TooMuchBadData(f"no readable sample in batch {b} nor in the {tries} segments after it")
         for k, i in enumerate([i for i, im in enumerate(images) if im is None]):
             j = good[k % len(good)]
             images[i], labels[i] = images[j], labels[j]
@@ -408,8 +417,9 @@ class ValShardStream(_ShardBatchDataset):
         max_samples: int | None = None,
         num_classes: int | None = None,
         max_bad_fraction: float = 0.01,
+        limits: ImageLimits | None = None,
     ) -> None:
-        super().__init__(urls, sizes, image_size, batch_size, num_classes, max_bad_fraction)
+        super().__init__(urls, sizes, image_size, batch_size, num_classes, max_bad_fraction, limits)
         total = sum(self.sizes) if max_samples is None else min(sum(self.sizes), int(max_samples))
         self.rank, self.world_size = int(rank), int(world_size)
         self.samples_per_rank = total // self.world_size
@@ -439,7 +449,7 @@ class ValShardStream(_ShardBatchDataset):
         keep = [i for i, im in enumerate(images) if im is not None]
         self._check_bad_fraction(row)
         if not keep:
-            raise RuntimeError(f"validation batch {b}: no readable sample ({self.urls[refs[0][0]]})")
+            raise TooMuchBadData(f"validation batch {b}: no readable sample ({self.urls[refs[0][0]]})")
         return self._assemble([images[i] for i in keep], [labels[i] for i in keep], None)
 
     def _batch_ids(self, worker: int, num_workers: int) -> Iterable[int]:

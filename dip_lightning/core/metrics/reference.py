@@ -25,11 +25,11 @@ from torch import Tensor, nn
 
 from dip_lightning.core.atomic import atomic_write
 from dip_lightning.core.distributed import all_gather_rows, is_distributed, rank_and_world
-from dip_lightning.core.metrics.errors import ReferenceFileError
+from dip_lightning.core.metrics.errors import MetricsError
 from dip_lightning.core.metrics.features import FeatureExtractor
 from dip_lightning.core.metrics.frechet import FIDStats
 from dip_lightning.core.metrics.patch_seam import SeamProfile
-from dip_lightning.core.metrics.sources import iter_npz_images, npz_image_shape
+from dip_lightning.core.metrics.sources import iter_npz_images, npz_array_sizes, npz_image_shape, npz_images
 
 __all__ = [
     "CACHE_ENV",
@@ -44,6 +44,7 @@ __all__ = [
     "gather_feature_set",
     "load_reference",
     "reference_from_features",
+    "reference_image_size",
     "save_reference",
 ]
 
@@ -51,8 +52,16 @@ __all__ = [
 CACHE_ENV = "DIP_METRICS_CACHE"
 #: Per-image pool features a reference file keeps for precision/recall (ADM's reference batches: 10k images).
 PR_REFERENCE_SIZE = 10000
+#: Largest statistics array a reference may declare (Inception's sigma: 32 MB; 10k pool features: 80 MB).
+MAX_STATISTICS_BYTES = 2**30
 #: Inception feature kinds that are extracted per image.
 INCEPTION_KINDS = ("pool", "spatial", "probs")
+
+
+class BadReferenceFile(MetricsError):
+    """A reference file that cannot serve: no npz, neither images nor statistics, statistics arrays that are not
+    what their headers declare or implausibly large (unread), of inconsistent shape or holding NaN/inf, made with
+    another feature network than the samples', or too few images."""
 
 
 class MetricUnavailableWarning(UserWarning):
@@ -150,13 +159,17 @@ def npz_feature_set(
     batch_size: int = 64,
     dinov2: nn.Module | None = None,
     limit: int | None = None,
+    image_size: tuple[int, int] | None = None,
 ) -> FeatureSet:
-    """Features of an npz's ``arr_0`` images; under a process group each rank reads a contiguous slice."""
-    total = npz_image_shape(path)[0]
+    """Features of an npz's ``arr_0`` images; under a process group each rank reads a contiguous slice. The
+    array's header is checked first (`npz_images`; ``image_size``: the reference's, for samples)."""
+    total = npz_images(path, image_size=image_size).count
     total = total if limit is None else min(total, limit)
     rank, world = rank_and_world() if is_distributed() else (0, 1)
     bounds = np.linspace(0, total, world + 1).round().astype(int)
-    batches = iter_npz_images(path, batch_size, limit=int(bounds[rank + 1]), start=int(bounds[rank]))
+    batches = iter_npz_images(
+        path, batch_size, limit=int(bounds[rank + 1]), start=int(bounds[rank]), image_size=image_size
+    )
     return gather_feature_set(extract_feature_set(batches, kinds, extractor, device, dinov2))
 
 
@@ -289,6 +302,8 @@ class Reference:
     num_images: int = 0
     #: "images", "adm" or "stats".
     layout: str = "images"
+    #: ``(height, width)`` of the reference's images, where the file tells (its images, or its seam profile).
+    image_size: tuple[int, int] | None = None
 
     def has(self, need: str) -> bool:
         if need == "pool_features":
@@ -308,19 +323,37 @@ def _npz_keys(path: Path) -> list[str]:
         with zipfile.ZipFile(path) as zf:
             return [n.removesuffix(".npy") for n in zf.namelist()]
     except zipfile.BadZipFile as err:
-        raise ReferenceFileError(
+        raise BadReferenceFile(
             f"reference {path} is not an npz (zip) file ({err}): pass an image npz, an ADM reference batch or a "
             "reference file from `python -m dip_lightning fid-stats`"
         ) from err
+
+
+def _check_statistics_headers(path: Path) -> None:
+    """Before np.load reads them: every array but the images holds the bytes its header declares, at most
+    :data:`MAX_STATISTICS_BYTES` (a few MB of deflated zeros can declare a sigma of many GB)."""
+    for key, (declared, stored) in npz_array_sizes(path).items():
+        if key == "arr_0":
+            continue  # the images: npz_images checks them
+        if declared != stored:
+            raise BadReferenceFile(
+                f"{path}: array {key!r} declares {declared} bytes but the file holds {stored}: truncated or not "
+                "written by numpy; recompute it (fid-stats) or copy it again"
+            )
+        if declared > MAX_STATISTICS_BYTES:
+            raise BadReferenceFile(
+                f"{path}: array {key!r} declares {declared} bytes, more than any reference statistic needs "
+                f"({MAX_STATISTICS_BYTES}); not read"
+            )
 
 
 def _read_stats_file(path: Path, keys: list[str]) -> Reference:
     try:
         return _read_stats_arrays(path, keys)
     except _DAMAGED as err:
-        if isinstance(err, ReferenceFileError):
+        if isinstance(err, BadReferenceFile):
             raise
-        raise ReferenceFileError(
+        raise BadReferenceFile(
             f"reference {path} is damaged or incomplete ({type(err).__name__}: {err}); copy it again or "
             f"{_RECOMPUTE}"
         ) from err
@@ -331,13 +364,14 @@ def _check_finite(path: Path, arrays: dict[str, np.ndarray]) -> None:
     refused before any sample is extracted."""
     bad = [key for key, value in arrays.items() if not np.isfinite(value).all()]
     if bad:
-        raise ReferenceFileError(
+        raise BadReferenceFile(
             f"reference {path}: {' and '.join(bad)} {'hold' if len(bad) > 1 else 'holds'} NaN or infinite "
             f"values, so no distance to it is a number; {_RECOMPUTE}"
         )
 
 
 def _read_stats_arrays(path: Path, keys: list[str]) -> Reference:
+    _check_statistics_headers(path)
     with np.load(path, allow_pickle=False) as npz:
 
         def stats(mu_key: str, sigma_key: str, extractor: str) -> FIDStats | None:
@@ -346,7 +380,7 @@ def _read_stats_arrays(path: Path, keys: list[str]) -> Reference:
             mu = np.asarray(npz[mu_key], dtype=np.float64)
             sigma = np.asarray(npz[sigma_key], dtype=np.float64)
             if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-                raise ReferenceFileError(
+                raise BadReferenceFile(
                     f"reference {path}: inconsistent shapes {mu_key} {mu.shape}, {sigma_key} {sigma.shape}; "
                     f"{_RECOMPUTE}"
                 )
@@ -408,8 +442,19 @@ def load_reference(
     return ref
 
 
+def reference_image_size(path: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """``(height, width)`` of a reference's images, from its image array's header (an image npz, an ADM batch) or
+    its seam profile (a `save_reference` file); None when the file does not tell. Reads no image."""
+    keys = _npz_keys(Path(path))
+    if "arr_0" in keys:
+        return npz_images(path).size
+    if "seam_cols" in keys and "seam_rows" in keys:
+        return npz_image_shape(path, "seam_rows")[0] + 1, npz_image_shape(path, "seam_cols")[0] + 1
+    return None
+
+
 def _read_reference_file(file: Path) -> Reference:
-    """What the file stores (statistics and features as they are, images only noted)."""
+    """What the file stores (statistics and features as they are, images only noted and their header checked)."""
     if not file.is_file():
         raise FileNotFoundError(
             f"reference {file} not found; pass an image npz (arr_0: uint8 NHWC), an ADM reference batch, or "
@@ -417,13 +462,15 @@ def _read_reference_file(file: Path) -> Reference:
         )
     keys = _npz_keys(file)
     has_images = "arr_0" in keys
+    image_size = npz_images(file).size if has_images else None
     if "mu" in keys and "sigma" in keys:
         ref = _read_stats_file(file, keys)
         ref.layout = "adm" if has_images else "stats"
+        ref.image_size = image_size or (ref.seam.image_size if ref.seam is not None else None)
         return ref
     if has_images:
-        return Reference(str(file), layout="images")
-    raise ReferenceFileError(
+        return Reference(str(file), layout="images", image_size=image_size)
+    raise BadReferenceFile(
         f"{file} is not a reference: it has neither images (arr_0) nor statistics (mu, sigma); keys: {keys}"
     )
 
@@ -440,7 +487,7 @@ def _check_networks(ref: Reference, extractor: FeatureExtractor | None, dinov2: 
     none, a warning: its TensorFlow Inception is what the kit's Inception ports)."""
     recorded = ref.extractor if ref.layout != "images" else ""
     if extractor is not None and recorded and recorded != extractor.name:
-        raise ReferenceFileError(
+        raise BadReferenceFile(
             f"{ref.path} was computed with extractor {recorded!r} but the samples use {extractor.name!r}; "
             "recompute it with that extractor (fid-stats --extractor ...)"
         )
@@ -453,7 +500,7 @@ def _check_networks(ref: Reference, extractor: FeatureExtractor | None, dinov2: 
     dinov2_name = str(getattr(dinov2, "name", ""))
     recorded_dinov2 = ref.stats["dinov2"].extractor if "dinov2" in ref.stats else ""
     if dinov2 is not None and recorded_dinov2 not in ("", dinov2_name):
-        raise ReferenceFileError(
+        raise BadReferenceFile(
             f"{ref.path}: FD-DINOv2 statistics were made with {recorded_dinov2!r}, the samples use "
             f"{dinov2_name!r}; recompute it with those DINOv2 weights (fid-stats --dinov2_weights ...)"
         )
@@ -480,7 +527,7 @@ def _kinds_to_extract(
 def _complete_reference(ref: Reference, extracted: FeatureSet, needs: set[str], dinov2_name: str) -> None:
     """Fill in what ``needs`` asks for and the file lacked from the features of its images."""
     if extracted.num_images < 2 and needs - {"seam"}:
-        raise ReferenceFileError(
+        raise BadReferenceFile(
             f"reference {ref.path} holds {extracted.num_images} image(s); statistics and precision/recall need "
             "at least 2 (ADM's reference batches hold 10,000)"
         )

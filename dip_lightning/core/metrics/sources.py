@@ -1,21 +1,81 @@
-"""Image sources of the metrics engine: uint8 batches streamed from an npz (ADM layout) or WebDataset shards."""
+"""Image sources of the metrics engine: uint8 batches streamed from an npz (ADM layout) or WebDataset shards.
+
+An npz's image array is checked from its header before any image is read (:func:`npz_images`): dtype, layout,
+the per-image :class:`~dip_lightning.core.data.preprocess.ImageLimits`, that the zip member holds exactly the bytes
+the header declares, and the reference's image size where there is one. A 3 MB npz can declare gigabytes of
+zeros; decoding first and comparing afterwards would cost that memory.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import zipfile
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from dip_lightning.core.metrics.errors import ImageFileError
+from dip_lightning.core.data.preprocess import DEFAULT_LIMITS, ImageLimits
+from dip_lightning.core.metrics.errors import MetricsError
 
-__all__ = ["iter_npz_images", "iter_shard_images", "npz_image_count", "npz_image_shape"]
+__all__ = [
+    "BadImageArray",
+    "NpzImages",
+    "iter_npz_images",
+    "iter_shard_images",
+    "npz_image_count",
+    "npz_array_sizes",
+    "npz_image_shape",
+    "npz_images",
+]
+
+
+class BadImageArray(MetricsError):
+    """An npz whose image array is not what it must be (no readable npz, no ``arr_0``, layout, size, declared
+    bytes, no images); nothing was read."""
+
+
+#: What zipfile, zlib and numpy raise for a file that is no (complete) npz.
+_DAMAGED = (zipfile.BadZipFile, zlib.error, EOFError, ValueError)
+
+
+@contextlib.contextmanager
+def _open_npz(path: str | os.PathLike[str]) -> Iterator[zipfile.ZipFile]:
+    """The npz as a zip; a file that is no zip, or whose members or headers cannot be read (cut short, a bad
+    CRC), is a :class:`BadImageArray` naming it."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            yield zf
+    except _DAMAGED as err:
+        if isinstance(err, MetricsError):
+            raise
+        raise BadImageArray(
+            f"{path}: not a readable npz ({type(err).__name__}: {err}); it is damaged, incomplete or no npz at "
+            "all: write it again (`sample` writes the ADM layout)"
+        ) from err
+
+
+@dataclass(frozen=True)
+class NpzImages:
+    """The header of an npz's image array, checked (:func:`npz_images`)."""
+
+    shape: tuple[int, ...]
+    nhwc: bool  # (N, H, W, 3), the ADM layout; else (N, 3, H, W)
+
+    @property
+    def count(self) -> int:
+        return self.shape[0]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(height, width)`` of every image."""
+        return (self.shape[1], self.shape[2]) if self.nhwc else (self.shape[2], self.shape[3])
 
 
 def _read_npy_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -29,49 +89,84 @@ def _read_npy_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
 def _npz_member(zf: zipfile.ZipFile, key: str) -> str:
     name = f"{key}.npy"
     if name not in zf.namelist():
-        raise ImageFileError(
+        raise BadImageArray(
             f"{zf.filename}: no {key!r} array (members: {zf.namelist()}); an image npz holds uint8 images "
             "(N, H, W, 3) under arr_0, as `sample` writes them"
         )
     return name
 
 
-#: What zipfile, zlib and numpy raise for a file that is no (complete) npz.
-_DAMAGED = (zipfile.BadZipFile, zlib.error, EOFError, ValueError)
+def _member_header(zf: zipfile.ZipFile, name: str) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """``(shape, fortran_order, dtype, bytes of data the member holds)`` of one ``.npy`` member, data unread."""
+    with zf.open(name) as f:
+        shape, fortran, dtype = _read_npy_header(f)
+        return tuple(int(s) for s in shape), fortran, dtype, zf.getinfo(name).file_size - f.tell()
 
 
-def _unreadable(path: str | os.PathLike[str], err: BaseException) -> ImageFileError:
-    return ImageFileError(
-        f"{path}: not a readable npz ({type(err).__name__}: {err}); it is damaged, incomplete or no npz at all: "
-        "write it again (`sample` writes the ADM layout)"
-    )
+def npz_array_sizes(path: str | os.PathLike[str]) -> dict[str, tuple[int, int]]:
+    """``{key: (bytes its header declares, bytes its member holds)}`` of every array of an npz, from the headers
+    only (object arrays, which np.load refuses anyway, count 0 declared bytes)."""
+    sizes = {}
+    with _open_npz(path) as zf:
+        for name in zf.namelist():
+            shape, _, dtype, stored = _member_header(zf, name)
+            declared = 0 if dtype.hasobject else math.prod(shape) * dtype.itemsize
+            sizes[name.removesuffix(".npy")] = (declared, stored)
+    return sizes
 
 
-@contextlib.contextmanager
-def _npz_array(
-    path: str | os.PathLike[str], key: str
-) -> Iterator[tuple[Any, tuple[int, ...], bool, np.dtype]]:
-    """The open ``.npy`` member ``key`` of an npz, positioned at its data, and (shape, fortran_order, dtype) from
-    its header; a file that is no readable npz is an :class:`ImageFileError` naming it."""
-    with contextlib.ExitStack() as stack:
-        try:
-            zf = stack.enter_context(zipfile.ZipFile(path))
-            f = stack.enter_context(zf.open(_npz_member(zf, key)))
-            shape, fortran, dtype = _read_npy_header(f)
-        except _DAMAGED as err:
-            if isinstance(err, ImageFileError):
-                raise
-            raise _unreadable(path, err) from err
-        try:
-            yield f, shape, fortran, dtype
-        except (zipfile.BadZipFile, zlib.error, EOFError) as err:  # found while reading the data (a bad CRC)
-            raise _unreadable(path, err) from err
+def _checked_header(
+    path: str | os.PathLike[str],
+    key: str,
+    shape: tuple[int, ...],
+    fortran: bool,
+    dtype: np.dtype,
+    data_bytes: int,
+) -> NpzImages:
+    where = f"{path}:{key}"
+    if dtype != np.uint8 or len(shape) != 4 or fortran:
+        raise BadImageArray(f"{where} must be a C-order uint8 (N, H, W, 3) array, got {dtype} {shape}")
+    nhwc = shape[-1] == 3
+    if not nhwc and shape[1] != 3:
+        raise BadImageArray(f"{where} has shape {shape}; expected (N, H, W, 3) or (N, 3, H, W)")
+    images = NpzImages(tuple(int(s) for s in shape), nhwc)
+    declared = math.prod(shape)
+    if declared != data_bytes:
+        raise BadImageArray(
+            f"{where} declares {shape} ({declared} bytes) but the file holds {data_bytes} bytes of image data: "
+            "it is truncated or was not written by numpy; write it again"
+        )
+    return images
+
+
+def npz_images(
+    path: str | os.PathLike[str],
+    key: str = "arr_0",
+    limits: ImageLimits = DEFAULT_LIMITS,
+    image_size: tuple[int, int] | None = None,
+) -> NpzImages:
+    """The image array's header, checked before any image is read: a C-order uint8 ``(N, H, W, 3)`` (or
+    ``(N, 3, H, W)``) array, every image within ``limits``, exactly the declared bytes in the zip member, and
+    ``(H, W) == image_size`` when given (the reference's). Raises :class:`BadImageArray` or
+    :class:`~dip_lightning.core.data.preprocess.ImageTooLarge`."""
+    with _open_npz(path) as zf:
+        shape, fortran, dtype, data_bytes = _member_header(zf, _npz_member(zf, key))
+    images = _checked_header(path, key, shape, fortran, dtype, data_bytes)
+    height, width = images.size
+    limits.check_decoded(width, height, 3, f"{path}:{key}: each image")
+    if image_size is not None and tuple(image_size) != (height, width):
+        raise BadImageArray(
+            f"{path}:{key} holds {height}x{width} images but the reference's are {image_size[0]}x{image_size[1]}: "
+            "compare samples with a reference of their resolution"
+        )
+    return images
 
 
 def npz_image_count(path: str | os.PathLike[str], key: str = "arr_0") -> int:
     """Number of images in an npz sample file, read from the array header only."""
-    with _npz_array(path, key) as (_, shape, _, _):
-        return int(shape[0])
+    with _open_npz(path) as zf, zf.open(_npz_member(zf, key)) as f:
+        shape, _, _ = _read_npy_header(f)
+    return int(shape[0])
 
 
 def iter_npz_images(
@@ -80,21 +175,20 @@ def iter_npz_images(
     limit: int | None = None,
     key: str = "arr_0",
     start: int = 0,
+    limits: ImageLimits = DEFAULT_LIMITS,
+    image_size: tuple[int, int] | None = None,
 ) -> Iterator[Tensor]:
     """Stream uint8 images from an npz (ADM layout: ``arr_0`` NHWC uint8; NCHW accepted) as ``(B, 3, H, W)``.
 
     The array is read from the zip member batch by batch, so a 50k x 256² sample file (~10 GB) never has to
     fit in memory, as ``np.load(...)["arr_0"]`` would require. Images ``start .. limit - 1`` are read (``limit``
-    None: to the end), so ranks can each read their own slice.
+    None: to the end), so ranks can each read their own slice. The header is checked first (:func:`npz_images`,
+    with ``limits`` and ``image_size``).
     """
-    with _npz_array(path, key) as (f, shape, fortran, dtype):
-        if dtype != np.uint8 or len(shape) != 4 or fortran:
-            raise ImageFileError(
-                f"{path}:{key} must be a C-order uint8 (N, H, W, 3) array, got {dtype} {shape}"
-            )
-        nhwc = shape[-1] == 3
-        if not nhwc and shape[1] != 3:
-            raise ImageFileError(f"{path}:{key} has shape {shape}; expected (N, H, W, 3) or (N, 3, H, W)")
+    images = npz_images(path, key, limits, image_size)
+    shape, nhwc = images.shape, images.nhwc
+    with _open_npz(path) as zf, zf.open(_npz_member(zf, key)) as f:
+        _read_npy_header(f)
         total = shape[0] if limit is None else min(shape[0], limit)
         per_image = int(np.prod(shape[1:]))
         done = min(start, total)
@@ -104,7 +198,7 @@ def iter_npz_images(
             n = min(batch_size, total - done)
             buf = f.read(n * per_image)
             if len(buf) != n * per_image:
-                raise ImageFileError(f"{path}:{key} is truncated: write the file again")
+                raise BadImageArray(f"{path}:{key} is truncated: write the file again")
             batch = torch.from_numpy(np.frombuffer(buf, dtype=np.uint8).reshape(n, *shape[1:]).copy())
             yield batch.permute(0, 3, 1, 2).contiguous() if nhwc else batch
             done += n
@@ -153,5 +247,6 @@ def iter_shard_images(
 
 def npz_image_shape(path: str | os.PathLike[str], key: str = "arr_0") -> tuple[int, ...]:
     """Shape of an npz image array, read from the array header only."""
-    with _npz_array(path, key) as (_, shape, _, _):
-        return tuple(int(s) for s in shape)
+    with _open_npz(path) as zf, zf.open(_npz_member(zf, key)) as f:
+        shape, _, _ = _read_npy_header(f)
+    return tuple(int(s) for s in shape)

@@ -4,6 +4,8 @@ The metrics are those of ``evaluate`` (:class:`~dip_lightning.core.metrics.Metri
 training and one from the command agree. The feature networks live in the callback, not in the LightningModule, so
 EMA never averages them and checkpoints never carry them. The sample set does not depend on the world size; values
 go to the loggers at ``global_step`` and, from rank 0, to ``eval_metrics.csv`` in the log folder (docs/design.md).
+As a :class:`~dip_lightning.training.callbacks.evaluation.StepEvaluation` the step is saved before it is evaluated,
+and a signal stops the evaluation between two batches of samples.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from dip_lightning.core.metrics.reference import (
 from dip_lightning.core.metrics.sources import iter_shard_images
 from dip_lightning.core.seeding import sample_labels_and_seeds
 from dip_lightning.training.callbacks.ema import sampling_module
+from dip_lightning.training.callbacks.evaluation import StepEvaluation, stop_if_signalled
 
 #: What `MetricsCallback` computes by default: the ADM suite and the patch-seam score (FD-DINOv2 needs weights).
 DEFAULT_TRAINING_METRICS = ("fid", "sfid", "inception_score", "precision", "recall", "patch_seam")
@@ -45,7 +48,7 @@ DEFAULT_TRAINING_METRICS = ("fid", "sfid", "inception_score", "precision", "reca
 __all__ = ["DEFAULT_TRAINING_METRICS", "MetricsCallback"]
 
 
-class MetricsCallback(pl.Callback):
+class MetricsCallback(StepEvaluation):
     """Periodic evaluation of generated samples with the metrics engine; logs ``val/<metric>``.
 
     Args:
@@ -156,6 +159,7 @@ class MetricsCallback(pl.Callback):
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
         # Fail at start-up, not after hours of training, when a file is missing.
@@ -264,9 +268,17 @@ class MetricsCallback(pl.Callback):
         num_classes = int(module.num_classes)
         device = engine.device
 
+        chunks = self._indices(trainer.global_rank, trainer.world_size).split(self.batch_size)
+        # Rank 0 holds the largest share: every rank goes through as many rounds, so that the signal checks (a
+        # collective in DDP) pair up even where a rank has one batch less.
+        rounds = -(-len(self._indices(0, trainer.world_size)) // self.batch_size)
+
         def batches() -> Any:
-            for chunk in self._indices(trainer.global_rank, trainer.world_size).split(self.batch_size):
-                labels, seeds = sample_labels_and_seeds(chunk.numpy(), num_classes, self.seed)
+            for i in range(rounds):
+                stop_if_signalled(trainer)
+                if i >= len(chunks):
+                    continue
+                labels, seeds = sample_labels_and_seeds(chunks[i].numpy(), num_classes, self.seed)
                 images = module.generate(
                     torch.from_numpy(labels), torch.from_numpy(seeds), **self.sampler_overrides
                 )
@@ -334,14 +346,23 @@ class MetricsCallback(pl.Callback):
         first = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
         if isinstance(first, torch.Tensor) and first.ndim > 0:
             self._batch_size = int(first.shape[0])
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def due_at_step(self, trainer: pl.Trainer) -> bool:
         step = trainer.global_step
         # With gradient accumulation this hook runs several times per optimizer step: evaluate once.
-        if step > 0 and step % self.every_n_steps == 0 and step != self._last_eval_step:
-            self.evaluate(trainer, pl_module)
+        return step > 0 and step % self.every_n_steps == 0 and step != self._last_eval_step
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.eval_on_train_end and trainer.global_step > 0 and trainer.global_step != self._last_eval_step:
-            self.evaluate(trainer, pl_module)
+    def due_at_end(self, trainer: pl.Trainer) -> bool:
+        return (
+            self.eval_on_train_end and trainer.global_step > 0 and trainer.global_step != self._last_eval_step
+        )
+
+    def evaluate_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.evaluate(trainer, pl_module)
+
+    def logged_keys(self) -> set[str]:
+        return {self.log_key(m) for m in self.metrics}
 
     # ------------------------------------------------------------------------------------------ state
     @property

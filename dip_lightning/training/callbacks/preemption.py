@@ -5,9 +5,10 @@ between the optimizer update and the step increment that stores new weights unde
 repeats a step), and in DDP the save's barrier can pair with another rank's all-reduce and hang (Lightning issue
 #21406). :class:`PreemptionGuard`'s handlers only record the signal; after an optimizer step the ranks agree on
 what is pending, all take part in saving a preemption checkpoint in the run folder, rank 0 requeues the SLURM job
-for the requeue signal, and the run stops with :class:`TrainingInterrupted`. The guard also keeps every rank's
-global RNG states in the checkpoint. :class:`PerJobTimer` makes ``max_time`` a per-job budget. Details:
-docs/design.md.
+for the requeue signal, and the run stops with :class:`TrainingInterrupted`. Long work at a step boundary (the
+evaluations of :mod:`~dip_lightning.training.callbacks.evaluation`) calls :meth:`PreemptionGuard.stop_if_signalled`
+between its batches, so a signal stops it too. The guard also keeps every rank's global RNG states in the checkpoint.
+:class:`PerJobTimer` makes ``max_time`` a per-job budget. Details: docs/design.md.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from dip_lightning.checkpoint.resume import next_preemption_path, prune_preempti
 from dip_lightning.core.compat import cluster_environment, restore_sigterm_broadcast, skip_sigterm_broadcast
 from dip_lightning.core.distributed import is_distributed
 
-__all__ = ["PerJobTimer", "PreemptionGuard", "TrainingInterrupted"]
+__all__ = ["PerJobTimer", "PreemptionGuard", "TrainingAborted", "TrainingInterrupted"]
 
 
 class TrainingInterrupted(SystemExit):
@@ -59,6 +60,20 @@ class TrainingInterrupted(SystemExit):
             f"{signal.Signals(self.signum).name} at step {self.step}: saved {self.ckpt_path} and {action}; "
             "run `fit` again to continue"
         )
+
+
+class TrainingAborted(SystemExit):
+    """A second Ctrl-C: the run stops at once, without waiting for a step boundary or saving.
+
+    Exit code 130 (``128 + SIGINT``), as for the first Ctrl-C, where Lightning would turn a ``KeyboardInterrupt``
+    into exit code 1.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(128 + int(signal.SIGINT))
+
+    def __str__(self) -> str:
+        return "second Ctrl-C: aborted at once, without a preemption checkpoint"
 
 
 def _signum(value: str | int | signal.Signals) -> signal.Signals:
@@ -147,7 +162,7 @@ class PreemptionGuard(Callback):
             self._delegate(sig, frame)
             return
         if sig == signal.SIGINT and signal.SIGINT in self.received:
-            raise KeyboardInterrupt("second Ctrl-C: aborting without a preemption checkpoint")
+            raise TrainingAborted()
         if sig not in self.received:
             self.received.append(sig)
 
@@ -244,6 +259,32 @@ class PreemptionGuard(Callback):
             return
         self._preempt(trainer, agreed)
 
+    def stop_if_signalled(self, trainer: pl.Trainer) -> None:
+        """Act now on a signal pending on any rank: save (unless this step is on disk already), then stop or
+        requeue, as at a step boundary.
+
+        For long work between two steps (an evaluation): call it on every rank at the same points, e.g. before
+        each batch. It costs a look at a list on one process, one tiny all-reduce in DDP.
+        """
+        if not self._active:
+            return
+        agreed = self._agree(trainer)
+        if agreed is not None:
+            self._preempt(trainer, agreed)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Training completed with a stop request nobody acted on (it came after the last check, e.g. during the
+        # final save): everything is saved, but a process asked to terminate must not report success.
+        stop = next((s for s in self.received if s in self.stop_signals), None)
+        if not self._active or stop is None:
+            return
+        self._active = False
+        io = trainer.strategy.checkpoint_io
+        written = getattr(io, "last_written", None) if trainer.is_global_zero else None
+        self.interrupted = TrainingInterrupted(stop, trainer.global_step, str(written or "nothing"), False)
+        rank_zero_info(f"Preemption: {stop.name} after training completed: {self.interrupted}.")
+        raise self.interrupted
+
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
@@ -267,22 +308,41 @@ class PreemptionGuard(Callback):
             pending = [bool(f) for f in trainer.strategy.reduce(flags, reduce_op="max").tolist()]
         return next((sig for sig, flag in zip(sigs, pending) if flag), None)
 
+    def _saved_this_step(self, trainer: pl.Trainer) -> str | None:
+        """The resumable checkpoint of this very step that this process already wrote (rank 0's answer), if any.
+
+        A checkpoint callback that saves weights only could have written it: then it does not count.
+        """
+        io = trainer.strategy.checkpoint_io
+        saved = None
+        if getattr(io, "last_written_step", None) == trainer.global_step and not any(
+            getattr(c, "save_weights_only", False) for c in trainer.checkpoint_callbacks
+        ):
+            saved = str(io.last_written)
+        return trainer.strategy.broadcast(saved, src=0) if trainer.world_size > 1 else saved
+
     def _preempt(self, trainer: pl.Trainer, sig: signal.Signals) -> None:
         step = trainer.global_step
         here = ", ".join(s.name for s in self.received) or "none yet"
-        rank_zero_info(f"Preemption: {sig.name} (this rank received: {here}); saving at step {step}.")
-        # Rank 0's name for everyone, even where ranks see the folder differently (network filesystems).
-        path = trainer.strategy.broadcast(str(next_preemption_path(trainer.default_root_dir)), src=0)
-        # Every rank takes part (its state, the RNG gather), only rank 0 writes, and it ends with a barrier:
-        # the file is complete before anything below runs.
-        trainer.save_checkpoint(path, weights_only=False)
+        path = self._saved_this_step(trainer)
+        if path is not None:
+            rank_zero_info(
+                f"Preemption: {sig.name} (this rank received: {here}); step {step} is saved: {path}."
+            )
+        else:
+            rank_zero_info(f"Preemption: {sig.name} (this rank received: {here}); saving at step {step}.")
+            # Rank 0's name for everyone, even where ranks see the folder differently (network filesystems).
+            path = trainer.strategy.broadcast(str(next_preemption_path(trainer.default_root_dir)), src=0)
+            # Every rank takes part (its state, the RNG gather), only rank 0 writes, and it ends with a barrier:
+            # the file is complete before anything below runs.
+            trainer.save_checkpoint(path, weights_only=False)
+            if trainer.is_global_zero:
+                removed = prune_preemption_checkpoints(trainer.default_root_dir, keep=path)
+                if removed:
+                    rank_zero_info(f"Preemption: removed older {', '.join(p.name for p in removed)}.")
         requeued = False
-        if trainer.is_global_zero:
-            removed = prune_preemption_checkpoints(trainer.default_root_dir, keep=path)
-            if removed:
-                rank_zero_info(f"Preemption: removed older {', '.join(p.name for p in removed)}.")
-            if sig == self.requeue_signal:
-                requeued = _scontrol_requeue()
+        if trainer.is_global_zero and sig == self.requeue_signal:
+            requeued = _scontrol_requeue()
         if sig == self.requeue_signal and trainer.world_size > 1:
             # Only for the exit code of the other ranks. SLURM may already send SIGTERM for the requeue; the
             # guard is still active, so it is only recorded.

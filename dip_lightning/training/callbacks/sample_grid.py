@@ -3,7 +3,9 @@
 Every ``every_n_steps`` optimizer steps the callback generates ``rows x cols`` images (row r = class ``classes[r]``,
 column c = seed ``seed + r * cols + c``) with the EMA weights (``use_ema``), logs the grid to TensorBoard
 (``add_image``) and writes ``<log_dir>/grids/step_XXXXXXXX.png`` with a JSON side file that records each row's class.
-Only global rank 0 generates (a grid is a handful of images).
+Only global rank 0 generates (a grid is a handful of images, one batch). As a
+:class:`~dip_lightning.training.callbacks.evaluation.StepEvaluation` the step is saved before its grid, and a signal
+is acted on before and after the grid.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dip_lightning.checkpoint.run_folder import GRID_FOLDER, artefact_dir
 from dip_lightning.core.diffusion import sampler_overrides
 from dip_lightning.core.images import to_uint8
 from dip_lightning.training.callbacks.ema import sampling_module
+from dip_lightning.training.callbacks.evaluation import StepEvaluation
 
 
 def make_grid(images: torch.Tensor, cols: int, padding: int = 2, pad_value: int = 255) -> torch.Tensor:
@@ -37,7 +40,7 @@ def make_grid(images: torch.Tensor, cols: int, padding: int = 2, pad_value: int 
     return grid
 
 
-class SampleGrid(pl.Callback):
+class SampleGrid(StepEvaluation):
     """Periodic sample grids from fixed noise and a fixed list of classes.
 
     Args:
@@ -135,10 +138,12 @@ class SampleGrid(pl.Callback):
         self.last_written = path
         return path
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
-        if trainer.global_step > 0 and trainer.global_step % self.every_n_steps == 0:
-            self.write(trainer, pl_module)
+    def due_at_step(self, trainer: pl.Trainer) -> bool:
+        step = trainer.global_step
+        return step > 0 and step % self.every_n_steps == 0 and step != self._last_step
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.write_on_train_end:
-            self.write(trainer, pl_module)
+    def due_at_end(self, trainer: pl.Trainer) -> bool:
+        return self.write_on_train_end and trainer.global_step != self._last_step
+
+    def evaluate_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.write(trainer, pl_module)

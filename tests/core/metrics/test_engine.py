@@ -279,12 +279,11 @@ def test_a_metric_that_is_not_a_number_is_none_with_its_reason() -> None:
 
 
 def test_a_reference_with_nan_statistics_is_refused_naming_the_file(tmp_path: Path) -> None:
-    from dip_lightning.core.metrics.errors import ReferenceFileError
-    from dip_lightning.core.metrics.reference import check_reference_file
+    from dip_lightning.core.metrics.reference import BadReferenceFile, check_reference_file
 
     sigma = np.eye(8)
     sigma[1, 1] = np.nan
     path = tmp_path / "stats.npz"
     np.savez(path, mu=np.zeros(8), sigma=sigma, mu_s=np.zeros(4), sigma_s=np.eye(4))
-    with pytest.raises(ReferenceFileError, match=f"{path}: sigma holds NaN or infinite values"):
+    with pytest.raises(BadReferenceFile, match=f"{path}: sigma holds NaN or infinite values"):
         check_reference_file(path)

@@ -19,6 +19,7 @@ import torch
 
 from dip_lightning.checkpoint.io import PARTIAL_DIR
 from dip_lightning.checkpoint.resume import resolve_resume
+from dip_lightning.checkpoint.run_folder import RUN_LOCK
 from dip_lightning.training.callbacks.preemption import PreemptionGuard
 from tests.helpers.resume import (
     STEPS,
@@ -113,7 +114,8 @@ def test_resume_with_two_workers_one_starting_late_is_bit_exact(
 def test_kill_9_during_a_checkpoint_save_keeps_previous_checkpoint(
     tmp_path: Path, demo_data: dict, reference: dict
 ) -> None:
-    """SIGKILL in the middle of writing last.ckpt: the old last.ckpt stays whole, and fit resumes from it."""
+    """SIGKILL in the middle of writing last.ckpt: the old last.ckpt stays whole; the next fit takes over the
+    killed one's hold of the run folder and resumes from the newest complete checkpoint, step00000010.ckpt."""
     run, out, marker = tmp_path / "run", tmp_path / "out", tmp_path / "stalled"
     # Saves: 1 step00000005.ckpt, 2 last.ckpt (step 5), 3 step00000010.ckpt, 4 last.ckpt (step 10) <- stalls.
     plugin = json.dumps(
@@ -158,7 +160,13 @@ def test_kill_9_during_a_checkpoint_save_keeps_previous_checkpoint(
     assert stop is None
     assert any("unfinished checkpoint file" in line for line in lines)
     assert not partial.exists()
-    assert f"Resume: from last checkpoint {run / 'checkpoints' / 'last.ckpt'} (step 5)." in lines
+    hold = next(line for line in lines if line.startswith("Run folder: held by"))
+    assert f"Took over from a fit (pid {proc.pid} on " in hold and f"process {proc.pid} on " in hold, hold
+    assert "has ended" in hold
+    assert (
+        f"Resume: from step checkpoint {run / 'checkpoints' / 'step00000010.ckpt'} (step 10). "
+        "Ignored: last.ckpt (stale: step 5 is behind step00000010.ckpt at step 10)."
+    ) in lines
     assert_same_final(load_final(out), reference["final"])
 
 
@@ -224,9 +232,17 @@ def test_ddp_two_processes_sigterm_on_one_rank_resumes_bit_exact(tmp_path: Path,
     assert first.returncode == 128 + signal.SIGTERM, first.stderr[-3000:]
     assert sorted(p.name for p in run.glob("hpc_ckpt_*.ckpt")) == ["hpc_ckpt_1.ckpt"]
     assert 14 <= torch.load(run / "hpc_ckpt_1.ckpt", weights_only=True)["global_step"] < STEPS
+    assert not (run / RUN_LOCK).exists()  # released on the signal's exit
+    # A damaged last.ckpt (older than the preemption checkpoint) is set aside by rank 0 before rank 1 starts.
+    last = run / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])
     second = fit_ddp(run, out)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "Resume: from preemption checkpoint" in second.stderr + second.stdout
+    log = second.stderr + second.stdout
+    assert "Resume: from preemption checkpoint" in log and "Set aside as damaged: last.ckpt -> " in log
+    # Rank 0 held the run folder; rank 1 (started by Lightning's launcher) found its job's token there.
+    assert log.count("Run folder: held by a fit") == 1 and "RunFolderBusy" not in log
+    assert not (run / RUN_LOCK).exists()
     for rank in (0, 1):
         got, want = load_final(out, rank), load_final(tmp_path / "ref_out", rank)
         assert_same_final(got, want)

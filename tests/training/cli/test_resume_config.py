@@ -42,14 +42,15 @@ def test_resume_with_mismatched_config_fails_before_writing(tmp_path: Path, demo
     assert snapshot(run) == before
 
 
-def test_corrupt_checkpoint_is_a_clear_error(tmp_path: Path, demo_data: dict) -> None:
+def test_corrupt_explicit_checkpoint_is_a_clear_error(tmp_path: Path, demo_data: dict) -> None:
+    """Asked for by --ckpt_path, a damaged file is an error (without it, fit sets it aside: test_run_folder.py)."""
     run = tmp_path / "run"
     run_fit(resume_args(run, demo_data, steps=5))
     last = run / "checkpoints" / "last.ckpt"
     last.write_bytes(last.read_bytes()[:1000])  # truncated by something else than the kit
     before = snapshot(run)
     with pytest.raises(CheckpointError, match=r"last\.ckpt: the file is truncated or corrupt"):
-        run_fit(resume_args(run, demo_data, steps=10))
+        run_fit(resume_args(run, demo_data, f"--ckpt_path={last}", steps=10))
     assert snapshot(run) == before
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         AtomicCheckpointIO().load_checkpoint(last)
