@@ -27,6 +27,7 @@ from dip_lightning.checkpoint.posthoc import (
     recorded_profiles,
     run_snapshot_folder,
 )
+from dip_lightning.core.errors import ConfigError
 from dip_lightning.core.phema import MAX_STD
 
 STATE_DICT = "state_dict"
@@ -101,15 +102,15 @@ class WeightRequest:
 
     def __post_init__(self) -> None:
         if self.kind not in ("ema", "raw", "phema"):
-            raise ValueError(f"weights of kind {self.kind!r}: expected {ACCEPTED_FORMS}")
+            raise ConfigError(f"weights of kind {self.kind!r}: expected {ACCEPTED_FORMS}")
         if (self.decay is not None and self.kind != "ema") or (self.std is None) != (self.kind != "phema"):
-            raise ValueError(
+            raise ConfigError(
                 f"weights {self.kind}: a decay goes with ema, a std with phema (and phema needs one)"
             )
         if self.decay is not None and not 0.0 <= self.decay <= 1.0:
-            raise ValueError(f"an EMA decay lies in [0, 1], got {self.decay}")
+            raise ConfigError(f"an EMA decay lies in [0, 1], got {self.decay}")
         if self.std is not None and not 0.0 < self.std < MAX_STD:
-            raise ValueError(f"a power-function EMA's std lies in (0, {MAX_STD:.4f}), got {self.std}")
+            raise ConfigError(f"a power-function EMA's std lies in (0, {MAX_STD:.4f}), got {self.std}")
 
     @classmethod
     def parse(cls, text: str | WeightRequest) -> WeightRequest:
@@ -123,14 +124,14 @@ class WeightRequest:
             try:
                 value = float(number)
             except ValueError:
-                raise ValueError(
+                raise ConfigError(
                     f"weights {text!r}: {number!r} is not a number; expected {ACCEPTED_FORMS}"
                 ) from None
             try:
                 return cls(kind, **{"decay" if kind == "ema" else "std": value})  # type: ignore[arg-type]
             except ValueError as err:
-                raise ValueError(f"weights {text!r}: {err}") from None
-        raise ValueError(f"weights {text!r}: expected {ACCEPTED_FORMS}")
+                raise ConfigError(f"weights {text!r}: {err}") from None
+        raise ConfigError(f"weights {text!r}: expected {ACCEPTED_FORMS}")
 
     def __str__(self) -> str:
         number = self.decay if self.kind == "ema" else self.std

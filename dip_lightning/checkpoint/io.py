@@ -19,7 +19,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from dip_lightning.core.atomic import atomic_write
-from dip_lightning.core.errors import KitError
+from dip_lightning.core.errors import KitError, exception_chain
 
 # Temporary files of unfinished saves live in this hidden sub-folder of the target's folder (same filesystem,
 # so the final rename is atomic). Not `<name>.tmp-<pid>` next to the target: Lightning numbers preemption
@@ -133,14 +133,7 @@ def _load_error(path: _PATH, err: BaseException) -> CheckpointError:
 def _no_space(err: BaseException) -> OSError | None:
     """The "no space left" error in ``err``'s chain: torch's zip writer reports a failed write as
     ``RuntimeError: ... unexpected pos``, with the ``OSError`` only as its context."""
-    seen: set[int] = set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, OSError) and current.errno in _NO_SPACE:
-            return current
-        current = current.__cause__ or current.__context__
-    return None
+    return next((e for e in exception_chain(err) if isinstance(e, OSError) and e.errno in _NO_SPACE), None)
 
 
 def _size(n_bytes: float) -> str:

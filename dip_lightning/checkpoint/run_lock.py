@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from dip_lightning.checkpoint import run_folder
-from dip_lightning.core.errors import KitError
+from dip_lightning.core.errors import ConfigError, KitError
 
 __all__ = ["TOKEN_ENV", "RunFolderBusy", "RunFolderHoldLost", "RunFolderUnwritable", "RunLock", "group_token"]
 
@@ -221,7 +221,7 @@ class RunLock:
         rank_wait: float = DEFAULT_RANK_WAIT,
     ) -> None:
         if stale_after <= 0:
-            raise ValueError(f"stale_after must be > 0 seconds, got {stale_after}")
+            raise ConfigError(f"stale_after must be > 0 seconds, got {stale_after}")
         self.run_dir = Path(run_dir)
         self.path = run_folder.lock_path(self.run_dir)
         self.stale_after = float(stale_after)

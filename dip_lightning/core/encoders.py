@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dip_lightning.core.errors import ConfigError
+
 __all__ = ["FeatureEncoder", "DINOv2ViT", "DINOv2Encoder", "DINOV2_VARIANTS"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -165,7 +167,7 @@ class DINOv2ViT(nn.Module):
     @classmethod
     def from_variant(cls, variant: str) -> DINOv2ViT:
         if variant not in DINOV2_VARIANTS:
-            raise ValueError(f"unknown DINOv2 variant {variant!r}; choose one of {sorted(DINOV2_VARIANTS)}")
+            raise ConfigError(f"unknown DINOv2 variant {variant!r}; choose one of {sorted(DINOV2_VARIANTS)}")
         dim, depth, heads = DINOV2_VARIANTS[variant]
         return cls(embed_dim=dim, depth=depth, num_heads=heads)
 

@@ -12,11 +12,22 @@ import errno
 import os
 from collections.abc import Iterator
 
-__all__ = ["KitError", "MissingExtraError", "NoSpaceLeftError", "exception_chain", "failure_message"]
+__all__ = [
+    "ConfigError",
+    "KitError",
+    "MissingExtraError",
+    "NoSpaceLeftError",
+    "exception_chain",
+    "failure_message",
+]
 
 
 class KitError(Exception):
     """A failure the kit understands and explains in its message (what is wrong, what to do)."""
+
+
+class ConfigError(KitError, ValueError):
+    """An option or a combination of options the kit cannot run with; the message names it and the fix."""
 
 
 class MissingExtraError(KitError, ImportError):

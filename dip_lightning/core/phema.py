@@ -18,6 +18,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from dip_lightning.core.errors import ConfigError
+
 MAX_STD = float(np.sqrt(1 / 12))
 """The std of the uniform average of all steps (gamma = 0): power-function profiles are narrower (0.2887)."""
 
@@ -27,7 +29,7 @@ def std_to_exponent(std: float) -> float:
     """The exponent gamma of the power-function profile of relative width ``std`` (0 < std < :data:`MAX_STD`)."""
     std = float(std)
     if not 0.0 < std < MAX_STD:
-        raise ValueError(f"a power-function EMA's std lies in (0, {MAX_STD:.4f}), got {std}")
+        raise ConfigError(f"a power-function EMA's std lies in (0, {MAX_STD:.4f}), got {std}")
     inv = std**-2
     roots = np.roots([1.0, 7.0, 16.0 - inv, 12.0 - inv])
     return float(roots[np.abs(roots.imag) < 1e-9].real.max())

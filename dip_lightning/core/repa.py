@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dip_lightning.core.encoders import FeatureEncoder
+from dip_lightning.core.errors import ConfigError
 
 __all__ = ["REPA"]
 
@@ -51,9 +52,9 @@ class REPA(nn.Module):
     ) -> None:
         super().__init__()
         if block < 1:
-            raise ValueError(f"block is 1-indexed and must be >= 1, got {block}")
+            raise ConfigError(f"block is 1-indexed and must be >= 1, got {block}")
         if projector_dim < 1:
-            raise ValueError(f"projector_dim must be >= 1, got {projector_dim}")
+            raise ConfigError(f"projector_dim must be >= 1, got {projector_dim}")
         self.encoder = encoder
         self.encoder.requires_grad_(False)
         self.encoder.eval()
@@ -87,13 +88,13 @@ class REPA(nn.Module):
             )
             self.hidden_size = hidden_size
         elif hidden_size != self.hidden_size:
-            raise ValueError(
+            raise ConfigError(
                 f"REPA was built for hidden_size={self.hidden_size}, the network has {hidden_size}"
             )
         if num_tokens is not None:
             self.num_tokens = int(num_tokens)
         if depth is not None and self.block > depth:
-            raise ValueError(f"REPA block={self.block} but the network has only {depth} blocks")
+            raise ConfigError(f"REPA block={self.block} but the network has only {depth} blocks")
         return self
 
     def train(self, mode: bool = True) -> REPA:
@@ -122,12 +123,12 @@ class REPA(nn.Module):
             clean_images: (B, 3, H, W) clean training images in [-1, 1].
         """
         if hidden_tokens.ndim != 3:
-            raise ValueError(f"hidden_tokens must be (B, N, D), got shape {tuple(hidden_tokens.shape)}")
+            raise ConfigError(f"hidden_tokens must be (B, N, D), got shape {tuple(hidden_tokens.shape)}")
         if self.num_tokens is not None and hidden_tokens.shape[1] != self.num_tokens:
-            raise ValueError(f"REPA expected {self.num_tokens} DiT tokens, got {hidden_tokens.shape[1]}")
+            raise ConfigError(f"REPA expected {self.num_tokens} DiT tokens, got {hidden_tokens.shape[1]}")
         target = self.target_features(clean_images)
         if target.shape[:2] != hidden_tokens.shape[:2]:
-            raise ValueError(
+            raise ConfigError(
                 f"REPA token mismatch: the DiT gives {tuple(hidden_tokens.shape[:2])} (batch, tokens) but "
                 f"{type(self.encoder).__name__} gives {tuple(target.shape[:2])} for images of shape "
                 f"{tuple(clean_images.shape)}; set the encoder's dit_patch_size to the DiT patch size"

@@ -50,6 +50,7 @@ from dip_lightning.checkpoint.run_lock import DEFAULT_STALE_AFTER, RunLock
 from dip_lightning.checkpoint.stored_config import check_checkpoint_config
 from dip_lightning.core.atomic import atomic_write_json
 from dip_lightning.core.distributed import launch_place
+from dip_lightning.core.errors import ConfigError, KitError, exception_chain
 from dip_lightning.training.callbacks.launched_ranks import StopLaunchedRanks
 from dip_lightning.training.callbacks.preemption import PerJobTimer, PreemptionGuard
 from dip_lightning.training.callbacks.progress import RichProgress
@@ -111,6 +112,21 @@ class RecordingSaveConfig(SaveConfigCallback):
     def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
         record = {"configs": config_sources(self.config), "argv": self.argv}
         atomic_write_json(artefact_dir(trainer) / EXPERIMENT_RECORD, record)
+
+
+def refusal_reasons(err: BaseException) -> str:
+    """What a constructor said when jsonargparse could not build a class: the kit's own message where the chain holds
+    one, else the reasons jsonargparse lists (without its "Expected a NoneType" alternatives)."""
+    kit = next((e for e in exception_chain(err) if isinstance(e, KitError)), None)
+    if kit is not None:
+        return str(kit)
+    text = str(err)
+    reasons = [
+        line.strip()[2:]
+        for line in text.partition("Errors:")[2].splitlines()
+        if line.strip().startswith("- ") and "NoneType" not in line
+    ]
+    return "; ".join(reasons) if reasons else text.splitlines()[0]
 
 
 class DiPCLI(LightningCLI):
@@ -192,6 +208,16 @@ class DiPCLI(LightningCLI):
                 "init_args": {"save_dir": str(run_dir), "name": "", "version": LOG_VERSION},
             }
 
+    def instantiate_classes(self) -> None:
+        """LightningCLI's, with a class that refuses its options reported as the option error it is (jsonargparse
+        wraps a constructor's error in its own "Does not validate ..." text)."""
+        try:
+            super().instantiate_classes()
+        except KitError:
+            raise
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"the configuration cannot be built: {refusal_reasons(err)}") from err
+
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         """The Trainer, with atomic checkpoint IO, SLURM auto-requeue (under SLURM only), a per-job timer."""
         config = self._subconfig()
@@ -228,7 +254,7 @@ class DiPCLI(LightningCLI):
         if request is None:
             return
         if not config.get("ckpt_path"):
-            raise ValueError("--weights chooses weights of a checkpoint: pass --ckpt_path too.")
+            raise ConfigError("--weights chooses weights of a checkpoint: pass --ckpt_path too.")
         self.model.weight_request = request
 
     before_validate = before_test = before_predict = _request_weights
@@ -329,7 +355,7 @@ class DiPCLI(LightningCLI):
         """``--init_from``: this run starts from another run's weights, unless it continues its own checkpoint."""
         init_from = config.get("init_from")
         if explicit:
-            raise ValueError(
+            raise ConfigError(
                 "--init_from (weights only, fresh trainer state) and --ckpt_path (continue a run) exclude each "
                 "other: choose one."
             )
@@ -410,12 +436,12 @@ def _add_init_from_arguments(parser: LightningArgumentParser) -> None:
 def _check_fit_weight_options(config: Any) -> None:
     """``--weights`` is not for ``fit``; ``--init_from_weights`` needs ``--init_from``."""
     if config.get("weights") is not None:
-        raise ValueError(
+        raise ConfigError(
             "--weights chooses the weights validate, test and predict load; fit resumes every EMA (configure "
             "them with the EMA callback's decays), and --init_from_weights chooses those of --init_from."
         )
     if config.get("init_from_weights") is not None and not config.get("init_from"):
-        raise ValueError("--init_from_weights chooses weights of --init_from: pass --init_from too.")
+        raise ConfigError("--init_from_weights chooses weights of --init_from: pass --init_from too.")
 
 
 def _check_readable_checkpoint(ckpt_path: str | None) -> None:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from dip_lightning.checkpoint.compatibility import CheckpointMismatchError
 from dip_lightning.checkpoint.format import DEFAULT_WEIGHTS, WeightRequest, select_weights, weights_label
 from dip_lightning.checkpoint.io import peek_checkpoint
+from dip_lightning.core.errors import ConfigError
 
 __all__ = ["InitReport", "PatchEmbedInit", "init_from_checkpoint", "upsample_patch_embed"]
 
@@ -59,7 +60,7 @@ def upsample_patch_embed(weight: Tensor, channels: int, old_patch: int, new_patc
     Feature order is ``(C, kh, kw)`` (:func:`dip_lightning.core.models.backbone.patchify`).
     """
     if new_patch % old_patch:
-        raise ValueError(
+        raise ConfigError(
             f"--init_patch_embed upsample needs the new patch size ({new_patch}) to be a multiple of "
             f"the checkpoint's ({old_patch})"
         )
@@ -80,7 +81,7 @@ def init_from_checkpoint(
 ) -> InitReport:
     """Copy the matching weights of checkpoint ``path`` into ``module``; see the module docstring."""
     if patch_embed not in ("reinit", "upsample"):
-        raise ValueError(f"--init_patch_embed must be reinit or upsample, got {patch_embed!r}")
+        raise ConfigError(f"--init_patch_embed must be reinit or upsample, got {patch_embed!r}")
     checkpoint = peek_checkpoint(path, weights_only)
     source = select_weights(checkpoint, path, weights)
     target = module.state_dict()

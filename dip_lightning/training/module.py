@@ -38,6 +38,7 @@ from dip_lightning.core.diffusion import (
     override_sampler,
     seeded_noise_sampler,
 )
+from dip_lightning.core.errors import ConfigError
 from dip_lightning.core.images import to_uint8
 from dip_lightning.core.repa import REPA
 from dip_lightning.core.seeding import mix_seed
@@ -137,7 +138,7 @@ class DiPModule(pl.LightningModule):
         self.optimizer_factory = _SharedOnCopy(optimizer or default_optimizer)
         self.lr_scheduler_factory = _SharedOnCopy(lr_scheduler) if lr_scheduler is not None else None
         if compile_mode not in COMPILE_MODES:
-            raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
+            raise ConfigError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
         self.compile_net = compile
         self.compile_mode = compile_mode
         self.sample_dtype = sample_dtype
@@ -172,21 +173,21 @@ class DiPModule(pl.LightningModule):
         recompiling with symbolic shapes after the second one.
         """
         if mode not in COMPILE_MODES:
-            raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
+            raise ConfigError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
         self.net.compile(mode=None if mode == "default" else mode, dynamic=dynamic)
         self.compiled_mode = mode
 
     def _check_data_matches_model(self, datamodule: Any) -> None:
         image_size = getattr(datamodule, "image_size", None)
         if image_size is not None and int(image_size) != int(self.net.input_size):
-            raise ValueError(
+            raise ConfigError(
                 f"the datamodule's image_size={image_size} but the model was built for input_size="
                 f"{self.net.input_size}: set model.net.init_args.input_size (the CLI links the data's image_size "
                 "to it), or build the datamodule with the model's size."
             )
         num_classes = getattr(datamodule, "num_classes", None)
         if num_classes is not None and int(num_classes) != self.num_classes:
-            raise ValueError(
+            raise ConfigError(
                 f"the datamodule's num_classes={num_classes} but the model has num_classes={self.num_classes}: "
                 "set model.net.init_args.num_classes (the CLI links the data's num_classes to it), or build the "
                 "datamodule with the model's class count."

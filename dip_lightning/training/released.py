@@ -26,7 +26,7 @@ from dip_lightning.checkpoint.compatibility import check_compatible
 from dip_lightning.checkpoint.format import CONVERSION_RECORD, RAW_WEIGHTS, STATE_DICT, select_weights
 from dip_lightning.checkpoint.io import CheckpointError, read_checkpoint
 from dip_lightning.core.atomic import atomic_write
-from dip_lightning.core.errors import KitError
+from dip_lightning.core.errors import ConfigError, KitError
 from dip_lightning.training.loading import module_from_hparams
 
 __all__ = [
@@ -411,7 +411,7 @@ def _split_official(obj: Any) -> _OfficialParts:
 def _choose(parts: _OfficialParts, weights: Weights) -> tuple[dict[str, Tensor], str]:
     """The weights to convert and a sentence saying which they are."""
     if weights not in ("auto", "ema", "live"):
-        raise ValueError(f"weights must be 'auto', 'ema' or 'live', got {weights!r}")
+        raise ConfigError(f"weights must be 'auto', 'ema' or 'live', got {weights!r}")
     if not parts.grouped:
         assert parts.live is not None
         return parts.live, (
@@ -592,7 +592,7 @@ def convert_checkpoint(
     :func:`kit_hyperparameters`. Errors name the input file and write nothing; the output appears only complete.
     """
     if direction not in ("official_to_kit", "kit_to_official"):
-        raise ValueError(f"direction must be 'official_to_kit' or 'kit_to_official', got {direction!r}")
+        raise ConfigError(f"direction must be 'official_to_kit' or 'kit_to_official', got {direction!r}")
     in_path, out_path = Path(in_path), Path(out_path)
     if out_path.exists() and not overwrite:  # before reading a possibly large input
         raise FileExistsError(f"{out_path} exists; pass --overwrite to replace it (nothing was written).")

@@ -358,3 +358,23 @@ def test_lightnings_own_exits_and_usage_errors_pass_through_unchanged(
     with pytest.raises(TrainingInterrupted) as stopped:
         dip_main(["fit", *args])
     assert stopped.value.code == 128 + signal.SIGTERM and (tmp_path / "run" / "hpc_ckpt_1.ckpt").is_file()
+
+
+@pytest.mark.parametrize(
+    ("option", "named"),
+    [
+        ("--model.net.init_args.patch_size=5", "input_size 32 is not divisible by patch_size 5"),
+        ("--model.sampler.init_args.num_steps=0", "num_steps must be >= 1"),
+        ('--trainer.callbacks=[{"class_path": "dip_lightning.training.callbacks.EMA", '
+         '"init_args": {"decays": [0.9, 0.9]}}]', "decays must differ"),
+    ],
+    ids=["patch_size", "num_steps", "ema_decays"],
+)
+def test_an_impossible_option_is_one_error_line(
+    tmp_path: Path, demo_data: dict, capfd: pytest.CaptureFixture[str], option: str, named: str
+) -> None:
+    """Options the kit cannot run with (ConfigError) end like every other understood failure, before a run folder
+    gets anything written."""
+    line = fails(capfd, "fit", *tiny_args(tmp_path / "run", demo_data), option)
+    assert named in line
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -29,6 +29,7 @@ from dip_lightning.core.data.streams import (
     manifest_image_size,
 )
 from dip_lightning.core.distributed import rank_and_world
+from dip_lightning.core.errors import ConfigError
 from dip_lightning.core.images import to_model_range
 
 __all__ = ["ShardDataModule", "count_samples", "iter_image_batches", "IMAGENET_TRAIN_SIZE"]
@@ -136,16 +137,18 @@ class ShardDataModule(pl.LightningDataModule):
             ("max_image_bytes", max_image_bytes, 1),
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"ShardDataModule: {name} must be an integer >= {low}, got {value!r}")
+                raise ConfigError(f"ShardDataModule: {name} must be an integer >= {low}, got {value!r}")
         if val_batch_size is not None and (not isinstance(val_batch_size, int) or val_batch_size < 1):
-            raise ValueError(f"ShardDataModule: val_batch_size must be >= 1, got {val_batch_size!r}")
+            raise ConfigError(f"ShardDataModule: val_batch_size must be >= 1, got {val_batch_size!r}")
         if val_max_samples is not None and (not isinstance(val_max_samples, int) or val_max_samples < 1):
-            raise ValueError(f"ShardDataModule: val_max_samples must be >= 1, got {val_max_samples!r}")
+            raise ConfigError(f"ShardDataModule: val_max_samples must be >= 1, got {val_max_samples!r}")
         if not 0.0 <= float(max_bad_fraction) <= 1.0:
-            raise ValueError(f"ShardDataModule: max_bad_fraction must be in [0, 1], got {max_bad_fraction!r}")
+            raise ConfigError(
+                f"ShardDataModule: max_bad_fraction must be in [0, 1], got {max_bad_fraction!r}"
+            )
         for name, value in (("train_shards", train_shards), ("val_shards", val_shards)):
             if value is not None and not isinstance(value, (str, list, tuple)):
-                raise ValueError(f"ShardDataModule: {name} must be a pattern or a list, got {value!r}")
+                raise ConfigError(f"ShardDataModule: {name} must be a pattern or a list, got {value!r}")
         self.save_hyperparameters()
         self.train_shards = train_shards
         self.val_shards = val_shards
@@ -184,7 +187,7 @@ class ShardDataModule(pl.LightningDataModule):
     # -- streams (public so tools and tests can build any rank's stream)
     def train_stream(self, rank: int | None = None, world_size: int | None = None) -> TrainShardStream:
         if self.train_shards is None:
-            raise ValueError("ShardDataModule: train_shards is not set")
+            raise ConfigError("ShardDataModule: train_shards is not set")
         rank, world_size = self._dist(rank, world_size)
         urls = expand_shards(self.train_shards)
         mine = urls[rank::world_size] if len(urls) >= world_size else urls
@@ -211,7 +214,7 @@ class ShardDataModule(pl.LightningDataModule):
 
     def val_stream(self, rank: int | None = None, world_size: int | None = None) -> ValShardStream:
         if self.val_shards is None:
-            raise ValueError("ShardDataModule: val_shards is not set")
+            raise ConfigError("ShardDataModule: val_shards is not set")
         rank, world_size = self._dist(rank, world_size)
         urls = expand_shards(self.val_shards)
         self._check_classes(urls)
@@ -239,7 +242,7 @@ class ShardDataModule(pl.LightningDataModule):
         names = read_class_names(urls)
         if names is not None:
             if len(names) > self.num_classes:
-                raise ValueError(
+                raise ConfigError(
                     f"the shards have {len(names)} classes (classes.txt next to {urls[0]}) but num_classes="
                     f"{self.num_classes}: set model.net.init_args.num_classes={len(names)} (the data's class "
                     "count follows the model's)"
@@ -275,7 +278,7 @@ class ShardDataModule(pl.LightningDataModule):
         if self._train is None:
             self.setup("fit")
         if self._train is None:
-            raise ValueError("ShardDataModule: train_shards is not set")
+            raise ConfigError("ShardDataModule: train_shards is not set")
         self._train.seek(self._train_batches)
         loader = self._loader(self._train, PositionedDataLoader)
         loader.datamodule = self
@@ -346,7 +349,7 @@ class ShardDataModule(pl.LightningDataModule):
     def set_start_batch(self, batch: int) -> None:
         """Continue the training stream at per-rank batch ``batch`` (= optimizer steps x accumulation)."""
         if batch < 0:
-            raise ValueError(f"start batch must be >= 0, got {batch}")
+            raise ConfigError(f"start batch must be >= 0, got {batch}")
         self._train_batches = int(batch)
         if self._train is not None:
             self._train.seek(self._train_batches)

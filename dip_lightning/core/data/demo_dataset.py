@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from dip_lightning.core.atomic import leftover_temp_files
+from dip_lightning.core.errors import ConfigError
 
 # Sorted, so that the position here is the class index the prepare tool assigns (sorted folder names).
 DEMO_CLASSES: tuple[str, ...] = (
@@ -144,7 +145,7 @@ def build_demo_dataset(
     from dip_lightning.core.data.prepare import prepare_split
 
     if size < 8:
-        raise ValueError(f"size must be >= 8, got {size}")
+        raise ConfigError(f"size must be >= 8, got {size}")
     out = Path(out)
     params = _params(size, train_per_class, val_per_class, seed)
     done = _complete(out, params)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageMode
 
-from dip_lightning.core.errors import KitError
+from dip_lightning.core.errors import ConfigError, KitError
 
 #: Default bound of one image's pixels (width x height): the largest ImageNet train image has about 32 M pixels.
 DEFAULT_MAX_PIXELS = 50_000_000
@@ -111,7 +111,7 @@ class ImageLimits:
         for name in ("max_pixels", "max_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
 
     def check_encoded(self, nbytes: int) -> None:
         """Refuse an encoded image (a file, a shard member) of more than ``max_bytes`` before reading it."""
@@ -184,7 +184,7 @@ def preprocess(img: Image.Image, image_size: int, mode: str = "adm") -> Image.Im
         return Image.fromarray(center_crop_arr(to_rgb(img), image_size))
     if mode == "none":
         return to_rgb(img)
-    raise ValueError(f"unknown preprocessing {mode!r}; choose one of {PREPROCESS_MODES}")
+    raise ConfigError(f"unknown preprocessing {mode!r}; choose one of {PREPROCESS_MODES}")
 
 
 def encode_image(img: Image.Image, fmt: str, quality: int = 95, png_level: int = 1) -> tuple[str, bytes]:
@@ -202,4 +202,4 @@ def encode_image(img: Image.Image, fmt: str, quality: int = 95, png_level: int =
         # per-core decode target of an ImageNet job (BENCHMARKS.md).
         img.save(buf, format="JPEG", quality=quality)
         return "jpg", buf.getvalue()
-    raise ValueError(f"unknown storage format {fmt!r}; choose one of {STORAGE_FORMATS}")
+    raise ConfigError(f"unknown storage format {fmt!r}; choose one of {STORAGE_FORMATS}")

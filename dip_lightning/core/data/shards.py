@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from dip_lightning.core.data.preprocess import DEFAULT_LIMITS, ImageLimits, decode_image
-from dip_lightning.core.errors import KitError
+from dip_lightning.core.errors import ConfigError, KitError
 
 # Image extensions tried in this order when a sample has several.
 IMAGE_EXTS: tuple[str, ...] = ("png", "jpg", "jpeg", "webp", "ppm", "bmp", "tif", "tiff")
@@ -82,11 +82,11 @@ def expand_shards(spec: ShardSpec) -> list[str]:
     """
     items = [spec] if isinstance(spec, str) else list(spec)
     if not items:
-        raise ValueError("empty shard list")
+        raise ConfigError("empty shard list")
     urls: list[str] = []
     for item in items:
         if not isinstance(item, str) or not item.strip():
-            raise ValueError(f"shard patterns must be non-empty strings, got {item!r}")
+            raise ConfigError(f"shard patterns must be non-empty strings, got {item!r}")
         for part in item.split("::"):
             urls.extend(_expand_pattern(os.path.expanduser(part.strip())))
     return urls

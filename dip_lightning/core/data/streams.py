@@ -25,7 +25,7 @@ from dip_lightning.core.data.shards import (
     shard_sample_counts,
     stream_samples,
 )
-from dip_lightning.core.errors import KitError
+from dip_lightning.core.errors import ConfigError, KitError
 from dip_lightning.core.seeding import hash64
 
 _MAX_WORKER_ROWS = 257  # counters: row 0 = main process, row w + 1 = DataLoader worker w
@@ -49,7 +49,7 @@ class TrainPlan:
     def __init__(self, sizes: Sequence[int], seed: int, rank: int, mix: int = 1) -> None:
         self.sizes = np.asarray(sizes, dtype=np.int64)
         if self.sizes.size == 0 or self.sizes.sum() == 0:
-            raise ValueError("the training shards hold no samples")
+            raise ConfigError("the training shards hold no samples")
         self.seed, self.rank, self.mix = int(seed), int(rank), max(1, int(mix))
         self._ends = np.zeros(0, dtype=np.int64)  # cumulative end position of each segment so far
         self._segments: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
@@ -154,7 +154,7 @@ class _ShardBatchDataset(IterableDataset):
         if info is None:
             return 0, 1, 0
         if info.id + 1 >= _MAX_WORKER_ROWS:
-            raise ValueError(f"at most {_MAX_WORKER_ROWS - 1} workers are supported")
+            raise ConfigError(f"at most {_MAX_WORKER_ROWS - 1} workers are supported")
         return info.id, info.num_workers, info.id + 1
 
     # -- the pass
@@ -271,7 +271,7 @@ class _ShardBatchDataset(IterableDataset):
                 labels.append(-1)
                 continue
             if self.num_classes is not None and not 0 <= label < self.num_classes:
-                raise ValueError(
+                raise ConfigError(
                     f"label {label} of sample {ref[1]} in {self.urls[ref[0]]} is outside "
                     f"[0, num_classes={self.num_classes}): the shards hold more classes than the model; set "
                     "model.net.init_args.num_classes (the data's class count follows the model's)"
@@ -425,7 +425,7 @@ class ValShardStream(_ShardBatchDataset):
         self.samples_per_rank = total // self.world_size
         self.dropped = total - self.samples_per_rank * self.world_size
         if self.samples_per_rank == 0:
-            raise ValueError(f"{total} validation samples cannot be split over {world_size} ranks")
+            raise ConfigError(f"{total} validation samples cannot be split over {world_size} ranks")
         self._starts = np.concatenate([[0], np.cumsum(self.sizes)])
 
     def __len__(self) -> int:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from dip_lightning.core.diffusion.noise import draw_normal, draw_uniform
+from dip_lightning.core.errors import ConfigError
 
 __all__ = [
     "LOSS_WEIGHTS",
@@ -89,7 +90,7 @@ def convert_prediction(out: Tensor, x_t: Tensor, t: Tensor, source: str, dest: s
     if source == "eps":
         t_safe = te.clamp_min(t_eps)
         return (x_t - out) / t_safe if dest == "v" else (x_t - (1.0 - te) * out) / t_safe
-    raise ValueError(f"unknown prediction space {source!r}; choose one of {SPACES}")
+    raise ConfigError(f"unknown prediction space {source!r}; choose one of {SPACES}")
 
 
 class FlowMatching:
@@ -157,11 +158,11 @@ class FlowMatching:
         noise_scale: float = 1.0,
     ) -> None:
         if t_std < 0:
-            raise ValueError(f"t_std must be >= 0, got {t_std}")
+            raise ConfigError(f"t_std must be >= 0, got {t_std}")
         if time_shift <= 0:
-            raise ValueError(f"time_shift must be > 0, got {time_shift}")
+            raise ConfigError(f"time_shift must be > 0, got {time_shift}")
         if not 0.0 <= label_dropout <= 1.0:
-            raise ValueError(f"label_dropout must be in [0, 1], got {label_dropout}")
+            raise ConfigError(f"label_dropout must be in [0, 1], got {label_dropout}")
         for name, value, choices in (
             ("prediction", prediction, SPACES),
             ("loss_space", loss_space, SPACES),
@@ -169,13 +170,13 @@ class FlowMatching:
             ("time_sampling", time_sampling, TIME_SAMPLINGS),
         ):
             if value not in choices:
-                raise ValueError(f"model.flow.{name} must be one of {choices}, got {value!r}")
+                raise ConfigError(f"model.flow.{name} must be one of {choices}, got {value!r}")
         if not 0.0 < t_eps < 1.0:
-            raise ValueError(f"model.flow.t_eps must be in (0, 1), got {t_eps}")
+            raise ConfigError(f"model.flow.t_eps must be in (0, 1), got {t_eps}")
         if snr_threshold <= 0:
-            raise ValueError(f"model.flow.snr_threshold must be > 0, got {snr_threshold}")
+            raise ConfigError(f"model.flow.snr_threshold must be > 0, got {snr_threshold}")
         if noise_scale <= 0:
-            raise ValueError(f"model.flow.noise_scale must be > 0, got {noise_scale}")
+            raise ConfigError(f"model.flow.noise_scale must be > 0, got {noise_scale}")
         self.t_mean = float(t_mean)
         self.t_std = float(t_std)
         self.time_shift = float(time_shift)

@@ -20,6 +20,7 @@ from torch import Tensor
 from dip_lightning.core.diffusion.flow_matching import ModelFn, shift_time
 from dip_lightning.core.diffusion.guidance import guided_velocity, in_guidance_interval
 from dip_lightning.core.diffusion.noise import NoiseSampler, draw_normal
+from dip_lightning.core.errors import ConfigError
 
 __all__ = [
     "SAMPLERS",
@@ -111,21 +112,21 @@ class ODESampler:
 
     def __post_init__(self) -> None:
         if self.num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+            raise ConfigError(f"num_steps must be >= 1, got {self.num_steps}")
         if len(self.cfg_interval) != 2 or self.cfg_interval[0] > self.cfg_interval[1]:
-            raise ValueError(
+            raise ConfigError(
                 f"cfg_interval must be (t_min, t_max) with t_min <= t_max, got {self.cfg_interval}"
             )
         self.cfg_interval = (float(self.cfg_interval[0]), float(self.cfg_interval[1]))
         if self.time_grid not in ("released", "uniform"):
-            raise ValueError(f"time_grid must be 'released' or 'uniform', got {self.time_grid!r}")
+            raise ConfigError(f"time_grid must be 'released' or 'uniform', got {self.time_grid!r}")
         if self.time_shift <= 0:
-            raise ValueError(f"time_shift must be > 0, got {self.time_shift}")
+            raise ConfigError(f"time_shift must be > 0, got {self.time_shift}")
         if self.last_step is not None:
             if self.time_grid != "released":
-                raise ValueError("last_step only applies to time_grid='released'")
+                raise ConfigError("last_step only applies to time_grid='released'")
             if not 0.0 < self.last_step < 1.0:
-                raise ValueError(f"last_step must be in (0, 1), got {self.last_step}")
+                raise ConfigError(f"last_step must be in (0, 1), got {self.last_step}")
 
     # -- grid and guidance -----------------------------------------------------------------------------------
     def timesteps(self) -> Tensor:
@@ -229,7 +230,7 @@ class HeunSampler(ODESampler):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.guidance_rule not in ("per_evaluation", "released"):
-            raise ValueError(
+            raise ConfigError(
                 f"guidance_rule must be 'per_evaluation' or 'released', got {self.guidance_rule!r}"
             )
 
@@ -340,13 +341,13 @@ class SDESampler(ODESampler):
         super().__post_init__()
         for name in ("step_fn", "last_step_fn"):
             if getattr(self, name) not in STEP_FUNCTIONS:
-                raise ValueError(
+                raise ConfigError(
                     f"{name} must be one of {tuple(STEP_FUNCTIONS)}, got {getattr(self, name)!r}"
                 )
         if self.w_schedule not in ("linear", "constant"):
-            raise ValueError(f"w_schedule must be 'linear' or 'constant', got {self.w_schedule!r}")
+            raise ConfigError(f"w_schedule must be 'linear' or 'constant', got {self.w_schedule!r}")
         if self.w_scale < 0:
-            raise ValueError(f"w_scale must be >= 0, got {self.w_scale}")
+            raise ConfigError(f"w_scale must be >= 0, got {self.w_scale}")
 
     def w(self, t: float) -> float:
         """The diffusion strength at time ``t``."""
@@ -385,7 +386,7 @@ class MultistepSampler(ODESampler):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.order not in (1, 2):
-            raise ValueError(f"order must be 1 or 2, got {self.order}")
+            raise ConfigError(f"order must be 1 or 2, got {self.order}")
 
     def step(self, trajectory: Trajectory, x: Tensor, t_cur: float, t_next: float, last: bool) -> Tensor:
         h = t_next - t_cur

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dip_lightning.core.errors import ConfigError
+
 # ----------------------------------------------------------------------------------------------------
 # Patchify / unpatchify
 # ----------------------------------------------------------------------------------------------------
@@ -83,7 +85,7 @@ def rope_2d_from_positions(
     friendly.
     """
     if head_dim % 4:
-        raise ValueError(f"2D RoPE needs head_dim divisible by 4, got {head_dim}")
+        raise ConfigError(f"2D RoPE needs head_dim divisible by 4, got {head_dim}")
     k = torch.arange(0, head_dim, 4, device=pos_x.device, dtype=torch.float32)
     freqs = theta ** (-k / head_dim)  # (head_dim/4,)
     ax = pos_x.float()[:, None] * freqs  # (N, head_dim/4)
@@ -135,7 +137,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = True) -> None:
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
+            raise ConfigError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)

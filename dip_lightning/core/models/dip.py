@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from dip_lightning.core.errors import ConfigError
 from dip_lightning.core.models.backbone import (
     ClassEmbedder,
     DiTBlock,
@@ -101,13 +102,13 @@ class DiP(nn.Module):
     ) -> None:
         super().__init__()
         if placement not in ("post_hoc", "intermediate", "hybrid"):
-            raise ValueError(f"placement must be post_hoc, intermediate or hybrid, got {placement!r}")
+            raise ConfigError(f"placement must be post_hoc, intermediate or hybrid, got {placement!r}")
         if init not in ("official", "adaln_zero"):
-            raise ValueError(f"init must be 'official' or 'adaln_zero', got {init!r}")
+            raise ConfigError(f"init must be 'official' or 'adaln_zero', got {init!r}")
         if input_size % patch_size:
-            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+            raise ConfigError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         if not 0 <= checkpoint_blocks <= depth:
-            raise ValueError(f"checkpoint_blocks must be in [0, depth={depth}], got {checkpoint_blocks}")
+            raise ConfigError(f"checkpoint_blocks must be in [0, depth={depth}], got {checkpoint_blocks}")
         self.checkpoint_blocks = checkpoint_blocks
         self.checkpoint_head = checkpoint_head
         self.input_size = input_size
@@ -137,7 +138,7 @@ class DiP(nn.Module):
         else:
             k = depth // 2 if intermediate_block is None else intermediate_block
             if not 1 <= k < depth:
-                raise ValueError(f"intermediate_block must be in [1, {depth - 1}], got {k}")
+                raise ConfigError(f"intermediate_block must be in [1, {depth - 1}], got {k}")
             self.intermediate_block = k
             self.intermediate_head = (intermediate_head or PatchDetailerHead)(
                 hidden_size, patch_size, in_channels

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dip_lightning.core.errors import ConfigError
 from dip_lightning.core.models.backbone import RMSNorm, modulate
 from dip_lightning.core.models.dense_conv import conv3x3_taps, dense_conv3x3
 
@@ -48,7 +49,7 @@ class PatchHead(nn.Module):
     ) -> None:
         super().__init__()
         if token_input not in ("silu_temb", "raw"):
-            raise ValueError(f"token_input must be 'silu_temb' or 'raw', got {token_input!r}")
+            raise ConfigError(f"token_input must be 'silu_temb' or 'raw', got {token_input!r}")
         self.hidden_size = hidden_size
         self.patch_size = patch_size
         self.in_channels = in_channels
@@ -111,16 +112,16 @@ class PatchDetailerHead(PatchHead):
     ) -> None:
         super().__init__(hidden_size, patch_size, in_channels, token_input)
         if not 0 <= dense_conv_side <= MAX_DENSE_CONV_SIDE:
-            raise ValueError(
+            raise ConfigError(
                 f"dense_conv_side must be 0..{MAX_DENSE_CONV_SIDE}, got {dense_conv_side}: the dense matrix of a "
                 "side x side map has side**4 x C_in x C_out entries (256 MiB for the paper head's 8x8 decoder stage, "
                 "2 GiB for its 16x16 one) "
                 "and does side**2/9 times the convolution's work"
             )
         if depth < 1:
-            raise ValueError(f"depth must be >= 1, got {depth}")
+            raise ConfigError(f"depth must be >= 1, got {depth}")
         if patch_size % (2**depth):
-            raise ValueError(f"patch_size {patch_size} is not divisible by 2**depth = {2**depth}")
+            raise ConfigError(f"patch_size {patch_size} is not divisible by 2**depth = {2**depth}")
         widths = [min(base_channels * 2**i, max_channels) for i in range(depth)]
         self.widths = widths
         self.channels_last = channels_last
@@ -226,7 +227,7 @@ class MLPHead(PatchHead):
     ) -> None:
         super().__init__(hidden_size, patch_size, in_channels, token_input)
         if num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+            raise ConfigError(f"num_layers must be >= 1, got {num_layers}")
         patch_dim = in_channels * patch_size * patch_size
         in_dim = patch_dim + hidden_size
         if hidden_dim is None:
@@ -320,7 +321,7 @@ class _MultiHeadAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
+            raise ConfigError(f"width {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)

@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from dip_lightning.core.errors import ConfigError
 from dip_lightning.core.models.dip import DiP
 from dip_lightning.core.models.heads import LinearHead
 
@@ -48,7 +49,7 @@ def list_models() -> list[str]:
 def create_model(name: str, **overrides: Any) -> DiP:
     """Build a named model; keyword overrides replace or extend its config (e.g. depth=32, num_classes=10)."""
     if name not in MODEL_CONFIGS:
-        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(list_models())}")
+        raise ConfigError(f"unknown model {name!r}; valid names: {', '.join(list_models())}")
     return DiP(**{**MODEL_CONFIGS[name], **overrides})
 
 

@@ -24,6 +24,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from dip_lightning.checkpoint.format import EMA_RECORD, RAW_WEIGHTS, STATE_DICT, ema_record, ema_weights
 from dip_lightning.checkpoint.io import CheckpointError
 from dip_lightning.core.compat import average_model, swap_averaged_models
+from dip_lightning.core.errors import ConfigError
 from dip_lightning.training.callbacks.nonfinite import step_skipped, update_keep
 
 MultiAvgFn = Callable[[list[Tensor], list[Tensor], Any], None]
@@ -301,19 +302,19 @@ def guarded_ema_fn(decay: float, keep: Callable[[], Tensor | None]) -> MultiAvgF
 
 def _tracked_decays(decay: float | None, decays: Sequence[float] | None) -> tuple[float, ...]:
     if decay is not None and decays is not None:
-        raise ValueError(f"EMA: give decay ({decay}) or decays ({list(decays)}), not both")
+        raise ConfigError(f"EMA: give decay ({decay}) or decays ({list(decays)}), not both")
     tracked = (
         tuple(float(d) for d in decays)
         if decays is not None
         else (0.9999 if decay is None else float(decay),)
     )
     if not tracked:
-        raise ValueError("EMA: decays must list at least one decay")
+        raise ConfigError("EMA: decays must list at least one decay")
     if len(set(tracked)) != len(tracked):
-        raise ValueError(f"EMA: decays must differ, got {list(tracked)}")
+        raise ConfigError(f"EMA: decays must differ, got {list(tracked)}")
     bad = [d for d in tracked if not 0.0 <= d <= 1.0]
     if bad:
-        raise ValueError(f"EMA: decays must lie in [0, 1], got {bad}")
+        raise ConfigError(f"EMA: decays must lie in [0, 1], got {bad}")
     return tracked
 
 

@@ -26,6 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from dip_lightning.checkpoint.run_folder import EVAL_METRICS_CSV, artefact_dir
 from dip_lightning.core.diffusion import sampler_overrides
 from dip_lightning.core.distributed import is_distributed
+from dip_lightning.core.errors import ConfigError
 from dip_lightning.core.images import to_uint8
 from dip_lightning.core.metrics import METRIC_NAMES, MetricEngine, check_metric_names
 from dip_lightning.core.metrics.features import DINOv2Features, FeatureExtractor
@@ -137,13 +138,13 @@ class MetricsCallback(StepEvaluation):
         real_shards: str | None,
     ) -> None:
         if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+            raise ConfigError(f"every_n_steps must be >= 1, got {every_n_steps}")
         if num_samples < 2:
-            raise ValueError(f"the metrics need at least 2 samples, got num_samples={num_samples}")
+            raise ConfigError(f"the metrics need at least 2 samples, got num_samples={num_samples}")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if (reference is None) == (real_shards is None):
-            raise ValueError(
+            raise ConfigError(
                 f"{type(self).__name__} needs exactly one of `reference` (an image npz, an ADM reference batch "
                 "or `python -m dip_lightning fid-stats --shards ... --out ref.npz`) or `real_shards`"
             )

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from dip_lightning.core.compat import clear_device_skip, set_device_skip, supports_device_skip
-from dip_lightning.core.errors import KitError
+from dip_lightning.core.errors import ConfigError, KitError
 
 __all__ = ["NonFiniteGuard", "NonFiniteTrainingError", "find_nonfinite_guard", "step_skipped", "update_keep"]
 
@@ -87,9 +87,9 @@ class NonFiniteGuard(Callback):
 
     def __init__(self, max_consecutive: int = 10, check_every_n_steps: int = 1) -> None:
         if max_consecutive < 1:
-            raise ValueError(f"NonFiniteGuard: max_consecutive must be >= 1, got {max_consecutive}")
+            raise ConfigError(f"NonFiniteGuard: max_consecutive must be >= 1, got {max_consecutive}")
         if check_every_n_steps < 1:
-            raise ValueError(f"NonFiniteGuard: check_every_n_steps must be >= 1, got {check_every_n_steps}")
+            raise ConfigError(f"NonFiniteGuard: check_every_n_steps must be >= 1, got {check_every_n_steps}")
         self.max_consecutive = max_consecutive
         self.check_every_n_steps = check_every_n_steps
         self.skipped_this_step = False
@@ -113,7 +113,7 @@ class NonFiniteGuard(Callback):
             return
         not_fused = [type(opt).__name__ for opt in trainer.optimizers if not supports_device_skip(opt)]
         if not_fused:
-            raise ValueError(
+            raise ConfigError(
                 f"NonFiniteGuard(check_every_n_steps={self.check_every_n_steps}) skips updates on the device, "
                 f"which needs a fused optimizer; got {not_fused} without fused=True. Set "
                 "model.optimizer.init_args.fused: true (AdamW, Adam, SGD), or check_every_n_steps: 1."

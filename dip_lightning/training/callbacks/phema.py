@@ -31,6 +31,7 @@ from dip_lightning.checkpoint.posthoc import (
 )
 from dip_lightning.checkpoint.run_folder import snapshot_dir
 from dip_lightning.core.atomic import atomic_write
+from dip_lightning.core.errors import ConfigError
 from dip_lightning.core.phema import power_ema_decay, std_to_exponent
 from dip_lightning.training.callbacks.ema import (
     average_in_groups,
@@ -58,13 +59,13 @@ class PowerFunctionEMA(Callback):
     ) -> None:
         self.stds = tuple(float(s) for s in stds)
         if not self.stds or len(set(self.stds)) != len(self.stds):
-            raise ValueError(
+            raise ConfigError(
                 f"PowerFunctionEMA: stds must be distinct and at least one, got {list(self.stds)}"
             )
         for std in self.stds:
             std_to_exponent(std)  # raises for a std out of range
         if snapshot_every_n_steps < 1:
-            raise ValueError(f"snapshot_every_n_steps must be >= 1, got {snapshot_every_n_steps}")
+            raise ConfigError(f"snapshot_every_n_steps must be >= 1, got {snapshot_every_n_steps}")
         self.snapshot_every_n_steps = snapshot_every_n_steps
         self.dirpath = dirpath
         self.averages: dict[float, dict[str, Tensor]] = {}

@@ -35,6 +35,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from dip_lightning.checkpoint.resume import next_preemption_path, prune_preemption_checkpoints
 from dip_lightning.core.compat import cluster_environment, restore_sigterm_broadcast, skip_sigterm_broadcast
 from dip_lightning.core.distributed import is_distributed
+from dip_lightning.core.errors import ConfigError
 
 __all__ = ["PerJobTimer", "PreemptionGuard", "TrainingAborted", "TrainingInterrupted"]
 
@@ -130,7 +131,7 @@ class PreemptionGuard(Callback):
         check_every_n_steps: int = 1,
     ) -> None:
         if check_every_n_steps < 1:
-            raise ValueError(f"check_every_n_steps must be >= 1, got {check_every_n_steps}")
+            raise ConfigError(f"check_every_n_steps must be >= 1, got {check_every_n_steps}")
         self.requeue_signal_setting = requeue_signal
         self.stop_signals = [_signum(s) for s in stop_signals]
         self.check_every_n_steps = check_every_n_steps

@@ -9,6 +9,8 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import RichProgressBar
 
+from dip_lightning.core.errors import ConfigError
+
 IMAGES_PER_SEC = "train/images_per_sec"
 
 
@@ -43,9 +45,9 @@ class RichProgress(RichProgressBar):
     ) -> None:
         super().__init__(refresh_rate=refresh_rate, leave=leave, console_kwargs=console_kwargs)
         if metrics_every_n_steps < 1:
-            raise ValueError(f"metrics_every_n_steps must be >= 1, got {metrics_every_n_steps}")
+            raise ConfigError(f"metrics_every_n_steps must be >= 1, got {metrics_every_n_steps}")
         if log_every_n_steps < 0:
-            raise ValueError(f"log_every_n_steps must be >= 0, got {log_every_n_steps}")
+            raise ConfigError(f"log_every_n_steps must be >= 0, got {log_every_n_steps}")
         self.metrics_every_n_steps = metrics_every_n_steps
         self.log_every_n_steps = log_every_n_steps
         self._metrics: dict[str, int | str | float | dict[str, float]] | None = None

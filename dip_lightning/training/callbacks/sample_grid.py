@@ -21,6 +21,7 @@ from PIL import Image
 
 from dip_lightning.checkpoint.run_folder import GRID_FOLDER, artefact_dir
 from dip_lightning.core.diffusion import sampler_overrides
+from dip_lightning.core.errors import ConfigError
 from dip_lightning.core.images import to_uint8
 from dip_lightning.training.callbacks.ema import sampling_module
 from dip_lightning.training.callbacks.evaluation import StepEvaluation
@@ -72,7 +73,7 @@ class SampleGrid(StepEvaluation):
         on_train_end: bool = True,
     ) -> None:
         if every_n_steps < 1:
-            raise ValueError(f"SampleGrid.every_n_steps must be >= 1, got {every_n_steps}")
+            raise ConfigError(f"SampleGrid.every_n_steps must be >= 1, got {every_n_steps}")
         self.every_n_steps = every_n_steps
         self.classes = classes
         self.rows = rows
@@ -91,7 +92,7 @@ class SampleGrid(StepEvaluation):
         if self.classes is not None:
             bad = [c for c in self.classes if not 0 <= c < num_classes]
             if bad:
-                raise ValueError(f"SampleGrid.classes {bad} are outside [0, {num_classes}).")
+                raise ConfigError(f"SampleGrid.classes {bad} are outside [0, {num_classes}).")
             return list(self.classes)
         return [int(r * num_classes / self.rows) for r in range(self.rows)]
 
