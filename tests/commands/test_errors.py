@@ -365,8 +365,11 @@ def test_lightnings_own_exits_and_usage_errors_pass_through_unchanged(
     [
         ("--model.net.init_args.patch_size=5", "input_size 32 is not divisible by patch_size 5"),
         ("--model.sampler.init_args.num_steps=0", "num_steps must be >= 1"),
-        ('--trainer.callbacks=[{"class_path": "dip_lightning.training.callbacks.EMA", '
-         '"init_args": {"decays": [0.9, 0.9]}}]', "decays must differ"),
+        (
+            '--trainer.callbacks=[{"class_path": "dip_lightning.training.callbacks.EMA", '
+            '"init_args": {"decays": [0.9, 0.9]}}]',
+            "decays must differ",
+        ),
     ],
     ids=["patch_size", "num_steps", "ema_decays"],
 )

@@ -89,9 +89,7 @@ def test_missing_weights_raise_errors_that_say_how_to_fix(tmp_path: Path) -> Non
     with pytest.raises(FileNotFoundError, match="inception-2015-12-05.pt.*nvlabs"):
         TorchScriptInception(str(tmp_path / "inception-2015-12-05.pt"))
     # torch-fidelity is not installed here; with it, a missing weights file names the file and TORCH_HOME.
-    with pytest.raises(
-        (ImportError, FileNotFoundError), match="weights-inception-2015-12-05-6726825d"
-    ):
+    with pytest.raises((ImportError, FileNotFoundError), match="weights-inception-2015-12-05-6726825d"):
         TorchmetricsInception()
 
 
