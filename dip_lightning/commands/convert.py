@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
-
+from dip_lightning.commands import CommandParser
 from dip_lightning.training.released import Direction, convert_checkpoint
 
 
 # ----------------------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m dip_lightning convert",
+def build_parser() -> CommandParser:
+    p = CommandParser(
+        "convert",
         description="Convert released DiP weights (NJU-PCALab/DiP) to this kit's checkpoint, or back.",
     )
-    p.add_argument("input", help="checkpoint to read")
+    p.add_argument("input", type=str, help="checkpoint to read")
     p.add_argument(
         "--from",
         dest="source",
@@ -23,10 +22,12 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="layout of the input: 'official' (released code) -> kit checkpoint; 'kit' -> released layout",
     )
-    p.add_argument("--out", required=True, help="file to write")
+    p.add_argument("--out", type=str, required=True, help="file to write")
     weights_help = "official input: which copy goes to state_dict (auto = EMA when present)"
     p.add_argument("--weights", choices=["auto", "ema", "live"], default="auto", help=weights_help)
-    p.add_argument("--input_size", type=int, default=None, help="image size recorded in the kit config")
+    p.add_argument(
+        "--input_size", type=int | None, default=None, help="image size recorded in the kit config"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     trust_help = "allow a file with pickled Python objects (trusted files only)"
     p.add_argument("--trust_pickle", action="store_true", help=trust_help)

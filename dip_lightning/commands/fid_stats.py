@@ -38,10 +38,14 @@ def build_parser() -> CommandParser:
         "per-image pool features (precision/recall), the seam profile and optional DINOv2 statistics.",
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--shards", help="WebDataset shard pattern, e.g. 'data/val-{000000..000049}.tar'")
-    source.add_argument("--images", help="npz with uint8 images under arr_0 (NHWC, the ADM sample layout)")
-    parser.add_argument("--out", required=True, help="output npz")
-    parser.add_argument("--limit", type=int, default=None, help="use at most this many images")
+    source.add_argument(
+        "--shards", type=str, help="WebDataset shard pattern, e.g. 'data/val-{000000..000049}.tar'"
+    )
+    source.add_argument(
+        "--images", type=str, help="npz with uint8 images under arr_0 (NHWC, the ADM sample layout)"
+    )
+    parser.add_argument("--out", type=str, required=True, help="output npz")
+    parser.add_argument("--limit", type=int | None, default=None, help="use at most this many images")
     parser.add_argument(
         "--image_size",
         type=int,

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jsonargparse.typing import PositiveFloat, register_type
+from jsonargparse.typing import PositiveFloat
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, Timer
@@ -58,9 +58,6 @@ from dip_lightning.training.init_from import init_from_checkpoint
 
 # Importing the module also enables sampler subclasses in YAML (see dip_lightning.training.module).
 from dip_lightning.training.module import DiPModule
-
-# `--weights ema:0.9996` on the command line and in YAML, parsed by the one syntax of the checkpoint format.
-register_type(WeightRequest, serializer=str, deserializer=WeightRequest.parse)
 
 
 def _as_list(value: Any) -> list:

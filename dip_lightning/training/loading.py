@@ -93,15 +93,15 @@ def load_module(
     }
     if configs:
         module = _module_from_configs(configs)
-        advice = "Drop --config (the checkpoint carries its config), or pass the config it was trained with."
+        advice = "Drop --experiment (the checkpoint carries its config), or pass the experiment it was trained with."
     elif hparams and "net" in hparams:
         module = module_from_hparams(
             hparams, trusted=trust_pickle, source=ckpt_path, repa=None, compile=False
         )
-        advice = "Its stored config does not build its own tensors: pass --config with the YAML it was trained with."
+        advice = "Its stored config does not build its own tensors: pass --experiment with the YAML it was trained with."
     else:
         raise CheckpointError(
-            f"{ckpt_path} holds no model config (hyper_parameters): pass --config with the experiment YAML it "
+            f"{ckpt_path} holds no model config (hyper_parameters): pass --experiment with the experiment YAML it "
             "was trained with."
         )
     check_compatible({STATE_DICT: chosen, "hyper_parameters": hparams}, module, ckpt_path, advice=advice)
