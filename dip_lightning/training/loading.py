@@ -98,7 +98,9 @@ def load_module(
         module = module_from_hparams(
             hparams, trusted=trust_pickle, source=ckpt_path, repa=None, compile=False
         )
-        advice = "Its stored config does not build its own tensors: pass --experiment with the YAML it was trained with."
+        advice = (
+            "Its stored config does not build its tensors: pass --experiment with the YAML it was trained on."
+        )
     else:
         raise CheckpointError(
             f"{ckpt_path} holds no model config (hyper_parameters): pass --experiment with the experiment YAML it "
