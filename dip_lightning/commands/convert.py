@@ -17,7 +17,6 @@ def build_parser() -> CommandParser:
     p.add_argument("input", type=str, help="checkpoint to read")
     p.add_argument(
         "--from",
-        dest="source",
         choices=["official", "kit"],
         required=True,
         help="layout of the input: 'official' (released code) -> kit checkpoint; 'kit' -> released layout",
@@ -36,7 +35,7 @@ def build_parser() -> CommandParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    direction: Direction = "official_to_kit" if args.source == "official" else "kit_to_official"
+    direction: Direction = "official_to_kit" if args["from"] == "official" else "kit_to_official"
     options = {k: getattr(args, k) for k in ("weights", "input_size", "overwrite", "trust_pickle")}
     summary = convert_checkpoint(args.input, args.out, direction=direction, **options)
     print(summary)
