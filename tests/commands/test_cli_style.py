@@ -16,7 +16,6 @@ from dip_lightning import commands
 from dip_lightning.commands import COMMANDS, CommandParser
 from dip_lightning.evaluation.sweep import grid_cells
 from tests.helpers import REPO
-from tests.helpers.commands import run_command as run_subprocess
 
 KIT_COMMANDS = sorted(name for name, command in COMMANDS.items() if command.module is not None)
 TINY_CONFIG = str(REPO / "experiments" / "tiny_cpu.yaml")
@@ -130,12 +129,6 @@ def test_a_bad_value_in_a_config_file_is_a_usage_error_naming_the_key(
     typo = tmp_path / "typo.yaml"
     typo.write_text("num_sample: 8\n")
     assert "num_sample" in usage_error(capsys, "sweep", "--config", str(typo))
-
-
-def test_print_config_through_the_real_entry_point() -> None:
-    proc = run_subprocess("sweep", "--cfg_scale", "1.5", "--print_config", timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert yaml.safe_load(proc.stdout)["cfg_scale"] == [1.5]
 
 
 def test_demo_hands_the_dotted_options_to_the_training_cli() -> None:
