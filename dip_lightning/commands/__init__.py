@@ -255,9 +255,22 @@ class CommandParser(ArgumentParser):
         return super().add_argument(*names, **kwargs)
 
     def parse_args(self, args: Sequence[str] | None = None, *rest: Any, **kwargs: Any) -> Any:
-        argv = [self._underscored(a) for a in (sys.argv[1:] if args is None else args)]
+        argv = self._bare_booleans_closed(
+            [self._underscored(a) for a in (sys.argv[1:] if args is None else args)]
+        )
         self._check_lists_given_once(argv)
         return super().parse_args(argv, *rest, **kwargs)
+
+    def _bare_booleans_closed(self, argv: list[str]) -> list[str]:
+        """``--flag`` not followed by true/false becomes ``--flag=true``, so that the next word (a positional
+        argument: ``evaluate --no_cache samples.npz ref.npz``) is not taken for the flag's value."""
+        flags = {o for a in self._actions if isinstance(a, ActionYesNo) for o in a.option_strings}
+        closed = list(argv)
+        for i, arg in enumerate(argv):
+            following = argv[i + 1].lower() if i + 1 < len(argv) else None
+            if arg in flags and following not in ("true", "false", "yes", "no"):
+                closed[i] = f"{arg}=true"
+        return closed
 
     def _check_lists_given_once(self, argv: list[str]) -> None:
         """A list option given twice would keep only its last values (argparse): an error instead."""

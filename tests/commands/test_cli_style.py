@@ -69,6 +69,16 @@ def test_every_boolean_option_is_one_style(name: str, capsys: pytest.CaptureFixt
             assert printed_config(capsys, name, *argv)[action.dest] is value, (name, argv)
 
 
+def test_a_bare_boolean_before_a_positional_argument_leaves_it_alone(capsys: pytest.CaptureFixture) -> None:
+    printed = printed_config(capsys, "evaluate", "--no_cache", "samples.npz", "--limit", "3", "ref.npz")
+    assert printed["cache"] is False and (printed["samples"], printed["reference"]) == (
+        "samples.npz",
+        "ref.npz",
+    )
+    printed = printed_config(capsys, "report", "--no_plots", "run_a", "run_b")
+    assert printed["plots"] is False and printed["run_dirs"] == ["run_a", "run_b"]
+
+
 def test_lightning_cli_booleans_take_the_same_forms(capsys: pytest.CaptureFixture) -> None:
     base = ["fit", "--config", TINY_CONFIG]
     assert printed_config(capsys, *base, "--init_from_strict", "false")["init_from_strict"] is False
