@@ -95,6 +95,7 @@ class TrainingMonitor(Callback):
             return
         # A new list (Lightning is iterating over the old one to call this very hook), with this monitor last.
         trainer.callbacks = [c for c in trainer.callbacks if c is not self] + [self]
+        self.images_seen = None  # a checkpoint's record, restored after setup, sets it for a resume
         self._peak_flops = self._device_peak(trainer.strategy.root_device) if self.mfu else None
         # Counted here, before the module's setup may compile the network.
         net = getattr(pl_module, "net", None)
