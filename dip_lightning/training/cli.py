@@ -52,6 +52,7 @@ from dip_lightning.core.atomic import atomic_write_json
 from dip_lightning.core.distributed import launch_place
 from dip_lightning.core.errors import ConfigError, KitError, exception_chain
 from dip_lightning.training.callbacks.launched_ranks import StopLaunchedRanks
+from dip_lightning.training.callbacks.monitor import TrainingMonitor
 from dip_lightning.training.callbacks.preemption import PerJobTimer, PreemptionGuard
 from dip_lightning.training.callbacks.progress import RichProgress
 from dip_lightning.training.init_from import init_from_checkpoint
@@ -376,10 +377,11 @@ class DiPCLI(LightningCLI):
 
 
 def _add_run_callbacks(parser: LightningArgumentParser) -> None:
-    """The callbacks every run has: checkpoints into the run folder (``checkpoint.*``) and the preemption guard
-    (``preemption.*``, with ``--requeue_signal`` for SLURM)."""
+    """The callbacks every run has: checkpoints into the run folder (``checkpoint.*``), the preemption guard
+    (``preemption.*``, with ``--requeue_signal`` for SLURM) and the training monitors (``monitor.*``)."""
     parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
     parser.add_lightning_class_args(PreemptionGuard, "preemption")
+    parser.add_lightning_class_args(TrainingMonitor, "monitor")
     parser.set_defaults(
         {
             "checkpoint.save_last": True,

@@ -37,6 +37,7 @@ from dip_lightning.core.metrics.reference import (
 )
 from dip_lightning.training.callbacks.ema import EMA
 from dip_lightning.training.callbacks.metrics import MetricsCallback
+from dip_lightning.training.callbacks.monitor import TrainingMonitor
 
 torch.set_num_threads(1)
 SIZE = 16
@@ -516,3 +517,28 @@ def test_metrics_callback_patch_size_from_the_module_and_unavailable_metrics(tmp
     assert callback._engine is not None and callback._engine.patch_size == 8
     row = read_csv(tmp_path / "eval_metrics.csv")[0]
     assert row["fd_dinov2"] == "" and float(row["patch_seam"]) == result["patch_seam"]
+
+
+def test_eval_metrics_csv_reports_the_monitors_images_seen_under_accumulation(tmp_path: Path) -> None:
+    """One count of images: eval_metrics.csv and the logged train/images_seen agree, accumulation included."""
+    extractor = PixelProjection(num_features=12, size=4)
+    make_reference(tmp_path / "ref.npz", extractor)
+    callback = MetricsCallback(
+        metrics=["fid"],
+        every_n_steps=2,
+        num_samples=6,
+        reference=str(tmp_path / "ref.npz"),
+        extractor=extractor,
+    )
+    logger = CSVLogger(tmp_path, name="logs")
+    fit = trainer(
+        tmp_path, [callback, TrainingMonitor()], logger=logger, log_every_n_steps=2, accumulate_grad_batches=2
+    )
+    fit.fit(ToyGenerator(), loader())
+    rows = read_csv(Path(logger.log_dir) / "eval_metrics.csv")
+    assert [(int(r["step"]), int(r["images_seen"])) for r in rows] == [
+        (2, 16),
+        (4, 32),
+    ]  # batch 4 x 2 x steps
+    logged = [r for r in read_csv(Path(logger.log_dir) / "metrics.csv") if r.get("train/images_seen")]
+    assert [float(r["train/images_seen"]) for r in logged] == [16.0, 32.0]
