@@ -42,6 +42,7 @@ __all__ = [
     "kit_weights",
     "official_layout",
     "official_to_kit",
+    "released_to_kit",
     "rename",
 ]
 
@@ -575,6 +576,20 @@ def _to_released_checkpoint(obj: Any, in_path: Path) -> tuple[dict[str, Any], li
         state |= {_PROJ_PREFIX + _PROJ_KIT_TO_OFFICIAL[k]: v for k, v in proj.items()}
         lines.append("REPA projector -> 'diffusion_trainer.proj.*'")
     return {"state_dict": state, CONVERSION_RECORD: {"from": "kit", "source": str(in_path)}}, lines
+
+
+def released_to_kit(
+    in_path: str | os.PathLike,
+    weights: Weights = "auto",
+    input_size: int | None = None,
+    trust_pickle: bool = False,
+) -> tuple[dict[str, Any], list[str]]:
+    """The kit checkpoint (in memory) that ``convert --from official`` writes for a released file, and the lines
+    saying what was taken; errors name the file."""
+    in_path = Path(in_path)
+    obj = read_checkpoint(in_path, trust_pickle=trust_pickle)
+    with _naming(f"cannot convert {in_path}"):
+        return _to_kit_checkpoint(obj, in_path, weights, input_size)
 
 
 def convert_checkpoint(
