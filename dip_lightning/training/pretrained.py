@@ -8,6 +8,7 @@ to the exported module's.
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,7 +29,7 @@ from dip_lightning.checkpoint.pretrained import (
 if TYPE_CHECKING:
     from dip_lightning.training.module import DiPModule
 
-__all__ = ["load_pretrained", "model_entry", "network_weights"]
+__all__ = ["build_module", "load_pretrained", "model_entry", "network_weights"]
 
 
 def model_entry(
@@ -63,7 +64,7 @@ def network_weights(module: DiPModule) -> dict[str, Tensor]:
     return dict(module.net.state_dict())
 
 
-def _build(model: Mapping[str, Any]) -> DiPModule:
+def build_module(model: Mapping[str, Any]) -> DiPModule:
     """The module of a checked ``model`` entry, as the CLI builds it (REPA off, not compiled)."""
     from lightning.pytorch.cli import instantiate_module
 
@@ -84,11 +85,14 @@ def load_pretrained(folder: str | os.PathLike, device: str | torch.device = "cpu
     config = read_pretrained_config(folder)
     weights = read_pretrained_weights(folder)
     try:
-        module = _build(config["model"])
-    except (ValueError, TypeError, ImportError, AttributeError) as err:
+        module = build_module(config["model"])
+    except (ValueError, TypeError, ImportError, AttributeError, argparse.ArgumentError) as err:
+        # jsonargparse nests the cause in indented lines under "Parser key ...": the innermost says it.
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        why = lines[-1] if lines else type(err).__name__
         raise PretrainedFolderError(
-            f"{folder / CONFIG_FILE}: its model entry does not build a DiP module ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}); export the run again with this kit's version."
+            f"{folder / CONFIG_FILE}: its model entry does not build a DiP module ({why}); "
+            "export it again with this kit's version, or fix the class_path it names."
         ) from err
     state = {f"net.{k}": v for k, v in weights.items()}
     check_compatible(
