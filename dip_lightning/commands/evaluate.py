@@ -73,7 +73,11 @@ def checkpoint_patch_size(path: str | os.PathLike[str]) -> int:
     if Path(path).is_dir():
         from dip_lightning.checkpoint.pretrained import read_pretrained_config
 
-        return int(read_pretrained_config(path)["patch_size"])
+        config = read_pretrained_config(path)
+        size = config.get("patch_size") or config["model"]["net"].get("init_args", {}).get("patch_size")
+        if size is None:
+            raise CheckpointError(f"{path}/config.json records no patch_size; pass --patch_size instead")
+        return int(size)
     checkpoint = read_checkpoint(path)
     hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, Mapping) else {}
     net = hparams.get("net") if isinstance(hparams, Mapping) else None

@@ -8,13 +8,13 @@ to the exported module's.
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from jsonargparse import ArgumentError  # what it raises for a class_path it cannot build
 from torch import Tensor
 
 from dip_lightning.checkpoint.compatibility import check_compatible
@@ -86,7 +86,7 @@ def load_pretrained(folder: str | os.PathLike, device: str | torch.device = "cpu
     weights = read_pretrained_weights(folder)
     try:
         module = build_module(config["model"])
-    except (ValueError, TypeError, ImportError, AttributeError, argparse.ArgumentError) as err:
+    except (ValueError, TypeError, ImportError, AttributeError, ArgumentError) as err:
         # jsonargparse nests the cause in indented lines under "Parser key ...": the innermost says it.
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         why = lines[-1] if lines else type(err).__name__
