@@ -117,3 +117,14 @@ def test_load_module_refuses_weight_requests_and_configs_for_a_folder(folder: Pa
         load_module(folder, weights="raw")
     with pytest.raises(ConfigError, match="drop --config"):
         load_module(folder, ["some.yaml"])
+
+
+def test_fine_tuning_starts_from_a_folder_through_the_released_loader(folder: Path) -> None:
+    """``training.released.load_pretrained(module, folder)``: the weights into a freshly built module."""
+    from dip_lightning.training.pretrained import build_module
+    from dip_lightning.training.released import load_pretrained as load_into
+    from tests.helpers.pretrained import TINY_MODEL
+
+    target = build_module(TINY_MODEL)
+    assert "pretrained folder, test weights" in load_into(target, folder)
+    assert_same(target.net.state_dict(), read_pretrained_weights(folder))
