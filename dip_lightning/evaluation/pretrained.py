@@ -222,7 +222,8 @@ def _folder_config(model: Mapping[str, Any], info: ExportInfo, net: Any) -> dict
         "patch_size": int(net.patch_size),
         "class_names": info.class_names,
         "weights": info.weights,
-        "training": {"source": str(info.source), "step": info.step, "images_seen": info.images_seen},
+        # The file name only: a shared folder should not carry the paths of the machine it was made on.
+        "training": {"source": Path(info.source).name, "step": info.step, "images_seen": info.images_seen},
         "license": "mit",
         "paper": "arXiv:2511.18822",
     }

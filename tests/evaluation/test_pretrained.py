@@ -82,6 +82,9 @@ def test_config_and_card_say_what_was_trained(run: Path, exported: Path) -> None
     assert (config["image_size"], config["num_classes"], config["patch_size"]) == (32, 8, 8)
     assert len(config["class_names"]) == 8
     assert config["training"]["step"] == STEPS and config["training"]["images_seen"] == STEPS * BATCH
+    assert (
+        config["training"]["source"] == "last.ckpt" and str(run) not in (exported / CONFIG_FILE).read_text()
+    )
     assert set(config["model"]) == {"net", "flow", "sampler", "sample_dtype"}  # no optimizer, no REPA
     card = (exported / "README.md").read_text()
     assert card.startswith("---\nlicense: mit\n")
