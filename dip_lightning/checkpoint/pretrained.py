@@ -61,10 +61,16 @@ def is_pretrained_folder(path: str | os.PathLike) -> bool:
 
 def _missing(folder: Path, name: str) -> PretrainedFolderError:
     present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    # A run folder given where its checkpoint was meant is the likely slip: name the file to pass instead.
+    run = (
+        f" It looks like a run folder: pass {folder / 'checkpoints' / 'last.ckpt'}."
+        if "checkpoints" in present
+        else ""
+    )
     return PretrainedFolderError(
         f"{folder} is not a complete pretrained folder: it has no {name} (it holds {present or 'nothing'}). "
         f"A pretrained folder holds {CONFIG_FILE} and {WEIGHTS_FILE}, as `export` writes them; export the run "
-        "again, or copy the missing file."
+        f"again, or copy the missing file.{run}"
     )
 
 

@@ -128,3 +128,20 @@ def test_fine_tuning_starts_from_a_folder_through_the_released_loader(folder: Pa
     target = build_module(TINY_MODEL)
     assert "pretrained folder, test weights" in load_into(target, folder)
     assert_same(target.net.state_dict(), read_pretrained_weights(folder))
+
+
+def test_sample_of_a_folder_it_cannot_read_is_one_error_line(
+    folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from dip_lightning.commands import run_command
+
+    (folder / WEIGHTS_FILE).unlink()
+    out = tmp_path / "s.npz"
+    assert run_command(["sample", "--ckpt_path", str(folder), "--out", str(out), "--num_samples", "2"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith(f"error: {folder} is not a complete pretrained folder")
+    assert not out.exists()
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    assert run_command(["sample", "--ckpt_path", str(run), "--out", str(out), "--num_samples", "2"]) == 2
+    assert f"It looks like a run folder: pass {run / 'checkpoints' / 'last.ckpt'}" in capsys.readouterr().err
