@@ -564,6 +564,30 @@ def test_euler_sampler_of_the_converted_checkpoint_is_the_released_loop(converte
     torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-4)
 
 
+def test_released_weights_convert_to_a_pretrained_folder_equal_to_the_converted_checkpoint(
+    converted, released_sd, tmp_path
+):
+    """``convert --pretrained``: the folder loads (no pickle) to the converted checkpoint's module, bit for bit."""
+    from dip_lightning.training.loading import load_module
+    from dip_lightning.training.pretrained import load_pretrained
+
+    source = tmp_path / "official.ckpt"
+    torch.save(lightning_released_checkpoint(released_sd), source)
+    out = tmp_path / "dip_pretrained"
+    assert (
+        main([str(source), "--from", "official", "--out", str(out), "--input_size", "32", "--pretrained"])
+        == 0
+    )
+    folder, checkpoint = load_pretrained(out), load_module(converted)
+    assert set(folder.net.state_dict()) == set(checkpoint.net.state_dict())
+    for key, value in checkpoint.net.state_dict().items():
+        assert torch.equal(folder.net.state_dict()[key], value), key
+    assert folder.sampler == checkpoint.sampler  # the paper's Euler-100, CFG 2.9 on [0.11, 0.97]
+    assert "ema_denoiser" in folder.loaded_weights
+    card = (out / "README.md").read_text()
+    assert "Converted from the released DiP weights" in card and "license: mit" in card
+
+
 def test_sample_command_runs_on_the_converted_checkpoint(converted, tmp_path, capsys):
     from dip_lightning.commands.sample import main as sample_main
 
