@@ -35,7 +35,8 @@ __all__ = ["ExportInfo", "export_pretrained", "export_released", "model_card"]
 
 CITATION = """@article{chen2025dip,
   title   = {DiP: Taming Diffusion Models in Pixel Space},
-  author  = {Chen and others},
+  author  = {Chen, Zhennan and Zhu, Junwei and Chen, Xu and Zhang, Jiangning and Hu, Xiaobin and
+             Zhao, Hanzhen and Wang, Chengjie and Yang, Jian and Tai, Ying},
   journal = {arXiv preprint arXiv:2511.18822},
   year    = {2025}
 }"""

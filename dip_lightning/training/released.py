@@ -543,7 +543,7 @@ def _to_kit_checkpoint(
         lines.append(f"live weights -> '{RAW_WEIGHTS}' (--weights raw)")
     if proj is not None:
         checkpoint["repa_projector"] = proj
-        lines.append("REPA projector -> 'repa_projector' (training only; used by load_pretrained)")
+        lines.append("REPA projector -> 'repa_projector' (training only; used by load_weights_into)")
     name = arch.model_name() or f"DiP ({arch.describe()})"
     checkpoint[CONVERSION_RECORD] = {
         "from": "official",
@@ -624,7 +624,7 @@ def convert_checkpoint(
     return "\n".join(lines)
 
 
-def load_pretrained(
+def load_weights_into(
     target: nn.Module,
     path: str | os.PathLike,
     weights: Literal["auto", "ema", "live"] = "auto",

@@ -120,9 +120,9 @@ def test_load_module_refuses_weight_requests_and_configs_for_a_folder(folder: Pa
 
 
 def test_fine_tuning_starts_from_a_folder_through_the_released_loader(folder: Path) -> None:
-    """``training.released.load_pretrained(module, folder)``: the weights into a freshly built module."""
+    """``training.released.load_weights_into(module, folder)``: the weights into a freshly built module."""
     from dip_lightning.training.pretrained import build_module
-    from dip_lightning.training.released import load_pretrained as load_into
+    from dip_lightning.training.released import load_weights_into as load_into
     from tests.helpers.pretrained import TINY_MODEL
 
     target = build_module(TINY_MODEL)

@@ -672,7 +672,7 @@ def test_hyperparameters_are_the_xl_experiment_at_the_files_sizes():
 def test_load_pretrained_for_fine_tuning_loads_net_and_projector(converted, tmp_path, released_sd):
     from dip_lightning.core.repa import REPA
     from dip_lightning.training.module import DiPModule
-    from dip_lightning.training.released import load_pretrained
+    from dip_lightning.training.released import load_weights_into
     from tests.helpers.tiny_encoder import TinyViTEncoder
 
     repa = REPA(
@@ -680,14 +680,14 @@ def test_load_pretrained_for_fine_tuning_loads_net_and_projector(converted, tmp_
         projector_dim=64,
     )
     module = DiPModule(net=tiny_kit_model(), repa=repa)
-    text = load_pretrained(module, converted)
+    text = load_weights_into(module, converted)
     assert "REPA projector" in text
     assert torch.equal(module.net.x_embedder.proj.weight, released_sd["s_embedder.proj.weight"])
     official = lightning_released_checkpoint(released_sd)["state_dict"]
     assert torch.equal(module.repa.projector[4].weight, official["diffusion_trainer.proj.0.4.weight"])
     # the released file itself works too, and a wrong architecture is a clear error
     torch.save(lightning_released_checkpoint(released_sd), tmp_path / "official.ckpt")
-    load_pretrained(module.net, tmp_path / "official.ckpt", weights="live")
+    load_weights_into(module.net, tmp_path / "official.ckpt", weights="live")
     assert torch.equal(module.net.x_embedder.proj.bias, released_sd["s_embedder.proj.bias"] + 0.5)
     with pytest.raises(CheckpointMismatchError, match="blocks.2.adaLN_modulation.bias"):
-        load_pretrained(tiny_kit_model(depth=3), converted)
+        load_weights_into(tiny_kit_model(depth=3), converted)
