@@ -137,7 +137,7 @@ def write_once(path: str | os.PathLike[str], text: str) -> str:
     together all get the same text, and none sees a half-written file.
     """
     target = Path(path)
-    if target.exists():
+    if target.exists():  # the usual case, also in a folder this process may not write
         return target.read_text(encoding="utf-8")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_path(target.parent, target.name)
@@ -148,7 +148,13 @@ def write_once(path: str | os.PathLike[str], text: str) -> str:
             os.fsync(handle.fileno())
         os.link(tmp, target)
     except FileExistsError:
-        pass
+        pass  # another process was first
+    except OSError as err:
+        if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EOPNOTSUPP):
+            raise
+        # A filesystem without hard links: a refused overwrite (racy only against a simultaneous start).
+        with contextlib.suppress(FileExistsError), atomic_write(target, "w", overwrite=False) as handle:
+            handle.write(text)
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
