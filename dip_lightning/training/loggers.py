@@ -44,6 +44,7 @@ from dip_lightning.checkpoint.run_folder import (
     logger_id_path,
 )
 from dip_lightning.core.atomic import write_once
+from dip_lightning.core.errors import MissingExtraError
 
 __all__ = [
     "RecordLoggerRuns",
@@ -104,7 +105,18 @@ def _place_file_logger(init: Any, run_dir: Path) -> None:
         init["save_dir"], init["name"], init["version"] = str(run_dir), "", LOG_VERSION
 
 
+def _require(module: str, logger: str, extra: str) -> None:
+    """A missing logger package as the kit's one-line error naming the extra, before anything is written."""
+    try:
+        importlib.import_module(module)
+    except ImportError as err:
+        raise MissingExtraError(
+            f"{logger} needs the {module} package, an optional extra of the kit: pip install 'dip-lightning[{extra}]'"
+        ) from err
+
+
 def _place_wandb(init: Any, run_dir: Path) -> None:
+    _require("wandb", "WandbLogger", "wandb")
     if init.get("save_dir") in (None, ".") and init.get("dir") is None:
         init["save_dir"] = str(run_dir)
     if init.get("id") is None and init.get("version") is None:
@@ -114,6 +126,7 @@ def _place_wandb(init: Any, run_dir: Path) -> None:
 
 
 def _place_mlflow(init: Any, run_dir: Path) -> None:
+    _require("mlflow", "MLFlowLogger", "mlflow")
     if not init.get("tracking_uri"):
         if init.get("save_dir") in (None, MLFLOW_DEFAULT_SAVE_DIR):
             init["save_dir"] = str(run_dir / "mlruns")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 from PIL import Image
 
 from dip_lightning.checkpoint.run_folder import LOG_VERSION, MLFLOW_RUN_ID, WANDB_ID, log_dir
+from dip_lightning.core.errors import MissingExtraError
 from dip_lightning.evaluation.report import write_report
 from dip_lightning.training.cli import DiPCLI
 from dip_lightning.training.loggers import MLFLOW_FILE_STORE_OPT_IN, place_loggers
@@ -64,6 +66,17 @@ def test_place_loggers_pins_folders_and_ids(tmp_path: Path, monkeypatch: pytest.
         "tracking_uri": "x",
         "run_id": "0123abcd",
     }  # a tracking server: no file store
+
+
+def test_a_logger_without_its_package_names_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(
+        sys.modules, "wandb", None
+    )  # what an environment without the package gives: ImportError
+    with pytest.raises(MissingExtraError, match=r"pip install 'dip-lightning\[wandb\]'"):
+        place_loggers({"class_path": WANDB}, tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # nothing written
 
 
 # ------------------------------------------------------------------------------------------ real runs, resumed once
