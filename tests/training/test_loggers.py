@@ -24,6 +24,7 @@ from tests.helpers.tiny import grid_callback, tiny_args
 CSV = "lightning.pytorch.loggers.CSVLogger"
 WANDB = "lightning.pytorch.loggers.WandbLogger"
 MLFLOW = "lightning.pytorch.loggers.MLFlowLogger"
+TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
 
 
 # ------------------------------------------------------------------------------------------ placing the loggers
@@ -176,18 +177,25 @@ def test_csv_and_wandb_offline_runs_resume_in_one_folder_and_report_reads_both(
 
 
 @pytest.mark.slow  # two short fits
-def test_mlflow_run_resumed_once_continues_its_mlflow_run(
+def test_mlflow_and_tensorboard_run_resumed_once_continues_its_mlflow_run(
     tmp_path: Path, demo_data: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Two loggers at once: MLflow first (Lightning's trainer.log_dir would be its save_dir), TensorBoard second."""
     pytest.importorskip("mlflow")
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     monkeypatch.delenv(MLFLOW_FILE_STORE_OPT_IN, raising=False)  # set by the kit; restored afterwards
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run = tmp_path / "run"
-    clis = fit_twice(run, demo_data, [{"class_path": MLFLOW, "init_args": {"experiment_name": "dip"}}])
+    loggers = [
+        {"class_path": MLFLOW, "init_args": {"experiment_name": "dip"}},
+        {"class_path": TENSORBOARD, "init_args": {"save_dir": "tb"}},
+    ]
+    clis = fit_twice(run, demo_data, loggers)
     assert_one_run_folder(run)
     run_id = (run / MLFLOW_RUN_ID).read_text().strip()
-    assert [cli.trainer.logger.run_id for cli in clis] == [run_id, run_id]
+    assert [cli.trainer.loggers[0].run_id for cli in clis] == [run_id, run_id]
+    # TensorBoard: one event file per job, in the one log folder (its save_dir "tb" is replaced by the run folder).
+    assert len(list(log_dir(run).glob("events.out.tfevents.*"))) == 2 and not Path("tb").exists()
     stored = [p for p in (run / "mlruns").glob("*/*") if p.is_dir() and (p / "meta.yaml").is_file()]
     assert [p.name for p in stored] == [run_id]  # one MLflow run, in the run folder's file store
     for step in (2, 4):
