@@ -11,6 +11,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from dip_lightning.checkpoint.run_folder import log_dir
 from dip_lightning.training.cli import DiPCLI
 from tests.helpers.commands import run_command
 from tests.helpers.tiny import fit_tiny, fit_with, tiny_args
@@ -121,7 +122,9 @@ def test_step_metrics_are_logged_fresh_and_only_at_logging_steps(
     assert logged["train/grad_norm"] == [4, 9] and logged["train/lr"] == [4, 9]
     assert logged["train/images_seen"] == [5, 10] and logged["train/images_per_sec"] == [5, 10]
     assert len(logged["train/loss"]) == 10  # a tensor: logging it costs no sync
-    rows = list(csv.DictReader((tmp_path / "lightning_logs" / "version_0" / "metrics.csv").open()))
+    rows = list(
+        csv.DictReader((log_dir(tmp_path / "run") / "metrics.csv").open())
+    )  # the run folder's, pinned
     written = [r for r in rows if r.get("train/grad_norm")]
     assert [float(r["train/images_seen"]) for r in written] == [20.0, 40.0]
     assert all(float(r["train/images_per_sec"]) > 0 for r in written)
