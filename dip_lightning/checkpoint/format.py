@@ -44,6 +44,10 @@ others (``weights``, keyed by :func:`decay_key`): :func:`ema_record`, written by
 CONVERSION_RECORD = "dip_conversion"
 """What ``convert`` made a checkpoint from (``from``, ``source``, ``weights``: which released copy)."""
 
+IMAGES_SEEN = "images_seen"
+"""Training images seen up to the checkpoint's step, over all ranks and micro-batches (an int; written by
+:class:`~dip_lightning.training.callbacks.monitor.TrainingMonitor`; absent from checkpoints written before it)."""
+
 
 def decay_key(decay: float) -> str:
     """The key of a decay in the EMA record's ``weights``: its shortest round-tripping text (``"0.9996"``)."""

@@ -19,7 +19,13 @@ from typing import Any
 
 from dip_lightning.checkpoint.io import CheckpointError, peek_checkpoint
 
-__all__ = ["TRUSTED_PACKAGES", "UntrustedConfigError", "check_checkpoint_config", "check_stored_config"]
+__all__ = [
+    "TRUSTED_PACKAGES",
+    "UntrustedConfigError",
+    "check_checkpoint_config",
+    "check_stored_config",
+    "foreign_names",
+]
 
 #: The packages whose classes and functions a checkpoint's stored config may name unless the file is trusted.
 TRUSTED_PACKAGES = ("dip_lightning", "torch", "lightning")
@@ -63,6 +69,11 @@ def _named_imports(value: Any, where: str) -> Iterator[tuple[str, str]]:
         yield where, value
 
 
+def foreign_names(config: Any, where: str = "") -> list[tuple[str, str]]:
+    """``(where, name)`` of every class or function a config names outside :data:`TRUSTED_PACKAGES`."""
+    return [(at, name) for at, name in _named_imports(config, where) if not _is_trusted(name)]
+
+
 def check_stored_config(
     hparams: Mapping[str, Any] | None, source: str | os.PathLike = "the checkpoint", trusted: bool = False
 ) -> None:
@@ -70,9 +81,7 @@ def check_stored_config(
     before anything of it is imported, unless ``trusted``."""
     if trusted or not hparams:
         return
-    foreign = [
-        (at, name) for at, name in _named_imports(hparams, "hyper_parameters") if not _is_trusted(name)
-    ]
+    foreign = foreign_names(hparams, "hyper_parameters")
     if foreign:
         at, name = foreign[0]
         more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""

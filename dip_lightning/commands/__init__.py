@@ -81,6 +81,9 @@ COMMANDS: dict[str, Command] = {
         Command("sweep", "evaluate a checkpoint over weights x guidance settings (resumable)", "sweep"),
         Command("convert", "released DiP weights <-> kit checkpoints", "convert"),
         Command(
+            "export", "a checkpoint's weights as a Hub folder: config.json, model.safetensors, card", "export"
+        ),
+        Command(
             "ema-reconstruct",
             "post-hoc EMA: any power-function EMA std from a run's snapshots",
             "ema_reconstruct",

@@ -71,9 +71,18 @@ def _add_extractor_args(parser: CommandParser) -> None:
 
 
 def checkpoint_patch_size(path: str | os.PathLike[str]) -> int:
-    """The DiT patch size a kit checkpoint was trained with (from its stored ``hyper_parameters``)."""
+    """The DiT patch size a kit checkpoint was trained with (from its stored ``hyper_parameters``), or a
+    pretrained folder's (its ``config.json``)."""
     from dip_lightning.checkpoint.io import CheckpointError, read_checkpoint
 
+    if Path(path).is_dir():
+        from dip_lightning.checkpoint.pretrained import read_pretrained_config
+
+        config = read_pretrained_config(path)
+        size = config.get("patch_size") or config["model"]["net"].get("init_args", {}).get("patch_size")
+        if size is None:
+            raise CheckpointError(f"{path}/config.json records no patch_size; pass --patch_size instead")
+        return int(size)
     checkpoint = read_checkpoint(path)
     hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, Mapping) else {}
     net = hparams.get("net") if isinstance(hparams, Mapping) else None
@@ -136,7 +145,10 @@ def build_parser() -> CommandParser:
     )
     parser.add_argument("--patch_size", type=int | None, default=None, help="DiT patch size for patch_seam")
     parser.add_argument(
-        "--ckpt_path", type=str | None, default=None, help="read --patch_size from this kit checkpoint"
+        "--ckpt_path",
+        type=str | None,
+        default=None,
+        help="read --patch_size from this kit checkpoint or pretrained folder",
     )
     parser.add_argument("--json", type=str | None, default=None, help="write the results here (JSON)")
     parser.add_argument("--limit", type=int | None, default=None, help="use at most this many samples")

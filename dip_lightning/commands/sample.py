@@ -18,7 +18,12 @@ from dip_lightning.training.module import COMPILE_MODES
 
 def build_parser() -> CommandParser:
     p = CommandParser("sample", description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt_path", type=str, required=True, help="checkpoint (Lightning .ckpt) to sample from")
+    p.add_argument(
+        "--ckpt_path",
+        type=str,
+        required=True,
+        help="checkpoint (Lightning .ckpt) or pretrained folder (export) to sample from",
+    )
     p.add_argument(
         "--experiment",
         type=str,

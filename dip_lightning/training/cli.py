@@ -42,7 +42,6 @@ from dip_lightning.checkpoint.run_folder import (
     CONFIG_RECORD,
     DEFAULT_RUN_DIR,
     EXPERIMENT_RECORD,
-    LOG_VERSION,
     STEP_FILENAME,
     artefact_dir,
     checkpoint_dir,
@@ -53,9 +52,11 @@ from dip_lightning.core.atomic import atomic_write_json
 from dip_lightning.core.distributed import launch_place
 from dip_lightning.core.errors import ConfigError, KitError, exception_chain
 from dip_lightning.training.callbacks.launched_ranks import StopLaunchedRanks
+from dip_lightning.training.callbacks.monitor import TrainingMonitor
 from dip_lightning.training.callbacks.preemption import PerJobTimer, PreemptionGuard
 from dip_lightning.training.callbacks.progress import RichProgress
 from dip_lightning.training.init_from import init_from_checkpoint
+from dip_lightning.training.loggers import RecordLoggerRuns, keep_csv_metrics, place_loggers
 
 # Importing the module also enables sampler subclasses in YAML (see dip_lightning.training.module).
 from dip_lightning.training.module import DiPModule
@@ -104,7 +105,8 @@ def config_sources(config: Any) -> list[dict[str, str]]:
 
 class RecordingSaveConfig(SaveConfigCallback):
     """LightningCLI's ``config.yaml`` writer, plus ``experiment.json`` beside it (rank 0, atomic, rewritten by
-    each job as ``config.yaml`` is): the ``--config`` files with their text and the command line.
+    each job as ``config.yaml`` is): the ``--config`` files with their text and the command line. Both go to the
+    run's log folder whatever the loggers (:func:`~dip_lightning.checkpoint.run_folder.artefact_dir`).
 
     The parsed ``config.yaml`` holds every value but not which experiment file and overlays produced them, nor
     their comments (a ``# Reproduces:`` line); reports need both.
@@ -115,8 +117,18 @@ class RecordingSaveConfig(SaveConfigCallback):
         self.argv = list(argv) if argv is not None else None
 
     def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        # Into the run's log folder, not LightningCLI's trainer.log_dir (that follows the first logger).
+        folder = artefact_dir(trainer)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.parser.save(
+            self.config,
+            folder / self.config_filename,
+            skip_none=False,
+            overwrite=True,
+            multifile=self.multifile,
+        )
         record = {"configs": config_sources(self.config), "argv": self.argv}
-        atomic_write_json(artefact_dir(trainer) / EXPERIMENT_RECORD, record)
+        atomic_write_json(folder / EXPERIMENT_RECORD, record)
 
 
 def refusal_reasons(err: BaseException) -> str:
@@ -147,7 +159,12 @@ class DiPCLI(LightningCLI):
                 datamodule_class=LightningDataModule,
                 subclass_mode_data=True,
                 save_config_callback=RecordingSaveConfig,
-                save_config_kwargs={"overwrite": True, "argv": argv, "config_filename": CONFIG_RECORD},
+                save_config_kwargs={
+                    "overwrite": True,
+                    "argv": argv,
+                    "config_filename": CONFIG_RECORD,
+                    "save_to_log_dir": False,  # save_config writes it (rank 0)
+                },
                 seed_everything_default=0,
                 auto_configure_optimizers=False,
                 parser_kwargs={"parser_mode": "yaml", "prog": "python -m dip_lightning"},
@@ -208,12 +225,8 @@ class DiPCLI(LightningCLI):
         run_dir = Path(config.trainer.default_root_dir)
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = str(checkpoint_dir(run_dir))
-        if config.trainer.logger in (None, True):
-            # Pinned version: every (re)started job of this run logs to the same folder.
-            config.trainer.logger = {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": str(run_dir), "name": "", "version": LOG_VERSION},
-            }
+        # Every (re)started job of this run logs to the same folders and logger runs, whatever the loggers.
+        config.trainer.logger = place_loggers(config.trainer.logger, run_dir)
 
     def instantiate_classes(self) -> None:
         """LightningCLI's, with a class that refuses its options reported as the option error it is (jsonargparse
@@ -250,6 +263,7 @@ class DiPCLI(LightningCLI):
             # Rich bars by default (a YAML `trainer.callbacks` entry of any ProgressBar replaces it).
             callbacks.append(RichProgress())
         callbacks.append(StopLaunchedRanks())  # rank 0's failure must not leave the ranks it started waiting
+        callbacks.append(RecordLoggerRuns())  # an MLflow run id, for the next job of this run
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
@@ -264,7 +278,12 @@ class DiPCLI(LightningCLI):
             raise ConfigError("--weights chooses weights of a checkpoint: pass --ckpt_path too.")
         self.model.weight_request = request
 
-    before_validate = before_test = before_predict = _request_weights
+    def _before_checkpoint_command(self) -> None:
+        if launch_place().rank == 0:
+            keep_csv_metrics(self.trainer.loggers)
+        self._request_weights()
+
+    before_validate = before_test = before_predict = _before_checkpoint_command
 
     # ------------------------------------------------------------------ resume
     def before_fit(self) -> None:
@@ -275,6 +294,8 @@ class DiPCLI(LightningCLI):
         if explicit not in (None, "last", "hpc", "best") and not Path(explicit).is_file():
             raise FileNotFoundError(f"--ckpt_path {explicit}: no such checkpoint file")
         self._hold_run_folder(config.get("lock_stale_after", DEFAULT_STALE_AFTER))
+        if launch_place().rank == 0:  # the earlier jobs' CSV scalars, which a CSVLogger would delete
+            keep_csv_metrics(self.trainer.loggers)
         if explicit in ("last", "hpc", "best"):  # Lightning's own keywords: its rules apply
             rank_zero_info(f"Resume: --ckpt_path {explicit} (resolved by Lightning).")
             return
@@ -383,10 +404,11 @@ class DiPCLI(LightningCLI):
 
 
 def _add_run_callbacks(parser: LightningArgumentParser) -> None:
-    """The callbacks every run has: checkpoints into the run folder (``checkpoint.*``) and the preemption guard
-    (``preemption.*``, with ``--requeue_signal`` for SLURM)."""
+    """The callbacks every run has: checkpoints into the run folder (``checkpoint.*``), the preemption guard
+    (``preemption.*``, with ``--requeue_signal`` for SLURM) and the training monitors (``monitor.*``)."""
     parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
     parser.add_lightning_class_args(PreemptionGuard, "preemption")
+    parser.add_lightning_class_args(TrainingMonitor, "monitor")
     parser.set_defaults(
         {
             "checkpoint.save_last": True,

@@ -3,14 +3,14 @@
 The parts live elsewhere: the network in :mod:`dip_lightning.core.models`, the objective and the samplers in
 :mod:`dip_lightning.core.diffusion`, REPA in :mod:`dip_lightning.core.repa`, EMA, grids and metrics in
 :mod:`dip_lightning.training.callbacks`. Progress is counted in optimizer steps and in images
-(``train/images_seen``), as edm2 does. The training noise comes from a generator keyed by (seed, rank, step,
-micro-batch), so a resumed run continues bit for bit (docs/design.md).
+(``train/images_seen``), as edm2 does; the images, their rate and the other monitors are logged by
+:class:`~dip_lightning.training.callbacks.monitor.TrainingMonitor`. The training noise comes from a generator keyed
+by (seed, rank, step, micro-batch), so a resumed run continues bit for bit (docs/design.md).
 """
 
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterable
 from typing import Any, Literal, get_args
 
@@ -143,7 +143,6 @@ class DiPModule(pl.LightningModule):
         self.compile_mode = compile_mode
         self.sample_dtype = sample_dtype
         self.val_seed = val_seed
-        self._last_step_time: tuple[int, float] | None = None  # (step, time) of the last logging step
         self._noise_step: int | None = None  # see _training_generator
         self._noise_micro = 0
         self.last_loss: torch.Tensor | None = None  # the last training step's loss (NonFiniteGuard)
@@ -237,9 +236,6 @@ class DiPModule(pl.LightningModule):
         self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"})
         return losses["loss"]
 
-    def on_train_start(self) -> None:
-        self._last_step_time = (self.trainer.global_step, time.perf_counter())
-
     def _logs_at(self, step: int) -> bool:
         """Whether Lightning writes the step metrics to the loggers at the end of optimizer step ``step``
         (1-based). Values logged at other steps are either overwritten or, worse, written later as if fresh;
@@ -255,20 +251,6 @@ class DiPModule(pl.LightningModule):
                 norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
                 self.log("train/grad_norm", norm)
             self.log("train/lr", optimizer.param_groups[0]["lr"])
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        step = self.trainer.global_step
-        if not self._logs_at(step):
-            return
-        batch_size = batch[0].shape[0] * self.trainer.world_size
-        now = time.perf_counter()
-        if self._last_step_time is not None and step > self._last_step_time[0]:  # None outside Trainer.fit
-            # Wall time over the logging interval; on GPU that is asynchronous-dispatch time, which over many
-            # steps averages to the true step time without forcing a host sync.
-            last_step, last_time = self._last_step_time
-            self.log("train/images_per_sec", (step - last_step) * batch_size / max(now - last_time, 1e-9))
-        self._last_step_time = (step, now)
-        self.log("train/images_seen", float(step * batch_size))
 
     # ------------------------------------------------------------------ validation: a comparable loss
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """Callbacks: EMA of the weights, power-function EMA snapshots, periodic sample grids, periodic evaluation with the
-metrics suite (`MetricsCallback`), the progress bar, the guard against
-non-finite training."""
+metrics suite (`MetricsCallback`), the progress bar, the training monitors (`TrainingMonitor`), the guard
+against non-finite training."""
 
 from dip_lightning.training.callbacks.ema import EMA, sampling_module
 from dip_lightning.training.callbacks.metrics import MetricsCallback
+from dip_lightning.training.callbacks.monitor import TrainingMonitor
 from dip_lightning.training.callbacks.nonfinite import NonFiniteGuard, NonFiniteTrainingError
 from dip_lightning.training.callbacks.phema import PowerFunctionEMA
 from dip_lightning.training.callbacks.progress import RichProgress
@@ -17,5 +18,6 @@ __all__ = [
     "PowerFunctionEMA",
     "RichProgress",
     "SampleGrid",
+    "TrainingMonitor",
     "sampling_module",
 ]

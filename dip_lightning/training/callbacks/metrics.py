@@ -42,6 +42,7 @@ from dip_lightning.core.metrics.sources import iter_shard_images
 from dip_lightning.core.seeding import sample_labels_and_seeds
 from dip_lightning.training.callbacks.ema import sampling_module
 from dip_lightning.training.callbacks.evaluation import StepEvaluation, stop_if_signalled
+from dip_lightning.training.callbacks.monitor import images_seen as images_seen_so_far
 
 #: What `MetricsCallback` computes by default: the ADM suite and the patch-seam score (FD-DINOv2 needs weights).
 DEFAULT_TRAINING_METRICS = ("fid", "sfid", "inception_score", "precision", "recall", "patch_seam")
@@ -298,13 +299,6 @@ class MetricsCallback(StepEvaluation):
         self._report(trainer, step, results, time.perf_counter() - start)
         return results
 
-    def _images_seen(self, trainer: pl.Trainer) -> int | None:
-        """Training images seen over all ranks: steps x micro-batch x accumulation x world size."""
-        if self._batch_size is None:
-            return None
-        accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
-        return trainer.global_step * self._batch_size * accumulate * trainer.world_size
-
     def _report(
         self, trainer: pl.Trainer, step: int, results: dict[str, float | None], seconds: float
     ) -> None:
@@ -319,7 +313,7 @@ class MetricsCallback(StepEvaluation):
         path.parent.mkdir(parents=True, exist_ok=True)
         columns = [m for m in METRIC_NAMES if m in self.metrics]
         new = not path.exists()
-        images_seen = self._images_seen(trainer)
+        images_seen = images_seen_so_far(trainer, self._batch_size)  # the run's one count (monitor.py)
         with open(path, "a", newline="") as f:
             writer = csv.writer(f)
             if new:
