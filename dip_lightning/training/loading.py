@@ -72,7 +72,7 @@ def _module_from_configs(configs: list[str]) -> DiPModule:
 def _load_folder(folder: str | os.PathLike, configs: list[str] | None, request: WeightRequest) -> DiPModule:
     if configs:
         raise ConfigError(
-            f"{folder} is a pretrained folder: its config.json describes the network; drop --config."
+            f"{folder} is a pretrained folder: its config.json describes the network; drop --experiment."
         )
     if request != DEFAULT_WEIGHTS:
         raise ConfigError(
