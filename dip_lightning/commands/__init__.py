@@ -94,6 +94,7 @@ def overview() -> str:
     width = max(len(n) for n in COMMANDS)
     lines = [
         "usage: python -m dip_lightning <command> [options]    (or: dip-lightning <command> ...)",
+        "       python -m dip_lightning --version",
         "",
         "DiP experiment kit: pixel-space diffusion with a Patch Detailer Head (arXiv 2511.18822).",
         "",
@@ -136,6 +137,11 @@ def run_command(argv: Sequence[str]) -> int:
 def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(overview())
+        return 0
+    if argv[0] in ("--version", "-V"):
+        from dip_lightning import __version__
+
+        print(f"dip-lightning {__version__}")
         return 0
     if argv[0].startswith(
         "-"
