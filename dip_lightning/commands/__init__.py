@@ -94,7 +94,6 @@ def overview() -> str:
     width = max(len(n) for n in COMMANDS)
     lines = [
         "usage: python -m dip_lightning <command> [options]    (or: dip-lightning <command> ...)",
-        "       python -m dip_lightning --version",
         "",
         "DiP experiment kit: pixel-space diffusion with a Patch Detailer Head (arXiv 2511.18822).",
         "",
@@ -103,6 +102,7 @@ def overview() -> str:
         "",
         "`python -m dip_lightning <command> --help` shows a command's options; fit/validate/test/predict are",
         "LightningCLI subcommands (--config, --print_config, dotted overrides such as --trainer.max_steps=100).",
+        "--config takes a YAML file or a shipped recipe's name (--config tiny_cpu); --version prints the version.",
     ]
     return "\n".join(lines)
 
