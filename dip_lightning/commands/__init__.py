@@ -102,6 +102,7 @@ def overview() -> str:
         "",
         "`python -m dip_lightning <command> --help` shows a command's options; fit/validate/test/predict are",
         "LightningCLI subcommands (--config, --print_config, dotted overrides such as --trainer.max_steps=100).",
+        "--config takes a YAML file or a shipped recipe's name (--config tiny_cpu); --version prints the version.",
     ]
     return "\n".join(lines)
 
@@ -136,6 +137,11 @@ def run_command(argv: Sequence[str]) -> int:
 def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(overview())
+        return 0
+    if argv[0] in ("--version", "-V"):
+        from dip_lightning import __version__
+
+        print(f"dip-lightning {__version__}")
         return 0
     if argv[0].startswith(
         "-"
