@@ -113,6 +113,7 @@ def overview() -> str:
         "",
         "`python -m dip_lightning <command> --help` shows a command's options; fit/validate/test/predict are",
         "LightningCLI subcommands (--config, --print_config, dotted overrides such as --trainer.max_steps=100).",
+        "--config takes a YAML file or a shipped recipe's name (--config tiny_cpu); --version prints the version.",
     ]
     return "\n".join(lines)
 
@@ -147,6 +148,11 @@ def run_command(argv: Sequence[str]) -> int:
 def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(overview())
+        return 0
+    if argv[0] in ("--version", "-V"):
+        from dip_lightning import __version__
+
+        print(f"dip-lightning {__version__}")
         return 0
     if argv[0].startswith(
         "-"
@@ -217,14 +223,17 @@ class _CommandConfigFile(ActionConfigFile):
 
 
 def _experiment_keys(value: Any) -> set[str]:
-    """The experiment-only top-level keys of the YAML file ``value`` names (none for anything else)."""
+    """The experiment-only top-level keys of the YAML file (or shipped recipe) ``value`` names (none for anything
+    else)."""
     import yaml
 
+    from dip_lightning.core.recipes import resolve_config
+
     try:
-        path = Path(str(value))
+        path = Path(resolve_config(str(value)))
         loaded = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
     except (OSError, ValueError, yaml.YAMLError):
-        return set()  # jsonargparse reports an unreadable file itself
+        return set()  # jsonargparse reports an unreadable file or an unknown name itself
     return set(loaded) & _EXPERIMENT_KEYS if isinstance(loaded, dict) else set()
 
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from dip_lightning.commands import CommandParser
+from dip_lightning.core.recipes import recipe_path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG = REPO_ROOT / "experiments" / "tiny_cpu.yaml"
+DEFAULT_CONFIG = recipe_path("tiny_cpu")
 
 
 def reference_stats(

@@ -29,8 +29,8 @@ def build_parser() -> CommandParser:
         type=str,
         nargs="+",
         default=None,
-        help="experiment YAML(s) the network is built from instead of the checkpoint's stored config "
-        "(configless checkpoints): the experiment, then its overlays",
+        help="experiment YAML(s) or shipped recipe names the network is built from instead of the checkpoint's "
+        "stored config (configless checkpoints): the experiment, then its overlays",
     )
     p.add_argument("--out", type=str, required=True, help="output .npz (ADM evaluator format)")
     p.add_argument("--num_samples", type=int, default=50_000)

@@ -26,7 +26,7 @@ def build_parser() -> CommandParser:
         type=str,
         nargs="+",
         default=None,
-        help="experiment YAML(s) the network is built from, for configless checkpoints",
+        help="experiment YAML(s) or shipped recipe names the network is built from, for configless checkpoints",
     )
     p.add_argument(
         "--reference",

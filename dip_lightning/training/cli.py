@@ -51,6 +51,7 @@ from dip_lightning.checkpoint.stored_config import check_checkpoint_config
 from dip_lightning.core.atomic import atomic_write_json
 from dip_lightning.core.distributed import launch_place
 from dip_lightning.core.errors import ConfigError, KitError, exception_chain
+from dip_lightning.core.recipes import with_recipe_paths
 from dip_lightning.training.callbacks.launched_ranks import StopLaunchedRanks
 from dip_lightning.training.callbacks.monitor import TrainingMonitor
 from dip_lightning.training.callbacks.preemption import PerJobTimer, PreemptionGuard
@@ -177,6 +178,16 @@ class DiPCLI(LightningCLI):
             # its own hold back in any case: same owner token).
             if self.run_lock is not None:
                 self.run_lock.release()
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """LightningCLI's, with ``--config`` taking a shipped recipe's name too (``--config tiny_cpu``)."""
+        given = sys.argv[1:] if args is None else args
+        if isinstance(given, (list, tuple)):
+            resolved = with_recipe_paths([str(a) for a in given])
+            if resolved != [str(a) for a in given]:
+                self.config = parser.parse_args(resolved)
+                return
+        super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         _add_run_callbacks(parser)

@@ -121,6 +121,8 @@ def test_an_experiment_yaml_given_to_config_names_the_option_it_belongs_to(
     error = usage_error(capsys, "sample", "--config", TINY_CONFIG, "--ckpt_path", "x.ckpt", "--out", "x.npz")
     assert f"--config {TINY_CONFIG} is an experiment YAML" in error
     assert f"pass it as --experiment {TINY_CONFIG}" in error
+    error = usage_error(capsys, "sweep", "--config", "tiny_cpu")  # a shipped recipe's name
+    assert "--config tiny_cpu is an experiment YAML" in error and "pass it as --experiment tiny_cpu" in error
     error = usage_error(capsys, "evaluate", "--config", TINY_CONFIG)
     assert "is an experiment YAML" in error and "builds no model from an experiment YAML" in error
 

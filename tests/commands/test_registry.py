@@ -43,3 +43,11 @@ def test_flags_use_underscores_and_accept_the_hyphenated_spelling(capsys: pytest
     assert "--batch-size" not in parser.format_help()  # the alias is accepted, not advertised
     with pytest.raises(ValueError, match="underscores"):
         parser.add_argument("--image-size")
+
+
+@pytest.mark.parametrize("flag", ["--version", "-V"])
+def test_version_is_the_installed_package_version(flag: str, capsys: pytest.CaptureFixture) -> None:
+    from importlib.metadata import version
+
+    assert commands.run_command([flag]) == 0
+    assert capsys.readouterr().out.strip() == f"dip-lightning {version('dip-lightning')}"

@@ -539,7 +539,7 @@ def test_eval_metrics_csv_reports_the_monitors_images_seen_under_accumulation(tm
         tmp_path, [callback, TrainingMonitor()], logger=logger, log_every_n_steps=2, accumulate_grad_batches=2
     )
     fit.fit(ToyGenerator(), loader())
-    rows = read_csv(Path(logger.log_dir) / "eval_metrics.csv")
+    rows = read_csv(log_dir(tmp_path) / "eval_metrics.csv")  # the run folder's log folder
     assert [(int(r["step"]), int(r["images_seen"])) for r in rows] == [
         (2, 16),
         (4, 32),

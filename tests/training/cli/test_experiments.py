@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
+from dip_lightning.commands import run_command
 from dip_lightning.training.cli import DiPCLI
 from tests.helpers import REPO
 
@@ -114,3 +115,25 @@ def test_run_folders_are_unique() -> None:
     folders = [merged_yaml(p).get("trainer", {}).get("default_root_dir") for p in RECIPES + ABLATIONS]
     folders = [f for f in folders if f]
     assert len(folders) == len(set(folders))
+
+
+def test_fit_takes_a_shipped_recipe_by_name_from_any_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        run_command(["fit", "--config", "tiny_cpu", "--trainer.max_steps=7", "--print_config"])
+    assert info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["max_steps"] == 7
+    assert printed["trainer"]["default_root_dir"] == "runs/tiny_cpu"  # the tiny recipe's own values
+    assert printed["model"]["net"]["init_args"]["hidden_size"] == 192
+
+
+def test_fit_with_an_unknown_recipe_lists_the_shipped_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert run_command(["fit", "--config", "tiny_cpy"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --config tiny_cpy: no such file") and "tiny_cpu" in err

@@ -252,7 +252,9 @@ def test_fit_has_the_monitors_right_under_accumulation(tmp_path: Path, demo_data
     cli, _ = fit_tiny(tmp_path, demo_data, *extra, steps=4, batch_size=4)
     (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, TrainingMonitor)]
     assert cli.trainer.callbacks[-1] is monitor  # after the checkpoint callbacks: their time is the step's
-    rows = list(csv.DictReader((tmp_path / "lightning_logs" / "version_0" / "metrics.csv").open()))
+    rows = list(
+        csv.DictReader((Path(cli.trainer.logger.log_dir) / "metrics.csv").open())
+    )  # pinned in the run
     written = [r for r in rows if r.get("train/images_seen")]
     assert [float(r["train/images_seen"]) for r in written] == [16.0, 32.0]  # steps x 4 x 2
     flops = forward_flops_per_image(cli.model.net)
