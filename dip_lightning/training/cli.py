@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jsonargparse.typing import PositiveFloat, register_type
+from jsonargparse import ActionYesNo
+from jsonargparse.typing import PositiveFloat
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, Timer
@@ -61,9 +62,6 @@ from dip_lightning.training.loggers import RecordLoggerRuns, keep_csv_metrics, p
 # Importing the module also enables sampler subclasses in YAML (see dip_lightning.training.module).
 from dip_lightning.training.module import DiPModule
 
-# `--weights ema:0.9996` on the command line and in YAML, parsed by the one syntax of the checkpoint format.
-register_type(WeightRequest, serializer=str, deserializer=WeightRequest.parse)
-
 
 def _as_list(value: Any) -> list:
     if value is None:
@@ -76,6 +74,13 @@ MODEL_TO_DATA = {
     "model.net.init_args.num_classes": "data.init_args.num_classes",
     "model.net.init_args.input_size": "data.init_args.image_size",
 }
+
+
+#: The network's patch size, linked into the REPA encoder's (which must give one feature per DiT token).
+PATCH_SIZE_TO_REPA = (
+    "model.net.init_args.patch_size",
+    "model.repa.init_args.encoder.init_args.dit_patch_size",
+)
 
 
 def config_sources(config: Any) -> list[dict[str, str]]:
@@ -190,6 +195,8 @@ class DiPCLI(LightningCLI):
         # model.net). Checkpoint-driven commands (predict/validate --ckpt_path) thereby get matching data too.
         for model_key, data_key in MODEL_TO_DATA.items():
             parser.link_arguments(model_key, data_key)
+        # The REPA encoder matches the DiT's token grid: its patch size is the network's, never set apart.
+        parser.link_arguments(*PATCH_SIZE_TO_REPA)
         parser.add_argument(
             "--weights",
             type=WeightRequest | None,
@@ -453,7 +460,8 @@ def _add_init_from_arguments(parser: LightningArgumentParser) -> None:
     )
     parser.add_argument(
         "--init_from_strict",
-        type=bool,
+        action=ActionYesNo(),  # the kit's one boolean style: --x, --x true|false, --no_x (dip_lightning.commands)
+        nargs="?",
         default=True,
         help="fit --init_from: any other tensor that does not match is an error (false: it keeps this model's "
         "initialisation, listed in the log).",

@@ -33,7 +33,7 @@ TINY = [
 ]
 TINY_REPA = (
     '--model.repa.encoder={"class_path": "tests.helpers.tiny_encoder.TinyViTEncoder", '
-    '"init_args": {"dit_patch_size": 16, "grid_size": 2, "embed_dim": 32, "depth": 1, "num_heads": 2}}'
+    '"init_args": {"grid_size": 2, "embed_dim": 32, "depth": 1, "num_heads": 2}}'
 )
 
 
@@ -68,6 +68,9 @@ def test_recipe_instantiates(tmp_path: Path, config: Path) -> None:
     assert cli.datamodule.image_size == 32
     assert first_comment(config).startswith("#"), "each YAML says which paper setting it reproduces"
     assert "Reproduces" in config.read_text()
+    if cli.model.repa is not None:  # linked to the network's patch size, set nowhere else
+        assert cli.model.repa.encoder.dit_patch_size == cli.model.net.patch_size
+    assert "dit_patch_size:" not in [line.strip().split(" ")[0] for line in config.read_text().splitlines()]
 
 
 def assert_head_as_configured(head: Any, config: dict) -> None:

@@ -68,9 +68,10 @@ def test_every_placement_trains_through_cli(tmp_path: Path, demo_data: dict, pla
 def test_repa_on_and_off(tmp_path: Path, demo_data: dict) -> None:
     repa = [
         '--model.repa={"encoder": {"class_path": "tests.helpers.tiny_encoder.TinyViTEncoder", '
-        '"init_args": {"dit_patch_size": 8, "grid_size": 4}}, "block": 1, "weight": 0.5, "projector_dim": 32}',
-    ]
+        '"init_args": {"grid_size": 4}}, "block": 1, "weight": 0.5, "projector_dim": 32}',
+    ]  # the encoder's dit_patch_size follows the network's (8; the encoder's default is 16)
     cli, losses = fit_tiny(tmp_path / "on", demo_data, *repa, steps=3)
+    assert cli.model.repa.encoder.dit_patch_size == cli.model.net.patch_size == 8
     metrics = cli.trainer.callback_metrics
     assert "train/repa_loss" in metrics and 0.0 <= float(metrics["train/repa_loss"]) <= 2.0
     # The projector trains; the frozen encoder neither trains nor lands in the checkpoint.
