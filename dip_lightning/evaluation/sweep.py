@@ -208,11 +208,7 @@ def run_cell(
         return None
     result = _seeds_result(settings, seeds, per_seed)
     atomic_write_json(result_path, result)
-    shown = ", ".join(
-        f"{m} {format_number(st['mean'])} ± {format_number(st['std'])} "
-        f"[{format_number(st['min'])}, {format_number(st['max'])}]"
-        for m, st in result["spread"].items()
-    )
+    shown = ", ".join(f"{m} {_metric_text(result, m)}" for m in result["spread"])
     print(f"{cell.name} over seeds {' '.join(map(str, seeds))}: {shown}")
     return result
 
@@ -275,9 +271,9 @@ def _run_seed(
     atomic_write_json(result_path, result)
     _remove_samples(samples, keep=args.keep_samples)
     shown = ", ".join(f"{k} {format_number(v)}" for k, v in metrics.items())
+    label = cell.name if len(args.seed_list) == 1 else f"{cell.name} seed {seed}"
     print(
-        f"{cell.name} seed {seed}: {shown} ({result['sampling_seconds']} s sampling, "
-        f"{result['metrics_seconds']} s metrics)"
+        f"{label}: {shown} ({result['sampling_seconds']} s sampling, {result['metrics_seconds']} s metrics)"
     )
     for metric, why in unavailable.items():
         print(f"  {metric}: not computed: {why}")
@@ -330,13 +326,13 @@ def _csv_text(results: Sequence[dict[str, Any]], metrics: Sequence[str]) -> str:
 
 
 def _metric_text(result: dict[str, Any], metric: str) -> str:
-    """A table cell: the value, or over several seeds ``mean ± std (min–max)``."""
+    """A table cell: the value, or over several seeds ``mean ± std [min–max]``."""
     stats = result.get("spread", {}).get(metric)
     if stats is None or stats["n"] < 2:
         return format_number(result["metrics"].get(metric))
     return (
         f"{format_number(stats['mean'])} ± {format_number(stats['std'])} "
-        f"({format_number(stats['min'])}–{format_number(stats['max'])})"
+        f"[{format_number(stats['min'])}–{format_number(stats['max'])}]"
     )
 
 
@@ -359,7 +355,7 @@ def _markdown_lines(results: Sequence[dict[str, Any]], metrics: Sequence[str]) -
     if _has_spread(results):
         seeds = " ".join(str(s) for s in results[0]["seeds"])
         lines += [
-            f"Over seeds {seeds}: mean ± sample standard deviation (min–max) of the seeds' values; "
+            f"Over seeds {seeds}: mean ± sample standard deviation [min–max] of the seeds' values; "
             "the best cell is chosen on the mean."
         ]
     return lines
