@@ -143,7 +143,8 @@ def write(args: argparse.Namespace, rows: list, seconds: float) -> None:
         f"Runs: `experiments/tiny_cpu.yaml` ({args.steps} steps, lr 2e-3, EMA 0.99, evaluations off) with the "
         f"recipe's guard (window {live['window']}, {live['num_mads']:g} MADs) on. Ratio = (loss - median) / MAD "
         "over the window of the previous healthy losses (MAD floored at 1e-3 x median), the guard's own "
-        "judgement replayed on the recorded curve; judged steps only (after the warm-up of one window).",
+        "judgement replayed on the recorded curve; judged steps only (after the warm-up of one window). "
+        "Batch sizes after the first run the first seed only.",
         "",
         "| seed | batch | loss first -> last | spikes fired (recipe guard) | "
         + " | ".join(f"max ratio, window {w} (step)" for w in WINDOWS)

@@ -154,6 +154,7 @@ class LossSpikeGuard(StepJudge):
         ] = []  # 1-based steps, inclusive, skipped when they come (again)
         self.spike_steps: list[int] = []  # host mode: the spikes of this process (first 1000)
         self._rolling_back = False
+        self._carried: dict[str, Tensor] = {}
         self._unscaled: dict[str, Any] | None = None  # the optimizer's lrs before lr_scale was applied
         self._every = 1
         self._state: dict[str, Tensor] = self._fresh_state(torch.device("cpu"))
@@ -281,6 +282,8 @@ class LossSpikeGuard(StepJudge):
             self._scale_live_optimizers(trainer)
             return
         self._rolling_back = True
+        # The run's counts outlive the restore of the older checkpoint (on_train_start puts them back).
+        self._carried = {k: self._state[k].clone() for k in ("spikes", "skipped")}
         raise LossSpikeRollback(target, target_step)
 
     def _apply_rollback_choice(self, step: int, target_step: int) -> str:
@@ -371,7 +374,11 @@ class LossSpikeGuard(StepJudge):
         _write_lrs(checkpoint, live if same else _scaled(configured, scale))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._rolling_back:
+            for key, value in self._carried.items():
+                self._state[key] = value.to(self._state[key].device)
         self._rolling_back = False
+        self._carried = {}
 
 
 def _lrs(optimizer_states: Iterable[dict], scheduler_states: Iterable[dict]) -> dict[str, Any]:

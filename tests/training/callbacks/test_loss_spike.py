@@ -101,6 +101,10 @@ def test_spikes_roll_back_lower_the_lr_and_the_run_finishes(tmp_path: Path, demo
     rollback = [line for line in lines if "rollback 1 of at most 3" in line]
     assert len(rollback) == 1 and "steps [12, 13]" in rollback[0] and "last.ckpt (step 10)" in rollback[0]
     assert cli.trainer.global_step == 20 and guard.rollbacks == 1 and guard.lr_scale == 0.5
+    assert int(guard._state["spikes"]) == 2 and guard.spike_steps == [
+        12,
+        13,
+    ]  # the counts outlive the restore
     assert cli.trainer.optimizers[0].param_groups[0]["lr"] == LR * 0.5
     # Checkpoints after the rollback keep the configured lr in the optimizer and the scale in the guard's state.
     saved = torch.load(run / "checkpoints" / "step00000020.ckpt", map_location="cpu", weights_only=True)
