@@ -149,9 +149,8 @@ class LossSpikeGuard(StepJudge):
         # Kept across a rollback (the run's history): see on_load_checkpoint.
         self.rollbacks = 0
         self.lr_scale = 1.0
-        self.skip_ranges: list[
-            tuple[int, int]
-        ] = []  # 1-based steps, inclusive, skipped when they come (again)
+        # 1-based first and last steps (inclusive) skipped when they come again after a rollback.
+        self.skip_ranges: list[tuple[int, int]] = []
         self.spike_steps: list[int] = []  # host mode: the spikes of this process (first 1000)
         self._rolling_back = False
         self._carried: dict[str, Tensor] = {}
@@ -266,13 +265,13 @@ class LossSpikeGuard(StepJudge):
             raise LossSpikeError(
                 f"loss spikes: {len(spikes)} spikes within {self.within_steps} steps (steps {spikes}) after "
                 f"{self.rollbacks} rollback(s) (max_rollbacks {self.max_rollbacks}); stopped at step {step}. "
-                "Every checkpoint on disk holds weights from before a skipped spike. Lower the learning rate, "
+                "Every spike was skipped, so no checkpoint holds a spiked update. Lower the learning rate, "
                 "clip gradients (trainer.gradient_clip_val) or check the data, then resume (fit)."
             )
         target, target_step = self._rollback_target(trainer)
         self.rollbacks += 1
         self._state["recent"].zero_()  # a rollback starts the count afresh
-        what = self._apply_rollback_choice(step, target_step)
+        what = self._apply_rollback_choice(step, target_step if target else None)
         where = f"to {target} (step {target_step})" if target else "in place (no complete checkpoint yet)"
         rank_zero_info(
             f"LossSpikeGuard: {len(spikes)} spikes within {self.within_steps} steps (steps {spikes}); rollback "
@@ -286,10 +285,12 @@ class LossSpikeGuard(StepJudge):
         self._carried = {k: self._state[k].clone() for k in ("spikes", "skipped")}
         raise LossSpikeRollback(target, target_step)
 
-    def _apply_rollback_choice(self, step: int, target_step: int) -> str:
+    def _apply_rollback_choice(self, step: int, target_step: int | None) -> str:
         if self.on_rollback == "lower_lr":
             self.lr_scale *= self.lr_factor
             return f"learning rate x{self.lr_factor:g} (x{self.lr_scale:g} of the configured one)"
+        if target_step is None:
+            return "no batch to skip (nothing is replayed)"
         first = max(target_step, step - self.within_steps) + 1
         self.skip_ranges.append((first, step))
         return f"steps {first}..{step} will be skipped"

@@ -100,7 +100,8 @@ def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
 class NonFiniteGuard(Callback):
     """Skip the update of a step whose loss or gradient is not finite; stop after ``max_consecutive`` in a row.
 
-    What is skipped and how the ranks agree: the module docstring and docs/design.md.
+    What is skipped and how the ranks agree: the module docstring and docs/design.md. A :class:`StepJudge` among
+    the trainer's callbacks (the loss-spike guard) makes it skip finite steps too, by the same mechanism.
 
     Args:
         max_consecutive: stop with :class:`NonFiniteTrainingError` after this many skipped steps in a row.
