@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from jsonargparse.typing import register_type
 from torch import Tensor
 
 from dip_lightning.checkpoint.io import CheckpointError
@@ -143,6 +144,9 @@ class WeightRequest:
 
 
 DEFAULT_WEIGHTS = WeightRequest()
+
+# `--weights ema:0.9996` parses by this one syntax in LightningCLI, in the kit's commands and in their YAML files.
+register_type(WeightRequest, serializer=str, deserializer=WeightRequest.parse)
 
 
 def select_weights(

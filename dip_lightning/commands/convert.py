@@ -2,31 +2,33 @@
 
 from __future__ import annotations
 
-import argparse
+from typing import Any
 
+from dip_lightning.commands import CommandParser
 from dip_lightning.training.released import Direction, convert_checkpoint, released_to_kit
 
 
 # ----------------------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m dip_lightning convert",
+def build_parser() -> CommandParser:
+    p = CommandParser(
+        "convert",
         description="Convert released DiP weights (NJU-PCALab/DiP) to this kit's checkpoint, or back.",
     )
-    p.add_argument("input", help="checkpoint to read")
+    p.add_argument("input", type=str, help="checkpoint to read")
     p.add_argument(
         "--from",
-        dest="source",
         choices=["official", "kit"],
         required=True,
         help="layout of the input: 'official' (released code) -> kit checkpoint; 'kit' -> released layout",
     )
-    p.add_argument("--out", required=True, help="file to write")
+    p.add_argument("--out", type=str, required=True, help="file to write")
     weights_help = "official input: which copy goes to state_dict (auto = EMA when present)"
     p.add_argument("--weights", choices=["auto", "ema", "live"], default="auto", help=weights_help)
-    p.add_argument("--input_size", type=int, default=None, help="image size recorded in the kit config")
+    p.add_argument(
+        "--input_size", type=int | None, default=None, help="image size recorded in the kit config"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument(
         "--pretrained",
@@ -41,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    direction: Direction = "official_to_kit" if args.source == "official" else "kit_to_official"
+    direction: Direction = "official_to_kit" if args["from"] == "official" else "kit_to_official"
     if args.pretrained:
         return _to_pretrained(args)
     options = {k: getattr(args, k) for k in ("weights", "input_size", "overwrite", "trust_pickle")}
@@ -50,11 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _to_pretrained(args: argparse.Namespace) -> int:
+def _to_pretrained(args: Any) -> int:
     from dip_lightning.core.errors import ConfigError
     from dip_lightning.evaluation.pretrained import export_released
 
-    if args.source != "official":
+    if args["from"] != "official":
         raise ConfigError(
             "--pretrained converts released weights (--from official); for a kit checkpoint: export"
         )

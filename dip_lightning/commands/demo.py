@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from dip_lightning.commands import CommandParser
+from dip_lightning.core.recipes import recipe_path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG = REPO_ROOT / "experiments" / "tiny_cpu.yaml"
+DEFAULT_CONFIG = recipe_path("tiny_cpu")
 
 
 def reference_stats(
@@ -123,15 +123,46 @@ def run_demo(
     return result
 
 
+def build_parser() -> CommandParser:
+    p = CommandParser(
+        "demo",
+        description=__doc__.split("\n\n")[0]
+        + " Dotted options (--trainer.max_steps=50) go to the training's "
+        "LightningCLI.",
+    )
+    p.add_argument("--data_dir", type=str, default="data/demo", help="the demo dataset (built there once)")
+    p.add_argument("--run_root", type=str, default="runs/demo", help="each run writes <run_root>/<timestamp>")
+    p.add_argument(
+        "--experiment", type=str, default=str(DEFAULT_CONFIG), help="the experiment YAML that is trained"
+    )
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch CPU threads")
+    return p
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``argv`` as (the demo's own options, the dotted LightningCLI overrides with their values)."""
+    own: list[str] = []
+    overrides: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name = arg.partition("=")[0]
+        if arg.startswith("--") and "." in name:
+            overrides.append(arg)
+            if "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                overrides.append(argv[i + 1])  # --trainer.max_steps 50
+                i += 1
+        else:
+            own.append(arg)
+        i += 1
+    return own, overrides
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = CommandParser("demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data_dir", default="data/demo")
-    p.add_argument("--run_root", default="runs/demo")
-    p.add_argument("--config", default=str(DEFAULT_CONFIG))
-    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    args, extra = p.parse_known_args(argv)
+    own, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
+    args = build_parser().parse_args(own)
     torch.set_num_threads(args.threads)
-    run_demo(args.data_dir, args.run_root, args.config, extra)
+    run_demo(args.data_dir, args.run_root, args.experiment, overrides)
     return 0
 
 

@@ -3,19 +3,18 @@ model.safetensors, model card) in the Hugging Face Hub's layout; ``--push_to_hub
 
 from __future__ import annotations
 
-from dip_lightning.checkpoint.format import ACCEPTED_FORMS, DEFAULT_WEIGHTS
-from dip_lightning.commands import CommandParser, weight_request
+from dip_lightning.checkpoint.format import ACCEPTED_FORMS, DEFAULT_WEIGHTS, WeightRequest
+from dip_lightning.commands import CommandParser
 
 
 def build_parser() -> CommandParser:
     p = CommandParser("export", description=__doc__.split("\n\n")[0].replace("\n", " "))
-    p.add_argument("ckpt_path", help="kit checkpoint (fit, convert or ema-reconstruct output)")
-    p.add_argument("--out", required=True, help="folder to write (created)")
+    p.add_argument("ckpt_path", type=str, help="kit checkpoint (fit, convert or ema-reconstruct output)")
+    p.add_argument("--out", type=str, required=True, help="folder to write (created)")
     p.add_argument(
         "--weights",
-        type=weight_request,
-        default=DEFAULT_WEIGHTS,
-        metavar="WEIGHTS",
+        type=WeightRequest | None,
+        default=None,
         help=f"which weights of the checkpoint: {ACCEPTED_FORMS} (default: ema)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace the files of an existing folder")
@@ -26,6 +25,7 @@ def build_parser() -> CommandParser:
     )
     p.add_argument(
         "--push_to_hub",
+        type=str | None,
         default=None,
         metavar="REPO_ID",
         help="then upload the folder to this Hugging Face Hub model repository (needs huggingface_hub and a "
@@ -40,7 +40,11 @@ def main(argv: list[str]) -> int:
 
     print(
         export_pretrained(
-            args.ckpt_path, args.out, args.weights, trust_pickle=args.trust_pickle, overwrite=args.overwrite
+            args.ckpt_path,
+            args.out,
+            args.weights or DEFAULT_WEIGHTS,
+            trust_pickle=args.trust_pickle,
+            overwrite=args.overwrite,
         )
     )
     if args.push_to_hub:

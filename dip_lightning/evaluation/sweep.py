@@ -318,7 +318,7 @@ def _sweep_record(args: Any) -> dict[str, Any]:
     """What the cells of one sweep folder share: the checkpoint, the reference and the scoring settings."""
     return {
         "ckpt_path": str(Path(args.ckpt_path).resolve()),
-        "config": args.config,
+        "config": args.experiment,  # the experiment YAMLs; the key older sweep folders recorded
         "reference": str(Path(args.reference).resolve()),
         "num_samples": args.num_samples,
         "seed": args.seed,
@@ -364,7 +364,7 @@ def run_sweep(args: Any) -> list[dict[str, Any]] | None:
     _check_weight_requests(args, cells)
     results = []
     for request, group in itertools.groupby(cells, key=lambda c: c.weights):
-        module = load_module(args.ckpt_path, args.config, weights=request, trust_pickle=args.trust_pickle)
+        module = load_module(args.ckpt_path, args.experiment, weights=request, trust_pickle=args.trust_pickle)
         module = module.to(args.device).eval()
         module.weights_sha256 = weights_fingerprint(module)
         for cell in group:

@@ -72,7 +72,7 @@ def _module_from_configs(configs: list[str]) -> DiPModule:
 def _load_folder(folder: str | os.PathLike, configs: list[str] | None, request: WeightRequest) -> DiPModule:
     if configs:
         raise ConfigError(
-            f"{folder} is a pretrained folder: its config.json describes the network; drop --config."
+            f"{folder} is a pretrained folder: its config.json describes the network; drop --experiment."
         )
     if request != DEFAULT_WEIGHTS:
         raise ConfigError(
@@ -114,15 +114,17 @@ def load_module(
     }
     if configs:
         module = _module_from_configs(configs)
-        advice = "Drop --config (the checkpoint carries its config), or pass the config it was trained with."
+        advice = "Drop --experiment (the checkpoint carries its config), or pass the experiment it was trained with."
     elif hparams and "net" in hparams:
         module = module_from_hparams(
             hparams, trusted=trust_pickle, source=ckpt_path, repa=None, compile=False
         )
-        advice = "Its stored config does not build its own tensors: pass --config with the YAML it was trained with."
+        advice = (
+            "Its stored config does not build its tensors: pass --experiment with the YAML it was trained on."
+        )
     else:
         raise CheckpointError(
-            f"{ckpt_path} holds no model config (hyper_parameters): pass --config with the experiment YAML it "
+            f"{ckpt_path} holds no model config (hyper_parameters): pass --experiment with the experiment YAML it "
             "was trained with."
         )
     check_compatible({STATE_DICT: chosen, "hyper_parameters": hparams}, module, ckpt_path, advice=advice)

@@ -28,6 +28,7 @@ from dip_lightning.checkpoint.io import CheckpointError, read_checkpoint
 from dip_lightning.checkpoint.pretrained import read_pretrained_config, read_pretrained_weights
 from dip_lightning.core.atomic import atomic_write
 from dip_lightning.core.errors import ConfigError, KitError
+from dip_lightning.core.recipes import recipe_path
 from dip_lightning.training.loading import module_from_hparams
 
 __all__ = [
@@ -51,7 +52,7 @@ Weights = Literal["auto", "ema", "live"]
 Direction = Literal["official_to_kit", "kit_to_official"]
 Names = Literal["released", "kit"]
 
-RELEASED_EXPERIMENT = Path(__file__).resolve().parents[2] / "experiments" / "dip_xl16.yaml"
+RELEASED_EXPERIMENT = recipe_path("dip_xl16")
 """The experiment whose ``model`` is the released DiP (REPA and compilation aside); its network sizes are
 replaced by those read off the file being converted."""
 

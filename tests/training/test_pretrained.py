@@ -115,7 +115,7 @@ def test_a_kit_name_that_is_no_class_is_a_clear_error(folder: Path) -> None:
 def test_load_module_refuses_weight_requests_and_configs_for_a_folder(folder: Path) -> None:
     with pytest.raises(ConfigError, match="holding one set of weights; --weights raw"):
         load_module(folder, weights="raw")
-    with pytest.raises(ConfigError, match="drop --config"):
+    with pytest.raises(ConfigError, match="drop --experiment"):
         load_module(folder, ["some.yaml"])
 
 

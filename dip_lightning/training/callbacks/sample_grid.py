@@ -1,8 +1,10 @@
 """Sample grids during training: the same noise and classes every time, so progress is visible at a glance.
 
 Every ``every_n_steps`` optimizer steps the callback generates ``rows x cols`` images (row r = class ``classes[r]``,
-column c = seed ``seed + r * cols + c``) with the EMA weights (``use_ema``), logs the grid to TensorBoard
-(``add_image``) and writes ``<log_dir>/grids/step_XXXXXXXX.png`` with a JSON side file that records each row's class.
+column c = seed ``seed + r * cols + c``) with the EMA weights (``use_ema``), writes
+``<run>/tensorboard/grids/step_XXXXXXXX.png`` with a JSON side file that records each row's class, whatever the
+logger, and logs the grid to every logger that takes images (TensorBoard, W&B, MLflow:
+:func:`~dip_lightning.training.loggers.log_image`).
 Only global rank 0 generates (a grid is a handful of images, one batch). As a
 :class:`~dip_lightning.training.callbacks.evaluation.StepEvaluation` the step is saved before its grid, and a signal
 is acted on before and after the grid.
@@ -16,7 +18,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 
 from dip_lightning.checkpoint.run_folder import GRID_FOLDER, artefact_dir
@@ -25,6 +26,7 @@ from dip_lightning.core.errors import ConfigError
 from dip_lightning.core.images import to_uint8
 from dip_lightning.training.callbacks.ema import sampling_module
 from dip_lightning.training.callbacks.evaluation import StepEvaluation
+from dip_lightning.training.loggers import log_image
 
 
 def make_grid(images: torch.Tensor, cols: int, padding: int = 2, pad_value: int = 255) -> torch.Tensor:
@@ -132,10 +134,7 @@ class SampleGrid(StepEvaluation):
             "use_ema": self.use_ema,
         }
         path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("samples/grid", grid, global_step=step, dataformats="CHW")
-                logger.experiment.add_text("samples/grid_rows", f"row classes: {classes}", global_step=step)
+        log_image(trainer.loggers, "samples/grid", grid, step, caption=f"row classes: {classes}")
         self.last_written = path
         return path
 
