@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from dip_lightning.checkpoint.resume import resolve_resume
+from dip_lightning.core import compat
 from dip_lightning.core.errors import ConfigError, KitError
 from dip_lightning.training.callbacks.nonfinite import StepJudge, find_nonfinite_guard
 
@@ -79,9 +80,8 @@ def fit_with_rollbacks(trainer: pl.Trainer, model: pl.LightningModule, **fit_kwa
             warnings.filterwarnings(
                 "ignore", message=re.escape(f"Checkpoint directory {folder} exists and is not")
             )
-            # Lightning keeps the training loader of the last fit and would skip restoring its position; the next
-            # fit builds it again from the restored data module (a private name: docs/design.md §7).
-            trainer.fit_loop._combined_loader = None
+            # Lightning keeps the training loader of the last fit and would skip restoring its position.
+            compat.forget_training_loader(trainer)
 
 
 def _check_options(
