@@ -36,9 +36,8 @@ class Guide(nn.Module):
         trust_pickle: allow pickled Python objects in the checkpoint (trusted files only).
     """
 
-    def __init__(
-        self, path: str, weights: WeightRequest | str = DEFAULT_WEIGHTS, trust_pickle: bool = False
-    ) -> None:
+    # ``weights`` is a plain string: YAML gives one, and jsonargparse cannot write a WeightRequest default back.
+    def __init__(self, path: str, weights: str = "ema", trust_pickle: bool = False) -> None:
         super().__init__()
         if not os.path.exists(path):
             raise ConfigError(f"guide {path}: no such checkpoint or pretrained folder")
@@ -63,7 +62,7 @@ def load_guide(
 ) -> Guide:
     """The :class:`Guide` at ``path``, checked against the ``main`` model when given (a ConfigError before any
     sampling when its image size, patch size, classes or noise scale differ)."""
-    guide = Guide(str(path), weights=weights, trust_pickle=trust_pickle)
+    guide = Guide(str(path), weights=str(weights), trust_pickle=trust_pickle)
     if main is not None:
         check_guide(main, guide, path)
     return guide
