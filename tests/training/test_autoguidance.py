@@ -109,3 +109,16 @@ def test_a_guide_that_does_not_fit_stops_the_fit_before_training(
     with pytest.raises(ConfigError, match="patch size 16"):
         fit_with(tiny_args(tmp_path / "run", demo_data, steps=1, callbacks=[grid]))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_every_sampling_caller_takes_a_guide() -> None:
+    import inspect
+
+    from dip_lightning.commands import sample, sweep
+
+    for callback in (MetricsCallback, SampleGrid):
+        assert "guide" in inspect.signature(callback.__init__).parameters, callback
+    parsed = sample.build_parser().parse_args(["--ckpt_path", "c", "--out", "o", "--guide", "g"])
+    assert parsed.guide == "g" and parsed.guide_weights is None
+    required = ["--ckpt_path", "c", "--reference", "r", "--num_samples", "2", "--out", "o"]
+    assert sweep.build_parser().parse_args([*required, "--guide", "none", "g"]).guide == ["none", "g"]
