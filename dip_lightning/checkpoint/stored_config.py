@@ -25,6 +25,7 @@ __all__ = [
     "check_checkpoint_config",
     "check_stored_config",
     "foreign_names",
+    "plain_config",
 ]
 
 #: The packages whose classes and functions a checkpoint's stored config may name unless the file is trusted.
@@ -32,6 +33,17 @@ TRUSTED_PACKAGES = ("dip_lightning", "torch", "lightning")
 
 _DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 _CLASS_KEYS = ("class_path", "_class_path", "_instantiator")
+
+
+def plain_config(value: Any) -> Any:
+    """A stored config (dicts, jsonargparse Namespaces, lists, tuples) as plain nested dicts and lists."""
+    if hasattr(value, "as_dict") and callable(value.as_dict):
+        value = value.as_dict()
+    if isinstance(value, Mapping):
+        return {str(k): plain_config(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_config(v) for v in value]
+    return value
 
 
 class UntrustedConfigError(CheckpointError):

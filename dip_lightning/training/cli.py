@@ -53,6 +53,7 @@ from dip_lightning.core.distributed import launch_place
 from dip_lightning.core.errors import ConfigError, KitError, exception_chain
 from dip_lightning.core.recipes import with_recipe_paths
 from dip_lightning.training.callbacks.launched_ranks import StopLaunchedRanks
+from dip_lightning.training.callbacks.loss_spike import fit_with_rollbacks
 from dip_lightning.training.callbacks.monitor import TrainingMonitor
 from dip_lightning.training.callbacks.preemption import PerJobTimer, PreemptionGuard
 from dip_lightning.training.callbacks.progress import RichProgress
@@ -295,6 +296,10 @@ class DiPCLI(LightningCLI):
         self._request_weights()
 
     before_validate = before_test = before_predict = _before_checkpoint_command
+
+    def fit(self, model: Any, **kwargs: Any) -> None:
+        """``trainer.fit``, continued after each rollback a ``LossSpikeGuard`` asks for."""
+        fit_with_rollbacks(self.trainer, model, **kwargs)
 
     # ------------------------------------------------------------------ resume
     def before_fit(self) -> None:

@@ -25,6 +25,7 @@ from dip_lightning.checkpoint.pretrained import (
     read_pretrained_config,
     read_pretrained_weights,
 )
+from dip_lightning.checkpoint.stored_config import plain_config
 
 if TYPE_CHECKING:
     from dip_lightning.training.module import DiPModule
@@ -45,18 +46,7 @@ def model_entry(
             f"{source} records no network config (hyper_parameters.net with a class_path), so a folder could not "
             "say how to rebuild it: export a checkpoint written by fit or convert."
         )
-    return {k: _plain(hparams[k]) for k in MODEL_KEYS if k in hparams}
-
-
-def _plain(value: Any) -> Any:
-    """JSON-ready nested dicts and lists (jsonargparse Namespaces and tuples as dicts and lists)."""
-    if hasattr(value, "as_dict"):
-        value = value.as_dict()
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+    return {k: plain_config(hparams[k]) for k in MODEL_KEYS if k in hparams}
 
 
 def network_weights(module: DiPModule) -> dict[str, Tensor]:
