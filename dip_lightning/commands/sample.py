@@ -11,8 +11,10 @@ from dip_lightning.checkpoint.format import ACCEPTED_FORMS, DEFAULT_WEIGHTS, Wei
 from dip_lightning.commands import CommandParser
 from dip_lightning.core.diffusion import SAMPLER_OVERRIDES, sampler_overrides
 from dip_lightning.core.distributed import launch_place
+from dip_lightning.core.errors import ConfigError
 from dip_lightning.evaluation.export import export_samples
 from dip_lightning.evaluation.seeds import resolve_seeds, seed_path
+from dip_lightning.training.autoguidance import load_guide
 from dip_lightning.training.loading import load_module
 from dip_lightning.training.module import COMPILE_MODES
 
@@ -72,6 +74,19 @@ def build_parser() -> CommandParser:
         help=f"which weights of the checkpoint: {ACCEPTED_FORMS} (default: ema)",
     )
     p.add_argument(
+        "--guide",
+        type=str | None,
+        default=None,
+        help="autoguidance: a guide checkpoint or pretrained folder (a smaller or earlier DiP of the same image "
+        "size, patch size and classes) in place of the unconditional branch; --cfg_scale is its weight",
+    )
+    p.add_argument(
+        "--guide_weights",
+        type=WeightRequest | None,
+        default=None,
+        help=f"which weights of the guide checkpoint: {ACCEPTED_FORMS} (default: ema)",
+    )
+    p.add_argument(
         "--trust_pickle",
         action="store_true",
         help="allow a checkpoint with pickled Python objects besides tensors (trusted files only)",
@@ -110,6 +125,13 @@ def main(argv: list[str]) -> int:
         weights=args.weights or DEFAULT_WEIGHTS,
         trust_pickle=args.trust_pickle,
     )
+    guide = None
+    if args.guide is not None:
+        guide = load_guide(
+            args.guide, module, weights=args.guide_weights or DEFAULT_WEIGHTS, trust_pickle=args.trust_pickle
+        )
+    elif args.guide_weights is not None:
+        raise ConfigError("--guide_weights chooses the weights of --guide: pass --guide too, or drop it")
     if args.compile:
         module.compile_network(args.compile, dynamic=False)
     overrides = sampler_overrides(**{name: getattr(args, name) for name in SAMPLER_OVERRIDES})
@@ -137,6 +159,7 @@ def main(argv: list[str]) -> int:
             world_size=world_size,
             device=device,
             overwrite=args.overwrite,
+            guide=guide,
             **({} if sampler is not None else overrides),
         )
         if result is not None:

@@ -9,6 +9,7 @@ The grid can live in a YAML file (``--config grid.yaml``, the layout ``--print_c
     weights: [ema:0.9999, ema:0.9996]
     cfg_scale: [1.0, 2.9]
     cfg_interval: [[0.11, 0.97], [0.0, 1.0]]
+    guide: [none, runs/dip_xs16/checkpoints/last.ckpt]   # CFG, then autoguidance by that guide
     seeds: [0, 10000, 20000]   # optional: mean, std and range of each metric over these seeds
 """
 
@@ -44,7 +45,27 @@ def build_parser() -> CommandParser:
         default=None,
         help=f"weights of the checkpoint, one axis of the grid: {ACCEPTED_FORMS} (default: ema)",
     )
-    p.add_argument("--cfg_scale", type=float, nargs="+", default=None, help="guidance scales, one axis")
+    p.add_argument(
+        "--cfg_scale",
+        type=float,
+        nargs="+",
+        default=None,
+        help="guidance scales, one axis (with a guide: the autoguidance weight w)",
+    )
+    p.add_argument(
+        "--guide",
+        type=str,
+        nargs="+",
+        default=None,
+        help="autoguidance guides, one axis: checkpoints or pretrained folders of a smaller or earlier DiP with "
+        "the model's image size, patch size and classes; 'none' is classifier-free guidance (the default)",
+    )
+    p.add_argument(
+        "--guide_weights",
+        type=WeightRequest | None,
+        default=None,
+        help=f"which weights of each guide checkpoint: {ACCEPTED_FORMS} (default: ema)",
+    )
     p.add_argument(
         "--cfg_interval",
         type=tuple[float, float],

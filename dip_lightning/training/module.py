@@ -34,6 +34,7 @@ from dip_lightning.core.diffusion import (
     EulerSampler,
     FlowMatching,
     ODESampler,
+    check_guide,
     make_noise,
     override_sampler,
     seeded_noise_sampler,
@@ -268,14 +269,23 @@ class DiPModule(pl.LightningModule):
 
     @torch.no_grad()
     def generate(
-        self, labels: torch.Tensor, seeds: torch.Tensor, sampler: ODESampler | None = None, **overrides: Any
+        self,
+        labels: torch.Tensor,
+        seeds: torch.Tensor,
+        sampler: ODESampler | None = None,
+        guide: nn.Module | None = None,
+        **overrides: Any,
     ) -> torch.Tensor:
         """Images in [-1, 1], shape (B, C, H, W), one per (label, seed).
 
         The initial noise of image i depends only on ``seeds[i]``, so an image is the same whatever batch it is
-        generated in.
+        generated in. ``guide``: a weaker DiP of the same kind (``net`` and ``flow``: a DiPModule or a
+        :class:`~dip_lightning.training.autoguidance.Guide`) whose conditional prediction replaces the
+        unconditional one (autoguidance, ``cfg_scale`` its weight).
         """
         sampler = sampler if sampler is not None else self.make_sampler(**overrides)
+        if guide is not None:
+            check_guide(self, guide)
         device = self.device
         labels = labels.to(device=device, dtype=torch.long)
         noise = make_noise(seeds, self.image_shape, device=device)
@@ -283,6 +293,8 @@ class DiPModule(pl.LightningModule):
             noise = noise * self.flow.noise_scale  # the scale the network was trained with
         # Every prediction (v, x, eps) reaches the sampler as a velocity: the one conversion point.
         model_fn = self.flow.velocity_model(self.net)
+        # The guide's own prediction type is converted by its own flow: both reach the sampler as velocities.
+        guide_fn = guide.flow.velocity_model(guide.to(device).net.eval()) if guide is not None else None
         was_training = self.net.training
         self.net.eval()
         use_autocast = device.type == "cuda" and self.sample_dtype != "float32"
@@ -294,6 +306,7 @@ class DiPModule(pl.LightningModule):
                     labels,
                     null_class=self.net.null_class,
                     noise_sampler=seeded_noise_sampler(seeds),
+                    guide_fn=guide_fn,
                 )
         finally:
             self.net.train(was_training)

@@ -112,7 +112,16 @@ def test_sweep_two_emas_by_two_guidance_scales(setup: dict, tmp_path: Path) -> N
     assert len(kept) == 4 and all(kept[name] == mtime for name, mtime in first.items())  # not redone
 
     rows = read_csv(out / "sweep.csv")
-    assert list(rows[0]) == ["weights", "cfg_scale", "cfg_interval", "num_steps", *METRICS, "num_samples"]
+    assert list(rows[0]) == [
+        "weights",
+        "guide",
+        "cfg_scale",
+        "cfg_interval",
+        "num_steps",
+        *METRICS,
+        "num_samples",
+    ]
+    assert {r["guide"] for r in rows} == {"none"}  # classifier-free guidance: no guide network
     assert [(r["weights"], r["cfg_scale"]) for r in rows] == [
         ("ema 0.9", "1.0"),
         ("ema 0.9", "2.0"),
@@ -150,7 +159,7 @@ def test_sweep_two_emas_by_two_guidance_scales(setup: dict, tmp_path: Path) -> N
         assert not np.array_equal(other["arr_0"], np.load(exported)["arr_0"])  # the other decay's weights
 
     md = (out / "sweep.md").read_text()
-    assert "| weights | cfg_scale | cfg_interval | num_steps | fid |" in md and "best fid:" in md
+    assert "| weights | guide | cfg_scale | cfg_interval | num_steps | fid |" in md and "best fid:" in md
     png = out / "sweep_fid.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "](sweep_fid.png)" in md
 
