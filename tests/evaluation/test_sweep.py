@@ -280,7 +280,7 @@ def test_sweep_over_three_seeds_reports_mean_std_and_range(setup: dict, tmp_path
     assert "seeds" not in read_csv(alone / "sweep.csv")[0]  # one seed: the one-seed columns
 
     (row,) = read_csv(out / "sweep.csv")
-    assert list(row)[4:8] == ["fid", "fid_std", "fid_min", "fid_max"] and row["seeds"] == "0 6 12"
+    assert list(row)[5:9] == ["fid", "fid_std", "fid_min", "fid_max"] and row["seeds"] == "0 6 12"
     assert float(row["fid_min"]) == min(fids) and float(row["fid_max"]) == max(fids)
     assert float(row["fid"]) == result["metrics"]["fid"]
     md = (out / "sweep.md").read_text()
