@@ -3,6 +3,8 @@
 Prints a table of every metric asked for (default: all) and, with ``--json``, writes them under the keys of
 `dip_lightning.core.metrics.METRIC_NAMES` (null where a metric cannot be computed here, the reason under
 ``unavailable``). Under torchrun or srun each process extracts the features of its slice; rank 0 prints and writes.
+With ``--seeds`` it scores the files of several sample seeds: each metric is the mean over them, with its
+spread (standard deviation, range) printed and recorded under ``spread`` and ``per_seed``.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,8 @@ from dip_lightning.core.metrics.features import (
 )
 from dip_lightning.core.metrics.reference import FeatureSet, MetricUnavailableWarning, npz_feature_set
 from dip_lightning.core.metrics.sources import BadImageArray, npz_images
+from dip_lightning.evaluation.seeds import SPREAD_STATS, metric_spreads, resolve_seeds, seed_path
+from dip_lightning.evaluation.tables import format_number
 
 #: How each metric is printed: label and whether lower is better.
 METRIC_LABELS: dict[str, tuple[str, str]] = {
@@ -150,6 +154,14 @@ def build_parser() -> CommandParser:
         default=None,
         help="read --patch_size from this kit checkpoint or pretrained folder",
     )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="score the files of these seeds (SAMPLES_seed<s>.npz, as sample --seeds writes them): each metric's "
+        "mean, standard deviation and range",
+    )
     parser.add_argument("--json", type=str | None, default=None, help="write the results here (JSON)")
     parser.add_argument("--limit", type=int | None, default=None, help="use at most this many samples")
     parser.add_argument(
@@ -165,13 +177,22 @@ def build_parser() -> CommandParser:
     return parser
 
 
+def _sample_files(args: Any) -> list[Path]:
+    """The sample file of each seed (``--seeds``: ``<stem>_seed<s>.npz``, as ``sample --seeds`` names them)."""
+    seeds = resolve_seeds(0, args.seeds)
+    files = [seed_path(args.samples, s, seeds) for s in seeds]
+    for path in (*files, Path(args.reference)):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found")
+    for path in files:
+        if npz_images(path).count == 0:  # its header checked before the networks load
+            raise BadImageArray(f"{path}: the sample file holds no images (arr_0 is empty)")
+    return files
+
+
 def _run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    for path in (args.samples, args.reference):
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"{path} not found")
-    if npz_images(args.samples).count == 0:  # its header checked before the networks load
-        raise BadImageArray(f"{args.samples}: the sample file holds no images (arr_0 is empty)")
+    files = _sample_files(args)
     patch_size = args.patch_size
     if patch_size is None and args.ckpt_path is not None:
         patch_size = checkpoint_patch_size(args.ckpt_path)
@@ -182,23 +203,23 @@ def _run(argv: list[str]) -> int:
     unavailable: dict[str, str] = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MetricUnavailableWarning)
-        engine, samples, results = _evaluate(args, patch_size, device, unavailable)
+        engine = _make_engine(args, patch_size, device)
+        scored = [_evaluate(args, engine, path, unavailable) for path in files]
     for warning in caught:
         if rank == 0 and not issubclass(warning.category, MetricUnavailableWarning):
             print(f"warning: {warning.message}", file=sys.stderr)
     if rank == 0:
-        _report(args, engine, samples, results, unavailable, patch_size, world, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        _report(args, engine, scored, files, unavailable, patch_size, world, seconds)
     return 0
 
 
-def _evaluate(
-    args: Any, patch_size: int | None, device: torch.device, unavailable: dict[str, str]
-) -> tuple[MetricEngine, FeatureSet, dict]:
-    """The engine, the samples' features and the metrics (why a metric is None goes to ``unavailable``)."""
+def _make_engine(args: Any, patch_size: int | None, device: torch.device) -> MetricEngine:
+    """The metric engine with the reference's features (once, whatever the number of sample files)."""
     extractor = None
     if set(args.metrics) - {"patch_seam", "fd_dinov2"}:
         extractor = make_extractor(args.extractor, args.extractor_path)
-    engine = MetricEngine.create(
+    return MetricEngine.create(
         args.reference,
         args.metrics,
         patch_size,
@@ -209,8 +230,14 @@ def _evaluate(
         cache_dir=args.cache_dir,
         use_cache=args.cache,
     )
+
+
+def _evaluate(
+    args: Any, engine: MetricEngine, path: Path, unavailable: dict[str, str]
+) -> tuple[FeatureSet, dict]:
+    """One sample file's features and metrics (why a metric is None goes to ``unavailable``)."""
     samples = npz_feature_set(
-        args.samples,
+        path,
         engine.sample_kinds(),
         engine.extractor,
         engine.device,
@@ -219,29 +246,58 @@ def _evaluate(
         limit=args.limit,
         image_size=engine.reference.image_size,
     )
-    return engine, samples, engine.evaluate(samples, unavailable)
+    return samples, engine.evaluate(samples, unavailable)
+
+
+def format_spread_table(spreads: Mapping[str, Mapping[str, Any]], seeds: Sequence[int]) -> Any:
+    """A rich Table of each metric over the seeds: mean, standard deviation and range."""
+    from rich.table import Table
+
+    table = Table(title=f"over {len(seeds)} seeds ({' '.join(map(str, seeds))})", show_lines=False)
+    for column in ("metric", "mean", "std", "min", "max", "seeds"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for key, stats in spreads.items():
+        label = METRIC_LABELS.get(key, (key, ""))[0]
+        table.add_row(
+            label,
+            *(format_number(stats[stat]) for stat in SPREAD_STATS),
+            f"{stats['n']}/{len(seeds)}",
+        )
+    return table
 
 
 def _report(
     args: Any,
     engine: MetricEngine,
-    samples: FeatureSet,
-    results: dict,
+    scored: Sequence[tuple[FeatureSet, dict]],
+    files: Sequence[Path],
     unavailable: dict[str, str],
     patch_size: int | None,
     world: int,
     seconds: float,
 ) -> None:
-    """The table, the notes and the ``--json`` record (rank 0; a metric is a number or null, never NaN)."""
+    """The table, the notes and the ``--json`` record (rank 0; a metric is a number or null, never NaN).
+
+    Over several seeds each metric is the mean over the seeds, and ``spread`` / ``per_seed`` hold the rest."""
+    from rich.console import Console
+
+    per_seed = [results for _, results in scored]
+    spreads = metric_spreads(per_seed) if args.seeds else {}
+    results = {m: stats["mean"] for m, stats in spreads.items()} if args.seeds else per_seed[0]
     _print_table(results, unavailable)
+    if args.seeds:
+        Console(soft_wrap=True).print(format_spread_table(spreads, args.seeds))
     for metric, why in unavailable.items():
         print(f"note: {metric}: {why}", file=sys.stderr)
     extractor = engine.extractor.name if engine.extractor is not None else None
+    counts = sorted({samples.num_images for samples, _ in scored})
+    shown = ", ".join(str(p) for p in files)
     print(
-        f"samples: {samples.num_images} ({args.samples}); reference: {engine.reference.num_images or '?'} images "
-        f"({args.reference}, {engine.reference.layout}); extractor: {extractor or '-'}; {world} process(es), "
-        f"{seconds:.1f} s"
+        f"samples: {'/'.join(map(str, counts))} ({shown}); reference: {engine.reference.num_images or '?'} "
+        f"images ({args.reference}, {engine.reference.layout}); extractor: {extractor or '-'}; {world} "
+        f"process(es), {seconds:.1f} s"
     )
+    samples = scored[0][0]
     dims = samples.features["pool"].shape[1] if "pool" in samples.features else 0
     if results.get("fid") is not None and samples.num_images < dims:
         print(
@@ -263,6 +319,13 @@ def _report(
         "seconds": round(seconds, 3),
         "unix_time": int(time.time()),
     }
+    if args.seeds:
+        record.update(
+            seeds=list(args.seeds),
+            sample_files=[str(p) for p in files],
+            spread=spreads,
+            per_seed={str(s): r for s, r in zip(args.seeds, per_seed)},
+        )
     atomic_write_json(args.json, record)
     print(f"wrote {args.json}")
 

@@ -13,6 +13,7 @@ from dip_lightning.core.diffusion import SAMPLER_OVERRIDES, sampler_overrides
 from dip_lightning.core.distributed import launch_place
 from dip_lightning.core.errors import ConfigError
 from dip_lightning.evaluation.export import export_samples
+from dip_lightning.evaluation.seeds import resolve_seeds, seed_path
 from dip_lightning.training.autoguidance import load_guide
 from dip_lightning.training.loading import load_module
 from dip_lightning.training.module import COMPILE_MODES
@@ -38,7 +39,14 @@ def build_parser() -> CommandParser:
     p.add_argument("--num_samples", type=int, default=50_000)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--chunk_size", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="image i has noise seed seed + i")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="several seeds, at least num_samples apart: one file each, OUT_seed<s>.npz (instead of --seed)",
+    )
     p.add_argument(
         "--balanced", type=bool, default=True, help="labels i mod C (--no_balanced: random labels)"
     )
@@ -100,6 +108,14 @@ def build_parser() -> CommandParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    seeds = resolve_seeds(args.seed, args.seeds, args.num_samples)  # checked before the checkpoint loads
+    existing = [str(p) for p in (seed_path(args.out, s, seeds) for s in seeds) if p.exists()]
+    if (
+        existing and not args.overwrite
+    ):  # before any seed's images: a later seed's file is never found too late
+        raise FileExistsError(
+            f"{', '.join(existing)} exist(s); pass --overwrite to replace (nothing was changed)."
+        )
     place = launch_place()
     rank, world_size = place.rank, place.world_size
     device = args.device or (f"cuda:{place.local_rank}" if torch.cuda.is_available() else "cpu")
@@ -128,24 +144,26 @@ def main(argv: list[str]) -> int:
         # The fields every sampler shares (time grid, shift, last step, guidance); only the integrator changes.
         sampler = cls(**{f.name: getattr(base, f.name) for f in dataclasses.fields(ODESampler)})
         module.sampler = sampler
-    t0 = time.time()
-    result = export_samples(
-        module,
-        args.out,
-        args.num_samples,
-        batch_size=args.batch_size,
-        chunk_size=args.chunk_size,
-        seed=args.seed,
-        balanced=args.balanced,
-        rank=rank,
-        world_size=world_size,
-        device=device,
-        overwrite=args.overwrite,
-        guide=guide,
-        **({} if sampler is not None else overrides),
-    )
-    if result is not None:
-        print(f"wrote {result} ({args.num_samples} samples, {time.time() - t0:.1f} s on rank {rank})")
-    else:
-        print(f"rank {rank}: my chunks are done; another process assembles {args.out}")
+    for seed in seeds:
+        out = seed_path(args.out, seed, seeds)
+        t0 = time.time()
+        result = export_samples(
+            module,
+            out,
+            args.num_samples,
+            batch_size=args.batch_size,
+            chunk_size=args.chunk_size,
+            seed=seed,
+            balanced=args.balanced,
+            rank=rank,
+            world_size=world_size,
+            device=device,
+            overwrite=args.overwrite,
+            guide=guide,
+            **({} if sampler is not None else overrides),
+        )
+        if result is not None:
+            print(f"wrote {result} ({args.num_samples} samples, {time.time() - t0:.1f} s on rank {rank})")
+        else:
+            print(f"rank {rank}: my chunks are done; another process assembles {out}")
     return 0

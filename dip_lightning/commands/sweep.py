@@ -10,6 +10,7 @@ The grid can live in a YAML file (``--config grid.yaml``, the layout ``--print_c
     cfg_scale: [1.0, 2.9]
     cfg_interval: [[0.11, 0.97], [0.0, 1.0]]
     guide: [none, runs/dip_xs16/checkpoints/last.ckpt]   # CFG, then autoguidance by that guide
+    seeds: [0, 10000, 20000]   # optional: mean, std and range of each metric over these seeds
 """
 
 from __future__ import annotations
@@ -96,7 +97,15 @@ def build_parser() -> CommandParser:
     p.add_argument("--batch_size", type=int, default=64, help="images per generate call")
     p.add_argument("--chunk_size", type=int, default=1000, help="images per resumable chunk")
     p.add_argument("--metrics_batch_size", type=int, default=64, help="images per feature-extraction batch")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="image i has noise seed seed + i")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="several seeds, at least num_samples apart (instead of --seed): each cell's metrics are the mean over "
+        "them, with their standard deviation and range",
+    )
     p.add_argument(
         "--wait_timeout", type=float, default=3600.0, help="seconds rank 0 waits for others' chunks"
     )

@@ -33,6 +33,7 @@ from dip_lightning.checkpoint.run_folder import (
 )
 from dip_lightning.core.atomic import atomic_write
 from dip_lightning.core.errors import KitError
+from dip_lightning.evaluation.seeds import SPREAD_STATS
 from dip_lightning.evaluation.tables import (
     best_of,
     format_count,
@@ -75,6 +76,8 @@ class MetricSeries:
     name: str
     steps: list[int] = field(default_factory=list)
     values: list[float] = field(default_factory=list)
+    #: step -> {"std", "min", "max"} over sample seeds, where the file has them (``<metric>_std`` ... columns)
+    spread: dict[int, dict[str, float]] = field(default_factory=dict)
 
     @classmethod
     def from_points(cls, name: str, points: Iterable[tuple[int, float]]) -> MetricSeries:
@@ -104,11 +107,25 @@ def _float_or_none(text: str | None) -> float | None:
         return None
 
 
+def _spread_columns(columns: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """``{column: (metric, stat)}`` of the columns that hold a metric's spread over seeds: ``<metric>_std``,
+    ``_min`` and ``_max`` beside a ``<metric>`` column (the layout of ``sweep.csv``)."""
+    found = {}
+    for column in columns:
+        for stat in SPREAD_STATS[1:]:
+            metric = column.removesuffix(f"_{stat}")
+            if metric != column and metric in columns:
+                found[column] = (metric, stat)
+    return found
+
+
 def read_metric_csv(path: str | os.PathLike) -> tuple[dict[str, MetricSeries], dict[int, int]]:
     """Metrics of an ``eval_metrics.csv``: ``({metric: series}, {step: images_seen})``.
 
-    Every column that is not bookkeeping (:data:`BOOKKEEPING_COLUMNS`) is a metric; empty cells (a metric
-    this machine could not compute) are skipped. A file without a ``step`` column is a :class:`ReportError`.
+    Every column that is not bookkeeping (:data:`BOOKKEEPING_COLUMNS`) is a metric, except the spread columns
+    of a metric over seeds (``<metric>_std``, ``_min``, ``_max``), which go to its series' ``spread``; empty
+    cells (a metric this machine could not compute) are skipped. A file without a ``step`` column is a
+    :class:`ReportError`.
     """
     path = Path(path)
     with open(path, newline="", encoding="utf-8") as f:
@@ -116,8 +133,10 @@ def read_metric_csv(path: str | os.PathLike) -> tuple[dict[str, MetricSeries], d
         columns = reader.fieldnames or []
         if "step" not in columns:
             raise ReportError(f"{path}: no 'step' column in its header {columns}; is it a metrics CSV?")
-        metrics = [c for c in columns if c not in BOOKKEEPING_COLUMNS]
+        spread_columns = _spread_columns(columns)
+        metrics = [c for c in columns if c not in BOOKKEEPING_COLUMNS and c not in spread_columns]
         points: dict[str, list[tuple[int, float]]] = {m: [] for m in metrics}
+        spreads: dict[str, dict[int, dict[str, float]]] = {m: {} for m in metrics}
         images_seen: dict[int, int] = {}
         for row in reader:
             step = _float_or_none(row.get("step"))
@@ -130,7 +149,14 @@ def read_metric_csv(path: str | os.PathLike) -> tuple[dict[str, MetricSeries], d
                 value = _float_or_none(row.get(m))
                 if value is not None:
                     points[m].append((int(step), value))
-    return {m: MetricSeries.from_points(m, p) for m, p in points.items() if p}, images_seen
+            for column, (m, stat) in spread_columns.items():
+                value = _float_or_none(row.get(column))
+                if value is not None:
+                    spreads[m].setdefault(int(step), {})[stat] = value
+    series = {m: MetricSeries.from_points(m, p) for m, p in points.items() if p}
+    for m, one in series.items():
+        one.spread = {step: spreads[m][step] for step in one.steps if step in spreads[m]}
+    return series, images_seen
 
 
 def read_tensorboard_scalars(
@@ -404,14 +430,21 @@ def run_labels(run_dirs: Sequence[Path]) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------ rendering
 def metric_cell(series: MetricSeries | None) -> str:
-    """``final (best @ step)``; only ``final`` when no ordering is known."""
+    """``final (best @ step)``; only ``final`` when no ordering is known; ``final ± std [min–max]`` where the
+    final value is a mean over seeds with its spread."""
     if series is None or series.final is None:
         return "—"
-    _, final = series.final
+    step, final = series.final
+    text = format_number(final)
+    stats = series.spread.get(step, {})
+    if "std" in stats:
+        text += f" ± {format_number(stats['std'])}"
+    if "min" in stats and "max" in stats:
+        text += f" [{format_number(stats['min'])}–{format_number(stats['max'])}]"
     best = best_point(series)
     if best is None:
-        return format_number(final)
-    return f"{format_number(final)} ({format_number(best[1])} @ {best[0]:,})"
+        return text
+    return f"{text} ({format_number(best[1])} @ {best[0]:,})"
 
 
 def render_report(
@@ -444,7 +477,8 @@ def render_report(
         "",
         markdown_table(header, rows),
         "",
-        "Each metric: final value (best value @ its step). Best: " + ", ".join(goals) + "."
+        "Each metric: final value (best value @ its step); a mean over sample seeds shows ± their standard "
+        "deviation [min–max]. Best: " + ", ".join(goals) + "."
         if metrics
         else "No metrics were logged by these runs.",
         "",

@@ -33,6 +33,7 @@ from dip_lightning.core.distributed import launch_place
 from dip_lightning.core.errors import KitError
 from dip_lightning.core.metrics.reference import check_reference_file
 from dip_lightning.evaluation.export import export_samples, weights_fingerprint
+from dip_lightning.evaluation.seeds import SPREAD_STATS, metric_spreads, resolve_seeds, spread_column
 from dip_lightning.evaluation.tables import (
     best_of,
     format_number,
@@ -169,16 +170,23 @@ def _score(
 
 
 def _generate(
-    module: Any, cell: Cell, samples: Path, args: Any, rank: int, world_size: int, guide: Any = None
+    module: Any,
+    cell: Cell,
+    samples: Path,
+    seed: int,
+    args: Any,
+    rank: int,
+    world_size: int,
+    guide: Any = None,
 ) -> bool:
-    """Export the cell's images to ``samples`` (this rank's chunks); whether they are all there."""
+    """Export the cell's images of ``seed`` to ``samples`` (this rank's chunks); whether they are all there."""
     made = export_samples(
         module,
         samples,
         args.num_samples,
         batch_size=args.batch_size,
         chunk_size=args.chunk_size,
-        seed=args.seed,
+        seed=seed,
         rank=rank,
         world_size=world_size,
         device=args.device,
@@ -205,8 +213,13 @@ def _remove_samples(samples: Path, keep: bool) -> None:
 def run_cell(
     module: Any, cell: Cell, out: Path, args: Any, rank: int, world_size: int, guide: Any = None
 ) -> dict[str, Any] | None:
-    """Generate and score one cell (resumable); its result on rank 0, None on other ranks or when unfinished.
-    ``guide``: the loaded guide of a guided cell."""
+    """Generate and score one cell over its seeds (resumable); its result on rank 0, None on other ranks or
+    when unfinished.
+
+    One seed keeps the layout of a one-seed sweep (``cells/<cell>/result.json``); several score each seed in
+    ``cells/<cell>/seed<s>/`` and the cell's ``result.json`` holds each metric's mean, ``spread`` and ``per_seed``.
+    ``guide``: the loaded guide of a guided cell.
+    """
     folder = out / "cells" / cell.name
     folder.mkdir(parents=True, exist_ok=True)
     settings = _effective_settings(module, cell, guide)
@@ -216,12 +229,66 @@ def run_cell(
         f"cell {cell.name}",
         "the checkpoint or sampler changed since: sweep into another --out, or remove that cell's folder",
     )
+    seeds = args.seed_list
+    if len(seeds) == 1:
+        return _run_seed(module, cell, folder, seeds[0], settings, args, rank, world_size, guide)
+    result_path = folder / "result.json"
+    if result_path.exists():
+        return json.loads(result_path.read_text()) if rank == 0 else None
+    # Every rank goes through every seed: rank 0 scores seed s while the others make their chunks of seed s + 1.
+    per_seed = [
+        _run_seed(module, cell, folder / f"seed{s}", s, settings, args, rank, world_size, guide)
+        for s in seeds
+    ]
+    if rank != 0 or any(r is None for r in per_seed):
+        return None
+    result = _seeds_result(settings, seeds, per_seed)
+    atomic_write_json(result_path, result)
+    shown = ", ".join(f"{m} {_metric_text(result, m)}" for m in result["spread"])
+    print(f"{cell.name} over seeds {' '.join(map(str, seeds))}: {shown}")
+    return result
+
+
+def _seeds_result(
+    settings: dict[str, Any], seeds: Sequence[int], per_seed: Sequence[dict[str, Any]]
+) -> dict[str, Any]:
+    """A cell's result over several seeds: the means as its metrics, with their spread and each seed's result."""
+    spreads = metric_spreads([r["metrics"] for r in per_seed])
+    unavailable: dict[str, str] = {}
+    for r in per_seed:
+        unavailable.update(r["unavailable"])
+    return {
+        **settings,
+        "metrics": {m: st["mean"] for m, st in spreads.items()},
+        "spread": spreads,
+        "seeds": list(seeds),
+        "per_seed": {str(s): r["metrics"] for s, r in zip(seeds, per_seed)},
+        "unavailable": unavailable,
+        "num_samples": per_seed[0]["num_samples"],
+        "sampling_seconds": round(sum(r["sampling_seconds"] for r in per_seed), 1),
+        "metrics_seconds": round(sum(r["metrics_seconds"] for r in per_seed), 1),
+    }
+
+
+def _run_seed(
+    module: Any,
+    cell: Cell,
+    folder: Path,
+    seed: int,
+    settings: dict[str, Any],
+    args: Any,
+    rank: int,
+    world_size: int,
+    guide: Any = None,
+) -> dict[str, Any] | None:
+    """Generate and score the cell's images of one seed in ``folder`` (resumable)."""
+    folder.mkdir(parents=True, exist_ok=True)
     result_path = folder / "result.json"
     if result_path.exists():
         return json.loads(result_path.read_text()) if rank == 0 else None
     samples = folder / "samples.npz"
     start = time.perf_counter()
-    if not samples.exists() and not _generate(module, cell, samples, args, rank, world_size, guide):
+    if not samples.exists() and not _generate(module, cell, samples, seed, args, rank, world_size, guide):
         return None
     if rank != 0:
         return None
@@ -241,8 +308,9 @@ def run_cell(
     atomic_write_json(result_path, result)
     _remove_samples(samples, keep=args.keep_samples)
     shown = ", ".join(f"{k} {format_number(v)}" for k, v in metrics.items())
+    label = cell.name if len(args.seed_list) == 1 else f"{cell.name} seed {seed}"
     print(
-        f"{cell.name}: {shown} ({result['sampling_seconds']} s sampling, {result['metrics_seconds']} s metrics)"
+        f"{label}: {shown} ({result['sampling_seconds']} s sampling, {result['metrics_seconds']} s metrics)"
     )
     for metric, why in unavailable.items():
         print(f"  {metric}: not computed: {why}")
@@ -256,6 +324,10 @@ def _setting_text(value: Any) -> str:
     return str(value)
 
 
+def _has_spread(results: Sequence[dict[str, Any]]) -> bool:
+    return any("spread" in r for r in results)
+
+
 def _setting(result: dict[str, Any], column: str) -> str:
     """A cell's setting in words; a result without a guide (CFG, or an earlier sweep's) reads ``none``."""
     if column == "guide":
@@ -264,30 +336,54 @@ def _setting(result: dict[str, Any], column: str) -> str:
 
 
 def _csv_text(results: Sequence[dict[str, Any]], metrics: Sequence[str]) -> str:
-    """``sweep.csv``: one row a cell, its settings, its metrics (full precision, empty when not computed)."""
+    """``sweep.csv``: one row a cell, its settings, its metrics (full precision, empty when not computed); over
+    several seeds each metric is the mean, followed by its ``_std``, ``_min`` and ``_max`` columns and the seeds."""
+    stats = SPREAD_STATS if _has_spread(results) else ("mean",)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([*SETTING_COLUMNS, *metrics, "num_samples"])
+    seeds_column = ["seeds"] if _has_spread(results) else []
+    writer.writerow(
+        [
+            *SETTING_COLUMNS,
+            *(spread_column(m, st) for m in metrics for st in stats),
+            "num_samples",
+            *seeds_column,
+        ]
+    )
     for r in results:
-        values = [r["metrics"].get(m) for m in metrics]
+        spreads = r.get("spread", {})
+        values = [
+            r["metrics"].get(m) if st == "mean" else spreads.get(m, {}).get(st)
+            for m in metrics
+            for st in stats
+        ]
+        seeds = [" ".join(str(s) for s in r.get("seeds", []))] if seeds_column else []
         writer.writerow(
             [
                 *(_setting(r, c) for c in SETTING_COLUMNS),
                 *("" if v is None else repr(float(v)) for v in values),
                 r["num_samples"],
+                *seeds,
             ]
         )
     return buffer.getvalue()
 
 
+def _metric_text(result: dict[str, Any], metric: str) -> str:
+    """A table cell: the value, or over several seeds ``mean ± std [min–max]``."""
+    stats = result.get("spread", {}).get(metric)
+    if stats is None or stats["n"] < 2:
+        return format_number(result["metrics"].get(metric))
+    return (
+        f"{format_number(stats['mean'])} ± {format_number(stats['std'])} "
+        f"[{format_number(stats['min'])}–{format_number(stats['max'])}]"
+    )
+
+
 def _markdown_lines(results: Sequence[dict[str, Any]], metrics: Sequence[str]) -> list[str]:
     """``sweep.md`` without its plot: the table of the cells and the best cell of each metric."""
     rows = [
-        [
-            *(_setting(r, c) for c in SETTING_COLUMNS),
-            *(format_number(r["metrics"].get(m)) for m in metrics),
-        ]
-        for r in results
+        [*(_setting(r, c) for c in SETTING_COLUMNS), *(_metric_text(r, m) for m in metrics)] for r in results
     ]
     lines = ["# Sweep", "", markdown_table([*SETTING_COLUMNS, *metrics], rows), ""]
     for m in metrics:
@@ -296,9 +392,15 @@ def _markdown_lines(results: Sequence[dict[str, Any]], metrics: Sequence[str]) -
         if best is None:
             continue
         where = ", ".join(f"{c} {_setting(best, c)}" for c in SETTING_COLUMNS)
-        lines.append(f"- best {m}: {format_number(best['metrics'][m])} at {where}")
+        lines.append(f"- best {m}: {_metric_text(best, m)} at {where}")
     if results:
         lines += ["", f"{results[0]['num_samples']} samples per cell."]
+    if _has_spread(results):
+        seeds = " ".join(str(s) for s in results[0]["seeds"])
+        lines += [
+            f"Over seeds {seeds}: mean ± sample standard deviation [min–max] of the seeds' values; "
+            "the best cell is chosen on the mean."
+        ]
     return lines
 
 
@@ -360,7 +462,8 @@ def _sweep_record(args: Any) -> dict[str, Any]:
         "config": args.experiment,  # the experiment YAMLs; the key older sweep folders recorded
         "reference": str(Path(args.reference).resolve()),
         "num_samples": args.num_samples,
-        "seed": args.seed,
+        # One seed: the record of a one-seed sweep (an earlier sweep folder resumes); several: their list.
+        "seed": args.seed_list[0] if len(args.seed_list) == 1 else args.seed_list,
         "metrics": sorted(args.metrics) if args.metrics else None,
         "patch_size": args.patch_size,
         # Only a sweep with guides records their weights, so the records of earlier sweeps stay valid.
@@ -401,6 +504,7 @@ def run_sweep(args: Any) -> list[dict[str, Any]] | None:
     if args.device is None:
         args.device = f"cuda:{place.local_rank}" if torch.cuda.is_available() else "cpu"
     out = Path(args.out)
+    args.seed_list = resolve_seeds(args.seed, getattr(args, "seeds", None), args.num_samples)
     cells = grid_cells(
         args.weights, args.cfg_scale, args.cfg_interval, args.num_steps, getattr(args, "guide", None)
     )

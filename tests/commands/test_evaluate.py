@@ -136,3 +136,40 @@ def test_fid_stats_from_shards_and_rank_split(tmp_path: Path) -> None:
         assert int(npz["num_samples"]) == 10 and int(npz["seam_count"]) == 10
         np.testing.assert_allclose(npz["sigma"], acc.stats().sigma, atol=1e-12)
     assert not any(name.startswith(".") for name in os.listdir(tmp_path))  # no temporary left behind
+
+
+def test_evaluate_over_seeds_reports_mean_std_and_range(
+    tmp_path: Path, real_and_fake: tuple[np.ndarray, np.ndarray], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--seeds``: the files ``sample --seeds`` writes, each scored as alone; the metric is their mean."""
+    fakes = {seed: smooth_images(30, seed=seed, shift=0.1 * (1 + seed // 30)) for seed in (0, 30, 60)}
+    for seed, images in fakes.items():
+        np.savez(tmp_path / f"fake_seed{seed}.npz", arr_0=images)
+    out = tmp_path / "seeds.json"
+    metrics = ["--metrics", "fid", "patch_seam", "--patch_size", "4"]
+    argv = [str(tmp_path / "fake.npz"), str(tmp_path / "real.npz"), *metrics, "--json", str(out), *FLAGS]
+    assert main([*argv, "--seeds", "0", "30", "60", "--no_cache"]) == 0
+    printed = capsys.readouterr().out
+    record = json.loads(out.read_text())
+    each = {
+        s: compute_metrics(
+            images,
+            tmp_path / "real.npz",
+            metrics=["fid", "patch_seam"],
+            patch_size=4,
+            extractor=PixelProjection(),
+            cache_dir=None,
+        )
+        for s, images in fakes.items()
+    }
+    fids = [each[s]["fid"] for s in (0, 30, 60)]
+    assert record["per_seed"]["30"]["fid"] == pytest.approx(each[30]["fid"])
+    assert record["fid"] == pytest.approx(np.mean(fids))
+    stats = record["spread"]["fid"]
+    assert stats["std"] == pytest.approx(np.std(fids, ddof=1)) and stats["n"] == 3
+    assert (stats["min"], stats["max"]) == pytest.approx((min(fids), max(fids)))
+    assert record["seeds"] == [0, 30, 60] and len(record["sample_files"]) == 3
+    assert "over 3 seeds (0 30 60)" in printed and "fake_seed60.npz" in printed
+    # A seed's missing file is named before any network loads.
+    assert dip_main(["evaluate", *argv, "--seeds", "0", "90"]) == 2
+    assert "fake_seed90.npz not found" in capsys.readouterr().err

@@ -142,6 +142,22 @@ def test_a_repeated_step_keeps_the_later_row_and_empty_cells_are_skipped(tmp_pat
     assert series["precision"].values == [0.1, 0.2] and seen == {2: 16, 4: 32, 5: 40}
 
 
+def test_a_metric_over_seeds_shows_its_spread(tmp_path: Path) -> None:
+    """``<metric>_std``, ``_min``, ``_max`` beside ``<metric>`` (the layout of sweep.csv) are its spread over
+    seeds, not metrics of their own; the table shows the final value ± std [min–max]."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "eval_metrics.csv").write_text(
+        "step,fid,fid_std,fid_min,fid_max,recall_std,num_samples\n"
+        "2,300.0,4.0,296.0,305.0,0.1,8\n4,250.0,2.5,247.5,252.0,,8\n"
+    )  # recall_std without a recall column stays a metric of its own
+    series, _ = read_metric_csv(run / "eval_metrics.csv")
+    assert set(series) == {"fid", "recall_std"} and series["fid"].values == [300.0, 250.0]
+    assert series["fid"].spread[4] == {"std": 2.5, "min": 247.5, "max": 252.0}
+    report, _ = write_report([run], tmp_path / "report", plots=False)
+    assert "250.0 ± 2.500 [247.5–252.0] (250.0 @ 4)" in report.read_text()
+
+
 def test_the_artefact_folder_names_the_run_too(runs: dict[str, Path]) -> None:
     assert summarize_run(runs["resumed"] / "tensorboard").run_dir == runs["resumed"]
 

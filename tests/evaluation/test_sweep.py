@@ -202,6 +202,10 @@ def test_untracked_decay_and_missing_reference_are_clear_errors(
     assert run_command(sweep_args(damaged, tmp_path / "d")) == 2
     assert "nan.npz: mu holds NaN" in capsys.readouterr().err
     assert not (tmp_path / "d" / "cells").exists()  # refused before the first cell's sampling
+    # Seeds closer than the sample count would share their noise: refused before anything is written.
+    assert run_command(sweep_args(setup, tmp_path / "e", "--seeds", "0", "1")) == 2
+    assert "--seeds 0 and 1 are less than --num_samples 6 apart" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
 
 
 @pytest.mark.slow
@@ -247,3 +251,41 @@ def test_two_processes_spread_the_samples(setup: dict, tmp_path: Path) -> None:
     assert "rank 1" in outputs[1] and "(rank 1)" in outputs[1]  # rank 1 generated chunks of its own
     assert read_csv(double / "sweep.csv") == read_csv(single / "sweep.csv")
     assert json.loads((double / "sweep.json").read_text())["num_samples"] == NUM_SAMPLES
+
+
+@pytest.mark.slow
+def test_sweep_over_three_seeds_reports_mean_std_and_range(setup: dict, tmp_path: Path) -> None:
+    """``--seeds 0 6 12``: each seed scored in its own folder as a one-seed sweep scores it; the cell's metric is
+    the mean, with its standard deviation and range in result.json, sweep.csv and sweep.md; a rerun redoes
+    nothing."""
+    out = tmp_path / "seeds"
+    one_cell = {"weights": ("ema:0.5",), "cfg": ("2.0",)}
+    args = sweep_args(setup, out, "--seeds", "0", "6", "12", **one_cell)
+    assert run_command(args) == 0
+    cell = out / "cells" / "ema0.5_cfg2.0_intervaldefault_steps2"
+    result = json.loads((cell / "result.json").read_text())
+    per_seed = [json.loads((cell / f"seed{s}" / "result.json").read_text())["metrics"] for s in (0, 6, 12)]
+    assert result["seeds"] == [0, 6, 12] and result["per_seed"]["6"] == per_seed[1]
+    fids = [m["fid"] for m in per_seed]
+    assert len(set(fids)) == 3  # other noise, other images
+    assert result["metrics"]["fid"] == pytest.approx(np.mean(fids))
+    assert result["spread"]["fid"]["std"] == pytest.approx(np.std(fids, ddof=1))
+    assert json.loads((out / "sweep.json").read_text())["seed"] == [0, 6, 12]
+
+    # Seed 12's numbers are those of a one-seed sweep with --seed 12.
+    alone = tmp_path / "alone"
+    assert run_command(sweep_args(setup, alone, "--seed", "12", "--no_plots", **one_cell)) == 0
+    (alone_result,) = (alone / "cells").glob("*/result.json")
+    assert json.loads(alone_result.read_text())["metrics"] == pytest.approx(per_seed[2])
+    assert "seeds" not in read_csv(alone / "sweep.csv")[0]  # one seed: the one-seed columns
+
+    (row,) = read_csv(out / "sweep.csv")
+    assert list(row)[5:9] == ["fid", "fid_std", "fid_min", "fid_max"] and row["seeds"] == "0 6 12"
+    assert float(row["fid_min"]) == min(fids) and float(row["fid_max"]) == max(fids)
+    assert float(row["fid"]) == result["metrics"]["fid"]
+    md = (out / "sweep.md").read_text()
+    assert " ± " in md and "Over seeds 0 6 12" in md and (out / "sweep_fid.png").is_file()
+
+    mtimes = {p: p.stat().st_mtime_ns for p in cell.rglob("result.json")}
+    assert run_command(args) == 0
+    assert {p: p.stat().st_mtime_ns for p in cell.rglob("result.json")} == mtimes
