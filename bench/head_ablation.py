@@ -61,16 +61,20 @@ HEAD = "--model.net.init_args.head.init_args."
 FINAL_CSV = "final_metrics.csv"
 READING_MARK = "<!-- reading -->"
 
-#: variant -> (overlay YAML or None for the recipe's own conv head, head-size overrides)
+#: variant -> (overlay YAML or None for the recipe's own conv head, head-size overrides; ``{hidden_size}`` is the
+#: recipe's backbone width)
 VARIANTS: dict[str, tuple[str | None, list[str]]] = {
     "conv_unet": (None, []),
     "dit_only": ("dit_only.yaml", []),
     "coord_mlp": ("head_coord_mlp.yaml", [f"{HEAD}width=16", f"{HEAD}depth=2", f"{HEAD}mlp_ratio=2"]),
+    # One block: at 16x16 patches the 256x256 attention maps make two blocks 4x the conv head's step time.
     "attention": (
         "head_attention.yaml",
-        [f"{HEAD}width=16", f"{HEAD}depth=2", f"{HEAD}num_heads=2", f"{HEAD}context_tokens=4"],
+        [f"{HEAD}width=16", f"{HEAD}depth=1", f"{HEAD}num_heads=2", f"{HEAD}context_tokens=4"],
     ),
-    "mlp": ("head_mlp.yaml", [f"{HEAD}num_layers=3"]),
+    # Hidden width = the backbone's: the default (2/3 of the input) is a 1.5M head at 16x16 patches, and a narrower
+    # one would pass the patch through fewer dimensions than DiT-only's linear head.
+    "mlp": ("head_mlp.yaml", [f"{HEAD}num_layers=3", f"{HEAD}hidden_dim={{hidden_size}}"]),
 }
 #: The main comparison (DiP against DiT-only) runs for every seed before the other heads.
 PRIORITY = [["conv_unet", "dit_only"], ["coord_mlp", "attention", "mlp"]]
@@ -98,6 +102,7 @@ def read_recipe(path: Path) -> dict[str, Any]:
     ]
     return {
         "input_size": int(net["input_size"]),
+        "hidden_size": int(net["hidden_size"]),
         "patch_size": int(net["patch_size"]),
         "num_classes": int(net["num_classes"]),
         "batch_size": int(config["data"]["init_args"]["batch_size"]),
@@ -167,11 +172,23 @@ def trained_steps(run_dir: Path) -> int:
     return int(resolve_resume(run_dir).step or 0) if run_dir.exists() else 0
 
 
-def fit_command(name: str, seed: int, run_dir: Path, data: dict, args: argparse.Namespace) -> list[str]:
+def head_args(name: str, recipe: dict[str, Any]) -> list[str]:
+    """The overlay and head-size arguments of one variant."""
     overlay, sizes = VARIANTS[name]
-    cmd = [sys.executable, "-m", "dip_lightning", "fit", "--config", str(args.config)]
-    if overlay is not None:
-        cmd += ["--config", str(ABLATIONS / overlay)]
+    configs = ["--config", str(ABLATIONS / overlay)] if overlay is not None else []
+    return configs + [size.format(hidden_size=recipe["hidden_size"]) for size in sizes]
+
+
+def fit_command(name: str, seed: int, run_dir: Path, data: dict, args: argparse.Namespace) -> list[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "dip_lightning",
+        "fit",
+        "--config",
+        str(args.config),
+        *head_args(name, args.recipe),
+    ]
     cmd += [
         f"--trainer.default_root_dir={run_dir}",
         f"--seed_everything={seed}",
@@ -183,7 +200,6 @@ def fit_command(name: str, seed: int, run_dir: Path, data: dict, args: argparse.
         f"--checkpoint.every_n_train_steps={args.eval_every}",
         f"--data.init_args.train_shards={data['train_shards']}",
         f"--data.init_args.val_shards={data['val_shards']}",
-        *sizes,
     ]
     return cmd + (SMOKE_NET if args.smoke else [])
 
@@ -364,11 +380,8 @@ def parameter_counts(args: argparse.Namespace) -> dict[str, tuple[int, int]]:
 
     counts = {}
     for name in args.variants:
-        overlay, sizes = VARIANTS[name]
-        cli_args = ["--config", str(args.config)] + (
-            ["--config", str(ABLATIONS / overlay)] if overlay else []
-        )
-        cli_args += [*sizes, "--trainer.logger=false", "--trainer.callbacks=null"]
+        cli_args = ["--config", str(args.config), *head_args(name, args.recipe)]
+        cli_args += ["--trainer.logger=false", "--trainer.callbacks=null"]
         model = DiPCLI(args=cli_args, run=False).model
         counts[name] = (
             sum(p.numel() for p in model.net.head.parameters()),
