@@ -150,6 +150,8 @@ def pair_verdict(finals: Nested, better: str, worse: str, metric: str = "fid") -
     separated = max(ca) < min(cb) or max(cb) < min(ca)
     word = "holds" if holds else "does NOT hold"
     how = "seed ranges apart" if separated else "seed ranges overlap: not resolved at this seed count"
+    if min(len(va), len(vb)) < 2:
+        how = "a single seed: no spread to judge the gap by"
     seeds = f"{len(va)} vs {len(vb)} seeds"
     return (
         f"{better} < {worse}: {word} ({format_number(float(np.mean(va)))} vs "

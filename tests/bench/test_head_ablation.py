@@ -42,7 +42,8 @@ def test_pair_verdicts_follow_the_means_and_call_overlapping_seeds_unresolved() 
 def test_patch_seam_is_judged_by_its_distance_from_one() -> None:
     finals = {"conv_unet": {0: {"patch_seam": 1.1}}, "dit_only": {0: {"patch_seam": 0.7}}}
     assert rep.ranking_line(finals, "patch_seam") == "conv_unet 1.100 < dit_only 0.7000"
-    assert "holds" in rep.pair_verdict(finals, "conv_unet", "dit_only", "patch_seam")
+    verdict = rep.pair_verdict(finals, "conv_unet", "dit_only", "patch_seam")
+    assert verdict.startswith("conv_unet < dit_only: holds") and "a single seed" in verdict
 
 
 def test_crossings_name_the_interval_where_the_mean_curves_swap() -> None:
