@@ -390,9 +390,9 @@ def parameter_counts(args: argparse.Namespace) -> dict[str, tuple[int, int]]:
     return counts
 
 
-def write_grids(args: argparse.Namespace, path: Path, seed: int = 0, cols: int = 4) -> bool:
+def write_grids(args: argparse.Namespace, path: Path, seed: int = 0, rows: int = 3) -> bool:
     """DiP's and DiT-only's samples (seed ``seed``, EMA) side by side, one row of the figure per evaluation step
-    (the middle one and the last), ``cols`` samples per class; False until both runs have them."""
+    (the middle one and the last), ``rows`` samples per class; False until both runs have them."""
     steps = eval_steps(args)
     rows = []
     for step in sorted({steps[(len(steps) - 1) // 2], steps[-1]}):
@@ -403,7 +403,7 @@ def write_grids(args: argparse.Namespace, path: Path, seed: int = 0, cols: int =
                 return False
             with np.load(found[0]) as npz:
                 row.append(
-                    (f"{label}, step {step}", rep.class_grid(npz["arr_0"], args.recipe["num_classes"], cols))
+                    (f"{label}, step {step}", rep.class_grid(npz["arr_0"], args.recipe["num_classes"], rows))
                 )
         rows.append(row)
     rep.mosaic(rows, path)

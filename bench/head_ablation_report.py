@@ -256,15 +256,13 @@ def plot_finals(finals: Nested, path: Path, metrics: Sequence[str] = CURVE_METRI
     plt.close(fig)
 
 
-def class_grid(images: np.ndarray, num_classes: int, cols: int) -> np.ndarray:
-    """One row per class (sample i has label i % num_classes, the export rule), ``cols`` samples each."""
-    n, h, w, c = images.shape
-    cols = min(cols, n // num_classes)
-    rows = [
-        np.concatenate([images[k * num_classes + label] for k in range(cols)], axis=1)
-        for label in range(num_classes)
+def class_grid(images: np.ndarray, num_classes: int, rows: int) -> np.ndarray:
+    """One column per class (sample i has label i % num_classes, the export rule), ``rows`` samples each."""
+    rows = min(rows, len(images) // num_classes)
+    lines = [
+        np.concatenate(list(images[k * num_classes : (k + 1) * num_classes]), axis=1) for k in range(rows)
     ]
-    return np.concatenate(rows, axis=0)
+    return np.concatenate(lines, axis=0)
 
 
 def mosaic(tiles: Sequence[Sequence[tuple[str, np.ndarray]]], path: Path, colors: int = 256) -> None:

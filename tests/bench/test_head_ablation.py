@@ -80,14 +80,14 @@ def test_metric_rows_round_trip_and_a_later_row_of_a_step_wins(tmp_path: Path) -
     assert path.read_text().splitlines()[0] == ",".join(rep.CSV_COLUMNS)
 
 
-def test_class_grid_puts_one_class_per_row() -> None:
+def test_class_grid_puts_one_class_per_column() -> None:
     images = np.zeros((24, 2, 2, 3), np.uint8)
     for i in range(24):
         images[i] = i  # sample i has label i % 3
-    grid = rep.class_grid(images, num_classes=3, cols=4)
-    assert grid.shape == (6, 8, 3)
-    assert [int(grid[2 * r, 2 * c, 0]) for r in range(3) for c in range(4)] == [
-        k * 3 + r for r in range(3) for k in range(4)
+    grid = rep.class_grid(images, num_classes=3, rows=4)
+    assert grid.shape == (8, 6, 3)
+    assert [[int(grid[2 * r, 2 * c, 0]) for c in range(3)] for r in range(4)] == [
+        [3 * r + c for c in range(3)] for r in range(4)
     ]
 
 
