@@ -26,6 +26,7 @@ DEFAULT_CONFIG = REPO_ROOT / "experiments" / "demo.yaml"
 # Crops per class (experiments/demo.yaml says why these numbers).
 TRAIN_PER_CLASS = 96
 VAL_PER_CLASS = 16
+CROP_SCALE = (0.35, 0.9)
 
 
 def reference_stats(
@@ -67,6 +68,7 @@ def run_demo(
     extra_args: list[str] | None = None,
     train_per_class: int = TRAIN_PER_CLASS,
     val_per_class: int = VAL_PER_CLASS,
+    crop_scale: tuple[float, float] = CROP_SCALE,
 ) -> dict:
     """Run the demo; returns the paths and the FID history. The crops are built at the config's input size."""
     from dip_lightning.core.data.demo_dataset import build_demo_dataset
@@ -79,6 +81,7 @@ def run_demo(
         size=config_image_size(config),
         train_per_class=train_per_class,
         val_per_class=val_per_class,
+        crop_scale=crop_scale,
     )
     print(
         f"[demo] dataset: {dataset['num_train']} train / {dataset['num_val']} val crops, "
@@ -153,9 +156,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run_root", default="runs/demo")
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--train_per_class", type=int, default=TRAIN_PER_CLASS)
+    p.add_argument("--val_per_class", type=int, default=VAL_PER_CLASS)
+    p.add_argument(
+        "--crop_scale", type=float, nargs=2, default=CROP_SCALE, help="crop side range, of the short side"
+    )
     args, extra = p.parse_known_args(argv)
     torch.set_num_threads(args.threads)
-    run_demo(args.data_dir, args.run_root, args.config, extra)
+    run_demo(
+        args.data_dir,
+        args.run_root,
+        args.config,
+        extra,
+        args.train_per_class,
+        args.val_per_class,
+        tuple(args.crop_scale),
+    )
     return 0
 
 

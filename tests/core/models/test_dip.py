@@ -132,6 +132,42 @@ def test_patch_detailer_token_reaches_every_pixel(patch_size):
     assert torch.all(changed[[0, 2]] == 0)
 
 
+def token_and_pixel_effect(head: PatchDetailerHead, patch_size: int = 16) -> tuple[float, float]:
+    """Output change when the tokens are redrawn, and when the noisy pixels are redrawn (std over everything)."""
+    g = torch.Generator().manual_seed(1)
+    draw = functools.partial(torch.randn, generator=g)
+    patches, tokens, cond = (
+        draw(64, 3, patch_size, patch_size),
+        draw(64, head.hidden_size),
+        draw(64, head.hidden_size),
+    )
+    with torch.no_grad():
+        out = head(patches, tokens, cond)
+        token = (head(patches, draw(64, head.hidden_size), cond) - out).std().item()
+        pixel = (head(draw(64, 3, patch_size, patch_size), tokens, cond) - out).std().item()
+    return token, pixel
+
+
+def test_patch_detailer_kaiming_init_lets_the_token_through():
+    # Released (PyTorch default) init: the token crosses 2 * depth + 1 shrinking layers, the pixels arrive through
+    # the skips, so the head hardly hears the backbone at the start. He-normal weights give the token a say.
+    torch.manual_seed(0)
+    released = PatchDetailerHead(192, 16, 3, depth=3, base_channels=16)
+    torch.manual_seed(0)
+    kaiming = PatchDetailerHead(192, 16, 3, depth=3, base_channels=16, init="kaiming")
+    assert released.init == "released"
+    token, pixel = token_and_pixel_effect(released)
+    assert token < 1e-2 * pixel
+    token, pixel = token_and_pixel_effect(kaiming)
+    assert token > 5e-2 * pixel
+    # Same tensors, and the output conv is left to the model's init (adaLN-zero zeroes it).
+    assert [n for n, _ in released.named_parameters()] == [n for n, _ in kaiming.named_parameters()]
+    torch.testing.assert_close(kaiming.out.weight, released.out.weight)
+    assert all(m.bias.abs().sum() == 0 for m in kaiming.enc.modules() if isinstance(m, torch.nn.Conv2d))
+    with pytest.raises(ConfigError, match="init"):
+        PatchDetailerHead(192, 16, 3, init="xavier")
+
+
 def test_patch_detailer_layer_shapes_follow_paper_table():
     head = PatchDetailerHead(1152, 16, 3)
     assert head.widths == [64, 128, 256, 512]
