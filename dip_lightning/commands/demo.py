@@ -26,7 +26,7 @@ DEFAULT_CONFIG = REPO_ROOT / "experiments" / "demo.yaml"
 # Crops per class (experiments/demo.yaml says why these numbers).
 TRAIN_PER_CLASS = 96
 VAL_PER_CLASS = 16
-CROP_SCALE = (0.35, 0.9)
+CROP_SCALE = (0.7, 1.0)
 
 
 def reference_stats(

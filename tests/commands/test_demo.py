@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from dip_lightning.commands.demo import run_demo
+from dip_lightning.core.data.demo_dataset import DEFAULT_CROP_SCALE
 from tests.helpers.tiny import TINY_CONFIG
 
 pytestmark = pytest.mark.slow  # the whole demo, end to end
@@ -46,6 +47,7 @@ def test_demo_end_to_end_shortened(tmp_path: Path, demo_data: dict) -> None:
         data_dir=data_dir,
         run_root=tmp_path / "runs",
         config=TINY_CONFIG,
+        crop_scale=DEFAULT_CROP_SCALE,  # the fixture's crops
         extra_args=[
             "--trainer.max_steps=20",
             "--trainer.val_check_interval=10",
