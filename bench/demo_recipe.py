@@ -171,7 +171,9 @@ def write_markdown(results: list[dict], path: Path, command: str) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--hf", nargs="+", type=Path, metavar="CKPT", help="only print the in-patch HF ratio of these")
+    p.add_argument(
+        "--hf", nargs="+", type=Path, metavar="CKPT", help="only print the in-patch HF ratio of these"
+    )
     p.add_argument("--data", type=Path, help="with --hf: the demo data folder the checkpoints trained on")
     p.add_argument("--work", type=Path)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
