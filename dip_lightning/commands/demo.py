@@ -19,9 +19,14 @@ from pathlib import Path
 import torch
 
 from dip_lightning.commands import CommandParser
+from dip_lightning.core.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG = REPO_ROOT / "experiments" / "tiny_cpu.yaml"
+DEFAULT_CONFIG = REPO_ROOT / "experiments" / "demo.yaml"
+# Crops per class (experiments/demo.yaml says why these numbers).
+TRAIN_PER_CLASS = 96
+VAL_PER_CLASS = 16
+CROP_SCALE = (0.7, 1.0)
 
 
 def reference_stats(
@@ -43,19 +48,41 @@ def reference_stats(
     return out
 
 
+def config_image_size(config: str | os.PathLike) -> int:
+    """The training resolution a config names (``model.net.init_args.input_size``): the demo crops' size."""
+    import yaml
+
+    try:
+        return int(yaml.safe_load(Path(config).read_text())["model"]["net"]["init_args"]["input_size"])
+    except (OSError, KeyError, TypeError, ValueError) as err:
+        raise ConfigError(
+            f"{config}: the demo reads its image size from model.net.init_args.input_size ({err!r}); "
+            "name it in the config"
+        ) from err
+
+
 def run_demo(
     data_dir: str | os.PathLike = "data/demo",
     run_root: str | os.PathLike = "runs/demo",
     config: str | os.PathLike = DEFAULT_CONFIG,
     extra_args: list[str] | None = None,
+    train_per_class: int = TRAIN_PER_CLASS,
+    val_per_class: int = VAL_PER_CLASS,
+    crop_scale: tuple[float, float] = CROP_SCALE,
 ) -> dict:
-    """Run the demo; returns the paths and the FID history."""
+    """Run the demo; returns the paths and the FID history. The crops are built at the config's input size."""
     from dip_lightning.core.data.demo_dataset import build_demo_dataset
     from dip_lightning.training.cli import DiPCLI
 
     t0 = time.time()
     data_dir = Path(data_dir)
-    dataset = build_demo_dataset(data_dir, size=32)
+    dataset = build_demo_dataset(
+        data_dir,
+        size=config_image_size(config),
+        train_per_class=train_per_class,
+        val_per_class=val_per_class,
+        crop_scale=crop_scale,
+    )
     print(
         f"[demo] dataset: {dataset['num_train']} train / {dataset['num_val']} val crops, "
         f"{dataset['num_classes']} classes ({', '.join(dataset['class_names'])}) in {data_dir}"
@@ -129,9 +156,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run_root", default="runs/demo")
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--train_per_class", type=int, default=TRAIN_PER_CLASS)
+    p.add_argument("--val_per_class", type=int, default=VAL_PER_CLASS)
+    p.add_argument(
+        "--crop_scale", type=float, nargs=2, default=CROP_SCALE, help="crop side range, of the short side"
+    )
     args, extra = p.parse_known_args(argv)
     torch.set_num_threads(args.threads)
-    run_demo(args.data_dir, args.run_root, args.config, extra)
+    run_demo(
+        args.data_dir,
+        args.run_root,
+        args.config,
+        extra,
+        args.train_per_class,
+        args.val_per_class,
+        tuple(args.crop_scale),
+    )
     return 0
 
 
