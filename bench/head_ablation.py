@@ -55,7 +55,7 @@ from dip_lightning.core.atomic import atomic_write  # noqa: E402
 from dip_lightning.evaluation.tables import format_number  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
-RECIPE = REPO / "experiments" / "tiny_cpu.yaml"
+RECIPE = REPO / "experiments" / "demo.yaml"
 ABLATIONS = REPO / "experiments" / "ablations"
 HEAD = "--model.net.init_args.head.init_args."
 FINAL_CSV = "final_metrics.csv"
@@ -112,12 +112,20 @@ def read_recipe(path: Path) -> dict[str, Any]:
 
 
 def prepare_data(work: Path, size: int) -> tuple[dict, Path]:
-    """The demo dataset at the recipe's image size and an image npz of all its validation images (the reference)."""
+    """The demo's dataset (the demo command's crop counts and range) at the recipe's image size, and an image npz of
+    all its validation images (the metrics' reference)."""
+    from dip_lightning.commands import demo
     from dip_lightning.core.data.demo_dataset import build_demo_dataset
     from dip_lightning.core.metrics.sources import iter_shard_images
     from dip_lightning.evaluation.export import _save_npz
 
-    data = build_demo_dataset(work / "data", size=size)
+    data = build_demo_dataset(
+        work / "data",
+        size=size,
+        train_per_class=demo.TRAIN_PER_CLASS,
+        val_per_class=demo.VAL_PER_CLASS,
+        crop_scale=demo.CROP_SCALE,
+    )
     reference = work / "data" / f"val_images_{size}.npz"
     if not reference.exists():
         batches = [
@@ -528,7 +536,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's max_steps)")
     p.add_argument("--eval_every", type=int, default=None, help="curve interval (default: steps / 4)")
     p.add_argument(
-        "--val_every", type=int, default=None, help="validation-loss interval (default: eval_every / 4)"
+        "--val_every", type=int, default=None, help="validation-loss interval (default: eval_every / 5)"
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -553,7 +561,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.recipe = read_recipe(args.config)
     args.steps = args.steps or args.recipe["max_steps"]
     args.eval_every = args.eval_every or max(1, args.steps // 4)
-    args.val_every = args.val_every or max(1, args.eval_every // 4)
+    args.val_every = args.val_every or max(1, args.eval_every // 5)
     args.results = (args.results or (args.work / "results" if args.smoke else RESULTS)).resolve()
     return args
 
