@@ -398,9 +398,9 @@ def parameter_counts(args: argparse.Namespace) -> dict[str, tuple[int, int]]:
     return counts
 
 
-def write_grids(args: argparse.Namespace, path: Path, seed: int = 0, rows: int = 3) -> bool:
+def write_grids(args: argparse.Namespace, path: Path, seed: int = 0, per_class: int = 3) -> bool:
     """DiP's and DiT-only's samples (seed ``seed``, EMA) side by side, one row of the figure per evaluation step
-    (the middle one and the last), ``rows`` samples per class; False until both runs have them."""
+    (the middle one and the last), ``per_class`` samples per class; False until both runs have them."""
     steps = eval_steps(args)
     rows = []
     for step in sorted({steps[(len(steps) - 1) // 2], steps[-1]}):
@@ -411,7 +411,7 @@ def write_grids(args: argparse.Namespace, path: Path, seed: int = 0, rows: int =
                 return False
             with np.load(found[0]) as npz:
                 row.append(
-                    (f"{label}, step {step}", rep.class_grid(npz["arr_0"], args.recipe["num_classes"], rows))
+                    (f"{label}, step {step}", rep.class_grid(npz["arr_0"], args.recipe["num_classes"], per_class))
                 )
         rows.append(row)
     rep.mosaic(rows, path)
@@ -468,6 +468,9 @@ def write_results(args: argparse.Namespace, wall_minutes: float | None) -> Path:
     finals, curves, runs = collect(args)
     if runs:
         write_report(runs, results / "head_ablation", title="Head ablation runs (toy scale)")
+        # The report lists its sources by path; the committed copy names the work folder, not this machine's.
+        report_md = results / "head_ablation" / "report.md"
+        report_md.write_text(report_md.read_text().replace(str(args.work.resolve()), "<work>"))
     rep.plot_curves(curves, results / "head_ablation_curves.png")
     rep.plot_finals(finals, results / "head_ablation.png")
     grids = write_grids(args, results / "head_ablation_grids.png")

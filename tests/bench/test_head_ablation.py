@@ -3,7 +3,6 @@ two-head study of a few steps that a rerun continues without redoing anything.""
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
@@ -100,16 +99,26 @@ def test_run_order_puts_dip_and_dit_only_first_for_every_seed(tmp_path: Path) ->
 
 
 @pytest.mark.slow
-def test_study_runs_end_to_end_and_a_rerun_redoes_nothing(
-    tmp_path: Path, demo_data: dict, monkeypatch
-) -> None:  # noqa: ANN001
-    """Two heads, one seed, 2 steps; the cheap PixelProjection features stand in for the CPU Inception (minutes)."""
+def test_study_runs_end_to_end_and_a_rerun_redoes_nothing(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """Two heads, one seed, 2 steps of the tests' 32 px config; the cheap PixelProjection features stand in for the
+    CPU Inception (minutes)."""
     from dip_lightning.core.metrics.features import PixelProjection
 
     monkeypatch.setattr(head_ablation, "_extractor", lambda: PixelProjection())
     work = tmp_path / "work"
-    shutil.copytree(demo_data["root"], work / "data")
-    argv = ["--work", str(work), "--smoke", "--steps", "2", "--eval_every", "1", "--seeds", "0"]
+    argv = [
+        "--work",
+        str(work),
+        "--config",
+        str(REPO / "experiments" / "tiny_cpu.yaml"),
+        "--smoke",
+        "--steps",
+        "2",
+        "--eval_every",
+        "1",
+        "--seeds",
+        "0",
+    ]
     argv += ["--variants", "conv_unet", "dit_only", "--num_samples", "16", "--curve_samples", "8"]
     assert head_ablation.main(argv) == 0
     runs = {name: work / "runs" / f"{name}_seed0" for name in ("conv_unet", "dit_only")}
