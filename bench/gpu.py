@@ -11,7 +11,7 @@ Sections (run in the order given, each skipped whole when the wall-clock budget 
   sdpa            which SDPA backends (flash, efficient, cudnn, math) run DiP's attention (head_dim 72) under
                   bf16 autocast, and their forward + backward time for one XL attention layer.
   syncs           host-device syncs per step of a real Lightning fit (DiP-S/16, EMA, progress bar, preemption
-                  guard), located by CUDA's sync debug mode: the step should have none. Needs jsonargparse
+                  guard, monitors), located by CUDA's sync debug mode: the step should have none. Needs jsonargparse
                   (DiPModule imports it), which the device image lacks: carry its wheel (BENCHMARKS.md).
   train_eager     training img/s, MFU and peak memory per model, batch 128, bf16 autocast, fused AdamW.
   train_compiled  the same with the model compiled in place (`torch.compile`, default mode).
@@ -238,12 +238,12 @@ class Bench:
 
     def syncs(self) -> dict:
         """Host-device synchronisations per training step of a real Lightning fit (DiPModule, EMA, the CLI's
-        progress bar and preemption guard, bf16-mixed), counted by CUDA's sync debug mode after warm-up."""
+        progress bar, preemption guard and monitors, bf16-mixed), counted by CUDA's sync debug mode after warm-up."""
         import warnings
 
         import lightning.pytorch as pl
 
-        from dip_lightning.training.callbacks import EMA, RichProgress
+        from dip_lightning.training.callbacks import EMA, RichProgress, TrainingMonitor
         from dip_lightning.training.callbacks.preemption import PreemptionGuard
         from dip_lightning.training.module import DiPModule
 
@@ -276,7 +276,13 @@ class Bench:
             logger=False,
             enable_checkpointing=False,
             enable_model_summary=False,
-            callbacks=[EMA(decay=0.999), RichProgress(), PreemptionGuard(check_every_n_steps=10), Watch()],
+            callbacks=[
+                EMA(decay=0.999),
+                RichProgress(),
+                PreemptionGuard(check_every_n_steps=10),
+                TrainingMonitor(),
+                Watch(),
+            ],
         )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -61,3 +61,11 @@ def demo_data(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from dip_lightning.core.data.demo_dataset import build_demo_dataset
 
     return build_demo_dataset(tmp_path_factory.mktemp("demo_data"), size=32)
+
+
+@pytest.fixture(scope="session")
+def guide_checkpoints(tmp_path_factory: pytest.TempPathFactory, demo_data: dict) -> dict:
+    """Autoguidance checkpoints (:func:`tests.helpers.guide.guided_runs`), trained once per session."""
+    from tests.helpers.guide import guided_runs
+
+    return guided_runs(tmp_path_factory.mktemp("guided_runs"), demo_data)

@@ -12,6 +12,7 @@ import torch
 from lightning.fabric.utilities.types import _PATH
 
 from dip_lightning.checkpoint.io import CheckpointError
+from dip_lightning.checkpoint.stored_config import plain_config
 
 
 class CheckpointMismatchError(CheckpointError):
@@ -19,15 +20,6 @@ class CheckpointMismatchError(CheckpointError):
 
 
 # --------------------------------------------------------------------------------------- compatibility
-def _plain(value: Any) -> Any:
-    """Config values (dicts, jsonargparse Namespaces, lists) as plain nested dicts/lists."""
-    if hasattr(value, "as_dict") and callable(value.as_dict):
-        value = value.as_dict()
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:
@@ -41,8 +33,8 @@ def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:
 
 def config_differences(saved: Any, current: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
     """``(key, saved value, current value)`` for every leaf that differs between two nested configs."""
-    a = _flatten(_plain(saved), prefix, {})
-    b = _flatten(_plain(current), prefix, {})
+    a = _flatten(plain_config(saved), prefix, {})
+    b = _flatten(plain_config(current), prefix, {})
     missing = object()
     diffs = []
     for key in sorted(set(a) | set(b)):
@@ -77,7 +69,7 @@ def execution_option_keys(config: Any, prefix: str = "") -> set[str]:
     ``EXECUTION_OPTIONS``; here every ``{"class_path": ..., "init_args": {...}}`` of the config is looked up.
     """
     keys: set[str] = set()
-    config = _plain(config)
+    config = plain_config(config)
     if isinstance(config, dict):
         for name in getattr(_class_of(config.get("class_path")), "EXECUTION_OPTIONS", ()):
             keys.add(f"{prefix}.init_args.{name}" if prefix else f"init_args.{name}")
@@ -89,7 +81,7 @@ def execution_option_keys(config: Any, prefix: str = "") -> set[str]:
 def objective_settings(config: Any) -> dict[str, Any] | None:
     """The ``OBJECTIVE_FIELDS`` of the class a ``{"class_path", "init_args"}`` config names (LightningCLI stores
     every one), or None when the class declares none (or cannot be imported)."""
-    config = _plain(config)
+    config = plain_config(config)
     if not isinstance(config, dict):
         return None
     fields = getattr(_class_of(config.get("class_path")), "OBJECTIVE_FIELDS", None)

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from jsonargparse.typing import register_type
 from torch import Tensor
 
 from dip_lightning.checkpoint.io import CheckpointError
@@ -42,6 +43,10 @@ others (``weights``, keyed by :func:`decay_key`): :func:`ema_record`, written by
 
 CONVERSION_RECORD = "dip_conversion"
 """What ``convert`` made a checkpoint from (``from``, ``source``, ``weights``: which released copy)."""
+
+IMAGES_SEEN = "images_seen"
+"""Training images seen up to the checkpoint's step, over all ranks and micro-batches (an int; written by
+:class:`~dip_lightning.training.callbacks.monitor.TrainingMonitor`; absent from checkpoints written before it)."""
 
 
 def decay_key(decay: float) -> str:
@@ -139,6 +144,9 @@ class WeightRequest:
 
 
 DEFAULT_WEIGHTS = WeightRequest()
+
+# `--weights ema:0.9996` parses by this one syntax in LightningCLI, in the kit's commands and in their YAML files.
+register_type(WeightRequest, serializer=str, deserializer=WeightRequest.parse)
 
 
 def select_weights(

@@ -3,8 +3,13 @@
 ::
 
     <run>/                      trainer.default_root_dir
-      tensorboard/              the log folder: TensorBoard events, config.yaml, experiment.json,
-                                eval_metrics.csv, grids/step_XXXXXXXX.png (artefact_dir)
+      tensorboard/              the log folder, whichever loggers are configured (artefact_dir): config.yaml,
+                                experiment.json, eval_metrics.csv, grids/step_XXXXXXXX.png; the TensorBoard
+                                events and a CSVLogger's metrics.csv (metrics-<time>.csv: earlier jobs')
+                                when those loggers are configured
+      wandb/, wandb_id          a WandbLogger's local files, and the id of this run's W&B run (written once)
+      mlruns/, mlflow_run_id    an MLFlowLogger's local file store (without a tracking URI), and this run's
+                                MLflow run id (written once)
       checkpoints/              step########.ckpt, last.ckpt (checkpoint_dir)
       phema/                    post-hoc EMA snapshots phema-<step>.pt (snapshot_dir;
                                 :mod:`dip_lightning.checkpoint.posthoc`)
@@ -15,9 +20,10 @@
       damaged/                  damaged checkpoints a resume set aside (damaged_path)
       superseded/               checkpoints after the step a ``fit --ckpt_path`` went back to (superseded_path)
 
-The one module that knows these names: training writes the folder, resume and the report read it. The logger's
-version is pinned to ``tensorboard``, so a requeued job appends to the same folder instead of opening
-``version_N+1``.
+The one module that knows these names: training writes the folder, resume and the report read it. The kit's own
+files go to the log folder whatever the logger (:mod:`dip_lightning.training.loggers` places each logger in the run
+folder): TensorBoard and CSV loggers get the pinned version ``tensorboard``, so a requeued job appends to the same
+folder instead of opening ``version_N+1``, and a W&B or MLflow run is continued through its pinned id.
 """
 
 from __future__ import annotations
@@ -31,22 +37,27 @@ from typing import Any
 __all__ = [
     "CHECKPOINT_FOLDER",
     "CONFIG_RECORD",
+    "CSV_LOGGER_METRICS",
     "DAMAGED_FOLDER",
     "DEFAULT_RUN_DIR",
     "EVAL_METRICS_CSV",
     "EXPERIMENT_RECORD",
     "GRID_FOLDER",
     "LOG_VERSION",
+    "MLFLOW_RUN_ID",
     "PREEMPTION_NAME",
     "RUN_LOCK",
     "SNAPSHOT_FOLDER",
     "STEP_FILENAME",
     "STEP_NAME",
     "SUPERSEDED_FOLDER",
+    "WANDB_ID",
     "artefact_dir",
     "checkpoint_dir",
     "damaged_path",
+    "earlier_job_path",
     "lock_path",
+    "logger_id_path",
     "locate_run",
     "log_dir",
     "preemption_path",
@@ -57,8 +68,16 @@ __all__ = [
 
 #: ``trainer.default_root_dir`` when a config gives none.
 DEFAULT_RUN_DIR = "runs/default"
-#: The logger's pinned version, hence the log folder ``<run>/tensorboard``.
+#: The log folder ``<run>/tensorboard`` (named after the default logger; the same for every logger), the pinned
+#: version of the TensorBoard and CSV loggers.
 LOG_VERSION = "tensorboard"
+#: In the log folder: a CSVLogger's scalars. An earlier job's file is kept as ``metrics-<UTC time>.csv``
+#: (:func:`earlier_job_path`; the CSVLogger would delete it).
+CSV_LOGGER_METRICS = "metrics.csv"
+#: In the run folder: the id of the run's W&B run, chosen by its first job and passed to every later one.
+WANDB_ID = "wandb_id"
+#: In the run folder: the id of the run's MLflow run, recorded by its first job and passed to every later one.
+MLFLOW_RUN_ID = "mlflow_run_id"
 #: The checkpoint folder ``<run>/checkpoints``.
 CHECKPOINT_FOLDER = "checkpoints"
 #: In the log folder: the parsed config of the latest job, every value (LightningCLI's writer).
@@ -89,13 +108,13 @@ SUPERSEDED_FOLDER = "superseded"
 
 
 def artefact_dir(trainer: Any) -> Path:
-    """Where this run's logs and artefacts (grids, metric CSVs) go: the logger's folder, else the run folder.
+    """Where this run's artefacts (config records, grids, metric CSVs) go: the log folder of the run folder
+    (``trainer.default_root_dir``), whichever loggers are configured, none included.
 
-    Reads the logger's own attribute, not ``trainer.log_dir`` (a collective under DDP), so any rank may call it.
+    Not ``trainer.log_dir``: that follows the first logger (a W&B logger's ``save_dir``) and is a collective under
+    DDP; this is the same on every rank and for every logger.
     """
-    logger = getattr(trainer, "logger", None)
-    log_dir = getattr(logger, "log_dir", None)
-    return Path(log_dir) if log_dir else Path(trainer.default_root_dir)
+    return log_dir(trainer.default_root_dir)
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -146,9 +165,28 @@ def superseded_path(path: str | Path, when: float | None = None) -> Path:
     return _aside_path(Path(path), SUPERSEDED_FOLDER, when)
 
 
+def earlier_job_path(path: str | Path, when: float | None = None) -> Path:
+    """A free name beside ``path`` for the file an earlier job wrote there: ``<stem>-<UTC time><suffix>``
+    (``metrics-20261207T061400Z.csv``), numbered when taken."""
+    path = Path(path)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(when))
+    candidate, number = path.with_name(f"{path.stem}-{stamp}{path.suffix}"), 1
+    while candidate.exists():
+        number += 1
+        candidate = path.with_name(f"{path.stem}-{stamp}-{number}{path.suffix}")
+    return candidate
+
+
 def log_dir(run_dir: str | Path) -> Path:
-    """The log folder of a run folder (the TensorBoard logger's, pinned)."""
+    """The log folder of a run folder (the kit's artefacts; the TensorBoard and CSV loggers', pinned)."""
     return Path(run_dir) / LOG_VERSION
+
+
+def logger_id_path(run_dir: str | Path, name: str) -> Path:
+    """The file of a run folder that pins a logger's run id (:data:`WANDB_ID`, :data:`MLFLOW_RUN_ID`)."""
+    if name not in (WANDB_ID, MLFLOW_RUN_ID):
+        raise ValueError(f"no logger id file named {name!r}; one of {WANDB_ID}, {MLFLOW_RUN_ID}")
+    return Path(run_dir) / name
 
 
 def locate_run(folder: str | Path) -> tuple[Path, Path]:

@@ -19,13 +19,31 @@ from typing import Any
 
 from dip_lightning.checkpoint.io import CheckpointError, peek_checkpoint
 
-__all__ = ["TRUSTED_PACKAGES", "UntrustedConfigError", "check_checkpoint_config", "check_stored_config"]
+__all__ = [
+    "TRUSTED_PACKAGES",
+    "UntrustedConfigError",
+    "check_checkpoint_config",
+    "check_stored_config",
+    "foreign_names",
+    "plain_config",
+]
 
 #: The packages whose classes and functions a checkpoint's stored config may name unless the file is trusted.
 TRUSTED_PACKAGES = ("dip_lightning", "torch", "lightning")
 
 _DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 _CLASS_KEYS = ("class_path", "_class_path", "_instantiator")
+
+
+def plain_config(value: Any) -> Any:
+    """A stored config (dicts, jsonargparse Namespaces, lists, tuples) as plain nested dicts and lists."""
+    if hasattr(value, "as_dict") and callable(value.as_dict):
+        value = value.as_dict()
+    if isinstance(value, Mapping):
+        return {str(k): plain_config(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_config(v) for v in value]
+    return value
 
 
 class UntrustedConfigError(CheckpointError):
@@ -63,6 +81,11 @@ def _named_imports(value: Any, where: str) -> Iterator[tuple[str, str]]:
         yield where, value
 
 
+def foreign_names(config: Any, where: str = "") -> list[tuple[str, str]]:
+    """``(where, name)`` of every class or function a config names outside :data:`TRUSTED_PACKAGES`."""
+    return [(at, name) for at, name in _named_imports(config, where) if not _is_trusted(name)]
+
+
 def check_stored_config(
     hparams: Mapping[str, Any] | None, source: str | os.PathLike = "the checkpoint", trusted: bool = False
 ) -> None:
@@ -70,9 +93,7 @@ def check_stored_config(
     before anything of it is imported, unless ``trusted``."""
     if trusted or not hparams:
         return
-    foreign = [
-        (at, name) for at, name in _named_imports(hparams, "hyper_parameters") if not _is_trusted(name)
-    ]
+    foreign = foreign_names(hparams, "hyper_parameters")
     if foreign:
         at, name = foreign[0]
         more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""

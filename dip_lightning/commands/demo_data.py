@@ -8,18 +8,22 @@ from dip_lightning.commands import CommandParser
 from dip_lightning.core.data.demo_dataset import build_demo_dataset
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> CommandParser:
     p = CommandParser(
         "demo-data",
         description="Build the small class-conditional demo dataset from scikit-image's bundled photos.",
     )
-    p.add_argument("--out", default="data/demo", help="output folder (default data/demo)")
+    p.add_argument("--out", type=str, default="data/demo", help="output folder (default data/demo)")
     p.add_argument("--size", type=int, default=32, help="image size (default 32)")
     p.add_argument("--train_per_class", type=int, default=96, help="training crops per class (default 96)")
     p.add_argument("--val_per_class", type=int, default=16, help="validation crops per class (default 16)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         info = build_demo_dataset(
             args.out,

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
+from jsonargparse.typing import restricted_number_type
 
 from dip_lightning.checkpoint.format import reconstruction_checkpoint
 from dip_lightning.checkpoint.posthoc import reconstruct
@@ -14,6 +14,9 @@ from dip_lightning.commands import CommandParser
 from dip_lightning.core.atomic import atomic_write
 from dip_lightning.core.phema import MAX_STD
 
+#: A ``--std`` value: a power-function EMA's relative width lies in (0, MAX_STD).
+EMA_STD = restricted_number_type("EmaStd", float, [(">", 0.0), ("<", MAX_STD)])
+
 
 def build_parser() -> CommandParser:
     p = CommandParser(
@@ -21,32 +24,30 @@ def build_parser() -> CommandParser:
     )
     p.add_argument(
         "run_dir",
+        type=str,
         help=f"the run folder (snapshots in <run_dir>/{SNAPSHOT_FOLDER}) or the snapshot folder itself",
     )
     p.add_argument(
-        "--std", type=_std, required=True, help=f"relative width of the EMA, in (0, {MAX_STD:.3f})"
+        "--std", type=EMA_STD, required=True, help=f"relative width of the EMA, in (0, {MAX_STD:.3f})"
     )
     p.add_argument(
-        "--out", required=True, help="output checkpoint (.ckpt): sample, validate ... load it as itself"
+        "--out",
+        type=str,
+        required=True,
+        help="output checkpoint (.ckpt): sample, validate ... load it as itself",
     )
-    p.add_argument("--step", type=int, default=None, help="snapshot step to reconstruct at (default: latest)")
+    p.add_argument(
+        "--step", type=int | None, default=None, help="snapshot step to reconstruct at (default: latest)"
+    )
     p.add_argument(
         "--from_std",
         type=float,
-        action="append",
+        nargs="+",
         default=None,
-        help="use only these stored stds (repeatable)",
+        help="use only these stored stds",
     )
     p.add_argument("--overwrite", action="store_true")
     return p
-
-
-def _std(text: str) -> float:
-    """A ``--std`` value: a power-function EMA's relative width lies in (0, MAX_STD)."""
-    std = float(text)
-    if not 0.0 < std < MAX_STD:
-        raise argparse.ArgumentTypeError(f"a power-function EMA's std lies in (0, {MAX_STD:.4f}), got {std}")
-    return std
 
 
 def main(argv: list[str]) -> int:

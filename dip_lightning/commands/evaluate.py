@@ -50,25 +50,39 @@ def _add_extractor_args(parser: CommandParser) -> None:
     )
     parser.add_argument(
         "--extractor_path",
+        type=str | None,
         default=None,
         help=f"weights for --extractor torchscript ({EDM_INCEPTION_FILE}) or torchmetrics "
         f"({TORCHMETRICS_WEIGHTS_FILE})",
     )
     parser.add_argument(
         "--dinov2_weights",
+        type=str | None,
         default=None,
         help="local dinov2_vitl14_pretrain.pth for FD-DINOv2 (default: $DIP_DINOV2_WEIGHTS)",
     )
     parser.add_argument("--batch_size", type=int, default=64, help="images per forward pass (ADM: 64)")
     parser.add_argument(
-        "--device", default=None, help="default: this process's GPU when there is one, else cpu"
+        "--device",
+        type=str | None,
+        default=None,
+        help="default: this process's GPU when there is one, else cpu",
     )
 
 
 def checkpoint_patch_size(path: str | os.PathLike[str]) -> int:
-    """The DiT patch size a kit checkpoint was trained with (from its stored ``hyper_parameters``)."""
+    """The DiT patch size a kit checkpoint was trained with (from its stored ``hyper_parameters``), or a
+    pretrained folder's (its ``config.json``)."""
     from dip_lightning.checkpoint.io import CheckpointError, read_checkpoint
 
+    if Path(path).is_dir():
+        from dip_lightning.checkpoint.pretrained import read_pretrained_config
+
+        config = read_pretrained_config(path)
+        size = config.get("patch_size") or config["model"]["net"].get("init_args", {}).get("patch_size")
+        if size is None:
+            raise CheckpointError(f"{path}/config.json records no patch_size; pass --patch_size instead")
+        return int(size)
     checkpoint = read_checkpoint(path)
     hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, Mapping) else {}
     net = hparams.get("net") if isinstance(hparams, Mapping) else None
@@ -115,28 +129,38 @@ def build_parser() -> CommandParser:
         description="The ADM evaluator's metrics (FID, sFID, Inception Score, precision, recall), FD-DINOv2 "
         "and the patch-seam score of a sample npz against a reference.",
     )
-    parser.add_argument("samples", help="npz with generated uint8 images under arr_0 (N, H, W, 3)")
+    parser.add_argument("samples", type=str, help="npz with generated uint8 images under arr_0 (N, H, W, 3)")
     parser.add_argument(
         "reference",
+        type=str,
         help="image npz (arr_0), ADM reference batch (VIRTUAL_imagenet256_labeled.npz) or a fid-stats file",
     )
     parser.add_argument(
         "--metrics",
+        type=str,
         nargs="+",
         default=list(METRIC_NAMES),
         choices=list(METRIC_NAMES),
         help="metrics to compute (default: all)",
     )
-    parser.add_argument("--patch_size", type=int, default=None, help="DiT patch size for patch_seam")
-    parser.add_argument("--ckpt_path", default=None, help="read --patch_size from this kit checkpoint")
-    parser.add_argument("--json", default=None, help="write the results here (JSON)")
-    parser.add_argument("--limit", type=int, default=None, help="use at most this many samples")
+    parser.add_argument("--patch_size", type=int | None, default=None, help="DiT patch size for patch_seam")
+    parser.add_argument(
+        "--ckpt_path",
+        type=str | None,
+        default=None,
+        help="read --patch_size from this kit checkpoint or pretrained folder",
+    )
+    parser.add_argument("--json", type=str | None, default=None, help="write the results here (JSON)")
+    parser.add_argument("--limit", type=int | None, default=None, help="use at most this many samples")
     parser.add_argument(
         "--cache_dir",
+        type=str | None,
         default=None,
         help="feature cache (default: $DIP_METRICS_CACHE or ~/.cache/dip_lightning)",
     )
-    parser.add_argument("--no_cache", action="store_true", help="neither read nor write the feature cache")
+    parser.add_argument(
+        "--cache", type=bool, default=True, help="read and write the feature cache (--no_cache: neither)"
+    )
     _add_extractor_args(parser)
     return parser
 
@@ -183,7 +207,7 @@ def _evaluate(
         extractor=extractor,
         dinov2_weights=args.dinov2_weights,
         cache_dir=args.cache_dir,
-        use_cache=not args.no_cache,
+        use_cache=args.cache,
     )
     samples = npz_feature_set(
         args.samples,

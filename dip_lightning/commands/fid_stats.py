@@ -37,11 +37,21 @@ def build_parser() -> CommandParser:
         description="Reference file for evaluate and the metrics callback: Inception statistics (FID, sFID), "
         "per-image pool features (precision/recall), the seam profile and optional DINOv2 statistics.",
     )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--shards", help="WebDataset shard pattern, e.g. 'data/val-{000000..000049}.tar'")
-    source.add_argument("--images", help="npz with uint8 images under arr_0 (NHWC, the ADM sample layout)")
-    parser.add_argument("--out", required=True, help="output npz")
-    parser.add_argument("--limit", type=int, default=None, help="use at most this many images")
+    # One of the two, checked in _run (a mutually exclusive group would keep --print_config from printing).
+    parser.add_argument(
+        "--shards",
+        type=str | None,
+        default=None,
+        help="WebDataset shard pattern, e.g. 'data/val-{000000..000049}.tar'",
+    )
+    parser.add_argument(
+        "--images",
+        type=str | None,
+        default=None,
+        help="npz with uint8 images under arr_0 (NHWC, the ADM sample layout)",
+    )
+    parser.add_argument("--out", type=str, required=True, help="output npz")
+    parser.add_argument("--limit", type=int | None, default=None, help="use at most this many images")
     parser.add_argument(
         "--image_size",
         type=int,
@@ -64,7 +74,10 @@ def main(argv: list[str]) -> int:
 
 
 def _run(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.shards is None) == (args.images is None):
+        parser.error("give one of --shards and --images")
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")

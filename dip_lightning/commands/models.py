@@ -13,10 +13,17 @@ from dip_lightning.commands import CommandParser
 from dip_lightning.core.models.registry import create_model, list_models, model_summary
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> CommandParser:
     parser = CommandParser("models", description="Parameters and forward GMACs of a named model.")
-    parser.add_argument("name", help=f"one of: {', '.join(list_models())}")
-    parser.add_argument("--input_size", type=int, default=None, help="resolution (default: the model's)")
+    parser.add_argument("name", type=str, help=f"one of: {', '.join(list_models())}")
+    parser.add_argument(
+        "--input_size", type=int | None, default=None, help="resolution (default: the model's)"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         with torch.device("meta"):

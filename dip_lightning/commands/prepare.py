@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
+
+from jsonargparse.typing import PositiveInt
 
 from dip_lightning.commands import CommandParser
 from dip_lightning.core.data.prepare import prepare_split
@@ -12,22 +13,21 @@ from dip_lightning.core.data.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PI
 
 
 # ------------------------------------------------------------------------------------------ CLI
-def _at_least_one(text: str) -> int:
-    """An image limit: an integer >= 1 (a usage error otherwise, not a traceback from ImageLimits)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
-    return value
-
-
 def build_parser() -> CommandParser:
     p = CommandParser(
         "prepare",
         description="Turn an ImageFolder (or a flat folder + label file) into WebDataset tar shards.",
     )
-    p.add_argument("--src", required=True, help="ImageFolder root (one folder per class) or a flat folder")
-    p.add_argument("--out", default="data/shards", help="output folder (default: data/shards)")
-    p.add_argument("--split", help="shard name prefix (default: val for a val* src, else train)")
+    p.add_argument(
+        "--src", type=str, required=True, help="ImageFolder root (one folder per class) or a flat folder"
+    )
+    p.add_argument("--out", type=str, default="data/shards", help="output folder (default: data/shards)")
+    p.add_argument(
+        "--split",
+        type=str | None,
+        default=None,
+        help="shard name prefix (default: val for a val* src, else train)",
+    )
     p.add_argument("--size", type=int, default=256, help="output resolution (default 256)")
     p.add_argument("--format", choices=("png", "jpg", "orig"), default="png", help="storage (default png)")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality for --format jpg (default 95)")
@@ -37,19 +37,29 @@ def build_parser() -> CommandParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the global shuffle (default 0)")
     p.add_argument(
         "--max_pixels",
-        type=_at_least_one,
+        type=PositiveInt,  # an image limit: a usage error below 1, not a traceback from ImageLimits
         default=DEFAULT_MAX_PIXELS,
         help=f"skip (and list) images declaring more pixels, undecoded (default {DEFAULT_MAX_PIXELS})",
     )
     p.add_argument(
         "--max_image_bytes",
-        type=_at_least_one,
+        type=PositiveInt,
         default=DEFAULT_MAX_BYTES,
         help=f"skip (and list) files, or decoded images, larger than this (default {DEFAULT_MAX_BYTES})",
     )
-    p.add_argument("--labels", default=None, help="label file for a flat --src ('<file> <label>' per line)")
-    p.add_argument("--classes", default=None, help="class list (one name per line) fixing the label indices")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all usable cores)")
+    p.add_argument(
+        "--labels",
+        type=str | None,
+        default=None,
+        help="label file for a flat --src ('<file> <label>' per line)",
+    )
+    p.add_argument(
+        "--classes",
+        type=str | None,
+        default=None,
+        help="class list (one name per line) fixing the label indices",
+    )
+    p.add_argument("--workers", type=int | None, default=None, help="processes (default: all usable cores)")
     p.add_argument("--overwrite", action="store_true", help="delete this split's shards in --out first")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p

@@ -9,15 +9,22 @@ from dip_lightning.evaluation.report import write_report
 def build_parser() -> CommandParser:
     p = CommandParser("report", description=__doc__.split("\n\n")[0])
     p.add_argument(
-        "run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (trainer.default_root_dir of a fit)"
+        "run_dirs",
+        type=str,
+        nargs="+",
+        metavar="RUN_DIR",
+        help="run folders (trainer.default_root_dir of a fit)",
     )
-    p.add_argument("--out", required=True, help="folder for report.md and the PNG plots")
-    p.add_argument("--title", default="Run report", help="heading of report.md")
+    p.add_argument("--out", type=str, required=True, help="folder for report.md and the PNG plots")
+    p.add_argument("--title", type=str, default="Run report", help="heading of report.md")
     p.add_argument(
-        "--no_plots", dest="plots", action="store_false", help="the table only (no matplotlib needed)"
+        "--plots", type=bool, default=True, help="PNG plots (--no_plots: the table only, no matplotlib)"
     )
     p.add_argument(
-        "--no_tensorboard", dest="tensorboard", action="store_false", help="read the metric CSVs only"
+        "--tensorboard",
+        type=bool,
+        default=True,
+        help="read TensorBoard logs (--no_tensorboard: the metric CSVs only)",
     )
     return p
 

@@ -7,28 +7,40 @@ import time
 
 import torch
 
-from dip_lightning.checkpoint.format import ACCEPTED_FORMS, DEFAULT_WEIGHTS
-from dip_lightning.commands import CommandParser, weight_request
+from dip_lightning.checkpoint.format import ACCEPTED_FORMS, DEFAULT_WEIGHTS, WeightRequest
+from dip_lightning.commands import CommandParser
 from dip_lightning.core.diffusion import SAMPLER_OVERRIDES, sampler_overrides
 from dip_lightning.core.distributed import launch_place
+from dip_lightning.core.errors import ConfigError
 from dip_lightning.evaluation.export import export_samples
+from dip_lightning.training.autoguidance import load_guide
 from dip_lightning.training.loading import load_module
 from dip_lightning.training.module import COMPILE_MODES
 
 
 def build_parser() -> CommandParser:
     p = CommandParser("sample", description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt_path", required=True, help="checkpoint (Lightning .ckpt) to sample from")
     p.add_argument(
-        "--config", action="append", default=None, help="experiment YAML(s), for configless checkpoints"
+        "--ckpt_path",
+        type=str,
+        required=True,
+        help="checkpoint (Lightning .ckpt) or pretrained folder (export) to sample from",
     )
-    p.add_argument("--out", required=True, help="output .npz (ADM evaluator format)")
+    p.add_argument(
+        "--experiment",
+        type=str,
+        nargs="+",
+        default=None,
+        help="experiment YAML(s) or shipped recipe names the network is built from instead of the checkpoint's "
+        "stored config (configless checkpoints): the experiment, then its overlays",
+    )
+    p.add_argument("--out", type=str, required=True, help="output .npz (ADM evaluator format)")
     p.add_argument("--num_samples", type=int, default=50_000)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--chunk_size", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--no_balanced", dest="balanced", action="store_false", help="random labels instead of i %% C"
+        "--balanced", type=bool, default=True, help="labels i mod C (--no_balanced: random labels)"
     )
     from dip_lightning.core import diffusion
 
@@ -41,25 +53,39 @@ def build_parser() -> CommandParser:
         choices=list(diffusion.SAMPLERS),
         default=None,
         help=f"integrator (default: the checkpoint's model.sampler), keeping its grid and guidance: {listed}. "
-        "Their own options (SDE w_schedule, Heun guidance_rule ...) come from YAML: --config with "
+        "Their own options (SDE w_schedule, Heun guidance_rule ...) come from YAML: --experiment with "
         "model.sampler.class_path / init_args",
     )
-    p.add_argument("--num_steps", type=int, default=None)
-    p.add_argument("--cfg_scale", type=float, default=None)
+    p.add_argument("--num_steps", type=int | None, default=None)
+    p.add_argument("--cfg_scale", type=float | None, default=None)
     p.add_argument("--cfg_interval", type=float, nargs=2, default=None, metavar=("T_MIN", "T_MAX"))
     p.add_argument(
         "--weights",
-        type=weight_request,
-        default=DEFAULT_WEIGHTS,
-        metavar="WEIGHTS",
+        type=WeightRequest | None,
+        default=None,
         help=f"which weights of the checkpoint: {ACCEPTED_FORMS} (default: ema)",
+    )
+    p.add_argument(
+        "--guide",
+        type=str | None,
+        default=None,
+        help="autoguidance: a guide checkpoint or pretrained folder (a smaller or earlier DiP of the same image "
+        "size, patch size and classes) in place of the unconditional branch; --cfg_scale is its weight",
+    )
+    p.add_argument(
+        "--guide_weights",
+        type=WeightRequest | None,
+        default=None,
+        help=f"which weights of the guide checkpoint: {ACCEPTED_FORMS} (default: ema)",
     )
     p.add_argument(
         "--trust_pickle",
         action="store_true",
         help="allow a checkpoint with pickled Python objects besides tensors (trusted files only)",
     )
-    p.add_argument("--device", default=None, help="default: cuda:<local rank> when available, else cpu")
+    p.add_argument(
+        "--device", type=str | None, default=None, help="default: cuda:<local rank> when available, else cpu"
+    )
     p.add_argument("--overwrite", action="store_true")
     p.add_argument(
         "--compile",
@@ -77,7 +103,19 @@ def main(argv: list[str]) -> int:
     place = launch_place()
     rank, world_size = place.rank, place.world_size
     device = args.device or (f"cuda:{place.local_rank}" if torch.cuda.is_available() else "cpu")
-    module = load_module(args.ckpt_path, args.config, weights=args.weights, trust_pickle=args.trust_pickle)
+    module = load_module(
+        args.ckpt_path,
+        args.experiment,
+        weights=args.weights or DEFAULT_WEIGHTS,
+        trust_pickle=args.trust_pickle,
+    )
+    guide = None
+    if args.guide is not None:
+        guide = load_guide(
+            args.guide, module, weights=args.guide_weights or DEFAULT_WEIGHTS, trust_pickle=args.trust_pickle
+        )
+    elif args.guide_weights is not None:
+        raise ConfigError("--guide_weights chooses the weights of --guide: pass --guide too, or drop it")
     if args.compile:
         module.compile_network(args.compile, dynamic=False)
     overrides = sampler_overrides(**{name: getattr(args, name) for name in SAMPLER_OVERRIDES})
@@ -103,6 +141,7 @@ def main(argv: list[str]) -> int:
         world_size=world_size,
         device=device,
         overwrite=args.overwrite,
+        guide=guide,
         **({} if sampler is not None else overrides),
     )
     if result is not None:

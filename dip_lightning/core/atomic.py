@@ -21,7 +21,14 @@ from typing import IO, Any
 
 from dip_lightning.core.errors import NoSpaceLeftError, exception_chain
 
-__all__ = ["atomic_write", "atomic_write_json", "fsync_dir", "leftover_temp_files", "write_or_compare_json"]
+__all__ = [
+    "atomic_write",
+    "atomic_write_json",
+    "fsync_dir",
+    "leftover_temp_files",
+    "write_once",
+    "write_or_compare_json",
+]
 
 
 def fsync_dir(folder: str | os.PathLike[str]) -> None:
@@ -121,3 +128,35 @@ def write_or_compare_json(path: str | os.PathLike[str], record: dict[str, Any]) 
         return []
     found = json.loads(path.read_text())
     return sorted(k for k in set(found) | set(record) if found.get(k) != record.get(k))
+
+
+def write_once(path: str | os.PathLike[str], text: str) -> str:
+    """Create ``path`` holding ``text`` unless it exists; returns the file's text either way (the first writer's).
+
+    The complete file is hard-linked into place, which fails when the name is taken: processes that start
+    together all get the same text, and none sees a half-written file.
+    """
+    target = Path(path)
+    if target.exists():  # the usual case, also in a folder this process may not write
+        return target.read_text(encoding="utf-8")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(target.parent, target.name)
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.link(tmp, target)
+    except FileExistsError:
+        pass  # another process was first
+    except OSError as err:
+        if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EOPNOTSUPP):
+            raise
+        # A filesystem without hard links: a refused overwrite (racy only against a simultaneous start).
+        with contextlib.suppress(FileExistsError), atomic_write(target, "w", overwrite=False) as handle:
+            handle.write(text)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    fsync_dir(target.parent)
+    return target.read_text(encoding="utf-8")

@@ -20,6 +20,8 @@ internal                                    why the kit needs it
 ``NoTrainInceptionV3._torch_fidelity_forward``  features and logits in one pass (torchmetrics' Inception)
 ``Optimizer._step_supports_amp_scaling`` /      the non-finite guard skips an update on the device through
 ``.found_inf`` / ``.grad_scale``                torch's fused kernels (GradScaler's protocol)
+``fit_loop._combined_loader``               forgotten after a loss-spike rollback, so the next ``fit`` builds
+                                            the training loader again at the restored data position
 ``_SubprocessScriptLauncher.procs``         the ranks Lightning's launcher started, ended when rank 0 fails;
 (the list its child observer watches)       emptied first, so the observer does not SIGKILL rank 0 as well
 ==========================================  ================================================================
@@ -36,6 +38,7 @@ __all__ = [
     "average_model",
     "batches_in_flight",
     "cluster_environment",
+    "forget_training_loader",
     "given_hyperparameters",
     "skip_sigterm_broadcast",
     "sigterm_broadcast_skipped",
@@ -95,6 +98,12 @@ def batches_in_flight(trainer: Any) -> int:
     """Training batches fetched whose step has not finished (0 or 1)."""
     progress = trainer.fit_loop.epoch_loop.batch_progress.current
     return max(0, progress.ready - progress.processed)
+
+
+def forget_training_loader(trainer: Any) -> None:
+    """Drop the training loader a finished ``fit`` keeps: otherwise the next ``fit`` on this Trainer reuses it and
+    skips restoring the data position of the checkpoint it resumes from."""
+    trainer.fit_loop._combined_loader = None
 
 
 def stop_launched_processes(trainer: Any) -> bool:

@@ -58,10 +58,18 @@ class ExportMismatchError(KitError, RuntimeError):
 
 
 def _job_record(
-    module: Any, num_samples: int, chunk_size: int, seed: int, balanced: bool, overrides: dict[str, Any]
+    module: Any,
+    num_samples: int,
+    chunk_size: int,
+    seed: int,
+    balanced: bool,
+    overrides: dict[str, Any],
+    guide: Any = None,
 ) -> dict[str, Any]:
     """What makes the chunks of an export interchangeable: its settings and the weights they are made with."""
     make_sampler = getattr(module, "make_sampler", None)
+    # Only an export with a guide records one, so the records of earlier exports stay valid.
+    guided = {} if guide is None else {"guide_weights_sha256": weights_fingerprint(guide)}
     return {
         "num_samples": num_samples,
         "chunk_size": chunk_size,
@@ -75,6 +83,7 @@ def _job_record(
         # Which weights of the checkpoint (which EMA decay, raw, post-hoc): chunks of two sets never mix.
         "weights": getattr(module, "loaded_weights", None),
         "weights_sha256": weights_fingerprint(module),
+        **guided,
     }
 
 
@@ -89,14 +98,21 @@ def _check_job(parts: Path, job: dict[str, Any]) -> None:
 
 
 def _generate_chunk(
-    module: Any, indices: np.ndarray, batch_size: int, seed: int, balanced: bool, overrides: dict[str, Any]
+    module: Any,
+    indices: np.ndarray,
+    batch_size: int,
+    seed: int,
+    balanced: bool,
+    overrides: dict[str, Any],
+    guide: Any = None,
 ) -> dict[str, np.ndarray]:
     """The images of sample ``indices`` with their labels: what one chunk file holds."""
     labels, seeds = sample_labels_and_seeds(indices, module.num_classes, seed, balanced)
     images = []
     for b in range(0, len(indices), batch_size):
         y = torch.from_numpy(labels[b : b + batch_size])
-        x = module.generate(y, torch.from_numpy(seeds[b : b + batch_size]), **overrides)
+        guided = {} if guide is None else {"guide": guide}
+        x = module.generate(y, torch.from_numpy(seeds[b : b + batch_size]), **guided, **overrides)
         # The project's uint8 convention (as grids, FID, predict): an index gives the same pixels.
         images.append(to_uint8(x).permute(0, 2, 3, 1).cpu().numpy())
     return {"images": np.concatenate(images), "labels": labels, "indices": indices}
@@ -139,6 +155,7 @@ def export_samples(
     overwrite: bool = False,  # replace an existing ``out``
     max_chunks: int | None = None,  # stop after this many new chunks (tests simulate a killed export)
     wait_timeout: float = 3600.0,  # seconds rank 0 waits for the other processes' chunks
+    guide: Any = None,  # autoguidance: a guide DiPModule (``cfg_scale`` is then its weight)
     **sampler_overrides: Any,  # settings of :data:`~dip_lightning.core.diffusion.SAMPLER_OVERRIDES`
 ) -> Path | None:
     """Generate ``num_samples`` images into ``out`` (ADM npz). Returns the path once complete, else None."""
@@ -149,7 +166,7 @@ def export_samples(
     parts.mkdir(parents=True, exist_ok=True)
     num_chunks = -(-num_samples // chunk_size)
     module = module.to(device).eval()
-    _check_job(parts, _job_record(module, num_samples, chunk_size, seed, balanced, sampler_overrides))
+    _check_job(parts, _job_record(module, num_samples, chunk_size, seed, balanced, sampler_overrides, guide))
     done_now = 0
     for chunk in range(rank, num_chunks, world_size):
         path = chunk_path(parts, chunk)
@@ -159,7 +176,8 @@ def export_samples(
             return None
         chunk_start = time.perf_counter()
         indices = np.arange(chunk * chunk_size, min((chunk + 1) * chunk_size, num_samples), dtype=np.int64)
-        _save_npz(path, **_generate_chunk(module, indices, batch_size, seed, balanced, sampler_overrides))
+        images = _generate_chunk(module, indices, batch_size, seed, balanced, sampler_overrides, guide)
+        _save_npz(path, **images)
         done_now += 1
         seconds = time.perf_counter() - chunk_start
         print(

@@ -1,8 +1,9 @@
 """Put training runs side by side: one table row per run (``report.md``) and one plot per metric against the
 training step.
 
-A run folder is read as ``fit`` left it (the recorded configs, ``config.yaml``, ``eval_metrics.csv``, TensorBoard
-``val/*`` scalars, its checkpoints); :class:`RunSummary` says where each column comes from. Tables and plots are
+A run folder is read as ``fit`` left it, whichever loggers it had (the recorded configs, ``config.yaml``,
+``eval_metrics.csv``, the ``val/*`` scalars of TensorBoard events or a CSVLogger's files in the log folder, its
+checkpoints); :class:`RunSummary` says where each column comes from. Tables and plots are
 drawn by :mod:`dip_lightning.evaluation.tables`; without plots no matplotlib is needed.
 """
 
@@ -23,6 +24,7 @@ import yaml
 
 from dip_lightning.checkpoint.run_folder import (
     CONFIG_RECORD,
+    CSV_LOGGER_METRICS,
     EVAL_METRICS_CSV,
     EXPERIMENT_RECORD,
     LOG_VERSION,
@@ -48,6 +50,7 @@ __all__ = [
     "RunSummary",
     "best_point",
     "paper_row",
+    "read_csv_logger_scalars",
     "read_metric_csv",
     "read_tensorboard_scalars",
     "render_report",
@@ -164,6 +167,30 @@ def read_tensorboard_scalars(
         tag: MetricSeries.from_points(tag, [(s, v) for _, s, v in sorted(p, key=lambda x: x[0])])
         for tag, p in points.items()
     }
+
+
+def read_csv_logger_scalars(
+    folder: str | os.PathLike, prefix: str = TENSORBOARD_PREFIX
+) -> dict[str, MetricSeries]:
+    """Scalars under ``prefix`` of a CSVLogger's files in ``folder``: ``metrics.csv`` and the earlier jobs'
+    ``metrics-<time>.csv``, oldest first (a step written twice keeps the later write), by column without the
+    prefix."""
+    folder = Path(folder)
+    stem, suffix = os.path.splitext(CSV_LOGGER_METRICS)
+    files = sorted(folder.glob(f"{stem}-*{suffix}"), key=lambda p: p.stat().st_mtime)
+    files += [folder / CSV_LOGGER_METRICS] if (folder / CSV_LOGGER_METRICS).is_file() else []
+    points: dict[str, list[tuple[int, float]]] = {}
+    for path in files:
+        with open(path, newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                step = _float_or_none(row.get("step"))
+                if step is None:
+                    continue
+                for column, text in row.items():
+                    value = _float_or_none(text) if column and column.startswith(prefix) else None
+                    if value is not None:
+                        points.setdefault(column[len(prefix) :], []).append((int(step), value))
+    return {name: MetricSeries.from_points(name, p) for name, p in points.items()}
 
 
 # ------------------------------------------------------------------------------------------------ configs
@@ -297,8 +324,8 @@ def _read_experiment(path: Path) -> tuple[list[str], str | None]:
 def _read_metrics(
     artefacts: Path, tensorboard: bool
 ) -> tuple[dict[str, MetricSeries], dict[int, int], list[str]]:
-    """The run's metric series (``eval_metrics.csv``, then the TensorBoard scalars it lacks), its images seen by
-    step, and the sources read."""
+    """The run's metric series (``eval_metrics.csv``, then the TensorBoard and CSVLogger scalars it lacks), its
+    images seen by step, and the sources read."""
     metrics: dict[str, MetricSeries] = {}
     images_seen: dict[int, int] = {}
     sources: list[str] = []
@@ -310,6 +337,12 @@ def _read_metrics(
         metrics.update(added)
         if added:
             sources.append("tensorboard " + ", ".join(f"{TENSORBOARD_PREFIX}{k}" for k in sorted(added)))
+    added = {k: v for k, v in read_csv_logger_scalars(artefacts).items() if k not in metrics}
+    metrics.update(added)
+    if added:
+        sources.append(
+            CSV_LOGGER_METRICS + " " + ", ".join(f"{TENSORBOARD_PREFIX}{k}" for k in sorted(added))
+        )
     return metrics, images_seen, sources
 
 

@@ -1,4 +1,4 @@
-"""Evaluate one checkpoint over a grid of sampling settings: weights x guidance (scale, interval) x steps.
+"""Evaluate one checkpoint over a grid of sampling settings: weights x guide x guidance (scale, interval) x steps.
 
 Each combination is a :class:`Cell`; a setting it does not give keeps the checkpoint's. A cell exports its images
 (:func:`~dip_lightning.evaluation.export.export_samples`) and rank 0 scores them against one reference. The
@@ -10,6 +10,7 @@ in ``sweep.csv``, ``sweep.md`` and a plot against the guidance scale, with the s
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import itertools
 import json
@@ -27,7 +28,7 @@ import torch
 from dip_lightning.checkpoint.format import DEFAULT_WEIGHTS, WeightRequest, select_weights, weights_label
 from dip_lightning.checkpoint.io import read_checkpoint
 from dip_lightning.core.atomic import atomic_write, atomic_write_json, write_or_compare_json
-from dip_lightning.core.diffusion import SAMPLER_OVERRIDES, sampler_overrides
+from dip_lightning.core.diffusion import SAMPLER_OVERRIDES, check_guide, sampler_overrides
 from dip_lightning.core.distributed import launch_place
 from dip_lightning.core.errors import KitError
 from dip_lightning.core.metrics.reference import check_reference_file
@@ -40,12 +41,17 @@ from dip_lightning.evaluation.tables import (
     plot_series,
     require_matplotlib,
 )
+from dip_lightning.training.autoguidance import load_guide
 from dip_lightning.training.loading import load_module
 
 __all__ = ["Cell", "SweepError", "grid_cells", "run_sweep", "write_summary"]
 
-#: The settings of a cell, one CSV column each; ``weights`` is what was loaded, in words (``weights_label``).
-SETTING_COLUMNS = ("weights", "cfg_scale", "cfg_interval", "num_steps")
+#: The settings of a cell, one CSV column each; ``weights`` is what was loaded, in words (``weights_label``);
+#: ``guide`` the autoguidance guide (``none``: classifier-free guidance).
+SETTING_COLUMNS = ("weights", "guide", "cfg_scale", "cfg_interval", "num_steps")
+
+#: The ``--guide`` value of the classifier-free (unconditional) branch, i.e. no guide network.
+NO_GUIDE = "none"
 
 
 class SweepError(KitError, ValueError):
@@ -60,17 +66,24 @@ class Cell:
     cfg_scale: float | None = None
     cfg_interval: tuple[float, float] | None = None
     num_steps: int | None = None
+    guide: str | None = None  # autoguidance: the guide's checkpoint or folder; None: classifier-free guidance
 
     @property
     def name(self) -> str:
-        """The cell's folder name, e.g. ``ema0.9999_cfg1.5_interval0.1-1.0_steps50`` (``ema``: the default)."""
+        """The cell's folder name, e.g. ``ema0.9999_cfg1.5_interval0.1-1.0_steps50`` (``ema``: the default);
+        a guided cell ends in ``_guide-<file stem>-<hash of its resolved path>``."""
 
         def text(value: Any) -> str:
             return "default" if value is None else str(value)
 
         interval = "default" if self.cfg_interval is None else "-".join(str(v) for v in self.cfg_interval)
         weights = str(self.weights).replace(":", "")
-        return f"{weights}_cfg{text(self.cfg_scale)}_interval{interval}_steps{text(self.num_steps)}"
+        name = f"{weights}_cfg{text(self.cfg_scale)}_interval{interval}_steps{text(self.num_steps)}"
+        if self.guide is None:
+            return name
+        resolved = str(Path(self.guide).resolve())
+        digest = hashlib.sha256(resolved.encode()).hexdigest()[:8]
+        return f"{name}_guide-{Path(resolved).stem}-{digest}"
 
     def sampler_overrides(self) -> dict[str, Any]:
         """The cell's sampler settings that replace the checkpoint's (:func:`sampler_overrides`)."""
@@ -82,10 +95,14 @@ def grid_cells(
     cfg_scale: Sequence[float] | None = None,
     cfg_interval: Sequence[tuple[float, float]] | None = None,
     num_steps: Sequence[int] | None = None,
+    guide: Sequence[str | None] | None = None,
 ) -> list[Cell]:
-    """Every combination, weights outermost (one load per set), guidance scale innermost."""
+    """Every combination, weights outermost (one load per set), then the guide (``none``/None: CFG), guidance
+    scale innermost."""
+    guides = [None if g in (None, NO_GUIDE) else g for g in (guide or [None])]
     axes = [
         list(weights or [DEFAULT_WEIGHTS]),
+        guides,
         list(cfg_interval or [None]),
         list(num_steps or [None]),
         list(cfg_scale or [None]),
@@ -94,8 +111,8 @@ def grid_cells(
         if len(set(values)) != len(values):
             raise SweepError(f"a setting is listed twice: {values}")
     return [
-        Cell(weights=e, cfg_scale=w, cfg_interval=tuple(i) if i is not None else None, num_steps=s)
-        for e, i, s, w in itertools.product(*axes)
+        Cell(weights=e, cfg_scale=w, cfg_interval=tuple(i) if i is not None else None, num_steps=s, guide=g)
+        for e, g, i, s, w in itertools.product(*axes)
     ]
 
 
@@ -107,15 +124,24 @@ def _check_or_write(path: Path, record: dict[str, Any], what: str, fix: str) -> 
         raise SweepError(f"{path} records {what} with other {', '.join(differ)}; {fix} (nothing was changed)")
 
 
-def _effective_settings(module: Any, cell: Cell) -> dict[str, Any]:
-    """What the cell really samples with: the sampler's fields after the overrides, and the weights."""
+def _effective_settings(module: Any, cell: Cell, guide: Any = None) -> dict[str, Any]:
+    """What the cell really samples with: the sampler's fields after the overrides, the weights and the guide
+    (recorded only for a guided cell, so the records of earlier sweeps stay valid)."""
     sampler = module.make_sampler(**cell.sampler_overrides())
+    guided = {}
+    if cell.guide is not None:
+        guided = {
+            "guide": cell.guide,
+            "guide_weights": str(getattr(guide, "loaded_weights", "")),
+            "guide_weights_sha256": guide.weights_sha256,
+        }
     return {
         "weights": str(getattr(module, "loaded_weights", "")),
         "cfg_scale": float(sampler.cfg_scale),
         "cfg_interval": [float(v) for v in sampler.cfg_interval],
         "num_steps": int(sampler.num_steps),
         "sampler": repr(sampler),
+        **guided,
     }
 
 
@@ -142,7 +168,9 @@ def _score(
     return metrics, unavailable
 
 
-def _generate(module: Any, cell: Cell, samples: Path, args: Any, rank: int, world_size: int) -> bool:
+def _generate(
+    module: Any, cell: Cell, samples: Path, args: Any, rank: int, world_size: int, guide: Any = None
+) -> bool:
     """Export the cell's images to ``samples`` (this rank's chunks); whether they are all there."""
     made = export_samples(
         module,
@@ -155,6 +183,7 @@ def _generate(module: Any, cell: Cell, samples: Path, args: Any, rank: int, worl
         world_size=world_size,
         device=args.device,
         wait_timeout=args.wait_timeout,
+        guide=guide,
         **cell.sampler_overrides(),
     )
     if made is None and rank == 0:
@@ -174,12 +203,13 @@ def _remove_samples(samples: Path, keep: bool) -> None:
 
 
 def run_cell(
-    module: Any, cell: Cell, out: Path, args: Any, rank: int, world_size: int
+    module: Any, cell: Cell, out: Path, args: Any, rank: int, world_size: int, guide: Any = None
 ) -> dict[str, Any] | None:
-    """Generate and score one cell (resumable); its result on rank 0, None on other ranks or when unfinished."""
+    """Generate and score one cell (resumable); its result on rank 0, None on other ranks or when unfinished.
+    ``guide``: the loaded guide of a guided cell."""
     folder = out / "cells" / cell.name
     folder.mkdir(parents=True, exist_ok=True)
-    settings = _effective_settings(module, cell)
+    settings = _effective_settings(module, cell, guide)
     _check_or_write(
         folder / "cell.json",
         {"settings": settings, "weights_sha256": module.weights_sha256},
@@ -191,7 +221,7 @@ def run_cell(
         return json.loads(result_path.read_text()) if rank == 0 else None
     samples = folder / "samples.npz"
     start = time.perf_counter()
-    if not samples.exists() and not _generate(module, cell, samples, args, rank, world_size):
+    if not samples.exists() and not _generate(module, cell, samples, args, rank, world_size, guide):
         return None
     if rank != 0:
         return None
@@ -226,6 +256,13 @@ def _setting_text(value: Any) -> str:
     return str(value)
 
 
+def _setting(result: dict[str, Any], column: str) -> str:
+    """A cell's setting in words; a result without a guide (CFG, or an earlier sweep's) reads ``none``."""
+    if column == "guide":
+        return str(result.get("guide") or NO_GUIDE)
+    return _setting_text(result[column])
+
+
 def _csv_text(results: Sequence[dict[str, Any]], metrics: Sequence[str]) -> str:
     """``sweep.csv``: one row a cell, its settings, its metrics (full precision, empty when not computed)."""
     buffer = io.StringIO()
@@ -235,7 +272,7 @@ def _csv_text(results: Sequence[dict[str, Any]], metrics: Sequence[str]) -> str:
         values = [r["metrics"].get(m) for m in metrics]
         writer.writerow(
             [
-                *(_setting_text(r[c]) for c in SETTING_COLUMNS),
+                *(_setting(r, c) for c in SETTING_COLUMNS),
                 *("" if v is None else repr(float(v)) for v in values),
                 r["num_samples"],
             ]
@@ -247,7 +284,7 @@ def _markdown_lines(results: Sequence[dict[str, Any]], metrics: Sequence[str]) -
     """``sweep.md`` without its plot: the table of the cells and the best cell of each metric."""
     rows = [
         [
-            *(_setting_text(r[c]) for c in SETTING_COLUMNS),
+            *(_setting(r, c) for c in SETTING_COLUMNS),
             *(format_number(r["metrics"].get(m)) for m in metrics),
         ]
         for r in results
@@ -258,7 +295,7 @@ def _markdown_lines(results: Sequence[dict[str, Any]], metrics: Sequence[str]) -
         best = best_of(scored, m, lambda r, m=m: r["metrics"][m])
         if best is None:
             continue
-        where = ", ".join(f"{c} {_setting_text(best[c])}" for c in SETTING_COLUMNS)
+        where = ", ".join(f"{c} {_setting(best, c)}" for c in SETTING_COLUMNS)
         lines.append(f"- best {m}: {format_number(best['metrics'][m])} at {where}")
     if results:
         lines += ["", f"{results[0]['num_samples']} samples per cell."]
@@ -271,13 +308,15 @@ def _guidance_curves(
     """``metric`` against the guidance scale, one curve for each value of the other settings that vary."""
     curves: dict[str, tuple[list[float], list[float]]] = {}
     varying = [
-        c for c in ("weights", "cfg_interval", "num_steps") if len({_setting_text(r[c]) for r in results}) > 1
+        c
+        for c in ("weights", "guide", "cfg_interval", "num_steps")
+        if len({_setting(r, c) for r in results}) > 1
     ]
     for r in sorted(results, key=lambda r: r["cfg_scale"]):
         value = r["metrics"].get(metric)
         if value is None:
             continue
-        label = ", ".join(f"{c} {_setting_text(r[c])}" for c in (varying or ["weights"]))
+        label = ", ".join(f"{c} {_setting(r, c)}" for c in (varying or ["weights"]))
         xs, ys = curves.setdefault(label, ([], []))
         xs.append(r["cfg_scale"])
         ys.append(value)
@@ -318,12 +357,14 @@ def _sweep_record(args: Any) -> dict[str, Any]:
     """What the cells of one sweep folder share: the checkpoint, the reference and the scoring settings."""
     return {
         "ckpt_path": str(Path(args.ckpt_path).resolve()),
-        "config": args.config,
+        "config": args.experiment,  # the experiment YAMLs; the key older sweep folders recorded
         "reference": str(Path(args.reference).resolve()),
         "num_samples": args.num_samples,
         "seed": args.seed,
         "metrics": sorted(args.metrics) if args.metrics else None,
         "patch_size": args.patch_size,
+        # Only a sweep with guides records their weights, so the records of earlier sweeps stay valid.
+        **({"guide_weights": str(args.guide_weights)} if getattr(args, "guide_weights", None) else {}),
     }
 
 
@@ -342,6 +383,17 @@ def _check_weight_requests(args: Any, cells: Sequence[Cell]) -> None:
         )
 
 
+def _load_guides(args: Any, cells: Sequence[Cell]) -> dict[str, Any]:
+    """The guides the cells name, each loaded once (``--guide_weights`` of each), on the sweep's device."""
+    guides: dict[str, Any] = {}
+    for path in dict.fromkeys(c.guide for c in cells if c.guide is not None):
+        request = getattr(args, "guide_weights", None) or DEFAULT_WEIGHTS
+        guide = load_guide(path, weights=request, trust_pickle=args.trust_pickle).to(args.device)
+        guide.weights_sha256 = weights_fingerprint(guide)
+        guides[path] = guide
+    return guides
+
+
 def run_sweep(args: Any) -> list[dict[str, Any]] | None:
     """Run every cell of the grid ``args`` describe; rank 0 returns the results (and writes the summary)."""
     place = launch_place()
@@ -349,7 +401,9 @@ def run_sweep(args: Any) -> list[dict[str, Any]] | None:
     if args.device is None:
         args.device = f"cuda:{place.local_rank}" if torch.cuda.is_available() else "cpu"
     out = Path(args.out)
-    cells = grid_cells(args.weights, args.cfg_scale, args.cfg_interval, args.num_steps)
+    cells = grid_cells(
+        args.weights, args.cfg_scale, args.cfg_interval, args.num_steps, getattr(args, "guide", None)
+    )
     if not Path(args.reference).is_file():
         raise SweepError(
             f"--reference {args.reference}: no such file (an image npz, an ADM reference batch or kit statistics)"
@@ -362,13 +416,16 @@ def run_sweep(args: Any) -> list[dict[str, Any]] | None:
         out / "sweep.json", _sweep_record(args), "a sweep", "choose another --out for these settings"
     )
     _check_weight_requests(args, cells)
+    guides = _load_guides(args, cells)
     results = []
     for request, group in itertools.groupby(cells, key=lambda c: c.weights):
-        module = load_module(args.ckpt_path, args.config, weights=request, trust_pickle=args.trust_pickle)
+        module = load_module(args.ckpt_path, args.experiment, weights=request, trust_pickle=args.trust_pickle)
         module = module.to(args.device).eval()
         module.weights_sha256 = weights_fingerprint(module)
+        for path, guide in guides.items():  # every guide fits, before the first cell samples
+            check_guide(module, guide, path)
         for cell in group:
-            result = run_cell(module, cell, out, args, rank, world_size)
+            result = run_cell(module, cell, out, args, rank, world_size, guides.get(cell.guide))
             if result is not None:
                 results.append(result)
         del module

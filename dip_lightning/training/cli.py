@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jsonargparse.typing import PositiveFloat, register_type
+from jsonargparse import ActionYesNo
+from jsonargparse.typing import PositiveFloat
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, Timer
@@ -41,7 +42,6 @@ from dip_lightning.checkpoint.run_folder import (
     CONFIG_RECORD,
     DEFAULT_RUN_DIR,
     EXPERIMENT_RECORD,
-    LOG_VERSION,
     STEP_FILENAME,
     artefact_dir,
     checkpoint_dir,
@@ -51,16 +51,17 @@ from dip_lightning.checkpoint.stored_config import check_checkpoint_config
 from dip_lightning.core.atomic import atomic_write_json
 from dip_lightning.core.distributed import launch_place
 from dip_lightning.core.errors import ConfigError, KitError, exception_chain
+from dip_lightning.core.recipes import with_recipe_paths
 from dip_lightning.training.callbacks.launched_ranks import StopLaunchedRanks
+from dip_lightning.training.callbacks.loss_spike import fit_with_rollbacks
+from dip_lightning.training.callbacks.monitor import TrainingMonitor
 from dip_lightning.training.callbacks.preemption import PerJobTimer, PreemptionGuard
 from dip_lightning.training.callbacks.progress import RichProgress
 from dip_lightning.training.init_from import init_from_checkpoint
+from dip_lightning.training.loggers import RecordLoggerRuns, keep_csv_metrics, place_loggers
 
 # Importing the module also enables sampler subclasses in YAML (see dip_lightning.training.module).
 from dip_lightning.training.module import DiPModule
-
-# `--weights ema:0.9996` on the command line and in YAML, parsed by the one syntax of the checkpoint format.
-register_type(WeightRequest, serializer=str, deserializer=WeightRequest.parse)
 
 
 def _as_list(value: Any) -> list:
@@ -74,6 +75,13 @@ MODEL_TO_DATA = {
     "model.net.init_args.num_classes": "data.init_args.num_classes",
     "model.net.init_args.input_size": "data.init_args.image_size",
 }
+
+
+#: The network's patch size, linked into the REPA encoder's (which must give one feature per DiT token).
+PATCH_SIZE_TO_REPA = (
+    "model.net.init_args.patch_size",
+    "model.repa.init_args.encoder.init_args.dit_patch_size",
+)
 
 
 def config_sources(config: Any) -> list[dict[str, str]]:
@@ -99,7 +107,8 @@ def config_sources(config: Any) -> list[dict[str, str]]:
 
 class RecordingSaveConfig(SaveConfigCallback):
     """LightningCLI's ``config.yaml`` writer, plus ``experiment.json`` beside it (rank 0, atomic, rewritten by
-    each job as ``config.yaml`` is): the ``--config`` files with their text and the command line.
+    each job as ``config.yaml`` is): the ``--config`` files with their text and the command line. Both go to the
+    run's log folder whatever the loggers (:func:`~dip_lightning.checkpoint.run_folder.artefact_dir`).
 
     The parsed ``config.yaml`` holds every value but not which experiment file and overlays produced them, nor
     their comments (a ``# Reproduces:`` line); reports need both.
@@ -110,8 +119,18 @@ class RecordingSaveConfig(SaveConfigCallback):
         self.argv = list(argv) if argv is not None else None
 
     def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        # Into the run's log folder, not LightningCLI's trainer.log_dir (that follows the first logger).
+        folder = artefact_dir(trainer)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.parser.save(
+            self.config,
+            folder / self.config_filename,
+            skip_none=False,
+            overwrite=True,
+            multifile=self.multifile,
+        )
         record = {"configs": config_sources(self.config), "argv": self.argv}
-        atomic_write_json(artefact_dir(trainer) / EXPERIMENT_RECORD, record)
+        atomic_write_json(folder / EXPERIMENT_RECORD, record)
 
 
 def refusal_reasons(err: BaseException) -> str:
@@ -142,7 +161,12 @@ class DiPCLI(LightningCLI):
                 datamodule_class=LightningDataModule,
                 subclass_mode_data=True,
                 save_config_callback=RecordingSaveConfig,
-                save_config_kwargs={"overwrite": True, "argv": argv, "config_filename": CONFIG_RECORD},
+                save_config_kwargs={
+                    "overwrite": True,
+                    "argv": argv,
+                    "config_filename": CONFIG_RECORD,
+                    "save_to_log_dir": False,  # save_config writes it (rank 0)
+                },
                 seed_everything_default=0,
                 auto_configure_optimizers=False,
                 parser_kwargs={"parser_mode": "yaml", "prog": "python -m dip_lightning"},
@@ -156,12 +180,24 @@ class DiPCLI(LightningCLI):
             if self.run_lock is not None:
                 self.run_lock.release()
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """LightningCLI's, with ``--config`` taking a shipped recipe's name too (``--config tiny_cpu``)."""
+        given = sys.argv[1:] if args is None else args
+        if isinstance(given, (list, tuple)):
+            resolved = with_recipe_paths([str(a) for a in given])
+            if resolved != [str(a) for a in given]:
+                self.config = parser.parse_args(resolved)
+                return
+        super().parse_arguments(parser, args)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         _add_run_callbacks(parser)
         # The class count and the image size are the model's; the data follows them (set them once, in
         # model.net). Checkpoint-driven commands (predict/validate --ckpt_path) thereby get matching data too.
         for model_key, data_key in MODEL_TO_DATA.items():
             parser.link_arguments(model_key, data_key)
+        # The REPA encoder matches the DiT's token grid: its patch size is the network's, never set apart.
+        parser.link_arguments(*PATCH_SIZE_TO_REPA)
         parser.add_argument(
             "--weights",
             type=WeightRequest | None,
@@ -201,12 +237,8 @@ class DiPCLI(LightningCLI):
         run_dir = Path(config.trainer.default_root_dir)
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = str(checkpoint_dir(run_dir))
-        if config.trainer.logger in (None, True):
-            # Pinned version: every (re)started job of this run logs to the same folder.
-            config.trainer.logger = {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": str(run_dir), "name": "", "version": LOG_VERSION},
-            }
+        # Every (re)started job of this run logs to the same folders and logger runs, whatever the loggers.
+        config.trainer.logger = place_loggers(config.trainer.logger, run_dir)
 
     def instantiate_classes(self) -> None:
         """LightningCLI's, with a class that refuses its options reported as the option error it is (jsonargparse
@@ -243,6 +275,7 @@ class DiPCLI(LightningCLI):
             # Rich bars by default (a YAML `trainer.callbacks` entry of any ProgressBar replaces it).
             callbacks.append(RichProgress())
         callbacks.append(StopLaunchedRanks())  # rank 0's failure must not leave the ranks it started waiting
+        callbacks.append(RecordLoggerRuns())  # an MLflow run id, for the next job of this run
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
@@ -257,7 +290,16 @@ class DiPCLI(LightningCLI):
             raise ConfigError("--weights chooses weights of a checkpoint: pass --ckpt_path too.")
         self.model.weight_request = request
 
-    before_validate = before_test = before_predict = _request_weights
+    def _before_checkpoint_command(self) -> None:
+        if launch_place().rank == 0:
+            keep_csv_metrics(self.trainer.loggers)
+        self._request_weights()
+
+    before_validate = before_test = before_predict = _before_checkpoint_command
+
+    def fit(self, model: Any, **kwargs: Any) -> None:
+        """``trainer.fit``, continued after each rollback a ``LossSpikeGuard`` asks for."""
+        fit_with_rollbacks(self.trainer, model, **kwargs)
 
     # ------------------------------------------------------------------ resume
     def before_fit(self) -> None:
@@ -268,6 +310,8 @@ class DiPCLI(LightningCLI):
         if explicit not in (None, "last", "hpc", "best") and not Path(explicit).is_file():
             raise FileNotFoundError(f"--ckpt_path {explicit}: no such checkpoint file")
         self._hold_run_folder(config.get("lock_stale_after", DEFAULT_STALE_AFTER))
+        if launch_place().rank == 0:  # the earlier jobs' CSV scalars, which a CSVLogger would delete
+            keep_csv_metrics(self.trainer.loggers)
         if explicit in ("last", "hpc", "best"):  # Lightning's own keywords: its rules apply
             rank_zero_info(f"Resume: --ckpt_path {explicit} (resolved by Lightning).")
             return
@@ -376,10 +420,11 @@ class DiPCLI(LightningCLI):
 
 
 def _add_run_callbacks(parser: LightningArgumentParser) -> None:
-    """The callbacks every run has: checkpoints into the run folder (``checkpoint.*``) and the preemption guard
-    (``preemption.*``, with ``--requeue_signal`` for SLURM)."""
+    """The callbacks every run has: checkpoints into the run folder (``checkpoint.*``), the preemption guard
+    (``preemption.*``, with ``--requeue_signal`` for SLURM) and the training monitors (``monitor.*``)."""
     parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
     parser.add_lightning_class_args(PreemptionGuard, "preemption")
+    parser.add_lightning_class_args(TrainingMonitor, "monitor")
     parser.set_defaults(
         {
             "checkpoint.save_last": True,
@@ -420,7 +465,8 @@ def _add_init_from_arguments(parser: LightningArgumentParser) -> None:
     )
     parser.add_argument(
         "--init_from_strict",
-        type=bool,
+        action=ActionYesNo(),  # the kit's one boolean style: --x, --x true|false, --no_x (dip_lightning.commands)
+        nargs="?",
         default=True,
         help="fit --init_from: any other tensor that does not match is an error (false: it keeps this model's "
         "initialisation, listed in the log).",

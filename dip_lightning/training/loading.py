@@ -19,6 +19,8 @@ from dip_lightning.checkpoint.format import (
 )
 from dip_lightning.checkpoint.io import CheckpointError, read_checkpoint
 from dip_lightning.checkpoint.stored_config import check_stored_config
+from dip_lightning.core.errors import ConfigError
+from dip_lightning.training.pretrained import load_pretrained
 
 if TYPE_CHECKING:
     from dip_lightning.training.module import DiPModule
@@ -67,6 +69,19 @@ def _module_from_configs(configs: list[str]) -> DiPModule:
     return DiPCLI(args=args, run=False).model
 
 
+def _load_folder(folder: str | os.PathLike, configs: list[str] | None, request: WeightRequest) -> DiPModule:
+    if configs:
+        raise ConfigError(
+            f"{folder} is a pretrained folder: its config.json describes the network; drop --experiment."
+        )
+    if request != DEFAULT_WEIGHTS:
+        raise ConfigError(
+            f"{folder} is a pretrained folder holding one set of weights; --weights {request} chooses among a "
+            "checkpoint's: export the weights you want (export --weights ...) and load that folder."
+        )
+    return load_pretrained(folder)
+
+
 def load_module(
     ckpt_path: str | os.PathLike,
     configs: list[str] | None = None,
@@ -83,7 +98,13 @@ def load_module(
     use it, and its frozen encoder's weights file need not exist on the sampling machine. ``trust_pickle``
     allows pickled Python objects besides tensors in the file, and a stored config that names code outside the
     kit, torch and Lightning (:func:`~dip_lightning.checkpoint.stored_config.check_stored_config`; trusted files only).
+
+    A folder is read as a pretrained folder (``config.json`` + ``model.safetensors``,
+    :func:`~dip_lightning.training.pretrained.load_pretrained`): no pickle; it holds one set of weights and its own
+    config, so ``weights`` must be the default and ``configs`` empty.
     """
+    if os.path.isdir(ckpt_path):
+        return _load_folder(ckpt_path, configs, WeightRequest.parse(weights))
     checkpoint = read_checkpoint(ckpt_path, trust_pickle)
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, Mapping) else None
     request = WeightRequest.parse(weights)
@@ -93,15 +114,17 @@ def load_module(
     }
     if configs:
         module = _module_from_configs(configs)
-        advice = "Drop --config (the checkpoint carries its config), or pass the config it was trained with."
+        advice = "Drop --experiment (the checkpoint carries its config), or pass the experiment it was trained with."
     elif hparams and "net" in hparams:
         module = module_from_hparams(
             hparams, trusted=trust_pickle, source=ckpt_path, repa=None, compile=False
         )
-        advice = "Its stored config does not build its own tensors: pass --config with the YAML it was trained with."
+        advice = (
+            "Its stored config does not build its tensors: pass --experiment with the YAML it was trained on."
+        )
     else:
         raise CheckpointError(
-            f"{ckpt_path} holds no model config (hyper_parameters): pass --config with the experiment YAML it "
+            f"{ckpt_path} holds no model config (hyper_parameters): pass --experiment with the experiment YAML it "
             "was trained with."
         )
     check_compatible({STATE_DICT: chosen, "hyper_parameters": hparams}, module, ckpt_path, advice=advice)

@@ -3,14 +3,14 @@
 The parts live elsewhere: the network in :mod:`dip_lightning.core.models`, the objective and the samplers in
 :mod:`dip_lightning.core.diffusion`, REPA in :mod:`dip_lightning.core.repa`, EMA, grids and metrics in
 :mod:`dip_lightning.training.callbacks`. Progress is counted in optimizer steps and in images
-(``train/images_seen``), as edm2 does. The training noise comes from a generator keyed by (seed, rank, step,
-micro-batch), so a resumed run continues bit for bit (docs/design.md).
+(``train/images_seen``), as edm2 does; the images, their rate and the other monitors are logged by
+:class:`~dip_lightning.training.callbacks.monitor.TrainingMonitor`. The training noise comes from a generator keyed
+by (seed, rank, step, micro-batch), so a resumed run continues bit for bit (docs/design.md).
 """
 
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterable
 from typing import Any, Literal, get_args
 
@@ -34,6 +34,7 @@ from dip_lightning.core.diffusion import (
     EulerSampler,
     FlowMatching,
     ODESampler,
+    check_guide,
     make_noise,
     override_sampler,
     seeded_noise_sampler,
@@ -143,7 +144,6 @@ class DiPModule(pl.LightningModule):
         self.compile_mode = compile_mode
         self.sample_dtype = sample_dtype
         self.val_seed = val_seed
-        self._last_step_time: tuple[int, float] | None = None  # (step, time) of the last logging step
         self._noise_step: int | None = None  # see _training_generator
         self._noise_micro = 0
         self.last_loss: torch.Tensor | None = None  # the last training step's loss (NonFiniteGuard)
@@ -237,9 +237,6 @@ class DiPModule(pl.LightningModule):
         self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"})
         return losses["loss"]
 
-    def on_train_start(self) -> None:
-        self._last_step_time = (self.trainer.global_step, time.perf_counter())
-
     def _logs_at(self, step: int) -> bool:
         """Whether Lightning writes the step metrics to the loggers at the end of optimizer step ``step``
         (1-based). Values logged at other steps are either overwritten or, worse, written later as if fresh;
@@ -255,20 +252,6 @@ class DiPModule(pl.LightningModule):
                 norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
                 self.log("train/grad_norm", norm)
             self.log("train/lr", optimizer.param_groups[0]["lr"])
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        step = self.trainer.global_step
-        if not self._logs_at(step):
-            return
-        batch_size = batch[0].shape[0] * self.trainer.world_size
-        now = time.perf_counter()
-        if self._last_step_time is not None and step > self._last_step_time[0]:  # None outside Trainer.fit
-            # Wall time over the logging interval; on GPU that is asynchronous-dispatch time, which over many
-            # steps averages to the true step time without forcing a host sync.
-            last_step, last_time = self._last_step_time
-            self.log("train/images_per_sec", (step - last_step) * batch_size / max(now - last_time, 1e-9))
-        self._last_step_time = (step, now)
-        self.log("train/images_seen", float(step * batch_size))
 
     # ------------------------------------------------------------------ validation: a comparable loss
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -286,14 +269,23 @@ class DiPModule(pl.LightningModule):
 
     @torch.no_grad()
     def generate(
-        self, labels: torch.Tensor, seeds: torch.Tensor, sampler: ODESampler | None = None, **overrides: Any
+        self,
+        labels: torch.Tensor,
+        seeds: torch.Tensor,
+        sampler: ODESampler | None = None,
+        guide: nn.Module | None = None,
+        **overrides: Any,
     ) -> torch.Tensor:
         """Images in [-1, 1], shape (B, C, H, W), one per (label, seed).
 
         The initial noise of image i depends only on ``seeds[i]``, so an image is the same whatever batch it is
-        generated in.
+        generated in. ``guide``: a weaker DiP of the same kind (``net`` and ``flow``: a DiPModule or a
+        :class:`~dip_lightning.training.autoguidance.Guide`) whose conditional prediction replaces the
+        unconditional one (autoguidance, ``cfg_scale`` its weight).
         """
         sampler = sampler if sampler is not None else self.make_sampler(**overrides)
+        if guide is not None:
+            check_guide(self, guide)
         device = self.device
         labels = labels.to(device=device, dtype=torch.long)
         noise = make_noise(seeds, self.image_shape, device=device)
@@ -301,6 +293,8 @@ class DiPModule(pl.LightningModule):
             noise = noise * self.flow.noise_scale  # the scale the network was trained with
         # Every prediction (v, x, eps) reaches the sampler as a velocity: the one conversion point.
         model_fn = self.flow.velocity_model(self.net)
+        # The guide's own prediction type is converted by its own flow: both reach the sampler as velocities.
+        guide_fn = guide.flow.velocity_model(guide.to(device).net.eval()) if guide is not None else None
         was_training = self.net.training
         self.net.eval()
         use_autocast = device.type == "cuda" and self.sample_dtype != "float32"
@@ -312,6 +306,7 @@ class DiPModule(pl.LightningModule):
                     labels,
                     null_class=self.net.null_class,
                     noise_sampler=seeded_noise_sampler(seeds),
+                    guide_fn=guide_fn,
                 )
         finally:
             self.net.train(was_training)

@@ -25,8 +25,10 @@ from torch import Tensor, nn
 from dip_lightning.checkpoint.compatibility import check_compatible
 from dip_lightning.checkpoint.format import CONVERSION_RECORD, RAW_WEIGHTS, STATE_DICT, select_weights
 from dip_lightning.checkpoint.io import CheckpointError, read_checkpoint
+from dip_lightning.checkpoint.pretrained import read_pretrained_config, read_pretrained_weights
 from dip_lightning.core.atomic import atomic_write
 from dip_lightning.core.errors import ConfigError, KitError
+from dip_lightning.core.recipes import recipe_path
 from dip_lightning.training.loading import module_from_hparams
 
 __all__ = [
@@ -42,6 +44,7 @@ __all__ = [
     "kit_weights",
     "official_layout",
     "official_to_kit",
+    "released_to_kit",
     "rename",
 ]
 
@@ -49,7 +52,7 @@ Weights = Literal["auto", "ema", "live"]
 Direction = Literal["official_to_kit", "kit_to_official"]
 Names = Literal["released", "kit"]
 
-RELEASED_EXPERIMENT = Path(__file__).resolve().parents[2] / "experiments" / "dip_xl16.yaml"
+RELEASED_EXPERIMENT = recipe_path("dip_xl16")
 """The experiment whose ``model`` is the released DiP (REPA and compilation aside); its network sizes are
 replaced by those read off the file being converted."""
 
@@ -542,7 +545,7 @@ def _to_kit_checkpoint(
         lines.append(f"live weights -> '{RAW_WEIGHTS}' (--weights raw)")
     if proj is not None:
         checkpoint["repa_projector"] = proj
-        lines.append("REPA projector -> 'repa_projector' (training only; used by load_pretrained)")
+        lines.append("REPA projector -> 'repa_projector' (training only; used by load_weights_into)")
     name = arch.model_name() or f"DiP ({arch.describe()})"
     checkpoint[CONVERSION_RECORD] = {
         "from": "official",
@@ -578,6 +581,20 @@ def _to_released_checkpoint(obj: Any, in_path: Path) -> tuple[dict[str, Any], li
     return {"state_dict": state, CONVERSION_RECORD: {"from": "kit", "source": str(in_path)}}, lines
 
 
+def released_to_kit(
+    in_path: str | os.PathLike,
+    weights: Weights = "auto",
+    input_size: int | None = None,
+    trust_pickle: bool = False,
+) -> tuple[dict[str, Any], list[str]]:
+    """The kit checkpoint (in memory) that ``convert --from official`` writes for a released file, and the lines
+    saying what was taken; errors name the file."""
+    in_path = Path(in_path)
+    obj = read_checkpoint(in_path, trust_pickle=trust_pickle)
+    with _naming(f"cannot convert {in_path}"):
+        return _to_kit_checkpoint(obj, in_path, weights, input_size)
+
+
 def convert_checkpoint(
     in_path: str | os.PathLike,
     out_path: str | os.PathLike,
@@ -609,7 +626,7 @@ def convert_checkpoint(
     return "\n".join(lines)
 
 
-def load_pretrained(
+def load_weights_into(
     target: nn.Module,
     path: str | os.PathLike,
     weights: Literal["auto", "ema", "live"] = "auto",
@@ -617,13 +634,18 @@ def load_pretrained(
 ) -> str:
     """Load released or converted DiP weights into a ``DiPModule`` (or a bare ``DiP``), strictly: fine-tuning.
 
-    ``path`` may be a released file (converted on the fly) or a kit checkpoint (``convert`` output or a kit
-    training checkpoint); ``weights`` as ``convert --weights`` (``live``: the raw weights of a kit file). The
-    network must have the file's architecture (build it from ``experiments/dip_xl16.yaml``). When ``target``
+    ``path`` may be a released file (converted on the fly), a kit checkpoint (``convert`` output or a kit
+    training checkpoint) or a pretrained folder (``export``, read without pickle); ``weights`` as
+    ``convert --weights`` (``live``: the raw weights of a kit file). The network must have the file's
+    architecture (build it from ``experiments/dip_xl16.yaml``). When ``target``
     has REPA and the file has the projector, the projector is loaded too; otherwise the projector keeps its
     init, which the returned text says.
     """
-    net_weights, projector_weights, text = kit_weights(read_checkpoint(path, trust_pickle), path, weights)
+    if Path(path).is_dir():  # a pretrained folder (export): the network's weights only, no pickle
+        net_weights, projector_weights = read_pretrained_weights(path), None
+        text = f"pretrained folder, {read_pretrained_config(path).get('weights')}"
+    else:
+        net_weights, projector_weights, text = kit_weights(read_checkpoint(path, trust_pickle), path, weights)
     net = getattr(target, "net", target)
     check_compatible(
         {STATE_DICT: net_weights},

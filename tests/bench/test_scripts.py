@@ -82,3 +82,18 @@ def test_objectives_benchmark_smoke_run(tmp_path: Path, demo_data: dict, monkeyp
     for name in objectives.SAMPLER_NAMES:
         (row,) = json.loads((runs / f"eval_{name}.json").read_text())["samplers"]
         assert row["fid"] > 0 and row["nfe"] in (3, 4)
+
+
+def test_loss_spike_benchmark_smoke_run_writes_its_table(tmp_path: Path) -> None:
+    out = tmp_path / "loss_spike.md"
+    cmd = [sys.executable, str(REPO / "bench" / "loss_spike.py"), "--steps", "120", "--seeds", "0"]
+    cmd += ["--batch_sizes", "8", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| 0 | 8 |")]
+    assert len(rows) == 1
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells[3] == "0"  # the recipe's guard fired on no step of the healthy run
+    # Window 50: 70 steps judged (all below the median while the loss falls fast), none near 20 MADs.
+    assert 0 <= float(cells[4].split()[0]) < 20

@@ -114,7 +114,7 @@ def test_reconstruction_in_a_tiny_run_matches_the_tracked_profile(
     snapshots = find_snapshots(run / "phema")
     assert [s.step for s in snapshots] == list(range(EVERY, RUN_STEPS + 1, EVERY))
     out = tmp_path / "phema.ckpt"
-    args = ["ema-reconstruct", str(run), "--std", "0.15", "--from_std", "0.1", "--from_std", "0.2"]
+    args = ["ema-reconstruct", str(run), "--std", "0.15", "--from_std", "0.1", "0.2"]
     assert dip_main([*args, "--out", str(out)]) == 0
     assert f"wrote {out}: std 0.15 at step {RUN_STEPS}" in capsys.readouterr().out
     rebuilt = torch.load(out, map_location="cpu", weights_only=True)["state_dict"]

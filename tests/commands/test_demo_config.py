@@ -8,12 +8,13 @@ import pytest
 
 from dip_lightning.commands.demo import DEFAULT_CONFIG, config_image_size
 from dip_lightning.core.errors import ConfigError
+from dip_lightning.core.recipes import resolve_config
 from tests.helpers.tiny import TINY_CONFIG
 
 
 def test_demo_builds_crops_at_the_configs_resolution() -> None:
-    assert Path(DEFAULT_CONFIG).name == "demo.yaml"
-    assert config_image_size(DEFAULT_CONFIG) == 64  # the paper's 16x16 patches, 4x4 tokens
+    assert Path(resolve_config(DEFAULT_CONFIG)).name == "demo.yaml"
+    assert config_image_size(resolve_config(DEFAULT_CONFIG)) == 64  # the paper's 16x16 patches, 4x4 tokens
     assert config_image_size(TINY_CONFIG) == 32  # the tests' config keeps its own size
 
 

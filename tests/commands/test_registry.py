@@ -36,9 +36,18 @@ def test_unknown_command_lists_the_commands(capsys: pytest.CaptureFixture) -> No
 def test_flags_use_underscores_and_accept_the_hyphenated_spelling(capsys: pytest.CaptureFixture) -> None:
     parser = CommandParser("demo")
     parser.add_argument("--batch_size", type=int, default=1)
-    parser.add_argument("--no_is", action="store_true")
-    assert parser.parse_args(["--batch-size", "3", "--no-is"]).batch_size == 3
-    assert parser.parse_args(["--batch_size=4"]).batch_size == 4 and not parser.parse_args([]).no_is
+    parser.add_argument("--is_score", action="store_true")
+    assert parser.parse_args(["--batch-size", "3", "--no-is-score"]).batch_size == 3
+    assert parser.parse_args(["--batch_size=4"]).batch_size == 4 and not parser.parse_args([]).is_score
+    assert parser.parse_args(["--is-score"]).is_score
     assert "--batch-size" not in parser.format_help()  # the alias is accepted, not advertised
     with pytest.raises(ValueError, match="underscores"):
         parser.add_argument("--image-size")
+
+
+@pytest.mark.parametrize("flag", ["--version", "-V"])
+def test_version_is_the_installed_package_version(flag: str, capsys: pytest.CaptureFixture) -> None:
+    from importlib.metadata import version
+
+    assert commands.run_command([flag]) == 0
+    assert capsys.readouterr().out.strip() == f"dip-lightning {version('dip-lightning')}"

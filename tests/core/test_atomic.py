@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from dip_lightning.core.atomic import atomic_write, atomic_write_json, write_or_compare_json
+from dip_lightning.core.atomic import (
+    atomic_write,
+    atomic_write_json,
+    leftover_temp_files,
+    write_once,
+    write_or_compare_json,
+)
 from dip_lightning.core.errors import NoSpaceLeftError
 from tests.helpers.mounts import read_only_folder, small_disk
 
@@ -22,6 +28,13 @@ def test_a_record_is_written_once_then_compared(tmp_path: Path) -> None:
     assert write_or_compare_json(path, dict(record)) == []
     assert write_or_compare_json(path, {"seed": 1, "num_samples": 10, "extra": True}) == ["extra", "seed"]
     assert json.loads(path.read_text()) == record  # a differing record changes nothing
+
+
+def test_write_once_keeps_the_first_writers_text(tmp_path: Path) -> None:
+    path = tmp_path / "run" / "wandb_id"
+    assert write_once(path, "first\n") == "first\n"
+    assert write_once(path, "second\n") == "first\n"  # a later job, or a rank that started at the same time
+    assert path.read_text() == "first\n" and not leftover_temp_files(path.parent)
 
 
 def test_a_json_record_never_holds_nan(tmp_path: Path) -> None:

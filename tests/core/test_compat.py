@@ -49,6 +49,18 @@ def test_cluster_environment_sigterm_broadcast_and_batch_progress_in_a_fit() -> 
     assert seen["in_flight"] == 1  # the batch whose step is running
 
 
+def test_forget_training_loader_makes_the_next_fit_build_its_loader_again() -> None:
+    trainer = cpu_trainer(max_steps=2)
+    trainer.fit(ToyRegression())
+    kept = trainer.fit_loop._combined_loader
+    assert kept is not None  # what a finished fit keeps, and a second fit would reuse
+    compat.forget_training_loader(trainer)
+    assert trainer.fit_loop._combined_loader is None
+    trainer.fit_loop.epoch_loop.max_steps = 4
+    trainer.fit(ToyRegression())
+    assert trainer.fit_loop._combined_loader is not None and trainer.fit_loop._combined_loader is not kept
+
+
 def test_average_model_and_swap_of_lightnings_ema() -> None:
     ema = EMAWeightAveraging(decay=0.5)
     model = ToyRegression()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from dip_lightning.checkpoint.format import WeightRequest
 from dip_lightning.commands import run_command
@@ -87,12 +88,40 @@ def test_sweep_two_emas_by_two_guidance_scales(setup: dict, tmp_path: Path) -> N
     assert run_command(sweep_args(setup, out, "--keep_samples", weights=("ema:0.9",))) == 0
     first = {p.parent.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*/result.json")}
     assert len(first) == 2
-    assert run_command(sweep_args(setup, out, "--keep_samples")) == 0
+    # The whole grid from a YAML file (--config, the layout --print_config writes): the same sweep as the flags.
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        yaml.safe_dump(
+            {
+                "ckpt_path": str(setup["ckpt"]),
+                "reference": str(setup["reference"]),
+                "num_samples": NUM_SAMPLES,
+                "out": str(out),
+                "weights": ["ema:0.9", "ema:0.5"],
+                "cfg_scale": [1.0, 2.0],
+                "num_steps": [2],
+                "chunk_size": 4,
+                "batch_size": 4,
+                "metrics": METRICS,
+                "keep_samples": True,
+            }
+        )
+    )
+    assert run_command(["sweep", "--config", str(grid)]) == 0
     kept = {p.parent.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*/result.json")}
     assert len(kept) == 4 and all(kept[name] == mtime for name, mtime in first.items())  # not redone
 
     rows = read_csv(out / "sweep.csv")
-    assert list(rows[0]) == ["weights", "cfg_scale", "cfg_interval", "num_steps", *METRICS, "num_samples"]
+    assert list(rows[0]) == [
+        "weights",
+        "guide",
+        "cfg_scale",
+        "cfg_interval",
+        "num_steps",
+        *METRICS,
+        "num_samples",
+    ]
+    assert {r["guide"] for r in rows} == {"none"}  # classifier-free guidance: no guide network
     assert [(r["weights"], r["cfg_scale"]) for r in rows] == [
         ("ema 0.9", "1.0"),
         ("ema 0.9", "2.0"),
@@ -130,7 +159,7 @@ def test_sweep_two_emas_by_two_guidance_scales(setup: dict, tmp_path: Path) -> N
         assert not np.array_equal(other["arr_0"], np.load(exported)["arr_0"])  # the other decay's weights
 
     md = (out / "sweep.md").read_text()
-    assert "| weights | cfg_scale | cfg_interval | num_steps | fid |" in md and "best fid:" in md
+    assert "| weights | guide | cfg_scale | cfg_interval | num_steps | fid |" in md and "best fid:" in md
     png = out / "sweep_fid.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "](sweep_fid.png)" in md
 

@@ -24,7 +24,7 @@ def run_command(*args: str, timeout: float = 300) -> subprocess.CompletedProcess
 def user_error(result: subprocess.CompletedProcess) -> str:
     """The ``error: ...`` message a command ended with (exit code 2, no traceback), from its first line on.
 
-    Lines before it are start-up logging (LightningCLI's, when ``sample --config`` builds the module)."""
+    Lines before it are start-up logging (LightningCLI's, when ``sample --experiment`` builds the module)."""
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     lines = result.stderr.splitlines()

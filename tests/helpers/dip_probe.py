@@ -45,7 +45,8 @@ class ResumeProbe(pl.Callback):
             decay's weights, optimizer state, step) are written.
         progress_every: rank 0 prints ``PROGRESS global_step=N`` every N steps (0: never).
         signal_at_step: send ``signal_name`` to this process while the step that starts at this
-            ``global_step`` runs (from a thread, ``signal_delay`` s after the batch start: it lands mid-step).
+            ``global_step`` runs (from a thread, ``signal_delay`` s after the batch start: it lands mid-step; the
+            step's end waits for it).
         signal_rank: only this rank signals itself (None: every rank).
         hold_at_step: in the first job of a SLURM job (``SLURM_RESTART_COUNT`` unset or 0), wait at the end of
             this step until the preemption guard has received a signal (at most ``hold_timeout`` s), so that
@@ -82,6 +83,7 @@ class ResumeProbe(pl.Callback):
         self.late_worker_delay = late_worker_delay
         self.records: list[dict[str, Any]] = []
         self._step_at_start = -1
+        self._signal_timer: threading.Timer | None = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         datamodule = trainer.datamodule
@@ -114,13 +116,18 @@ class ResumeProbe(pl.Callback):
             and (self.signal_rank is None or self.signal_rank == trainer.global_rank)
         ):
             sig = signal.Signals[self.signal_name]
-            timer = threading.Timer(self.signal_delay, os.kill, args=(os.getpid(), sig))
-            timer.daemon = True
-            timer.start()
+            self._signal_timer = threading.Timer(self.signal_delay, os.kill, args=(os.getpid(), sig))
+            self._signal_timer.daemon = True
+            self._signal_timer.start()
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self._signal_timer is not None:
+            # A step shorter than signal_delay (an idle machine, a tiny net) must not carry the signal past the
+            # last step: the signal is sent before this step ends (the main thread runs its handler on waking).
+            self._signal_timer.join()
+            self._signal_timer = None
         step = trainer.global_step
         record = {
             "step": step,

@@ -35,14 +35,14 @@ def run_sample(*args: str) -> subprocess.CompletedProcess:
 def test_sample_with_a_config_of_another_network_says_what_differs_and_how_to_fix(
     ten_class_ckpt: Path, tmp_path: Path
 ) -> None:
-    """``--config`` builds an 8-class network for a 10-class checkpoint: not torch's ``size mismatch``."""
+    """``--experiment`` builds an 8-class network for a 10-class checkpoint: not torch's ``size mismatch``."""
     out = tmp_path / "samples.npz"
-    config = ["--config", TINY_CONFIG, "--config", str(small_net_config(tmp_path))]
+    config = ["--experiment", TINY_CONFIG, str(small_net_config(tmp_path))]
     error = user_error(run_sample("--ckpt_path", str(ten_class_ckpt), *config, "--out", str(out)))
     assert str(ten_class_ckpt) in error
     assert "net.init_args.num_classes: checkpoint 10, this run 8" in error
     assert "net.y_embedder.embedding_table.weight [11, 64] vs [9, 64]" in error
-    assert "Drop --config" in error and "the config it was trained with" in error
+    assert "Drop --experiment" in error and "the experiment it was trained with" in error
     assert not out.exists() and not out.with_name(out.name + ".parts").exists()
 
 

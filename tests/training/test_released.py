@@ -564,6 +564,30 @@ def test_euler_sampler_of_the_converted_checkpoint_is_the_released_loop(converte
     torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-4)
 
 
+def test_released_weights_convert_to_a_pretrained_folder_equal_to_the_converted_checkpoint(
+    converted, released_sd, tmp_path
+):
+    """``convert --pretrained``: the folder loads (no pickle) to the converted checkpoint's module, bit for bit."""
+    from dip_lightning.training.loading import load_module
+    from dip_lightning.training.pretrained import load_pretrained
+
+    source = tmp_path / "official.ckpt"
+    torch.save(lightning_released_checkpoint(released_sd), source)
+    out = tmp_path / "dip_pretrained"
+    assert (
+        main([str(source), "--from", "official", "--out", str(out), "--input_size", "32", "--pretrained"])
+        == 0
+    )
+    folder, checkpoint = load_pretrained(out), load_module(converted)
+    assert set(folder.net.state_dict()) == set(checkpoint.net.state_dict())
+    for key, value in checkpoint.net.state_dict().items():
+        assert torch.equal(folder.net.state_dict()[key], value), key
+    assert folder.sampler == checkpoint.sampler  # the paper's Euler-100, CFG 2.9 on [0.11, 0.97]
+    assert "ema_denoiser" in folder.loaded_weights
+    card = (out / "README.md").read_text()
+    assert "Converted from the released DiP weights" in card and "license: mit" in card
+
+
 def test_sample_command_runs_on_the_converted_checkpoint(converted, tmp_path, capsys):
     from dip_lightning.commands.sample import main as sample_main
 
@@ -648,7 +672,7 @@ def test_hyperparameters_are_the_xl_experiment_at_the_files_sizes():
 def test_load_pretrained_for_fine_tuning_loads_net_and_projector(converted, tmp_path, released_sd):
     from dip_lightning.core.repa import REPA
     from dip_lightning.training.module import DiPModule
-    from dip_lightning.training.released import load_pretrained
+    from dip_lightning.training.released import load_weights_into
     from tests.helpers.tiny_encoder import TinyViTEncoder
 
     repa = REPA(
@@ -656,14 +680,14 @@ def test_load_pretrained_for_fine_tuning_loads_net_and_projector(converted, tmp_
         projector_dim=64,
     )
     module = DiPModule(net=tiny_kit_model(), repa=repa)
-    text = load_pretrained(module, converted)
+    text = load_weights_into(module, converted)
     assert "REPA projector" in text
     assert torch.equal(module.net.x_embedder.proj.weight, released_sd["s_embedder.proj.weight"])
     official = lightning_released_checkpoint(released_sd)["state_dict"]
     assert torch.equal(module.repa.projector[4].weight, official["diffusion_trainer.proj.0.4.weight"])
     # the released file itself works too, and a wrong architecture is a clear error
     torch.save(lightning_released_checkpoint(released_sd), tmp_path / "official.ckpt")
-    load_pretrained(module.net, tmp_path / "official.ckpt", weights="live")
+    load_weights_into(module.net, tmp_path / "official.ckpt", weights="live")
     assert torch.equal(module.net.x_embedder.proj.bias, released_sd["s_embedder.proj.bias"] + 0.5)
     with pytest.raises(CheckpointMismatchError, match="blocks.2.adaLN_modulation.bias"):
-        load_pretrained(tiny_kit_model(depth=3), converted)
+        load_weights_into(tiny_kit_model(depth=3), converted)

@@ -16,7 +16,12 @@ from dip_lightning.core.diffusion.flow_matching import (
     convert_prediction,
     shift_time,
 )
-from dip_lightning.core.diffusion.guidance import guided_velocity, in_guidance_interval
+from dip_lightning.core.diffusion.guidance import (
+    check_guide,
+    guide_properties,
+    guided_velocity,
+    in_guidance_interval,
+)
 from dip_lightning.core.diffusion.noise import NoiseSampler, make_noise, seeded_noise_sampler
 from dip_lightning.core.diffusion.samplers import (
     SAMPLER_OVERRIDES,
@@ -47,7 +52,9 @@ __all__ = [
     "NoiseSampler",
     "ODESampler",
     "SDESampler",
+    "check_guide",
     "convert_prediction",
+    "guide_properties",
     "guided_velocity",
     "in_guidance_interval",
     "make_noise",

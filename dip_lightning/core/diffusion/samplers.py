@@ -98,9 +98,10 @@ class ODESampler:
             ``0.01`` gives ``linspace(0, 0.99, num_steps)`` + [1.0] at any ``num_steps``.
 
     Network evaluations (NFE): :meth:`nfe` counts per-sample evaluations, an evaluation inside the guidance
-    interval counting 2 (cond + uncond, the paper's "100x2"). Euler evaluates once per step (at the step's
-    start). Heun evaluates at both ends of every step except the last, which is an Euler step so that the
-    network is never called at t = 1 (released and JiT convention): ``2 * num_steps - 1`` evaluations.
+    interval counting 2 (cond + uncond, the paper's "100x2"; main + guide under autoguidance). Euler evaluates
+    once per step (at the step's start). Heun evaluates at both ends of every step except the last, which is an
+    Euler step so that the network is never called at t = 1 (released and JiT convention): ``2 * num_steps - 1``
+    evaluations.
     """
 
     num_steps: int = 100
@@ -144,13 +145,21 @@ class ODESampler:
         return self.cfg_scale != 1.0 and in_guidance_interval(t, self.cfg_interval, include_top)
 
     def velocity(
-        self, model_fn: ModelFn, x: Tensor, t: float, y: Tensor, null_class: int, guide: bool | None = None
+        self,
+        model_fn: ModelFn,
+        x: Tensor,
+        t: float,
+        y: Tensor,
+        null_class: int,
+        guide: bool | None = None,
+        guide_fn: ModelFn | None = None,
     ) -> Tensor:
-        """The velocity at time ``t``, guided (:func:`guided_velocity`, the kit's one CFG) where ``guide`` says,
-        by default where :meth:`guided` says for ``t``."""
+        """The velocity at time ``t``, guided (:func:`guided_velocity`, the kit's one guidance) where ``guide``
+        says, by default where :meth:`guided` says for ``t``; ``guide_fn`` (a guide network) makes it
+        autoguidance instead of CFG."""
         guide = self.guided(t) if guide is None else guide
         t_vec = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
-        return guided_velocity(model_fn, x, t_vec, y, null_class, self.cfg_scale if guide else 1.0)
+        return guided_velocity(model_fn, x, t_vec, y, null_class, self.cfg_scale if guide else 1.0, guide_fn)
 
     def evaluation_times(self) -> list[float]:
         """Times at which the network is evaluated, in order: by default once at each step's start (Euler, SDE,
@@ -173,6 +182,7 @@ class ODESampler:
         y: Tensor,
         null_class: int,
         noise_sampler: NoiseSampler | None = None,
+        guide_fn: ModelFn | None = None,
     ) -> Tensor:
         """Integrate from ``noise`` (t = 0) to t = 1; the raw endpoint (not clipped), in ``noise``'s dtype.
 
@@ -180,10 +190,12 @@ class ODESampler:
         ``noise_sampler`` gives the fresh noise of stochastic samplers (:func:`seeded_noise_sampler`: per-sample
         seeds, so an image depends only on its seed; without one, a generator seeded 0 for the whole batch); ODE
         samplers ignore it and are deterministic: the same noise, labels and model give the same output.
+        ``guide_fn``: a conditional guide network's velocity, which replaces the unconditional prediction
+        (autoguidance; ``cfg_scale`` is then its weight, applied in the same interval).
         """
 
         def velocity(x: Tensor, t: float, guide: bool | None = None) -> Tensor:
-            return self.velocity(model_fn, x, t, y, null_class, guide)
+            return self.velocity(model_fn, x, t, y, null_class, guide, guide_fn)
 
         trajectory = Trajectory(velocity, _batch_noise_sampler() if noise_sampler is None else noise_sampler)
         grid = self.timesteps().tolist()

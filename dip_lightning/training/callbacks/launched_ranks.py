@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
 from dip_lightning.core.compat import stop_launched_processes
+from dip_lightning.training.callbacks.loss_spike import LossSpikeRollback
 
 __all__ = ["StopLaunchedRanks"]
 
@@ -26,6 +27,7 @@ class StopLaunchedRanks(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         # SystemExit (the preemption guard's exit after a save all ranks took part in) and KeyboardInterrupt
-        # (Lightning ends its children itself) take their own paths.
-        if isinstance(exception, Exception):
+        # (Lightning ends its children itself) take their own paths; a loss-spike rollback is raised on every rank
+        # at once and the fit continues (fit_with_rollbacks).
+        if isinstance(exception, Exception) and not isinstance(exception, LossSpikeRollback):
             stop_launched_processes(trainer)

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from dip_lightning.checkpoint.run_folder import EVAL_METRICS_CSV, artefact_dir
-from dip_lightning.core.diffusion import sampler_overrides
+from dip_lightning.core.diffusion import check_guide, sampler_overrides
 from dip_lightning.core.distributed import is_distributed
 from dip_lightning.core.errors import ConfigError
 from dip_lightning.core.images import to_uint8
@@ -42,6 +42,7 @@ from dip_lightning.core.metrics.sources import iter_shard_images
 from dip_lightning.core.seeding import sample_labels_and_seeds
 from dip_lightning.training.callbacks.ema import sampling_module
 from dip_lightning.training.callbacks.evaluation import StepEvaluation, stop_if_signalled
+from dip_lightning.training.callbacks.monitor import images_seen as images_seen_so_far
 
 #: What `MetricsCallback` computes by default: the ADM suite and the patch-seam score (FD-DINOv2 needs weights).
 DEFAULT_TRAINING_METRICS = ("fid", "sfid", "inception_score", "precision", "recall", "patch_seam")
@@ -71,6 +72,9 @@ class MetricsCallback(StepEvaluation):
         num_steps: sampler override for ``generate`` (None keeps the module's).
         cfg_scale: sampler override for ``generate`` (None keeps the module's).
         cfg_interval: sampler override for ``generate`` (None keeps the module's).
+        guide: autoguidance: a guide network in place of the unconditional branch, ``cfg_scale`` its weight
+            (YAML ``class_path: dip_lightning.training.autoguidance.Guide`` with ``init_args: {path: ...}``);
+            checked against the model at setup.
         csv_name: file in the run's artefact folder (:func:`~dip_lightning.checkpoint.run_folder.artefact_dir`).
         prefix: logger key prefix (``<prefix><metric>``); each of several side-by-side callbacks needs its own.
         cache_dir: reference feature cache (default ``$DIP_METRICS_CACHE`` or ``~/.cache/dip_lightning/metrics``).
@@ -96,6 +100,7 @@ class MetricsCallback(StepEvaluation):
         num_steps: int | None = None,
         cfg_scale: float | None = None,
         cfg_interval: tuple[float, float] | None = None,
+        guide: torch.nn.Module | None = None,
         csv_name: str = EVAL_METRICS_CSV,
         prefix: str = "val/",
         cache_dir: str | None = None,
@@ -120,6 +125,7 @@ class MetricsCallback(StepEvaluation):
         self.sampler_overrides = sampler_overrides(
             num_steps=num_steps, cfg_scale=cfg_scale, cfg_interval=cfg_interval
         )
+        self.guide = guide
         self.csv_name = csv_name
         self.prefix = prefix
         self.cache_dir = cache_dir
@@ -176,6 +182,8 @@ class MetricsCallback(StepEvaluation):
             raise TypeError(
                 f"{type(self).__name__} needs a LightningModule with `generate(labels, seeds)` and `num_classes`"
             )
+        if self.guide is not None:
+            check_guide(pl_module, self.guide, getattr(self.guide, "path", "the guide"))
         if self.extractor is None and set(self.metrics) - {"patch_seam", "fd_dinov2"}:
             from dip_lightning.core.metrics.features import FIDHelperInception
 
@@ -281,7 +289,10 @@ class MetricsCallback(StepEvaluation):
                     continue
                 labels, seeds = sample_labels_and_seeds(chunks[i].numpy(), num_classes, self.seed)
                 images = module.generate(
-                    torch.from_numpy(labels), torch.from_numpy(seeds), **self.sampler_overrides
+                    torch.from_numpy(labels),
+                    torch.from_numpy(seeds),
+                    **self._guided,
+                    **self.sampler_overrides,
                 )
                 # .to(device): an EMA copy kept on another device (EMA(device="cpu")) returns images there.
                 yield to_uint8(images).to(device)
@@ -298,13 +309,6 @@ class MetricsCallback(StepEvaluation):
         self._report(trainer, step, results, time.perf_counter() - start)
         return results
 
-    def _images_seen(self, trainer: pl.Trainer) -> int | None:
-        """Training images seen over all ranks: steps x micro-batch x accumulation x world size."""
-        if self._batch_size is None:
-            return None
-        accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
-        return trainer.global_step * self._batch_size * accumulate * trainer.world_size
-
     def _report(
         self, trainer: pl.Trainer, step: int, results: dict[str, float | None], seconds: float
     ) -> None:
@@ -319,7 +323,7 @@ class MetricsCallback(StepEvaluation):
         path.parent.mkdir(parents=True, exist_ok=True)
         columns = [m for m in METRIC_NAMES if m in self.metrics]
         new = not path.exists()
-        images_seen = self._images_seen(trainer)
+        images_seen = images_seen_so_far(trainer, self._batch_size)  # the run's one count (monitor.py)
         with open(path, "a", newline="") as f:
             writer = csv.writer(f)
             if new:
@@ -378,7 +382,13 @@ class MetricsCallback(StepEvaluation):
             csv_name=self.csv_name,
             prefix=self.prefix,
             **self.sampler_overrides,
+            **({"guide": repr(self.guide)} if self.guide is not None else {}),
         )
+
+    @property
+    def _guided(self) -> dict[str, Any]:
+        """``generate``'s guide argument, given only with a guide (modules without autoguidance still work)."""
+        return {} if self.guide is None else {"guide": self.guide}
 
     def state_dict(self) -> dict[str, Any]:
         # Bookkeeping only: networks and reference are rebuilt from the config, not checkpointed.

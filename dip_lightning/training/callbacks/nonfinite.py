@@ -23,7 +23,14 @@ from torch import Tensor
 from dip_lightning.core.compat import clear_device_skip, set_device_skip, supports_device_skip
 from dip_lightning.core.errors import ConfigError, KitError
 
-__all__ = ["NonFiniteGuard", "NonFiniteTrainingError", "find_nonfinite_guard", "step_skipped", "update_keep"]
+__all__ = [
+    "NonFiniteGuard",
+    "NonFiniteTrainingError",
+    "StepJudge",
+    "find_nonfinite_guard",
+    "step_skipped",
+    "update_keep",
+]
 
 
 class NonFiniteTrainingError(KitError, RuntimeError):
@@ -71,6 +78,21 @@ def update_keep(trainer: pl.Trainer | None) -> Tensor | None:
     return guard.keep if guard is not None else None
 
 
+class StepJudge(Callback):
+    """A callback that makes :class:`NonFiniteGuard` skip finite steps too (the loss-spike guard): the guard asks
+    it once per optimizer step, with the step's loss averaged over the ranks, and skips the step where it says so,
+    by the same mechanism (and the same counts of updates) as a non-finite step."""
+
+    def judge(self, step: int, loss: Tensor) -> Tensor:
+        """A 0-d float tensor on the loss's device: 1 to skip optimizer step ``step`` (1-based), else 0. ``loss``
+        is the same on every rank (NaN when some rank's loss is not finite); no host read is needed."""
+        raise NotImplementedError
+
+
+def find_step_judge(trainer: pl.Trainer) -> StepJudge | None:
+    return next((c for c in trainer.callbacks if isinstance(c, StepJudge)), None)
+
+
 def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
@@ -78,7 +100,8 @@ def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
 class NonFiniteGuard(Callback):
     """Skip the update of a step whose loss or gradient is not finite; stop after ``max_consecutive`` in a row.
 
-    What is skipped and how the ranks agree: the module docstring and docs/design.md.
+    What is skipped and how the ranks agree: the module docstring and docs/design.md. A :class:`StepJudge` among
+    the trainer's callbacks (the loss-spike guard) makes it skip finite steps too, by the same mechanism.
 
     Args:
         max_consecutive: stop with :class:`NonFiniteTrainingError` after this many skipped steps in a row.
@@ -147,25 +170,34 @@ class NonFiniteGuard(Callback):
         if isinstance(loss, Tensor):
             finite = finite & torch.isfinite(loss.detach()).all()
         bad = (~finite).float()
+        judge = find_step_judge(trainer)
+        mean_loss = loss.detach().float().mean() if isinstance(loss, Tensor) else torch.full((), float("nan"))
         if trainer.world_size > 1:
             # One tiny all-reduce: a rank with a non-finite loss makes every rank skip (the gradients are already
-            # averaged, but the losses are per rank), so the weights stay identical across ranks.
-            bad = trainer.strategy.reduce(bad, reduce_op="max")
+            # averaged, but the losses are per rank), so the weights stay identical across ranks. The judge gets
+            # the loss averaged over the ranks in the same collective, so its decisions agree on every rank.
+            summed = trainer.strategy.reduce(torch.stack([bad, mean_loss.to(bad.device)]), reduce_op="sum")
+            bad, mean_loss = (summed[0] > 0).float(), summed[1] / trainer.world_size
         self._last_loss, self._last_norm = loss.detach() if isinstance(loss, Tensor) else None, norm
         step = trainer.global_step + 1  # 1-based number of the step being taken
+        skip = bad if judge is None else torch.maximum(bad, judge.judge(step, mean_loss.to(bad.device)))
         if self.device_mode:
             # The fused kernel skips its update where found_inf is 1 and restores its step counts (GradScaler's path).
-            set_device_skip(optimizer, bad)
-            self.keep = 1.0 - bad
+            set_device_skip(optimizer, skip)
+            self.keep = 1.0 - skip
             self._device_total += bad
             self._device_consecutive = (self._device_consecutive + bad) * bad
             return
-        if bad.item() == 0.0:
+        nonfinite, skipped = torch.stack([bad, skip]).tolist()  # the host read of host mode
+        if nonfinite == 0.0:
             self.consecutive = 0
+        if skipped == 0.0:
             return
         for param in _optimizer_params(optimizer):
             param.grad = None  # every torch.optim optimizer leaves a tensor without gradient untouched
         self.skipped_this_step = True
+        if nonfinite == 0.0:
+            return  # the judge's skip: counted and told by the judge
         self.skipped_total += 1
         self.consecutive += 1
         if len(self.skipped_steps) < 1000:

@@ -1,8 +1,10 @@
 """Sample grids during training: the same noise and classes every time, so progress is visible at a glance.
 
 Every ``every_n_steps`` optimizer steps the callback generates ``rows x cols`` images (row r = class ``classes[r]``,
-column c = seed ``seed + r * cols + c``) with the EMA weights (``use_ema``), logs the grid to TensorBoard
-(``add_image``) and writes ``<log_dir>/grids/step_XXXXXXXX.png`` with a JSON side file that records each row's class.
+column c = seed ``seed + r * cols + c``) with the EMA weights (``use_ema``), writes
+``<run>/tensorboard/grids/step_XXXXXXXX.png`` with a JSON side file that records each row's class, whatever the
+logger, and logs the grid to every logger that takes images (TensorBoard, W&B, MLflow:
+:func:`~dip_lightning.training.loggers.log_image`).
 Only global rank 0 generates (a grid is a handful of images, one batch). As a
 :class:`~dip_lightning.training.callbacks.evaluation.StepEvaluation` the step is saved before its grid, and a signal
 is acted on before and after the grid.
@@ -16,15 +18,15 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 
 from dip_lightning.checkpoint.run_folder import GRID_FOLDER, artefact_dir
-from dip_lightning.core.diffusion import sampler_overrides
+from dip_lightning.core.diffusion import check_guide, sampler_overrides
 from dip_lightning.core.errors import ConfigError
 from dip_lightning.core.images import to_uint8
 from dip_lightning.training.callbacks.ema import sampling_module
 from dip_lightning.training.callbacks.evaluation import StepEvaluation
+from dip_lightning.training.loggers import log_image
 
 
 def make_grid(images: torch.Tensor, cols: int, padding: int = 2, pad_value: int = 255) -> torch.Tensor:
@@ -54,6 +56,8 @@ class SampleGrid(StepEvaluation):
         num_steps: sampler steps for the grid (cheap by default); None = the module's sampler setting.
         cfg_scale: guidance scale for the grid; None = the module's sampler setting.
         cfg_interval: guidance interval ``(t_min, t_max)`` for the grid; None = the module's sampler setting.
+        guide: autoguidance: a guide network in place of the unconditional branch, ``cfg_scale`` its weight
+            (YAML ``class_path: dip_lightning.training.autoguidance.Guide``); checked against the model at setup.
         upscale: nearest-neighbour upscaling of the PNG so that tiny images stay visible.
         on_train_end: also write a grid when training ends.
     """
@@ -69,6 +73,7 @@ class SampleGrid(StepEvaluation):
         num_steps: int | None = 50,
         cfg_scale: float | None = None,
         cfg_interval: tuple[float, float] | None = None,
+        guide: torch.nn.Module | None = None,
         upscale: int = 1,
         on_train_end: bool = True,
     ) -> None:
@@ -83,10 +88,18 @@ class SampleGrid(StepEvaluation):
         self.sampler_overrides = sampler_overrides(
             num_steps=num_steps, cfg_scale=cfg_scale, cfg_interval=cfg_interval
         )
+        self.guide = guide
         self.upscale = upscale
         self.write_on_train_end = on_train_end
         self.last_written: Path | None = None
         self._last_step = -1
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if (
+            self.guide is not None and stage == "fit"
+        ):  # a guide that does not fit fails now, not at the first grid
+            check_guide(pl_module, self.guide, getattr(self.guide, "path", "the guide"))
 
     def row_classes(self, num_classes: int) -> list[int]:
         if self.classes is not None:
@@ -105,7 +118,8 @@ class SampleGrid(StepEvaluation):
         classes = self.row_classes(module.num_classes)
         labels = torch.tensor([c for c in classes for _ in range(self.cols)], dtype=torch.long)
         seeds = torch.arange(len(labels), dtype=torch.long) + self.seed
-        images = module.generate(labels, seeds, **self.sampler_overrides)
+        guided = {} if self.guide is None else {"guide": self.guide}
+        images = module.generate(labels, seeds, **guided, **self.sampler_overrides)
         grid = make_grid(to_uint8(images).cpu(), cols=self.cols)
         return grid, classes
 
@@ -132,10 +146,7 @@ class SampleGrid(StepEvaluation):
             "use_ema": self.use_ema,
         }
         path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("samples/grid", grid, global_step=step, dataformats="CHW")
-                logger.experiment.add_text("samples/grid_rows", f"row classes: {classes}", global_step=step)
+        log_image(trainer.loggers, "samples/grid", grid, step, caption=f"row classes: {classes}")
         self.last_written = path
         return path
 

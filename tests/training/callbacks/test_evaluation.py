@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from dip_lightning.checkpoint.io import AtomicCheckpointIO
+from dip_lightning.checkpoint.run_folder import log_dir
 from dip_lightning.core.metrics.features import PixelProjection
 from dip_lightning.training.callbacks import EMA, MetricsCallback, SampleGrid
 from dip_lightning.training.callbacks.preemption import PreemptionGuard, TrainingAborted, TrainingInterrupted
@@ -125,7 +126,7 @@ def checkpoint(folder: Path, **options: Any) -> ModelCheckpoint:
 
 
 def csv_steps(folder: Path) -> list[int]:
-    path = folder / "eval_metrics.csv"
+    path = log_dir(folder) / "eval_metrics.csv"
     if not path.exists():
         return []
     with open(path, newline="") as f:

@@ -24,6 +24,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from dip_lightning.checkpoint.run_folder import log_dir
 from dip_lightning.core.metrics import compute_metrics
 from dip_lightning.core.metrics.features import PixelProjection
 from dip_lightning.core.metrics.frechet import FIDStats, frechet_distance
@@ -37,6 +38,7 @@ from dip_lightning.core.metrics.reference import (
 )
 from dip_lightning.training.callbacks.ema import EMA
 from dip_lightning.training.callbacks.metrics import MetricsCallback
+from dip_lightning.training.callbacks.monitor import TrainingMonitor
 
 torch.set_num_threads(1)
 SIZE = 16
@@ -165,7 +167,7 @@ def test_fid_callback_schedule_logging_and_reproducibility(tmp_path: Path) -> No
     assert values[1] == pytest.approx(offline_fid(module, callback, ref), rel=1e-9)
     assert {"num_steps": 7, "cfg_scale": 2.0} in module.overrides_seen
 
-    rows = read_csv(Path(logger.log_dir) / "eval_metrics.csv")
+    rows = read_csv(log_dir(tmp_path) / "eval_metrics.csv")  # not the logger's folder
     assert list(rows[0]) == ["step", "images_seen", "fid", "num_samples", "seconds", "unix_time"]
     assert [int(r["step"]) for r in rows] == [2, 4]
     assert [int(r["images_seen"]) for r in rows] == [8, 16]  # batch 4, one process
@@ -214,9 +216,8 @@ def test_fid_callback_samples_with_ema_weights(tmp_path: Path) -> None:
     assert fid_history(with_ema)[0][1] == pytest.approx(
         offline_fid(ema.averaged_module, with_ema, ref), rel=1e-9
     )
-    assert (tmp_path / "ema.csv").is_file() and (
-        tmp_path / "raw.csv"
-    ).is_file()  # no logger: default_root_dir
+    # No logger: the run folder's log folder all the same.
+    assert (log_dir(tmp_path) / "ema.csv").is_file() and (log_dir(tmp_path) / "raw.csv").is_file()
 
 
 def write_shard(path: Path, images: torch.Tensor) -> None:
@@ -318,7 +319,11 @@ def test_fid_callback_two_process_ddp_equals_single_process(tmp_path: Path) -> N
         )
         fit = trainer(root, [from_file, from_shards], max_steps=3, logger=False, devices=devices, **kwargs)
         fit.fit(ToyGenerator(), loader())
-        return [float(r["fid"]) for name in ("fid_ref.csv", "fid_shards.csv") for r in read_csv(root / name)]
+        return [
+            float(r["fid"])
+            for name in ("fid_ref.csv", "fid_shards.csv")
+            for r in read_csv(log_dir(root) / name)
+        ]
 
     single = run(tmp_path / "single", devices=1)
     ddp = run(tmp_path / "ddp", devices=2, strategy="ddp_fork")
@@ -440,7 +445,7 @@ def test_metrics_callback_logs_every_metric_and_equals_the_evaluate_command(
     assert [step for step, _ in callback.results] == [2, 3]
     last = callback.results[-1][1]
     assert set(last) == set(ALL) and all(v is not None for v in last.values())
-    rows = read_csv(Path(logger.log_dir) / "eval_metrics.csv")
+    rows = read_csv(log_dir(tmp_path) / "eval_metrics.csv")  # not the logger's folder
     assert list(rows[0]) == ["step", "images_seen", *ALL, "num_samples", "seconds", "unix_time"]
     assert [float(rows[-1][m]) for m in ALL] == [last[m] for m in ALL]  # written with repr: exact
     logged = [r for r in read_csv(Path(logger.log_dir) / "metrics.csv") if r.get("val/fid")]
@@ -484,7 +489,7 @@ def test_metrics_callback_two_process_ddp_equals_single_process(tmp_path: Path) 
         callback = suite_callback(tmp_path / "real.npz")
         fit = trainer(root, [callback], max_steps=2, logger=False, devices=devices, **kwargs)
         fit.fit(ToyGenerator(), loader())
-        return read_csv(root / "eval_metrics.csv")
+        return read_csv(log_dir(root) / "eval_metrics.csv")
 
     single = run(tmp_path / "single", devices=1)
     ddp = run(tmp_path / "ddp", devices=2, strategy="ddp_fork")
@@ -514,5 +519,30 @@ def test_metrics_callback_patch_size_from_the_module_and_unavailable_metrics(tmp
     result = callback.results[0][1]
     assert result["fd_dinov2"] is None and result["patch_seam"] is not None
     assert callback._engine is not None and callback._engine.patch_size == 8
-    row = read_csv(tmp_path / "eval_metrics.csv")[0]
+    row = read_csv(log_dir(tmp_path) / "eval_metrics.csv")[0]
     assert row["fd_dinov2"] == "" and float(row["patch_seam"]) == result["patch_seam"]
+
+
+def test_eval_metrics_csv_reports_the_monitors_images_seen_under_accumulation(tmp_path: Path) -> None:
+    """One count of images: eval_metrics.csv and the logged train/images_seen agree, accumulation included."""
+    extractor = PixelProjection(num_features=12, size=4)
+    make_reference(tmp_path / "ref.npz", extractor)
+    callback = MetricsCallback(
+        metrics=["fid"],
+        every_n_steps=2,
+        num_samples=6,
+        reference=str(tmp_path / "ref.npz"),
+        extractor=extractor,
+    )
+    logger = CSVLogger(tmp_path, name="logs")
+    fit = trainer(
+        tmp_path, [callback, TrainingMonitor()], logger=logger, log_every_n_steps=2, accumulate_grad_batches=2
+    )
+    fit.fit(ToyGenerator(), loader())
+    rows = read_csv(log_dir(tmp_path) / "eval_metrics.csv")  # the run folder's log folder
+    assert [(int(r["step"]), int(r["images_seen"])) for r in rows] == [
+        (2, 16),
+        (4, 32),
+    ]  # batch 4 x 2 x steps
+    logged = [r for r in read_csv(Path(logger.log_dir) / "metrics.csv") if r.get("train/images_seen")]
+    assert [float(r["train/images_seen"]) for r in logged] == [16.0, 32.0]

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
+from dip_lightning.commands import run_command
 from dip_lightning.training.cli import DiPCLI
 from tests.helpers import REPO
 
@@ -32,7 +33,7 @@ TINY = [
 ]
 TINY_REPA = (
     '--model.repa.encoder={"class_path": "tests.helpers.tiny_encoder.TinyViTEncoder", '
-    '"init_args": {"dit_patch_size": 16, "grid_size": 2, "embed_dim": 32, "depth": 1, "num_heads": 2}}'
+    '"init_args": {"grid_size": 2, "embed_dim": 32, "depth": 1, "num_heads": 2}}'
 )
 
 
@@ -67,6 +68,9 @@ def test_recipe_instantiates(tmp_path: Path, config: Path) -> None:
     assert cli.datamodule.image_size == 32
     assert first_comment(config).startswith("#"), "each YAML says which paper setting it reproduces"
     assert "Reproduces" in config.read_text()
+    if cli.model.repa is not None:  # linked to the network's patch size, set nowhere else
+        assert cli.model.repa.encoder.dit_patch_size == cli.model.net.patch_size
+    assert "dit_patch_size:" not in [line.strip().split(" ")[0] for line in config.read_text().splitlines()]
 
 
 def assert_head_as_configured(head: Any, config: dict) -> None:
@@ -111,3 +115,25 @@ def test_run_folders_are_unique() -> None:
     folders = [merged_yaml(p).get("trainer", {}).get("default_root_dir") for p in RECIPES + ABLATIONS]
     folders = [f for f in folders if f]
     assert len(folders) == len(set(folders))
+
+
+def test_fit_takes_a_shipped_recipe_by_name_from_any_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        run_command(["fit", "--config", "tiny_cpu", "--trainer.max_steps=7", "--print_config"])
+    assert info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["max_steps"] == 7
+    assert printed["trainer"]["default_root_dir"] == "runs/tiny_cpu"  # the tiny recipe's own values
+    assert printed["model"]["net"]["init_args"]["hidden_size"] == 192
+
+
+def test_fit_with_an_unknown_recipe_lists_the_shipped_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert run_command(["fit", "--config", "tiny_cpy"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --config tiny_cpy: no such file") and "tiny_cpu" in err

@@ -11,6 +11,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from dip_lightning.checkpoint.run_folder import log_dir
 from dip_lightning.training.cli import DiPCLI
 from tests.helpers.commands import run_command
 from tests.helpers.tiny import fit_tiny, fit_with, tiny_args
@@ -67,9 +68,10 @@ def test_every_placement_trains_through_cli(tmp_path: Path, demo_data: dict, pla
 def test_repa_on_and_off(tmp_path: Path, demo_data: dict) -> None:
     repa = [
         '--model.repa={"encoder": {"class_path": "tests.helpers.tiny_encoder.TinyViTEncoder", '
-        '"init_args": {"dit_patch_size": 8, "grid_size": 4}}, "block": 1, "weight": 0.5, "projector_dim": 32}',
-    ]
+        '"init_args": {"grid_size": 4}}, "block": 1, "weight": 0.5, "projector_dim": 32}',
+    ]  # the encoder's dit_patch_size follows the network's (8; the encoder's default is 16)
     cli, losses = fit_tiny(tmp_path / "on", demo_data, *repa, steps=3)
+    assert cli.model.repa.encoder.dit_patch_size == cli.model.net.patch_size == 8
     metrics = cli.trainer.callback_metrics
     assert "train/repa_loss" in metrics and 0.0 <= float(metrics["train/repa_loss"]) <= 2.0
     # The projector trains; the frozen encoder neither trains nor lands in the checkpoint.
@@ -121,7 +123,9 @@ def test_step_metrics_are_logged_fresh_and_only_at_logging_steps(
     assert logged["train/grad_norm"] == [4, 9] and logged["train/lr"] == [4, 9]
     assert logged["train/images_seen"] == [5, 10] and logged["train/images_per_sec"] == [5, 10]
     assert len(logged["train/loss"]) == 10  # a tensor: logging it costs no sync
-    rows = list(csv.DictReader((tmp_path / "lightning_logs" / "version_0" / "metrics.csv").open()))
+    rows = list(
+        csv.DictReader((log_dir(tmp_path / "run") / "metrics.csv").open())
+    )  # the run folder's, pinned
     written = [r for r in rows if r.get("train/grad_norm")]
     assert [float(r["train/images_seen"]) for r in written] == [20.0, 40.0]
     assert all(float(r["train/images_per_sec"]) > 0 for r in written)
@@ -228,3 +232,38 @@ def test_ddp_two_processes_identical_weights(tmp_path: Path, demo_data: dict) ->
     assert json.loads((tmp_path / "weights" / "rank0.json").read_text()) != json.loads(
         (tmp_path / "weights" / "rank1.json").read_text()
     )
+
+
+def test_fit_has_the_monitors_right_under_accumulation(tmp_path: Path, demo_data: dict) -> None:
+    # A CLI fit: micro-batch 4, 2 micro-batches per step, CPU with a configured peak (MFU is logged only then).
+    import csv
+
+    from dip_lightning.core.errors import ConfigError
+    from dip_lightning.core.models.flops import forward_flops_per_image
+    from dip_lightning.training.callbacks import TrainingMonitor
+
+    extra = [
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.save_dir={tmp_path}",
+        "--trainer.accumulate_grad_batches=2",
+        "--trainer.log_every_n_steps=2",
+        "--monitor.peak_tflops=0.5",
+    ]
+    cli, _ = fit_tiny(tmp_path, demo_data, *extra, steps=4, batch_size=4)
+    (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, TrainingMonitor)]
+    assert cli.trainer.callbacks[-1] is monitor  # after the checkpoint callbacks: their time is the step's
+    rows = list(
+        csv.DictReader((Path(cli.trainer.logger.log_dir) / "metrics.csv").open())
+    )  # pinned in the run
+    written = [r for r in rows if r.get("train/images_seen")]
+    assert [float(r["train/images_seen"]) for r in written] == [16.0, 32.0]  # steps x 4 x 2
+    flops = forward_flops_per_image(cli.model.net)
+    for row in written:
+        expected = 3 * flops * float(row["train/images_per_sec"]) / 0.5e12
+        assert float(row["train/mfu"]) == pytest.approx(expected, rel=1e-5)
+        assert 0.0 <= float(row["train/data_wait"]) <= 1.0
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["images_seen"] == 32 and ckpt["global_step"] == 4
+    with pytest.raises(ConfigError, match="monitor.peak_tflops"):
+        fit_tiny(tmp_path / "bad", demo_data, "--monitor.peak_tflops=-1", steps=1)
+    assert not (tmp_path / "bad" / "run").exists()
