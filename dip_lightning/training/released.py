@@ -77,6 +77,7 @@ _FUNCTION_OPTIONS = (
     "rope_theta",
     "rope_scale",
     "qk_norm",
+    "pos_embed",
     "time_max_period",
     "head.class_path",
     "head.init_args.token_input",

@@ -1,6 +1,6 @@
 """`make demo`, shortened: the same ``run_demo`` (dataset, metrics reference, CLI fit with EMA, grids and the
-metrics suite) for 20 steps, the metrics callback's extractor switched to the cheap pixel projection by the extra
-CLI args."""
+metrics suite) for 20 steps of the tests' tiny config (32 px, so the fixture's crops are reused), the metrics
+callback's extractor switched to the cheap pixel projection by the extra CLI args."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from dip_lightning.commands.demo import run_demo
+from dip_lightning.core.data.demo_dataset import DEFAULT_CROP_SCALE
+from tests.helpers.tiny import TINY_CONFIG
 
 pytestmark = pytest.mark.slow  # the whole demo, end to end
 
@@ -44,6 +46,8 @@ def test_demo_end_to_end_shortened(tmp_path: Path, demo_data: dict) -> None:
     result = run_demo(
         data_dir=data_dir,
         run_root=tmp_path / "runs",
+        config=TINY_CONFIG,
+        crop_scale=DEFAULT_CROP_SCALE,  # the fixture's crops
         extra_args=[
             "--trainer.max_steps=20",
             "--trainer.val_check_interval=10",

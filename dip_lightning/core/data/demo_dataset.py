@@ -30,6 +30,8 @@ DEMO_CLASSES: tuple[str, ...] = (
     "stereo_motorcycle",
 )
 _DEMO_VERSION = 1
+#: Crop side as a fraction of the photo's short side (the range random crops draw from).
+DEFAULT_CROP_SCALE = (0.35, 0.9)
 
 
 def load_photo(name: str):  # -> np.ndarray (H, W, 3) uint8
@@ -42,8 +44,10 @@ def load_photo(name: str):  # -> np.ndarray (H, W, 3) uint8
     return np.ascontiguousarray(img[..., :3])
 
 
-def _random_crops(photo, n: int, size: int, rng) -> list:  # -> list[PIL.Image]
-    """Random crops covering 35-90% of the short side, aspect 0.8-1.25, saved at 1-2x ``size``.
+def _random_crops(
+    photo, n: int, size: int, rng, side_range: tuple[float, float] = DEFAULT_CROP_SCALE
+) -> list:
+    """Random crops covering ``side_range`` (default 35-90%) of the short side, aspect 0.8-1.25, saved at 1-2x ``size``.
 
     The prepare step then applies the ADM crop, so the demo exercises the same resize path as ImageNet.
     """
@@ -54,7 +58,7 @@ def _random_crops(photo, n: int, size: int, rng) -> list:  # -> list[PIL.Image]
     short = min(w, h)
     crops = []
     for _ in range(n):
-        side = short * rng.uniform(0.35, 0.9)
+        side = short * rng.uniform(*side_range)
         aspect = rng.uniform(0.8, 1.25)
         cw, ch = min(w, side * aspect), min(h, side / aspect)
         x0, y0 = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
@@ -65,8 +69,10 @@ def _random_crops(photo, n: int, size: int, rng) -> list:  # -> list[PIL.Image]
     return crops
 
 
-def _params(size: int, train_per_class: int, val_per_class: int, seed: int) -> dict:
-    return {
+def _params(
+    size: int, train_per_class: int, val_per_class: int, seed: int, scale: tuple[float, float]
+) -> dict:
+    params = {
         "version": _DEMO_VERSION,
         "classes": list(DEMO_CLASSES),
         "size": size,
@@ -74,6 +80,11 @@ def _params(size: int, train_per_class: int, val_per_class: int, seed: int) -> d
         "val_per_class": val_per_class,
         "seed": seed,
     }
+    if (
+        tuple(scale) != DEFAULT_CROP_SCALE
+    ):  # datasets built before the option keep their note, so stay complete
+        params["crop_scale"] = [float(scale[0]), float(scale[1])]
+    return params
 
 
 def _result(out: Path, train_manifest: dict, val_manifest: dict) -> dict:
@@ -125,6 +136,15 @@ def _remove_demo_files(out: Path) -> None:
         shutil.rmtree(out / name, ignore_errors=True)
 
 
+def _check_options(size: int, crop_scale: tuple[float, float]) -> None:
+    if size < 8:
+        raise ConfigError(f"size must be >= 8, got {size}")
+    if not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
+        raise ConfigError(
+            f"crop_scale must be (low, high) with 0 < low <= high <= 1, got {tuple(crop_scale)}"
+        )
+
+
 def build_demo_dataset(
     out: str | Path = "data/demo",
     size: int = 32,
@@ -133,8 +153,11 @@ def build_demo_dataset(
     seed: int = 0,
     workers: int = 1,
     progress: bool = False,
+    crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE,
 ) -> dict:
     """Build (or find) the demo dataset; returns paths, shard patterns and counts.
+
+    ``crop_scale``: the range of crop sides as fractions of each photo's short side.
 
     Keys: ``root``, ``train_shards``, ``val_shards`` (brace patterns for the YAML config),
     ``classes_file``, ``class_names``, ``num_classes`` (8), ``image_size``, ``num_train``, ``num_val``,
@@ -144,10 +167,9 @@ def build_demo_dataset(
 
     from dip_lightning.core.data.prepare import prepare_split
 
-    if size < 8:
-        raise ConfigError(f"size must be >= 8, got {size}")
+    _check_options(size, crop_scale)
     out = Path(out)
-    params = _params(size, train_per_class, val_per_class, seed)
+    params = _params(size, train_per_class, val_per_class, seed, crop_scale)
     done = _complete(out, params)
     if done is not None:
         return done
@@ -167,7 +189,7 @@ def build_demo_dataset(
             for name in DEMO_CLASSES:
                 folder = staging / split / name
                 folder.mkdir(parents=True)
-                for i, crop in enumerate(_random_crops(photos[name], per_class, size, rng)):
+                for i, crop in enumerate(_random_crops(photos[name], per_class, size, rng, crop_scale)):
                     crop.save(folder / f"{name}_{split}_{i:04d}.png", compress_level=1)
         manifests = {}
         for split, shard_size in (("train", 256), ("val", 64)):

@@ -2,7 +2,8 @@
 
 Everything here follows the released DiP code (docs/paper.md §1.2), which is PixNerd's `FlattenDiTBlock`
 stack: pre-norm RMSNorm, adaLN modulation without a SiLU inside the block (the conditioning vector arrives
-already SiLU-ed), gated residuals, QK-RMSNorm, 2D RoPE and no absolute position embedding.
+already SiLU-ed), gated residuals, QK-RMSNorm, 2D RoPE and no absolute position embedding (a fixed sin-cos
+one, :func:`sincos_pos_embed_2d`, is DiP's named option ``pos_embed``, off by default).
 """
 
 from __future__ import annotations
@@ -116,6 +117,26 @@ def rope_2d_grid(
         xs = torch.linspace(0, scale, grid_w, device=device)
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")
     return rope_2d_from_positions(xx.reshape(-1), yy.reshape(-1), head_dim, theta)
+
+
+def sincos_pos_embed_2d(
+    grid_h: int, grid_w: int, dim: int, device: torch.device | str | None = None
+) -> Tensor:
+    """Fixed 2D sin-cos absolute position embedding (N, dim) for a row-major grid_h x grid_w token grid.
+
+    DiT's / MAE's table: half of the channels encode the row, half the column, each as [sin, cos] of the integer
+    position times ``10000 ** (-k / (dim / 4))``. Not in the released DiP (RoPE only); DiP's ``pos_embed``
+    option adds it to the tokens (docs/paper.md, deviations).
+    """
+    if dim % 4:
+        raise ConfigError(f"the 2D sin-cos position embedding needs hidden_size divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, device=device, dtype=torch.float32) / (dim // 4))
+    ys = torch.arange(grid_h, device=device, dtype=torch.float32)
+    xs = torch.arange(grid_w, device=device, dtype=torch.float32)
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    ay = yy.reshape(-1, 1) * omega  # (N, dim/4)
+    ax = xx.reshape(-1, 1) * omega
+    return torch.cat([ay.sin(), ay.cos(), ax.sin(), ax.cos()], dim=1)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

@@ -22,6 +22,7 @@ from dip_lightning.core.models.backbone import (
     TimestepEmbedder,
     patchify,
     rope_2d_grid,
+    sincos_pos_embed_2d,
     unpatchify,
 )
 from dip_lightning.core.models.heads import LinearHead, PatchDetailerHead, PatchHead
@@ -31,6 +32,20 @@ HeadFactory = Callable[[int, int, int], PatchHead]
 jsonargparse makes from `{class_path: ..., init_args: {...}}`."""
 
 Placement = Literal["post_hoc", "intermediate", "hybrid"]
+PosEmbed = Literal["none", "sincos"]
+
+
+_CHOICES = {
+    "placement": ("post_hoc", "intermediate", "hybrid"),
+    "init": ("official", "adaln_zero"),
+    "pos_embed": ("none", "sincos"),
+}
+
+
+def _check_choices(**options: str) -> None:
+    for name, value in options.items():
+        if value not in _CHOICES[name]:
+            raise ConfigError(f"{name} must be one of {', '.join(_CHOICES[name])}; got {value!r}")
 
 
 class DiP(nn.Module):
@@ -66,6 +81,10 @@ class DiP(nn.Module):
         rope_scale: RoPE positions are linspace(0, rope_scale, grid) on each axis (released: 16.0); None gives
             integer positions 0..grid-1.
         qk_norm: per-head RMSNorm on queries and keys (released: True).
+        pos_embed: absolute position information added to the tokens after the patch embedding: "none" (the
+            release: 2D RoPE only) or "sincos" (DiT's fixed 2D sin-cos table, no parameters). A deviation for
+            very short trainings (the demo): with RoPE alone, attention sees only relative offsets, so from pure
+            noise a token cannot tell where in the image it is and early samples are a bag of patches.
         time_max_period: max period of the sinusoidal timestep features (released: 10, for t in [0, 1]).
         checkpoint_blocks: recompute the activations of the first this-many blocks in the backward pass instead
             of keeping them (``torch.utils.checkpoint``, non-reentrant): less activation memory for one more
@@ -96,15 +115,13 @@ class DiP(nn.Module):
         rope_theta: float = 10000.0,
         rope_scale: float | None = 16.0,
         qk_norm: bool = True,
+        pos_embed: PosEmbed = "none",
         time_max_period: float = 10.0,
         checkpoint_blocks: int = 0,
         checkpoint_head: bool = False,
     ) -> None:
         super().__init__()
-        if placement not in ("post_hoc", "intermediate", "hybrid"):
-            raise ConfigError(f"placement must be post_hoc, intermediate or hybrid, got {placement!r}")
-        if init not in ("official", "adaln_zero"):
-            raise ConfigError(f"init must be 'official' or 'adaln_zero', got {init!r}")
+        _check_choices(placement=placement, init=init, pos_embed=pos_embed)
         if input_size % patch_size:
             raise ConfigError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         if not 0 <= checkpoint_blocks <= depth:
@@ -123,6 +140,7 @@ class DiP(nn.Module):
         self.placement = placement
         self.rope_theta = rope_theta
         self.rope_scale = rope_scale
+        self.pos_embed = pos_embed
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size, max_period=time_max_period)
@@ -196,6 +214,8 @@ class DiP(nn.Module):
         )
 
         h = self.x_embedder(patches)
+        if self.pos_embed == "sincos":
+            h = h + sincos_pos_embed_2d(hgt // p, wid // p, self.hidden_size, x.device).to(h.dtype)
         t_emb = self.t_embedder(t).to(h.dtype)
         cond = F.silu(t_emb + self.y_embedder(y))
         hidden = None

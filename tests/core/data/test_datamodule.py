@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,3 +151,25 @@ def test_demo_dataset_is_idempotent_and_trains(tmp_path):
     assert sum(len(v) for v in model.val_ids) >= 32  # sanity check + one full validation pass
     assert dm.class_names == info["class_names"]
     assert {y for ys in model.train_labels for y in ys} <= set(range(8))
+
+
+def test_demo_dataset_crop_scale_is_part_of_its_identity(tmp_path):
+    # Narrower crops (the demo recipe's) make another dataset: rebuilt, with the range in the manifest's note;
+    # the default range keeps the note of datasets built before the option existed.
+    import json
+
+    from dip_lightning.core.errors import ConfigError
+
+    out = tmp_path / "demo"
+    wide = build_demo_dataset(out, size=16, train_per_class=2, val_per_class=1)
+    assert "crop_scale" not in json.loads(
+        json.loads(Path(wide["train_manifest"]).read_text())["source"]["note"]
+    )
+    wide_bytes = (out / "train-000000.tar").read_bytes()
+    narrow = build_demo_dataset(out, size=16, train_per_class=2, val_per_class=1, crop_scale=(0.7, 1.0))
+    note = json.loads(json.loads(Path(narrow["train_manifest"]).read_text())["source"]["note"])
+    assert note["crop_scale"] == [0.7, 1.0]
+    assert (out / "train-000000.tar").read_bytes() != wide_bytes
+    for bad in ((0.0, 0.5), (0.8, 0.7), (0.5, 1.5)):
+        with pytest.raises(ConfigError, match="crop_scale"):
+            build_demo_dataset(out, size=16, crop_scale=bad)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from dip_lightning.core.diffusion import guided_velocity
+from dip_lightning.core.errors import ConfigError
 from dip_lightning.core.models import AttentionHead, CoordMLPHead, DiP, LinearHead, MLPHead, PatchDetailerHead
 from dip_lightning.core.models.backbone import (
     Attention,
@@ -17,6 +18,7 @@ from dip_lightning.core.models.backbone import (
     patchify,
     rope_2d_from_positions,
     rope_2d_grid,
+    sincos_pos_embed_2d,
     unpatchify,
 )
 
@@ -130,6 +132,42 @@ def test_patch_detailer_token_reaches_every_pixel(patch_size):
     assert torch.all(changed[[0, 2]] == 0)
 
 
+def token_and_pixel_effect(head: PatchDetailerHead, patch_size: int = 16) -> tuple[float, float]:
+    """Output change when the tokens are redrawn, and when the noisy pixels are redrawn (std over everything)."""
+    g = torch.Generator().manual_seed(1)
+    draw = functools.partial(torch.randn, generator=g)
+    patches, tokens, cond = (
+        draw(64, 3, patch_size, patch_size),
+        draw(64, head.hidden_size),
+        draw(64, head.hidden_size),
+    )
+    with torch.no_grad():
+        out = head(patches, tokens, cond)
+        token = (head(patches, draw(64, head.hidden_size), cond) - out).std().item()
+        pixel = (head(draw(64, 3, patch_size, patch_size), tokens, cond) - out).std().item()
+    return token, pixel
+
+
+def test_patch_detailer_kaiming_init_lets_the_token_through():
+    # Released (PyTorch default) init: the token crosses 2 * depth + 1 shrinking layers, the pixels arrive through
+    # the skips, so the head hardly hears the backbone at the start. He-normal weights give the token a say.
+    torch.manual_seed(0)
+    released = PatchDetailerHead(192, 16, 3, depth=3, base_channels=16)
+    torch.manual_seed(0)
+    kaiming = PatchDetailerHead(192, 16, 3, depth=3, base_channels=16, init="kaiming")
+    assert released.init == "released"
+    token, pixel = token_and_pixel_effect(released)
+    assert token < 1e-2 * pixel
+    token, pixel = token_and_pixel_effect(kaiming)
+    assert token > 5e-2 * pixel
+    # Same tensors, and the output conv is left to the model's init (adaLN-zero zeroes it).
+    assert [n for n, _ in released.named_parameters()] == [n for n, _ in kaiming.named_parameters()]
+    torch.testing.assert_close(kaiming.out.weight, released.out.weight)
+    assert all(m.bias.abs().sum() == 0 for m in kaiming.enc.modules() if isinstance(m, torch.nn.Conv2d))
+    with pytest.raises(ConfigError, match="init"):
+        PatchDetailerHead(192, 16, 3, init="xavier")
+
+
 def test_patch_detailer_layer_shapes_follow_paper_table():
     head = PatchDetailerHead(1152, 16, 3)
     assert head.widths == [64, 128, 256, 512]
@@ -220,6 +258,43 @@ def test_rope_grid_layout_matches_release():
 # ----------------------------------------------------------------------------------------------------
 # Conditioning and block outputs
 # ----------------------------------------------------------------------------------------------------
+
+
+def test_sincos_pos_embed_table_layout():
+    # Channels: [sin(row w), cos(row w), sin(col w), cos(col w)], w_k = 10000 ** (-k / (dim / 4)); integer positions.
+    table = sincos_pos_embed_2d(3, 4, 16)
+    assert table.shape == (12, 16)
+    row, col = 2, 3
+    token = table[row * 4 + col]
+    w = 10000 ** (-torch.arange(4.0) / 4)
+    torch.testing.assert_close(
+        token, torch.cat([(row * w).sin(), (row * w).cos(), (col * w).sin(), (col * w).cos()])
+    )
+    assert len({tuple(r.tolist()) for r in table}) == 12  # every position distinct
+    with pytest.raises(ConfigError, match="divisible by 4"):
+        sincos_pos_embed_2d(2, 2, 18)
+
+
+def test_pos_embed_option_tells_tokens_apart_and_defaults_to_released():
+    # RoPE alone (the release): attention sees only relative offsets, so identical patches everywhere give identical
+    # outputs in every patch; the sin-cos embedding gives each position its own output. Same parameters either way.
+    torch.manual_seed(0)
+    released = tiny(input_size=64, init="official", head=LinearHead)  # the token alone makes the patch
+    assert released.pos_embed == "none"
+    torch.manual_seed(0)
+    absolute = tiny(input_size=64, init="official", head=LinearHead, pos_embed="sincos")
+    assert [n for n, _ in released.named_parameters()] == [n for n, _ in absolute.named_parameters()]
+    patch = torch.randn(1, 3, 16, 16)
+    x = patch.repeat(1, 1, 4, 4)  # a 4x4 grid of the same patch
+    t, y = torch.tensor([0.3]), torch.tensor([1])
+    with torch.no_grad():
+        out_rel = patchify(released(x, t, y), 16)[0]
+        out_abs = patchify(absolute(x, t, y), 16)[0]
+    torch.testing.assert_close(out_rel, out_rel[:1].expand_as(out_rel), rtol=1e-4, atol=1e-5)
+    apart = (out_abs[:, None] - out_abs[None]).abs().amax(dim=-1) + torch.eye(16)  # (16, 16), diagonal masked
+    assert apart.min() > 1e-2 * out_abs.abs().max()  # no two positions alike
+    with pytest.raises(ConfigError, match="pos_embed"):
+        tiny(pos_embed="learned")
 
 
 def test_null_class_is_a_separate_label():
