@@ -411,7 +411,10 @@ def write_grids(args: argparse.Namespace, path: Path, seed: int = 0, per_class: 
                 return False
             with np.load(found[0]) as npz:
                 row.append(
-                    (f"{label}, step {step}", rep.class_grid(npz["arr_0"], args.recipe["num_classes"], per_class))
+                    (
+                        f"{label}, step {step}",
+                        rep.class_grid(npz["arr_0"], args.recipe["num_classes"], per_class),
+                    )
                 )
         rows.append(row)
     rep.mosaic(rows, path)
