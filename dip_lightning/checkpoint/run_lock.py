@@ -1,4 +1,4 @@
-"""One ``fit`` per run folder: a lease file that one process group (all ranks of one job) holds at a time.
+"""One ``fit`` per run folder: a lock file that one process group (all ranks of one job) holds at a time.
 
 Two jobs training into one folder overwrite each other's checkpoints. Rank 0 creates ``<run>/run.lock`` with
 ``O_CREAT | O_EXCL`` (atomic on local filesystems, NFSv3+ and Lustre, unlike ``flock``, which network filesystems
@@ -115,7 +115,7 @@ def _machine() -> tuple[str | None, str | None]:
 
 @dataclass(frozen=True)
 class Holder:
-    """What the lease file records about the process that holds it."""
+    """What the lock file records about the process that holds it."""
 
     token: str
     job: str
@@ -176,7 +176,7 @@ class Holder:
 
 @dataclass(frozen=True)
 class _Seen:
-    """A lease file as read: its holder (None: empty or unreadable) and its identity."""
+    """A lock file as read: its holder (None: empty or unreadable) and its identity."""
 
     holder: Holder | None
     inode: tuple[int, int]

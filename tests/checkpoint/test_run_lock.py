@@ -95,8 +95,8 @@ def test_requeued_slurm_job_takes_over_its_own_hold_at_once(tmp_path: Path) -> N
     slurm = {"SLURM_JOB_ID": "4711", "SLURM_CLUSTER_NAME": "test"}
     with holder(run, **slurm) as first:
         kill_9(first)
-    lease = run / RUN_LOCK
-    lease.write_text(lease.read_text().replace(socket.gethostname(), "node-that-died"))
+    lock_file = run / RUN_LOCK
+    lock_file.write_text(lock_file.read_text().replace(socket.gethostname(), "node-that-died"))
     os.environ.update(slurm)  # the fixture's monkeypatch removes them again
     lock = RunLock(run)
     assert "this job's own earlier run (SLURM job 4711, requeued or restarted)" in lock.acquire()
@@ -117,12 +117,12 @@ def test_holder_on_another_host_waits_for_stale_heartbeat(tmp_path: Path) -> Non
     run = tmp_path / "run"
     with holder(run) as dead:
         kill_9(dead)
-    lease = run / RUN_LOCK
-    lease.write_text(lease.read_text().replace(socket.gethostname(), "node-that-died"))
+    lock_file = run / RUN_LOCK
+    lock_file.write_text(lock_file.read_text().replace(socket.gethostname(), "node-that-died"))
     with pytest.raises(RunFolderBusy, match=r"on node-that-died.*last heartbeat 0 s ago"):
         RunLock(run, stale_after=60).acquire()
     old = time.time() - 120
-    os.utime(lease, (old, old))
+    os.utime(lock_file, (old, old))
     lock = RunLock(run, stale_after=60)
     assert "no heartbeat for 2 min (stale after 60 s)" in lock.acquire()
     lock.release()
@@ -131,11 +131,11 @@ def test_holder_on_another_host_waits_for_stale_heartbeat(tmp_path: Path) -> Non
 def test_heartbeat_keeps_a_live_hold_fresh(tmp_path: Path) -> None:
     run = tmp_path / "run"
     with holder(run, stale_after=1.0):
-        lease = run / RUN_LOCK
-        first = lease.stat().st_mtime_ns
+        lock_file = run / RUN_LOCK
+        first = lock_file.stat().st_mtime_ns
         time.sleep(1.0)  # five heartbeats
-        assert lease.stat().st_mtime_ns > first
-        assert time.time() - lease.stat().st_mtime < 1.0
+        assert lock_file.stat().st_mtime_ns > first
+        assert time.time() - lock_file.stat().st_mtime < 1.0
 
 
 def test_of_contenders_for_a_stale_hold_exactly_one_wins(tmp_path: Path) -> None:
