@@ -111,8 +111,7 @@ def _generate_chunk(
     images = []
     for b in range(0, len(indices), batch_size):
         y = torch.from_numpy(labels[b : b + batch_size])
-        guided = {} if guide is None else {"guide": guide}
-        x = module.generate(y, torch.from_numpy(seeds[b : b + batch_size]), **guided, **overrides)
+        x = module.generate(y, torch.from_numpy(seeds[b : b + batch_size]), guide=guide, **overrides)
         # The project's uint8 convention (as grids, FID, predict): an index gives the same pixels.
         images.append(to_uint8(x).permute(0, 2, 3, 1).cpu().numpy())
     return {"images": np.concatenate(images), "labels": labels, "indices": indices}

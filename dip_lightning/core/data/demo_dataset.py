@@ -80,9 +80,8 @@ def _params(
         "val_per_class": val_per_class,
         "seed": seed,
     }
-    if (
-        tuple(scale) != DEFAULT_CROP_SCALE
-    ):  # datasets built before the option keep their note, so stay complete
+    # Only a non-default range is recorded: datasets built before the option keep matching their note.
+    if tuple(scale) != DEFAULT_CROP_SCALE:
         params["crop_scale"] = [float(scale[0]), float(scale[1])]
     return params
 

@@ -75,9 +75,10 @@ def guide_properties(model: Any) -> dict[str, Any]:
     }
 
 
-def check_guide(main: Any, guide: Any, source: str | os.PathLike = "the guide") -> None:
+def check_guide(main: Any, guide: Any, source: str | os.PathLike | None = None) -> None:
     """Refuse a guide whose images, patches, classes or noise differ from the main model's (ConfigError): it
-    must predict for the very inputs the main model sees."""
+    must predict for the very inputs the main model sees. ``source`` names it (default: its ``path``)."""
+    source = source if source is not None else getattr(guide, "path", "the guide")
     ours, theirs = guide_properties(main), guide_properties(guide)
     differ = [
         f"{name} {theirs[name]} (the model's: {ours[name]})" for name in ours if ours[name] != theirs[name]

@@ -7,7 +7,7 @@ and label index `num_classes` is the null class used for classifier-free guidanc
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -32,14 +32,10 @@ HeadFactory = Callable[[int, int, int], PatchHead]
 jsonargparse makes from `{class_path: ..., init_args: {...}}`."""
 
 Placement = Literal["post_hoc", "intermediate", "hybrid"]
+Init = Literal["official", "adaln_zero"]
 PosEmbed = Literal["none", "sincos"]
 
-
-_CHOICES = {
-    "placement": ("post_hoc", "intermediate", "hybrid"),
-    "init": ("official", "adaln_zero"),
-    "pos_embed": ("none", "sincos"),
-}
+_CHOICES = {"placement": get_args(Placement), "init": get_args(Init), "pos_embed": get_args(PosEmbed)}
 
 
 def _check_choices(**options: str) -> None:
@@ -111,7 +107,7 @@ class DiP(nn.Module):
         placement: Placement = "post_hoc",
         intermediate_block: int | None = None,
         intermediate_head: HeadFactory | None = None,
-        init: Literal["official", "adaln_zero"] = "official",
+        init: Init = "official",
         rope_theta: float = 10000.0,
         rope_scale: float | None = 16.0,
         qk_norm: bool = True,

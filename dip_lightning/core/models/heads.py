@@ -21,7 +21,7 @@ documented per class, aiming at the paper's Table 2 totals where that is cheap.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -116,8 +116,8 @@ class PatchDetailerHead(PatchHead):
         init: HeadInit = "released",
     ) -> None:
         super().__init__(hidden_size, patch_size, in_channels, token_input)
-        if init not in ("released", "kaiming"):
-            raise ConfigError(f"init must be 'released' or 'kaiming', got {init!r}")
+        if init not in get_args(HeadInit):
+            raise ConfigError(f"init must be one of {', '.join(get_args(HeadInit))}; got {init!r}")
         if not 0 <= dense_conv_side <= MAX_DENSE_CONV_SIDE:
             raise ConfigError(
                 f"dense_conv_side must be 0..{MAX_DENSE_CONV_SIDE}, got {dense_conv_side}: the dense matrix of a "

@@ -183,7 +183,7 @@ class MetricsCallback(StepEvaluation):
                 f"{type(self).__name__} needs a LightningModule with `generate(labels, seeds)` and `num_classes`"
             )
         if self.guide is not None:
-            check_guide(pl_module, self.guide, getattr(self.guide, "path", "the guide"))
+            check_guide(pl_module, self.guide)
         if self.extractor is None and set(self.metrics) - {"patch_seam", "fd_dinov2"}:
             from dip_lightning.core.metrics.features import FIDHelperInception
 
@@ -291,7 +291,7 @@ class MetricsCallback(StepEvaluation):
                 images = module.generate(
                     torch.from_numpy(labels),
                     torch.from_numpy(seeds),
-                    **self._guided,
+                    guide=self.guide,
                     **self.sampler_overrides,
                 )
                 # .to(device): an EMA copy kept on another device (EMA(device="cpu")) returns images there.
@@ -384,11 +384,6 @@ class MetricsCallback(StepEvaluation):
             **self.sampler_overrides,
             **({"guide": repr(self.guide)} if self.guide is not None else {}),
         )
-
-    @property
-    def _guided(self) -> dict[str, Any]:
-        """``generate``'s guide argument, given only with a guide (modules without autoguidance still work)."""
-        return {} if self.guide is None else {"guide": self.guide}
 
     def state_dict(self) -> dict[str, Any]:
         # Bookkeeping only: networks and reference are rebuilt from the config, not checkpointed.

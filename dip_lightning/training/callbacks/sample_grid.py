@@ -96,10 +96,9 @@ class SampleGrid(StepEvaluation):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if (
-            self.guide is not None and stage == "fit"
-        ):  # a guide that does not fit fails now, not at the first grid
-            check_guide(pl_module, self.guide, getattr(self.guide, "path", "the guide"))
+        # A guide that does not fit fails now, not at the first grid.
+        if self.guide is not None and stage == "fit":
+            check_guide(pl_module, self.guide)
 
     def row_classes(self, num_classes: int) -> list[int]:
         if self.classes is not None:
@@ -118,8 +117,7 @@ class SampleGrid(StepEvaluation):
         classes = self.row_classes(module.num_classes)
         labels = torch.tensor([c for c in classes for _ in range(self.cols)], dtype=torch.long)
         seeds = torch.arange(len(labels), dtype=torch.long) + self.seed
-        guided = {} if self.guide is None else {"guide": self.guide}
-        images = module.generate(labels, seeds, **guided, **self.sampler_overrides)
+        images = module.generate(labels, seeds, guide=self.guide, **self.sampler_overrides)
         grid = make_grid(to_uint8(images).cpu(), cols=self.cols)
         return grid, classes
 

@@ -43,7 +43,9 @@ class Painter(ToyRegression):
         self.generate_calls = 0
 
     @torch.no_grad()
-    def generate(self, labels: torch.Tensor, seeds: torch.Tensor, **overrides: Any) -> torch.Tensor:
+    def generate(
+        self, labels: torch.Tensor, seeds: torch.Tensor, guide: Any = None, **overrides: Any
+    ) -> torch.Tensor:
         self.generate_calls += 1
         if self.global_rank == self.signal_rank:
             for sig in self.signals.get(self.generate_calls, []):

@@ -66,7 +66,9 @@ class ToyGenerator(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.2)
 
     @torch.no_grad()
-    def generate(self, labels: torch.Tensor, seeds: torch.Tensor, **overrides: Any) -> torch.Tensor:
+    def generate(
+        self, labels: torch.Tensor, seeds: torch.Tensor, guide: Any = None, **overrides: Any
+    ) -> torch.Tensor:
         self.overrides_seen.append(overrides)
         noise = torch.stack(
             [torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(int(s))) for s in seeds.tolist()]
