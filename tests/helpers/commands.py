@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.helpers import REPO
 from tests.helpers.tiny import subprocess_env
 
 
-def run_command(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run ``python -m dip_lightning *args`` from the repository with one thread; output captured as text."""
+def run_command(*args: str, timeout: float = 300, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run ``python -m dip_lightning *args`` in ``cwd`` (the repository) with one thread; output captured as text."""
     return subprocess.run(
         [sys.executable, "-m", "dip_lightning", *args],
-        cwd=REPO,
+        cwd=cwd,
         env=subprocess_env(threads=1),
         capture_output=True,
         text=True,

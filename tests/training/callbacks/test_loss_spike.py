@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +13,10 @@ import torch
 from dip_lightning.core.errors import ConfigError
 from dip_lightning.training.callbacks import LossSpikeError, LossSpikeGuard, NonFiniteGuard
 from dip_lightning.training.cli import DiPCLI
+from tests.helpers.commands import run_command
 from tests.helpers.resume import LogLines, assert_equal_nested, run_fit
 from tests.helpers.spike_probe import InjectSpikes
-from tests.helpers.tiny import ema_callback, fit_with, subprocess_env, tiny_args
+from tests.helpers.tiny import ema_callback, fit_with, tiny_args
 
 LR = 2e-3  # the tiny config's
 
@@ -227,14 +226,7 @@ def test_ddp_both_ranks_roll_back_together(tmp_path: Path, demo_data: dict) -> N
         "--trainer.callbacks.init_args.ranks=[0]",
         f"--trainer.callbacks.init_args.out_dir={out}",
     ]
-    done = subprocess.run(
-        [sys.executable, "-m", "dip_lightning", "fit", *args],
-        cwd=tmp_path,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = run_command("fit", *args, cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "rollback 1 of at most 3 at step 13" in done.stderr + done.stdout
     records = [json.loads((out / f"spikes_rank{r}.json").read_text()) for r in (0, 1)]

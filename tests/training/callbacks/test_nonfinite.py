@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,9 +11,10 @@ import torch
 from dip_lightning.checkpoint.io import AtomicCheckpointIO, NonFiniteCheckpointError, nonfinite_tensors
 from dip_lightning.training.callbacks import NonFiniteTrainingError
 from dip_lightning.training.cli import DiPCLI
+from tests.helpers.commands import run_command
 from tests.helpers.nonfinite_probe import Poison
 from tests.helpers.resume import assert_equal_nested
-from tests.helpers.tiny import ema_callback, fit_with, subprocess_env, tiny_args
+from tests.helpers.tiny import ema_callback, fit_with, tiny_args
 
 DIVERGE = "--model.optimizer.init_args.lr=1000"
 PHEMA = {
@@ -177,14 +176,7 @@ def test_ddp_both_ranks_skip_a_step_poisoned_on_one_rank(tmp_path: Path, demo_da
         "--trainer.callbacks.init_args.ranks=[0]",
         f"--trainer.callbacks.init_args.out_dir={out}",
     ]
-    done = subprocess.run(
-        [sys.executable, "-m", "dip_lightning", "fit", *args],
-        cwd=tmp_path,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = run_command("fit", *args, cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     for rank in (0, 1):
         assert json.loads((out / f"skips_rank{rank}.json").read_text()) == [3]
