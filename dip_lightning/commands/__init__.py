@@ -154,9 +154,8 @@ def _dispatch(argv: list[str]) -> int:
 
         print(f"dip-lightning {__version__}")
         return 0
-    if argv[0].startswith(
-        "-"
-    ):  # LightningCLI options without a subcommand: LightningCLI says what is missing
+    # LightningCLI options without a subcommand: LightningCLI says what is missing.
+    if argv[0].startswith("-"):
         return _lightning(argv)
     command = COMMANDS.get(_canonical(argv[0]))
     if command is None:

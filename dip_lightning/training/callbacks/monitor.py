@@ -144,9 +144,8 @@ class TrainingMonitor(Callback):
         self._batch_end = time.perf_counter()
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if (
-            self._batch_end is not None
-        ):  # a validation inside fit (a sanity check comes before on_train_start)
+        # A validation inside fit (a sanity check comes before on_train_start).
+        if self._batch_end is not None:
             self._batch_end = time.perf_counter()  # validation inside fit is not waiting for data
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:

@@ -90,9 +90,8 @@ class PowerFunctionEMA(Callback):
         if trainer.global_step == self.step:  # no optimizer step in this batch (gradient accumulation)
             return
         self.step = trainer.global_step
-        if not step_skipped(
-            trainer
-        ):  # NonFiniteGuard skipped this step's update: the profiles stay as they are
+        # A step NonFiniteGuard skipped leaves the profiles as they are.
+        if not step_skipped(trainer):
             keep = update_keep(trainer)
             current = live_tensors(pl_module, next(iter(self.averages.values())))
             for std, average in self.averages.items():
