@@ -78,7 +78,7 @@ def run_demo(
     from dip_lightning.training.cli import DiPCLI
 
     t0 = time.time()
-    config = resolve_config(str(config))
+    config = resolve_config(str(config), option="--experiment")
     data_dir = Path(data_dir)
     dataset = build_demo_dataset(
         data_dir,

@@ -12,6 +12,7 @@ from dip_lightning.commands import CommandParser
 from dip_lightning.core.diffusion import SAMPLER_OVERRIDES, sampler_overrides
 from dip_lightning.core.distributed import launch_place
 from dip_lightning.core.errors import ConfigError
+from dip_lightning.core.recipes import resolve_config
 from dip_lightning.evaluation.export import export_samples
 from dip_lightning.evaluation.seeds import resolve_seeds, seed_path
 from dip_lightning.training.autoguidance import load_guide
@@ -110,12 +111,13 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     seeds = resolve_seeds(args.seed, args.seeds, args.num_samples)  # checked before the checkpoint loads
     existing = [str(p) for p in (seed_path(args.out, s, seeds) for s in seeds) if p.exists()]
-    if (
-        existing and not args.overwrite
-    ):  # before any seed's images: a later seed's file is never found too late
+    # Before any seed's images: a later seed's file is never found too late.
+    if existing and not args.overwrite:
         raise FileExistsError(
             f"{', '.join(existing)} exist(s); pass --overwrite to replace (nothing was changed)."
         )
+    for experiment in args.experiment or []:
+        resolve_config(experiment, option="--experiment")  # a misspelled name is refused as the user wrote it
     place = launch_place()
     rank, world_size = place.rank, place.world_size
     device = args.device or (f"cuda:{place.local_rank}" if torch.cuda.is_available() else "cpu")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dip_lightning.checkpoint.format import ACCEPTED_FORMS, WeightRequest
 from dip_lightning.commands import CommandParser
+from dip_lightning.core.recipes import resolve_config
 from dip_lightning.evaluation.sweep import run_sweep
 
 
@@ -118,5 +119,7 @@ def build_parser() -> CommandParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    for experiment in args.experiment or []:
+        resolve_config(experiment, option="--experiment")  # a misspelled name is refused as the user wrote it
     run_sweep(args)
     return 0

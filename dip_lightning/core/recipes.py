@@ -59,17 +59,18 @@ def _looks_like_inline_yaml(value: str) -> bool:
     return any(c in value for c in "\n{}:=") and not value.endswith(RECIPE_SUFFIXES)
 
 
-def resolve_config(value: str) -> str:
+def resolve_config(value: str, option: str = "--config") -> str:
     """A ``--config`` value as a file path: a file that exists as given, else the shipped recipe of that name; an
-    inline YAML text is returned unchanged. Neither a file nor a recipe: a ``ConfigError`` listing the names."""
+    inline YAML text is returned unchanged. Neither a file nor a recipe: a ``ConfigError`` listing the names, which
+    calls the value by the ``option`` the user gave it with."""
     if Path(value).expanduser().is_file() or _looks_like_inline_yaml(value):
         return value
     if Path(value).expanduser().exists():
-        raise ConfigError(f"--config {value} is not a file; give a YAML file or a shipped recipe's name")
+        raise ConfigError(f"{option} {value} is not a file; give a YAML file or a shipped recipe's name")
     try:
         return str(recipe_path(value))
     except ConfigError as err:
-        raise ConfigError(f"--config {value}: no such file, and {err}") from None
+        raise ConfigError(f"{option} {value}: no such file, and {err}") from None
 
 
 def with_recipe_paths(argv: list[str]) -> list[str]:

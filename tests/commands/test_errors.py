@@ -381,3 +381,28 @@ def test_an_impossible_option_is_one_error_line(
     line = fails(capfd, "fit", *tiny_args(tmp_path / "run", demo_data), option)
     assert named in line
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("command", ["demo", "sample", "sweep"])
+def test_a_misspelled_experiment_is_named_by_the_option_the_user_gave(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], command: str
+) -> None:
+    """``--experiment demoo`` is refused as ``--experiment``, not as the ``--config`` it is passed on with."""
+    given = {
+        "demo": ["--data_dir", str(tmp_path / "data"), "--run_root", str(tmp_path / "runs")],
+        "sample": [
+            "--ckpt_path",
+            str(tmp_path / "x.ckpt"),
+            "--out",
+            str(tmp_path / "s.npz"),
+            "--num_samples",
+            "4",
+        ],
+        "sweep": ["--ckpt_path", str(tmp_path / "x.ckpt"), "--reference", str(tmp_path / "r.npz")]
+        + ["--num_samples", "4", "--out", str(tmp_path / "sweep")],
+    }[command]
+    line = fails(capfd, command, *given, "--experiment", "demoo")
+    assert line.startswith("error: --experiment demoo: no such file, and no shipped recipe named 'demoo'"), (
+        line
+    )
+    assert not (tmp_path / "data").exists() and not (tmp_path / "sweep").exists()
