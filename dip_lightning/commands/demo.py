@@ -203,11 +203,13 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 def main(argv: list[str] | None = None) -> int:
     own, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(own)
+    # A wrong experiment is refused before anything changes, the process's thread count included.
+    experiment = resolve_config(args.experiment, option="--experiment")
     torch.set_num_threads(args.threads)
     run_demo(
         args.data_dir,
         args.run_root,
-        args.experiment,
+        experiment,
         overrides,
         args.train_per_class,
         args.val_per_class,

@@ -401,8 +401,10 @@ def test_a_misspelled_experiment_is_named_by_the_option_the_user_gave(
         "sweep": ["--ckpt_path", str(tmp_path / "x.ckpt"), "--reference", str(tmp_path / "r.npz")]
         + ["--num_samples", "4", "--out", str(tmp_path / "sweep")],
     }[command]
+    threads = torch.get_num_threads()
     line = fails(capfd, command, *given, "--experiment", "demoo")
     assert line.startswith("error: --experiment demoo: no such file, and no shipped recipe named 'demoo'"), (
         line
     )
     assert not (tmp_path / "data").exists() and not (tmp_path / "sweep").exists()
+    assert torch.get_num_threads() == threads  # refused before demo sets its --threads
