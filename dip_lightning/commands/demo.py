@@ -47,7 +47,12 @@ def reference_stats(
     extractor = extractor if extractor is not None else FIDHelperInception()
     kinds = {"pool", "seam"} | ({"spatial"} & extractor.available())
     batches = iter_shard_images(shards, 50, image_size)
-    save_reference(out, extract_feature_set(batches, kinds, extractor, torch.device("cpu")))
+    try:
+        save_reference(out, extract_feature_set(batches, kinds, extractor, torch.device("cpu")))
+    except FileExistsError:
+        # A second demo on the same data folder wrote it meanwhile, from the same crops and extractor.
+        if not out.exists():
+            raise
     return out
 
 

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from dip_lightning.commands.demo import run_demo
+from dip_lightning.commands.demo import reference_stats, run_demo
 from dip_lightning.core.data.demo_dataset import DEFAULT_CROP_SCALE
+from dip_lightning.core.metrics.features import PixelProjection
 from tests.helpers.tiny import TINY_CONFIG
 
 pytestmark = pytest.mark.slow  # the whole demo, end to end
@@ -97,3 +98,28 @@ def test_demo_end_to_end_shortened(tmp_path: Path, demo_data: dict) -> None:
     with np.load(reference) as npz:
         assert int(npz["num_samples"]) == demo_data["num_val"] and "pool_features" in npz.files
     assert not (data_dir / "ref_val.npz").exists()  # the Inception reference was not needed
+
+
+class _WritesReferenceMeanwhile(PixelProjection):
+    """An extractor during whose first batch a concurrent demo finishes the same reference file."""
+
+    def __init__(self, shards: str, out: Path) -> None:
+        super().__init__()
+        self.shards, self.out, self.written = shards, out, False
+
+    def features(self, images: torch.Tensor, kinds=("pool",)) -> dict:
+        if not self.written:
+            self.written = True
+            reference_stats(self.shards, self.out, 32, PixelProjection())
+        return super().features(images, kinds)
+
+
+def test_concurrent_demos_share_the_reference_file(tmp_path: Path, demo_data: dict) -> None:
+    # Two demos started together on one fresh data folder: the one that finishes second used to stop with
+    # "ref_val.npz exists; pass overwrite" after computing the same statistics.
+    out = tmp_path / "ref_val.npz"
+    extractor = _WritesReferenceMeanwhile(demo_data["val_shards"], out)
+    assert reference_stats(demo_data["val_shards"], out, 32, extractor) == out
+    assert extractor.written and out.exists()
+    with np.load(out) as ref:
+        assert ref["pool_features"].shape[0] == demo_data["num_val"]
