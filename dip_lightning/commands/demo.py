@@ -79,7 +79,7 @@ def run_demo(
     crop_scale: tuple[float, float] = CROP_SCALE,
 ) -> dict:
     """Run the demo; returns the paths and the FID history. The crops are built at the config's input size."""
-    from dip_lightning.core.data.demo_dataset import build_demo_dataset
+    from dip_lightning.core.data.demo_dataset import REFERENCE_PREFIX, build_demo_dataset
     from dip_lightning.training.cli import DiPCLI
 
     t0 = time.time()
@@ -119,7 +119,7 @@ def run_demo(
                 callback.extractor = FIDHelperInception()
             name = callback.extractor_name
             suffix = "" if name == FIDHelperInception.name else f"-{name}"
-            ref_path = data_dir / f"ref_val{suffix}.npz"
+            ref_path = data_dir / f"{REFERENCE_PREFIX}{suffix}.npz"
             ref = reference_stats(dataset["val_shards"], ref_path, dataset["image_size"], callback.extractor)
             callback.reference = str(ref)
     print(f"[demo] metrics reference: {ref} ({time.time() - t0:.0f} s so far)")

@@ -30,6 +30,9 @@ DEMO_CLASSES: tuple[str, ...] = (
     "stereo_motorcycle",
 )
 _DEMO_VERSION = 1
+#: Name of the metrics reference files the demo writes beside the shards (``ref_val.npz``, ``ref_val-<net>.npz``):
+#: statistics of these validation crops, so a rebuild with other crops removes them with the shards.
+REFERENCE_PREFIX = "ref_val"
 #: Crop side as a fraction of the photo's short side (the range random crops draw from).
 DEFAULT_CROP_SCALE = (0.35, 0.9)
 
@@ -127,7 +130,7 @@ def _is_demo_manifest(path: Path) -> bool:
 
 def _remove_demo_files(out: Path) -> None:
     # Only what an earlier demo build wrote: never a whole folder the user may have pointed us at.
-    for pattern in ("train-*.tar", "val-*.tar", "*-manifest.json"):
+    for pattern in ("train-*.tar", "val-*.tar", "*-manifest.json", f"{REFERENCE_PREFIX}*.npz"):
         for path in [*out.glob(pattern), *leftover_temp_files(out, pattern)]:
             path.unlink()
     (out / "classes.txt").unlink(missing_ok=True)

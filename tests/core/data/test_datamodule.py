@@ -123,6 +123,22 @@ def test_missing_shards_and_bad_config_give_clear_errors(tmp_path):
             ShardDataModule(**bad)
 
 
+def test_demo_rebuild_with_other_crops_removes_the_old_metrics_references(tmp_path):
+    # The demo writes ref_val*.npz beside the shards and reuses it while it exists: kept across a rebuild with other
+    # crops, it would score every later run against the statistics of crops that are gone.
+    out = tmp_path / "demo"
+    build_demo_dataset(out, size=16, train_per_class=4, val_per_class=2, crop_scale=(0.7, 1.0))
+    stale = [out / "ref_val.npz", out / "ref_val-pixel-projection-64x8-seed0.npz"]
+    for path in stale:
+        path.write_bytes(b"statistics of the old crops")
+    (out / "notes.txt").write_text("the user's")
+    build_demo_dataset(out, size=16, train_per_class=4, val_per_class=2, crop_scale=(0.7, 1.0))
+    assert all(path.exists() for path in stale)  # the same crops: the references stay valid
+    build_demo_dataset(out, size=16, train_per_class=4, val_per_class=2, crop_scale=(0.9, 1.0))
+    assert not any(path.exists() for path in stale)
+    assert (out / "notes.txt").read_text() == "the user's"
+
+
 def test_demo_dataset_is_idempotent_and_trains(tmp_path):
     import time
 
