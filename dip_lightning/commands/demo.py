@@ -163,7 +163,7 @@ def build_parser() -> CommandParser:
     p = CommandParser(
         "demo",
         description=__doc__.split("\n\n")[0]
-        + " Dotted options (--trainer.max_steps=50) go to the training's "
+        + " Dotted options (--trainer.max_steps=50) and --seed_everything go to the training's "
         "LightningCLI.",
     )
     p.add_argument("--data_dir", type=str, default="data/demo", help="the demo dataset (built there once)")
@@ -186,15 +186,20 @@ def build_parser() -> CommandParser:
     return p
 
 
+#: The training CLI's top-level options without a dot that the demo passes on.
+TRAINING_TOP_LEVEL = ("--seed_everything",)
+
+
 def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-    """``argv`` as (the demo's own options, the dotted LightningCLI overrides with their values)."""
+    """``argv`` as (the demo's own options, the LightningCLI overrides with their values: the dotted ones and
+    `TRAINING_TOP_LEVEL`)."""
     own: list[str] = []
     overrides: list[str] = []
     i = 0
     while i < len(argv):
         arg = argv[i]
         name = arg.partition("=")[0]
-        if arg.startswith("--") and "." in name:
+        if arg.startswith("--") and ("." in name or name in TRAINING_TOP_LEVEL):
             overrides.append(arg)
             if "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
                 overrides.append(argv[i + 1])  # --trainer.max_steps 50

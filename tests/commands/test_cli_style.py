@@ -158,3 +158,12 @@ def test_demo_hands_the_dotted_options_to_the_training_cli() -> None:
     own, overrides = split_overrides(argv)
     assert own == ["--threads", "1", "--experiment", "x.yaml"]
     assert overrides == ["--trainer.max_steps", "5", "--data.init_args.batch_size=8"]
+
+
+def test_demo_hands_the_seed_to_the_training_cli() -> None:
+    # The training's seed is a top-level LightningCLI key without a dot; the demo refused it as unknown.
+    from dip_lightning.commands.demo import split_overrides
+
+    own, overrides = split_overrides(["--seed_everything=1", "--threads", "1", "--seed_everything", "2"])
+    assert own == ["--threads", "1"]
+    assert overrides == ["--seed_everything=1", "--seed_everything", "2"]
