@@ -97,3 +97,29 @@ def test_loss_spike_benchmark_smoke_run_writes_its_table(tmp_path: Path) -> None
     assert cells[3] == "0"  # the recipe's guard fired on no step of the healthy run
     # Window 50: 70 steps judged (all below the median while the loss falls fast), none near 20 MADs.
     assert 0 <= float(cells[4].split()[0]) < 20
+
+
+def test_demo_metric_bar_scores_real_and_degraded_crops(tmp_path: Path, demo_data: dict) -> None:
+    out = tmp_path / "bar.md"
+    cmd = [sys.executable, str(REPO / "bench" / "demo_metric_bar.py"), "--data", str(demo_data["root"])]
+    cmd += ["--size", "32", "--num_samples", "48", "--extractor", "pixel-projection", "--results", str(out)]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| real")]
+    assert len(rows) == 8  # unchanged, four blurs, three noise levels
+    unchanged = [float(v) for v in rows[0][1:]]
+    assert unchanged[2] > 1 / 8  # the crops' own class is nearer than chance would put it
+
+
+def test_class_agreement_counts_nearest_support_labels() -> None:
+    import torch
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from demo_metric_bar import class_agreement
+
+    support = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    support_labels = torch.tensor([0, 1, 2])
+    query = torch.tensor([[1.0, 0.0], [9.0, 1.0], [1.0, 9.0], [8.0, 0.0]])
+    assert class_agreement(query, torch.tensor([0, 1, 2, 2]), support, support_labels) == 0.75

@@ -1,0 +1,188 @@
+"""What precision and recall ask of a sample at the demo's scale, and what the demo's samples give.
+
+Precision and recall (ADM's k=3 Inception manifolds, the kit's metrics code) against the demo's validation crops:
+
+1. **The bar**: real training crops of the same data, unchanged and degraded (Gaussian blur of sigma pixels,
+   Gaussian noise of s/255), as if they were samples. It shows how close to a photo a sample must be before
+   precision counts it.
+2. **The class agreement**: the fraction of images whose nearest validation crop (Inception pool features) is of
+   their own class (chance: one in the number of classes). It asks whether a sample shows its class, not whether it
+   is as sharp as a photo. Given for the real and degraded crops and, with ``--checkpoint``, for the EMA samples of
+   a demo run (label i % classes, seed i, the run's sampler).
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/demo_metric_bar.py --data data/demo \\
+        --checkpoint runs/demo/<run>/checkpoints/last.ckpt
+
+Writes ``bench/results/demo_metric_bar.md`` (``--results`` elsewhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # a checkout without `pip install -e .`
+
+from dip_lightning.core.data.shards import decode_sample, expand_shards, stream_samples  # noqa: E402
+from dip_lightning.core.metrics.features import FeatureExtractor, make_extractor  # noqa: E402
+from dip_lightning.core.metrics.precision_recall import precision_recall  # noqa: E402
+
+BLUR_SIGMAS = (0.5, 0.7, 1.0, 1.5)
+NOISE_LEVELS = (4, 8, 16)
+
+
+def read_split(data: Path, split: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images (N, 3, S, S) and labels (N,) of one split of a demo data folder, in shard order."""
+    images, labels = [], []
+    for url in expand_shards(sorted(str(p) for p in data.glob(f"{split}-*.tar"))):
+        for sample in stream_samples(url):
+            image, label = decode_sample(sample, size)
+            images.append(image)
+            labels.append(label)
+    if not images:
+        raise SystemExit(
+            f"no {split}-*.tar shards in {data}: build them with `python -m dip_lightning demo-data`"
+        )
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels)
+
+
+def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """uint8 images blurred by a separable Gaussian (radius 4 px, reflected borders), rounded back to uint8."""
+    taps = torch.arange(-4, 5, dtype=torch.float32)
+    kernel = torch.exp(-(taps**2) / (2 * sigma * sigma))
+    kernel = kernel / kernel.sum()
+    x = images.float()
+    x = F.conv2d(F.pad(x, (4, 4, 0, 0), mode="reflect"), kernel.view(1, 1, 1, 9).repeat(3, 1, 1, 1), groups=3)
+    x = F.conv2d(F.pad(x, (0, 0, 4, 4), mode="reflect"), kernel.view(1, 1, 9, 1).repeat(3, 1, 1, 1), groups=3)
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+def add_noise(images: torch.Tensor, level: float, seed: int = 0) -> torch.Tensor:
+    """uint8 images plus Gaussian noise of standard deviation ``level``/255."""
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed)) * level
+    return (images.float() + noise).round().clamp(0, 255).to(torch.uint8)
+
+
+def features(extractor: FeatureExtractor, images: torch.Tensor) -> torch.Tensor:
+    return torch.cat([extractor(batch) for batch in images.split(64)])
+
+
+def class_agreement(
+    query: torch.Tensor, query_labels: torch.Tensor, support: torch.Tensor, support_labels: torch.Tensor
+) -> float:
+    """Fraction of queries whose nearest support feature (Euclidean) has the query's label."""
+    nearest = torch.cdist(query.double(), support.double()).argmin(dim=1)
+    return float((support_labels[nearest] == query_labels).double().mean())
+
+
+def checkpoint_samples(
+    ckpt: Path, num: int, guidance: dict[str, object]
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``num`` EMA samples of a run (uint8), their labels, and the run's image size; ``guidance`` (cfg_scale,
+    cfg_interval) replaces the run's sampler settings."""
+    from dip_lightning.core.images import to_uint8
+    from dip_lightning.training.loading import load_module
+
+    module = load_module(ckpt, weights="ema")
+    labels = torch.arange(num) % module.net.num_classes
+    with torch.no_grad():
+        samples = module.generate(labels, torch.arange(num), **guidance)
+    return to_uint8(samples), labels, module.net.input_size
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, required=True, help="a demo data folder (train-*.tar, val-*.tar)")
+    p.add_argument("--size", type=int, default=64, help="image size of the crops (without --checkpoint)")
+    p.add_argument("--checkpoint", type=Path, help="a demo run's checkpoint: its EMA samples are scored too")
+    p.add_argument(
+        "--num_samples", type=int, default=128, help="samples of the checkpoint, and real crops scored"
+    )
+    p.add_argument(
+        "--cfg_scale", type=float, help="guidance scale of the checkpoint's samples (default: the run's)"
+    )
+    p.add_argument(
+        "--cfg_interval", type=float, nargs=2, help="guidance interval (t_min t_max) of the samples"
+    )
+    p.add_argument("--extractor", default="fid-helper", help="feature network (pixel-projection: smoke runs)")
+    p.add_argument(
+        "--samples_only", action="store_true", help="score only the checkpoint's samples (no bar rows)"
+    )
+    p.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "demo_metric_bar.md")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    start = time.time()
+
+    samples = None
+    size = args.size
+    if args.checkpoint is not None:
+        guidance = {"cfg_scale": args.cfg_scale, "cfg_interval": args.cfg_interval}
+        guidance = {k: v for k, v in guidance.items() if v is not None}
+        images, sample_labels, size = checkpoint_samples(args.checkpoint, args.num_samples, guidance)
+        samples = (images, sample_labels)
+    val, val_labels = read_split(args.data, "val", size)
+    train, train_labels = read_split(args.data, "train", size)
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: args.num_samples]
+    train, train_labels = train[pick], train_labels[pick]
+    extractor = make_extractor(args.extractor)
+    ref = features(extractor, val)
+
+    rows: list[tuple[str, float, float, float]] = []
+
+    def score(name: str, images: torch.Tensor, labels: torch.Tensor) -> None:
+        feats = features(extractor, images)
+        precision, recall = precision_recall(ref, feats)
+        rows.append((name, precision, recall, class_agreement(feats, labels, ref, val_labels)))
+        print(f"{name:40s} precision {precision:.2f} recall {recall:.2f} class agreement {rows[-1][3]:.2f}")
+
+    half_p, half_r = precision_recall(ref[::2], ref[1::2])
+    if not args.samples_only:
+        score("real training crops", train, train_labels)
+        for sigma in BLUR_SIGMAS:
+            score(f"real crops, Gaussian blur sigma {sigma} px", gaussian_blur(train, sigma), train_labels)
+        for level in NOISE_LEVELS:
+            score(f"real crops + Gaussian noise {level}/255", add_noise(train, level), train_labels)
+    if samples is not None:
+        settings = "".join(f", {k} {v}" for k, v in guidance.items())
+        score(f"EMA samples of {args.checkpoint.parent.parent.name}{settings}", *samples)
+
+    classes = int(val_labels.max()) + 1
+    when = datetime.datetime.now(datetime.timezone.utc)
+    lines = [
+        "# Precision and recall at the demo's scale: the bar, and what the demo's samples give",
+        "",
+        f"Generated by `python bench/demo_metric_bar.py --data <demo data> --size {size}"
+        + (" --checkpoint <demo run>/checkpoints/last.ckpt" if samples is not None else "")
+        + f" --num_samples {args.num_samples}` on {when:%Y-%m-%d %H:%M} UTC, {platform.machine()} "
+        f"{torch.get_num_threads()}-thread CPU, {time.time() - start:.0f} s"
+        + ("" if args.extractor == "fid-helper" else f", extractor {args.extractor} (not Inception)")
+        + ".",
+        "",
+        f"Reference: the {len(val)} validation crops ({size} px, {classes} classes); each row scores "
+        f"{args.num_samples} images against them with the kit's precision/recall (ADM's k=3 manifolds of Inception "
+        "pool features). Class agreement: the fraction whose nearest validation crop is of their own class "
+        f"(chance {1 / classes:.3f}). Real-vs-real (the validation crops in two halves): precision "
+        f"{half_p:.2f}, recall {half_r:.2f}.",
+        "",
+        "| images scored | precision | recall | class agreement |",
+        "|---|---:|---:|---:|",
+        *(f"| {name} | {pr:.2f} | {rc:.2f} | {agree:.2f} |" for name, pr, rc, agree in rows),
+        "",
+    ]
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text("\n".join(lines))
+    print(f"wrote {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
