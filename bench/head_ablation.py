@@ -48,6 +48,7 @@ sys.path.insert(0, str(REPO))  # a checkout without `pip install -e .`
 sys.path.insert(0, str(REPO / "bench"))
 
 import head_ablation_report as rep  # noqa: E402
+from demo_metric_bar import class_agreement, read_split  # noqa: E402
 
 from dip_lightning.checkpoint.resume import resolve_resume  # noqa: E402
 from dip_lightning.checkpoint.run_folder import EVAL_METRICS_CSV, STEP_FILENAME, checkpoint_dir, log_dir  # noqa: E402
@@ -242,7 +243,7 @@ def metric_engine(reference: Path, work: Path, patch_size: int) -> Any:
 
     return MetricEngine.create(
         reference,
-        rep.METRICS,
+        rep.ENGINE_METRICS,
         patch_size=patch_size,
         device="cpu",
         extractor=_extractor(),
@@ -281,6 +282,17 @@ def _samples(run_dir: Path, step: int, count: int, work: Path) -> tuple[np.ndarr
         return npz["arr_0"], time.perf_counter() - start
 
 
+def scores(engine: Any, samples: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """The engine's metrics of exported samples (label i % classes) and their class agreement with the validation
+    crops (`demo_metric_bar.class_agreement`)."""
+    labels = torch.arange(samples.num_images) % args.recipe["num_classes"]
+    reference = torch.from_numpy(engine.reference.pool_features)
+    agreement = class_agreement(
+        torch.from_numpy(samples.features["pool"]), labels, reference, args.val_labels
+    )
+    return {**engine.evaluate(samples), "class_agreement": agreement}
+
+
 def _row(step: int, metrics: dict, count: int, seconds: float, batch: int) -> dict[str, Any]:
     return {
         "step": step,
@@ -307,13 +319,13 @@ def evaluate_step(
     batch = args.recipe["batch_size"]
     if need_curve:
         rep.append_row(
-            logs / EVAL_METRICS_CSV, _row(step, engine.evaluate(head), args.curve_samples, 0, batch)
+            logs / EVAL_METRICS_CSV, _row(step, scores(engine, head, args), args.curve_samples, 0, batch)
         )
     row = None
     if need_final:
         everything = _merged(head, _features(engine, images[args.curve_samples :]))
         seconds = sample_seconds + time.perf_counter() - start
-        row = _row(step, engine.evaluate(everything), count, seconds, batch)
+        row = _row(step, scores(engine, everything, args), count, seconds, batch)
         rep.append_row(logs / FINAL_CSV, row)
     return row or {"step": step, "num_samples": args.curve_samples}
 
@@ -579,6 +591,9 @@ def main(argv: list[str] | None = None) -> int:
     data, reference = prepare_data(args.work, args.recipe["input_size"])
     # Built before the other workers start, so that one of them computes the reference features (then cached).
     engine = metric_engine(reference, args.work, args.recipe["patch_size"])
+    args.val_labels = read_split(Path(data["root"]), "val", args.recipe["input_size"])[
+        1
+    ]  # the reference's order
     workers = [] if args.worker else spawn_workers(args, argv)
     failed = work_loop(args, data, engine)
     if args.worker:

@@ -20,10 +20,11 @@ import numpy as np
 from dip_lightning.core.atomic import atomic_write
 from dip_lightning.evaluation.tables import format_number, markdown_table, require_matplotlib
 
-#: The metrics the study reports, in table order.
-METRICS = ["fid", "sfid", "precision", "recall", "patch_seam"]
+#: The kit's metrics the study computes, and all it reports in table order (class agreement: bench/demo_metric_bar.py).
+ENGINE_METRICS = ["fid", "sfid", "precision", "recall", "patch_seam"]
+METRICS = [*ENGINE_METRICS, "class_agreement"]
 #: The metrics of the learning-curve figure.
-CURVE_METRICS = ["fid", "precision", "recall", "patch_seam"]
+CURVE_METRICS = ["fid", "precision", "recall", "patch_seam", "class_agreement"]
 #: Variants in the study's priority order, each with its paper Table 2 row and FID (160 epochs, ImageNet 256).
 PAPER: dict[str, tuple[str, float]] = {
     "conv_unet": ("+ Conv U-Net (DiP)", 2.16),
@@ -114,9 +115,9 @@ def curve_means(curves: Curves, metric: str) -> dict[str, dict[int, dict[str, fl
 
 # ------------------------------------------------------------------------------------------------ verdicts
 def closeness(metric: str, value: float) -> float:
-    """The quantity that is better when lower: the value itself, its negation (precision, recall) or, for the
-    patch seam, its distance from 1.0 (the data's own seam ratio)."""
-    if metric in ("precision", "recall"):
+    """The quantity that is better when lower: the value itself, its negation (precision, recall, class agreement)
+    or, for the patch seam, its distance from 1.0 (the data's own seam ratio)."""
+    if metric in ("precision", "recall", "class_agreement"):
         return -value
     if metric == "patch_seam":
         return abs(value - 1.0)

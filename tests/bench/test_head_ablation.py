@@ -126,6 +126,9 @@ def test_study_runs_end_to_end_and_a_rerun_redoes_nothing(tmp_path: Path, monkey
     final = {n: rep.read_rows(r / "tensorboard" / head_ablation.FINAL_CSV) for n, r in runs.items()}
     assert all(set(c) == {1, 2} and c[1]["num_samples"] == 8 for c in curve.values())
     assert all(set(f) == {2} and f[2]["num_samples"] == 16 and f[2]["fid"] > 0 for f in final.values())
+    # Class agreement: a fraction of the samples, a multiple of 1/16 for 16 of them.
+    assert all(0 <= 16 * f[2]["class_agreement"] <= 16 for f in final.values())
+    assert all(float(16 * f[2]["class_agreement"]).is_integer() for f in final.values())
     text = (work / "results" / "head_ablation.md").read_text()
     assert "| conv_unet | + Conv U-Net (DiP) | 2.16 | 0 |" in text and "- conv_unet < dit_only: " in text
     assert (work / "results" / "head_ablation_curves.png").is_file()
