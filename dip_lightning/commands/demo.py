@@ -29,7 +29,7 @@ DEFAULT_CONFIG = "demo"
 # Crops per class and their side range (experiments/demo.yaml says why these numbers).
 TRAIN_PER_CLASS = 96
 VAL_PER_CLASS = 16
-CROP_SCALE = (0.7, 1.0)
+CROP_SCALE = (0.9, 1.0)
 
 
 def reference_stats(
