@@ -533,6 +533,10 @@ def write_results(args: argparse.Namespace, wall_minutes: float | None) -> Path:
         "",
         rep.curve_table(rep.curve_means(curves, "patch_seam"), "patch_seam"),
         "",
+        "Class agreement (samples whose nearest validation crop is of their class), mean ± std over seeds:",
+        "",
+        rep.curve_table(rep.curve_means(curves, "class_agreement"), "class_agreement"),
+        "",
         "![final metrics per variant, one point per seed](head_ablation.png)",
         "",
     ]

@@ -131,6 +131,7 @@ def test_study_runs_end_to_end_and_a_rerun_redoes_nothing(tmp_path: Path, monkey
     assert all(float(16 * f[2]["class_agreement"]).is_integer() for f in final.values())
     text = (work / "results" / "head_ablation.md").read_text()
     assert "| conv_unet | + Conv U-Net (DiP) | 2.16 | 0 |" in text and "- conv_unet < dit_only: " in text
+    assert "Class agreement (samples whose nearest validation crop is of their class)" in text
     assert (work / "results" / "head_ablation_curves.png").is_file()
     assert (work / "results" / "head_ablation_grids.png").is_file()
 
