@@ -154,6 +154,11 @@ def taken_lock_path(run_dir: str | Path, when: float | None = None) -> Path:
     return lock_path(run_dir).with_name(f"{RUN_LOCK}.taken-{stamp}-{secrets.token_hex(6)}")
 
 
+def takeover_mutex_path(run_dir: str | Path) -> Path:
+    """The file a take-over holds while it checks and moves a hold aside: ``run.lock.takeover``."""
+    return lock_path(run_dir).with_name(f"{RUN_LOCK}.takeover")
+
+
 def damaged_path(path: str | Path, when: float | None = None) -> Path:
     """A free name in ``damaged/`` beside ``path`` for a damaged checkpoint set aside: ``<stem>-<UTC time><suffix>``
     (``last-20261207T044100Z.ckpt``), numbered when taken."""

@@ -13,8 +13,10 @@ every rank of one job and on its requeued restarts:
 
 A hold left behind (killed job) is taken over when its holder is provably gone: the same token (this job's own
 earlier run: a requeue), or the same host with the holder's process ended, or no heartbeat for ``stale_after``
-seconds. Take-over renames the old file aside (``run.lock.taken-<time>-<pid>``, kept as a record) and checks it
-moved the file it judged, so of two contenders only one wins. Details and reasons: docs/design.md.
+seconds. Take-over renames the old file aside (``run.lock.taken-<time>-<pid>``, kept as a record) while it holds
+``run.lock.takeover`` (also ``O_EXCL``), after checking that the file is still the one it judged: a contender whose
+judgement is out of date then never moves (and so never vacates) a newer hold, so of any number of contenders only
+one wins. Details and reasons: docs/design.md.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ TOKEN_ENV = "DIP_RUN_TOKEN"
 DEFAULT_STALE_AFTER = 600.0
 #: How long ranks other than 0 wait for rank 0 to take the hold.
 DEFAULT_RANK_WAIT = 120.0
+#: Seconds after which a take-over mutex is taken as left by a contender killed inside its few-syscall section.
+TAKEOVER_MUTEX_STALE = 10.0
 
 
 class RunFolderBusy(KitError, RuntimeError):
@@ -308,21 +312,47 @@ class RunLock:
         return None
 
     def _take_over(self, seen: _Seen) -> Path | None:
-        """Rename the judged file aside; None when another contender was faster (the caller looks again)."""
-        aside = run_folder.taken_lock_path(self.run_dir)
+        """Rename the judged file aside; None when it is no longer the judged file (the caller looks again)."""
+        mutex = run_folder.takeover_mutex_path(self.run_dir)
+        if not self._enter_takeover(mutex):
+            return None
         try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            return None
-        moved = os.stat(aside)
-        if (moved.st_dev, moved.st_ino) != seen.inode or moved.st_mtime_ns != seen.mtime_ns:
-            # Not the file we judged: a new hold (or a heartbeat) came in between. Put it back; link never
-            # replaces, so a third contender's file stays too.
-            with contextlib.suppress(OSError):
-                os.link(aside, self.path)
-                os.unlink(aside)
-            return None
-        return aside
+            # Judged before the mutex: another contender may have taken the hold over and created its own since.
+            now = _look(self.path)
+            if now is None or now.inode != seen.inode or now.mtime_ns != seen.mtime_ns:
+                return None
+            aside = run_folder.taken_lock_path(self.run_dir)
+            try:
+                os.rename(self.path, aside)
+            except FileNotFoundError:
+                return None
+            moved = os.stat(aside)
+            if (moved.st_dev, moved.st_ino) != seen.inode or moved.st_mtime_ns != seen.mtime_ns:
+                # Its holder released it and a new hold came in between the check and the rename. Put it back;
+                # link never replaces, so a third contender's file stays too.
+                with contextlib.suppress(OSError):
+                    os.link(aside, self.path)
+                    os.unlink(aside)
+                return None
+            return aside
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(mutex)
+
+    def _enter_takeover(self, mutex: Path) -> bool:
+        """Hold the take-over mutex; False (after a short wait) while another contender holds it."""
+        try:
+            os.close(os.open(mutex, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            return True
+        except FileExistsError:
+            pass
+        except OSError as err:
+            raise self._unwritable(err) from err
+        with contextlib.suppress(FileNotFoundError):
+            if time.time() - mutex.stat().st_mtime > TAKEOVER_MUTEX_STALE:
+                mutex.unlink()  # its contender died inside the section
+        time.sleep(0.01)
+        return False
 
     def _busy_message(self, seen: _Seen, me: Holder) -> str:
         holder = seen.holder

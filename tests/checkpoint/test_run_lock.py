@@ -170,6 +170,38 @@ def test_of_contenders_for_a_stale_hold_exactly_one_wins(tmp_path: Path) -> None
             proc.wait(timeout=30)
 
 
+def test_a_contender_with_an_outdated_judgement_leaves_the_new_hold_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Contender B judged the dead hold, then A took it over and created its own. B used to rename A's new file
+    # aside and link it back: in between the folder had no hold, a third contender C created one, the link back
+    # failed, and A and C both held the folder (seen once in CI as two "HELD" of four contenders).
+    from dip_lightning.checkpoint import run_lock
+
+    run = tmp_path / "run"
+    with holder(run) as dead:
+        kill_9(dead)
+    judged_by_b = _look(run / RUN_LOCK)
+    a = RunLock(run)
+    assert "Took over from" in a.acquire()
+    real_link = os.link
+
+    def c_creates_first(src, dst):  # noqa: ANN001
+        Path(dst).write_text(json.dumps({"pid": 1, "token": "contender-c"}))
+        return real_link(src, dst)
+
+    monkeypatch.setattr(run_lock.os, "link", c_creates_first)
+    try:
+        assert RunLock(run)._take_over(judged_by_b) is None
+        assert a._ours()
+        assert (
+            len([p for p in run.iterdir() if p.name.startswith(f"{RUN_LOCK}.taken-")]) == 1
+        )  # the dead one's
+        assert not (run / f"{RUN_LOCK}.takeover").exists()
+    finally:
+        a.release()
+
+
 def test_other_ranks_check_the_hold_names_their_job(tmp_path: Path) -> None:
     run = tmp_path / "run"
     lock = RunLock(run)
