@@ -112,12 +112,11 @@ def read_recipe(path: Path) -> dict[str, Any]:
     }
 
 
-def prepare_data(work: Path, size: int) -> tuple[dict, Path]:
-    """The demo's dataset (the demo command's crop counts and range) at the recipe's image size, and an image npz of
-    all its validation images (the metrics' reference)."""
+def prepare_data(work: Path, size: int) -> tuple[dict, Path, torch.Tensor]:
+    """The demo's dataset (the demo command's crop counts and range) at the recipe's image size, an image npz of
+    all its validation images (the metrics' reference), and their labels in the same order (class agreement)."""
     from dip_lightning.commands import demo
     from dip_lightning.core.data.demo_dataset import build_demo_dataset
-    from dip_lightning.core.metrics.sources import iter_shard_images
     from dip_lightning.evaluation.export import _save_npz
 
     data = build_demo_dataset(
@@ -127,13 +126,11 @@ def prepare_data(work: Path, size: int) -> tuple[dict, Path]:
         val_per_class=demo.VAL_PER_CLASS,
         crop_scale=demo.CROP_SCALE,
     )
+    images, labels = read_split(Path(data["root"]), "val", size)
     reference = work / "data" / f"val_images_{size}.npz"
     if not reference.exists():
-        batches = [
-            b.permute(0, 2, 3, 1).numpy() for b in iter_shard_images(data["val_shards"], 64, image_size=size)
-        ]
-        _save_npz(reference, arr_0=np.concatenate(batches))
-    return data, reference
+        _save_npz(reference, arr_0=images.permute(0, 2, 3, 1).numpy())
+    return data, reference, labels
 
 
 def eval_steps(args: argparse.Namespace) -> list[int]:
@@ -592,12 +589,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     started = time.perf_counter()
-    data, reference = prepare_data(args.work, args.recipe["input_size"])
+    data, reference, args.val_labels = prepare_data(args.work, args.recipe["input_size"])
     # Built before the other workers start, so that one of them computes the reference features (then cached).
     engine = metric_engine(reference, args.work, args.recipe["patch_size"])
-    args.val_labels = read_split(Path(data["root"]), "val", args.recipe["input_size"])[
-        1
-    ]  # the reference's order
     workers = [] if args.worker else spawn_workers(args, argv)
     failed = work_loop(args, data, engine)
     if args.worker:
