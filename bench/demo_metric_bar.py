@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # a checkout without `pip install -e .`
 
 from dip_lightning.core.data.shards import decode_sample, expand_shards, stream_samples  # noqa: E402
+from dip_lightning.core.metrics.class_agreement import class_agreement  # noqa: E402
 from dip_lightning.core.metrics.features import FeatureExtractor, make_extractor  # noqa: E402
 from dip_lightning.core.metrics.precision_recall import precision_recall  # noqa: E402
 
@@ -74,14 +75,6 @@ def add_noise(images: torch.Tensor, level: float, seed: int = 0) -> torch.Tensor
 
 def features(extractor: FeatureExtractor, images: torch.Tensor) -> torch.Tensor:
     return torch.cat([extractor(batch) for batch in images.split(64)])
-
-
-def class_agreement(
-    query: torch.Tensor, query_labels: torch.Tensor, support: torch.Tensor, support_labels: torch.Tensor
-) -> float:
-    """Fraction of queries whose nearest support feature (Euclidean) has the query's label."""
-    nearest = torch.cdist(query.double(), support.double()).argmin(dim=1)
-    return float((support_labels[nearest] == query_labels).double().mean())
 
 
 def checkpoint_samples(
@@ -141,7 +134,7 @@ def main() -> int:
     def score(name: str, images: torch.Tensor, labels: torch.Tensor) -> None:
         feats = features(extractor, images)
         precision, recall = precision_recall(ref, feats)
-        rows.append((name, precision, recall, class_agreement(feats, labels, ref, val_labels)))
+        rows.append((name, precision, recall, class_agreement(ref, val_labels, feats, labels)))
         print(f"{name:40s} precision {precision:.2f} recall {recall:.2f} class agreement {rows[-1][3]:.2f}")
 
     half_p, half_r = precision_recall(ref[::2], ref[1::2])

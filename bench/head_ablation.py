@@ -48,11 +48,12 @@ sys.path.insert(0, str(REPO))  # a checkout without `pip install -e .`
 sys.path.insert(0, str(REPO / "bench"))
 
 import head_ablation_report as rep  # noqa: E402
-from demo_metric_bar import class_agreement, read_split  # noqa: E402
+from demo_metric_bar import read_split  # noqa: E402
 
 from dip_lightning.checkpoint.resume import resolve_resume  # noqa: E402
 from dip_lightning.checkpoint.run_folder import EVAL_METRICS_CSV, STEP_FILENAME, checkpoint_dir, log_dir  # noqa: E402
 from dip_lightning.core.atomic import atomic_write  # noqa: E402
+from dip_lightning.core.metrics.class_agreement import class_agreement  # noqa: E402
 from dip_lightning.evaluation.tables import format_number  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -281,12 +282,10 @@ def _samples(run_dir: Path, step: int, count: int, work: Path) -> tuple[np.ndarr
 
 def scores(engine: Any, samples: Any, args: argparse.Namespace) -> dict[str, Any]:
     """The engine's metrics of exported samples (label i % classes) and their class agreement with the validation
-    crops (`demo_metric_bar.class_agreement`)."""
+    crops (`dip_lightning.core.metrics.class_agreement`)."""
     labels = torch.arange(samples.num_images) % args.recipe["num_classes"]
     reference = torch.from_numpy(engine.reference.pool_features)
-    agreement = class_agreement(
-        torch.from_numpy(samples.features["pool"]), labels, reference, args.val_labels
-    )
+    agreement = class_agreement(reference, args.val_labels, samples.features["pool"], labels)
     return {**engine.evaluate(samples), "class_agreement": agreement}
 
 

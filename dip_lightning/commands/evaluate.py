@@ -42,6 +42,7 @@ METRIC_LABELS: dict[str, tuple[str, str]] = {
     "recall": ("Recall", "higher is better"),
     "patch_seam": ("Patch seam", "1.0 = as real images"),
     "fd_dinov2": ("FD-DINOv2", "lower is better"),
+    "class_agreement": ("Class agreement", "higher is better; chance 1/classes"),
 }
 
 

@@ -118,7 +118,13 @@ def _real_features(
     """The features of the real images: shards split over the ranks and gathered, or an npz."""
     if args.shards:
         batches = iter_shard_images(
-            args.shards, args.batch_size, args.image_size or None, args.limit, rank=rank, world_size=world
+            args.shards,
+            args.batch_size,
+            args.image_size or None,
+            args.limit,
+            rank=rank,
+            world_size=world,
+            labelled=True,  # stored with the pool features: class agreement
         )
         return gather_feature_set(extract_feature_set(batches, kinds, extractor, device, dinov2))
     npz_image_shape(args.images)  # a clear error for a file without arr_0

@@ -154,6 +154,7 @@ def _score(
 
     with np.load(samples_path) as npz:
         samples = npz["arr_0"]
+        labels = npz["arr_1"] if "arr_1" in npz.files else None
     unavailable: dict[str, str] = {}
     with warnings.catch_warnings():  # the reasons are recorded in result.json and printed with the cell
         warnings.simplefilter("ignore", MetricUnavailableWarning)
@@ -165,6 +166,7 @@ def _score(
             device=args.device,
             batch_size=args.metrics_batch_size,
             unavailable=unavailable,
+            labels=labels,
         )
     return metrics, unavailable
 

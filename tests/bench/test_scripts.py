@@ -111,15 +111,3 @@ def test_demo_metric_bar_scores_real_and_degraded_crops(tmp_path: Path, demo_dat
     assert len(rows) == 8  # unchanged, four blurs, three noise levels
     unchanged = [float(v) for v in rows[0][1:]]
     assert unchanged[2] > 1 / 8  # the crops' own class is nearer than chance would put it
-
-
-def test_class_agreement_counts_nearest_support_labels() -> None:
-    import torch
-
-    sys.path.insert(0, str(REPO / "bench"))
-    from demo_metric_bar import class_agreement
-
-    support = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
-    support_labels = torch.tensor([0, 1, 2])
-    query = torch.tensor([[1.0, 0.0], [9.0, 1.0], [1.0, 9.0], [8.0, 0.0]])
-    assert class_agreement(query, torch.tensor([0, 1, 2, 2]), support, support_labels) == 0.75

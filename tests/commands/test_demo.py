@@ -34,7 +34,7 @@ CALLBACKS = [
             "batch_size": 16,
             "num_steps": 5,
             "reference": "data/demo/ref_val.npz",  # replaced by run_demo
-            "metrics": ["fid", "sfid", "precision", "recall", "patch_seam"],
+            "metrics": ["fid", "sfid", "precision", "recall", "patch_seam", "class_agreement"],
             "extractor": {"class_path": "dip_lightning.core.metrics.features.PixelProjection"},
         },
     },
@@ -77,7 +77,7 @@ def test_demo_end_to_end_shortened(tmp_path: Path, demo_data: dict) -> None:
     events = EventAccumulator(str(tensorboard), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     assert [e.step for e in events.Images("samples/grid")] == [10, 20]
-    for metric in ("fid", "sfid", "precision", "recall", "patch_seam"):
+    for metric in ("fid", "sfid", "precision", "recall", "patch_seam", "class_agreement"):
         assert [e.step for e in events.Scalars(f"val/{metric}")] == [10, 20], metric
     assert "train/loss" in events.Tags()["scalars"] and "val/loss" in events.Tags()["scalars"]
 
@@ -94,9 +94,11 @@ def test_demo_end_to_end_shortened(tmp_path: Path, demo_data: dict) -> None:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [10, 20]
     assert all(0 <= float(r["precision"]) <= 1 and float(r["patch_seam"]) > 0 for r in rows)
+    assert all(0 <= float(r["class_agreement"]) <= 1 for r in rows)
     reference = data_dir / "ref_val-pixel-projection-64x8-seed0.npz"
     with np.load(reference) as npz:
         assert int(npz["num_samples"]) == demo_data["num_val"] and "pool_features" in npz.files
+        assert np.bincount(npz["pool_labels"]).tolist() == [demo_data["num_val"] // 8] * 8
     assert not (data_dir / "ref_val.npz").exists()  # the Inception reference was not needed
 
 
@@ -123,3 +125,27 @@ def test_concurrent_demos_share_the_reference_file(tmp_path: Path, demo_data: di
     assert extractor.written and out.exists()
     with np.load(out) as ref:
         assert ref["pool_features"].shape[0] == demo_data["num_val"]
+
+
+def test_a_reference_without_labels_or_damaged_is_made_again(tmp_path: Path, demo_data: dict) -> None:
+    """A data folder's reference from before class agreement (no labels), or a damaged one, is rebuilt: the demo
+    owns it, and reusing it would leave class agreement unavailable (or the run failing) on every demo."""
+    from dip_lightning.core.metrics.reference import extract_feature_set, save_reference
+    from dip_lightning.core.metrics.sources import iter_shard_images
+
+    out = tmp_path / "ref_val.npz"
+    unlabelled = extract_feature_set(
+        iter_shard_images(demo_data["val_shards"], 64, 32), {"pool"}, PixelProjection(), torch.device("cpu")
+    )
+    assert unlabelled.labels is None
+    save_reference(out, unlabelled)
+    assert reference_stats(demo_data["val_shards"], out, 32, PixelProjection()) == out
+    with np.load(out) as ref:
+        assert len(ref["pool_labels"]) == demo_data["num_val"] and "seam_cols" in ref.files
+    out.write_bytes(b"not an npz")
+    reference_stats(demo_data["val_shards"], out, 32, PixelProjection())
+    with np.load(out) as ref:
+        assert len(ref["pool_labels"]) == demo_data["num_val"]
+    before = out.stat().st_mtime_ns
+    reference_stats(demo_data["val_shards"], out, 32, PixelProjection())
+    assert out.stat().st_mtime_ns == before  # a labelled one is reused

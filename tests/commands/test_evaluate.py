@@ -20,7 +20,7 @@ from dip_lightning.core.metrics import METRIC_NAMES, compute_metrics
 from dip_lightning.core.metrics.features import PixelProjection
 from dip_lightning.core.metrics.frechet import StatsAccumulator
 from dip_lightning.core.metrics.sources import iter_shard_images
-from tests.helpers.metrics import nchw, scipy_fid, smooth_images
+from tests.helpers.metrics import CLASSES, labelled_images, nchw, scipy_fid, smooth_images
 
 torch.set_num_threads(1)
 FLAGS = ["--extractor", "pixel-projection", "--batch-size", "16", "--device", "cpu"]
@@ -135,6 +135,7 @@ def test_fid_stats_from_shards_and_rank_split(tmp_path: Path) -> None:
     with np.load(out) as npz:
         assert int(npz["num_samples"]) == 10 and int(npz["seam_count"]) == 10
         np.testing.assert_allclose(npz["sigma"], acc.stats().sigma, atol=1e-12)
+        assert np.array_equal(npz["pool_labels"], np.arange(10) % 3)  # the shards' cls, in image order
     assert not any(name.startswith(".") for name in os.listdir(tmp_path))  # no temporary left behind
 
 
@@ -173,3 +174,40 @@ def test_evaluate_over_seeds_reports_mean_std_and_range(
     # A seed's missing file is named before any network loads.
     assert dip_main(["evaluate", *argv, "--seeds", "0", "90"]) == 2
     assert "fake_seed90.npz not found" in capsys.readouterr().err
+
+
+def test_evaluate_scores_class_agreement_of_labelled_samples_against_a_fid_stats_reference(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The user's route: shards -> fid-stats (labels kept) -> evaluate of a sample npz with arr_1."""
+    real, real_labels = labelled_images(6, seed=0)
+    with tarfile.open(tmp_path / "val-000000.tar", "w") as tar:
+        for i, (img, label) in enumerate(zip(real, real_labels, strict=True)):
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format="PNG")
+            for name, payload in ((f"{i:06d}.png", buf.getvalue()), (f"{i:06d}.cls", str(label).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    ref = tmp_path / "ref.npz"
+    flags = ["--extractor", "pixel-projection", "--device", "cpu", "--image-size", "16"]
+    assert main_fid_stats(["--shards", str(tmp_path / "val-000000.tar"), "--out", str(ref), *flags]) == 0
+    fake, labels = labelled_images(5, seed=1)
+    np.savez(tmp_path / "fake.npz", arr_0=fake, arr_1=labels)
+    np.savez(tmp_path / "wrong.npz", arr_0=fake, arr_1=(labels + 1) % CLASSES)
+    expected = compute_metrics(
+        fake, tmp_path / "ref.npz", ["class_agreement"], extractor=PixelProjection(), labels=labels
+    )
+    for name in ("fake", "wrong"):
+        out = tmp_path / f"{name}.json"
+        argv = [str(tmp_path / f"{name}.npz"), str(ref), "--metrics", "class_agreement", "--json", str(out)]
+        assert main([*argv, *FLAGS]) == 0
+        record = json.loads(out.read_text())
+        assert "Class agreement" in capsys.readouterr().out
+        if name == "fake":
+            assert (
+                record["class_agreement"] == pytest.approx(expected["class_agreement"])
+                and record["class_agreement"] >= 0.9
+            )
+        else:
+            assert record["class_agreement"] <= 0.1

@@ -22,6 +22,16 @@ def smooth_images(n: int, seed: int, size: int = 16, shift: float = 0.0) -> np.n
     return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
+#: Classes of `labelled_images`.
+CLASSES = 4
+
+
+def labelled_images(per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``per_class`` images of each of `CLASSES` classes (class c brighter by 0.25 c) and their labels."""
+    images = [smooth_images(per_class, seed=seed + 100 * c, shift=0.25 * c - 0.3) for c in range(CLASSES)]
+    return np.concatenate(images), np.repeat(np.arange(CLASSES), per_class)
+
+
 def nchw(images: np.ndarray) -> torch.Tensor:
     """NHWC images as a contiguous NCHW tensor (the layout the feature networks take)."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()

@@ -1,5 +1,5 @@
-"""The metrics engine: the ADM evaluator's suite (FID, sFID, IS, precision, recall), FD-DINOv2 and the
-patch-seam score, used by the ``evaluate`` command and by the in-training `MetricsCallback` alike.
+"""The metrics engine: the ADM evaluator's suite (FID, sFID, IS, precision, recall), FD-DINOv2, the
+patch-seam score and class agreement, used by the ``evaluate`` command and by the in-training `MetricsCallback` alike.
 
 ``compute_metrics(samples, reference)`` is the one entry point for image arrays; `metrics_from_features`
 is the step after feature extraction, which the callback calls on the features it gathered from all ranks.
@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from dip_lightning.core.distributed import is_distributed, rank_and_world
+from dip_lightning.core.metrics.class_agreement import class_agreement
 from dip_lightning.core.metrics.errors import MetricsError
 from dip_lightning.core.metrics.features import (
     DINOV2_WEIGHTS_ENV,
@@ -61,6 +62,7 @@ METRIC_NAMES: tuple[str, ...] = (
     "recall",
     "patch_seam",
     "fd_dinov2",
+    "class_agreement",
 )
 #: Which value of a metric is best: "min", "max", or a number (the value nearest to it; 1.0 = seams like the
 #: reference's, either side is worse).
@@ -72,6 +74,7 @@ METRIC_GOALS: dict[str, str | float] = {
     "recall": "max",
     "patch_seam": 1.0,
     "fd_dinov2": "min",
+    "class_agreement": "max",
 }
 #: What ``compute_metrics(metrics=None)`` computes: all of them (those that cannot run here give None).
 DEFAULT_METRICS = METRIC_NAMES
@@ -85,6 +88,7 @@ _SAMPLE_KINDS: dict[str, tuple[str, ...]] = {
     "recall": ("pool",),
     "patch_seam": ("seam",),
     "fd_dinov2": ("dinov2",),
+    "class_agreement": ("pool",),
 }
 
 
@@ -220,7 +224,12 @@ def _beyond_reference(reference: Reference, metrics: Sequence[str]) -> dict[str,
     unusable = {}
     for m in metrics:
         missing = [n for n in REFERENCE_NEEDS[m] if not reference.has(n)]
-        if missing:
+        if missing == ["pool_labels"]:
+            unusable[m] = (
+                f"the reference {reference.path} holds no class labels: make it with `python -m dip_lightning "
+                "fid-stats --shards ...` (shards carry labels), or pass an image npz with labels in arr_1"
+            )
+        elif missing:
             unusable[m] = (
                 f"the reference {reference.path} holds no {', '.join(missing)}: recompute it with "
                 "`python -m dip_lightning fid-stats`, or pass an image npz"
@@ -288,20 +297,44 @@ def _scores(
         elif metric == "patch_seam":
             assert samples.seam is not None and reference.seam is not None and patch_size is not None
             values[metric] = patch_seam_score(samples.seam, reference.seam, patch_size)
+        elif metric == "class_agreement":
+            if samples.labels is None:
+                reasons[metric] = "the samples carry no class labels (an npz without arr_1)"
+            else:
+                assert reference.pool_features is not None and reference.pool_labels is not None
+                values[metric] = class_agreement(
+                    reference.pool_features,
+                    reference.pool_labels,
+                    samples.features["pool"],
+                    samples.labels,
+                    device=device,
+                )
     wanted = [m for m in ("precision", "recall") if m in metrics]
     if wanted:  # computed together
-        assert reference.pool_features is not None
-        counts = (samples.num_images, len(reference.pool_features))
-        if min(counts) <= ADM_NEIGHBOURHOOD:
-            why = (
-                f"needs more than {ADM_NEIGHBOURHOOD} samples and reference images (k={ADM_NEIGHBOURHOOD} "
-                f"nearest neighbours), got {counts[0]} and {counts[1]}"
-            )
-            reasons |= dict.fromkeys(wanted, why)
-        else:
-            pair = precision_recall(reference.pool_features, samples.features["pool"], device=device)
-            values |= {m: v for m, v in zip(("precision", "recall"), pair) if m in wanted}
+        _precision_recall(samples, reference, wanted, device, values, reasons)
     return values, reasons
+
+
+def _precision_recall(
+    samples: FeatureSet,
+    reference: Reference,
+    wanted: Sequence[str],
+    device: str | torch.device | None,
+    values: dict[str, float],
+    reasons: dict[str, str],
+) -> None:
+    """Precision and/or recall (``wanted``) into ``values``, or why not into ``reasons``."""
+    assert reference.pool_features is not None
+    counts = (samples.num_images, len(reference.pool_features))
+    if min(counts) <= ADM_NEIGHBOURHOOD:
+        why = (
+            f"needs more than {ADM_NEIGHBOURHOOD} samples and reference images (k={ADM_NEIGHBOURHOOD} "
+            f"nearest neighbours), got {counts[0]} and {counts[1]}"
+        )
+        reasons |= dict.fromkeys(wanted, why)
+    else:
+        pair = precision_recall(reference.pool_features, samples.features["pool"], device=device)
+        values |= {m: v for m, v in zip(("precision", "recall"), pair) if m in wanted}
 
 
 def _frechet(samples: FeatureSet, reference: Reference, kind: str) -> float:
@@ -330,9 +363,10 @@ def compute_metrics(
     dinov2_weights: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     unavailable: dict[str, str] | None = None,
+    labels: np.ndarray | None = None,
 ) -> dict[str, float | None]:
-    """Metrics of uint8 samples ``(N, H, W, 3)`` against ``reference`` (image npz, ADM reference batch or the
-    kit's reference file).
+    """Metrics of uint8 samples ``(N, H, W, 3)`` (class ``labels``, where known: class agreement) against
+    ``reference`` (image npz, ADM reference batch or the kit's reference file).
 
     Returns ``{metric: value}`` for the metrics asked for (default: all of `METRIC_NAMES`); None where a
     metric cannot be computed here (no classifier layer for IS, no DINOv2 weights, no patch size, an old
@@ -345,6 +379,10 @@ def compute_metrics(
     arr = np.asarray(samples)
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
         raise MetricsError(f"samples must be uint8 (N, H, W, 3) images, got {arr.dtype} {arr.shape}")
+    if labels is not None and np.shape(labels) != (len(arr),):
+        raise MetricsError(
+            f"{len(arr)} samples need {len(arr)} labels, got an array of shape {np.shape(labels)}"
+        )
     engine = MetricEngine.create(
         reference,
         metrics,
@@ -357,9 +395,13 @@ def compute_metrics(
     )
     rank, world = rank_and_world() if is_distributed() else (0, 1)
     bounds = np.linspace(0, len(arr), world + 1).round().astype(int)
-    mine = arr[bounds[rank] : bounds[rank + 1]]
-    batches = (
+    start, stop = int(bounds[rank]), int(bounds[rank + 1])
+    mine = arr[start:stop]
+    batches: Iterable[Tensor | tuple[Tensor, np.ndarray]] = (
         torch.from_numpy(np.ascontiguousarray(mine[i : i + batch_size])).permute(0, 3, 1, 2).contiguous()
         for i in range(0, len(mine), batch_size)
     )
+    if labels is not None:
+        mine_labels = np.asarray(labels, dtype=np.int64)[start:stop]
+        batches = zip(batches, (mine_labels[i : i + batch_size] for i in range(0, len(mine), batch_size)))
     return engine.evaluate(gather_feature_set(engine.features(batches)), unavailable)

@@ -18,17 +18,24 @@ from torch import Tensor
 
 from dip_lightning.core.metrics.errors import MetricsError
 
-__all__ = ["ADM_NEIGHBOURHOOD", "manifold_radii", "manifold_coverage", "precision_recall"]
+__all__ = [
+    "ADM_NEIGHBOURHOOD",
+    "feature_tensor",
+    "manifold_coverage",
+    "manifold_radii",
+    "precision_recall",
+    "squared_distances",
+]
 
 ADM_NEIGHBOURHOOD = 3
 
 
-def _squared_distances(a: Tensor, b: Tensor) -> Tensor:
+def squared_distances(a: Tensor, b: Tensor) -> Tensor:
     """``max(|a|² - 2 a·b + |b|², 0)``, the ADM evaluator's pairwise squared distance."""
     return (a.square().sum(1, keepdim=True) - 2 * a @ b.T + b.square().sum(1)[None]).clamp_(min=0)
 
 
-def _as_tensor(x: Tensor | np.ndarray, device: str | torch.device | None, dtype: torch.dtype) -> Tensor:
+def feature_tensor(x: Tensor | np.ndarray, device: str | torch.device | None, dtype: torch.dtype) -> Tensor:
     """``x`` as a ``dtype`` tensor on ``device`` (the CPU when None)."""
     return torch.as_tensor(x).to(
         device=torch.device("cpu") if device is None else torch.device(device), dtype=dtype
@@ -43,10 +50,10 @@ def manifold_radii(
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Squared distance of every feature to its k-th nearest neighbour in the set (self included as 0-th)."""
-    f = _as_tensor(features, device, dtype)
+    f = feature_tensor(features, device, dtype)
     if f.shape[0] <= k:
         raise MetricsError(f"the k={k} manifold needs more than {k} feature vectors, got {f.shape[0]}")
-    radii = [_squared_distances(block, f).kthvalue(k + 1, dim=1).values for block in f.split(block_size)]
+    radii = [squared_distances(block, f).kthvalue(k + 1, dim=1).values for block in f.split(block_size)]
     return torch.cat(radii)
 
 
@@ -59,10 +66,10 @@ def manifold_coverage(
     dtype: torch.dtype = torch.float32,
 ) -> float:
     """Fraction of ``queries`` inside at least one ball ``|q - s|² <= r_s`` of the support set."""
-    q = _as_tensor(queries, device, dtype)
-    s = _as_tensor(support, device, dtype)
-    r = _as_tensor(support_radii, device, dtype)
-    inside = [(_squared_distances(block, s) <= r[None]).any(dim=1) for block in q.split(block_size)]
+    q = feature_tensor(queries, device, dtype)
+    s = feature_tensor(support, device, dtype)
+    r = feature_tensor(support_radii, device, dtype)
+    inside = [(squared_distances(block, s) <= r[None]).any(dim=1) for block in q.split(block_size)]
     return float(torch.cat(inside).double().mean())
 
 

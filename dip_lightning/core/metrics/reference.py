@@ -4,7 +4,8 @@ A `FeatureSet` holds per-image features of each kind (``pool``, ``spatial``, ``p
 ADM evaluator keeps activations) and the `SeamProfile`; statistics are computed from it in float64. A `Reference`
 loads from an image npz (``arr_0``, uint8 NHWC), an ADM reference batch (its stored ``mu``/``sigma`` used as ADM's
 evaluator uses them, its images for the rest) or the kit's reference file (`save_reference`, written by
-``fid-stats``: Inception and DINOv2 statistics, up to 10k pool features for precision/recall, the seam profile).
+``fid-stats``: Inception and DINOv2 statistics, up to 10k pool features for precision/recall with their class
+labels where the images had them, the seam profile).
 Features extracted from a file's images are cached by the file's content hash and the network's name.
 """
 
@@ -29,7 +30,13 @@ from dip_lightning.core.metrics.errors import MetricsError
 from dip_lightning.core.metrics.features import FeatureExtractor
 from dip_lightning.core.metrics.frechet import FIDStats
 from dip_lightning.core.metrics.patch_seam import SeamProfile
-from dip_lightning.core.metrics.sources import iter_npz_images, npz_array_sizes, npz_image_shape, npz_images
+from dip_lightning.core.metrics.sources import (
+    iter_npz_images,
+    npz_array_sizes,
+    npz_image_shape,
+    npz_images,
+    npz_labels,
+)
 
 __all__ = [
     "CACHE_ENV",
@@ -89,20 +96,23 @@ class FeatureSet:
     seam: SeamProfile | None = None
     num_images: int = 0
     extractor: str = ""
+    #: Class label of each image (int64 ``(N,)``), where the images came with labels; for class agreement.
+    labels: np.ndarray | None = None
 
     def stats(self, kind: str) -> FIDStats:
         return FIDStats.from_features(self.features[kind], self.extractor)
 
 
 def extract_feature_set(
-    batches: Iterable[Tensor],
+    batches: Iterable[Tensor | tuple[Tensor, np.ndarray]],
     kinds: Collection[str],
     extractor: FeatureExtractor | None,
     device: torch.device,
     dinov2: nn.Module | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> FeatureSet:
-    """Features of ``kinds`` (Inception kinds, ``dinov2``, ``seam``) for a stream of uint8 ``(B, 3, H, W)``."""
+    """Features of ``kinds`` (Inception kinds, ``dinov2``, ``seam``) for a stream of uint8 ``(B, 3, H, W)``, or of
+    ``(images, labels)`` pairs: the labels are then kept (`FeatureSet.labels`; None unless every batch has them)."""
     inception = [k for k in INCEPTION_KINDS if k in kinds]
     if inception and extractor is None:
         raise ValueError(f"{inception} features need an Inception extractor")
@@ -111,7 +121,12 @@ def extract_feature_set(
     parts: dict[str, list[Tensor]] = {k: [] for k in (*inception, *(["dinov2"] if "dinov2" in kinds else []))}
     seam: SeamProfile | None = None
     count = 0
+    labels: list[np.ndarray] | None = []
     for batch in batches:
+        batch, batch_labels = batch if isinstance(batch, tuple) else (batch, None)
+        labels = (
+            None if labels is None or batch_labels is None else [*labels, np.asarray(batch_labels, np.int64)]
+        )
         images = batch.to(device, non_blocking=True)
         if inception:
             assert extractor is not None
@@ -130,7 +145,17 @@ def extract_feature_set(
     if "seam" in kinds and seam is None:
         seam = SeamProfile(np.zeros(0), np.zeros(0), 0)
     name = extractor.name if extractor is not None else ""
-    return FeatureSet(features, seam, count, name)
+    return FeatureSet(features, seam, count, name, _joined_labels(labels, count))
+
+
+def _joined_labels(parts: list[np.ndarray] | None, count: int) -> np.ndarray | None:
+    """The batches' labels as one int64 array of ``count`` (None: some batch had none)."""
+    if parts is None:
+        return None
+    labels = np.concatenate([p.reshape(-1) for p in parts]) if parts else np.zeros(0, np.int64)
+    if len(labels) != count:
+        raise ValueError(f"{count} images but {len(labels)} labels")
+    return labels
 
 
 def gather_feature_set(local: FeatureSet) -> FeatureSet:
@@ -148,7 +173,14 @@ def gather_feature_set(local: FeatureSet) -> FeatureSet:
         n_cols = len(local.seam.cols)
         seam = SeamProfile(gathered[:n_cols], gathered[n_cols:-1], int(round(gathered[-1])))
     counts = all_gather_rows(torch.tensor([local.num_images]))
-    return FeatureSet(features, seam, int(counts.sum()), local.extractor)
+    unlabelled = int(
+        all_gather_rows(torch.tensor([int(local.labels is None)])).sum()
+    )  # every rank's, or none
+    labels = None
+    if not unlabelled:
+        assert local.labels is not None
+        labels = all_gather_rows(torch.from_numpy(local.labels)).numpy()
+    return FeatureSet(features, seam, int(counts.sum()), local.extractor, labels)
 
 
 def npz_feature_set(
@@ -161,15 +193,20 @@ def npz_feature_set(
     limit: int | None = None,
     image_size: tuple[int, int] | None = None,
 ) -> FeatureSet:
-    """Features of an npz's ``arr_0`` images; under a process group each rank reads a contiguous slice. The
-    array's header is checked first (`npz_images`; ``image_size``: the reference's, for samples)."""
-    total = npz_images(path, image_size=image_size).count
-    total = total if limit is None else min(total, limit)
+    """Features of an npz's ``arr_0`` images, with their ``arr_1`` labels where the file has them; under a process
+    group each rank reads a contiguous slice. The array's header is checked first (`npz_images`; ``image_size``:
+    the reference's, for samples)."""
+    count = npz_images(path, image_size=image_size).count
+    total = count if limit is None else min(count, limit)
     rank, world = rank_and_world() if is_distributed() else (0, 1)
     bounds = np.linspace(0, total, world + 1).round().astype(int)
-    batches = iter_npz_images(
-        path, batch_size, limit=int(bounds[rank + 1]), start=int(bounds[rank]), image_size=image_size
+    start, stop = int(bounds[rank]), int(bounds[rank + 1])
+    batches: Iterable[Tensor | tuple[Tensor, np.ndarray]] = iter_npz_images(
+        path, batch_size, limit=stop, start=start, image_size=image_size
     )
+    labels = npz_labels(path, count)
+    if labels is not None:
+        batches = zip(batches, np.split(labels[start:stop], range(batch_size, stop - start, batch_size)))
     return gather_feature_set(extract_feature_set(batches, kinds, extractor, device, dinov2))
 
 
@@ -279,6 +316,7 @@ REFERENCE_NEEDS: dict[str, tuple[str, ...]] = {
     "recall": ("pool_features",),
     "patch_seam": ("seam",),
     "fd_dinov2": ("dinov2_stats",),
+    "class_agreement": ("pool_features", "pool_labels"),
 }
 _FROM_IMAGES = {
     "pool_stats": "pool",
@@ -304,12 +342,16 @@ class Reference:
     layout: str = "images"
     #: ``(height, width)`` of the reference's images, where the file tells (its images, or its seam profile).
     image_size: tuple[int, int] | None = None
+    #: Class label of each row of ``pool_features``, where the reference's images came with labels.
+    pool_labels: np.ndarray | None = None
 
     def has(self, need: str) -> bool:
         if need == "pool_features":
             return self.pool_features is not None and len(self.pool_features) > 0
         if need == "seam":
             return self.seam is not None and self.seam.num_images > 0
+        if need == "pool_labels":
+            return self.pool_labels is not None and self.has("pool_features")
         return need.removesuffix("_stats") in self.stats
 
 
@@ -404,6 +446,8 @@ def _read_stats_arrays(path: Path, keys: list[str]) -> Reference:
         if "pool_features" in keys:
             ref.pool_features = np.asarray(npz["pool_features"], dtype=np.float32)
             _check_finite(path, {"pool_features": ref.pool_features})
+        if "pool_labels" in keys:
+            ref.pool_labels = _pool_labels(path, npz["pool_labels"], ref.pool_features)
         if "seam_cols" in keys:
             ref.seam = SeamProfile(
                 np.asarray(npz["seam_cols"], np.float64),
@@ -411,6 +455,17 @@ def _read_stats_arrays(path: Path, keys: list[str]) -> Reference:
                 int(npz["seam_count"]),
             )
     return ref
+
+
+def _pool_labels(path: Path, stored: np.ndarray, pool_features: np.ndarray | None) -> np.ndarray:
+    """A reference file's labels of its pool features, checked: one integer per feature row."""
+    rows = 0 if pool_features is None else len(pool_features)
+    if stored.dtype.kind not in "iu" or stored.shape != (rows,):
+        raise BadReferenceFile(
+            f"reference {path}: pool_labels ({stored.dtype} {stored.shape}) are not one integer label per each of "
+            f"its {rows} pool features; {_RECOMPUTE}"
+        )
+    return stored.astype(np.int64)
 
 
 def load_reference(
@@ -439,6 +494,13 @@ def load_reference(
         cache = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) if use_cache else None
         extracted = _cached_features(file, sorted(kinds), extractor, device, batch_size, dinov2, cache)
         _complete_reference(ref, extracted, needs, str(getattr(dinov2, "name", "")))
+    if (
+        "pool_labels" in needs
+        and ref.pool_labels is None
+        and ref.layout != "stats"
+        and ref.has("pool_features")
+    ):
+        ref.pool_labels = npz_labels(file, len(ref.pool_features))  # type: ignore[arg-type]
     return ref
 
 
@@ -514,7 +576,7 @@ def _kinds_to_extract(
     if ref.layout == "stats":  # no images to extract from
         return set()
     kinds = set()
-    for need in needs - {n for n in needs if ref.has(n)}:
+    for need in needs - {n for n in needs if ref.has(n)} - {"pool_labels"}:  # labels are read, not extracted
         kind = _FROM_IMAGES[need]
         if kind in INCEPTION_KINDS and (extractor is None or kind not in extractor.available()):
             continue
@@ -557,6 +619,8 @@ def reference_from_features(features: FeatureSet, name: str = "", dinov2_name: s
                 ref.stats[kind].extractor = dinov2_name
     if "pool" in features.features:
         ref.pool_features = features.features["pool"][:PR_REFERENCE_SIZE]
+        if features.labels is not None:
+            ref.pool_labels = features.labels[:PR_REFERENCE_SIZE]
     ref.seam = features.seam
     return ref
 
@@ -579,6 +643,8 @@ def save_reference(
         stats = features.stats("pool")
         arrays["mu"], arrays["sigma"] = stats.mu, stats.sigma
         arrays["pool_features"] = features.features["pool"][:pr_size].astype(np.float32)
+        if features.labels is not None:
+            arrays["pool_labels"] = features.labels[:pr_size].astype(np.int64)
     if "spatial" in features.features:
         stats = features.stats("spatial")
         arrays["mu_s"], arrays["sigma_s"] = stats.mu, stats.sigma

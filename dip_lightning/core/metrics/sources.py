@@ -33,6 +33,7 @@ __all__ = [
     "npz_array_sizes",
     "npz_image_shape",
     "npz_images",
+    "npz_labels",
 ]
 
 
@@ -211,8 +212,10 @@ def iter_shard_images(
     limit: int | None = None,
     rank: int = 0,
     world_size: int = 1,
-) -> Iterator[Tensor]:
-    """Stream real uint8 images ``(B, 3, S, S)`` from WebDataset shards, in shard order (no shuffling).
+    labelled: bool = False,
+) -> Iterator[Any]:
+    """Stream real uint8 images ``(B, 3, S, S)`` from WebDataset shards, in shard order (no shuffling); with
+    ``labelled``, ``(images, labels)`` pairs (int64 labels, the shards' ``cls``).
 
     Decoding goes through the data package (`dip_lightning.core.data.shards.decode_sample`): images that are not
     ``image_size`` square get the ADM centre crop, the preprocessing of the ADM reference batches. Training
@@ -225,7 +228,12 @@ def iter_shard_images(
     def fail(exc: BaseException) -> None:
         raise exc
 
-    batch: list[np.ndarray] = []
+    def emit(images: list[np.ndarray], labels: list[int]) -> Any:
+        batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+        return (batch, np.asarray(labels, dtype=np.int64)) if labelled else batch
+
+    images: list[np.ndarray] = []
+    labels: list[int] = []
     index = 0
     for url in expand_shards(shards):
         for sample in stream_samples(url, on_error=fail):
@@ -234,15 +242,36 @@ def iter_shard_images(
             index += 1
             if (index - 1) % world_size != rank:
                 continue
-            image, _ = decode_sample(sample, image_size)
-            batch.append(image)
-            if len(batch) == batch_size:
-                yield torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).contiguous()
-                batch = []
+            image, label = decode_sample(sample, image_size)
+            images.append(image)
+            labels.append(label)
+            if len(images) == batch_size:
+                yield emit(images, labels)
+                images, labels = [], []
         if limit is not None and index >= limit:
             break
-    if batch:
-        yield torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).contiguous()
+    if images:
+        yield emit(images, labels)
+
+
+def npz_labels(path: str | os.PathLike[str], count: int, key: str = "arr_1") -> np.ndarray | None:
+    """The class labels stored beside an npz's ``count`` images (``arr_1``, as `sample` and ADM's sampling scripts
+    write them) as int64, or None where the file has none. The header is checked before the array is read: one
+    integer per image."""
+    with _open_npz(path) as zf:
+        name = f"{key}.npy"
+        if name not in zf.namelist():
+            return None
+        shape, fortran, dtype, stored = _member_header(zf, name)
+    declared = math.prod(shape) * dtype.itemsize
+    if dtype.kind not in "iu" or len(shape) != 1 or shape[0] != count or declared != stored:
+        raise BadImageArray(
+            f"{path}:{key} should hold one integer class label per image ({count}), but holds {dtype} {shape} "
+            f"({stored} of {declared} bytes); write the file again, or drop {key} to evaluate without labels"
+        )
+    with _open_npz(path) as zf, zf.open(name) as f:
+        _read_npy_header(f)
+        return np.frombuffer(f.read(declared), dtype=dtype).astype(np.int64)
 
 
 def npz_image_shape(path: str | os.PathLike[str], key: str = "arr_0") -> tuple[int, ...]:

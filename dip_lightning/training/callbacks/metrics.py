@@ -246,6 +246,7 @@ class MetricsCallback(StepEvaluation):
             limit=self.real_num_samples,
             rank=trainer.global_rank,
             world_size=trainer.world_size,
+            labelled=True,
         )
         extractor = self.extractor.to(device) if self.extractor is not None else None
         features = gather_feature_set(extract_feature_set(batches, kinds, extractor, device, dinov2))
@@ -295,7 +296,7 @@ class MetricsCallback(StepEvaluation):
                     **self.sampler_overrides,
                 )
                 # .to(device): an EMA copy kept on another device (EMA(device="cpu")) returns images there.
-                yield to_uint8(images).to(device)
+                yield to_uint8(images).to(device), labels
 
         samples = gather_feature_set(engine.features(batches()))  # collective
         results = engine.evaluate(samples) if trainer.global_rank == 0 else {}

@@ -28,7 +28,8 @@ from dip_lightning.core.metrics.reference import FeatureSet, save_reference
 from tests.helpers.metrics import brute_force_pr, nchw, scipy_fid, smooth_images
 
 torch.set_num_threads(1)
-ALL_BUT_DINO = [m for m in METRIC_NAMES if m != "fd_dinov2"]
+# The sets here carry no labels: class agreement has its own tests (test_class_agreement.py).
+ALL_BUT_DINO_AND_LABELS = [m for m in METRIC_NAMES if m not in ("fd_dinov2", "class_agreement")]
 
 
 @pytest.fixture()
@@ -93,11 +94,11 @@ def test_reference_features_are_cached_by_content_hash(sets: dict, monkeypatch: 
 
     monkeypatch.setattr(reference_module, "npz_feature_set", counting)
     first = compute_metrics(
-        sets["fake"], sets["ref"], ALL_BUT_DINO, 4, extractor=extractor, cache_dir=sets["cache"]
+        sets["fake"], sets["ref"], ALL_BUT_DINO_AND_LABELS, 4, extractor=extractor, cache_dir=sets["cache"]
     )
     assert calls == [("pool", "seam", "spatial")]
     second = compute_metrics(
-        sets["fake"], sets["ref"], ALL_BUT_DINO, 4, extractor=extractor, cache_dir=sets["cache"]
+        sets["fake"], sets["ref"], ALL_BUT_DINO_AND_LABELS, 4, extractor=extractor, cache_dir=sets["cache"]
     )
     assert calls == [("pool", "seam", "spatial")] and second == first  # nothing extracted again
     # Another name for the same bytes hits the cache; changed bytes do not.
@@ -120,7 +121,7 @@ def test_reference_features_are_cached_by_content_hash(sets: dict, monkeypatch: 
 def test_kit_reference_file_adm_batch_and_old_fid_only_file(sets: dict, tmp_path: Path) -> None:
     extractor = PixelProjection()
     from_images = compute_metrics(
-        sets["fake"], sets["ref"], ALL_BUT_DINO, 4, extractor=extractor, cache_dir=None
+        sets["fake"], sets["ref"], ALL_BUT_DINO_AND_LABELS, 4, extractor=extractor, cache_dir=None
     )
 
     # The kit's reference file (what fid-stats writes) gives the same numbers as the images themselves.
@@ -131,7 +132,9 @@ def test_kit_reference_file_adm_batch_and_old_fid_only_file(sets: dict, tmp_path
     save_reference(kit, full)
     with pytest.raises(FileExistsError):
         save_reference(kit, full)
-    from_file = compute_metrics(sets["fake"], kit, ALL_BUT_DINO, 4, extractor=extractor, cache_dir=None)
+    from_file = compute_metrics(
+        sets["fake"], kit, ALL_BUT_DINO_AND_LABELS, 4, extractor=extractor, cache_dir=None
+    )
     assert from_file == pytest.approx(from_images, rel=1e-9)
     # It records its extractor: another one is an error, not a silent mix of feature spaces.
     with pytest.raises(ValueError, match="computed with extractor"):
@@ -145,7 +148,9 @@ def test_kit_reference_file_adm_batch_and_old_fid_only_file(sets: dict, tmp_path
         adm, arr_0=sets["real"], mu=shifted.mu, sigma=shifted.sigma, mu_s=spatial.mu, sigma_s=spatial.sigma
     )
     with pytest.warns(UserWarning, match="records no extractor"):
-        got = compute_metrics(sets["fake"], adm, ALL_BUT_DINO, 4, extractor=extractor, cache_dir=None)
+        got = compute_metrics(
+            sets["fake"], adm, ALL_BUT_DINO_AND_LABELS, 4, extractor=extractor, cache_dir=None
+        )
     fake_pool = extractor.features(nchw(sets["fake"]), ("pool",))["pool"].float().double().numpy()
     fake_stats = FIDStats.from_features(fake_pool)
     assert got["fid"] == pytest.approx(
@@ -161,7 +166,7 @@ def test_kit_reference_file_adm_batch_and_old_fid_only_file(sets: dict, tmp_path
     np.savez(old, mu=stats.mu, sigma=stats.sigma, num_samples=np.int64(60), extractor=np.str_(extractor.name))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        got = compute_metrics(sets["fake"], old, ALL_BUT_DINO, 4, extractor=extractor)
+        got = compute_metrics(sets["fake"], old, ALL_BUT_DINO_AND_LABELS, 4, extractor=extractor)
     assert got["fid"] == pytest.approx(from_images["fid"], rel=1e-9)
     assert got["inception_score"] == pytest.approx(from_images["inception_score"])
     assert all(got[k] is None for k in ("sfid", "precision", "recall", "patch_seam"))
@@ -207,7 +212,7 @@ def _two_process_worker(rank: int, init_file: str, ref: str, out_dir: str) -> No
     try:
         fake = smooth_images(41, seed=1, shift=0.2)  # odd: the ranks hold 20 and 21
         got = compute_metrics(
-            fake, ref, ALL_BUT_DINO, 4, extractor=PixelProjection(), cache_dir=Path(out_dir) / "c"
+            fake, ref, ALL_BUT_DINO_AND_LABELS, 4, extractor=PixelProjection(), cache_dir=Path(out_dir) / "c"
         )
         Path(out_dir, f"rank{rank}.txt").write_text(repr(sorted(got.items())))
     finally:
@@ -218,7 +223,7 @@ def test_two_process_extraction_equals_single_process(sets: dict, tmp_path: Path
     expected = compute_metrics(
         smooth_images(41, seed=1, shift=0.2),
         sets["ref"],
-        ALL_BUT_DINO,
+        ALL_BUT_DINO_AND_LABELS,
         4,
         extractor=PixelProjection(),
         cache_dir=None,

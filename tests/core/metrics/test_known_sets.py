@@ -1,7 +1,8 @@
 """The suite on sets with known relations, with the real default Inception on the demo's real photo crops.
 
-Two halves of one real set are close (precision and recall high), uniform noise is off the real manifold
-(precision 0), and one image repeated covers a single point of it (recall 1/N). The features of the demo's
+Two halves of one real set are close (precision and recall high, each crop's nearest neighbour in the other half of
+its own class), uniform noise is off the real manifold (precision 0, its nearest crops of no class in particular),
+and one image repeated covers a single point of it (recall 1/N). The features of the demo's
 validation crops are extracted once for the module (~190 images; Inception costs ~0.35 s per image on one
 core, so the fixture uses both cores of the CI machine).
 """
@@ -18,24 +19,30 @@ from dip_lightning.core.metrics.reference import FeatureSet, Reference, extract_
 from dip_lightning.core.metrics.sources import iter_shard_images
 
 HALF = 64  # all 128 validation crops; with 32 per half, noise lands inside a few of the wider k=3 balls
-METRICS = ["fid", "sfid", "precision", "recall", "patch_seam"]
+METRICS = ["fid", "sfid", "precision", "recall", "patch_seam", "class_agreement"]
 KINDS = {"pool", "spatial", "seam"}
 
 
 @pytest.fixture(scope="module")
 def feature_sets(demo_data: dict) -> dict[str, FeatureSet]:
-    real = torch.cat(list(iter_shard_images(demo_data["val_shards"], 64, demo_data["image_size"])))
+    pairs = list(iter_shard_images(demo_data["val_shards"], 64, demo_data["image_size"], labelled=True))
+    real = torch.cat([images for images, _ in pairs])
+    labels = np.concatenate([y for _, y in pairs])
     order = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))
     half_a, half_b = real[order[:HALF]], real[order[HALF : 2 * HALF]]
+    labels_a, labels_b = labels[order[:HALF].numpy()], labels[order[HALF : 2 * HALF].numpy()]
     noise = torch.randint(0, 256, half_a.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     extractor = FIDHelperInception()
     cpu = torch.device("cpu")
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        return _extract(half_a, half_b, noise, extractor, cpu)
+        sets = _extract(half_a, half_b, noise, extractor, cpu)
     finally:
         torch.set_num_threads(threads)
+    sets["a"].labels, sets["b"].labels, sets["noise"].labels = labels_a, labels_b, labels_b
+    sets["repeated"].labels = np.full(HALF, labels_a[0])
+    return sets
 
 
 def _extract(
@@ -62,7 +69,9 @@ def _extract(
 
 def _reference(fs: FeatureSet) -> Reference:
     stats = {"pool": fs.stats("pool"), "spatial": fs.stats("spatial")}
-    return Reference("half-a", stats, fs.features["pool"], fs.seam, fs.extractor, fs.num_images)
+    ref = Reference("half-a", stats, fs.features["pool"], fs.seam, fs.extractor, fs.num_images)
+    ref.pool_labels = fs.labels
+    return ref
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +93,8 @@ def test_halves_of_one_real_set_are_close_and_noise_is_off_the_manifold(results:
     # Real vs real: no seams beyond real images (the 8-px grid is no grid of theirs); at 64 images the score varies
     # by several percent between real sets (bench/results/metrics.md: 1.068 for another split).
     assert halves["patch_seam"] == pytest.approx(1.0, abs=0.15)
+    # Each crop's nearest crop of the other half is of its photo; noise lands near crops of any class (chance 1/8).
+    assert halves["class_agreement"] >= 0.95 and noise["class_agreement"] <= 0.4
 
 
 @pytest.mark.slow
@@ -93,6 +104,7 @@ def test_one_repeated_image_has_no_recall(results: dict[str, dict]) -> None:
     assert repeated["recall"] == pytest.approx(1 / HALF)
     assert repeated["precision"] == 1.0  # the image is a real one
     assert repeated["fid"] > 2 * results["b"]["fid"]
+    assert repeated["class_agreement"] == 1.0  # its nearest reference is its own copy
 
 
 def test_sfid_features_are_mixed_6_conv_first_seven_channels() -> None:

@@ -411,7 +411,7 @@ callbacks:
 
 
 # ------------------------------------------------------------------------------------------ the full suite
-ALL = ["fid", "sfid", "inception_score", "precision", "recall", "patch_seam"]
+ALL = ["fid", "sfid", "inception_score", "precision", "recall", "patch_seam", "class_agreement"]
 
 
 def suite_callback(ref: Path, **kwargs: Any) -> MetricsCallback:
@@ -437,7 +437,9 @@ def to_uint8_images(images: torch.Tensor) -> np.ndarray:
 def test_metrics_callback_logs_every_metric_and_equals_the_evaluate_command(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    np.savez(tmp_path / "real.npz", arr_0=reference_images().permute(0, 2, 3, 1).numpy())
+    np.savez(
+        tmp_path / "real.npz", arr_0=reference_images().permute(0, 2, 3, 1).numpy(), arr_1=np.arange(40) % 3
+    )
     callback = suite_callback(tmp_path / "real.npz", num_samples=24)
     module = ToyGenerator()
     logger = CSVLogger(tmp_path, name="logs")
@@ -460,7 +462,7 @@ def test_metrics_callback_logs_every_metric_and_equals_the_evaluate_command(
 
     index = torch.arange(24)
     images = to_uint8_images(module.generate(index % module.num_classes, index))
-    np.savez(tmp_path / "samples.npz", arr_0=images)
+    np.savez(tmp_path / "samples.npz", arr_0=images, arr_1=(index % module.num_classes).numpy())
     out = tmp_path / "metrics.json"
     argv = [
         str(tmp_path / "samples.npz"),
@@ -478,14 +480,22 @@ def test_metrics_callback_logs_every_metric_and_equals_the_evaluate_command(
     record = json.loads(out.read_text())
     assert {m: record[m] for m in ALL} == pytest.approx(last, rel=1e-9)
     again = compute_metrics(
-        images, tmp_path / "real.npz", ALL, 4, extractor=PixelProjection(12, 4), cache_dir=None
+        images,
+        tmp_path / "real.npz",
+        ALL,
+        4,
+        extractor=PixelProjection(12, 4),
+        cache_dir=None,
+        labels=(index % module.num_classes).numpy(),
     )
     assert again == pytest.approx(last, rel=1e-9)
 
 
 def test_metrics_callback_two_process_ddp_equals_single_process(tmp_path: Path) -> None:
     """Precision/recall need every sample's features: the gathered set must equal the single-process one."""
-    np.savez(tmp_path / "real.npz", arr_0=reference_images().permute(0, 2, 3, 1).numpy())
+    np.savez(
+        tmp_path / "real.npz", arr_0=reference_images().permute(0, 2, 3, 1).numpy(), arr_1=np.arange(40) % 3
+    )
 
     def run(root: Path, devices: int, **kwargs: Any) -> list[dict[str, str]]:
         callback = suite_callback(tmp_path / "real.npz")
