@@ -44,8 +44,17 @@ from dip_lightning.training.callbacks.ema import sampling_module
 from dip_lightning.training.callbacks.evaluation import StepEvaluation, stop_if_signalled
 from dip_lightning.training.callbacks.monitor import images_seen as images_seen_so_far
 
-#: What `MetricsCallback` computes by default: the ADM suite and the patch-seam score (FD-DINOv2 needs weights).
-DEFAULT_TRAINING_METRICS = ("fid", "sfid", "inception_score", "precision", "recall", "patch_seam")
+#: What `MetricsCallback` computes by default: the ADM suite, the patch-seam score and class agreement (FD-DINOv2
+#: needs weights).
+DEFAULT_TRAINING_METRICS = (
+    "fid",
+    "sfid",
+    "inception_score",
+    "precision",
+    "recall",
+    "patch_seam",
+    "class_agreement",
+)
 
 __all__ = ["DEFAULT_TRAINING_METRICS", "MetricsCallback"]
 
