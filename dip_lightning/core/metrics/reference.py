@@ -173,11 +173,10 @@ def gather_feature_set(local: FeatureSet) -> FeatureSet:
         n_cols = len(local.seam.cols)
         seam = SeamProfile(gathered[:n_cols], gathered[n_cols:-1], int(round(gathered[-1])))
     counts = all_gather_rows(torch.tensor([local.num_images]))
-    unlabelled = int(
-        all_gather_rows(torch.tensor([int(local.labels is None)])).sum()
-    )  # every rank's, or none
+    # The labels of every rank, or none: a rank without them makes the whole set unlabelled.
+    unlabelled = all_gather_rows(torch.tensor([int(local.labels is None)]))
     labels = None
-    if not unlabelled:
+    if int(unlabelled.sum()) == 0:
         assert local.labels is not None
         labels = all_gather_rows(torch.from_numpy(local.labels)).numpy()
     return FeatureSet(features, seam, int(counts.sum()), local.extractor, labels)
