@@ -4,11 +4,13 @@ FID by numpy and scipy, precision/recall by brute force; a slow extractor."""
 from __future__ import annotations
 
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 import numpy as np
+import pytest
 import scipy.linalg
 import torch
+import torch.multiprocessing as mp
 
 from dip_lightning.core.metrics.features import PixelProjection
 
@@ -30,6 +32,18 @@ def labelled_images(per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """``per_class`` images of each of `CLASSES` classes (class c brighter by 0.25 c) and their labels."""
     images = [smooth_images(per_class, seed=seed + 100 * c, shift=0.25 * c - 0.3) for c in range(CLASSES)]
     return np.concatenate(images), np.repeat(np.arange(CLASSES), per_class)
+
+
+def run_two_forked_processes(worker: Callable[..., None], args: tuple, timeout: float = 120) -> None:
+    """``worker(rank, *args)`` in two forked processes (no re-import); a hung collective past ``timeout`` seconds
+    kills them and fails the test."""
+    context = mp.start_processes(worker, args=args, nprocs=2, join=False, start_method="fork")
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"two processes of {worker.__name__} did not finish within {timeout:.0f} s")
 
 
 def nchw(images: np.ndarray) -> torch.Tensor:

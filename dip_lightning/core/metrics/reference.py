@@ -124,9 +124,7 @@ def extract_feature_set(
     labels: list[np.ndarray] | None = []
     for batch in batches:
         batch, batch_labels = batch if isinstance(batch, tuple) else (batch, None)
-        labels = (
-            None if labels is None or batch_labels is None else [*labels, np.asarray(batch_labels, np.int64)]
-        )
+        labels = _kept_labels(labels, batch_labels)
         images = batch.to(device, non_blocking=True)
         if inception:
             assert extractor is not None
@@ -146,6 +144,14 @@ def extract_feature_set(
         seam = SeamProfile(np.zeros(0), np.zeros(0), 0)
     name = extractor.name if extractor is not None else ""
     return FeatureSet(features, seam, count, name, _joined_labels(labels, count))
+
+
+def _kept_labels(parts: list[np.ndarray] | None, new: Tensor | np.ndarray | None) -> list[np.ndarray] | None:
+    """``parts`` with a batch's labels appended; None from the first batch without labels on."""
+    if parts is None or new is None:
+        return None
+    parts.append(np.asarray(new, dtype=np.int64))
+    return parts
 
 
 def _joined_labels(parts: list[np.ndarray] | None, count: int) -> np.ndarray | None:

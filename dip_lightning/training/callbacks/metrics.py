@@ -44,17 +44,8 @@ from dip_lightning.training.callbacks.ema import sampling_module
 from dip_lightning.training.callbacks.evaluation import StepEvaluation, stop_if_signalled
 from dip_lightning.training.callbacks.monitor import images_seen as images_seen_so_far
 
-#: What `MetricsCallback` computes by default: the ADM suite, the patch-seam score and class agreement (FD-DINOv2
-#: needs weights).
-DEFAULT_TRAINING_METRICS = (
-    "fid",
-    "sfid",
-    "inception_score",
-    "precision",
-    "recall",
-    "patch_seam",
-    "class_agreement",
-)
+#: What `MetricsCallback` computes by default: every metric of the engine but FD-DINOv2, which needs weights.
+DEFAULT_TRAINING_METRICS = tuple(m for m in METRIC_NAMES if m != "fd_dinov2")
 
 __all__ = ["DEFAULT_TRAINING_METRICS", "MetricsCallback"]
 

@@ -6,7 +6,6 @@ Features come from `PixelProjection` (see test_engine.py); classes differ in bri
 
 from __future__ import annotations
 
-import time
 import warnings
 from pathlib import Path
 
@@ -14,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from dip_lightning.core.metrics import MetricEngine, MetricUnavailableWarning, compute_metrics
 from dip_lightning.core.metrics.class_agreement import class_agreement
@@ -26,7 +24,7 @@ from dip_lightning.core.metrics.reference import (
     save_reference,
 )
 from dip_lightning.core.metrics.sources import BadImageArray, iter_shard_images
-from tests.helpers.metrics import CLASSES, labelled_images, nchw
+from tests.helpers.metrics import CLASSES, labelled_images, nchw, run_two_forked_processes
 
 torch.set_num_threads(1)
 
@@ -212,24 +210,13 @@ def _two_process_worker(rank: int, init_file: str, ref: str, out_dir: str) -> No
 
 
 def test_two_processes_gather_the_labels_with_the_features(labelled: dict, tmp_path: Path) -> None:
-    fake, labels = labelled_images(
-        10, seed=1
-    )  # sorted by class: labels out of step with the features would show
+    # Sorted by class: labels out of step with the features would show.
+    fake, labels = labelled_images(10, seed=1)
     expected = compute_metrics(
         fake[:-1], labelled["ref"], ["class_agreement"], extractor=PixelProjection(), labels=labels[:-1]
     )
-    context = mp.start_processes(
-        _two_process_worker,
-        args=(str(tmp_path / "init"), str(labelled["ref"]), str(tmp_path)),
-        nprocs=2,
-        join=False,
-        start_method="fork",
+    run_two_forked_processes(
+        _two_process_worker, (str(tmp_path / "init"), str(labelled["ref"]), str(tmp_path))
     )
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("two-process compute_metrics did not finish within 120 s")
     for rank in range(2):
         assert float((tmp_path / f"rank{rank}.txt").read_text()) == pytest.approx(expected["class_agreement"])

@@ -7,7 +7,6 @@ test_known_sets.py runs the real Inception on the demo's photos.
 
 from __future__ import annotations
 
-import time
 import warnings
 from pathlib import Path
 
@@ -15,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from dip_lightning.core.encoders import DINOv2ViT
 from dip_lightning.core.metrics import METRIC_NAMES, MetricEngine, MetricUnavailableWarning, compute_metrics
@@ -25,7 +23,7 @@ from dip_lightning.core.metrics.frechet import FIDStats, frechet_distance
 from dip_lightning.core.metrics.patch_seam import SeamProfile, patch_seam_score
 from dip_lightning.core.metrics.precision_recall import precision_recall
 from dip_lightning.core.metrics.reference import FeatureSet, save_reference
-from tests.helpers.metrics import brute_force_pr, nchw, scipy_fid, smooth_images
+from tests.helpers.metrics import brute_force_pr, nchw, run_two_forked_processes, scipy_fid, smooth_images
 
 torch.set_num_threads(1)
 # The sets here carry no labels: class agreement has its own tests (test_class_agreement.py).
@@ -228,20 +226,7 @@ def test_two_process_extraction_equals_single_process(sets: dict, tmp_path: Path
         extractor=PixelProjection(),
         cache_dir=None,
     )
-    # fork: the children need no re-import; a deadline turns a hung collective into a failure.
-    context = mp.start_processes(
-        _two_process_worker,
-        args=(str(tmp_path / "init"), str(sets["ref"]), str(tmp_path)),
-        nprocs=2,
-        join=False,
-        start_method="fork",
-    )
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("two-process compute_metrics did not finish within 120 s")
+    run_two_forked_processes(_two_process_worker, (str(tmp_path / "init"), str(sets["ref"]), str(tmp_path)))
     for rank in range(2):
         got = dict(eval((tmp_path / f"rank{rank}.txt").read_text()))  # noqa: S307 - our own repr
         assert got == pytest.approx(expected, rel=1e-9)
