@@ -181,13 +181,15 @@ class DiPCLI(LightningCLI):
                 self.run_lock.release()
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """LightningCLI's, with ``--config`` taking a shipped recipe's name too (``--config tiny_cpu``)."""
+        """LightningCLI's, with ``--config`` taking a shipped recipe's name too (``--config tiny_cpu``).
+
+        A list of arguments is parsed here, not by LightningCLI, which warns whenever ``args`` is given while
+        ``sys.argv`` holds anything: the kit's commands (``demo``, ``sample`` ...) build their arguments on
+        purpose and the user's command line is theirs."""
         given = sys.argv[1:] if args is None else args
         if isinstance(given, (list, tuple)):
-            resolved = with_recipe_paths([str(a) for a in given])
-            if resolved != [str(a) for a in given]:
-                self.config = parser.parse_args(resolved)
-                return
+            self.config = parser.parse_args(with_recipe_paths([str(a) for a in given]))
+            return
         super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

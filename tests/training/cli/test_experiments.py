@@ -137,3 +137,14 @@ def test_fit_with_an_unknown_recipe_lists_the_shipped_names(
     assert run_command(["fit", "--config", "tiny_cpy"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --config tiny_cpy: no such file") and "tiny_cpu" in err
+
+
+def test_a_command_that_builds_its_own_arguments_is_not_warned_about_sys_argv(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, recwarn: pytest.WarningsRecorder
+) -> None:
+    # `python -m dip_lightning demo` (or sample, evaluate ...) hands DiPCLI the arguments it built, while
+    # sys.argv holds the user's command line: LightningCLI's "not recommended" warning would only alarm.
+    monkeypatch.setattr("sys.argv", ["python -m dip_lightning", "demo", "--threads", "1"])
+    cli = instantiate(tmp_path, REPO / "experiments" / "tiny_cpu.yaml")
+    assert cli.config.trainer.default_root_dir == str(tmp_path)
+    assert not [w for w in recwarn if "args parameter is intended" in str(w.message)]
