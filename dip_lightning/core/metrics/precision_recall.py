@@ -5,6 +5,10 @@ nearest neighbour within the set (k = 3; the point itself is the 0-th). Precisio
 features inside the reference manifold, recall the fraction of reference features inside the sample manifold.
 A point on a ball's surface counts as inside (ADM's ``<=``).
 
+The same paper's **realism score** of one sample (its Sec. 5) grades what precision only counts:
+``max_r radius_r / |sample - r|`` over the reference points, >= 1 exactly when the sample is inside a ball; below 1 it says how far a sample is from being
+counted (``realism_scores``).
+
 Distances are computed in row blocks (``block_size`` x N at a time), so memory is ``O(block_size * N)``, on
 any device. ADM computes squared distances in float16 (falling back to float32 on overflow); here they are
 float32 by default (``dtype``), which can flip only points within rounding of a ball's surface.
@@ -24,6 +28,7 @@ __all__ = [
     "manifold_coverage",
     "manifold_radii",
     "precision_recall",
+    "realism_scores",
     "squared_distances",
 ]
 
@@ -88,3 +93,35 @@ def precision_recall(
     precision = manifold_coverage(samples, reference, ref_radii, **opts)
     recall = manifold_coverage(reference, samples, sample_radii, **opts)
     return precision, recall
+
+
+def realism_scores(
+    reference: Tensor | np.ndarray,
+    samples: Tensor | np.ndarray,
+    k: int = ADM_NEIGHBOURHOOD,
+    keep: float = 1.0,
+    block_size: int = 10000,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Realism score of every sample, ``max_r radius_r / |sample - r|`` (Kynkäänniemi et al. 2019, Sec. 5).
+
+    ``keep``: the fraction of reference balls used, smallest radii first. 1.0 (all) makes ``score >= 1``
+    exactly "counted by :func:`precision_recall`'s precision"; the paper keeps 0.5, so that a few outlying
+    references with wide balls do not lift the score. A sample on a reference point scores huge (``inf`` when
+    their distance rounds to 0).
+    """
+    if not 0.0 < keep <= 1.0:
+        raise MetricsError(f"keep must be in (0, 1], got {keep}")
+    opts = {"block_size": block_size, "device": device, "dtype": dtype}
+    ref = feature_tensor(reference, device, dtype)
+    radii = manifold_radii(ref, k, **opts)
+    kept = radii.argsort()[: max(1, round(keep * len(radii)))]
+    ref, radii = ref[kept], radii[kept]
+    s = feature_tensor(samples, device, dtype)
+    scores = []
+    for block in s.split(block_size):
+        # max of sqrt(r / d) is the sqrt of max(r / d); 0 / 0 (a sample on a zero-radius point) is inside: inf.
+        ratio = (radii[None] / squared_distances(block, ref)).nan_to_num(nan=float("inf"))
+        scores.append(ratio.amax(dim=1).sqrt())
+    return torch.cat(scores)

@@ -9,7 +9,8 @@ import torch
 from dip_lightning.core.metrics.frechet import FIDStats, StatsAccumulator, frechet_distance
 from dip_lightning.core.metrics.inception_score import ADM_SPLIT_SIZE, inception_score, inception_score_splits
 from dip_lightning.core.metrics.patch_seam import SeamProfile, patch_seam_score, seam_ratio
-from dip_lightning.core.metrics.precision_recall import manifold_radii, precision_recall
+from dip_lightning.core.metrics.errors import MetricsError
+from dip_lightning.core.metrics.precision_recall import manifold_radii, precision_recall, realism_scores
 from tests.helpers.metrics import brute_force_pr, scipy_fid
 
 torch.set_num_threads(1)
@@ -47,6 +48,33 @@ def test_precision_recall_match_brute_force_knn() -> None:
     np.testing.assert_allclose(
         manifold_radii(ref, dtype=torch.float64).numpy(), np.sort(d, 1)[:, 3], rtol=1e-9
     )
+
+
+def test_realism_scores_match_the_explicit_definition_and_precision() -> None:
+    rng = np.random.default_rng(3)
+    ref = rng.normal(size=(60, 5))
+    samples = np.concatenate([rng.normal(size=(40, 5)) * 0.8 + 1.0, ref[:2]])  # two samples on references
+    distances = np.sqrt(((ref[:, None] - ref[None]) ** 2).sum(-1))
+    radii = np.sort(distances, axis=1)[:, 3]
+    for keep in (1.0, 0.5):
+        kept = np.argsort(radii, kind="stable")[: round(keep * len(ref))]
+        expected = [
+            max(
+                radii[r] / np.sqrt(((s - ref[r]) ** 2).sum()) if (s != ref[r]).any() else np.inf for r in kept
+            )
+            for s in samples
+        ]
+        ours = realism_scores(ref, samples, keep=keep, dtype=torch.float64).numpy()
+        on_reference = np.isinf(expected)  # distance 0, up to the rounding of |a|^2 - 2ab + |b|^2
+        assert (ours[on_reference] > 1e6).all()
+        np.testing.assert_allclose(ours[~on_reference], np.asarray(expected)[~on_reference], rtol=1e-9)
+    scores = realism_scores(ref, samples, dtype=torch.float64)
+    assert (scores[-2:] > 1e6).all()
+    precision = precision_recall(ref, samples, dtype=torch.float64)[0]
+    assert 0.1 < precision < 0.95
+    assert float((scores >= 1).double().mean()) == pytest.approx(precision, abs=1e-12)
+    with pytest.raises(MetricsError, match="keep must be in"):
+        realism_scores(ref, samples, keep=0.0)
 
 
 def test_precision_recall_extremes_and_too_few_points() -> None:
