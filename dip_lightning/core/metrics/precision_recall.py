@@ -6,8 +6,8 @@ features inside the reference manifold, recall the fraction of reference feature
 A point on a ball's surface counts as inside (ADM's ``<=``).
 
 The same paper's **realism score** of one sample (its Sec. 5) grades what precision only counts:
-``max_r radius_r / |sample - r|`` over the reference points, >= 1 exactly when the sample is inside a ball; below 1 it says how far a sample is from being
-counted (``realism_scores``).
+``max_r radius_r / |sample - r|`` over the reference points, >= 1 exactly when the sample is inside a ball;
+below 1 it says how far a sample is from being counted (``realism_scores``).
 
 Distances are computed in row blocks (``block_size`` x N at a time), so memory is ``O(block_size * N)``, on
 any device. ADM computes squared distances in float16 (falling back to float32 on overflow); here they are

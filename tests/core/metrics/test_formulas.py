@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from dip_lightning.core.metrics.errors import MetricsError
 from dip_lightning.core.metrics.frechet import FIDStats, StatsAccumulator, frechet_distance
 from dip_lightning.core.metrics.inception_score import ADM_SPLIT_SIZE, inception_score, inception_score_splits
 from dip_lightning.core.metrics.patch_seam import SeamProfile, patch_seam_score, seam_ratio
-from dip_lightning.core.metrics.errors import MetricsError
 from dip_lightning.core.metrics.precision_recall import manifold_radii, precision_recall, realism_scores
 from tests.helpers.metrics import brute_force_pr, scipy_fid
 
