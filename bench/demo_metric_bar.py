@@ -9,9 +9,15 @@ Precision and recall (ADM's k=3 Inception manifolds, the kit's metrics code) aga
    their own class (chance: one in the number of classes). It asks whether a sample shows its class, not whether it
    is as sharp as a photo. Given for the real and degraded crops and, with ``--checkpoint``, for the EMA samples of
    a demo run (label i % classes, seed i, the run's sampler).
+3. **The realism score** (same paper as the metrics, Sec. 5): per image, the largest ratio of a validation crop's
+   k-NN radius to the image's distance from it. Precision counts exactly the images scoring >= 1; the median
+   says how far the images are from being counted, where precision is stuck at 0. Each checkpoint's samples are
+   also scored blurred by 0.7 px and with their patch borders smoothed: whether removing their in-patch noise or
+   their seams brings them closer. A bar row rebuilds real crops from patches of other crops of their class: real
+   content in every patch, no layout shared across patches.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/demo_metric_bar.py --data data/demo \\
-        --checkpoint runs/demo/<run>/checkpoints/last.ckpt
+        --checkpoint runs/demo/<run>/checkpoints/last.ckpt [more checkpoints ...]
 
 Writes ``bench/results/demo_metric_bar.md`` (``--results`` elsewhere).
 """
@@ -33,12 +39,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # a checkout without `pip install -e .`
 
 from dip_lightning.core.data.shards import decode_sample, expand_shards, stream_samples  # noqa: E402
+from dip_lightning.core.diffusion.samplers import SAMPLER_OVERRIDES, SAMPLERS  # noqa: E402
 from dip_lightning.core.metrics.class_agreement import class_agreement  # noqa: E402
 from dip_lightning.core.metrics.features import FeatureExtractor, make_extractor  # noqa: E402
-from dip_lightning.core.metrics.precision_recall import precision_recall  # noqa: E402
+from dip_lightning.core.metrics.precision_recall import precision_recall, realism_scores  # noqa: E402
 
 BLUR_SIGMAS = (0.5, 0.7, 1.0, 1.5)
 NOISE_LEVELS = (4, 8, 16)
+PATCH = 16  # px: the demo model's patch size
+SAMPLE_BLUR = 0.7  # px: the samples blurred as much, to see whether their noise is what keeps them out
 
 
 def read_split(data: Path, split: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,22 +82,49 @@ def add_noise(images: torch.Tensor, level: float, seed: int = 0) -> torch.Tensor
     return (images.float() + noise).round().clamp(0, 255).to(torch.uint8)
 
 
+def patch_mosaic(images: torch.Tensor, labels: torch.Tensor, patch: int, seed: int = 0) -> torch.Tensor:
+    """Each image rebuilt patch by patch, every ``patch`` x ``patch`` tile taken from a random image of its class
+    (same position): real content everywhere, no layout shared across tiles (the "bag of patches" look)."""
+    out = images.clone()
+    generator = torch.Generator().manual_seed(seed)
+    tiles = images.shape[-1] // patch
+    for i, label in enumerate(labels):
+        same_class = (labels == label).nonzero().flatten()
+        for ty in range(tiles):
+            for tx in range(tiles):
+                j = same_class[torch.randint(len(same_class), (1,), generator=generator)].item()
+                rows, cols = slice(ty * patch, (ty + 1) * patch), slice(tx * patch, (tx + 1) * patch)
+                out[i, :, rows, cols] = images[j, :, rows, cols]
+    return out
+
+
+def smooth_seams(images: torch.Tensor, patch: int, width: int = 2, sigma: float = 1.0) -> torch.Tensor:
+    """uint8 images whose pixels within ``width`` of a patch border are replaced by their Gaussian blur."""
+    position = torch.arange(images.shape[-1]) % patch
+    near = (position < width) | (position >= patch - width)
+    band = near[:, None] | near[None, :]
+    return torch.where(band, gaussian_blur(images, sigma), images)
+
+
 def features(extractor: FeatureExtractor, images: torch.Tensor) -> torch.Tensor:
     return torch.cat([extractor(batch) for batch in images.split(64)])
 
 
 def checkpoint_samples(
-    ckpt: Path, num: int, guidance: dict[str, object]
+    ckpt: Path, num: int, settings: dict[str, object], sampler_name: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``num`` EMA samples of a run (uint8), their labels, and the run's image size; ``guidance`` (cfg_scale,
-    cfg_interval) replaces the run's sampler settings."""
+    """``num`` EMA samples of a run (uint8), their labels, and the run's image size; ``settings`` (num_steps,
+    cfg_scale, cfg_interval) replace the run's sampler settings, ``sampler_name`` its integrator."""
     from dip_lightning.core.images import to_uint8
     from dip_lightning.training.loading import load_module
 
     module = load_module(ckpt, weights="ema")
+    sampler = module.make_sampler(**settings)
+    if sampler_name is not None:
+        sampler = SAMPLERS[sampler_name](**{name: getattr(sampler, name) for name in SAMPLER_OVERRIDES})
     labels = torch.arange(num) % module.net.num_classes
     with torch.no_grad():
-        samples = module.generate(labels, torch.arange(num), **guidance)
+        samples = module.generate(labels, torch.arange(num), sampler=sampler)
     return to_uint8(samples), labels, module.net.input_size
 
 
@@ -96,7 +132,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, required=True, help="a demo data folder (train-*.tar, val-*.tar)")
     p.add_argument("--size", type=int, default=64, help="image size of the crops (without --checkpoint)")
-    p.add_argument("--checkpoint", type=Path, help="a demo run's checkpoint: its EMA samples are scored too")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="demo runs' checkpoints: their EMA samples are scored too",
+    )
     p.add_argument(
         "--num_samples", type=int, default=128, help="samples of the checkpoint, and real crops scored"
     )
@@ -106,6 +148,8 @@ def main() -> int:
     p.add_argument(
         "--cfg_interval", type=float, nargs=2, help="guidance interval (t_min t_max) of the samples"
     )
+    p.add_argument("--num_steps", type=int, help="sampling steps of the samples (default: the run's)")
+    p.add_argument("--sampler", choices=list(SAMPLERS), help="integrator (default: the run's)")
     p.add_argument("--extractor", default="fid-helper", help="feature network (pixel-projection: smoke runs)")
     p.add_argument(
         "--samples_only", action="store_true", help="score only the checkpoint's samples (no bar rows)"
@@ -115,13 +159,13 @@ def main() -> int:
     torch.manual_seed(0)
     start = time.time()
 
-    samples = None
+    guidance = {"num_steps": args.num_steps, "cfg_scale": args.cfg_scale, "cfg_interval": args.cfg_interval}
+    guidance = {k: v for k, v in guidance.items() if v is not None}
+    runs = []  # (row name, uint8 samples, labels)
     size = args.size
-    if args.checkpoint is not None:
-        guidance = {"cfg_scale": args.cfg_scale, "cfg_interval": args.cfg_interval}
-        guidance = {k: v for k, v in guidance.items() if v is not None}
-        images, sample_labels, size = checkpoint_samples(args.checkpoint, args.num_samples, guidance)
-        samples = (images, sample_labels)
+    for ckpt in args.checkpoint:
+        images, sample_labels, size = checkpoint_samples(ckpt, args.num_samples, guidance, args.sampler)
+        runs.append((f"EMA samples of {ckpt.parent.parent.name} {ckpt.stem}", images, sample_labels))
     val, val_labels = read_split(args.data, "val", size)
     train, train_labels = read_split(args.data, "train", size)
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: args.num_samples]
@@ -129,13 +173,18 @@ def main() -> int:
     extractor = make_extractor(args.extractor)
     ref = features(extractor, val)
 
-    rows: list[tuple[str, float, float, float]] = []
+    rows: list[tuple[str, float, float, float, float]] = []
 
     def score(name: str, images: torch.Tensor, labels: torch.Tensor) -> None:
         feats = features(extractor, images)
         precision, recall = precision_recall(ref, feats)
-        rows.append((name, precision, recall, class_agreement(ref, val_labels, feats, labels)))
-        print(f"{name:40s} precision {precision:.2f} recall {recall:.2f} class agreement {rows[-1][3]:.2f}")
+        realism = float(realism_scores(ref, feats).median())
+        rows.append((name, precision, recall, class_agreement(ref, val_labels, feats, labels), realism))
+        print(
+            f"{name:50s} precision {precision:.2f} recall {recall:.2f} class agreement {rows[-1][3]:.2f} "
+            f"realism {realism:.2f}",
+            flush=True,
+        )
 
     half_p, half_r = precision_recall(ref[::2], ref[1::2])
     if not args.samples_only:
@@ -144,9 +193,21 @@ def main() -> int:
             score(f"real crops, Gaussian blur sigma {sigma} px", gaussian_blur(train, sigma), train_labels)
         for level in NOISE_LEVELS:
             score(f"real crops + Gaussian noise {level}/255", add_noise(train, level), train_labels)
-    if samples is not None:
-        settings = "".join(f", {k} {v}" for k, v in guidance.items())
-        score(f"EMA samples of {args.checkpoint.parent.parent.name}{settings}", *samples)
+        mosaic = patch_mosaic(train, train_labels, PATCH)
+        score(f"real crops, each {PATCH}x{PATCH} patch from another crop of the class", mosaic, train_labels)
+    settings = "".join(
+        f", {k} {v}" for k, v in {"sampler": args.sampler, **guidance}.items() if v is not None
+    )
+    for name, images, sample_labels in runs:
+        score(name + settings, images, sample_labels)
+        score(
+            f"... the same, Gaussian blur sigma {SAMPLE_BLUR} px",
+            gaussian_blur(images, SAMPLE_BLUR),
+            sample_labels,
+        )
+        score(
+            "... the same, 2 px along patch borders blurred 1 px", smooth_seams(images, PATCH), sample_labels
+        )
 
     classes = int(val_labels.max()) + 1
     when = datetime.datetime.now(datetime.timezone.utc)
@@ -154,7 +215,11 @@ def main() -> int:
         "# Precision and recall at the demo's scale: the bar, and what the demo's samples give",
         "",
         f"Generated by `python bench/demo_metric_bar.py --data <demo data> --size {size}"
-        + (" --checkpoint <demo run>/checkpoints/last.ckpt" if samples is not None else "")
+        + (
+            " --checkpoint " + " ".join(f"<{c.parent.parent.name}>/{c.name}" for c in args.checkpoint)
+            if args.checkpoint
+            else ""
+        )
         + f" --num_samples {args.num_samples}` on {when:%Y-%m-%d %H:%M} UTC, {platform.machine()} "
         f"{torch.get_num_threads()}-thread CPU, {time.time() - start:.0f} s"
         + ("" if args.extractor == "fid-helper" else f", extractor {args.extractor} (not Inception)")
@@ -163,12 +228,16 @@ def main() -> int:
         f"Reference: the {len(val)} validation crops ({size} px, {classes} classes); each row scores "
         f"{args.num_samples} images against them with the kit's precision/recall (ADM's k=3 manifolds of Inception "
         "pool features). Class agreement: the fraction whose nearest validation crop is of their own class "
-        f"(chance {1 / classes:.3f}). Real-vs-real (the validation crops in two halves): precision "
-        f"{half_p:.2f}, recall {half_r:.2f}.",
+        f"(chance {1 / classes:.3f}). Realism: the median realism score (Kynkäänniemi et al. 2019, Sec. 5, all "
+        "reference balls kept); precision counts exactly the images scoring >= 1. Real-vs-real (the validation "
+        f"crops in two halves): precision {half_p:.2f}, recall {half_r:.2f}.",
         "",
-        "| images scored | precision | recall | class agreement |",
-        "|---|---:|---:|---:|",
-        *(f"| {name} | {pr:.2f} | {rc:.2f} | {agree:.2f} |" for name, pr, rc, agree in rows),
+        "| images scored | precision | recall | class agreement | realism (median) |",
+        "|---|---:|---:|---:|---:|",
+        *(
+            f"| {name} | {pr:.2f} | {rc:.2f} | {agree:.2f} | {real:.2f} |"
+            for name, pr, rc, agree, real in rows
+        ),
         "",
     ]
     args.results.parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ the "noisy inside patches" look (residual noise the network could not remove); b
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/demo_recipe.py --work /tmp/demo_recipe --workers 2
     OMP_NUM_THREADS=1 .venv/bin/python bench/demo_recipe.py --work /tmp/demo_recipe --variants recipe x_pred_no_pos
+    .venv/bin/python bench/demo_recipe.py --denoise runs/demo/<run>/checkpoints/last.ckpt --data data/demo
 
 Resumable: a variant whose result file exists in ``--work`` is not run again. Writes
 ``bench/results/demo_recipe.md`` (``--results`` elsewhere).
@@ -145,6 +146,38 @@ def in_patch_hf_ratio(ckpt: Path, data: Path, num: int = 64) -> float:
     return round(in_patch_hf(samples, patch) / in_patch_hf(real, patch), 3)
 
 
+#: Times (t = 1 clean) at which ``--denoise`` measures the network's clean estimate.
+DENOISE_TIMES = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99)
+
+
+def denoising_ratios(ckpt: Path, data: Path, times=DENOISE_TIMES) -> dict[float, float]:
+    """Per time t: mean squared error of the EMA network's clean estimate ``x_t + (1 - t) v`` on the validation
+    crops (their own labels, fixed noise), over that of doing nothing (``x_t / t``). 1 = the network removes no
+    noise at that t, 0 = all of it."""
+    import glob
+
+    import torch
+
+    from dip_lightning.core.metrics.sources import iter_shard_images
+    from dip_lightning.training.loading import load_module
+
+    torch.set_num_threads(1)
+    module = load_module(ckpt, weights="ema")
+    velocity = module.flow.velocity_model(module.net.eval())
+    shards = sorted(glob.glob(str(data / "val-*.tar")))
+    pairs = list(iter_shard_images(shards, 64, module.net.input_size, labelled=True))
+    real = torch.cat([torch.as_tensor(images) for images, _ in pairs]).float() / 127.5 - 1.0
+    labels = torch.cat([torch.as_tensor(y) for _, y in pairs])
+    eps = torch.randn(real.shape, generator=torch.Generator().manual_seed(0))
+    ratios = {}
+    for t in times:
+        x_t = t * real + (1 - t) * eps
+        with torch.no_grad():
+            clean = x_t + (1 - t) * velocity(x_t, torch.full((len(real),), t), labels)
+        ratios[t] = round(((clean - real) ** 2).mean().item() / ((x_t / t - real) ** 2).mean().item(), 3)
+    return ratios
+
+
 def write_markdown(results: list[dict], path: Path, command: str) -> None:
     rows = [
         "| variant | what it tests | steps | wall s | CPU s | FID | precision | recall | patch seam "
@@ -174,7 +207,14 @@ def main() -> int:
     p.add_argument(
         "--hf", nargs="+", type=Path, metavar="CKPT", help="only print the in-patch HF ratio of these"
     )
-    p.add_argument("--data", type=Path, help="with --hf: the demo data folder the checkpoints trained on")
+    p.add_argument(
+        "--denoise",
+        nargs="+",
+        type=Path,
+        metavar="CKPT",
+        help="only print, per time t, the network's denoising error over that of doing nothing",
+    )
+    p.add_argument("--data", type=Path, help="with --hf/--denoise: the demo data the checkpoints trained on")
     p.add_argument("--work", type=Path)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--workers", type=int, default=1)
@@ -184,6 +224,14 @@ def main() -> int:
     if args.hf:
         for ckpt in args.hf:
             print(f"{ckpt}: in-patch HF ratio {in_patch_hf_ratio(ckpt, args.data)}", flush=True)
+        return 0
+    if args.denoise:
+        print("checkpoint | " + " | ".join(f"t={t}" for t in DENOISE_TIMES))
+        for ckpt in args.denoise:
+            print(
+                f"{ckpt} | " + " | ".join(str(r) for r in denoising_ratios(ckpt, args.data).values()),
+                flush=True,
+            )
         return 0
     if args.work is None:
         p.error("--work is required")

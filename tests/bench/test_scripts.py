@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import REPO
 
@@ -108,6 +109,61 @@ def test_demo_metric_bar_scores_real_and_degraded_crops(tmp_path: Path, demo_dat
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| real")]
-    assert len(rows) == 8  # unchanged, four blurs, three noise levels
+    assert len(rows) == 9  # unchanged, four blurs, three noise levels, the patch mosaic
     unchanged = [float(v) for v in rows[0][1:]]
     assert unchanged[2] > 1 / 8  # the crops' own class is nearer than chance would put it
+    # Realism (median): the unchanged crops sit nearer the validation crops' balls than the noisiest ones.
+    assert unchanged[3] > float(rows[-2][4])
+
+
+def test_demo_recipe_denoise_prints_a_ratio_per_time(guide_checkpoints: dict, demo_data: dict) -> None:
+    ckpt = guide_checkpoints["main"]
+    cmd = [sys.executable, str(REPO / "bench" / "demo_recipe.py"), "--denoise", str(ckpt)]
+    cmd += ["--data", str(demo_data["root"])]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    header, row = proc.stdout.strip().splitlines()[-2:]
+    assert header.count("t=") == 8 and row.startswith(str(ckpt))
+    ratios = [float(v) for v in row.split(" | ")[1:]]
+    assert len(ratios) == 8 and all(0 < r < 10 for r in ratios)
+    # At t = 0.3 doing nothing (x_t / t) multiplies the noise by 2.3: any estimate near x_t does better.
+    assert ratios[0] < 1
+
+
+def test_demo_metric_bar_scores_each_checkpoints_samples(
+    tmp_path: Path, demo_data: dict, guide_checkpoints: dict
+) -> None:
+    out = tmp_path / "bar.md"
+    cmd = [sys.executable, str(REPO / "bench" / "demo_metric_bar.py"), "--data", str(demo_data["root"])]
+    cmd += ["--samples_only", "--num_samples", "16", "--extractor", "pixel-projection", "--results", str(out)]
+    cmd += ["--checkpoint", str(guide_checkpoints["main"]), str(guide_checkpoints["guide"])]
+    cmd += ["--sampler", "heun", "--num_steps", "2"]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [
+        line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith(("| EMA", "| ..."))
+    ]
+    names = [row[0].strip() for row in rows]
+    assert [name.split(",")[0].split()[-1] for name in names[::3]] == ["last", "step00000002"]
+    assert all(name.endswith(", sampler heun, num_steps 2") for name in names[::3])
+    assert all(name.startswith("... the same") for name in names[1::3] + names[2::3])
+    assert all(0 <= float(v) <= 1 for row in rows for v in row[1:4])
+
+
+def test_smooth_seams_changes_only_the_bands_along_patch_borders() -> None:
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from demo_metric_bar import smooth_seams
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    images = torch.randint(
+        0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    smoothed = smooth_seams(images, patch=16, width=2)
+    changed = (smoothed != images).any(dim=(0, 1))
+    position = torch.arange(32) % 16
+    inside = (position >= 2) & (position < 14)
+    assert not changed[inside[:, None] & inside[None, :]].any()
+    assert changed[~(inside[:, None] & inside[None, :])].float().mean() > 0.9
