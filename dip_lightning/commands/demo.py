@@ -91,7 +91,7 @@ def run_demo(
     crop_scale: tuple[float, float] = CROP_SCALE,
 ) -> dict:
     """Run the demo; returns the paths and the FID history. The crops are built at the config's input size."""
-    from dip_lightning.core.data.demo_dataset import REFERENCE_PREFIX, build_demo_dataset
+    from dip_lightning.core.data.demo_dataset import REFERENCE_PREFIX, build_demo_dataset, describe_replaced
     from dip_lightning.training.cli import DiPCLI
 
     t0 = time.time()
@@ -104,6 +104,8 @@ def run_demo(
         val_per_class=val_per_class,
         crop_scale=crop_scale,
     )
+    if replaced := describe_replaced(dataset):
+        print(f"[demo] {replaced}")
     print(
         f"[demo] dataset: {dataset['num_train']} train / {dataset['num_val']} val crops, "
         f"{dataset['num_classes']} classes ({', '.join(dataset['class_names'])}) in {data_dir}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from dip_lightning.commands import CommandParser
-from dip_lightning.core.data.demo_dataset import build_demo_dataset
+from dip_lightning.core.data.demo_dataset import build_demo_dataset, describe_replaced
 
 
 def build_parser() -> CommandParser:
@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as exc:
         print(f"error: {exc}; install the demo extra: pip install -e '.[demo]'", file=sys.stderr)
         return 2
+    if replaced := describe_replaced(info):
+        print(replaced)
     print(
         f"demo dataset: {info['num_train']} train / {info['num_val']} val images, "
         f"{info['num_classes']} classes, {info['image_size']} px in {info['root']}"

@@ -14,6 +14,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from dip_lightning.core.atomic import leftover_temp_files
 from dip_lightning.core.errors import ConfigError
@@ -102,6 +103,7 @@ def _result(out: Path, train_manifest: dict, val_manifest: dict) -> dict:
         "num_val": val_manifest["num_samples"],
         "train_manifest": str(out / "train-manifest.json"),
         "val_manifest": str(out / "val-manifest.json"),
+        "replaced": {},
     }
 
 
@@ -118,6 +120,31 @@ def _complete(out: Path, params: dict) -> dict | None:
             if not path.is_file() or path.stat().st_size != shard["bytes"]:
                 return None
     return _result(out, *manifests)
+
+
+def describe_replaced(info: dict) -> str | None:
+    """One line saying which earlier demo build :func:`build_demo_dataset` replaced, and why; None if none."""
+    if not info.get("replaced"):
+        return None
+    changes = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in info["replaced"].items())
+    return f"{info['root']} held the demo data built with other settings ({changes}): rebuilt, with its references"
+
+
+def _changed_settings(out: Path, params: dict) -> dict[str, tuple[Any, Any]]:
+    """``{setting: (earlier, now)}`` where an earlier demo build in ``out`` differs from ``params``; {} if none."""
+    try:
+        earlier = json.loads(json.loads((out / "train-manifest.json").read_text())["source"]["note"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    if not isinstance(earlier, dict):
+        return {}
+    default = {"crop_scale": list(DEFAULT_CROP_SCALE)}  # recorded only when not the default
+    earlier, now = {**default, **earlier}, {**default, **params}
+    return {
+        k: (earlier.get(k), now.get(k))
+        for k in sorted(earlier.keys() | now.keys())
+        if earlier.get(k) != now.get(k)
+    }
 
 
 def _is_demo_manifest(path: Path) -> bool:
@@ -163,7 +190,8 @@ def build_demo_dataset(
 
     Keys: ``root``, ``train_shards``, ``val_shards`` (brace patterns for the YAML config),
     ``classes_file``, ``class_names``, ``num_classes`` (8), ``image_size``, ``num_train``, ``num_val``,
-    ``train_manifest``, ``val_manifest``.
+    ``train_manifest``, ``val_manifest``, ``replaced``: ``{setting: (earlier, now)}`` of an earlier demo build in
+    ``out`` made with other settings, which this call replaced (its shards and metrics references; {} if none).
     """
     import numpy as np
 
@@ -180,6 +208,7 @@ def build_demo_dataset(
         manifest = out / f"{split}-manifest.json"
         if manifest.exists() and not _is_demo_manifest(manifest):
             raise FileExistsError(f"{out} holds another dataset; choose another --out")
+    replaced = _changed_settings(out, params)
     _remove_demo_files(out)  # an older or partial demo build
 
     note = json.dumps(params, sort_keys=True)
@@ -212,4 +241,4 @@ def build_demo_dataset(
         manifest["source"]["path"] = "skimage.data (scikit-image bundled photos)"
         path = out / f"{split}-manifest.json"
         path.write_text(json.dumps(manifest, indent=1))
-    return _result(out, manifests["train"], manifests["val"])
+    return {**_result(out, manifests["train"], manifests["val"]), "replaced": replaced}

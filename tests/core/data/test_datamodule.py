@@ -189,3 +189,24 @@ def test_demo_dataset_crop_scale_is_part_of_its_identity(tmp_path):
     for bad in ((0.0, 0.5), (0.8, 0.7), (0.5, 1.5)):
         with pytest.raises(ConfigError, match="crop_scale"):
             build_demo_dataset(out, size=16, crop_scale=bad)
+
+
+def test_demo_rebuild_with_other_settings_says_what_it_replaced(tmp_path, capsys):
+    # A data folder built with other crops is rebuilt (its shards and references replaced): the command says so,
+    # naming the settings, instead of overwriting it silently.
+    from dip_lightning.commands.demo_data import main as demo_data
+    from dip_lightning.core.data.demo_dataset import DEFAULT_CROP_SCALE, describe_replaced
+
+    out = tmp_path / "demo"
+    first = build_demo_dataset(out, size=16, train_per_class=2, val_per_class=1, crop_scale=(0.5, 1.0))
+    assert first["replaced"] == {} and describe_replaced(first) is None
+    again = build_demo_dataset(out, size=16, train_per_class=2, val_per_class=1, crop_scale=(0.5, 1.0))
+    assert again["replaced"] == {}
+    default = build_demo_dataset(out, size=16, train_per_class=2, val_per_class=1)
+    assert default["replaced"] == {"crop_scale": ([0.5, 1.0], list(DEFAULT_CROP_SCALE))}
+    assert "crop_scale [0.5, 1.0] -> [0.35, 0.9]" in describe_replaced(default)
+    capsys.readouterr()
+    assert (
+        demo_data(["--out", str(out), "--size", "16", "--train_per_class", "3", "--val_per_class", "1"]) == 0
+    )
+    assert "held the demo data built with other settings (train_per_class 2 -> 3)" in capsys.readouterr().out
