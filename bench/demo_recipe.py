@@ -126,13 +126,24 @@ def in_patch_hf(images, patch: int):  # (N, C, H, W) in [-1, 1] -> float
     return residual[..., inside].mean().item()
 
 
-def in_patch_hf_ratio(ckpt: Path, data: Path, num: int = 64) -> float:
-    """:func:`in_patch_hf` of ``num`` EMA samples (label i % classes, seed i) over that of the validation crops."""
+def validation_crops(data: Path, size: int):  # -> (images (N, 3, S, S) in [-1, 1], int64 labels (N,))
+    """The demo data folder's validation crops, in shard order, with their labels."""
     import glob
 
     import torch
 
     from dip_lightning.core.metrics.sources import iter_shard_images
+
+    shards = sorted(glob.glob(str(data / "val-*.tar")))
+    pairs = list(iter_shard_images(shards, 64, size, labelled=True))
+    images = torch.cat([images for images, _ in pairs]).float() / 127.5 - 1.0
+    return images, torch.cat([torch.as_tensor(labels) for _, labels in pairs])
+
+
+def in_patch_hf_ratio(ckpt: Path, data: Path, num: int = 64) -> float:
+    """:func:`in_patch_hf` of ``num`` EMA samples (label i % classes, seed i) over that of the validation crops."""
+    import torch
+
     from dip_lightning.training.loading import load_module
 
     torch.set_num_threads(1)
@@ -141,8 +152,7 @@ def in_patch_hf_ratio(ckpt: Path, data: Path, num: int = 64) -> float:
     labels = torch.arange(num) % module.net.num_classes
     with torch.no_grad():
         samples = module.generate(labels, torch.arange(num))
-    shards = sorted(glob.glob(str(data / "val-*.tar")))
-    real = torch.cat(list(iter_shard_images(shards, 64, module.net.input_size))).float() / 127.5 - 1.0
+    real, _ = validation_crops(data, module.net.input_size)
     return round(in_patch_hf(samples, patch) / in_patch_hf(real, patch), 3)
 
 
@@ -151,29 +161,27 @@ DENOISE_TIMES = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99)
 
 
 def denoising_ratios(ckpt: Path, data: Path, times=DENOISE_TIMES) -> dict[float, float]:
-    """Per time t: mean squared error of the EMA network's clean estimate ``x_t + (1 - t) v`` on the validation
-    crops (their own labels, fixed noise), over that of doing nothing (``x_t / t``). 1 = the network removes no
-    noise at that t, 0 = all of it."""
-    import glob
-
+    """Per time t: mean squared error of the EMA network's clean estimate on the validation crops (their own
+    labels, fixed noise), over that of doing nothing (``x_t / t``). 1 = the network removes no noise at that t,
+    0 = all of it."""
     import torch
 
-    from dip_lightning.core.metrics.sources import iter_shard_images
+    from dip_lightning.core.diffusion.flow_matching import convert_prediction
     from dip_lightning.training.loading import load_module
 
     torch.set_num_threads(1)
     module = load_module(ckpt, weights="ema")
-    velocity = module.flow.velocity_model(module.net.eval())
-    shards = sorted(glob.glob(str(data / "val-*.tar")))
-    pairs = list(iter_shard_images(shards, 64, module.net.input_size, labelled=True))
-    real = torch.cat([torch.as_tensor(images) for images, _ in pairs]).float() / 127.5 - 1.0
-    labels = torch.cat([torch.as_tensor(y) for _, y in pairs])
+    flow, net = module.flow, module.net.eval()
+    real, labels = validation_crops(data, net.input_size)
     eps = torch.randn(real.shape, generator=torch.Generator().manual_seed(0))
     ratios = {}
     for t in times:
         x_t = t * real + (1 - t) * eps
+        t_batch = torch.full((len(real),), t)
         with torch.no_grad():
-            clean = x_t + (1 - t) * velocity(x_t, torch.full((len(real),), t), labels)
+            clean = convert_prediction(
+                net(x_t, t_batch, labels), x_t, t_batch, flow.prediction, "x", flow.t_eps
+            )
         ratios[t] = round(((clean - real) ** 2).mean().item() / ((x_t / t - real) ** 2).mean().item(), 3)
     return ratios
 

@@ -127,7 +127,10 @@ def describe_replaced(info: dict) -> str | None:
     if not info.get("replaced"):
         return None
     changes = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in info["replaced"].items())
-    return f"{info['root']} held the demo data built with other settings ({changes}): rebuilt, with its references"
+    return (
+        f"{info['root']} held the demo data built with other settings ({changes}): rebuilt (its shards and metrics "
+        "references replaced)"
+    )
 
 
 def _changed_settings(out: Path, params: dict) -> dict[str, tuple[Any, Any]]:
