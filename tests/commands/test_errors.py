@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 from dip_lightning.__main__ import main as dip_main
 from tests.helpers.commands import run_command
 from tests.helpers.mounts import fill, read_only_folder, small_disk
-from tests.helpers.tiny import subprocess_env, tiny_args
+from tests.helpers.tiny import tiny_args
 
 torch.set_num_threads(1)
 #: evaluate on CPU with the cheap extractor and no feature cache.
@@ -326,14 +325,7 @@ def test_rank_0_alone_meeting_a_full_disk_ends_both_ranks_without_a_traceback(
             "--trainer.devices=2",
             "--trainer.strategy=ddp",
         )
-        result = subprocess.run(
-            [sys.executable, "-m", "dip_lightning", "fit", *args],
-            cwd=tmp_path,
-            env=subprocess_env(threads=1),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        result = run_command("fit", *args, cwd=tmp_path)
         assert result.returncode == 2, result.stderr[-3000:]
         line = the_error(result.stderr)
         assert "no space left on device" in line and str(run) in line, line

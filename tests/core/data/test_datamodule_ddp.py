@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers.commands import run_process
 from tests.helpers.data import make_recorder, write_id_shards
 from tests.helpers.tiny import subprocess_env
 from tests.helpers.toy_fit import cpu_trainer
@@ -68,14 +68,8 @@ def test_ddp_ranks_get_different_samples_and_equal_batch_counts(tmp_path):
     write_id_shards(shard_dir, n_shards=2, per_shard=9, prefix="val", start_id=1000)  # 18 val samples
     out = tmp_path / "out"
     out.mkdir()
-    res = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), str(shard_dir), str(out)],
-        cwd=tmp_path,
-        env=subprocess_env(threads=1),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    script = [sys.executable, str(Path(__file__).resolve()), str(shard_dir), str(out)]
+    res = run_process(script, cwd=tmp_path, env=subprocess_env(threads=1), timeout=180)
     assert res.returncode == 0, res.stderr[-4000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     assert all(r["world_size"] == 2 for r in ranks)

@@ -21,6 +21,7 @@ from dip_lightning.checkpoint.io import PARTIAL_DIR
 from dip_lightning.checkpoint.resume import resolve_resume
 from dip_lightning.checkpoint.run_folder import RUN_LOCK
 from dip_lightning.training.callbacks.preemption import PreemptionGuard
+from tests.helpers.commands import run_process
 from tests.helpers.resume import (
     STEPS,
     assert_equal_nested,
@@ -211,14 +212,8 @@ def test_ddp_two_processes_sigterm_on_one_rank_resumes_bit_exact(tmp_path: Path,
 
     def fit_ddp(run: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
         args = resume_args(run, demo_data, "--trainer.devices=2", "--trainer.strategy=ddp", *probe_args(out))
-        return subprocess.run(
-            [sys.executable, "-m", "dip_lightning", "fit", *args, *extra],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        cmd = [sys.executable, "-m", "dip_lightning", "fit", *args, *extra]
+        return run_process(cmd, cwd=tmp_path, env=env, timeout=600)
 
     ref = fit_ddp(tmp_path / "ref", tmp_path / "ref_out")
     assert ref.returncode == 0, ref.stderr[-3000:]
