@@ -90,20 +90,29 @@ def run_demo(
     val_per_class: int = VAL_PER_CLASS,
     crop_scale: tuple[float, float] = CROP_SCALE,
 ) -> dict:
-    """Run the demo; returns the paths and the FID history. The crops are built at the config's input size."""
-    from dip_lightning.core.data.demo_dataset import REFERENCE_PREFIX, build_demo_dataset, describe_replaced
-    from dip_lightning.training.cli import DiPCLI
+    """Run the demo; returns the paths and the FID history. The crops are built at the config's input size; the data
+    folder is held for reading until the run ends (another demo does not rebuild it meanwhile)."""
+    from dip_lightning.core.data.demo_dataset import demo_dataset
 
     t0 = time.time()
     config = resolve_config(str(config), option="--experiment")
-    data_dir = Path(data_dir)
-    dataset = build_demo_dataset(
+    with demo_dataset(
         data_dir,
         size=config_image_size(config),
         train_per_class=train_per_class,
         val_per_class=val_per_class,
         crop_scale=crop_scale,
-    )
+        on_wait=lambda message: print(f"[demo] {message}"),
+    ) as dataset:
+        return _train_and_evaluate(dataset, Path(data_dir), Path(run_root), config, extra_args or [], t0)
+
+
+def _train_and_evaluate(
+    dataset: dict, data_dir: Path, run_root: Path, config: str, extra_args: list[str], t0: float
+) -> dict:
+    from dip_lightning.core.data.demo_dataset import REFERENCE_PREFIX, describe_replaced
+    from dip_lightning.training.cli import DiPCLI
+
     if replaced := describe_replaced(dataset):
         print(f"[demo] {replaced}")
     print(
@@ -111,14 +120,14 @@ def run_demo(
         f"{dataset['num_classes']} classes ({', '.join(dataset['class_names'])}) in {data_dir}"
     )
 
-    run_dir = Path(run_root) / time.strftime("%Y%m%d-%H%M%S")
+    run_dir = run_root / time.strftime("%Y%m%d-%H%M%S")
     args = [
         "--config",
         str(config),
         f"--trainer.default_root_dir={run_dir}",
         f"--data.init_args.train_shards={dataset['train_shards']}",
         f"--data.init_args.val_shards={dataset['val_shards']}",
-        *(extra_args or []),
+        *extra_args,
     ]
     cli = DiPCLI(args=args, run=False)
     from dip_lightning.core.metrics.features import FIDHelperInception

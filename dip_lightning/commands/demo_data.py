@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             workers=args.workers,
             progress=True,
+            on_wait=print,
         )
     except ModuleNotFoundError as exc:
         print(f"error: {exc}; install the demo extra: pip install -e '.[demo]'", file=sys.stderr)

@@ -25,6 +25,7 @@ _EXPORTS: dict[str, str] = {
     "read_class_names": "dip_lightning.core.data.shards",
     "prepare_split": "dip_lightning.core.data.prepare",
     "build_demo_dataset": "dip_lightning.core.data.demo_dataset",
+    "demo_dataset": "dip_lightning.core.data.demo_dataset",
 }
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "center_crop_arr",
     "count_samples",
     "decode_image",
+    "demo_dataset",
     "expand_shards",
     "iter_image_batches",
     "prepare_split",
@@ -45,7 +47,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from dip_lightning.core.data.datamodule import ShardDataModule
-    from dip_lightning.core.data.demo_dataset import build_demo_dataset
+    from dip_lightning.core.data.demo_dataset import build_demo_dataset, demo_dataset
     from dip_lightning.core.data.label_seeds import LabelSeedDataModule
     from dip_lightning.core.data.prepare import prepare_split
     from dip_lightning.core.data.preprocess import center_crop_arr, decode_image

@@ -10,14 +10,17 @@ a few hundred CPU steps. Idempotent: a complete dataset with the same parameters
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from dip_lightning.core.atomic import leftover_temp_files
-from dip_lightning.core.errors import ConfigError
+from dip_lightning.core.errors import ConfigError, KitError
+from dip_lightning.core.folder_lock import FolderLock
 
 # Sorted, so that the position here is the class index the prepare tool assigns (sorted folder names).
 DEMO_CLASSES: tuple[str, ...] = (
@@ -177,7 +180,16 @@ def _check_options(size: int, crop_scale: tuple[float, float]) -> None:
         )
 
 
-def build_demo_dataset(
+class DemoDataInUse(KitError, RuntimeError):
+    """The demo data folder would have to be rebuilt while another process reads it."""
+
+
+#: The lock file that readers of a demo data folder share and its builder takes alone (``core.folder_lock``).
+LOCK_NAME = ".demo-lock"
+
+
+@contextlib.contextmanager
+def demo_dataset(
     out: str | Path = "data/demo",
     size: int = 32,
     train_per_class: int = 96,
@@ -186,34 +198,71 @@ def build_demo_dataset(
     workers: int = 1,
     progress: bool = False,
     crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE,
-) -> dict:
-    """Build (or find) the demo dataset; returns paths, shard patterns and counts.
+    on_wait: Callable[[str], None] | None = None,
+) -> Iterator[dict]:
+    """Build (or find) the demo dataset and hold it for reading until the ``with`` block ends.
 
-    ``crop_scale``: the range of crop sides as fractions of each photo's short side.
+    Any number of processes read one data folder together; a process that needs it built with other settings
+    rebuilds it only when no other process holds it, and otherwise gets :class:`DemoDataInUse` (the shards
+    another ``demo`` is training on are never replaced under it). One that finds a rebuild in progress waits for
+    it (``on_wait`` is told once). ``crop_scale``: the range of crop sides as fractions of each photo's short side.
 
-    Keys: ``root``, ``train_shards``, ``val_shards`` (brace patterns for the YAML config),
+    Yields a dict with ``root``, ``train_shards``, ``val_shards`` (brace patterns for the YAML config),
     ``classes_file``, ``class_names``, ``num_classes`` (8), ``image_size``, ``num_train``, ``num_val``,
     ``train_manifest``, ``val_manifest``, ``replaced``: ``{setting: (earlier, now)}`` of an earlier demo build in
     ``out`` made with other settings, which this call replaced (its shards and metrics references; {} if none).
     """
+    _check_options(size, crop_scale)
+    out = Path(out)
+    params = _params(size, train_per_class, val_per_class, seed, crop_scale)
+    for split in ("train", "val"):  # checked before the lock file is made in a folder that is not ours
+        manifest = out / f"{split}-manifest.json"
+        if manifest.exists() and not _is_demo_manifest(manifest):
+            raise FileExistsError(f"{out} holds another dataset; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    replaced: dict[str, tuple[Any, Any]] = {}
+    with FolderLock(out, LOCK_NAME) as lock:
+        lock.share(on_wait)
+        while (done := _complete(out, params)) is None:
+            if not lock.take_alone():
+                changed = _changed_settings(out, params)
+                settings = (
+                    ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()) or "incomplete"
+                )
+                raise DemoDataInUse(
+                    f"{out} holds demo data built with other settings ({settings}), and another process is reading "
+                    "it (a demo still training?): it is not rebuilt under that process. Wait for it to finish, "
+                    "or give this run a folder of its own (demo --data_dir, demo-data --out)"
+                )
+            replaced = replaced or _changed_settings(out, params)
+            _build(out, params, size, train_per_class, val_per_class, seed, workers, progress, crop_scale)
+            lock.share(on_wait)  # and check again: a process may have rebuilt it between the two holds
+        yield {**done, "replaced": replaced}
+
+
+def build_demo_dataset(out: str | Path = "data/demo", **settings: Any) -> dict:
+    """Build (or find) the demo dataset, without holding it afterwards; ``settings``: those of :func:`demo_dataset`."""
+    with demo_dataset(out, **settings) as info:
+        return info
+
+
+def _build(
+    out: Path,
+    params: dict,
+    size: int,
+    train_per_class: int,
+    val_per_class: int,
+    seed: int,
+    workers: int,
+    progress: bool,
+    crop_scale: tuple[float, float],
+) -> None:
+    """Write the dataset into ``out`` (held alone), replacing an earlier or partial demo build."""
     import numpy as np
 
     from dip_lightning.core.data.prepare import prepare_split
 
-    _check_options(size, crop_scale)
-    out = Path(out)
-    params = _params(size, train_per_class, val_per_class, seed, crop_scale)
-    done = _complete(out, params)
-    if done is not None:
-        return done
-    out.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "val"):
-        manifest = out / f"{split}-manifest.json"
-        if manifest.exists() and not _is_demo_manifest(manifest):
-            raise FileExistsError(f"{out} holds another dataset; choose another --out")
-    replaced = _changed_settings(out, params)
-    _remove_demo_files(out)  # an older or partial demo build
-
+    _remove_demo_files(out)
     note = json.dumps(params, sort_keys=True)
     rng = np.random.default_rng(seed)
     photos = {name: load_photo(name) for name in DEMO_CLASSES}  # decoded once for both splits
@@ -244,4 +293,3 @@ def build_demo_dataset(
         manifest["source"]["path"] = "skimage.data (scikit-image bundled photos)"
         path = out / f"{split}-manifest.json"
         path.write_text(json.dumps(manifest, indent=1))
-    return {**_result(out, manifests["train"], manifests["val"]), "replaced": replaced}

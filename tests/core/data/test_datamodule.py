@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -123,22 +122,6 @@ def test_missing_shards_and_bad_config_give_clear_errors(tmp_path):
             ShardDataModule(**bad)
 
 
-def test_demo_rebuild_with_other_crops_removes_the_old_metrics_references(tmp_path):
-    # The demo writes ref_val*.npz beside the shards and reuses it while it exists: kept across a rebuild with other
-    # crops, it would score every later run against the statistics of crops that are gone.
-    out = tmp_path / "demo"
-    build_demo_dataset(out, size=16, train_per_class=4, val_per_class=2, crop_scale=(0.7, 1.0))
-    stale = [out / "ref_val.npz", out / "ref_val-pixel-projection-64x8-seed0.npz"]
-    for path in stale:
-        path.write_bytes(b"statistics of the old crops")
-    (out / "notes.txt").write_text("the user's")
-    build_demo_dataset(out, size=16, train_per_class=4, val_per_class=2, crop_scale=(0.7, 1.0))
-    assert all(path.exists() for path in stale)  # the same crops: the references stay valid
-    build_demo_dataset(out, size=16, train_per_class=4, val_per_class=2, crop_scale=(0.9, 1.0))
-    assert not any(path.exists() for path in stale)
-    assert (out / "notes.txt").read_text() == "the user's"
-
-
 def test_demo_dataset_is_idempotent_and_trains(tmp_path):
     import time
 
@@ -167,46 +150,3 @@ def test_demo_dataset_is_idempotent_and_trains(tmp_path):
     assert sum(len(v) for v in model.val_ids) >= 32  # sanity check + one full validation pass
     assert dm.class_names == info["class_names"]
     assert {y for ys in model.train_labels for y in ys} <= set(range(8))
-
-
-def test_demo_dataset_crop_scale_is_part_of_its_identity(tmp_path):
-    # Narrower crops (the demo recipe's) make another dataset: rebuilt, with the range in the manifest's note;
-    # the default range keeps the note of datasets built before the option existed.
-    import json
-
-    from dip_lightning.core.errors import ConfigError
-
-    out = tmp_path / "demo"
-    wide = build_demo_dataset(out, size=16, train_per_class=2, val_per_class=1)
-    assert "crop_scale" not in json.loads(
-        json.loads(Path(wide["train_manifest"]).read_text())["source"]["note"]
-    )
-    wide_bytes = (out / "train-000000.tar").read_bytes()
-    narrow = build_demo_dataset(out, size=16, train_per_class=2, val_per_class=1, crop_scale=(0.7, 1.0))
-    note = json.loads(json.loads(Path(narrow["train_manifest"]).read_text())["source"]["note"])
-    assert note["crop_scale"] == [0.7, 1.0]
-    assert (out / "train-000000.tar").read_bytes() != wide_bytes
-    for bad in ((0.0, 0.5), (0.8, 0.7), (0.5, 1.5)):
-        with pytest.raises(ConfigError, match="crop_scale"):
-            build_demo_dataset(out, size=16, crop_scale=bad)
-
-
-def test_demo_rebuild_with_other_settings_says_what_it_replaced(tmp_path, capsys):
-    # A data folder built with other crops is rebuilt (its shards and references replaced): the command says so,
-    # naming the settings, instead of overwriting it silently.
-    from dip_lightning.commands.demo_data import main as demo_data
-    from dip_lightning.core.data.demo_dataset import DEFAULT_CROP_SCALE, describe_replaced
-
-    out = tmp_path / "demo"
-    first = build_demo_dataset(out, size=16, train_per_class=2, val_per_class=1, crop_scale=(0.5, 1.0))
-    assert first["replaced"] == {} and describe_replaced(first) is None
-    again = build_demo_dataset(out, size=16, train_per_class=2, val_per_class=1, crop_scale=(0.5, 1.0))
-    assert again["replaced"] == {}
-    default = build_demo_dataset(out, size=16, train_per_class=2, val_per_class=1)
-    assert default["replaced"] == {"crop_scale": ([0.5, 1.0], list(DEFAULT_CROP_SCALE))}
-    assert "crop_scale [0.5, 1.0] -> [0.35, 0.9]" in describe_replaced(default)
-    capsys.readouterr()
-    assert (
-        demo_data(["--out", str(out), "--size", "16", "--train_per_class", "3", "--val_per_class", "1"]) == 0
-    )
-    assert "held the demo data built with other settings (train_per_class 2 -> 3)" in capsys.readouterr().out
