@@ -110,7 +110,21 @@ def read_recipe(path: Path) -> dict[str, Any]:
         "batch_size": int(config["data"]["init_args"]["batch_size"]),
         "max_steps": int(config["trainer"]["max_steps"]),
         "callbacks": callbacks,
+        "sampler": describe_sampler(config["model"].get("sampler")),
     }
+
+
+def describe_sampler(entry: dict | None) -> str:
+    """The recipe's sampler as the report names it: ``SDESampler (num_steps 25, cfg_scale 3.0, ...)``."""
+    if not entry:
+        return "the kit's default sampler"
+    options = ", ".join(f"{k} {v}" for k, v in (entry.get("init_args") or {}).items())
+    return entry["class_path"].rsplit(".", 1)[-1] + (f" ({options})" if options else "")
+
+
+def run_threads() -> str:
+    """OpenMP threads of each training process (one unless the caller sets OMP_NUM_THREADS)."""
+    return os.environ.get("OMP_NUM_THREADS", "1")
 
 
 def prepare_data(work: Path, size: int) -> tuple[dict, Path, torch.Tensor]:
@@ -215,7 +229,7 @@ def train(name: str, seed: int, run_dir: Path, data: dict, args: argparse.Namesp
     """``fit`` one variant to ``--steps`` (continuing an interrupted run); the seconds it took, 0 when done before."""
     if trained_steps(run_dir) >= args.steps:
         return 0.0
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = {**os.environ, "OMP_NUM_THREADS": run_threads()}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     start = time.perf_counter()
     with open(run_dir / "fit.log", "a") as out:
@@ -432,7 +446,7 @@ def write_grids(args: argparse.Namespace, path: Path, seed: int = 0, per_class: 
 def machine_line() -> str:
     load = os.getloadavg()
     return (
-        f"{platform.machine()} {os.cpu_count()}-core CPU VM, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')}"
+        f"{platform.machine()} {os.cpu_count()}-core CPU VM, OMP_NUM_THREADS={run_threads()} per training run"
         f", load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min)"
     )
 
@@ -497,7 +511,8 @@ def write_results(args: argparse.Namespace, wall_minutes: float | None) -> Path:
         "",
         f"Setup: `{shown_path(args.config)}` ({args.recipe['input_size']} px, {args.recipe['patch_size']}x"
         f"{args.recipe['patch_size']} patches, batch {args.recipe['batch_size']}) with each head; the same steps and "
-        f"seeds per variant; EMA weights; {args.num_samples} samples at step {args.steps} (the table) and "
+        f"seeds per variant; EMA weights; sampler {args.recipe['sampler']}; "
+        f"{args.num_samples} samples at step {args.steps} (the table) and "
         f"{args.curve_samples} at every {args.eval_every} steps (the curves) against the demo's validation images.",
         "",
         f"Finished: {'; '.join(ran) or 'nothing'}. Not run: {', '.join(missing) or 'none'}.",

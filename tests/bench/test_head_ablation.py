@@ -132,6 +132,8 @@ def test_study_runs_end_to_end_and_a_rerun_redoes_nothing(tmp_path: Path, monkey
     text = (work / "results" / "head_ablation.md").read_text()
     assert "| conv_unet | + Conv U-Net (DiP) | 2.16 | 0 |" in text and "- conv_unet < dit_only: " in text
     assert "Class agreement (samples whose nearest validation crop is of their class)" in text
+    assert "sampler EulerSampler (num_steps 25, cfg_scale 1.0" in text  # the recipe's, as the runs sample
+    assert f"OMP_NUM_THREADS={head_ablation.run_threads()} per training run" in text  # what the runs got
     assert (work / "results" / "head_ablation_curves.png").is_file()
     assert (work / "results" / "head_ablation_grids.png").is_file()
 
