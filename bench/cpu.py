@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# The benchmarks' own demo data (32 px): not the repository's data/demo, which `make demo` builds at its 64 px.
+BENCH_DATA = Path(tempfile.gettempdir()) / "dip_bench_demo_data"
 sys.path.insert(0, str(REPO))
 
 
@@ -86,7 +88,7 @@ def step_times(threads: int, steps: int, *overrides: str) -> dict:
     from dip_lightning.training.cli import DiPCLI
 
     torch.set_num_threads(threads)
-    data = build_demo_dataset(REPO / "data" / "demo", size=32)
+    data = build_demo_dataset(BENCH_DATA, size=32)
     times: list[float] = []
 
     class Clock(Callback):
@@ -211,7 +213,7 @@ def overhead(threads: int, steps: int, rounds: int, labels: list[str] | None) ->
     from dip_lightning.commands.demo import reference_stats
     from dip_lightning.core.data.demo_dataset import build_demo_dataset
 
-    data_dir = Path(tempfile.gettempdir()) / "dip_bench_demo_data"
+    data_dir = BENCH_DATA
     dataset = build_demo_dataset(data_dir, size=32)
     reference_stats(dataset["val_shards"], data_dir / "ref_val.npz", dataset["image_size"])
     variants = overhead_variants()
