@@ -28,6 +28,8 @@ __all__ = ["FolderLock"]
 
 #: Seconds between two tries of a lock that a writer holds.
 POLL_S = 0.2
+#: Seconds of waiting after which ``share`` says it waits (a process checking the folder holds it for moments).
+NOTICE_S = 1.0
 
 
 class FolderLock:
@@ -46,21 +48,19 @@ class FolderLock:
             # A folder this process cannot write: used without a lock (it cannot rewrite it either).
 
     def share(self, on_wait: Callable[[str], None] | None = None) -> None:
-        """Hold the folder for reading; while a writer has it, wait (telling ``on_wait`` once)."""
+        """Hold the folder for reading; while a writer has it, wait (telling ``on_wait`` once, after ``NOTICE_S``)."""
+        start = time.monotonic()
         told = False
         while not self._try(fcntl.LOCK_SH if fcntl is not None else 0):
-            if not told and on_wait is not None:
+            if not told and on_wait is not None and time.monotonic() - start >= NOTICE_S:
                 on_wait(f"{self.path.parent} is being rewritten by another process; waiting for it to finish")
                 told = True
             time.sleep(POLL_S)
 
     def take_alone(self) -> bool:
-        """Hold the folder alone, for rewriting, if no other process holds it; else keep (or take) a shared hold and
-        return False. A shared hold is given up first (``flock`` cannot upgrade atomically)."""
-        if self._fd is None or (self._try(fcntl.LOCK_UN) and self._try(fcntl.LOCK_EX)):
-            return True
-        self.share()
-        return False
+        """Hold the folder alone, for rewriting, if no other process holds it; else hold nothing and return False. A
+        shared hold is given up first (``flock`` cannot upgrade atomically)."""
+        return self._fd is None or (self._try(fcntl.LOCK_UN) and self._try(fcntl.LOCK_EX))
 
     def _try(self, mode: int) -> bool:
         if self._fd is None:

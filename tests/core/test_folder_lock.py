@@ -7,20 +7,20 @@ import time
 
 import pytest
 
-from dip_lightning.core.folder_lock import POLL_S, FolderLock
+from dip_lightning.core.folder_lock import NOTICE_S, POLL_S, FolderLock
 
 
 def test_readers_share_a_folder_and_a_writer_is_refused_until_all_of_them_are_gone(tmp_path):
     with FolderLock(tmp_path) as first, FolderLock(tmp_path) as second, FolderLock(tmp_path) as writer:
         first.share()
         second.share()  # readers together
-        assert not writer.take_alone()  # refused, and left holding it shared
+        assert not writer.take_alone()  # refused (and holding nothing)
         first.close()
         assert not writer.take_alone()  # one reader is still there
         second.close()
-        writer.close()  # its fall-back shared hold goes with it
-        with FolderLock(tmp_path) as alone:
-            assert alone.take_alone()
+        assert writer.take_alone()
+        with FolderLock(tmp_path) as reader:
+            assert not reader.take_alone()  # the writer has it alone
 
 
 def test_a_reader_waits_while_a_writer_holds_the_folder_and_says_so_once(tmp_path):
@@ -29,7 +29,7 @@ def test_a_reader_waits_while_a_writer_holds_the_folder_and_says_so_once(tmp_pat
         assert writer.take_alone()
         waiting = threading.Thread(target=reader.share, args=(told.append,))
         waiting.start()
-        time.sleep(5 * POLL_S)
+        time.sleep(NOTICE_S + 3 * POLL_S)
         assert waiting.is_alive()
         assert told == [f"{tmp_path} is being rewritten by another process; waiting for it to finish"]
         writer.close()

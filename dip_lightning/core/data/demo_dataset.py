@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from dip_lightning.core.atomic import leftover_temp_files
 from dip_lightning.core.errors import ConfigError, KitError
-from dip_lightning.core.folder_lock import FolderLock
+from dip_lightning.core.folder_lock import POLL_S, FolderLock
 
 # Sorted, so that the position here is the class index the prepare tool assigns (sorted folder names).
 DEMO_CLASSES: tuple[str, ...] = (
@@ -186,6 +188,8 @@ class DemoDataInUse(KitError, RuntimeError):
 
 #: The lock file that readers of a demo data folder share and its builder takes alone (``core.folder_lock``).
 LOCK_NAME = ".demo-lock"
+#: Seconds a process that needs a rebuild keeps trying to have the folder alone before it refuses.
+REBUILD_PATIENCE_S = 2.0
 
 
 @contextlib.contextmanager
@@ -221,10 +225,19 @@ def demo_dataset(
             raise FileExistsError(f"{out} holds another dataset; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     replaced: dict[str, tuple[Any, Any]] = {}
+    patience = time.monotonic() + REBUILD_PATIENCE_S
     with FolderLock(out, LOCK_NAME) as lock:
-        lock.share(on_wait)
-        while (done := _complete(out, params)) is None:
-            if not lock.take_alone():
+        while True:
+            # Alone (nobody else reads or writes it): check, and build what is missing.
+            if lock.take_alone() and _complete(out, params) is None:
+                replaced = replaced or _changed_settings(out, params)
+                _build(out, params, size, train_per_class, val_per_class, seed, workers, progress, crop_scale)
+            lock.share(on_wait)  # held for reading from here (after any builder has finished)
+            if (done := _complete(out, params)) is not None:
+                break
+            if (
+                time.monotonic() > patience
+            ):  # a reader holds it for minutes, a process checking it for moments
                 changed = _changed_settings(out, params)
                 settings = (
                     ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()) or "incomplete"
@@ -234,9 +247,7 @@ def demo_dataset(
                     "it (a demo still training?): it is not rebuilt under that process. Wait for it to finish, "
                     "or give this run a folder of its own (demo --data_dir, demo-data --out)"
                 )
-            replaced = replaced or _changed_settings(out, params)
-            _build(out, params, size, train_per_class, val_per_class, seed, workers, progress, crop_scale)
-            lock.share(on_wait)  # and check again: a process may have rebuilt it between the two holds
+            time.sleep(POLL_S * (1 + random.random()))  # apart from another process that also checks
         yield {**done, "replaced": replaced}
 
 

@@ -159,3 +159,15 @@ def test_demo_rebuild_with_other_settings_says_what_it_replaced(tmp_path, capsys
         demo_data(["--out", str(out), "--size", "16", "--train_per_class", "3", "--val_per_class", "1"]) == 0
     )
     assert "held the demo data built with other settings (train_per_class 2 -> 3)" in capsys.readouterr().out
+
+
+def test_demos_started_together_with_the_same_settings_all_get_the_data(tmp_path):
+    # Each process's first look at the folder holds it for a moment: one must not take that for a demo reading it.
+    out, go = tmp_path / "demo", tmp_path / "go"
+    cmd = [sys.executable, "-m", "tests.helpers.demo_data_holder", str(out), "build", str(go)]
+    env = subprocess_env(threads=1)
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    time.sleep(8)  # their imports done: all wait for the start line
+    go.touch()
+    lines = [proc.communicate(timeout=120)[0].strip() for proc in procs]
+    assert lines == ["BUILT"] * 4, lines
