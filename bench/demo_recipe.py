@@ -229,6 +229,11 @@ def main() -> int:
     p.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "demo_recipe_table.md")
     p.add_argument("extra", nargs="*", help="more CLI overrides for every run, after --")
     args = p.parse_args()
+    if (args.hf or args.denoise) and (args.data is None or not any(args.data.glob("val-*.tar"))):
+        p.error(
+            f"--hf and --denoise need --data, a demo data folder with val-*.tar shards (got {args.data}); "
+            "build one with: python -m dip_lightning demo-data --out DIR --size 64"
+        )
     if args.hf:
         for ckpt in args.hf:
             print(f"{ckpt}: in-patch HF ratio {in_patch_hf_ratio(ckpt, args.data)}", flush=True)

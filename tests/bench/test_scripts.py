@@ -130,6 +130,14 @@ def test_demo_recipe_denoise_prints_a_ratio_per_time(guide_checkpoints: dict, de
     assert ratios[0] < 1
 
 
+def test_demo_recipe_denoise_without_a_data_folder_says_what_it_needs(tmp_path: Path) -> None:
+    for data in ([], ["--data", str(tmp_path / "missing")]):
+        cmd = [sys.executable, str(REPO / "bench" / "demo_recipe.py"), "--denoise", "any.ckpt", *data]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert "--hf and --denoise need --data, a demo data folder with val-*.tar shards" in proc.stderr
+
+
 def test_demo_metric_bar_scores_each_checkpoints_samples(
     tmp_path: Path, demo_data: dict, guide_checkpoints: dict
 ) -> None:
