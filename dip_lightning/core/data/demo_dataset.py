@@ -109,6 +109,7 @@ def _result(out: Path, train_manifest: dict, val_manifest: dict) -> dict:
         "train_manifest": str(out / "train-manifest.json"),
         "val_manifest": str(out / "val-manifest.json"),
         "replaced": {},
+        "repaired": False,
     }
 
 
@@ -129,6 +130,10 @@ def _complete(out: Path, params: dict) -> dict | None:
 
 def describe_replaced(info: dict) -> str | None:
     """One line saying which earlier demo build :func:`build_demo_dataset` replaced, and why; None if none."""
+    if info.get("repaired"):
+        return (
+            f"{info['root']} held an incomplete or damaged demo build (a shard missing or cut short): rebuilt"
+        )
     if not info.get("replaced"):
         return None
     changes = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in info["replaced"].items())
@@ -214,7 +219,8 @@ def demo_dataset(
     Yields a dict with ``root``, ``train_shards``, ``val_shards`` (brace patterns for the YAML config),
     ``classes_file``, ``class_names``, ``num_classes`` (8), ``image_size``, ``num_train``, ``num_val``,
     ``train_manifest``, ``val_manifest``, ``replaced``: ``{setting: (earlier, now)}`` of an earlier demo build in
-    ``out`` made with other settings, which this call replaced (its shards and metrics references; {} if none).
+    ``out`` made with other settings, which this call replaced (its shards and metrics references; {} if none),
+    ``repaired``: whether it rebuilt an incomplete or damaged build of these settings.
     """
     _check_options(size, crop_scale)
     out = Path(out)
@@ -223,21 +229,24 @@ def demo_dataset(
         manifest = out / f"{split}-manifest.json"
         if manifest.exists() and not _is_demo_manifest(manifest):
             raise FileExistsError(f"{out} holds another dataset; choose another --out")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file: the demo data needs a folder (it is created if missing)")
     out.mkdir(parents=True, exist_ok=True)
     replaced: dict[str, tuple[Any, Any]] = {}
+    repaired = False
     patience = time.monotonic() + REBUILD_PATIENCE_S
     with FolderLock(out, LOCK_NAME) as lock:
         while True:
             # Alone (nobody else reads or writes it): check, and build what is missing.
             if lock.take_alone() and _complete(out, params) is None:
                 replaced = replaced or _changed_settings(out, params)
+                repaired = repaired or (not replaced and (out / "train-manifest.json").exists())
                 _build(out, params, size, train_per_class, val_per_class, seed, workers, progress, crop_scale)
             lock.share(on_wait)  # held for reading from here (after any builder has finished)
             if (done := _complete(out, params)) is not None:
                 break
-            if (
-                time.monotonic() > patience
-            ):  # a reader holds it for minutes, a process checking it for moments
+            # A reader holds it for minutes, a process that checks it for moments.
+            if time.monotonic() > patience:
                 changed = _changed_settings(out, params)
                 settings = (
                     ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()) or "incomplete"
@@ -248,7 +257,7 @@ def demo_dataset(
                     "or give this run a folder of its own (demo --data_dir, demo-data --out)"
                 )
             time.sleep(POLL_S * (1 + random.random()))  # apart from another process that also checks
-        yield {**done, "replaced": replaced}
+        yield {**done, "replaced": replaced, "repaired": repaired}
 
 
 def build_demo_dataset(out: str | Path = "data/demo", **settings: Any) -> dict:

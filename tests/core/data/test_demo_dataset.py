@@ -171,3 +171,35 @@ def test_demos_started_together_with_the_same_settings_all_get_the_data(tmp_path
     go.touch()
     lines = [proc.communicate(timeout=120)[0].strip() for proc in procs]
     assert lines == ["BUILT"] * 4, lines
+
+
+def test_a_damaged_build_is_rebuilt_and_said_so(tmp_path, capsys):
+    from dip_lightning.commands.demo_data import main as demo_data
+    from dip_lightning.core.data.demo_dataset import describe_replaced
+
+    out = tmp_path / "demo"
+    first = build_demo_dataset(out, **SETTINGS)
+    assert first["repaired"] is False
+    shard = out / "train-000000.tar"
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[:1000])  # cut short (a full disk, a killed copy)
+    again = build_demo_dataset(out, **SETTINGS)
+    assert again["repaired"] is True and again["replaced"] == {} and shard.read_bytes() == whole
+    assert describe_replaced(again) == (
+        f"{out} held an incomplete or damaged demo build (a shard missing or cut short): rebuilt"
+    )
+    (out / "val-000000.tar").unlink()
+    capsys.readouterr()
+    args = ["--out", str(out), "--size", "16", "--train_per_class", "2", "--val_per_class", "1"]
+    assert demo_data(args) == 0
+    assert "held an incomplete or damaged demo build" in capsys.readouterr().out
+
+
+def test_a_file_given_as_the_data_folder_is_refused_by_name(tmp_path):
+    not_a_folder = tmp_path / "notes.txt"
+    not_a_folder.write_text("the user's")
+    result = run_command("demo-data", "--out", str(not_a_folder), "--size", "16", cwd=tmp_path)
+    assert user_error(result) == (
+        f"error: {not_a_folder} is a file: the demo data needs a folder (it is created if missing)"
+    )
+    assert not_a_folder.read_text() == "the user's"
