@@ -246,6 +246,7 @@ class CommandParser(ArgumentParser):
 
     def __init__(self, command: str, **kwargs: Any) -> None:
         kwargs.setdefault("prog", f"python -m dip_lightning {command}")
+        kwargs.setdefault("allow_abbrev", False)  # argparse took a typo (--thread) for an option it prefixes
         super().__init__(**kwargs)
         super().add_argument(
             "--config",

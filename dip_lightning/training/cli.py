@@ -148,6 +148,14 @@ def refusal_reasons(err: BaseException) -> str:
     return "; ".join(reasons) if reasons else text.splitlines()[0]
 
 
+class KitArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser whose errors show one usage line: jsonargparse printed every option (about 90 lines)
+    above the error itself; its tip to run ``--help`` follows the line."""
+
+    def print_usage(self, file: Any = None) -> None:
+        (file or sys.stdout).write(f"usage: {self.prog.replace(' [options]', '')} [options]\n")
+
+
 class DiPCLI(LightningCLI):
     """LightningCLI for DiP: model = :class:`DiPModule`, data = any LightningDataModule (``class_path``)."""
 
@@ -169,7 +177,13 @@ class DiPCLI(LightningCLI):
                 },
                 seed_everything_default=0,
                 auto_configure_optimizers=False,
-                parser_kwargs={"parser_mode": "yaml", "prog": "python -m dip_lightning"},
+                parser_class=KitArgumentParser,
+                # allow_abbrev off: argparse took a typo such as --trainer.max_step for --trainer.max_steps.
+                parser_kwargs={
+                    "parser_mode": "yaml",
+                    "prog": "python -m dip_lightning",
+                    "allow_abbrev": False,
+                },
                 args=args,
                 run=run,
                 **kwargs,

@@ -167,3 +167,16 @@ def test_demo_hands_the_seed_to_the_training_cli() -> None:
     own, overrides = split_overrides(["--seed_everything=1", "--threads", "1", "--seed_everything", "2"])
     assert own == ["--threads", "1"]
     assert overrides == ["--seed_everything=1", "--seed_everything", "2"]
+
+
+@pytest.mark.parametrize("name", KIT_COMMANDS)
+def test_no_command_takes_an_abbreviated_option_for_a_longer_one(
+    name: str, capsys: pytest.CaptureFixture
+) -> None:
+    # argparse's allow_abbrev took a typo (demo --thread 1) for an option it prefixes (--threads).
+    parser = parser_of(name)
+    longest = max((o for a in parser._actions for o in a.option_strings if o.startswith("--")), key=len)
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args([f"{longest[:-1]}=1"])
+    assert exit_info.value.code == 2
+    assert f"unrecognized arguments: {longest[:-1]}=1" in capsys.readouterr().err.lower()

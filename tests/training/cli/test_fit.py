@@ -96,6 +96,27 @@ def test_misspelled_key_fails_before_any_work(
     assert not (tmp_path / "run").exists()
 
 
+def test_a_misspelled_nested_key_is_said_without_the_whole_usage(tmp_path: Path) -> None:
+    # jsonargparse printed every option's usage (~90 lines) above the error; one line and the --help tip suffice.
+    run = f"--trainer.default_root_dir={tmp_path / 'run'}"
+    proc = run_command("fit", "--config", "tiny_cpu", run, "--model.sampler.init_args.cfg_scal=2")
+    err = proc.stderr
+    assert proc.returncode == 2 and "Option 'cfg_scal' is not accepted" in err
+    assert err.startswith("usage: python -m dip_lightning fit [options]\n")
+    assert "--help" in err and "--trainer.accelerator" not in err
+    assert len(err.splitlines()) < 20
+
+
+def test_an_abbreviated_option_is_refused_not_taken_for_another(
+    tmp_path: Path, demo_data: dict, capsys: pytest.CaptureFixture
+) -> None:
+    # argparse's allow_abbrev took --trainer.max_step=3 for --trainer.max_steps: a typo silently became a setting.
+    with pytest.raises(SystemExit):
+        DiPCLI(args=tiny_args(tmp_path / "run", demo_data, "--trainer.max_step=3"), run=False)
+    assert "--trainer.max_step=3" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_step_metrics_are_logged_fresh_and_only_at_logging_steps(
     tmp_path: Path, demo_data: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
