@@ -3,8 +3,8 @@
 Precision and recall (ADM's k=3 Inception manifolds, the kit's metrics code) against the demo's validation crops:
 
 1. **The bar**: real training crops of the same data, unchanged and degraded (Gaussian blur of sigma pixels,
-   Gaussian noise of s/255), as if they were samples. It shows how close to a photo a sample must be before
-   precision counts it.
+   Gaussian noise of s/255, resized to a smaller side and back), as if they were samples. It shows how close to a
+   photo a sample must be before precision counts it.
 2. **The class agreement**: the fraction of images whose nearest validation crop (Inception pool features) is of
    their own class (chance: one in the number of classes). It asks whether a sample shows its class, not whether it
    is as sharp as a photo. Given for the real and degraded crops and, with ``--checkpoint``, for the EMA samples of
@@ -15,6 +15,10 @@ Precision and recall (ADM's k=3 Inception manifolds, the kit's metrics code) aga
    also scored blurred by 0.7 px and with their patch borders smoothed: whether removing their in-patch noise or
    their seams brings them closer. A bar row rebuilds real crops from patches of other crops of their class: real
    content in every patch, no layout shared across patches.
+4. **The network's own denoising** (with ``--checkpoint``): real crops noised to time t (``x_t = t x + (1 - t)
+   eps``, t = 1 clean) and the EMA network's one-step clean estimate ``x_t + (1 - t) v`` of them, at t = 0.9 and
+   0.95, where the layout is given and only the detail is left to restore: whether the network, not the sampler,
+   keeps the samples from being counted.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/demo_metric_bar.py --data data/demo \\
         --checkpoint runs/demo/<run>/checkpoints/last.ckpt [more checkpoints ...]
@@ -40,12 +44,17 @@ sys.path.insert(0, str(REPO))  # a checkout without `pip install -e .`
 
 from dip_lightning.core.data.shards import decode_sample, expand_shards, stream_samples  # noqa: E402
 from dip_lightning.core.diffusion.samplers import SAMPLER_OVERRIDES, SAMPLERS  # noqa: E402
+from dip_lightning.core.images import to_uint8  # noqa: E402
 from dip_lightning.core.metrics.class_agreement import class_agreement  # noqa: E402
 from dip_lightning.core.metrics.features import FeatureExtractor, make_extractor  # noqa: E402
 from dip_lightning.core.metrics.precision_recall import precision_recall, realism_scores  # noqa: E402
+from dip_lightning.training.loading import load_module  # noqa: E402
+from dip_lightning.training.module import DiPModule  # noqa: E402
 
 BLUR_SIGMAS = (0.5, 0.7, 1.0, 1.5)
 NOISE_LEVELS = (4, 8, 16)
+RESIZE_FRACTIONS = (0.75, 0.5, 0.25)  # of the side: area-downsampled to it, bilinear back up
+ESTIMATE_TIMES = (0.9, 0.95)  # t of the one-step clean estimates (t = 1 clean)
 PATCH = 16  # px: the demo model's patch size
 SAMPLE_BLUR = 0.7  # px: the samples blurred as much, to see whether their noise is what keeps them out
 
@@ -82,6 +91,13 @@ def add_noise(images: torch.Tensor, level: float, seed: int = 0) -> torch.Tensor
     return (images.float() + noise).round().clamp(0, 255).to(torch.uint8)
 
 
+def resample(images: torch.Tensor, side: int) -> torch.Tensor:
+    """uint8 images area-downsampled to ``side`` pixels and bilinearly upsampled back: detail above ``side`` lost."""
+    small = F.interpolate(images.float(), size=(side, side), mode="area")
+    back = F.interpolate(small, size=images.shape[-2:], mode="bilinear", align_corners=False)
+    return back.round().clamp(0, 255).to(torch.uint8)
+
+
 def patch_mosaic(images: torch.Tensor, labels: torch.Tensor, patch: int, seed: int = 0) -> torch.Tensor:
     """Each image rebuilt patch by patch, every ``patch`` x ``patch`` tile taken from a random image of its class
     (same position): real content everywhere, no layout shared across tiles (the "bag of patches" look)."""
@@ -111,21 +127,30 @@ def features(extractor: FeatureExtractor, images: torch.Tensor) -> torch.Tensor:
 
 
 def checkpoint_samples(
-    ckpt: Path, num: int, settings: dict[str, object], sampler_name: str | None = None
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``num`` EMA samples of a run (uint8), their labels, and the run's image size; ``settings`` (num_steps,
-    cfg_scale, cfg_interval) replace the run's sampler settings, ``sampler_name`` its integrator."""
-    from dip_lightning.core.images import to_uint8
-    from dip_lightning.training.loading import load_module
-
-    module = load_module(ckpt, weights="ema")
+    module: DiPModule, num: int, settings: dict[str, object], sampler_name: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``num`` EMA samples of a run's module (uint8) and their labels; ``settings`` (num_steps, cfg_scale,
+    cfg_interval) replace the run's sampler settings, ``sampler_name`` its integrator."""
     sampler = module.make_sampler(**settings)
     if sampler_name is not None:
         sampler = SAMPLERS[sampler_name](**{name: getattr(sampler, name) for name in SAMPLER_OVERRIDES})
     labels = torch.arange(num) % module.net.num_classes
     with torch.no_grad():
         samples = module.generate(labels, torch.arange(num), sampler=sampler)
-    return to_uint8(samples), labels, module.net.input_size
+    return to_uint8(samples), labels
+
+
+def one_step_estimates(
+    module: DiPModule, images: torch.Tensor, labels: torch.Tensor, t: float, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real uint8 images noised to time ``t`` (x_t = t x + (1 - t) eps) and the network's one-step clean estimate
+    x_t + (1 - t) v of them (the v-prediction convention of the kit's flow), both as uint8."""
+    x = images.float() / 127.5 - 1
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+    x_t = t * x + (1 - t) * eps
+    with torch.no_grad():
+        v = module.net(x_t, torch.full((len(x),), t), labels)
+    return to_uint8(x_t + (1 - t) * v), to_uint8(x_t)
 
 
 def main() -> int:
@@ -161,11 +186,13 @@ def main() -> int:
 
     guidance = {"num_steps": args.num_steps, "cfg_scale": args.cfg_scale, "cfg_interval": args.cfg_interval}
     guidance = {k: v for k, v in guidance.items() if v is not None}
-    runs = []  # (row name, uint8 samples, labels)
+    runs = []  # (row name, EMA module, uint8 samples, labels)
     size = args.size
     for ckpt in args.checkpoint:
-        images, sample_labels, size = checkpoint_samples(ckpt, args.num_samples, guidance, args.sampler)
-        runs.append((f"EMA samples of {ckpt.parent.parent.name} {ckpt.stem}", images, sample_labels))
+        module = load_module(ckpt, weights="ema").eval()
+        images, sample_labels = checkpoint_samples(module, args.num_samples, guidance, args.sampler)
+        size = module.net.input_size
+        runs.append((f"EMA samples of {ckpt.parent.parent.name} {ckpt.stem}", module, images, sample_labels))
     val, val_labels = read_split(args.data, "val", size)
     train, train_labels = read_split(args.data, "train", size)
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: args.num_samples]
@@ -193,12 +220,15 @@ def main() -> int:
             score(f"real crops, Gaussian blur sigma {sigma} px", gaussian_blur(train, sigma), train_labels)
         for level in NOISE_LEVELS:
             score(f"real crops + Gaussian noise {level}/255", add_noise(train, level), train_labels)
+        for fraction in RESIZE_FRACTIONS:
+            side = round(size * fraction)
+            score(f"real crops resized to {side} px and back", resample(train, side), train_labels)
         mosaic = patch_mosaic(train, train_labels, PATCH)
         score(f"real crops, each {PATCH}x{PATCH} patch from another crop of the class", mosaic, train_labels)
     settings = "".join(
         f", {k} {v}" for k, v in {"sampler": args.sampler, **guidance}.items() if v is not None
     )
-    for name, images, sample_labels in runs:
+    for name, module, images, sample_labels in runs:
         score(name + settings, images, sample_labels)
         score(
             f"... the same, Gaussian blur sigma {SAMPLE_BLUR} px",
@@ -208,6 +238,10 @@ def main() -> int:
         score(
             "... the same, 2 px along patch borders blurred 1 px", smooth_seams(images, PATCH), sample_labels
         )
+        for t in ESTIMATE_TIMES:
+            estimate, noised = one_step_estimates(module, train, train_labels, t)
+            score(f"... real crops noised to t = {t}: its one-step clean estimate", estimate, train_labels)
+            score(f"... real crops noised to t = {t}, not denoised", noised, train_labels)
 
     classes = int(val_labels.max()) + 1
     when = datetime.datetime.now(datetime.timezone.utc)
@@ -230,7 +264,10 @@ def main() -> int:
         "pool features). Class agreement: the fraction whose nearest validation crop is of their own class "
         f"(chance {1 / classes:.3f}). Realism: the median realism score (Kynkäänniemi et al. 2019, Sec. 5, all "
         "reference balls kept); precision counts exactly the images scoring >= 1. Real-vs-real (the validation "
-        f"crops in two halves): precision {half_p:.2f}, recall {half_r:.2f}.",
+        f"crops in two halves): precision {half_p:.2f}, recall {half_r:.2f}. Resized rows: area-downsampled to the "
+        "side named, bilinear back up. Each checkpoint's rows end with the scored real crops noised to time t "
+        "(x_t = t x + (1 - t) eps, t = 1 clean) and the EMA network's one-step clean estimate x_t + (1 - t) v of "
+        "them: its denoising where the layout is given.",
         "",
         "| images scored | precision | recall | class agreement | realism (median) |",
         "|---|---:|---:|---:|---:|",

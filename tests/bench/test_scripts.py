@@ -109,11 +109,12 @@ def test_demo_metric_bar_scores_real_and_degraded_crops(tmp_path: Path, demo_dat
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| real")]
-    assert len(rows) == 9  # unchanged, four blurs, three noise levels, the patch mosaic
+    assert len(rows) == 12  # unchanged, four blurs, three noise levels, three resizings, the patch mosaic
     unchanged = [float(v) for v in rows[0][1:]]
     assert unchanged[2] > 1 / 8  # the crops' own class is nearer than chance would put it
     # Realism (median): the unchanged crops sit nearer the validation crops' balls than the noisiest ones.
-    assert unchanged[3] > float(rows[-2][4])
+    noisiest = next(row for row in rows if row[0].strip() == "real crops + Gaussian noise 16/255")
+    assert unchanged[3] > float(noisiest[4])
 
 
 def test_demo_recipe_denoise_prints_a_ratio_per_time(guide_checkpoints: dict, demo_data: dict) -> None:
@@ -154,9 +155,16 @@ def test_demo_metric_bar_scores_each_checkpoints_samples(
         line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith(("| EMA", "| ..."))
     ]
     names = [row[0].strip() for row in rows]
-    assert [name.split(",")[0].split()[-1] for name in names[::3]] == ["last", "step00000002"]
-    assert all(name.endswith(", sampler heun, num_steps 2") for name in names[::3])
-    assert all(name.startswith("... the same") for name in names[1::3] + names[2::3])
+    # Per checkpoint: its samples, blurred, seams smoothed, then (estimate, noised) at t = 0.9 and 0.95.
+    assert [name.split(",")[0].split()[-1] for name in names[::7]] == ["last", "step00000002"]
+    assert all(name.endswith(", sampler heun, num_steps 2") for name in names[::7])
+    assert all(name.startswith("... the same") for name in names[1::7] + names[2::7])
+    assert [name.split(" to ")[-1] for name in names[3:7]] == [
+        "t = 0.9: its one-step clean estimate",
+        "t = 0.9, not denoised",
+        "t = 0.95: its one-step clean estimate",
+        "t = 0.95, not denoised",
+    ]
     assert all(0 <= float(v) <= 1 for row in rows for v in row[1:4])
 
 
