@@ -65,11 +65,12 @@ def resolve_config(value: str, option: str = "--config") -> str:
     calls the value by the ``option`` the user gave it with."""
     if Path(value).expanduser().is_file() or _looks_like_inline_yaml(value):
         return value
-    if Path(value).expanduser().exists():
-        raise ConfigError(f"{option} {value} is not a file; give a YAML file or a shipped recipe's name")
     try:
+        # A folder of that name (data/demo seen from data/) cannot be meant: the recipe is.
         return str(recipe_path(value))
     except ConfigError as err:
+        if Path(value).expanduser().exists():
+            raise ConfigError(f"{option} {value} is not a file; give a YAML file or a shipped recipe's name") from None
         raise ConfigError(f"{option} {value}: no such file, and {err}") from None
 
 

@@ -69,6 +69,18 @@ def test_resolve_config_refuses_a_missing_file_and_a_folder(tmp_path: Path) -> N
         resolve_config(str(tmp_path))
 
 
+def test_a_folder_named_like_a_recipe_does_not_hide_the_recipe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `demo` run from data/ or runs/ (each holds a demo/ folder) refused its own default `--experiment demo`.
+    monkeypatch.chdir(tmp_path)
+    Path("demo").mkdir()
+    assert resolve_config("demo", "--experiment") == str(recipe_path("demo"))
+    Path("mine").mkdir()
+    with pytest.raises(ConfigError, match="--config mine is not a file"):
+        resolve_config("mine")
+
+
 def test_with_recipe_paths_rewrites_every_config_flag_and_nothing_else() -> None:
     tiny = str(recipe_path("tiny_cpu"))
     argv = [
