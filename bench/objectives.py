@@ -229,7 +229,7 @@ def write_markdown(result: dict[str, Any], args: argparse.Namespace, path: Path)
         f"The tiny config (`experiments/tiny_cpu.yaml`, 2.9M parameters, 8x8 patches of 32 px demo crops), "
         f"{args.steps} steps of batch 32, seed 0, EMA 0.99 weights, once per prediction target. FID: "
         f"{args.num_samples} samples (label i % 8, seed i) against the 128 validation crops' statistics "
-        "(`data/demo/ref_val.npz`, fid-helper Inception): a demo-scale proxy that ranks settings on this "
+        "(`ref_val.npz` of the 32 px demo data, fid-helper Inception): a demo-scale proxy that ranks settings on this "
         "data; differences of a few points are within its noise (128 reference images).",
         "",
         "## x-prediction vs v-prediction (Euler, 25 steps)",
@@ -260,7 +260,9 @@ def write_markdown(result: dict[str, Any], args: argparse.Namespace, path: Path)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--data", default=str(REPO / "data" / "demo"), help="demo data folder (built if missing)"
+        "--data",
+        help="32 px demo data folder, built if missing (default: <runs>/demo_data; not data/demo, which make demo "
+        "builds at 64 px)",
     )
     parser.add_argument("--runs", default=str(REPO / "runs" / "bench_objectives"))
     parser.add_argument("--steps", type=int, default=400)
@@ -284,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         args.steps, args.num_samples, args.nfe = 4, 32, [4]
     torch.set_num_threads(args.threads)
     runs = Path(args.runs)
-    data = build_demo_dataset(args.data, size=32)
+    data = build_demo_dataset(args.data or runs / "demo_data", size=32)
     if args.phase == "train":
         for p in args.predictions:  # separate processes may train the two in parallel
             train(p, data, runs, args.steps, args.threads)

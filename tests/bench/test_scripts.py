@@ -100,6 +100,19 @@ def test_loss_spike_benchmark_smoke_run_writes_its_table(tmp_path: Path) -> None
     assert 0 <= float(cells[4].split()[0]) < 20
 
 
+def test_objectives_benchmark_builds_its_data_beside_its_runs(tmp_path: Path) -> None:
+    # Its 32 px data went to data/demo by default, replacing the 64 px data `make demo` had built there.
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import objectives
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    runs = tmp_path / "runs"
+    assert objectives.main(["--smoke", "--runs", str(runs), "--phase", "train", "--predictions", "v"]) == 0
+    assert sorted(p.name for p in (runs / "demo_data").glob("*.tar"))[:1] == ["train-000000.tar"]
+    assert (runs / "pred_v" / "checkpoints" / "step00000004.ckpt").is_file()
+
+
 def test_demo_metric_bar_scores_real_and_degraded_crops(tmp_path: Path, demo_data: dict) -> None:
     out = tmp_path / "bar.md"
     cmd = [sys.executable, str(REPO / "bench" / "demo_metric_bar.py"), "--data", str(demo_data["root"])]
