@@ -70,7 +70,9 @@ def resolve_config(value: str, option: str = "--config") -> str:
         return str(recipe_path(value))
     except ConfigError as err:
         if Path(value).expanduser().exists():
-            raise ConfigError(f"{option} {value} is not a file; give a YAML file or a shipped recipe's name") from None
+            raise ConfigError(
+                f"{option} {value} is not a file; give a YAML file or a shipped recipe's name"
+            ) from None
         raise ConfigError(f"{option} {value}: no such file, and {err}") from None
 
 
