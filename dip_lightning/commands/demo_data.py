@@ -1,22 +1,38 @@
-"""``python -m dip_lightning demo-data --out data/demo``: build the embedded demo dataset."""
+"""``python -m dip_lightning demo-data --out data/demo``: build the embedded demo dataset, by default exactly the one
+``demo`` trains on (so that ``demo`` finds it built)."""
 
 from __future__ import annotations
 
 import sys
 
 from dip_lightning.commands import CommandParser
+from dip_lightning.commands.demo import (
+    CROP_SCALE,
+    DEFAULT_CONFIG,
+    TRAIN_PER_CLASS,
+    VAL_PER_CLASS,
+    config_image_size,
+)
 from dip_lightning.core.data.demo_dataset import build_demo_dataset, describe_replaced
+from dip_lightning.core.recipes import resolve_config
 
 
 def build_parser() -> CommandParser:
     p = CommandParser(
         "demo-data",
-        description="Build the small class-conditional demo dataset from scikit-image's bundled photos.",
+        description="Build the small class-conditional demo dataset from scikit-image's bundled photos; by default "
+        "the one `demo` trains on.",
     )
     p.add_argument("--out", type=str, default="data/demo", help="output folder (default data/demo)")
-    p.add_argument("--size", type=int, default=32, help="image size (default 32)")
-    p.add_argument("--train_per_class", type=int, default=96, help="training crops per class (default 96)")
-    p.add_argument("--val_per_class", type=int, default=16, help="validation crops per class (default 16)")
+    p.add_argument("--size", type=int, help="image size (default: the demo recipe's input_size)")
+    p.add_argument("--train_per_class", type=int, default=TRAIN_PER_CLASS, help="training crops per class")
+    p.add_argument("--val_per_class", type=int, default=VAL_PER_CLASS, help="validation crops per class")
+    p.add_argument(
+        "--crop_scale",
+        type=tuple[float, float],
+        default=CROP_SCALE,
+        help="crop side range, of the short side",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1)
     return p
@@ -27,9 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         info = build_demo_dataset(
             args.out,
-            size=args.size,
+            size=args.size or config_image_size(resolve_config(DEFAULT_CONFIG)),
             train_per_class=args.train_per_class,
             val_per_class=args.val_per_class,
+            crop_scale=tuple(args.crop_scale),
             seed=args.seed,
             workers=args.workers,
             progress=True,

@@ -156,9 +156,28 @@ def test_demo_rebuild_with_other_settings_says_what_it_replaced(tmp_path, capsys
     assert "crop_scale [0.5, 1.0] -> [0.35, 0.9]" in describe_replaced(default)
     capsys.readouterr()
     assert (
-        demo_data(["--out", str(out), "--size", "16", "--train_per_class", "3", "--val_per_class", "1"]) == 0
+        demo_data(
+            ["--out", str(out), "--size", "16", "--train_per_class", "3", "--val_per_class", "1"]
+            + ["--crop_scale", "[0.35, 0.9]"]
+        )
+        == 0
     )
     assert "held the demo data built with other settings (train_per_class 2 -> 3)" in capsys.readouterr().out
+
+
+def test_demo_data_builds_what_the_demo_trains_on(tmp_path, capsys):
+    # demo-data built 32 px crops of 35-90% of a photo where demo trains on 64 px crops of 90-100%: the demo then
+    # rebuilt the folder demo-data had just prepared.
+    from dip_lightning.commands.demo import CROP_SCALE, DEFAULT_CONFIG, config_image_size
+    from dip_lightning.commands.demo_data import main as demo_data
+    from dip_lightning.core.recipes import resolve_config
+
+    out = tmp_path / "demo"
+    assert demo_data(["--out", str(out), "--train_per_class", "2", "--val_per_class", "1"]) == 0
+    size = config_image_size(resolve_config(DEFAULT_CONFIG))
+    assert f"{size} px in {out}" in capsys.readouterr().out
+    again = build_demo_dataset(out, size=size, train_per_class=2, val_per_class=1, crop_scale=CROP_SCALE)
+    assert again["replaced"] == {} and not again.get("repaired")
 
 
 def test_demos_started_together_with_the_same_settings_all_get_the_data(tmp_path):
