@@ -194,7 +194,7 @@ def test_demos_started_together_with_the_same_settings_all_get_the_data(tmp_path
 
 def test_a_damaged_build_is_rebuilt_and_said_so(tmp_path, capsys):
     from dip_lightning.commands.demo_data import main as demo_data
-    from dip_lightning.core.data.demo_dataset import describe_replaced
+    from dip_lightning.core.data.demo_dataset import DEFAULT_CROP_SCALE, describe_replaced
 
     out = tmp_path / "demo"
     first = build_demo_dataset(out, **SETTINGS)
@@ -210,7 +210,7 @@ def test_a_damaged_build_is_rebuilt_and_said_so(tmp_path, capsys):
     (out / "val-000000.tar").unlink()
     capsys.readouterr()
     args = ["--out", str(out), "--size", "16", "--train_per_class", "2", "--val_per_class", "1"]
-    assert demo_data(args) == 0
+    assert demo_data([*args, "--crop_scale", str(list(DEFAULT_CROP_SCALE))]) == 0  # SETTINGS' crops
     assert "held an incomplete or damaged demo build" in capsys.readouterr().out
 
 
