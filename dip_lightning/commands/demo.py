@@ -133,7 +133,7 @@ def _train_and_evaluate(
     from dip_lightning.core.metrics.features import FIDHelperInception
     from dip_lightning.training.callbacks import MetricsCallback, SampleGrid
 
-    # The tiny config names `reference: data/demo/ref_val.npz`; point it at a reference file of this data
+    # The recipe names a reference file of its default data folder; point it at a reference file of this data
     # folder, made with the callback's own extractor (the Inception unless config or args choose another).
     ref = None
     for callback in cli.trainer.callbacks:
