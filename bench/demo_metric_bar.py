@@ -16,9 +16,9 @@ Precision and recall (ADM's k=3 Inception manifolds, the kit's metrics code) aga
    their seams brings them closer. A bar row rebuilds real crops from patches of other crops of their class: real
    content in every patch, no layout shared across patches.
 4. **The network's own denoising** (with ``--checkpoint``): real crops noised to time t (``x_t = t x + (1 - t)
-   eps``, t = 1 clean) and the EMA network's one-step clean estimate ``x_t + (1 - t) v`` of them, at t = 0.9 and
-   0.95, where the layout is given and only the detail is left to restore: whether the network, not the sampler,
-   keeps the samples from being counted.
+   eps``, t = 1 clean) and the EMA network's one-step clean estimate of them (``x_t + (1 - t) v`` for
+   v-prediction), at t = 0.9 and 0.95, where the layout is given and only the detail is left to restore: whether
+   the network, not the sampler, keeps the samples from being counted.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/demo_metric_bar.py --data data/demo \\
         --checkpoint runs/demo/<run>/checkpoints/last.ckpt [more checkpoints ...]
@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # a checkout without `pip install -e .`
 
 from dip_lightning.core.data.shards import decode_sample, expand_shards, stream_samples  # noqa: E402
+from dip_lightning.core.diffusion.flow_matching import convert_prediction  # noqa: E402
 from dip_lightning.core.diffusion.samplers import SAMPLER_OVERRIDES, SAMPLERS  # noqa: E402
 from dip_lightning.core.images import to_uint8  # noqa: E402
 from dip_lightning.core.metrics.class_agreement import class_agreement  # noqa: E402
@@ -143,14 +144,18 @@ def checkpoint_samples(
 def one_step_estimates(
     module: DiPModule, images: torch.Tensor, labels: torch.Tensor, t: float, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real uint8 images noised to time ``t`` (x_t = t x + (1 - t) eps) and the network's one-step clean estimate
-    x_t + (1 - t) v of them (the v-prediction convention of the kit's flow), both as uint8."""
+    """Real uint8 images noised to time ``t`` by the run's flow (x_t = t x + (1 - t) eps) and the network's one-step
+    clean estimate of them (its output converted to x whatever the run predicts), both as uint8."""
+    flow = module.flow
     x = images.float() / 127.5 - 1
     eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
-    x_t = t * x + (1 - t) * eps
+    times = torch.full((len(x),), t)
+    x_t = flow.interpolate(x, eps, times)
     with torch.no_grad():
-        v = module.net(x_t, torch.full((len(x),), t), labels)
-    return to_uint8(x_t + (1 - t) * v), to_uint8(x_t)
+        clean = convert_prediction(
+            module.net(x_t, times, labels), x_t, times, flow.prediction, "x", flow.t_eps
+        )
+    return to_uint8(clean), to_uint8(x_t)
 
 
 def main() -> int:
@@ -266,8 +271,8 @@ def main() -> int:
         "reference balls kept); precision counts exactly the images scoring >= 1. Real-vs-real (the validation "
         f"crops in two halves): precision {half_p:.2f}, recall {half_r:.2f}. Resized rows: area-downsampled to the "
         "side named, bilinear back up. Each checkpoint's rows end with the scored real crops noised to time t "
-        "(x_t = t x + (1 - t) eps, t = 1 clean) and the EMA network's one-step clean estimate x_t + (1 - t) v of "
-        "them: its denoising where the layout is given.",
+        "(x_t = t x + (1 - t) eps, t = 1 clean) and the EMA network's one-step clean estimate of them (x_t + "
+        "(1 - t) v for v-prediction): its denoising where the layout is given.",
         "",
         "| images scored | precision | recall | class agreement | realism (median) |",
         "|---|---:|---:|---:|---:|",

@@ -196,3 +196,31 @@ def test_smooth_seams_changes_only_the_bands_along_patch_borders() -> None:
     inside = (position >= 2) & (position < 14)
     assert not changed[inside[:, None] & inside[None, :]].any()
     assert changed[~(inside[:, None] & inside[None, :])].float().mean() > 0.9
+
+
+@pytest.mark.parametrize("prediction", ["v", "x"])
+def test_demo_metric_bar_one_step_estimate_reads_the_runs_prediction(prediction: str) -> None:
+    # The estimate took every network output for v: an x-prediction run's output x came back as x_t + (1 - t) x.
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from demo_metric_bar import one_step_estimates
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    from types import SimpleNamespace
+
+    from dip_lightning.core.diffusion.flow_matching import FlowMatching
+
+    images = torch.randint(
+        0, 256, (2, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    clean = images.float() / 127.5 - 1
+
+    def oracle(x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # What a perfect network outputs in its space, from x_t and the known clean image.
+        eps = (x_t - t[:, None, None, None] * clean) / (1 - t[:, None, None, None])
+        return clean - eps if prediction == "v" else clean
+
+    module = SimpleNamespace(flow=FlowMatching(prediction=prediction), net=oracle)
+    estimate, noised = one_step_estimates(module, images, torch.zeros(2, dtype=torch.long), 0.9)
+    assert (estimate.int() - images.int()).abs().max() <= 1  # the clean image back, to uint8 rounding
+    assert (noised.int() - images.int()).abs().max() > 1
