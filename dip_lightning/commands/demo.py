@@ -203,6 +203,12 @@ def build_parser() -> CommandParser:
         help="the experiment that is trained: a shipped recipe's name or a YAML file",
     )
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch CPU threads")
+    add_crop_options(p)
+    return p
+
+
+def add_crop_options(p: CommandParser) -> None:
+    """The demo data's crop options, with the demo's defaults (``demo`` and ``demo-data`` share them)."""
     p.add_argument("--train_per_class", type=int, default=TRAIN_PER_CLASS, help="training crops per class")
     p.add_argument("--val_per_class", type=int, default=VAL_PER_CLASS, help="validation crops per class")
     p.add_argument(
@@ -211,7 +217,6 @@ def build_parser() -> CommandParser:
         default=CROP_SCALE,
         help="crop side range, of the short side",
     )
-    return p
 
 
 #: The training CLI's top-level options without a dot that the demo passes on.

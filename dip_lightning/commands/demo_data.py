@@ -6,13 +6,7 @@ from __future__ import annotations
 import sys
 
 from dip_lightning.commands import CommandParser
-from dip_lightning.commands.demo import (
-    CROP_SCALE,
-    DEFAULT_CONFIG,
-    TRAIN_PER_CLASS,
-    VAL_PER_CLASS,
-    config_image_size,
-)
+from dip_lightning.commands.demo import DEFAULT_CONFIG, add_crop_options, config_image_size
 from dip_lightning.core.data.demo_dataset import build_demo_dataset, describe_replaced
 from dip_lightning.core.recipes import resolve_config
 
@@ -25,14 +19,7 @@ def build_parser() -> CommandParser:
     )
     p.add_argument("--out", type=str, default="data/demo", help="output folder (default data/demo)")
     p.add_argument("--size", type=int, help="image size (default: the demo recipe's input_size)")
-    p.add_argument("--train_per_class", type=int, default=TRAIN_PER_CLASS, help="training crops per class")
-    p.add_argument("--val_per_class", type=int, default=VAL_PER_CLASS, help="validation crops per class")
-    p.add_argument(
-        "--crop_scale",
-        type=tuple[float, float],
-        default=CROP_SCALE,
-        help="crop side range, of the short side",
-    )
+    add_crop_options(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1)
     return p
@@ -43,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         info = build_demo_dataset(
             args.out,
-            size=args.size or config_image_size(resolve_config(DEFAULT_CONFIG)),
+            size=config_image_size(resolve_config(DEFAULT_CONFIG)) if args.size is None else args.size,
             train_per_class=args.train_per_class,
             val_per_class=args.val_per_class,
             crop_scale=tuple(args.crop_scale),

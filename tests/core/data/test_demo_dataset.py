@@ -222,3 +222,9 @@ def test_a_file_given_as_the_data_folder_is_refused_by_name(tmp_path):
         f"error: {not_a_folder} is a file: the demo data needs a folder (it is created if missing)"
     )
     assert not_a_folder.read_text() == "the user's"
+
+
+def test_demo_data_refuses_a_size_of_zero_instead_of_taking_the_default(tmp_path):
+    result = run_command("demo-data", "--out", str(tmp_path / "demo"), "--size", "0", cwd=tmp_path)
+    assert user_error(result) == "error: size must be >= 8, got 0"
+    assert not (tmp_path / "demo" / "train-manifest.json").exists()
